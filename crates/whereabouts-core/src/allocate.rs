@@ -1,0 +1,360 @@
+//! The allocation policy (upstream `AssignIP` / `IterateForAssignment`), with our fixes: the gateway and
+//! IPv4 addresses ending in `.0` are never handed out, requested addresses are reserved, and the search
+//! for the lowest free address jumps over runs of taken addresses instead of stepping through them.
+
+use std::net::IpAddr;
+
+use thiserror::Error;
+
+use crate::addr::{Family, from_u128, to_u128};
+use crate::interval::IntervalSet;
+use crate::pool::{Owner, Pool};
+use crate::range::IpRange;
+
+/// What an ADD gets from one range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Assignment {
+    /// The owner already holds this address (idempotent ADD); its record is refreshed.
+    Existing(u128),
+    /// A newly taken address; `replaces` is the owner's previous address when it asked for another one.
+    New {
+        /// The address.
+        addr: u128,
+        /// The owner's previous address in this pool, released in the same write.
+        replaces: Option<u128>,
+    },
+}
+
+impl Assignment {
+    /// The address handed out.
+    pub fn addr(self) -> u128 {
+        match self {
+            Assignment::Existing(addr) | Assignment::New { addr, .. } => addr,
+        }
+    }
+}
+
+/// Why a range could not give an address.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AllocError {
+    /// Every candidate is taken, excluded or reserved elsewhere.
+    #[error("no free address in range {0}")]
+    Exhausted(String),
+    /// A requested address is held by someone else.
+    #[error("requested address {ip} is already allocated to {holder}")]
+    Held {
+        /// The address.
+        ip: IpAddr,
+        /// The holder's pod reference or container ID.
+        holder: String,
+    },
+    /// A requested address is excluded from its range.
+    #[error("requested address {ip} is excluded from range {range}")]
+    Excluded {
+        /// The address.
+        ip: IpAddr,
+        /// The range's network.
+        range: String,
+    },
+    /// A requested address is the gateway.
+    #[error("requested address {0} is the gateway")]
+    Gateway(IpAddr),
+}
+
+/// Never hand out IPv4 addresses ending in `.0`: old equipment treats them as invalid, and
+/// whereabouts' README has always promised it.
+fn is_dot_zero(family: Family, addr: u128) -> bool {
+    family == Family::V4 && addr & 0xff == 0
+}
+
+/// The lowest candidate of `range` that is not taken in `pool`, not excluded, not in `blocked`
+/// (addresses found reserved by an overlapping pool), not the gateway and not an IPv4 `.0` address.
+///
+/// Each step jumps past a whole blocking run, so the cost grows with the number of runs crossed, not
+/// with the number of taken addresses.
+pub fn lowest_free(range: &IpRange, pool: &Pool, gateway: Option<IpAddr>, blocked: &IntervalSet) -> Option<u128> {
+    let family = range.family();
+    let gateway = gateway.filter(|g| Family::of(*g) == family).map(to_u128);
+    let mut candidate = range.first().max(pool.base());
+    while candidate <= range.last() {
+        let run = [pool.taken(), range.excluded(), blocked].into_iter().find_map(|set| set.run_containing(candidate));
+        candidate = match run {
+            Some(run) => run.end().checked_add(1)?,
+            None if gateway == Some(candidate) || is_dot_zero(family, candidate) => candidate + 1,
+            None => return Some(candidate),
+        };
+    }
+    None
+}
+
+/// Chooses the address `owner` gets from `range` (without changing the pool; see [`apply`]).
+///
+/// * The owner's existing allocation is returned again (idempotent ADD), unless it asked for a
+///   different address.
+/// * A `requested` address must be free (or already the owner's), not excluded and not the gateway.
+/// * Otherwise the lowest free address.
+pub fn assign(
+    range: &IpRange,
+    pool: &Pool,
+    owner: &Owner,
+    requested: Option<IpAddr>,
+    gateway: Option<IpAddr>,
+    blocked: &IntervalSet,
+) -> Result<Assignment, AllocError> {
+    let existing = pool.find_owned(owner);
+    let Some(ip) = requested else {
+        if let Some(addr) = existing {
+            return Ok(Assignment::Existing(addr));
+        }
+        return lowest_free(range, pool, gateway, blocked)
+            .map(|addr| Assignment::New { addr, replaces: None })
+            .ok_or_else(|| AllocError::Exhausted(range.describe()));
+    };
+    let addr = to_u128(ip);
+    if existing == Some(addr) {
+        return Ok(Assignment::Existing(addr));
+    }
+    if let Some(holder) = pool.get(addr) {
+        let holder = if holder.pod_ref.is_empty() { holder.container_id.clone() } else { holder.pod_ref.clone() };
+        return Err(AllocError::Held { ip, holder });
+    }
+    if blocked.contains(addr) {
+        return Err(AllocError::Held { ip, holder: "an overlapping range".into() });
+    }
+    if range.excluded().contains(addr) {
+        return Err(AllocError::Excluded { ip, range: range.network().to_string() });
+    }
+    if gateway == Some(ip) {
+        return Err(AllocError::Gateway(ip));
+    }
+    Ok(Assignment::New { addr, replaces: existing })
+}
+
+/// Writes an assignment into the pool and returns the address as an IP.
+pub fn apply(pool: &mut Pool, assignment: Assignment, owner: &Owner) -> IpAddr {
+    if let Assignment::New { replaces: Some(old), .. } = assignment {
+        pool.remove(old);
+    }
+    let addr = assignment.addr();
+    pool.insert(addr, owner.allocation());
+    from_u128(pool.family(), addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipnet::IpNet;
+    use proptest::prelude::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+    fn range(cidr: &str, start: Option<&str>, end: Option<&str>, exclude: &[&str]) -> IpRange {
+        IpRange::new(
+            cidr.parse().unwrap(),
+            start.map(ip),
+            end.map(ip),
+            exclude.iter().map(|e| e.parse::<IpNet>().unwrap()).collect(),
+        )
+        .unwrap()
+    }
+    fn owner(n: usize) -> Owner {
+        Owner {
+            container_id: format!("c{n}"),
+            pod_ref: Some(format!("ns/p{n}")),
+            ifname: "eth0".into(),
+            node: Some("node-a".into()),
+            network: Some("net".into()),
+        }
+    }
+    fn take(r: &IpRange, pool: &mut Pool, n: usize) -> IpAddr {
+        let o = owner(n);
+        let a = assign(r, pool, &o, None, None, &IntervalSet::new()).unwrap();
+        apply(pool, a, &o)
+    }
+
+    #[test]
+    fn lowest_first() {
+        let r = range("192.168.1.0/24", None, None, &[]);
+        let mut pool = Pool::new(r.network());
+        assert_eq!(take(&r, &mut pool, 1), ip("192.168.1.1"));
+        assert_eq!(take(&r, &mut pool, 2), ip("192.168.1.2"));
+        pool.remove(to_u128(ip("192.168.1.1")));
+        assert_eq!(take(&r, &mut pool, 3), ip("192.168.1.1"), "freed addresses are reused first");
+    }
+
+    #[test]
+    fn range_start_and_end() {
+        let r = range("192.168.1.0/24", Some("192.168.1.5"), Some("192.168.1.6"), &[]);
+        let mut pool = Pool::new(r.network());
+        assert_eq!(take(&r, &mut pool, 1), ip("192.168.1.5"));
+        assert_eq!(take(&r, &mut pool, 2), ip("192.168.1.6"));
+        let err = assign(&r, &pool, &owner(3), None, None, &IntervalSet::new()).unwrap_err();
+        assert!(matches!(err, AllocError::Exhausted(_)));
+        assert!(err.to_string().contains("192.168.1.5 - 192.168.1.6 in 192.168.1.0/24"), "{err}");
+    }
+
+    #[test]
+    fn excluded_blocks_are_skipped_whole() {
+        let r = range("192.168.2.0/24", None, None, &["192.168.2.0/30", "192.168.2.5/32"]);
+        let mut pool = Pool::new(r.network());
+        assert_eq!(take(&r, &mut pool, 1), ip("192.168.2.4"));
+        assert_eq!(take(&r, &mut pool, 2), ip("192.168.2.6"));
+    }
+
+    #[test]
+    fn an_exclude_reaching_past_the_range_ends_it() {
+        let r = range("10.0.0.0/28", None, None, &["10.0.0.0/24"]);
+        let pool = Pool::new(r.network());
+        assert_eq!(lowest_free(&r, &pool, None, &IntervalSet::new()), None);
+    }
+
+    #[test]
+    fn gateway_and_dot_zero_are_never_handed_out() {
+        let r = range("10.0.0.0/16", Some("10.0.0.254"), None, &[]);
+        let mut pool = Pool::new(r.network());
+        let gw = Some(ip("10.0.1.1"));
+        let mut got = Vec::new();
+        for n in 0..4 {
+            let o = owner(n);
+            let a = assign(&r, &pool, &o, None, gw, &IntervalSet::new()).unwrap();
+            got.push(apply(&mut pool, a, &o));
+        }
+        assert_eq!(got, [ip("10.0.0.254"), ip("10.0.0.255"), ip("10.0.1.2"), ip("10.0.1.3")]);
+        assert_eq!(assign(&r, &pool, &owner(9), Some(ip("10.0.1.1")), gw, &IntervalSet::new()),
+            Err(AllocError::Gateway(ip("10.0.1.1"))));
+    }
+
+    #[test]
+    fn ipv6_addresses_ending_in_zero_are_fine() {
+        let r = range("2001:db8::/112", Some("2001:db8::ff"), None, &[]);
+        let mut pool = Pool::new(r.network());
+        assert_eq!(take(&r, &mut pool, 1), ip("2001:db8::ff"));
+        assert_eq!(take(&r, &mut pool, 2), ip("2001:db8::100"));
+    }
+
+    #[test]
+    fn idempotent_on_pod_and_interface() {
+        let r = range("10.0.0.0/24", None, None, &[]);
+        let mut pool = Pool::new(r.network());
+        let first = take(&r, &mut pool, 1);
+        let mut again = owner(1);
+        again.container_id = "new-sandbox".into();
+        let a = assign(&r, &pool, &again, None, None, &IntervalSet::new()).unwrap();
+        assert_eq!(a, Assignment::Existing(to_u128(first)));
+        apply(&mut pool, a, &again);
+        assert_eq!(pool.get(to_u128(first)).unwrap().container_id, "new-sandbox");
+        let mut other_if = owner(1);
+        other_if.ifname = "net1".into();
+        assert_ne!(take_owner(&r, &mut pool, &other_if), first);
+    }
+
+    fn take_owner(r: &IpRange, pool: &mut Pool, o: &Owner) -> IpAddr {
+        let a = assign(r, pool, o, None, None, &IntervalSet::new()).unwrap();
+        apply(pool, a, o)
+    }
+
+    #[test]
+    fn requested_addresses() {
+        let r = range("10.0.0.0/24", None, None, &["10.0.0.128/25"]);
+        let mut pool = Pool::new(r.network());
+        let o = owner(1);
+        let a = assign(&r, &pool, &o, Some(ip("10.0.0.50")), None, &IntervalSet::new()).unwrap();
+        assert_eq!(apply(&mut pool, a, &o), ip("10.0.0.50"));
+        assert_eq!(
+            assign(&r, &pool, &owner(2), Some(ip("10.0.0.50")), None, &IntervalSet::new()),
+            Err(AllocError::Held { ip: ip("10.0.0.50"), holder: "ns/p1".into() })
+        );
+        assert!(matches!(
+            assign(&r, &pool, &owner(2), Some(ip("10.0.0.200")), None, &IntervalSet::new()),
+            Err(AllocError::Excluded { .. })
+        ));
+        // Asking for another address moves the owner's allocation.
+        let a = assign(&r, &pool, &o, Some(ip("10.0.0.60")), None, &IntervalSet::new()).unwrap();
+        assert_eq!(a, Assignment::New { addr: to_u128(ip("10.0.0.60")), replaces: Some(to_u128(ip("10.0.0.50"))) });
+        apply(&mut pool, a, &o);
+        assert_eq!(pool.len(), 1);
+        // The lowest free skips the requested one.
+        assert_eq!(take(&r, &mut pool, 3), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn blocked_addresses_are_skipped() {
+        let r = range("10.0.0.0/24", None, None, &[]);
+        let pool = Pool::new(r.network());
+        let blocked: IntervalSet = [to_u128(ip("10.0.0.1")), to_u128(ip("10.0.0.2"))].into_iter().collect();
+        assert_eq!(lowest_free(&r, &pool, None, &blocked), Some(to_u128(ip("10.0.0.3"))));
+    }
+
+    #[test]
+    fn a_slash_64_with_many_allocations() {
+        let r = range("2001:db8::/64", None, None, &[]);
+        let mut pool = Pool::new(r.network());
+        let base = r.first();
+        for i in 0..10_000u128 {
+            pool.insert(base + i, owner(0).allocation());
+        }
+        pool.remove(base + 5_000);
+        assert_eq!(lowest_free(&r, &pool, None, &IntervalSet::new()), Some(base + 5_000));
+        assert_eq!(pool.taken().run_count(), 2);
+    }
+
+    /// The naive model: walk every candidate in order.
+    fn naive_lowest(r: &IpRange, pool: &Pool, gw: Option<IpAddr>, blocked: &IntervalSet) -> Option<u128> {
+        (r.first()..=r.last()).find(|a| {
+            pool.get(*a).is_none()
+                && !r.excluded().contains(*a)
+                && !blocked.contains(*a)
+                && gw.map(to_u128) != Some(*a)
+                && !(r.family() == Family::V4 && a & 0xff == 0)
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn matches_a_linear_scan(
+            v6 in any::<bool>(),
+            prefix in 22u8..30,
+            start in proptest::option::of(0u128..1024),
+            excludes in proptest::collection::vec((0u128..1024, 28u8..33), 0..4),
+            taken in proptest::collection::vec(0u128..1024, 0..300),
+            blocked in proptest::collection::vec(0u128..1024, 0..5),
+            gw in proptest::option::of(0u128..1024),
+        ) {
+            let (base, bits, prefix) = if v6 {
+                (to_u128(ip("2001:db8::")), 128u8, prefix + 96)
+            } else {
+                (to_u128(ip("10.20.0.0")), 32u8, prefix)
+            };
+            let family = if v6 { Family::V6 } else { Family::V4 };
+            let size = 1u128 << (bits - prefix);
+            let net = IpNet::new(from_u128(family, base), prefix).unwrap();
+            let excludes: Vec<IpNet> = excludes.iter()
+                .map(|(o, p)| IpNet::new(from_u128(family, base + o % size), if v6 { p + 96 } else { *p }).unwrap())
+                .collect();
+            let r = IpRange::new(net, start.map(|s| from_u128(family, base + 1 + s % (size - 2))), None, excludes).unwrap();
+            let mut pool = Pool::new(net);
+            for t in &taken {
+                pool.insert(base + t % size, owner(0).allocation());
+            }
+            let blocked: IntervalSet = blocked.iter().map(|b| base + b % size).collect();
+            let gw = gw.map(|g| from_u128(family, base + g % size));
+            let fast = lowest_free(&r, &pool, gw, &blocked);
+            prop_assert_eq!(fast, naive_lowest(&r, &pool, gw, &blocked));
+            if let Some(addr) = fast {
+                // Inside the interval, never network/broadcast, never excluded, reserved or the gateway.
+                prop_assert!(addr >= r.first() && addr <= r.last());
+                prop_assert!(addr != base && addr != base + size - 1);
+                prop_assert!(pool.get(addr).is_none() && !r.excluded().contains(addr) && !blocked.contains(addr));
+                prop_assert!(gw.map(to_u128) != Some(addr));
+                // ADD then DEL restores the state.
+                let before = pool.clone();
+                let o = owner(1);
+                apply(&mut pool, Assignment::New { addr, replaces: None }, &o);
+                let released = pool.find_container(&o.container_id, &o.ifname).unwrap();
+                pool.remove(released);
+                prop_assert_eq!(pool, before);
+            }
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! `CNI_ARGS` parsing with the rules of the CNI library's `LoadArgs`, as upstream uses it.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use thiserror::Error;
+
+use crate::addr::{parse_cidr_sloppy, parse_ip_sloppy};
+
+/// The keys whereabouts understands in `CNI_ARGS`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CniArgs {
+    /// `K8S_POD_NAME`.
+    pub pod_name: String,
+    /// `K8S_POD_NAMESPACE`.
+    pub pod_namespace: String,
+    /// `IP=`: requested addresses (comma-separated CIDRs).
+    pub ips: Vec<IpNet>,
+    /// `GATEWAY=`: gateways for the requested addresses (comma-separated IPs).
+    pub gateways: Vec<IpAddr>,
+}
+
+/// Why `CNI_ARGS` was refused. Messages keep upstream's wording.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CniArgsError {
+    /// A `;`-separated item is not exactly `key=value`.
+    #[error("CNI_ARGS: invalid pair {0:?}")]
+    InvalidPair(String),
+    /// Unknown keys without `IgnoreUnknown`.
+    #[error("CNI_ARGS: unknown args {0:?}")]
+    Unknown(Vec<String>),
+    /// `IgnoreUnknown` is not a boolean.
+    #[error("CNI_ARGS: error parsing value of pair {0:?}: boolean unmarshal error: invalid input")]
+    BadBool(String),
+    /// An `IP=` item is not a CIDR.
+    #[error("CNI_ARGS: invalid CIDR in IP {0:?}")]
+    BadIp(String),
+    /// A `GATEWAY=` item is not an IP.
+    #[error("CNI_ARGS: invalid gateway address {0:?}")]
+    BadGateway(String),
+}
+
+impl CniArgs {
+    /// `<namespace>/<name>`, or `None` without a pod name (containers outside Kubernetes).
+    pub fn pod_ref(&self) -> Option<String> {
+        (!self.pod_name.is_empty()).then(|| format!("{}/{}", self.pod_namespace, self.pod_name))
+    }
+}
+
+fn parse_bool(pair: &str, value: &str) -> Result<bool, CniArgsError> {
+    match value.to_ascii_lowercase().as_str() {
+        "1" | "true" => Ok(true),
+        "0" | "false" => Ok(false),
+        _ => Err(CniArgsError::BadBool(pair.to_string())),
+    }
+}
+
+/// Parses `CNI_ARGS` (`IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=pod`).
+pub fn parse_cni_args(input: &str) -> Result<CniArgs, CniArgsError> {
+    let mut args = CniArgs::default();
+    if input.is_empty() {
+        return Ok(args);
+    }
+    let mut pairs = Vec::new();
+    for pair in input.split(';') {
+        let mut kv = pair.split('=');
+        match (kv.next(), kv.next(), kv.next()) {
+            (Some(k), Some(v), None) => pairs.push((pair, k, v)),
+            _ => return Err(CniArgsError::InvalidPair(pair.to_string())),
+        }
+    }
+    let mut ignore_unknown = false;
+    for (pair, key, value) in &pairs {
+        if *key == "IgnoreUnknown" {
+            ignore_unknown = parse_bool(pair, value)?;
+        }
+    }
+    let mut unknown = Vec::new();
+    for (pair, key, value) in pairs {
+        match key {
+            "IgnoreUnknown" | "K8S_POD_INFRA_CONTAINER_ID" => {}
+            "K8S_POD_NAME" => args.pod_name = value.to_string(),
+            "K8S_POD_NAMESPACE" => args.pod_namespace = value.to_string(),
+            "IP" => {
+                args.ips = split_list(value)
+                    .map(|item| parse_cidr_sloppy(item).ok_or_else(|| CniArgsError::BadIp(item.to_string())))
+                    .collect::<Result<_, _>>()?;
+            }
+            "GATEWAY" => {
+                args.gateways = split_list(value)
+                    .map(|item| parse_ip_sloppy(item).ok_or_else(|| CniArgsError::BadGateway(item.to_string())))
+                    .collect::<Result<_, _>>()?;
+            }
+            _ if ignore_unknown => {}
+            _ => unknown.push(pair.to_string()),
+        }
+    }
+    if !unknown.is_empty() {
+        return Err(CniArgsError::Unknown(unknown));
+    }
+    Ok(args)
+}
+
+fn split_list(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn kubernetes_args() {
+        let args = parse_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;K8S_POD_UID=abc")
+            .unwrap();
+        assert_eq!(args.pod_ref().as_deref(), Some("default/web-0"));
+    }
+
+    #[test]
+    fn missing_namespace_and_name() {
+        let args = parse_cni_args("K8S_POD_NAME=p").unwrap();
+        assert_eq!(args.pod_ref().as_deref(), Some("/p"));
+        assert_eq!(parse_cni_args("").unwrap().pod_ref(), None);
+    }
+
+    #[test]
+    fn upstream_errors() {
+        assert_eq!(parse_cni_args("K8S_POD_NAME=p;"), Err(CniArgsError::InvalidPair(String::new())));
+        assert_eq!(parse_cni_args("A=b=c"), Err(CniArgsError::InvalidPair("A=b=c".into())));
+        assert_eq!(parse_cni_args("K8S_POD_UID=x"), Err(CniArgsError::Unknown(vec!["K8S_POD_UID=x".into()])));
+        assert_eq!(parse_cni_args("IgnoreUnknown=yes"), Err(CniArgsError::BadBool("IgnoreUnknown=yes".into())));
+        assert!(parse_cni_args("IgnoreUnknown=TRUE;X=1").is_ok());
+        assert!(matches!(parse_cni_args("IgnoreUnknown=0;X=1"), Err(CniArgsError::Unknown(_))));
+    }
+
+    #[test]
+    fn static_ips_and_gateways() {
+        let args = parse_cni_args("IP=10.1.1.5/24, 2001:db8::5/64;GATEWAY=10.1.1.1").unwrap();
+        assert_eq!(args.ips.len(), 2);
+        assert_eq!(args.ips[0].to_string(), "10.1.1.5/24");
+        assert_eq!(args.gateways, vec!["10.1.1.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(parse_cni_args("IP=10.1.1.5"), Err(CniArgsError::BadIp("10.1.1.5".into())));
+        assert_eq!(parse_cni_args("GATEWAY=x"), Err(CniArgsError::BadGateway("x".into())));
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(input in ".{0,80}") {
+            let _ = parse_cni_args(&input);
+        }
+
+        #[test]
+        fn round_trips_pod_identity(ns in "[a-z0-9-]{0,12}", name in "[a-z0-9-]{1,12}") {
+            let args = parse_cni_args(&format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}")).unwrap();
+            prop_assert_eq!(args.pod_ref(), Some(format!("{ns}/{name}")));
+        }
+    }
+}

@@ -1,0 +1,656 @@
+//! The IPAM configuration: upstream's keys, decoding rules, flat-file merge and normalisation
+//! (shared/upstream-behaviour.md §1.2-1.5), plus the validation upstream lacks.
+//!
+//! Loading has two pure steps around one I/O step the shell performs:
+//! 1. [`InlineIpam::parse`] decodes the inline `ipam` object (keys matched case-insensitively, the last
+//!    duplicate winning, unknown keys ignored, wrong JSON types refused) and checks `type`;
+//! 2. the shell looks for the flat file ([`InlineIpam::flat_file_candidates`]) and reads it;
+//! 3. [`InlineIpam::resolve`] merges the flat file in (inline non-empty values win, objects merge field by
+//!    field, arrays are replaced whole, `enable_overlapping_ranges` only ever comes from inline) and
+//!    validates everything, refusing bad values with an error that names the key and the value.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::addr::{Family, parse_cidr_sloppy, parse_cidr_strict, parse_ip_sloppy};
+use crate::cni_args::CniArgs;
+use crate::error::ConfigError;
+use crate::range::{IpRange, RangeProblem};
+
+/// Where the embedded file store keeps its pools unless `file_store_dir` says otherwise.
+pub const DEFAULT_FILE_STORE_DIR: &str = "/var/lib/cni/whereabouts";
+
+/// The flat-file locations searched after an inline `configuration_path`, in order (upstream §1.3).
+pub const FLAT_FILE_PATHS: [&str; 3] = [
+    "/etc/kubernetes/cni/net.d/whereabouts.d/whereabouts.conf",
+    "/etc/cni/net.d/whereabouts.d/whereabouts.conf",
+    "/host/etc/cni/net.d/whereabouts.d/whereabouts.conf",
+];
+
+// === raw model (keys lowercased before decoding) ===
+
+#[derive(Debug, Default, Deserialize)]
+struct RawIpam {
+    #[serde(rename = "type")]
+    plugin_type: Option<String>,
+    range: Option<String>,
+    range_start: Option<String>,
+    range_end: Option<String>,
+    exclude: Option<Vec<String>>,
+    #[serde(rename = "ipranges")]
+    ip_ranges: Option<Vec<RawRange>>,
+    gateway: Option<String>,
+    routes: Option<Vec<RawRoute>>,
+    dns: Option<RawDns>,
+    addresses: Option<Vec<RawAddress>>,
+    enable_overlapping_ranges: Option<bool>,
+    network_name: Option<String>,
+    node_slice_size: Option<String>,
+    kubernetes: Option<RawKubernetes>,
+    configuration_path: Option<String>,
+    log_file: Option<String>,
+    log_level: Option<String>,
+    // Accepted for compatibility; the Lease they tune does not exist in whereabouts-rs.
+    #[allow(dead_code)]
+    leader_lease_duration: Option<i64>,
+    #[allow(dead_code)]
+    leader_renew_deadline: Option<i64>,
+    #[allow(dead_code)]
+    leader_retry_period: Option<i64>,
+    #[allow(dead_code)]
+    sleep_for_race: Option<i64>,
+    #[allow(dead_code)]
+    reconciler_cron_expression: Option<String>,
+    datastore: Option<String>,
+    file_store_dir: Option<String>,
+    etcd_host: Option<String>,
+    etcd_username: Option<String>,
+    etcd_password: Option<String>,
+    etcd_key_file: Option<String>,
+    etcd_cert_file: Option<String>,
+    etcd_ca_cert_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawRange {
+    range: Option<String>,
+    range_start: Option<String>,
+    range_end: Option<String>,
+    exclude: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawRoute {
+    dst: Option<String>,
+    gw: Option<String>,
+    mtu: Option<i64>,
+    advmss: Option<i64>,
+    priority: Option<i64>,
+    table: Option<i64>,
+    scope: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawDns {
+    nameservers: Option<Vec<String>>,
+    domain: Option<String>,
+    search: Option<Vec<String>>,
+    options: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawAddress {
+    address: Option<String>,
+    gateway: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawKubernetes {
+    kubeconfig: Option<String>,
+}
+
+// === validated model ===
+
+/// A route handed back in the result, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Destination, host bits kept as written.
+    pub dst: IpNet,
+    /// Next hop.
+    pub gw: Option<IpAddr>,
+    /// Route MTU (CNI 1.1).
+    pub mtu: Option<i64>,
+    /// Advertised MSS (CNI 1.1).
+    pub advmss: Option<i64>,
+    /// Route priority (CNI 1.1).
+    pub priority: Option<i64>,
+    /// Routing table (CNI 1.1).
+    pub table: Option<i64>,
+    /// Route scope (CNI 1.1).
+    pub scope: Option<i64>,
+}
+
+/// DNS settings handed back in the result, as configured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dns {
+    /// Name servers.
+    pub nameservers: Vec<String>,
+    /// Local domain.
+    pub domain: Option<String>,
+    /// Search domains.
+    pub search: Vec<String>,
+    /// Resolver options.
+    pub options: Vec<String>,
+}
+
+impl Dns {
+    /// Whether nothing is set.
+    pub fn is_empty(&self) -> bool {
+        self.nameservers.is_empty() && self.domain.is_none() && self.search.is_empty() && self.options.is_empty()
+    }
+}
+
+/// An address returned as is, after the allocated ones; never stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticAddress {
+    /// The address with its prefix, host bits kept.
+    pub address: IpNet,
+    /// Its gateway.
+    pub gateway: Option<IpAddr>,
+}
+
+/// One range to allocate from, with the address this call asked for in it (if any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedRange {
+    /// The range.
+    pub range: IpRange,
+    /// An address requested through `runtimeConfig.ips`, `args.cni.ips` or `CNI_ARGS` `IP=` that lies
+    /// in this range's candidate interval: it is allocated (reserved) instead of the lowest free one.
+    pub requested: Option<IpAddr>,
+}
+
+/// Where allocations are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Datastore {
+    /// The embedded file store in a directory (`"datastore": "file"`).
+    File {
+        /// `file_store_dir`.
+        dir: String,
+    },
+    /// Kubernetes custom resources (the default, as upstream).
+    Kubernetes {
+        /// `kubernetes.kubeconfig`.
+        kubeconfig: String,
+    },
+    /// etcd v3 (`"datastore": "etcd"`).
+    Etcd {
+        /// `etcd_host`: one or more comma-separated endpoints.
+        hosts: String,
+        /// `etcd_username`.
+        username: Option<String>,
+        /// `etcd_password`.
+        password: Option<String>,
+        /// `etcd_key_file`.
+        key_file: Option<String>,
+        /// `etcd_cert_file`.
+        cert_file: Option<String>,
+        /// `etcd_ca_cert_file`.
+        ca_cert_file: Option<String>,
+    },
+}
+
+/// Upstream's log levels, most verbose first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    /// Everything.
+    Debug,
+    /// Informational messages and errors.
+    Verbose,
+    /// Errors only.
+    Error,
+    /// Nothing but fatal failures.
+    Panic,
+}
+
+impl LogLevel {
+    /// Upstream's name of the level, as printed in log lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogLevel::Debug => "debug",
+            LogLevel::Verbose => "verbose",
+            LogLevel::Error => "error",
+            LogLevel::Panic => "panic",
+        }
+    }
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    /// `log_file`: appended to besides stderr.
+    pub file: Option<String>,
+    /// `log_level` (default `debug`, as upstream).
+    pub level: LogLevel,
+    /// Upstream's warning for an unknown `log_level`, which leaves the level unchanged.
+    pub warning: Option<String>,
+}
+
+/// A fully loaded and validated IPAM configuration for one CNI call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpamConfig {
+    /// Ranges in allocation order: top-level `range` first, then `ipRanges`.
+    pub ranges: Vec<ManagedRange>,
+    /// `gateway`: returned on the addresses of the range (or static subnet) containing it.
+    pub gateway: Option<IpAddr>,
+    /// `routes`.
+    pub routes: Vec<Route>,
+    /// `dns`.
+    pub dns: Dns,
+    /// Static `addresses`, then requested addresses outside every candidate interval.
+    pub addresses: Vec<StaticAddress>,
+    /// `network_name`.
+    pub network_name: String,
+    /// `enable_overlapping_ranges` (inline value only; default true).
+    pub enable_overlapping_ranges: bool,
+    /// `node_slice_size`.
+    pub node_slice_size: Option<String>,
+    /// `configuration_path` after the merge (where the installer's `nodename` file lives).
+    pub configuration_path: Option<String>,
+    /// The store.
+    pub datastore: Datastore,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// The flat file as read by the shell.
+#[derive(Debug, Clone, Copy)]
+pub struct FlatFile<'a> {
+    /// Where it was found.
+    pub path: &'a str,
+    /// Its content.
+    pub content: &'a [u8],
+}
+
+/// What the CNI call adds to the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    /// The configuration's `cniVersion`.
+    pub cni_version: String,
+    /// Parsed `CNI_ARGS`.
+    pub args: CniArgs,
+    /// Requested addresses from the network configuration: (`runtimeConfig.ips` or `args.cni.ips`, value).
+    pub requested_ips: Vec<(&'static str, String)>,
+}
+
+// === loading ===
+
+/// Lowercases every object key, recursively; with duplicates the last one wins, as Go's decoder does.
+fn lowercase_keys(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut out = Map::with_capacity(map.len());
+            for (k, v) in map {
+                out.insert(k.to_ascii_lowercase(), lowercase_keys(v));
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => Value::Array(items.iter().map(lowercase_keys).collect()),
+        other => other.clone(),
+    }
+}
+
+fn decode(context: &str, value: &Value) -> Result<RawIpam, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Decode {
+        context: context.to_string(),
+        message: format!("{}: {}", e.path(), e.inner()),
+    })
+}
+
+/// Go's "empty value" for mergo: `null`, `""`, `0`, `false`, `[]`.
+fn is_empty_value(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(_) => false,
+    }
+}
+
+/// mergo `Merge` without override: inline non-empty values win, objects merge field by field.
+fn merge(inline: &mut Map<String, Value>, flat: &Map<String, Value>) {
+    for (key, flat_value) in flat {
+        match inline.get_mut(key) {
+            None => {
+                inline.insert(key.clone(), flat_value.clone());
+            }
+            Some(Value::Object(inline_obj)) => {
+                if let Value::Object(flat_obj) = flat_value {
+                    merge(inline_obj, flat_obj);
+                }
+            }
+            Some(inline_value) if is_empty_value(inline_value) => *inline_value = flat_value.clone(),
+            Some(_) => {}
+        }
+    }
+}
+
+/// The inline `ipam` object, decoded and type-checked.
+#[derive(Debug)]
+pub struct InlineIpam {
+    value: Map<String, Value>,
+    raw: RawIpam,
+}
+
+impl InlineIpam {
+    /// Decodes the inline `ipam` object and checks that its `type` is `whereabouts`.
+    pub fn parse(ipam: &Value) -> Result<Self, ConfigError> {
+        let Value::Object(value) = lowercase_keys(ipam) else {
+            return Err(ConfigError::Decode {
+                context: "ipam".into(),
+                message: format!("expected an object, found {ipam}"),
+            });
+        };
+        let raw = decode("ipam", &Value::Object(value.clone()))?;
+        let plugin_type = raw.plugin_type.as_deref().unwrap_or("");
+        if plugin_type != "whereabouts" {
+            return Err(ConfigError::invalid(
+                "ipam.type",
+                plugin_type,
+                "only networks whose IPAM type is 'whereabouts' are handled",
+            ));
+        }
+        Ok(InlineIpam { value, raw })
+    }
+
+    /// The flat-file paths to try, in order: an inline `configuration_path` first, then upstream's.
+    pub fn flat_file_candidates(&self) -> Vec<String> {
+        let inline = self.raw.configuration_path.iter().filter(|p| !p.is_empty()).cloned();
+        inline.chain(FLAT_FILE_PATHS.iter().map(|p| p.to_string())).collect()
+    }
+
+    /// Whether the inline configuration names a usable store by itself, so that no flat file is needed
+    /// (a deliberate difference: upstream always requires the flat file).
+    pub fn is_complete(&self) -> bool {
+        let set = |v: &Option<String>| v.as_deref().is_some_and(|s| !s.is_empty());
+        match self.raw.datastore.as_deref() {
+            Some("file") => true,
+            Some("etcd") => set(&self.raw.etcd_host),
+            _ => self.raw.kubernetes.as_ref().is_some_and(|k| set(&k.kubeconfig)),
+        }
+    }
+
+    /// Merges the flat file (when one was found) and validates the result.
+    pub fn resolve(self, flat: Option<FlatFile<'_>>, call: &CallContext) -> Result<IpamConfig, ConfigError> {
+        let overlapping = self.raw.enable_overlapping_ranges.unwrap_or(true);
+        let raw = match flat {
+            Some(flat) => {
+                let context = format!("flat file {}", flat.path);
+                let parsed: Value = serde_json::from_slice(flat.content)
+                    .map_err(|e| ConfigError::Decode { context: context.clone(), message: e.to_string() })?;
+                let Value::Object(flat_map) = lowercase_keys(&parsed) else {
+                    return Err(ConfigError::Decode { context, message: "expected a JSON object".into() });
+                };
+                decode(&context, &Value::Object(flat_map.clone()))?;
+                let mut merged = self.value;
+                merge(&mut merged, &flat_map);
+                decode("merged configuration", &Value::Object(merged))?
+            }
+            None if self.is_complete() => self.raw,
+            None => return Err(ConfigError::Missing("config file not found".into())),
+        };
+        validate(raw, overlapping, call)
+    }
+}
+
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.is_empty())
+}
+
+fn parse_bound(key: &str, value: Option<String>, sloppy: bool) -> Result<Option<IpAddr>, ConfigError> {
+    let Some(value) = non_empty(value) else { return Ok(None) };
+    let parsed = if sloppy { parse_ip_sloppy(&value) } else { value.parse().ok() };
+    parsed.map(Some).ok_or_else(|| ConfigError::invalid(key, value, "not an IP address"))
+}
+
+fn parse_exclude(key: &str, entries: Option<Vec<String>>) -> Result<Vec<IpNet>, ConfigError> {
+    entries
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            parse_cidr_strict(&entry)
+                .or_else(|| entry.parse::<IpAddr>().ok().map(IpNet::from))
+                .ok_or_else(|| ConfigError::invalid(format!("{key}[{i}]"), entry, "not a CIDR or an IP address"))
+        })
+        .collect()
+}
+
+/// Builds one range from `range` (CIDR or `first-last/prefix`), `range_start`, `range_end`, `exclude`.
+fn build_range(
+    prefix: &str,
+    range: String,
+    start: Option<IpAddr>,
+    end: Option<IpAddr>,
+    exclude: Vec<IpNet>,
+) -> Result<IpRange, ConfigError> {
+    let key = format!("{prefix}range");
+    let (network, start, end) = match range.split_once('-') {
+        Some((first, cidr)) => {
+            let first = parse_ip_sloppy(first)
+                .ok_or_else(|| ConfigError::invalid(&key, &range, format!("range start {first:?} is not an IP")))?;
+            let net = parse_cidr_sloppy(cidr)
+                .ok_or_else(|| ConfigError::invalid(&key, &range, format!("{cidr:?} is not a CIDR")))?;
+            if !net.trunc().contains(&first) {
+                return Err(ConfigError::invalid(&key, &range, format!("range start {first} is outside {}", net.trunc())));
+            }
+            (net, Some(first), Some(net.addr()))
+        }
+        None => {
+            let net = parse_cidr_sloppy(&range).ok_or_else(|| ConfigError::invalid(&key, &range, "not a CIDR"))?;
+            (net, start, end)
+        }
+    };
+    IpRange::new(network, start, end, exclude.clone()).map_err(|problem| match problem {
+        RangeProblem::TooSmall => ConfigError::invalid(&key, &range, "the subnet has no usable addresses"),
+        RangeProblem::OutsideNetwork(ip) => {
+            let which = if Some(ip) == start { "range_start" } else { "range_end" };
+            ConfigError::invalid(format!("{prefix}{which}"), ip.to_string(), format!("outside {}", network.trunc()))
+        }
+        RangeProblem::StartAfterEnd => ConfigError::invalid(
+            format!("{prefix}range_start"),
+            start.map(|s| s.to_string()).unwrap_or_default(),
+            format!("after range_end {}", end.map(|e| e.to_string()).unwrap_or_default()),
+        ),
+        RangeProblem::ExcludeFamily(block) => ConfigError::invalid(
+            format!("{prefix}exclude"),
+            block.to_string(),
+            format!("not of the address family of {}", network.trunc()),
+        ),
+    })
+}
+
+fn validate(raw: RawIpam, enable_overlapping_ranges: bool, call: &CallContext) -> Result<IpamConfig, ConfigError> {
+    // Ranges: the top-level one first, then ipRanges (upstream §1.5 steps 8-9).
+    let mut ranges: Vec<IpRange> = Vec::new();
+    match non_empty(raw.range) {
+        Some(range) => {
+            let start = parse_bound("range_start", raw.range_start, true)?;
+            let end = parse_bound("range_end", raw.range_end, true)?;
+            let exclude = parse_exclude("exclude", raw.exclude)?;
+            ranges.push(build_range("", range, start, end, exclude)?);
+        }
+        None => {
+            for (key, value) in [("range_start", &raw.range_start), ("range_end", &raw.range_end)] {
+                if let Some(v) = value.as_ref().filter(|v| !v.is_empty()) {
+                    return Err(ConfigError::invalid(key, v, "set without a top-level range"));
+                }
+            }
+        }
+    }
+    for (i, entry) in raw.ip_ranges.unwrap_or_default().into_iter().enumerate() {
+        let prefix = format!("ipRanges[{i}].");
+        let range = non_empty(entry.range)
+            .ok_or_else(|| ConfigError::invalid(format!("{prefix}range"), "", "a range is required"))?;
+        let start = parse_bound(&format!("{prefix}range_start"), entry.range_start, false)?;
+        let end = parse_bound(&format!("{prefix}range_end"), entry.range_end, false)?;
+        let exclude = parse_exclude(&format!("{prefix}exclude"), entry.exclude)?;
+        ranges.push(build_range(&prefix, range, start, end, exclude)?);
+    }
+    for (i, a) in ranges.iter().enumerate() {
+        if let Some(b) = ranges[..i].iter().find(|b| b.overlaps(a)) {
+            return Err(ConfigError::invalid(
+                "ipRanges",
+                a.network().to_string(),
+                format!("overlaps {}; every range of a network must be disjoint", b.network()),
+            ));
+        }
+    }
+
+    let routes = raw
+        .routes
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let dst_value = r.dst.unwrap_or_default();
+            let dst = parse_cidr_strict(&dst_value)
+                .ok_or_else(|| ConfigError::invalid(format!("routes[{i}].dst"), &dst_value, "not a CIDR"))?;
+            let gw = parse_bound(&format!("routes[{i}].gw"), r.gw, false)?;
+            Ok(Route { dst, gw, mtu: r.mtu, advmss: r.advmss, priority: r.priority, table: r.table, scope: r.scope })
+        })
+        .collect::<Result<Vec<_>, ConfigError>>()?;
+
+    let dns = raw.dns.map_or_else(Dns::default, |d| Dns {
+        nameservers: d.nameservers.unwrap_or_default(),
+        domain: non_empty(d.domain),
+        search: d.search.unwrap_or_default(),
+        options: d.options.unwrap_or_default(),
+    });
+
+    let mut addresses = raw
+        .addresses
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let value = a.address.unwrap_or_default();
+            let address = parse_cidr_sloppy(&value)
+                .ok_or_else(|| ConfigError::invalid(format!("addresses[{i}].address"), &value, "not a CIDR"))?;
+            let gateway = parse_bound(&format!("addresses[{i}].gateway"), a.gateway, false)?;
+            Ok(StaticAddress { address, gateway })
+        })
+        .collect::<Result<Vec<_>, ConfigError>>()?;
+
+    // Requested addresses: inside a candidate interval they are allocated there; otherwise static.
+    let mut requested: Vec<Option<IpAddr>> = vec![None; ranges.len()];
+    let from_args = call.args.ips.iter().map(|net| ("CNI_ARGS IP", net.to_string(), Some(*net)));
+    let from_conf = call.requested_ips.iter().map(|(key, v)| (*key, v.clone(), parse_cidr_sloppy(v)));
+    for (key, value, net) in from_conf.chain(from_args) {
+        let ip = net.map(|n| n.addr()).or_else(|| parse_ip_sloppy(&value));
+        let Some(ip) = ip else { return Err(ConfigError::invalid(key, value, "not an IP address or CIDR")) };
+        match ranges.iter().position(|r| r.in_interval(ip)) {
+            Some(i) => {
+                if let Some(previous) = requested[i] {
+                    return Err(ConfigError::invalid(
+                        key,
+                        value,
+                        format!("{previous} is already requested in range {}", ranges[i].network()),
+                    ));
+                }
+                requested[i] = Some(ip);
+            }
+            None => {
+                let address = net.ok_or_else(|| {
+                    ConfigError::invalid(key, &value, "outside every range, so it needs a prefix length")
+                })?;
+                let gateway = call.args.gateways.iter().copied().find(|g| address.contains(g));
+                addresses.push(StaticAddress { address, gateway });
+            }
+        }
+    }
+
+    let old_result_format = matches!(call.cni_version.as_str(), "" | "0.1.0" | "0.2.0");
+    for family in [Family::V4, Family::V6] {
+        let count = addresses.iter().filter(|a| Family::of(a.address.addr()) == family).count();
+        if old_result_format && count > 1 {
+            return Err(ConfigError::invalid(
+                "cniVersion",
+                &call.cni_version,
+                format!("does not support more than one static {family} address"),
+            ));
+        }
+    }
+
+    let gateway = match non_empty(raw.gateway) {
+        None => None,
+        Some(value) => {
+            let gw = parse_ip_sloppy(&value).ok_or_else(|| ConfigError::invalid("gateway", &value, "not an IP address"))?;
+            let inside = ranges.iter().any(|r| r.contains(gw)) || addresses.iter().any(|a| a.address.contains(&gw));
+            if !inside {
+                return Err(ConfigError::invalid("gateway", &value, "lies outside every range"));
+            }
+            Some(gw)
+        }
+    };
+
+    let datastore = match raw.datastore.as_deref().unwrap_or("") {
+        "file" => Datastore::File { dir: non_empty(raw.file_store_dir).unwrap_or_else(|| DEFAULT_FILE_STORE_DIR.into()) },
+        "" | "kubernetes" => Datastore::Kubernetes {
+            kubeconfig: non_empty(raw.kubernetes.and_then(|k| k.kubeconfig)).ok_or_else(|| {
+                ConfigError::Missing(
+                    "you have not configured the storage engine (looks like you're using an invalid \
+                     `kubernetes.kubeconfig` parameter in your config)"
+                        .into(),
+                )
+            })?,
+        },
+        "etcd" => Datastore::Etcd {
+            hosts: non_empty(raw.etcd_host)
+                .ok_or_else(|| ConfigError::invalid("etcd_host", "", "required with \"datastore\": \"etcd\""))?,
+            username: non_empty(raw.etcd_username),
+            password: non_empty(raw.etcd_password),
+            key_file: non_empty(raw.etcd_key_file),
+            cert_file: non_empty(raw.etcd_cert_file),
+            ca_cert_file: non_empty(raw.etcd_ca_cert_file),
+        },
+        other => {
+            return Err(ConfigError::invalid("datastore", other, "expected \"file\", \"kubernetes\" or \"etcd\""));
+        }
+    };
+
+    let (level, warning) = match non_empty(raw.log_level).map(|l| l.to_ascii_lowercase()) {
+        None => (LogLevel::Debug, None),
+        Some(l) => match l.as_str() {
+            "debug" => (LogLevel::Debug, None),
+            "verbose" => (LogLevel::Verbose, None),
+            "error" => (LogLevel::Error, None),
+            "panic" => (LogLevel::Panic, None),
+            _ => (LogLevel::Debug, Some(format!("Whereabouts logging: cannot set logging level to {l}"))),
+        },
+    };
+
+    Ok(IpamConfig {
+        ranges: ranges.into_iter().zip(requested).map(|(range, requested)| ManagedRange { range, requested }).collect(),
+        gateway,
+        routes,
+        dns,
+        addresses,
+        network_name: raw.network_name.unwrap_or_default(),
+        enable_overlapping_ranges,
+        node_slice_size: non_empty(raw.node_slice_size),
+        configuration_path: non_empty(raw.configuration_path),
+        datastore,
+        log: LogSettings { file: non_empty(raw.log_file), level, warning },
+    })
+}
+
+/// Loads a configuration from an inline `ipam` value and optional flat-file content in one call.
+/// The fuzz and property tests drive the whole pipeline through this.
+pub fn load(ipam: &Value, flat: Option<FlatFile<'_>>, call: &CallContext) -> Result<IpamConfig, ConfigError> {
+    InlineIpam::parse(ipam)?.resolve(flat, call)
+}

@@ -1,0 +1,342 @@
+//! The allocation state of one pool and its stored form.
+//!
+//! The stored form ([`PoolSpec`]) is upstream's `IPPool.spec` bit for bit: `range` plus `allocations`
+//! keyed by the unsigned decimal offset of each address from the IP literally written in `range`. We add
+//! two optional fields per allocation (`node`, `network`) that upstream ignores. Unlike upstream, offsets
+//! use the full 128 bits, so every address of an IPv6 /64 round-trips.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::addr::{Family, from_u128, parse_cidr_strict, to_u128};
+use crate::interval::IntervalSet;
+
+/// Who holds an address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    /// The container (sandbox) ID of the CNI call that made it.
+    #[serde(rename = "id")]
+    pub container_id: String,
+    /// `<namespace>/<pod>`; empty for containers outside Kubernetes.
+    #[serde(rename = "podref")]
+    pub pod_ref: String,
+    /// The interface name inside the container.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ifname: String,
+    /// The node that made the allocation (additive; upstream ignores it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The CNI network name of the call that made it (additive; lets CNI GC of one network leave
+    /// another network's allocations in a shared pool alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+}
+
+impl Allocation {
+    /// Whether this allocation belongs to `owner` for the purpose of idempotent ADD.
+    pub fn is_owned_by(&self, owner: &Owner) -> bool {
+        self.ifname == owner.ifname
+            && match &owner.pod_ref {
+                Some(pod_ref) => &self.pod_ref == pod_ref,
+                None => self.pod_ref.is_empty() && self.container_id == owner.container_id,
+            }
+    }
+}
+
+/// The identity a CNI call allocates for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `<namespace>/<pod>` from `CNI_ARGS`, when running under Kubernetes.
+    pub pod_ref: Option<String>,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+    /// The node this call runs on.
+    pub node: Option<String>,
+    /// The CNI network name.
+    pub network: Option<String>,
+}
+
+impl Owner {
+    /// The allocation record this owner writes.
+    pub fn allocation(&self) -> Allocation {
+        Allocation {
+            container_id: self.container_id.clone(),
+            pod_ref: self.pod_ref.clone().unwrap_or_default(),
+            ifname: self.ifname.clone(),
+            node: self.node.clone(),
+            network: self.network.clone(),
+        }
+    }
+}
+
+/// The stored form of a pool: upstream's `IPPool.spec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolSpec {
+    /// The range as written when the pool was created (canonical network CIDR for pools we create).
+    pub range: String,
+    /// Allocations keyed by the decimal offset from `range`'s IP.
+    #[serde(default)]
+    pub allocations: BTreeMap<String, Allocation>,
+}
+
+/// A stored pool that cannot be used at all.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PoolError {
+    /// `spec.range` is not a CIDR.
+    #[error("pool range {0:?} is not a CIDR")]
+    BadRange(String),
+    /// `spec.range` is of the other family than the configured range.
+    #[error("pool range {stored} does not match the configured range {configured}")]
+    FamilyMismatch {
+        /// The stored range.
+        stored: String,
+        /// The configured range.
+        configured: IpNet,
+    },
+}
+
+/// An allocation key that was skipped while decoding (upstream logs and ignores these too).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedKey(pub String);
+
+/// A pool in memory: allocations by address, plus an interval index of the taken addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    family: Family,
+    spec_range: String,
+    base: u128,
+    allocations: BTreeMap<u128, Allocation>,
+    taken: IntervalSet,
+}
+
+impl Pool {
+    /// An empty pool for a range; `spec.range` is the canonical network.
+    pub fn new(network: IpNet) -> Self {
+        let network = network.trunc();
+        Pool {
+            family: Family::of(network.addr()),
+            spec_range: network.to_string(),
+            base: to_u128(network.addr()),
+            allocations: BTreeMap::new(),
+            taken: IntervalSet::new(),
+        }
+    }
+
+    /// Decodes a stored pool, checking it belongs to `configured`'s family. Keys that are not unsigned
+    /// decimals, or that point outside the address family, are skipped and reported.
+    pub fn from_spec(spec: &PoolSpec, configured: IpNet) -> Result<(Self, Vec<SkippedKey>), PoolError> {
+        let stored = parse_cidr_strict(&spec.range).ok_or_else(|| PoolError::BadRange(spec.range.clone()))?;
+        let family = Family::of(stored.addr());
+        if family != Family::of(configured.addr()) {
+            return Err(PoolError::FamilyMismatch { stored: spec.range.clone(), configured });
+        }
+        let base = to_u128(stored.addr());
+        let max = match family {
+            Family::V4 => u128::from(u32::MAX),
+            Family::V6 => u128::MAX,
+        };
+        let mut pool = Pool {
+            family,
+            spec_range: spec.range.clone(),
+            base,
+            allocations: BTreeMap::new(),
+            taken: IntervalSet::new(),
+        };
+        let mut skipped = Vec::new();
+        for (key, allocation) in &spec.allocations {
+            let addr = key
+                .parse::<u128>()
+                .ok()
+                .filter(|_| key.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|offset| base.checked_add(offset))
+                .filter(|addr| *addr <= max);
+            match addr {
+                Some(addr) => pool.insert(addr, allocation.clone()),
+                None => skipped.push(SkippedKey(key.clone())),
+            }
+        }
+        Ok((pool, skipped))
+    }
+
+    /// Encodes the pool in upstream's stored form.
+    pub fn to_spec(&self) -> PoolSpec {
+        PoolSpec {
+            range: self.spec_range.clone(),
+            allocations: self
+                .allocations
+                .iter()
+                .map(|(addr, a)| ((addr - self.base).to_string(), a.clone()))
+                .collect(),
+        }
+    }
+
+    /// The address family.
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
+    /// The lowest address this pool can record (the IP written in `spec.range`).
+    pub fn base(&self) -> u128 {
+        self.base
+    }
+
+    /// The holder of an address.
+    pub fn get(&self, addr: u128) -> Option<&Allocation> {
+        self.allocations.get(&addr)
+    }
+
+    /// Records an allocation; `addr` must not be below [`Pool::base`].
+    pub fn insert(&mut self, addr: u128, allocation: Allocation) {
+        debug_assert!(addr >= self.base);
+        self.allocations.insert(addr, allocation);
+        self.taken.insert(addr);
+    }
+
+    /// Removes the allocation of an address.
+    pub fn remove(&mut self, addr: u128) -> Option<Allocation> {
+        let removed = self.allocations.remove(&addr)?;
+        self.taken.remove(addr);
+        Some(removed)
+    }
+
+    /// The address held by `owner` (idempotent ADD), if any.
+    pub fn find_owned(&self, owner: &Owner) -> Option<u128> {
+        self.allocations.iter().find(|(_, a)| a.is_owned_by(owner)).map(|(addr, _)| *addr)
+    }
+
+    /// The address allocated to (`container_id`, `ifname`), which DEL releases.
+    pub fn find_container(&self, container_id: &str, ifname: &str) -> Option<u128> {
+        self.allocations
+            .iter()
+            .find(|(_, a)| a.container_id == container_id && a.ifname == ifname)
+            .map(|(addr, _)| *addr)
+    }
+
+    /// The taken addresses as intervals.
+    pub fn taken(&self) -> &IntervalSet {
+        &self.taken
+    }
+
+    /// Allocations in address order.
+    pub fn iter(&self) -> impl Iterator<Item = (IpAddr, &Allocation)> + '_ {
+        self.allocations.iter().map(|(addr, a)| (from_u128(self.family, *addr), a))
+    }
+
+    /// Number of allocations.
+    pub fn len(&self) -> usize {
+        self.allocations.len()
+    }
+
+    /// Whether the pool holds no allocation.
+    pub fn is_empty(&self) -> bool {
+        self.allocations.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn alloc(id: &str) -> Allocation {
+        Allocation {
+            container_id: id.into(),
+            pod_ref: format!("ns/{id}"),
+            ifname: "eth0".into(),
+            node: None,
+            network: None,
+        }
+    }
+
+    #[test]
+    fn upstream_offsets() {
+        let mut pool = Pool::new("192.168.1.0/24".parse().unwrap());
+        pool.insert(to_u128("192.168.1.5".parse().unwrap()), alloc("a"));
+        let spec = pool.to_spec();
+        assert_eq!(spec.range, "192.168.1.0/24");
+        assert!(spec.allocations.contains_key("5"));
+
+        let mut pool = Pool::new("caa5::/112".parse().unwrap());
+        pool.insert(to_u128("caa5::8000".parse().unwrap()), alloc("a"));
+        assert!(pool.to_spec().allocations.contains_key("32768"));
+    }
+
+    #[test]
+    fn upstream_json_shape() {
+        let json = r#"{"range":"10.10.0.0/16","allocations":{"256":{"id":"c1","podref":"default/p"},
+            "257":{"id":"c2","podref":"default/q","ifname":"net1"},"-3":{"id":"x","podref":"y"},"abc":{"id":"x","podref":"y"}}}"#;
+        let spec: PoolSpec = serde_json::from_str(json).unwrap();
+        let (pool, skipped) = Pool::from_spec(&spec, "10.10.0.0/16".parse().unwrap()).unwrap();
+        assert_eq!(skipped, vec![SkippedKey("-3".into()), SkippedKey("abc".into())]);
+        let addrs: Vec<String> = pool.iter().map(|(ip, _)| ip.to_string()).collect();
+        assert_eq!(addrs, ["10.10.1.0", "10.10.1.1"]);
+        let written = serde_json::to_value(pool.to_spec()).unwrap();
+        assert_eq!(written["allocations"]["256"], serde_json::json!({"id": "c1", "podref": "default/p"}));
+        assert_eq!(written["allocations"]["257"]["ifname"], "net1");
+    }
+
+    #[test]
+    fn offsets_beyond_the_ipv4_space_are_skipped() {
+        let spec = PoolSpec {
+            range: "255.255.255.0/24".into(),
+            allocations: [("4294967295".to_string(), alloc("a"))].into_iter().collect(),
+        };
+        let (pool, skipped) = Pool::from_spec(&spec, "255.255.255.0/24".parse().unwrap()).unwrap();
+        assert!(pool.is_empty());
+        assert_eq!(skipped.len(), 1);
+    }
+
+    #[test]
+    fn wrong_family_is_refused() {
+        let spec = PoolSpec { range: "10.0.0.0/24".into(), allocations: BTreeMap::new() };
+        assert!(Pool::from_spec(&spec, "2001:db8::/64".parse().unwrap()).is_err());
+        let spec = PoolSpec { range: "garbage".into(), allocations: BTreeMap::new() };
+        assert!(Pool::from_spec(&spec, "10.0.0.0/24".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn owner_matching() {
+        let k8s = Owner {
+            container_id: "c2".into(),
+            pod_ref: Some("ns/a".into()),
+            ifname: "eth0".into(),
+            node: None,
+            network: None,
+        };
+        assert!(alloc("a").is_owned_by(&k8s), "a new container of the same pod owns it");
+        let plain = Owner { container_id: "c1".into(), pod_ref: None, ..k8s.clone() };
+        let mut bare = alloc("c1");
+        bare.pod_ref.clear();
+        assert!(bare.is_owned_by(&plain));
+        assert!(!alloc("c1").is_owned_by(&plain), "a pod's allocation is not a bare container's");
+    }
+
+    proptest! {
+        #[test]
+        fn ipv6_offsets_round_trip_over_the_whole_slash_64(host in any::<u64>()) {
+            let net: IpNet = "2001:db8:1:2::/64".parse().unwrap();
+            let addr = to_u128(net.network()) + u128::from(host);
+            let mut pool = Pool::new(net);
+            pool.insert(addr, alloc("a"));
+            let spec: PoolSpec = serde_json::from_str(&serde_json::to_string(&pool.to_spec()).unwrap()).unwrap();
+            let (decoded, skipped) = Pool::from_spec(&spec, net).unwrap();
+            prop_assert!(skipped.is_empty());
+            prop_assert_eq!(decoded, pool);
+        }
+
+        #[test]
+        fn decoding_arbitrary_keys_never_panics(keys in proptest::collection::vec(".{0,45}", 0..8)) {
+            let spec = PoolSpec {
+                range: "10.0.0.0/8".into(),
+                allocations: keys.into_iter().map(|k| (k, alloc("a"))).collect(),
+            };
+            let _ = Pool::from_spec(&spec, "10.0.0.0/8".parse().unwrap());
+        }
+    }
+}
