@@ -1,0 +1,407 @@
+//! The IPAM engine: the core's allocation policy applied to a [`Store`] with compare-and-swap retries.
+//!
+//! Every change to a pool is read → compute (pure core) → write-if-unchanged. A lost race is retried
+//! from a fresh read after a jittered exponential backoff, within a bound of attempts and time; past
+//! the bound the caller gets [`IpamError::Contention`] naming the pool (CNI code 11, try again later).
+//!
+//! Order of writes on ADD: the pool entry first, then the cluster-wide reservation. An address counts as
+//! handed out only once both exist. If the reservation is held by another attachment (an overlapping
+//! pool got there first), our pool entry is removed again and the address is skipped on the next try.
+//! A process that dies between the two writes leaves a pool entry without reservation, which the
+//! runtime's DEL removes (DEL finds it through the pool), so nothing leaks and nothing is shared.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use thiserror::Error;
+use whereabouts_core::addr::{Family, from_u128, to_u128};
+use whereabouts_core::allocate::{AllocError, Assignment, apply, assign, lowest_free};
+use whereabouts_core::config::{IpamConfig, ManagedRange};
+use whereabouts_core::interval::IntervalSet;
+use whereabouts_core::pool::{Allocation, Owner, Pool, PoolError};
+use whereabouts_core::range::{pool_name, reservation_name};
+
+use crate::{Reservation, ReserveOutcome, Store, StoreError};
+
+/// Why an IPAM operation failed; every variant names the pool or reservation involved.
+#[derive(Debug, Error)]
+pub enum IpamError {
+    /// The store failed.
+    #[error("{object}: {source}")]
+    Store {
+        /// The pool or reservation.
+        object: String,
+        /// The store's error.
+        source: StoreError,
+    },
+    /// The stored pool cannot be used.
+    #[error("pool {pool}: {source}")]
+    Pool {
+        /// The pool.
+        pool: String,
+        /// What is wrong with it.
+        source: PoolError,
+    },
+    /// The range gave no address.
+    #[error("pool {pool}: {source}")]
+    Alloc {
+        /// The pool.
+        pool: String,
+        /// Why.
+        source: AllocError,
+    },
+    /// Too many concurrent writers won the race; the caller should try again later.
+    #[error("pool {pool}: gave up after {attempts} conflicting updates, try again later")]
+    Contention {
+        /// The pool.
+        pool: String,
+        /// How many writes were tried.
+        attempts: u32,
+    },
+}
+
+/// Bounds of the compare-and-swap retry loop.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Most writes tried per pool update.
+    pub attempts: u32,
+    /// The first backoff ceiling; it doubles per conflict.
+    pub first_backoff: Duration,
+    /// The largest backoff ceiling.
+    pub max_backoff: Duration,
+    /// The longest one pool update may take; far below the kubelet's CNI timeout.
+    pub deadline: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 500,
+            first_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(50),
+            deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Full jitter: a uniformly random wait below the exponential ceiling.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let ceiling = self.first_backoff.saturating_mul(1 << attempt.min(16)).min(self.max_backoff);
+        ceiling.mul_f64(fastrand::f64())
+    }
+}
+
+/// An address handed out by [`Ipam::allocate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocatedIp {
+    /// The address.
+    pub ip: IpAddr,
+    /// The range's network (its prefix is the result's prefix).
+    pub network: IpNet,
+}
+
+/// The result of a pool update closure: a value, and whether the pool must be written.
+struct Change<T> {
+    value: T,
+    changed: bool,
+}
+
+/// The engine over one store.
+#[derive(Debug)]
+pub struct Ipam<'s, S> {
+    store: &'s S,
+    retry: RetryPolicy,
+}
+
+fn reservation_of(allocation: &Allocation) -> Reservation {
+    Reservation {
+        pod_ref: allocation.pod_ref.clone(),
+        ifname: allocation.ifname.clone(),
+        container_id: allocation.container_id.clone(),
+    }
+}
+
+impl<'s, S: Store> Ipam<'s, S> {
+    /// An engine with the default retry policy.
+    pub fn new(store: &'s S) -> Self {
+        Ipam { store, retry: RetryPolicy::default() }
+    }
+
+    /// Replaces the retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The compare-and-swap loop every pool change goes through.
+    async fn update_pool<T>(
+        &self,
+        name: &str,
+        network: IpNet,
+        mut change: impl FnMut(&mut Pool) -> Result<Change<T>, IpamError>,
+    ) -> Result<T, IpamError> {
+        let started = Instant::now();
+        let store_error = |source| IpamError::Store { object: format!("pool {name}"), source };
+        for attempt in 0..self.retry.attempts {
+            let current = self.store.read_pool(name).await.map_err(store_error)?;
+            let (mut pool, version) = match current {
+                None => (Pool::new(network), None),
+                Some(stored) => {
+                    let (pool, skipped) = Pool::from_spec(&stored.spec, network)
+                        .map_err(|source| IpamError::Pool { pool: name.to_string(), source })?;
+                    for key in skipped {
+                        tracing::warn!("Error decoding ip offset (pool {name}): skipping key {:?}", key.0);
+                    }
+                    (pool, Some(stored.version))
+                }
+            };
+            let Change { value, changed } = change(&mut pool)?;
+            if !changed {
+                return Ok(value);
+            }
+            match self.store.write_pool(name, &pool.to_spec(), version.as_ref()).await {
+                Ok(_) => return Ok(value),
+                Err(StoreError::Conflict) if started.elapsed() < self.retry.deadline => {
+                    tracing::debug!("pool {name}: conflict on attempt {attempt}, retrying");
+                    tokio::time::sleep(self.retry.backoff(attempt)).await;
+                }
+                Err(StoreError::Conflict) => break,
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+        Err(IpamError::Contention { pool: name.to_string(), attempts: self.retry.attempts })
+    }
+
+    /// Removes `addr` from a pool if `owner` still holds it; returns the removed allocation.
+    async fn remove_owned(
+        &self,
+        name: &str,
+        network: IpNet,
+        addr: u128,
+        owner: &Owner,
+    ) -> Result<Option<Allocation>, IpamError> {
+        self.update_pool(name, network, |pool| {
+            let owned = pool.get(addr).is_some_and(|a| a.is_owned_by(owner));
+            let value = if owned { pool.remove(addr) } else { None };
+            Ok(Change { changed: value.is_some(), value })
+        })
+        .await
+    }
+
+    async fn delete_reservation(&self, network_name: &str, ip: IpAddr, holder: &Reservation) -> Result<(), IpamError> {
+        let name = reservation_name(network_name, ip);
+        self.store
+            .delete_reservation(&name, holder)
+            .await
+            .map_err(|source| IpamError::Store { object: format!("reservation {name}"), source })
+    }
+
+    /// One address from every range for `owner`, all or nothing: when a range fails, the addresses this
+    /// call newly took in earlier ranges are released before the error is returned.
+    pub async fn allocate(&self, config: &IpamConfig, owner: &Owner) -> Result<Vec<AllocatedIp>, IpamError> {
+        let mut done: Vec<(AllocatedIp, bool)> = Vec::with_capacity(config.ranges.len());
+        for managed in &config.ranges {
+            match self.allocate_in_range(config, managed, owner).await {
+                Ok(result) => done.push(result),
+                Err(e) => {
+                    for (taken, _) in done.iter().filter(|(_, new)| *new) {
+                        if let Err(undo) = self.undo(config, taken, owner).await {
+                            tracing::error!("releasing {} after a failed ADD: {undo}", taken.ip);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(done.into_iter().map(|(allocated, _)| allocated).collect())
+    }
+
+    async fn undo(&self, config: &IpamConfig, taken: &AllocatedIp, owner: &Owner) -> Result<(), IpamError> {
+        let name = pool_name(&config.network_name, None, &taken.network);
+        if let Some(removed) = self.remove_owned(&name, taken.network, to_u128(taken.ip), owner).await?
+            && config.enable_overlapping_ranges
+        {
+            self.delete_reservation(&config.network_name, taken.ip, &reservation_of(&removed)).await?;
+        }
+        Ok(())
+    }
+
+    /// Allocates in one range; the flag says whether the address is new to this owner.
+    async fn allocate_in_range(
+        &self,
+        config: &IpamConfig,
+        managed: &ManagedRange,
+        owner: &Owner,
+    ) -> Result<(AllocatedIp, bool), IpamError> {
+        let network = managed.range.network();
+        let name = pool_name(&config.network_name, None, &network);
+        let wanted = owner.allocation();
+        let mut blocked = IntervalSet::new();
+        for _ in 0..self.retry.attempts {
+            let (assignment, ip) = self
+                .update_pool(&name, network, |pool| {
+                    let assignment =
+                        assign(&managed.range, pool, owner, managed.requested, config.gateway, &blocked)
+                            .map_err(|source| IpamError::Alloc { pool: name.clone(), source })?;
+                    let unchanged =
+                        matches!(assignment, Assignment::Existing(a) if pool.get(a) == Some(&wanted));
+                    let ip = apply(pool, assignment, owner);
+                    Ok(Change { value: (assignment, ip), changed: !unchanged })
+                })
+                .await?;
+            let allocated = AllocatedIp { ip, network };
+            let is_new = matches!(assignment, Assignment::New { .. });
+            if !config.enable_overlapping_ranges {
+                return Ok((allocated, is_new));
+            }
+            let reservation = reservation_of(&wanted);
+            let reservation_key = reservation_name(&config.network_name, ip);
+            let outcome = match self.store.create_reservation(&reservation_key, &reservation).await {
+                Ok(outcome) => outcome,
+                Err(source) => {
+                    // Without its reservation the address is not ours to keep.
+                    if is_new && let Err(undo) = self.remove_owned(&name, network, to_u128(ip), owner).await {
+                        tracing::error!("releasing {ip} after a failed reservation: {undo}");
+                    }
+                    return Err(IpamError::Store { object: format!("reservation {reservation_key}"), source });
+                }
+            };
+            match outcome {
+                ReserveOutcome::Reserved => {
+                    if let Assignment::New { replaces: Some(old), .. } = assignment {
+                        let old = from_u128(Family::of(ip), old);
+                        self.delete_reservation(&config.network_name, old, &reservation).await?;
+                    }
+                    return Ok((allocated, is_new));
+                }
+                ReserveOutcome::HeldBy(holder) => {
+                    tracing::debug!(
+                        "{ip} of pool {name} is reserved by {} in an overlapping range, skipping it",
+                        holder.pod_ref
+                    );
+                    self.remove_owned(&name, network, to_u128(ip), owner).await?;
+                    blocked.insert(to_u128(ip));
+                }
+            }
+        }
+        Err(IpamError::Contention { pool: name, attempts: self.retry.attempts })
+    }
+
+    /// Releases what (`container_id`, `ifname`) holds in every range (upstream stops at the first range
+    /// without an allocation and leaks the others). Keeps going after an error and returns the first.
+    pub async fn release(&self, config: &IpamConfig, container_id: &str, ifname: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let mut released = Vec::new();
+        let mut first_error = None;
+        for managed in &config.ranges {
+            let network = managed.range.network();
+            let name = pool_name(&config.network_name, None, &network);
+            let removed = self
+                .update_pool(&name, network, |pool| {
+                    let value = pool.find_container(container_id, ifname).and_then(|addr| {
+                        let ip = from_u128(pool.family(), addr);
+                        pool.remove(addr).map(|a| (ip, a))
+                    });
+                    Ok(Change { changed: value.is_some(), value })
+                })
+                .await;
+            let outcome = match removed {
+                Ok(Some((ip, allocation))) => {
+                    released.push(ip);
+                    if config.enable_overlapping_ranges {
+                        self.delete_reservation(&config.network_name, ip, &reservation_of(&allocation)).await
+                    } else {
+                        Ok(())
+                    }
+                }
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = outcome {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(released), Err)
+    }
+
+    /// The address (`container_id`, `ifname`) holds in each range, in range order (for CHECK).
+    pub async fn held(&self, config: &IpamConfig, container_id: &str, ifname: &str) -> Result<Vec<Option<IpAddr>>, IpamError> {
+        let mut out = Vec::with_capacity(config.ranges.len());
+        for managed in &config.ranges {
+            let network = managed.range.network();
+            let name = pool_name(&config.network_name, None, &network);
+            let held = self
+                .update_pool(&name, network, |pool| {
+                    let ip = pool
+                        .find_container(container_id, ifname)
+                        .map(|addr| from_u128(pool.family(), addr));
+                    Ok(Change { value: ip, changed: false })
+                })
+                .await?;
+            out.push(held);
+        }
+        Ok(out)
+    }
+
+    /// CNI GC: releases this node's allocations of this network whose (container ID, interface) is not
+    /// in `valid`. Allocations of other nodes, other networks, or without a recorded node are untouched.
+    pub async fn collect_garbage(
+        &self,
+        config: &IpamConfig,
+        node: &str,
+        network_name: &str,
+        valid: &HashSet<(String, String)>,
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        let mut released = Vec::new();
+        for managed in &config.ranges {
+            let network = managed.range.network();
+            let name = pool_name(&config.network_name, None, &network);
+            let stale = self
+                .update_pool(&name, network, |pool| {
+                    let stale: Vec<(IpAddr, Allocation)> = pool
+                        .iter()
+                        .filter(|(_, a)| {
+                            a.node.as_deref() == Some(node)
+                                && a.network.as_deref() == Some(network_name)
+                                && !valid.contains(&(a.container_id.clone(), a.ifname.clone()))
+                        })
+                        .map(|(ip, a)| (ip, a.clone()))
+                        .collect();
+                    for (ip, _) in &stale {
+                        pool.remove(to_u128(*ip));
+                    }
+                    Ok(Change { changed: !stale.is_empty(), value: stale })
+                })
+                .await?;
+            for (ip, allocation) in stale {
+                if config.enable_overlapping_ranges {
+                    self.delete_reservation(&config.network_name, ip, &reservation_of(&allocation)).await?;
+                }
+                released.push(ip);
+            }
+        }
+        Ok(released)
+    }
+
+    /// The pools (by name) in which no address is left (for STATUS).
+    pub async fn exhausted_pools(&self, config: &IpamConfig) -> Result<Vec<String>, IpamError> {
+        let mut exhausted = Vec::new();
+        for managed in &config.ranges {
+            let network = managed.range.network();
+            let name = pool_name(&config.network_name, None, &network);
+            let free = self
+                .update_pool(&name, network, |pool| {
+                    let free = lowest_free(&managed.range, pool, config.gateway, &IntervalSet::new());
+                    Ok(Change { value: free, changed: false })
+                })
+                .await?;
+            if free.is_none() {
+                exhausted.push(name);
+            }
+        }
+        Ok(exhausted)
+    }
+}
+

@@ -1,0 +1,117 @@
+//! Storage for whereabouts-rs.
+//!
+//! [`Store`] is the one trait every backend implements. It is shaped for distributed stores: a
+//! versioned read of one pool, a compare-and-swap write of that pool, and create-if-absent / delete of
+//! a cluster-wide reservation of one address (upstream's OverlappingRangeIPReservation). Backends hold
+//! no allocation rules: [`ipam`] drives them with the core's policy and retries conflicts.
+
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use whereabouts_core::pool::PoolSpec;
+
+pub mod file;
+pub mod ipam;
+
+/// An opaque version of a stored pool (a resourceVersion, a mod_revision, a counter).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Version(pub String);
+
+/// A pool as read, with the version a write must present.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionedPool {
+    /// The stored spec.
+    pub spec: PoolSpec,
+    /// Its version.
+    pub version: Version,
+}
+
+/// The owner of a cluster-wide address reservation: upstream's ORIP spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    /// `<namespace>/<pod>` (empty outside Kubernetes).
+    #[serde(rename = "podref")]
+    pub pod_ref: String,
+    /// Interface name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ifname: String,
+    /// Container ID (upstream's schema has it but never writes it; we do).
+    #[serde(rename = "containerid", default, skip_serializing_if = "String::is_empty")]
+    pub container_id: String,
+}
+
+impl Reservation {
+    /// Whether `other` is the same attachment (pod and interface; the container alone outside
+    /// Kubernetes).
+    pub fn same_owner(&self, other: &Reservation) -> bool {
+        self.ifname == other.ifname
+            && if self.pod_ref.is_empty() {
+                other.pod_ref.is_empty() && self.container_id == other.container_id
+            } else {
+                self.pod_ref == other.pod_ref
+            }
+    }
+}
+
+/// What `create_reservation` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReserveOutcome {
+    /// The reservation did not exist and now belongs to the caller (or already did).
+    Reserved,
+    /// Someone else holds it.
+    HeldBy(Reservation),
+}
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum StoreError {
+    /// The compare-and-swap lost: the pool changed (or appeared) since it was read.
+    #[error("the pool changed since it was read")]
+    Conflict,
+    /// The store did not answer in time or cannot be reached; trying again later may work.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data cannot be decoded; it is left untouched.
+    #[error("stored data at {location} is corrupt: {reason}")]
+    Corrupt {
+        /// Which object or file.
+        location: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Any other I/O failure.
+    #[error("store I/O error: {0}")]
+    Io(String),
+}
+
+/// A store of pools and reservations. Every change is a compare-and-swap or a create-if-absent.
+pub trait Store: Send + Sync {
+    /// Reads one pool; `None` when it does not exist.
+    fn read_pool(&self, name: &str) -> impl Future<Output = Result<Option<VersionedPool>, StoreError>> + Send;
+
+    /// Replaces a pool if its version is still `expected`; with `None`, creates it if it does not exist.
+    /// Fails with [`StoreError::Conflict`] otherwise.
+    fn write_pool(
+        &self,
+        name: &str,
+        spec: &PoolSpec,
+        expected: Option<&Version>,
+    ) -> impl Future<Output = Result<Version, StoreError>> + Send;
+
+    /// Creates the reservation of one address unless it exists.
+    fn create_reservation(
+        &self,
+        name: &str,
+        owner: &Reservation,
+    ) -> impl Future<Output = Result<ReserveOutcome, StoreError>> + Send;
+
+    /// Deletes a reservation if `owner` holds it; absent or foreign reservations are left alone.
+    fn delete_reservation(&self, name: &str, owner: &Reservation) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Names of every pool (for operators' tools and tests).
+    fn list_pools(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// Every reservation, by name (for operators' tools and tests).
+    fn list_reservations(&self) -> impl Future<Output = Result<Vec<(String, Reservation)>, StoreError>> + Send;
+}
