@@ -33,7 +33,9 @@ fn filled(cidr: &str, count: usize) -> (IpRange, Pool) {
         let a = assign(&range, &pool, &o, None, None, &blocked).unwrap();
         apply(&mut pool, a, &o);
     }
-    let hole = pool.find_container("container-1000", "net1").or(pool.find_container("container-100", "net1"));
+    let hole = pool
+        .find_container("container-1000", "net1")
+        .or(pool.find_container("container-100", "net1"));
     pool.remove(hole.unwrap());
     (range, pool)
 }

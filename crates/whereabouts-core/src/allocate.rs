@@ -72,12 +72,19 @@ fn is_dot_zero(family: Family, addr: u128) -> bool {
 ///
 /// Each step jumps past a whole blocking run, so the cost grows with the number of runs crossed, not
 /// with the number of taken addresses.
-pub fn lowest_free(range: &IpRange, pool: &Pool, gateway: Option<IpAddr>, blocked: &IntervalSet) -> Option<u128> {
+pub fn lowest_free(
+    range: &IpRange,
+    pool: &Pool,
+    gateway: Option<IpAddr>,
+    blocked: &IntervalSet,
+) -> Option<u128> {
     let family = range.family();
     let gateway = gateway.filter(|g| Family::of(*g) == family).map(to_u128);
     let mut candidate = range.first().max(pool.base());
     while candidate <= range.last() {
-        let run = [pool.taken(), range.excluded(), blocked].into_iter().find_map(|set| set.run_containing(candidate));
+        let run = [pool.taken(), range.excluded(), blocked]
+            .into_iter()
+            .find_map(|set| set.run_containing(candidate));
         candidate = match run {
             Some(run) => run.end().checked_add(1)?,
             None if gateway == Some(candidate) || is_dot_zero(family, candidate) => candidate + 1,
@@ -115,24 +122,40 @@ pub fn assign(
         return Ok(Assignment::Existing(addr));
     }
     if let Some(holder) = pool.get(addr) {
-        let holder = if holder.pod_ref.is_empty() { holder.container_id.clone() } else { holder.pod_ref.clone() };
+        let holder = if holder.pod_ref.is_empty() {
+            holder.container_id.clone()
+        } else {
+            holder.pod_ref.clone()
+        };
         return Err(AllocError::Held { ip, holder });
     }
     if blocked.contains(addr) {
-        return Err(AllocError::Held { ip, holder: "an overlapping range".into() });
+        return Err(AllocError::Held {
+            ip,
+            holder: "an overlapping range".into(),
+        });
     }
     if range.excluded().contains(addr) {
-        return Err(AllocError::Excluded { ip, range: range.network().to_string() });
+        return Err(AllocError::Excluded {
+            ip,
+            range: range.network().to_string(),
+        });
     }
     if gateway == Some(ip) {
         return Err(AllocError::Gateway(ip));
     }
-    Ok(Assignment::New { addr, replaces: existing })
+    Ok(Assignment::New {
+        addr,
+        replaces: existing,
+    })
 }
 
 /// Writes an assignment into the pool and returns the address as an IP.
 pub fn apply(pool: &mut Pool, assignment: Assignment, owner: &Owner) -> IpAddr {
-    if let Assignment::New { replaces: Some(old), .. } = assignment {
+    if let Assignment::New {
+        replaces: Some(old), ..
+    } = assignment
+    {
         pool.remove(old);
     }
     let addr = assignment.addr();
@@ -180,7 +203,11 @@ mod tests {
         assert_eq!(take(&r, &mut pool, 1), ip("192.168.1.1"));
         assert_eq!(take(&r, &mut pool, 2), ip("192.168.1.2"));
         pool.remove(to_u128(ip("192.168.1.1")));
-        assert_eq!(take(&r, &mut pool, 3), ip("192.168.1.1"), "freed addresses are reused first");
+        assert_eq!(
+            take(&r, &mut pool, 3),
+            ip("192.168.1.1"),
+            "freed addresses are reused first"
+        );
     }
 
     #[test]
@@ -191,12 +218,21 @@ mod tests {
         assert_eq!(take(&r, &mut pool, 2), ip("192.168.1.6"));
         let err = assign(&r, &pool, &owner(3), None, None, &IntervalSet::new()).unwrap_err();
         assert!(matches!(err, AllocError::Exhausted(_)));
-        assert!(err.to_string().contains("192.168.1.5 - 192.168.1.6 in 192.168.1.0/24"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("192.168.1.5 - 192.168.1.6 in 192.168.1.0/24"),
+            "{err}"
+        );
     }
 
     #[test]
     fn excluded_blocks_are_skipped_whole() {
-        let r = range("192.168.2.0/24", None, None, &["192.168.2.0/30", "192.168.2.5/32"]);
+        let r = range(
+            "192.168.2.0/24",
+            None,
+            None,
+            &["192.168.2.0/30", "192.168.2.5/32"],
+        );
         let mut pool = Pool::new(r.network());
         assert_eq!(take(&r, &mut pool, 1), ip("192.168.2.4"));
         assert_eq!(take(&r, &mut pool, 2), ip("192.168.2.6"));
@@ -220,9 +256,21 @@ mod tests {
             let a = assign(&r, &pool, &o, None, gw, &IntervalSet::new()).unwrap();
             got.push(apply(&mut pool, a, &o));
         }
-        assert_eq!(got, [ip("10.0.0.254"), ip("10.0.0.255"), ip("10.0.1.2"), ip("10.0.1.3")]);
-        assert_eq!(assign(&r, &pool, &owner(9), Some(ip("10.0.1.1")), gw, &IntervalSet::new()),
-            Err(AllocError::Gateway(ip("10.0.1.1"))));
+        assert_eq!(
+            got,
+            [ip("10.0.0.254"), ip("10.0.0.255"), ip("10.0.1.2"), ip("10.0.1.3")]
+        );
+        assert_eq!(
+            assign(
+                &r,
+                &pool,
+                &owner(9),
+                Some(ip("10.0.1.1")),
+                gw,
+                &IntervalSet::new()
+            ),
+            Err(AllocError::Gateway(ip("10.0.1.1")))
+        );
     }
 
     #[test]
@@ -262,16 +310,39 @@ mod tests {
         let a = assign(&r, &pool, &o, Some(ip("10.0.0.50")), None, &IntervalSet::new()).unwrap();
         assert_eq!(apply(&mut pool, a, &o), ip("10.0.0.50"));
         assert_eq!(
-            assign(&r, &pool, &owner(2), Some(ip("10.0.0.50")), None, &IntervalSet::new()),
-            Err(AllocError::Held { ip: ip("10.0.0.50"), holder: "ns/p1".into() })
+            assign(
+                &r,
+                &pool,
+                &owner(2),
+                Some(ip("10.0.0.50")),
+                None,
+                &IntervalSet::new()
+            ),
+            Err(AllocError::Held {
+                ip: ip("10.0.0.50"),
+                holder: "ns/p1".into()
+            })
         );
         assert!(matches!(
-            assign(&r, &pool, &owner(2), Some(ip("10.0.0.200")), None, &IntervalSet::new()),
+            assign(
+                &r,
+                &pool,
+                &owner(2),
+                Some(ip("10.0.0.200")),
+                None,
+                &IntervalSet::new()
+            ),
             Err(AllocError::Excluded { .. })
         ));
         // Asking for another address moves the owner's allocation.
         let a = assign(&r, &pool, &o, Some(ip("10.0.0.60")), None, &IntervalSet::new()).unwrap();
-        assert_eq!(a, Assignment::New { addr: to_u128(ip("10.0.0.60")), replaces: Some(to_u128(ip("10.0.0.50"))) });
+        assert_eq!(
+            a,
+            Assignment::New {
+                addr: to_u128(ip("10.0.0.60")),
+                replaces: Some(to_u128(ip("10.0.0.50")))
+            }
+        );
         apply(&mut pool, a, &o);
         assert_eq!(pool.len(), 1);
         // The lowest free skips the requested one.
@@ -282,8 +353,13 @@ mod tests {
     fn blocked_addresses_are_skipped() {
         let r = range("10.0.0.0/24", None, None, &[]);
         let pool = Pool::new(r.network());
-        let blocked: IntervalSet = [to_u128(ip("10.0.0.1")), to_u128(ip("10.0.0.2"))].into_iter().collect();
-        assert_eq!(lowest_free(&r, &pool, None, &blocked), Some(to_u128(ip("10.0.0.3"))));
+        let blocked: IntervalSet = [to_u128(ip("10.0.0.1")), to_u128(ip("10.0.0.2"))]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            lowest_free(&r, &pool, None, &blocked),
+            Some(to_u128(ip("10.0.0.3")))
+        );
     }
 
     #[test]
@@ -295,7 +371,10 @@ mod tests {
             pool.insert(base + i, owner(0).allocation());
         }
         pool.remove(base + 5_000);
-        assert_eq!(lowest_free(&r, &pool, None, &IntervalSet::new()), Some(base + 5_000));
+        assert_eq!(
+            lowest_free(&r, &pool, None, &IntervalSet::new()),
+            Some(base + 5_000)
+        );
         assert_eq!(pool.taken().run_count(), 2);
     }
 

@@ -88,7 +88,9 @@ pub fn parse_cni_args(input: &str) -> Result<CniArgs, CniArgsError> {
             }
             "GATEWAY" => {
                 args.gateways = split_list(value)
-                    .map(|item| parse_ip_sloppy(item).ok_or_else(|| CniArgsError::BadGateway(item.to_string())))
+                    .map(|item| {
+                        parse_ip_sloppy(item).ok_or_else(|| CniArgsError::BadGateway(item.to_string()))
+                    })
                     .collect::<Result<_, _>>()?;
             }
             _ if ignore_unknown => {}
@@ -112,8 +114,9 @@ mod tests {
 
     #[test]
     fn kubernetes_args() {
-        let args = parse_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;K8S_POD_UID=abc")
-            .unwrap();
+        let args =
+            parse_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;K8S_POD_UID=abc")
+                .unwrap();
         assert_eq!(args.pod_ref().as_deref(), Some("default/web-0"));
     }
 
@@ -126,12 +129,27 @@ mod tests {
 
     #[test]
     fn upstream_errors() {
-        assert_eq!(parse_cni_args("K8S_POD_NAME=p;"), Err(CniArgsError::InvalidPair(String::new())));
-        assert_eq!(parse_cni_args("A=b=c"), Err(CniArgsError::InvalidPair("A=b=c".into())));
-        assert_eq!(parse_cni_args("K8S_POD_UID=x"), Err(CniArgsError::Unknown(vec!["K8S_POD_UID=x".into()])));
-        assert_eq!(parse_cni_args("IgnoreUnknown=yes"), Err(CniArgsError::BadBool("IgnoreUnknown=yes".into())));
+        assert_eq!(
+            parse_cni_args("K8S_POD_NAME=p;"),
+            Err(CniArgsError::InvalidPair(String::new()))
+        );
+        assert_eq!(
+            parse_cni_args("A=b=c"),
+            Err(CniArgsError::InvalidPair("A=b=c".into()))
+        );
+        assert_eq!(
+            parse_cni_args("K8S_POD_UID=x"),
+            Err(CniArgsError::Unknown(vec!["K8S_POD_UID=x".into()]))
+        );
+        assert_eq!(
+            parse_cni_args("IgnoreUnknown=yes"),
+            Err(CniArgsError::BadBool("IgnoreUnknown=yes".into()))
+        );
         assert!(parse_cni_args("IgnoreUnknown=TRUE;X=1").is_ok());
-        assert!(matches!(parse_cni_args("IgnoreUnknown=0;X=1"), Err(CniArgsError::Unknown(_))));
+        assert!(matches!(
+            parse_cni_args("IgnoreUnknown=0;X=1"),
+            Err(CniArgsError::Unknown(_))
+        ));
     }
 
     #[test]
@@ -140,8 +158,14 @@ mod tests {
         assert_eq!(args.ips.len(), 2);
         assert_eq!(args.ips[0].to_string(), "10.1.1.5/24");
         assert_eq!(args.gateways, vec!["10.1.1.1".parse::<IpAddr>().unwrap()]);
-        assert_eq!(parse_cni_args("IP=10.1.1.5"), Err(CniArgsError::BadIp("10.1.1.5".into())));
-        assert_eq!(parse_cni_args("GATEWAY=x"), Err(CniArgsError::BadGateway("x".into())));
+        assert_eq!(
+            parse_cni_args("IP=10.1.1.5"),
+            Err(CniArgsError::BadIp("10.1.1.5".into()))
+        );
+        assert_eq!(
+            parse_cni_args("GATEWAY=x"),
+            Err(CniArgsError::BadGateway("x".into()))
+        );
     }
 
     proptest! {

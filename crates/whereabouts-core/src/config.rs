@@ -149,7 +149,10 @@ pub struct Dns {
 impl Dns {
     /// Whether nothing is set.
     pub fn is_empty(&self) -> bool {
-        self.nameservers.is_empty() && self.domain.is_none() && self.search.is_empty() && self.options.is_empty()
+        self.nameservers.is_empty()
+            && self.domain.is_none()
+            && self.search.is_empty()
+            && self.options.is_empty()
     }
 }
 
@@ -369,8 +372,15 @@ impl InlineIpam {
 
     /// The flat-file paths to try, in order: an inline `configuration_path` first, then upstream's.
     pub fn flat_file_candidates(&self) -> Vec<String> {
-        let inline = self.raw.configuration_path.iter().filter(|p| !p.is_empty()).cloned();
-        inline.chain(FLAT_FILE_PATHS.iter().map(|p| p.to_string())).collect()
+        let inline = self
+            .raw
+            .configuration_path
+            .iter()
+            .filter(|p| !p.is_empty())
+            .cloned();
+        inline
+            .chain(FLAT_FILE_PATHS.iter().map(|p| p.to_string()))
+            .collect()
     }
 
     /// Whether the inline configuration names a usable store by itself, so that no flat file is needed
@@ -390,10 +400,16 @@ impl InlineIpam {
         let raw = match flat {
             Some(flat) => {
                 let context = format!("flat file {}", flat.path);
-                let parsed: Value = serde_json::from_slice(flat.content)
-                    .map_err(|e| ConfigError::Decode { context: context.clone(), message: e.to_string() })?;
+                let parsed: Value =
+                    serde_json::from_slice(flat.content).map_err(|e| ConfigError::Decode {
+                        context: context.clone(),
+                        message: e.to_string(),
+                    })?;
                 let Value::Object(flat_map) = lowercase_keys(&parsed) else {
-                    return Err(ConfigError::Decode { context, message: "expected a JSON object".into() });
+                    return Err(ConfigError::Decode {
+                        context,
+                        message: "expected a JSON object".into(),
+                    });
                 };
                 decode(&context, &Value::Object(flat_map.clone()))?;
                 let mut merged = self.value;
@@ -412,9 +428,17 @@ fn non_empty(value: Option<String>) -> Option<String> {
 }
 
 fn parse_bound(key: &str, value: Option<String>, sloppy: bool) -> Result<Option<IpAddr>, ConfigError> {
-    let Some(value) = non_empty(value) else { return Ok(None) };
-    let parsed = if sloppy { parse_ip_sloppy(&value) } else { value.parse().ok() };
-    parsed.map(Some).ok_or_else(|| ConfigError::invalid(key, value, "not an IP address"))
+    let Some(value) = non_empty(value) else {
+        return Ok(None);
+    };
+    let parsed = if sloppy {
+        parse_ip_sloppy(&value)
+    } else {
+        value.parse().ok()
+    };
+    parsed
+        .map(Some)
+        .ok_or_else(|| ConfigError::invalid(key, value, "not an IP address"))
 }
 
 fn parse_exclude(key: &str, entries: Option<Vec<String>>) -> Result<Vec<IpNet>, ConfigError> {
@@ -425,7 +449,9 @@ fn parse_exclude(key: &str, entries: Option<Vec<String>>) -> Result<Vec<IpNet>, 
         .map(|(i, entry)| {
             parse_cidr_strict(&entry)
                 .or_else(|| entry.parse::<IpAddr>().ok().map(IpNet::from))
-                .ok_or_else(|| ConfigError::invalid(format!("{key}[{i}]"), entry, "not a CIDR or an IP address"))
+                .ok_or_else(|| {
+                    ConfigError::invalid(format!("{key}[{i}]"), entry, "not a CIDR or an IP address")
+                })
         })
         .collect()
 }
@@ -441,30 +467,47 @@ fn build_range(
     let key = format!("{prefix}range");
     let (network, start, end) = match range.split_once('-') {
         Some((first, cidr)) => {
-            let first = parse_ip_sloppy(first)
-                .ok_or_else(|| ConfigError::invalid(&key, &range, format!("range start {first:?} is not an IP")))?;
+            let first = parse_ip_sloppy(first).ok_or_else(|| {
+                ConfigError::invalid(&key, &range, format!("range start {first:?} is not an IP"))
+            })?;
             let net = parse_cidr_sloppy(cidr)
                 .ok_or_else(|| ConfigError::invalid(&key, &range, format!("{cidr:?} is not a CIDR")))?;
             if !net.trunc().contains(&first) {
-                return Err(ConfigError::invalid(&key, &range, format!("range start {first} is outside {}", net.trunc())));
+                return Err(ConfigError::invalid(
+                    &key,
+                    &range,
+                    format!("range start {first} is outside {}", net.trunc()),
+                ));
             }
             (net, Some(first), Some(net.addr()))
         }
         None => {
-            let net = parse_cidr_sloppy(&range).ok_or_else(|| ConfigError::invalid(&key, &range, "not a CIDR"))?;
+            let net =
+                parse_cidr_sloppy(&range).ok_or_else(|| ConfigError::invalid(&key, &range, "not a CIDR"))?;
             (net, start, end)
         }
     };
     IpRange::new(network, start, end, exclude.clone()).map_err(|problem| match problem {
         RangeProblem::TooSmall => ConfigError::invalid(&key, &range, "the subnet has no usable addresses"),
         RangeProblem::OutsideNetwork(ip) => {
-            let which = if Some(ip) == start { "range_start" } else { "range_end" };
-            ConfigError::invalid(format!("{prefix}{which}"), ip.to_string(), format!("outside {}", network.trunc()))
+            let which = if Some(ip) == start {
+                "range_start"
+            } else {
+                "range_end"
+            };
+            ConfigError::invalid(
+                format!("{prefix}{which}"),
+                ip.to_string(),
+                format!("outside {}", network.trunc()),
+            )
         }
         RangeProblem::StartAfterEnd => ConfigError::invalid(
             format!("{prefix}range_start"),
             start.map(|s| s.to_string()).unwrap_or_default(),
-            format!("after range_end {}", end.map(|e| e.to_string()).unwrap_or_default()),
+            format!(
+                "after range_end {}",
+                end.map(|e| e.to_string()).unwrap_or_default()
+            ),
         ),
         RangeProblem::ExcludeFamily(block) => ConfigError::invalid(
             format!("{prefix}exclude"),
@@ -474,7 +517,11 @@ fn build_range(
     })
 }
 
-fn validate(raw: RawIpam, enable_overlapping_ranges: bool, call: &CallContext) -> Result<IpamConfig, ConfigError> {
+fn validate(
+    raw: RawIpam,
+    enable_overlapping_ranges: bool,
+    call: &CallContext,
+) -> Result<IpamConfig, ConfigError> {
     // Ranges: the top-level one first, then ipRanges (upstream §1.5 steps 8-9).
     let mut ranges: Vec<IpRange> = Vec::new();
     match non_empty(raw.range) {
@@ -506,7 +553,10 @@ fn validate(raw: RawIpam, enable_overlapping_ranges: bool, call: &CallContext) -
             return Err(ConfigError::invalid(
                 "ipRanges",
                 a.network().to_string(),
-                format!("overlaps {}; every range of a network must be disjoint", b.network()),
+                format!(
+                    "overlaps {}; every range of a network must be disjoint",
+                    b.network()
+                ),
             ));
         }
     }
@@ -521,7 +571,15 @@ fn validate(raw: RawIpam, enable_overlapping_ranges: bool, call: &CallContext) -
             let dst = parse_cidr_strict(&dst_value)
                 .ok_or_else(|| ConfigError::invalid(format!("routes[{i}].dst"), &dst_value, "not a CIDR"))?;
             let gw = parse_bound(&format!("routes[{i}].gw"), r.gw, false)?;
-            Ok(Route { dst, gw, mtu: r.mtu, advmss: r.advmss, priority: r.priority, table: r.table, scope: r.scope })
+            Ok(Route {
+                dst,
+                gw,
+                mtu: r.mtu,
+                advmss: r.advmss,
+                priority: r.priority,
+                table: r.table,
+                scope: r.scope,
+            })
         })
         .collect::<Result<Vec<_>, ConfigError>>()?;
 
@@ -539,8 +597,9 @@ fn validate(raw: RawIpam, enable_overlapping_ranges: bool, call: &CallContext) -
         .enumerate()
         .map(|(i, a)| {
             let value = a.address.unwrap_or_default();
-            let address = parse_cidr_sloppy(&value)
-                .ok_or_else(|| ConfigError::invalid(format!("addresses[{i}].address"), &value, "not a CIDR"))?;
+            let address = parse_cidr_sloppy(&value).ok_or_else(|| {
+                ConfigError::invalid(format!("addresses[{i}].address"), &value, "not a CIDR")
+            })?;
             let gateway = parse_bound(&format!("addresses[{i}].gateway"), a.gateway, false)?;
             Ok(StaticAddress { address, gateway })
         })
@@ -548,11 +607,20 @@ fn validate(raw: RawIpam, enable_overlapping_ranges: bool, call: &CallContext) -
 
     // Requested addresses: inside a candidate interval they are allocated there; otherwise static.
     let mut requested: Vec<Option<IpAddr>> = vec![None; ranges.len()];
-    let from_args = call.args.ips.iter().map(|net| ("CNI_ARGS IP", net.to_string(), Some(*net)));
-    let from_conf = call.requested_ips.iter().map(|(key, v)| (*key, v.clone(), parse_cidr_sloppy(v)));
+    let from_args = call
+        .args
+        .ips
+        .iter()
+        .map(|net| ("CNI_ARGS IP", net.to_string(), Some(*net)));
+    let from_conf = call
+        .requested_ips
+        .iter()
+        .map(|(key, v)| (*key, v.clone(), parse_cidr_sloppy(v)));
     for (key, value, net) in from_conf.chain(from_args) {
         let ip = net.map(|n| n.addr()).or_else(|| parse_ip_sloppy(&value));
-        let Some(ip) = ip else { return Err(ConfigError::invalid(key, value, "not an IP address or CIDR")) };
+        let Some(ip) = ip else {
+            return Err(ConfigError::invalid(key, value, "not an IP address or CIDR"));
+        };
         match ranges.iter().position(|r| r.in_interval(ip)) {
             Some(i) => {
                 if let Some(previous) = requested[i] {
@@ -576,7 +644,10 @@ fn validate(raw: RawIpam, enable_overlapping_ranges: bool, call: &CallContext) -
 
     let old_result_format = matches!(call.cni_version.as_str(), "" | "0.1.0" | "0.2.0");
     for family in [Family::V4, Family::V6] {
-        let count = addresses.iter().filter(|a| Family::of(a.address.addr()) == family).count();
+        let count = addresses
+            .iter()
+            .filter(|a| Family::of(a.address.addr()) == family)
+            .count();
         if old_result_format && count > 1 {
             return Err(ConfigError::invalid(
                 "cniVersion",
@@ -589,17 +660,25 @@ fn validate(raw: RawIpam, enable_overlapping_ranges: bool, call: &CallContext) -
     let gateway = match non_empty(raw.gateway) {
         None => None,
         Some(value) => {
-            let gw = parse_ip_sloppy(&value).ok_or_else(|| ConfigError::invalid("gateway", &value, "not an IP address"))?;
-            let inside = ranges.iter().any(|r| r.contains(gw)) || addresses.iter().any(|a| a.address.contains(&gw));
+            let gw = parse_ip_sloppy(&value)
+                .ok_or_else(|| ConfigError::invalid("gateway", &value, "not an IP address"))?;
+            let inside =
+                ranges.iter().any(|r| r.contains(gw)) || addresses.iter().any(|a| a.address.contains(&gw));
             if !inside {
-                return Err(ConfigError::invalid("gateway", &value, "lies outside every range"));
+                return Err(ConfigError::invalid(
+                    "gateway",
+                    &value,
+                    "lies outside every range",
+                ));
             }
             Some(gw)
         }
     };
 
     let datastore = match raw.datastore.as_deref().unwrap_or("") {
-        "file" => Datastore::File { dir: non_empty(raw.file_store_dir).unwrap_or_else(|| DEFAULT_FILE_STORE_DIR.into()) },
+        "file" => Datastore::File {
+            dir: non_empty(raw.file_store_dir).unwrap_or_else(|| DEFAULT_FILE_STORE_DIR.into()),
+        },
         "" | "kubernetes" => Datastore::Kubernetes {
             kubeconfig: non_empty(raw.kubernetes.and_then(|k| k.kubeconfig)).ok_or_else(|| {
                 ConfigError::Missing(
@@ -610,8 +689,9 @@ fn validate(raw: RawIpam, enable_overlapping_ranges: bool, call: &CallContext) -
             })?,
         },
         "etcd" => Datastore::Etcd {
-            hosts: non_empty(raw.etcd_host)
-                .ok_or_else(|| ConfigError::invalid("etcd_host", "", "required with \"datastore\": \"etcd\""))?,
+            hosts: non_empty(raw.etcd_host).ok_or_else(|| {
+                ConfigError::invalid("etcd_host", "", "required with \"datastore\": \"etcd\"")
+            })?,
             username: non_empty(raw.etcd_username),
             password: non_empty(raw.etcd_password),
             key_file: non_empty(raw.etcd_key_file),
@@ -619,7 +699,11 @@ fn validate(raw: RawIpam, enable_overlapping_ranges: bool, call: &CallContext) -
             ca_cert_file: non_empty(raw.etcd_ca_cert_file),
         },
         other => {
-            return Err(ConfigError::invalid("datastore", other, "expected \"file\", \"kubernetes\" or \"etcd\""));
+            return Err(ConfigError::invalid(
+                "datastore",
+                other,
+                "expected \"file\", \"kubernetes\" or \"etcd\"",
+            ));
         }
     };
 
@@ -630,12 +714,19 @@ fn validate(raw: RawIpam, enable_overlapping_ranges: bool, call: &CallContext) -
             "verbose" => (LogLevel::Verbose, None),
             "error" => (LogLevel::Error, None),
             "panic" => (LogLevel::Panic, None),
-            _ => (LogLevel::Debug, Some(format!("Whereabouts logging: cannot set logging level to {l}"))),
+            _ => (
+                LogLevel::Debug,
+                Some(format!("Whereabouts logging: cannot set logging level to {l}")),
+            ),
         },
     };
 
     Ok(IpamConfig {
-        ranges: ranges.into_iter().zip(requested).map(|(range, requested)| ManagedRange { range, requested }).collect(),
+        ranges: ranges
+            .into_iter()
+            .zip(requested)
+            .map(|(range, requested)| ManagedRange { range, requested })
+            .collect(),
         gateway,
         routes,
         dns,
@@ -645,7 +736,11 @@ fn validate(raw: RawIpam, enable_overlapping_ranges: bool, call: &CallContext) -
         node_slice_size: non_empty(raw.node_slice_size),
         configuration_path: non_empty(raw.configuration_path),
         datastore,
-        log: LogSettings { file: non_empty(raw.log_file), level, warning },
+        log: LogSettings {
+            file: non_empty(raw.log_file),
+            level,
+            warning,
+        },
     })
 }
 

@@ -30,7 +30,15 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    pub(crate) fn invalid(key: impl Into<String>, value: impl Into<String>, reason: impl Into<String>) -> Self {
-        ConfigError::Invalid { key: key.into(), value: value.into(), reason: reason.into() }
+    pub(crate) fn invalid(
+        key: impl Into<String>,
+        value: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            value: value.into(),
+            reason: reason.into(),
+        }
     }
 }

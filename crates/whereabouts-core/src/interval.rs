@@ -58,7 +58,9 @@ impl IntervalSet {
 
     /// Removes one value, splitting its interval if needed.
     pub fn remove(&mut self, value: u128) {
-        let Some(run) = self.run_containing(value) else { return };
+        let Some(run) = self.run_containing(value) else {
+            return;
+        };
         let (start, end) = (*run.start(), *run.end());
         self.runs.remove(&start);
         if start < value {
@@ -123,7 +125,10 @@ mod tests {
         set.insert(u128::MAX);
         set.insert(u128::MAX - 1);
         set.insert_range(0, 3);
-        assert_eq!(set.iter().collect::<Vec<_>>(), vec![0..=3, u128::MAX - 1..=u128::MAX]);
+        assert_eq!(
+            set.iter().collect::<Vec<_>>(),
+            vec![0..=3, u128::MAX - 1..=u128::MAX]
+        );
         set.remove(u128::MAX);
         assert!(!set.contains(u128::MAX));
     }

@@ -89,7 +89,10 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// Full jitter: a uniformly random wait below the exponential ceiling.
     fn backoff(&self, attempt: u32) -> Duration {
-        let ceiling = self.first_backoff.saturating_mul(1 << attempt.min(16)).min(self.max_backoff);
+        let ceiling = self
+            .first_backoff
+            .saturating_mul(1 << attempt.min(16))
+            .min(self.max_backoff);
         ceiling.mul_f64(fastrand::f64())
     }
 }
@@ -127,7 +130,10 @@ fn reservation_of(allocation: &Allocation) -> Reservation {
 impl<'s, S: Store> Ipam<'s, S> {
     /// An engine with the default retry policy.
     pub fn new(store: &'s S) -> Self {
-        Ipam { store, retry: RetryPolicy::default() }
+        Ipam {
+            store,
+            retry: RetryPolicy::default(),
+        }
     }
 
     /// Replaces the retry policy.
@@ -144,14 +150,20 @@ impl<'s, S: Store> Ipam<'s, S> {
         mut change: impl FnMut(&mut Pool) -> Result<Change<T>, IpamError>,
     ) -> Result<T, IpamError> {
         let started = Instant::now();
-        let store_error = |source| IpamError::Store { object: format!("pool {name}"), source };
+        let store_error = |source| IpamError::Store {
+            object: format!("pool {name}"),
+            source,
+        };
         for attempt in 0..self.retry.attempts {
             let current = self.store.read_pool(name).await.map_err(store_error)?;
             let (mut pool, version) = match current {
                 None => (Pool::new(network), None),
                 Some(stored) => {
-                    let (pool, skipped) = Pool::from_spec(&stored.spec, network)
-                        .map_err(|source| IpamError::Pool { pool: name.to_string(), source })?;
+                    let (pool, skipped) =
+                        Pool::from_spec(&stored.spec, network).map_err(|source| IpamError::Pool {
+                            pool: name.to_string(),
+                            source,
+                        })?;
                     for key in skipped {
                         tracing::warn!("Error decoding ip offset (pool {name}): skipping key {:?}", key.0);
                     }
@@ -162,7 +174,11 @@ impl<'s, S: Store> Ipam<'s, S> {
             if !changed {
                 return Ok(value);
             }
-            match self.store.write_pool(name, &pool.to_spec(), version.as_ref()).await {
+            match self
+                .store
+                .write_pool(name, &pool.to_spec(), version.as_ref())
+                .await
+            {
                 Ok(_) => return Ok(value),
                 Err(StoreError::Conflict) if started.elapsed() < self.retry.deadline => {
                     tracing::debug!("pool {name}: conflict on attempt {attempt}, retrying");
@@ -172,7 +188,10 @@ impl<'s, S: Store> Ipam<'s, S> {
                 Err(e) => return Err(store_error(e)),
             }
         }
-        Err(IpamError::Contention { pool: name.to_string(), attempts: self.retry.attempts })
+        Err(IpamError::Contention {
+            pool: name.to_string(),
+            attempts: self.retry.attempts,
+        })
     }
 
     /// Removes `addr` from a pool if `owner` still holds it; returns the removed allocation.
@@ -186,17 +205,28 @@ impl<'s, S: Store> Ipam<'s, S> {
         self.update_pool(name, network, |pool| {
             let owned = pool.get(addr).is_some_and(|a| a.is_owned_by(owner));
             let value = if owned { pool.remove(addr) } else { None };
-            Ok(Change { changed: value.is_some(), value })
+            Ok(Change {
+                changed: value.is_some(),
+                value,
+            })
         })
         .await
     }
 
-    async fn delete_reservation(&self, network_name: &str, ip: IpAddr, holder: &Reservation) -> Result<(), IpamError> {
+    async fn delete_reservation(
+        &self,
+        network_name: &str,
+        ip: IpAddr,
+        holder: &Reservation,
+    ) -> Result<(), IpamError> {
         let name = reservation_name(network_name, ip);
         self.store
             .delete_reservation(&name, holder)
             .await
-            .map_err(|source| IpamError::Store { object: format!("reservation {name}"), source })
+            .map_err(|source| IpamError::Store {
+                object: format!("reservation {name}"),
+                source,
+            })
     }
 
     /// One address from every range for `owner`, all or nothing: when a range fails, the addresses this
@@ -221,10 +251,13 @@ impl<'s, S: Store> Ipam<'s, S> {
 
     async fn undo(&self, config: &IpamConfig, taken: &AllocatedIp, owner: &Owner) -> Result<(), IpamError> {
         let name = pool_name(&config.network_name, None, &taken.network);
-        if let Some(removed) = self.remove_owned(&name, taken.network, to_u128(taken.ip), owner).await?
+        if let Some(removed) = self
+            .remove_owned(&name, taken.network, to_u128(taken.ip), owner)
+            .await?
             && config.enable_overlapping_ranges
         {
-            self.delete_reservation(&config.network_name, taken.ip, &reservation_of(&removed)).await?;
+            self.delete_reservation(&config.network_name, taken.ip, &reservation_of(&removed))
+                .await?;
         }
         Ok(())
     }
@@ -243,13 +276,25 @@ impl<'s, S: Store> Ipam<'s, S> {
         for _ in 0..self.retry.attempts {
             let (assignment, ip) = self
                 .update_pool(&name, network, |pool| {
-                    let assignment =
-                        assign(&managed.range, pool, owner, managed.requested, config.gateway, &blocked)
-                            .map_err(|source| IpamError::Alloc { pool: name.clone(), source })?;
+                    let assignment = assign(
+                        &managed.range,
+                        pool,
+                        owner,
+                        managed.requested,
+                        config.gateway,
+                        &blocked,
+                    )
+                    .map_err(|source| IpamError::Alloc {
+                        pool: name.clone(),
+                        source,
+                    })?;
                     let unchanged =
                         matches!(assignment, Assignment::Existing(a) if pool.get(a) == Some(&wanted));
                     let ip = apply(pool, assignment, owner);
-                    Ok(Change { value: (assignment, ip), changed: !unchanged })
+                    Ok(Change {
+                        value: (assignment, ip),
+                        changed: !unchanged,
+                    })
                 })
                 .await?;
             let allocated = AllocatedIp { ip, network };
@@ -259,21 +304,32 @@ impl<'s, S: Store> Ipam<'s, S> {
             }
             let reservation = reservation_of(&wanted);
             let reservation_key = reservation_name(&config.network_name, ip);
-            let outcome = match self.store.create_reservation(&reservation_key, &reservation).await {
+            let outcome = match self
+                .store
+                .create_reservation(&reservation_key, &reservation)
+                .await
+            {
                 Ok(outcome) => outcome,
                 Err(source) => {
                     // Without its reservation the address is not ours to keep.
                     if is_new && let Err(undo) = self.remove_owned(&name, network, to_u128(ip), owner).await {
                         tracing::error!("releasing {ip} after a failed reservation: {undo}");
                     }
-                    return Err(IpamError::Store { object: format!("reservation {reservation_key}"), source });
+                    return Err(IpamError::Store {
+                        object: format!("reservation {reservation_key}"),
+                        source,
+                    });
                 }
             };
             match outcome {
                 ReserveOutcome::Reserved => {
-                    if let Assignment::New { replaces: Some(old), .. } = assignment {
+                    if let Assignment::New {
+                        replaces: Some(old), ..
+                    } = assignment
+                    {
                         let old = from_u128(Family::of(ip), old);
-                        self.delete_reservation(&config.network_name, old, &reservation).await?;
+                        self.delete_reservation(&config.network_name, old, &reservation)
+                            .await?;
                     }
                     return Ok((allocated, is_new));
                 }
@@ -287,12 +343,20 @@ impl<'s, S: Store> Ipam<'s, S> {
                 }
             }
         }
-        Err(IpamError::Contention { pool: name, attempts: self.retry.attempts })
+        Err(IpamError::Contention {
+            pool: name,
+            attempts: self.retry.attempts,
+        })
     }
 
     /// Releases what (`container_id`, `ifname`) holds in every range (upstream stops at the first range
     /// without an allocation and leaks the others). Keeps going after an error and returns the first.
-    pub async fn release(&self, config: &IpamConfig, container_id: &str, ifname: &str) -> Result<Vec<IpAddr>, IpamError> {
+    pub async fn release(
+        &self,
+        config: &IpamConfig,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Vec<IpAddr>, IpamError> {
         let mut released = Vec::new();
         let mut first_error = None;
         for managed in &config.ranges {
@@ -304,14 +368,18 @@ impl<'s, S: Store> Ipam<'s, S> {
                         let ip = from_u128(pool.family(), addr);
                         pool.remove(addr).map(|a| (ip, a))
                     });
-                    Ok(Change { changed: value.is_some(), value })
+                    Ok(Change {
+                        changed: value.is_some(),
+                        value,
+                    })
                 })
                 .await;
             let outcome = match removed {
                 Ok(Some((ip, allocation))) => {
                     released.push(ip);
                     if config.enable_overlapping_ranges {
-                        self.delete_reservation(&config.network_name, ip, &reservation_of(&allocation)).await
+                        self.delete_reservation(&config.network_name, ip, &reservation_of(&allocation))
+                            .await
                     } else {
                         Ok(())
                     }
@@ -327,7 +395,12 @@ impl<'s, S: Store> Ipam<'s, S> {
     }
 
     /// The address (`container_id`, `ifname`) holds in each range, in range order (for CHECK).
-    pub async fn held(&self, config: &IpamConfig, container_id: &str, ifname: &str) -> Result<Vec<Option<IpAddr>>, IpamError> {
+    pub async fn held(
+        &self,
+        config: &IpamConfig,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Vec<Option<IpAddr>>, IpamError> {
         let mut out = Vec::with_capacity(config.ranges.len());
         for managed in &config.ranges {
             let network = managed.range.network();
@@ -337,7 +410,10 @@ impl<'s, S: Store> Ipam<'s, S> {
                     let ip = pool
                         .find_container(container_id, ifname)
                         .map(|addr| from_u128(pool.family(), addr));
-                    Ok(Change { value: ip, changed: false })
+                    Ok(Change {
+                        value: ip,
+                        changed: false,
+                    })
                 })
                 .await?;
             out.push(held);
@@ -372,12 +448,16 @@ impl<'s, S: Store> Ipam<'s, S> {
                     for (ip, _) in &stale {
                         pool.remove(to_u128(*ip));
                     }
-                    Ok(Change { changed: !stale.is_empty(), value: stale })
+                    Ok(Change {
+                        changed: !stale.is_empty(),
+                        value: stale,
+                    })
                 })
                 .await?;
             for (ip, allocation) in stale {
                 if config.enable_overlapping_ranges {
-                    self.delete_reservation(&config.network_name, ip, &reservation_of(&allocation)).await?;
+                    self.delete_reservation(&config.network_name, ip, &reservation_of(&allocation))
+                        .await?;
                 }
                 released.push(ip);
             }
@@ -394,7 +474,10 @@ impl<'s, S: Store> Ipam<'s, S> {
             let free = self
                 .update_pool(&name, network, |pool| {
                     let free = lowest_free(&managed.range, pool, config.gateway, &IntervalSet::new());
-                    Ok(Change { value: free, changed: false })
+                    Ok(Change {
+                        value: free,
+                        changed: false,
+                    })
                 })
                 .await?;
             if free.is_none() {
@@ -404,4 +487,3 @@ impl<'s, S: Store> Ipam<'s, S> {
         Ok(exhausted)
     }
 }
-

@@ -88,7 +88,8 @@ pub enum StoreError {
 /// A store of pools and reservations. Every change is a compare-and-swap or a create-if-absent.
 pub trait Store: Send + Sync {
     /// Reads one pool; `None` when it does not exist.
-    fn read_pool(&self, name: &str) -> impl Future<Output = Result<Option<VersionedPool>, StoreError>> + Send;
+    fn read_pool(&self, name: &str)
+    -> impl Future<Output = Result<Option<VersionedPool>, StoreError>> + Send;
 
     /// Replaces a pool if its version is still `expected`; with `None`, creates it if it does not exist.
     /// Fails with [`StoreError::Conflict`] otherwise.
@@ -107,11 +108,17 @@ pub trait Store: Send + Sync {
     ) -> impl Future<Output = Result<ReserveOutcome, StoreError>> + Send;
 
     /// Deletes a reservation if `owner` holds it; absent or foreign reservations are left alone.
-    fn delete_reservation(&self, name: &str, owner: &Reservation) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn delete_reservation(
+        &self,
+        name: &str,
+        owner: &Reservation,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Names of every pool (for operators' tools and tests).
     fn list_pools(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
 
     /// Every reservation, by name (for operators' tools and tests).
-    fn list_reservations(&self) -> impl Future<Output = Result<Vec<(String, Reservation)>, StoreError>> + Send;
+    fn list_reservations(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(String, Reservation)>, StoreError>> + Send;
 }

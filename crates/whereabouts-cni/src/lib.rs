@@ -1,0 +1,377 @@
+//! The CNI protocol of whereabouts-rs.
+//!
+//! [`run`] is the whole plugin as a function of (environment, stdin) to (stdout, exit code): the binary
+//! only collects its environment and stdin, calls it, prints [`Reply::stdout`] and exits with
+//! [`Reply::exit_code`]. The little I/O the protocol itself needs (the flat file, the node name file,
+//! installing the logger) goes through [`Host`], so tests can drive every path in-process.
+
+use std::collections::{HashMap, HashSet};
+use std::io::ErrorKind;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use whereabouts_core::cni_args::parse_cni_args;
+use whereabouts_core::config::{CallContext, Datastore, FlatFile, InlineIpam, IpamConfig, LogSettings};
+use whereabouts_core::pool::Owner;
+use whereabouts_store::file::FileStore;
+use whereabouts_store::ipam::Ipam;
+
+pub mod env;
+pub mod error;
+pub mod logging;
+pub mod result;
+pub mod version;
+
+use env::{CniEnv, Command, is_valid_name};
+use error::{CniError, codes};
+use result::{IpamResult, addresses_of};
+use version::{LATEST, SUPPORTED_VERSIONS, SpecVersion};
+
+/// The I/O the protocol layer needs besides the store.
+pub trait Host {
+    /// Reads a whole file.
+    fn read_file(&self, path: &str) -> std::io::Result<Vec<u8>>;
+    /// Installs the logger for this process from the loaded configuration.
+    fn init_logging(&self, settings: &LogSettings);
+}
+
+/// The real host: the file system and a tracing subscriber.
+#[derive(Debug, Default)]
+pub struct FsHost;
+
+impl Host for FsHost {
+    fn read_file(&self, path: &str) -> std::io::Result<Vec<u8>> {
+        std::fs::read(path)
+    }
+
+    fn init_logging(&self, settings: &LogSettings) {
+        logging::init(settings);
+    }
+}
+
+/// What the plugin prints and how it exits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The JSON document for stdout (empty for a silent success).
+    pub stdout: String,
+    /// 0 on success, 1 with an error object.
+    pub exit_code: i32,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct NetConf {
+    #[serde(rename = "cniVersion", default)]
+    cni_version: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    ipam: Option<Value>,
+    #[serde(rename = "runtimeConfig", default)]
+    runtime_config: Option<Value>,
+    #[serde(default)]
+    args: Option<Value>,
+    #[serde(rename = "prevResult", default)]
+    prev_result: Option<Value>,
+    #[serde(rename = "cni.dev/valid-attachments", default)]
+    valid_attachments: Option<Vec<Attachment>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Attachment {
+    #[serde(rename = "containerID")]
+    container_id: String,
+    ifname: String,
+}
+
+/// Runs one CNI call. Never panics on any input; every failure is a CNI error object.
+pub async fn run(vars: &HashMap<String, String>, stdin: &[u8], host: &impl Host) -> Reply {
+    let mut cni_version = LATEST.to_string();
+    match dispatch(vars, stdin, host, &mut cni_version).await {
+        Ok(None) => Reply {
+            stdout: String::new(),
+            exit_code: 0,
+        },
+        Ok(Some(value)) => Reply {
+            stdout: value.to_string(),
+            exit_code: 0,
+        },
+        Err(e) => {
+            tracing::error!("{}", e.msg);
+            Reply {
+                stdout: e.to_json(&cni_version).to_string(),
+                exit_code: 1,
+            }
+        }
+    }
+}
+
+async fn dispatch(
+    vars: &HashMap<String, String>,
+    stdin: &[u8],
+    host: &impl Host,
+    cni_version: &mut String,
+) -> Result<Option<Value>, CniError> {
+    let env = CniEnv::from_vars(vars).unwrap_or_else(|| {
+        Err(CniError::new(
+            codes::INVALID_ENV,
+            "required env variables [CNI_COMMAND] missing",
+        ))
+    })?;
+    if env.command == Command::Version {
+        return Ok(Some(
+            json!({ "cniVersion": LATEST, "supportedVersions": SUPPORTED_VERSIONS }),
+        ));
+    }
+    let netconf: NetConf = serde_json::from_slice(stdin)
+        .map_err(|e| CniError::new(codes::DECODE, format!("error unmarshall network config: {e}")))?;
+    if !netconf.cni_version.is_empty() {
+        cni_version.clone_from(&netconf.cni_version);
+    }
+    if netconf.name.is_empty() {
+        return Err(CniError::new(codes::INVALID_CONFIG, "missing network name"));
+    }
+    if !is_valid_name(&netconf.name) {
+        return Err(
+            CniError::new(codes::INVALID_CONFIG, "invalid characters found in network name")
+                .with_details(netconf.name.clone()),
+        );
+    }
+    let version = SpecVersion::parse(&netconf.cni_version).ok_or_else(|| {
+        CniError::new(codes::INCOMPATIBLE_VERSION, "incompatible CNI versions").with_details(format!(
+            "config is {:?}, plugin supports {SUPPORTED_VERSIONS:?}",
+            netconf.cni_version
+        ))
+    })?;
+    let (minimum, what) = match env.command {
+        Command::Check => (Some(SpecVersion::CHECK), "CHECK"),
+        Command::Gc => (Some(SpecVersion::GC), "GC"),
+        Command::Status => (Some(SpecVersion::GC), "STATUS"),
+        _ => (None, ""),
+    };
+    if minimum.is_some_and(|m| version < m) {
+        return Err(CniError::new(
+            codes::INCOMPATIBLE_VERSION,
+            format!("config version does not allow {what}"),
+        ));
+    }
+
+    let config = load_config(&env, &netconf, host)?;
+    host.init_logging(&config.log);
+    if let Some(warning) = &config.log.warning {
+        tracing::error!("{warning}");
+    }
+    if config.node_slice_size.is_some() {
+        return Err(CniError::new(
+            codes::UNSUPPORTED_FIELD,
+            "node_slice_size needs the Kubernetes store",
+        ));
+    }
+    let store = open_store(&config.datastore)?;
+    let ipam = Ipam::new(&store);
+    let node = node_name(&env, &config, host);
+
+    match env.command {
+        Command::Add => {
+            let args = parse_cni_args(&env.args)?;
+            let owner = Owner {
+                container_id: env.container_id.clone(),
+                pod_ref: args.pod_ref(),
+                ifname: env.ifname.clone(),
+                node,
+                network: Some(netconf.name.clone()),
+            };
+            tracing::debug!("ADD {} {} pod {:?}", env.container_id, env.ifname, owner.pod_ref);
+            let allocated = ipam.allocate(&config, &owner).await?;
+            let result = IpamResult::new(&config, &allocated);
+            result.to_json(&netconf.cni_version, version).map(Some)
+        }
+        Command::Del => {
+            let released = ipam.release(&config, &env.container_id, &env.ifname).await?;
+            tracing::debug!("DEL {} {}: released {released:?}", env.container_id, env.ifname);
+            Ok(None)
+        }
+        Command::Check => {
+            let prev = netconf
+                .prev_result
+                .as_ref()
+                .ok_or_else(|| CniError::new(codes::INVALID_CONFIG, "CHECK needs prevResult"))?;
+            check(&ipam, &config, &env, prev).await.map(|()| None)
+        }
+        Command::Gc => {
+            let Some(node) = node else {
+                return Err(CniError::new(
+                    codes::INVALID_CONFIG,
+                    "GC needs the node name (NODENAME or /etc/hostname)",
+                ));
+            };
+            let valid: HashSet<(String, String)> = netconf
+                .valid_attachments
+                .unwrap_or_default()
+                .into_iter()
+                .map(|a| (a.container_id, a.ifname))
+                .collect();
+            let released = ipam
+                .collect_garbage(&config, &node, &netconf.name, &valid)
+                .await?;
+            tracing::debug!("GC {}: released {released:?}", netconf.name);
+            Ok(None)
+        }
+        Command::Status => {
+            let exhausted = ipam.exhausted_pools(&config).await.map_err(|e| {
+                let e = CniError::from(e);
+                CniError::new(codes::NOT_AVAILABLE, e.msg)
+            })?;
+            if exhausted.is_empty() {
+                Ok(None)
+            } else {
+                Err(CniError::new(
+                    codes::NOT_AVAILABLE,
+                    format!("no free address in pool {}", exhausted.join(", ")),
+                ))
+            }
+        }
+        Command::Version => unreachable!("handled before the configuration is read"),
+    }
+}
+
+fn load_config(env: &CniEnv, netconf: &NetConf, host: &impl Host) -> Result<IpamConfig, CniError> {
+    let ipam = netconf
+        .ipam
+        .as_ref()
+        .filter(|v| !v.is_null())
+        .ok_or_else(|| CniError::new(codes::INVALID_CONFIG, "IPAM config missing 'ipam' key"))?;
+    let inline = InlineIpam::parse(ipam)?;
+    let flat = find_flat_file(&inline, host)?;
+    let call = CallContext {
+        cni_version: netconf.cni_version.clone(),
+        args: parse_cni_args(&env.args)?,
+        requested_ips: requested_ips(netconf)?,
+    };
+    let flat = flat.as_ref().map(|(path, content)| FlatFile { path, content });
+    Ok(inline.resolve(flat, &call)?)
+}
+
+/// The first flat file that exists; one that exists but cannot be read is an error (upstream too).
+fn find_flat_file(inline: &InlineIpam, host: &impl Host) -> Result<Option<(String, Vec<u8>)>, CniError> {
+    for path in inline.flat_file_candidates() {
+        match host.read_file(&path) {
+            Ok(content) => return Ok(Some((path, content))),
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(CniError::new(
+                    codes::IO,
+                    format!("error opening flat configuration file @ {path} with: {e}"),
+                ));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Addresses asked for through the `ips` capability or `args.cni.ips`.
+fn requested_ips(netconf: &NetConf) -> Result<Vec<(&'static str, String)>, CniError> {
+    let sources = [
+        (
+            "runtimeConfig.ips",
+            netconf.runtime_config.as_ref().and_then(|r| r.get("ips")),
+        ),
+        (
+            "args.cni.ips",
+            netconf
+                .args
+                .as_ref()
+                .and_then(|a| a.get("cni"))
+                .and_then(|c| c.get("ips")),
+        ),
+    ];
+    let mut out = Vec::new();
+    for (key, value) in sources {
+        let Some(value) = value.filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let items = value.as_array().ok_or_else(|| {
+            CniError::new(
+                codes::INVALID_CONFIG,
+                format!("invalid {key} {value}: expected a list of addresses"),
+            )
+        })?;
+        for item in items {
+            let ip = item.as_str().ok_or_else(|| {
+                CniError::new(
+                    codes::INVALID_CONFIG,
+                    format!("invalid {key} entry {item}: expected a string"),
+                )
+            })?;
+            out.push((key, ip.to_string()));
+        }
+    }
+    Ok(out)
+}
+
+fn open_store(datastore: &Datastore) -> Result<FileStore, CniError> {
+    match datastore {
+        Datastore::File { dir } => Ok(FileStore::open(dir)?),
+        Datastore::Kubernetes { .. } => Err(CniError::new(
+            codes::UNSUPPORTED_FIELD,
+            "datastore \"kubernetes\" is not available in this build yet; set \"datastore\": \"file\"",
+        )),
+        Datastore::Etcd { .. } => Err(CniError::new(
+            codes::UNSUPPORTED_FIELD,
+            "datastore \"etcd\" is not available in this build yet; set \"datastore\": \"file\"",
+        )),
+    }
+}
+
+/// The node name as upstream finds it: `NODENAME`, then `<configuration_path>/nodename`, then
+/// `/etc/hostname`.
+fn node_name(env: &CniEnv, config: &IpamConfig, host: &impl Host) -> Option<String> {
+    if let Some(name) = &env.node_name {
+        return Some(name.clone());
+    }
+    let from_file = config
+        .configuration_path
+        .iter()
+        .map(|dir| format!("{dir}/nodename"));
+    from_file.chain(["/etc/hostname".to_string()]).find_map(|path| {
+        let content = host.read_file(&path).ok()?;
+        let name = String::from_utf8_lossy(&content[..content.len().min(1024)])
+            .trim()
+            .to_string();
+        (!name.is_empty()).then_some(name)
+    })
+}
+
+async fn check<S: whereabouts_store::Store>(
+    ipam: &Ipam<'_, S>,
+    config: &IpamConfig,
+    env: &CniEnv,
+    prev: &Value,
+) -> Result<(), CniError> {
+    let listed = addresses_of(prev);
+    let held = ipam.held(config, &env.container_id, &env.ifname).await?;
+    for (managed, held) in config.ranges.iter().zip(held) {
+        let network = managed.range.network();
+        let Some(ip) = held else {
+            return Err(CniError::new(
+                codes::INTERNAL,
+                format!(
+                    "no allocation for container {} interface {} in range {network}",
+                    env.container_id, env.ifname
+                ),
+            ));
+        };
+        if !listed.contains(&ip) {
+            return Err(CniError::new(
+                codes::INTERNAL,
+                format!("the store holds {ip} in range {network}, but prevResult does not list it"),
+            ));
+        }
+        if let Some(other) = listed.iter().find(|a| network.contains(*a) && **a != ip) {
+            return Err(CniError::new(
+                codes::INTERNAL,
+                format!("prevResult lists {other} in range {network}, but the store holds {ip}"),
+            ));
+        }
+    }
+    Ok(())
+}
