@@ -83,9 +83,7 @@ fn check_ifname(name: &str) -> Result<(), String> {
         return Err(format!("interface name {name:?} is not a valid name"));
     }
     if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
-        return Err(format!(
-            "interface name {name:?} contains '/', ':' or white space"
-        ));
+        return Err(format!("interface name {name:?} contains '/', ':' or white space"));
     }
     Ok(())
 }
@@ -119,16 +117,11 @@ impl CniEnv {
             netns: get("CNI_NETNS"),
             ifname: get("CNI_IFNAME"),
             args: get("CNI_ARGS"),
-            node_name: vars
-                .get("NODENAME")
-                .map(|n| n.trim().to_string())
-                .filter(|n| !n.is_empty()),
+            node_name: vars.get("NODENAME").map(|n| n.trim().to_string()).filter(|n| !n.is_empty()),
         };
         if command.required().contains(&"CNI_CONTAINERID") && !is_valid_id(&env.container_id) {
-            return Err(
-                CniError::new(codes::INVALID_ENV, "invalid characters in containerID")
-                    .with_details(env.container_id.clone()),
-            );
+            return Err(CniError::new(codes::INVALID_ENV, "invalid characters in containerID")
+                .with_details(env.container_id.clone()));
         }
         if command.required().contains(&"CNI_IFNAME") {
             check_ifname(&env.ifname).map_err(|m| CniError::new(codes::INVALID_ENV, m))?;

@@ -42,11 +42,7 @@ pub struct CniError {
 impl CniError {
     /// An error without details.
     pub fn new(code: u32, msg: impl Into<String>) -> Self {
-        CniError {
-            code,
-            msg: msg.into(),
-            details: None,
-        }
+        CniError { code, msg: msg.into(), details: None }
     }
 
     /// Adds details.

@@ -87,20 +87,11 @@ struct Attachment {
 pub async fn run(vars: &HashMap<String, String>, stdin: &[u8], host: &impl Host) -> Reply {
     let mut cni_version = LATEST.to_string();
     match dispatch(vars, stdin, host, &mut cni_version).await {
-        Ok(None) => Reply {
-            stdout: String::new(),
-            exit_code: 0,
-        },
-        Ok(Some(value)) => Reply {
-            stdout: value.to_string(),
-            exit_code: 0,
-        },
+        Ok(None) => Reply { stdout: String::new(), exit_code: 0 },
+        Ok(Some(value)) => Reply { stdout: value.to_string(), exit_code: 0 },
         Err(e) => {
             tracing::error!("{}", e.msg);
-            Reply {
-                stdout: e.to_json(&cni_version).to_string(),
-                exit_code: 1,
-            }
+            Reply { stdout: e.to_json(&cni_version).to_string(), exit_code: 1 }
         }
     }
 }
@@ -112,15 +103,10 @@ async fn dispatch(
     cni_version: &mut String,
 ) -> Result<Option<Value>, CniError> {
     let env = CniEnv::from_vars(vars).unwrap_or_else(|| {
-        Err(CniError::new(
-            codes::INVALID_ENV,
-            "required env variables [CNI_COMMAND] missing",
-        ))
+        Err(CniError::new(codes::INVALID_ENV, "required env variables [CNI_COMMAND] missing"))
     })?;
     if env.command == Command::Version {
-        return Ok(Some(
-            json!({ "cniVersion": LATEST, "supportedVersions": SUPPORTED_VERSIONS }),
-        ));
+        return Ok(Some(json!({ "cniVersion": LATEST, "supportedVersions": SUPPORTED_VERSIONS })));
     }
     let netconf: NetConf = serde_json::from_slice(stdin)
         .map_err(|e| CniError::new(codes::DECODE, format!("error unmarshall network config: {e}")))?;
@@ -131,10 +117,8 @@ async fn dispatch(
         return Err(CniError::new(codes::INVALID_CONFIG, "missing network name"));
     }
     if !is_valid_name(&netconf.name) {
-        return Err(
-            CniError::new(codes::INVALID_CONFIG, "invalid characters found in network name")
-                .with_details(netconf.name.clone()),
-        );
+        return Err(CniError::new(codes::INVALID_CONFIG, "invalid characters found in network name")
+            .with_details(netconf.name.clone()));
     }
     let version = SpecVersion::parse(&netconf.cni_version).ok_or_else(|| {
         CniError::new(codes::INCOMPATIBLE_VERSION, "incompatible CNI versions").with_details(format!(
@@ -161,10 +145,7 @@ async fn dispatch(
         tracing::error!("{warning}");
     }
     if config.node_slice_size.is_some() {
-        return Err(CniError::new(
-            codes::UNSUPPORTED_FIELD,
-            "node_slice_size needs the Kubernetes store",
-        ));
+        return Err(CniError::new(codes::UNSUPPORTED_FIELD, "node_slice_size needs the Kubernetes store"));
     }
     let store = open_store(&config.datastore)?;
     let ipam = Ipam::new(&store);
@@ -210,9 +191,7 @@ async fn dispatch(
                 .into_iter()
                 .map(|a| (a.container_id, a.ifname))
                 .collect();
-            let released = ipam
-                .collect_garbage(&config, &node, &netconf.name, &valid)
-                .await?;
+            let released = ipam.collect_garbage(&config, &node, &netconf.name, &valid).await?;
             tracing::debug!("GC {}: released {released:?}", netconf.name);
             Ok(None)
         }
@@ -271,18 +250,8 @@ fn find_flat_file(inline: &InlineIpam, host: &impl Host) -> Result<Option<(Strin
 /// Addresses asked for through the `ips` capability or `args.cni.ips`.
 fn requested_ips(netconf: &NetConf) -> Result<Vec<(&'static str, String)>, CniError> {
     let sources = [
-        (
-            "runtimeConfig.ips",
-            netconf.runtime_config.as_ref().and_then(|r| r.get("ips")),
-        ),
-        (
-            "args.cni.ips",
-            netconf
-                .args
-                .as_ref()
-                .and_then(|a| a.get("cni"))
-                .and_then(|c| c.get("ips")),
-        ),
+        ("runtimeConfig.ips", netconf.runtime_config.as_ref().and_then(|r| r.get("ips"))),
+        ("args.cni.ips", netconf.args.as_ref().and_then(|a| a.get("cni")).and_then(|c| c.get("ips"))),
     ];
     let mut out = Vec::new();
     for (key, value) in sources {
@@ -297,10 +266,7 @@ fn requested_ips(netconf: &NetConf) -> Result<Vec<(&'static str, String)>, CniEr
         })?;
         for item in items {
             let ip = item.as_str().ok_or_else(|| {
-                CniError::new(
-                    codes::INVALID_CONFIG,
-                    format!("invalid {key} entry {item}: expected a string"),
-                )
+                CniError::new(codes::INVALID_CONFIG, format!("invalid {key} entry {item}: expected a string"))
             })?;
             out.push((key, ip.to_string()));
         }
@@ -328,15 +294,10 @@ fn node_name(env: &CniEnv, config: &IpamConfig, host: &impl Host) -> Option<Stri
     if let Some(name) = &env.node_name {
         return Some(name.clone());
     }
-    let from_file = config
-        .configuration_path
-        .iter()
-        .map(|dir| format!("{dir}/nodename"));
+    let from_file = config.configuration_path.iter().map(|dir| format!("{dir}/nodename"));
     from_file.chain(["/etc/hostname".to_string()]).find_map(|path| {
         let content = host.read_file(&path).ok()?;
-        let name = String::from_utf8_lossy(&content[..content.len().min(1024)])
-            .trim()
-            .to_string();
+        let name = String::from_utf8_lossy(&content[..content.len().min(1024)]).trim().to_string();
         (!name.is_empty()).then_some(name)
     })
 }

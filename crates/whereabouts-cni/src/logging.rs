@@ -32,12 +32,7 @@ where
             Level::INFO | Level::WARN => LogLevel::Verbose,
             Level::ERROR => LogLevel::Error,
         };
-        write!(
-            writer,
-            "{} [{}] ",
-            humantime::format_rfc3339_seconds(SystemTime::now()),
-            level.name()
-        )?;
+        write!(writer, "{} [{}] ", humantime::format_rfc3339_seconds(SystemTime::now()), level.name())?;
         ctx.field_format().format_fields(writer.by_ref(), event)?;
         writeln!(writer)
     }

@@ -77,10 +77,7 @@ impl IpamResult {
                     .collect();
                 out.insert("ips".into(), Value::Array(ips));
                 if !self.routes.is_empty() {
-                    out.insert(
-                        "routes".into(),
-                        self.routes.iter().map(|r| route_json(r, true)).collect(),
-                    );
+                    out.insert("routes".into(), self.routes.iter().map(|r| route_json(r, true)).collect());
                 }
                 if layout == Layout::Versioned || !self.dns.is_empty() {
                     out.insert("dns".into(), dns_json(&self.dns));
@@ -113,10 +110,7 @@ impl IpamResult {
             out.insert(key.into(), entry);
         }
         if out.len() == 1 {
-            return Err(CniError::new(
-                codes::INTERNAL,
-                "cannot convert: no valid IP addresses",
-            ));
+            return Err(CniError::new(codes::INTERNAL, "cannot convert: no valid IP addresses"));
         }
         out.insert("dns".into(), dns_json(&self.dns));
         Ok(Value::Object(out))
@@ -165,15 +159,7 @@ fn dns_json(dns: &Dns) -> Value {
 
 /// The addresses a previous result lists, in any layout (for CHECK).
 pub fn addresses_of(prev: &Value) -> Vec<IpAddr> {
-    let from_ips = prev["ips"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|ip| ip["address"].as_str());
+    let from_ips = prev["ips"].as_array().into_iter().flatten().filter_map(|ip| ip["address"].as_str());
     let legacy = ["ip4", "ip6"].into_iter().filter_map(|k| prev[k]["ip"].as_str());
-    from_ips
-        .chain(legacy)
-        .filter_map(|a| a.parse::<IpNet>().ok())
-        .map(|n| n.addr())
-        .collect()
+    from_ips.chain(legacy).filter_map(|a| a.parse::<IpNet>().ok()).map(|n| n.addr()).collect()
 }

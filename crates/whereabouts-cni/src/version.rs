@@ -16,17 +16,9 @@ pub struct SpecVersion {
 
 impl SpecVersion {
     /// `0.4.0`: the first version with CHECK.
-    pub const CHECK: SpecVersion = SpecVersion {
-        major: 0,
-        minor: 4,
-        patch: 0,
-    };
+    pub const CHECK: SpecVersion = SpecVersion { major: 0, minor: 4, patch: 0 };
     /// `1.1.0`: the first version with GC and STATUS.
-    pub const GC: SpecVersion = SpecVersion {
-        major: 1,
-        minor: 1,
-        patch: 0,
-    };
+    pub const GC: SpecVersion = SpecVersion { major: 1, minor: 1, patch: 0 };
 
     /// Parses a supported version; an absent `cniVersion` means `0.1.0`.
     pub fn parse(version: &str) -> Option<Self> {
@@ -35,11 +27,7 @@ impl SpecVersion {
             return None;
         }
         let mut parts = version.split('.').map(|p| p.parse::<u8>().ok());
-        Some(SpecVersion {
-            major: parts.next()??,
-            minor: parts.next()??,
-            patch: parts.next()??,
-        })
+        Some(SpecVersion { major: parts.next()??, minor: parts.next()??, patch: parts.next()?? })
     }
 
     /// The result layout this version uses.
@@ -69,18 +57,9 @@ mod tests {
 
     #[test]
     fn parses_only_supported_versions() {
-        assert_eq!(
-            SpecVersion::parse("").map(SpecVersion::layout),
-            Some(Layout::Legacy)
-        );
-        assert_eq!(
-            SpecVersion::parse("0.3.1").map(SpecVersion::layout),
-            Some(Layout::Versioned)
-        );
-        assert_eq!(
-            SpecVersion::parse("1.1.0").map(SpecVersion::layout),
-            Some(Layout::Current)
-        );
+        assert_eq!(SpecVersion::parse("").map(SpecVersion::layout), Some(Layout::Legacy));
+        assert_eq!(SpecVersion::parse("0.3.1").map(SpecVersion::layout), Some(Layout::Versioned));
+        assert_eq!(SpecVersion::parse("1.1.0").map(SpecVersion::layout), Some(Layout::Current));
         assert!(SpecVersion::parse("1.2.0").is_none());
         assert!(SpecVersion::parse("0.3").is_none());
         assert!(SpecVersion::parse("0.3.1") < SpecVersion::parse("0.4.0"));

@@ -136,10 +136,7 @@ mod tests {
         let net = parse_cidr_sloppy("00192.00168.1.5/24").unwrap();
         assert_eq!(net.to_string(), "192.168.1.5/24");
         assert_eq!(net.trunc().to_string(), "192.168.1.0/24");
-        assert_eq!(
-            parse_cidr_sloppy("abcd::1/64").unwrap().trunc().to_string(),
-            "abcd::/64"
-        );
+        assert_eq!(parse_cidr_sloppy("abcd::1/64").unwrap().trunc().to_string(), "abcd::/64");
         assert!(parse_cidr_sloppy("10.0.0.0/33").is_none());
         assert!(parse_cidr_sloppy("10.0.0.0/").is_none());
         assert!(parse_cidr_sloppy("10.0.0.0").is_none());
@@ -148,22 +145,12 @@ mod tests {
     #[test]
     fn strict_cidr_rejects_leading_zeros() {
         assert!(parse_cidr_strict("010.0.0.0/8").is_none());
-        assert_eq!(
-            parse_cidr_strict("3ffe:ffff:0:01ff::1/64").unwrap().to_string(),
-            "3ffe:ffff:0:1ff::1/64"
-        );
+        assert_eq!(parse_cidr_strict("3ffe:ffff:0:01ff::1/64").unwrap().to_string(), "3ffe:ffff:0:1ff::1/64");
     }
 
     #[test]
     fn integer_round_trip() {
-        for s in [
-            "0.0.0.0",
-            "255.255.255.255",
-            "10.1.2.3",
-            "::",
-            "2001:db8::1",
-            "ffff::ffff",
-        ] {
+        for s in ["0.0.0.0", "255.255.255.255", "10.1.2.3", "::", "2001:db8::1", "ffff::ffff"] {
             let ip: IpAddr = s.parse().unwrap();
             assert_eq!(from_u128(Family::of(ip), to_u128(ip)), ip);
         }

@@ -122,40 +122,25 @@ pub fn assign(
         return Ok(Assignment::Existing(addr));
     }
     if let Some(holder) = pool.get(addr) {
-        let holder = if holder.pod_ref.is_empty() {
-            holder.container_id.clone()
-        } else {
-            holder.pod_ref.clone()
-        };
+        let holder =
+            if holder.pod_ref.is_empty() { holder.container_id.clone() } else { holder.pod_ref.clone() };
         return Err(AllocError::Held { ip, holder });
     }
     if blocked.contains(addr) {
-        return Err(AllocError::Held {
-            ip,
-            holder: "an overlapping range".into(),
-        });
+        return Err(AllocError::Held { ip, holder: "an overlapping range".into() });
     }
     if range.excluded().contains(addr) {
-        return Err(AllocError::Excluded {
-            ip,
-            range: range.network().to_string(),
-        });
+        return Err(AllocError::Excluded { ip, range: range.network().to_string() });
     }
     if gateway == Some(ip) {
         return Err(AllocError::Gateway(ip));
     }
-    Ok(Assignment::New {
-        addr,
-        replaces: existing,
-    })
+    Ok(Assignment::New { addr, replaces: existing })
 }
 
 /// Writes an assignment into the pool and returns the address as an IP.
 pub fn apply(pool: &mut Pool, assignment: Assignment, owner: &Owner) -> IpAddr {
-    if let Assignment::New {
-        replaces: Some(old), ..
-    } = assignment
-    {
+    if let Assignment::New { replaces: Some(old), .. } = assignment {
         pool.remove(old);
     }
     let addr = assignment.addr();
@@ -203,11 +188,7 @@ mod tests {
         assert_eq!(take(&r, &mut pool, 1), ip("192.168.1.1"));
         assert_eq!(take(&r, &mut pool, 2), ip("192.168.1.2"));
         pool.remove(to_u128(ip("192.168.1.1")));
-        assert_eq!(
-            take(&r, &mut pool, 3),
-            ip("192.168.1.1"),
-            "freed addresses are reused first"
-        );
+        assert_eq!(take(&r, &mut pool, 3), ip("192.168.1.1"), "freed addresses are reused first");
     }
 
     #[test]
@@ -218,21 +199,12 @@ mod tests {
         assert_eq!(take(&r, &mut pool, 2), ip("192.168.1.6"));
         let err = assign(&r, &pool, &owner(3), None, None, &IntervalSet::new()).unwrap_err();
         assert!(matches!(err, AllocError::Exhausted(_)));
-        assert!(
-            err.to_string()
-                .contains("192.168.1.5 - 192.168.1.6 in 192.168.1.0/24"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("192.168.1.5 - 192.168.1.6 in 192.168.1.0/24"), "{err}");
     }
 
     #[test]
     fn excluded_blocks_are_skipped_whole() {
-        let r = range(
-            "192.168.2.0/24",
-            None,
-            None,
-            &["192.168.2.0/30", "192.168.2.5/32"],
-        );
+        let r = range("192.168.2.0/24", None, None, &["192.168.2.0/30", "192.168.2.5/32"]);
         let mut pool = Pool::new(r.network());
         assert_eq!(take(&r, &mut pool, 1), ip("192.168.2.4"));
         assert_eq!(take(&r, &mut pool, 2), ip("192.168.2.6"));
@@ -256,19 +228,9 @@ mod tests {
             let a = assign(&r, &pool, &o, None, gw, &IntervalSet::new()).unwrap();
             got.push(apply(&mut pool, a, &o));
         }
+        assert_eq!(got, [ip("10.0.0.254"), ip("10.0.0.255"), ip("10.0.1.2"), ip("10.0.1.3")]);
         assert_eq!(
-            got,
-            [ip("10.0.0.254"), ip("10.0.0.255"), ip("10.0.1.2"), ip("10.0.1.3")]
-        );
-        assert_eq!(
-            assign(
-                &r,
-                &pool,
-                &owner(9),
-                Some(ip("10.0.1.1")),
-                gw,
-                &IntervalSet::new()
-            ),
+            assign(&r, &pool, &owner(9), Some(ip("10.0.1.1")), gw, &IntervalSet::new()),
             Err(AllocError::Gateway(ip("10.0.1.1")))
         );
     }
@@ -310,38 +272,18 @@ mod tests {
         let a = assign(&r, &pool, &o, Some(ip("10.0.0.50")), None, &IntervalSet::new()).unwrap();
         assert_eq!(apply(&mut pool, a, &o), ip("10.0.0.50"));
         assert_eq!(
-            assign(
-                &r,
-                &pool,
-                &owner(2),
-                Some(ip("10.0.0.50")),
-                None,
-                &IntervalSet::new()
-            ),
-            Err(AllocError::Held {
-                ip: ip("10.0.0.50"),
-                holder: "ns/p1".into()
-            })
+            assign(&r, &pool, &owner(2), Some(ip("10.0.0.50")), None, &IntervalSet::new()),
+            Err(AllocError::Held { ip: ip("10.0.0.50"), holder: "ns/p1".into() })
         );
         assert!(matches!(
-            assign(
-                &r,
-                &pool,
-                &owner(2),
-                Some(ip("10.0.0.200")),
-                None,
-                &IntervalSet::new()
-            ),
+            assign(&r, &pool, &owner(2), Some(ip("10.0.0.200")), None, &IntervalSet::new()),
             Err(AllocError::Excluded { .. })
         ));
         // Asking for another address moves the owner's allocation.
         let a = assign(&r, &pool, &o, Some(ip("10.0.0.60")), None, &IntervalSet::new()).unwrap();
         assert_eq!(
             a,
-            Assignment::New {
-                addr: to_u128(ip("10.0.0.60")),
-                replaces: Some(to_u128(ip("10.0.0.50")))
-            }
+            Assignment::New { addr: to_u128(ip("10.0.0.60")), replaces: Some(to_u128(ip("10.0.0.50"))) }
         );
         apply(&mut pool, a, &o);
         assert_eq!(pool.len(), 1);
@@ -353,13 +295,8 @@ mod tests {
     fn blocked_addresses_are_skipped() {
         let r = range("10.0.0.0/24", None, None, &[]);
         let pool = Pool::new(r.network());
-        let blocked: IntervalSet = [to_u128(ip("10.0.0.1")), to_u128(ip("10.0.0.2"))]
-            .into_iter()
-            .collect();
-        assert_eq!(
-            lowest_free(&r, &pool, None, &blocked),
-            Some(to_u128(ip("10.0.0.3")))
-        );
+        let blocked: IntervalSet = [to_u128(ip("10.0.0.1")), to_u128(ip("10.0.0.2"))].into_iter().collect();
+        assert_eq!(lowest_free(&r, &pool, None, &blocked), Some(to_u128(ip("10.0.0.3"))));
     }
 
     #[test]
@@ -371,10 +308,7 @@ mod tests {
             pool.insert(base + i, owner(0).allocation());
         }
         pool.remove(base + 5_000);
-        assert_eq!(
-            lowest_free(&r, &pool, None, &IntervalSet::new()),
-            Some(base + 5_000)
-        );
+        assert_eq!(lowest_free(&r, &pool, None, &IntervalSet::new()), Some(base + 5_000));
         assert_eq!(pool.taken().run_count(), 2);
     }
 

@@ -129,27 +129,15 @@ mod tests {
 
     #[test]
     fn upstream_errors() {
-        assert_eq!(
-            parse_cni_args("K8S_POD_NAME=p;"),
-            Err(CniArgsError::InvalidPair(String::new()))
-        );
-        assert_eq!(
-            parse_cni_args("A=b=c"),
-            Err(CniArgsError::InvalidPair("A=b=c".into()))
-        );
-        assert_eq!(
-            parse_cni_args("K8S_POD_UID=x"),
-            Err(CniArgsError::Unknown(vec!["K8S_POD_UID=x".into()]))
-        );
+        assert_eq!(parse_cni_args("K8S_POD_NAME=p;"), Err(CniArgsError::InvalidPair(String::new())));
+        assert_eq!(parse_cni_args("A=b=c"), Err(CniArgsError::InvalidPair("A=b=c".into())));
+        assert_eq!(parse_cni_args("K8S_POD_UID=x"), Err(CniArgsError::Unknown(vec!["K8S_POD_UID=x".into()])));
         assert_eq!(
             parse_cni_args("IgnoreUnknown=yes"),
             Err(CniArgsError::BadBool("IgnoreUnknown=yes".into()))
         );
         assert!(parse_cni_args("IgnoreUnknown=TRUE;X=1").is_ok());
-        assert!(matches!(
-            parse_cni_args("IgnoreUnknown=0;X=1"),
-            Err(CniArgsError::Unknown(_))
-        ));
+        assert!(matches!(parse_cni_args("IgnoreUnknown=0;X=1"), Err(CniArgsError::Unknown(_))));
     }
 
     #[test]
@@ -158,14 +146,8 @@ mod tests {
         assert_eq!(args.ips.len(), 2);
         assert_eq!(args.ips[0].to_string(), "10.1.1.5/24");
         assert_eq!(args.gateways, vec!["10.1.1.1".parse::<IpAddr>().unwrap()]);
-        assert_eq!(
-            parse_cni_args("IP=10.1.1.5"),
-            Err(CniArgsError::BadIp("10.1.1.5".into()))
-        );
-        assert_eq!(
-            parse_cni_args("GATEWAY=x"),
-            Err(CniArgsError::BadGateway("x".into()))
-        );
+        assert_eq!(parse_cni_args("IP=10.1.1.5"), Err(CniArgsError::BadIp("10.1.1.5".into())));
+        assert_eq!(parse_cni_args("GATEWAY=x"), Err(CniArgsError::BadGateway("x".into())));
     }
 
     proptest! {

@@ -372,15 +372,8 @@ impl InlineIpam {
 
     /// The flat-file paths to try, in order: an inline `configuration_path` first, then upstream's.
     pub fn flat_file_candidates(&self) -> Vec<String> {
-        let inline = self
-            .raw
-            .configuration_path
-            .iter()
-            .filter(|p| !p.is_empty())
-            .cloned();
-        inline
-            .chain(FLAT_FILE_PATHS.iter().map(|p| p.to_string()))
-            .collect()
+        let inline = self.raw.configuration_path.iter().filter(|p| !p.is_empty()).cloned();
+        inline.chain(FLAT_FILE_PATHS.iter().map(|p| p.to_string())).collect()
     }
 
     /// Whether the inline configuration names a usable store by itself, so that no flat file is needed
@@ -400,16 +393,10 @@ impl InlineIpam {
         let raw = match flat {
             Some(flat) => {
                 let context = format!("flat file {}", flat.path);
-                let parsed: Value =
-                    serde_json::from_slice(flat.content).map_err(|e| ConfigError::Decode {
-                        context: context.clone(),
-                        message: e.to_string(),
-                    })?;
+                let parsed: Value = serde_json::from_slice(flat.content)
+                    .map_err(|e| ConfigError::Decode { context: context.clone(), message: e.to_string() })?;
                 let Value::Object(flat_map) = lowercase_keys(&parsed) else {
-                    return Err(ConfigError::Decode {
-                        context,
-                        message: "expected a JSON object".into(),
-                    });
+                    return Err(ConfigError::Decode { context, message: "expected a JSON object".into() });
                 };
                 decode(&context, &Value::Object(flat_map.clone()))?;
                 let mut merged = self.value;
@@ -431,14 +418,8 @@ fn parse_bound(key: &str, value: Option<String>, sloppy: bool) -> Result<Option<
     let Some(value) = non_empty(value) else {
         return Ok(None);
     };
-    let parsed = if sloppy {
-        parse_ip_sloppy(&value)
-    } else {
-        value.parse().ok()
-    };
-    parsed
-        .map(Some)
-        .ok_or_else(|| ConfigError::invalid(key, value, "not an IP address"))
+    let parsed = if sloppy { parse_ip_sloppy(&value) } else { value.parse().ok() };
+    parsed.map(Some).ok_or_else(|| ConfigError::invalid(key, value, "not an IP address"))
 }
 
 fn parse_exclude(key: &str, entries: Option<Vec<String>>) -> Result<Vec<IpNet>, ConfigError> {
@@ -447,11 +428,9 @@ fn parse_exclude(key: &str, entries: Option<Vec<String>>) -> Result<Vec<IpNet>, 
         .into_iter()
         .enumerate()
         .map(|(i, entry)| {
-            parse_cidr_strict(&entry)
-                .or_else(|| entry.parse::<IpAddr>().ok().map(IpNet::from))
-                .ok_or_else(|| {
-                    ConfigError::invalid(format!("{key}[{i}]"), entry, "not a CIDR or an IP address")
-                })
+            parse_cidr_strict(&entry).or_else(|| entry.parse::<IpAddr>().ok().map(IpNet::from)).ok_or_else(
+                || ConfigError::invalid(format!("{key}[{i}]"), entry, "not a CIDR or an IP address"),
+            )
         })
         .collect()
 }
@@ -490,11 +469,7 @@ fn build_range(
     IpRange::new(network, start, end, exclude.clone()).map_err(|problem| match problem {
         RangeProblem::TooSmall => ConfigError::invalid(&key, &range, "the subnet has no usable addresses"),
         RangeProblem::OutsideNetwork(ip) => {
-            let which = if Some(ip) == start {
-                "range_start"
-            } else {
-                "range_end"
-            };
+            let which = if Some(ip) == start { "range_start" } else { "range_end" };
             ConfigError::invalid(
                 format!("{prefix}{which}"),
                 ip.to_string(),
@@ -504,10 +479,7 @@ fn build_range(
         RangeProblem::StartAfterEnd => ConfigError::invalid(
             format!("{prefix}range_start"),
             start.map(|s| s.to_string()).unwrap_or_default(),
-            format!(
-                "after range_end {}",
-                end.map(|e| e.to_string()).unwrap_or_default()
-            ),
+            format!("after range_end {}", end.map(|e| e.to_string()).unwrap_or_default()),
         ),
         RangeProblem::ExcludeFamily(block) => ConfigError::invalid(
             format!("{prefix}exclude"),
@@ -553,10 +525,7 @@ fn validate(
             return Err(ConfigError::invalid(
                 "ipRanges",
                 a.network().to_string(),
-                format!(
-                    "overlaps {}; every range of a network must be disjoint",
-                    b.network()
-                ),
+                format!("overlaps {}; every range of a network must be disjoint", b.network()),
             ));
         }
     }
@@ -607,15 +576,8 @@ fn validate(
 
     // Requested addresses: inside a candidate interval they are allocated there; otherwise static.
     let mut requested: Vec<Option<IpAddr>> = vec![None; ranges.len()];
-    let from_args = call
-        .args
-        .ips
-        .iter()
-        .map(|net| ("CNI_ARGS IP", net.to_string(), Some(*net)));
-    let from_conf = call
-        .requested_ips
-        .iter()
-        .map(|(key, v)| (*key, v.clone(), parse_cidr_sloppy(v)));
+    let from_args = call.args.ips.iter().map(|net| ("CNI_ARGS IP", net.to_string(), Some(*net)));
+    let from_conf = call.requested_ips.iter().map(|(key, v)| (*key, v.clone(), parse_cidr_sloppy(v)));
     for (key, value, net) in from_conf.chain(from_args) {
         let ip = net.map(|n| n.addr()).or_else(|| parse_ip_sloppy(&value));
         let Some(ip) = ip else {
@@ -644,10 +606,7 @@ fn validate(
 
     let old_result_format = matches!(call.cni_version.as_str(), "" | "0.1.0" | "0.2.0");
     for family in [Family::V4, Family::V6] {
-        let count = addresses
-            .iter()
-            .filter(|a| Family::of(a.address.addr()) == family)
-            .count();
+        let count = addresses.iter().filter(|a| Family::of(a.address.addr()) == family).count();
         if old_result_format && count > 1 {
             return Err(ConfigError::invalid(
                 "cniVersion",
@@ -665,11 +624,7 @@ fn validate(
             let inside =
                 ranges.iter().any(|r| r.contains(gw)) || addresses.iter().any(|a| a.address.contains(&gw));
             if !inside {
-                return Err(ConfigError::invalid(
-                    "gateway",
-                    &value,
-                    "lies outside every range",
-                ));
+                return Err(ConfigError::invalid("gateway", &value, "lies outside every range"));
             }
             Some(gw)
         }
@@ -714,10 +669,7 @@ fn validate(
             "verbose" => (LogLevel::Verbose, None),
             "error" => (LogLevel::Error, None),
             "panic" => (LogLevel::Panic, None),
-            _ => (
-                LogLevel::Debug,
-                Some(format!("Whereabouts logging: cannot set logging level to {l}")),
-            ),
+            _ => (LogLevel::Debug, Some(format!("Whereabouts logging: cannot set logging level to {l}"))),
         },
     };
 
@@ -736,11 +688,7 @@ fn validate(
         node_slice_size: non_empty(raw.node_slice_size),
         configuration_path: non_empty(raw.configuration_path),
         datastore,
-        log: LogSettings {
-            file: non_empty(raw.log_file),
-            level,
-            warning,
-        },
+        log: LogSettings { file: non_empty(raw.log_file), level, warning },
     })
 }
 

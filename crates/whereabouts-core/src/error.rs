@@ -35,10 +35,6 @@ impl ConfigError {
         value: impl Into<String>,
         reason: impl Into<String>,
     ) -> Self {
-        ConfigError::Invalid {
-            key: key.into(),
-            value: value.into(),
-            reason: reason.into(),
-        }
+        ConfigError::Invalid { key: key.into(), value: value.into(), reason: reason.into() }
     }
 }

@@ -125,10 +125,7 @@ mod tests {
         set.insert(u128::MAX);
         set.insert(u128::MAX - 1);
         set.insert_range(0, 3);
-        assert_eq!(
-            set.iter().collect::<Vec<_>>(),
-            vec![0..=3, u128::MAX - 1..=u128::MAX]
-        );
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![0..=3, u128::MAX - 1..=u128::MAX]);
         set.remove(u128::MAX);
         assert!(!set.contains(u128::MAX));
     }

@@ -134,10 +134,7 @@ impl Pool {
         let stored = parse_cidr_strict(&spec.range).ok_or_else(|| PoolError::BadRange(spec.range.clone()))?;
         let family = Family::of(stored.addr());
         if family != Family::of(configured.addr()) {
-            return Err(PoolError::FamilyMismatch {
-                stored: spec.range.clone(),
-                configured,
-            });
+            return Err(PoolError::FamilyMismatch { stored: spec.range.clone(), configured });
         }
         let base = to_u128(stored.addr());
         let max = match family {
@@ -210,10 +207,7 @@ impl Pool {
 
     /// The address held by `owner` (idempotent ADD), if any.
     pub fn find_owned(&self, owner: &Owner) -> Option<u128> {
-        self.allocations
-            .iter()
-            .find(|(_, a)| a.is_owned_by(owner))
-            .map(|(addr, _)| *addr)
+        self.allocations.iter().find(|(_, a)| a.is_owned_by(owner)).map(|(addr, _)| *addr)
     }
 
     /// The address allocated to (`container_id`, `ifname`), which DEL releases.
@@ -231,9 +225,7 @@ impl Pool {
 
     /// Allocations in address order.
     pub fn iter(&self) -> impl Iterator<Item = (IpAddr, &Allocation)> + '_ {
-        self.allocations
-            .iter()
-            .map(|(addr, a)| (from_u128(self.family, *addr), a))
+        self.allocations.iter().map(|(addr, a)| (from_u128(self.family, *addr), a))
     }
 
     /// Number of allocations.
@@ -285,10 +277,7 @@ mod tests {
         let addrs: Vec<String> = pool.iter().map(|(ip, _)| ip.to_string()).collect();
         assert_eq!(addrs, ["10.10.1.0", "10.10.1.1"]);
         let written = serde_json::to_value(pool.to_spec()).unwrap();
-        assert_eq!(
-            written["allocations"]["256"],
-            serde_json::json!({"id": "c1", "podref": "default/p"})
-        );
+        assert_eq!(written["allocations"]["256"], serde_json::json!({"id": "c1", "podref": "default/p"}));
         assert_eq!(written["allocations"]["257"]["ifname"], "net1");
     }
 
@@ -305,15 +294,9 @@ mod tests {
 
     #[test]
     fn wrong_family_is_refused() {
-        let spec = PoolSpec {
-            range: "10.0.0.0/24".into(),
-            allocations: BTreeMap::new(),
-        };
+        let spec = PoolSpec { range: "10.0.0.0/24".into(), allocations: BTreeMap::new() };
         assert!(Pool::from_spec(&spec, "2001:db8::/64".parse().unwrap()).is_err());
-        let spec = PoolSpec {
-            range: "garbage".into(),
-            allocations: BTreeMap::new(),
-        };
+        let spec = PoolSpec { range: "garbage".into(), allocations: BTreeMap::new() };
         assert!(Pool::from_spec(&spec, "10.0.0.0/24".parse().unwrap()).is_err());
     }
 
@@ -326,22 +309,12 @@ mod tests {
             node: None,
             network: None,
         };
-        assert!(
-            alloc("a").is_owned_by(&k8s),
-            "a new container of the same pod owns it"
-        );
-        let plain = Owner {
-            container_id: "c1".into(),
-            pod_ref: None,
-            ..k8s.clone()
-        };
+        assert!(alloc("a").is_owned_by(&k8s), "a new container of the same pod owns it");
+        let plain = Owner { container_id: "c1".into(), pod_ref: None, ..k8s.clone() };
         let mut bare = alloc("c1");
         bare.pod_ref.clear();
         assert!(bare.is_owned_by(&plain));
-        assert!(
-            !alloc("c1").is_owned_by(&plain),
-            "a pod's allocation is not a bare container's"
-        );
+        assert!(!alloc("c1").is_owned_by(&plain), "a pod's allocation is not a bare container's");
     }
 
     proptest! {

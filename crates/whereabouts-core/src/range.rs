@@ -77,13 +77,7 @@ impl IpRange {
             excluded.insert_range(s, e);
             canonical.push(block);
         }
-        Ok(IpRange {
-            network,
-            first,
-            last,
-            exclude: canonical,
-            excluded,
-        })
+        Ok(IpRange { network, first, last, exclude: canonical, excluded })
     }
 
     /// The canonical network (`192.168.2.224/28`, `abcd::/64`).
@@ -174,11 +168,7 @@ pub fn reservation_name(network_name: &str, ip: IpAddr) -> String {
         s.push('0');
     }
     let s = s.replace(':', "-");
-    if network_name.is_empty() {
-        s
-    } else {
-        format!("{network_name}-{s}")
-    }
+    if network_name.is_empty() { s } else { format!("{network_name}-{s}") }
 }
 
 #[cfg(test)]
@@ -215,45 +205,23 @@ mod tests {
         assert_eq!(from_u128(Family::V4, r.first()), ip("192.168.2.229"));
         assert_eq!(from_u128(Family::V4, r.last()), ip("192.168.2.230"));
         // Start on the network address and end on the broadcast address are clamped.
-        let r = IpRange::new(
-            net("10.0.0.0/24"),
-            Some(ip("10.0.0.0")),
-            Some(ip("10.0.0.255")),
-            vec![],
-        )
-        .unwrap();
-        assert_eq!(
-            (r.first(), r.last()),
-            (to_u128(ip("10.0.0.1")), to_u128(ip("10.0.0.254")))
-        );
+        let r =
+            IpRange::new(net("10.0.0.0/24"), Some(ip("10.0.0.0")), Some(ip("10.0.0.255")), vec![]).unwrap();
+        assert_eq!((r.first(), r.last()), (to_u128(ip("10.0.0.1")), to_u128(ip("10.0.0.254"))));
     }
 
     #[test]
     fn refuses_what_upstream_silently_ignores() {
-        assert_eq!(
-            IpRange::new(net("10.0.0.0/31"), None, None, vec![]),
-            Err(RangeProblem::TooSmall)
-        );
-        assert_eq!(
-            IpRange::new(net("10.0.0.5/32"), None, None, vec![]),
-            Err(RangeProblem::TooSmall)
-        );
-        assert_eq!(
-            IpRange::new(net("2001:db8::/127"), None, None, vec![]),
-            Err(RangeProblem::TooSmall)
-        );
+        assert_eq!(IpRange::new(net("10.0.0.0/31"), None, None, vec![]), Err(RangeProblem::TooSmall));
+        assert_eq!(IpRange::new(net("10.0.0.5/32"), None, None, vec![]), Err(RangeProblem::TooSmall));
+        assert_eq!(IpRange::new(net("2001:db8::/127"), None, None, vec![]), Err(RangeProblem::TooSmall));
         assert!(IpRange::new(net("10.0.0.0/30"), None, None, vec![]).is_ok());
         assert_eq!(
             IpRange::new(net("10.0.0.0/24"), Some(ip("10.0.1.5")), None, vec![]),
             Err(RangeProblem::OutsideNetwork(ip("10.0.1.5")))
         );
         assert_eq!(
-            IpRange::new(
-                net("10.0.0.0/24"),
-                Some(ip("10.0.0.9")),
-                Some(ip("10.0.0.8")),
-                vec![]
-            ),
+            IpRange::new(net("10.0.0.0/24"), Some(ip("10.0.0.9")), Some(ip("10.0.0.8")), vec![]),
             Err(RangeProblem::StartAfterEnd)
         );
         assert_eq!(
@@ -273,20 +241,14 @@ mod tests {
     fn upstream_pool_names() {
         assert_eq!(pool_name("", None, &net("10.0.0.0/8")), "10.0.0.0-8");
         assert_eq!(pool_name("test", None, &net("10.0.0.0/8")), "test-10.0.0.0-8");
-        assert_eq!(
-            pool_name("", Some("testnode"), &net("10.0.0.0/8")),
-            "testnode-10.0.0.0-8"
-        );
+        assert_eq!(pool_name("", Some("testnode"), &net("10.0.0.0/8")), "testnode-10.0.0.0-8");
         assert_eq!(
             pool_name("testnetwork", Some("testnode"), &net("10.0.0.0/8")),
             "testnetwork-testnode-10.0.0.0-8"
         );
         assert_eq!(pool_name("", None, &net("abcd::/64")), "abcd---64");
         assert_eq!(pool_name("", None, &net("fd00:0:0:10::/64")), "fd00-0-0-10---64");
-        assert_eq!(
-            pool_name("", None, &net("2001:db8:480:603d::/64")),
-            "2001-db8-480-603d---64"
-        );
+        assert_eq!(pool_name("", None, &net("2001:db8:480:603d::/64")), "2001-db8-480-603d---64");
     }
 
     #[test]
@@ -295,10 +257,7 @@ mod tests {
         assert_eq!(reservation_name("", ip("2001::3")), "2001--3");
         assert_eq!(reservation_name("", ip("fd00::")), "fd00--0");
         assert_eq!(reservation_name("", ip("caa5::8000")), "caa5--8000");
-        assert_eq!(
-            reservation_name("named-range", ip("10.10.0.1")),
-            "named-range-10.10.0.1"
-        );
+        assert_eq!(reservation_name("named-range", ip("10.10.0.1")), "named-range-10.10.0.1");
     }
 
     #[test]

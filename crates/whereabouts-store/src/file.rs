@@ -58,9 +58,7 @@ fn checked_name(name: &str) -> Result<&str, StoreError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_error(dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error(dir, e))
 }
 
 /// Reads a file, `None` when it does not exist.
@@ -73,10 +71,7 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
 }
 
 fn corrupt(path: &Path, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt {
-        location: path.display().to_string(),
-        reason: e.to_string(),
-    }
+    StoreError::Corrupt { location: path.display().to_string(), reason: e.to_string() }
 }
 
 /// An exclusive flock on a lock file, released on drop (or by the kernel if the process dies).
@@ -119,10 +114,7 @@ impl FileStore {
     /// Opens (creating if needed) a store directory.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
         let dir = dir.as_ref();
-        let store = FileStore {
-            pools: dir.join("pools"),
-            reservations: dir.join("reservations"),
-        };
+        let store = FileStore { pools: dir.join("pools"), reservations: dir.join("reservations") };
         for d in [&store.pools, &store.reservations] {
             fs::create_dir_all(d).map_err(|e| io_error(d, e))?;
         }
@@ -146,14 +138,9 @@ impl FileStore {
     /// Writes `content` to a fresh temporary file in `dir` and fsyncs it.
     fn write_temp(dir: &Path, content: &[u8]) -> Result<PathBuf, StoreError> {
         let temp = dir.join(format!(".tmp-{}-{:016x}", std::process::id(), fastrand::u64(..)));
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp)
-            .map_err(|e| io_error(&temp, e))?;
-        file.write_all(content)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| io_error(&temp, e))?;
+        let mut file =
+            OpenOptions::new().write(true).create_new(true).open(&temp).map_err(|e| io_error(&temp, e))?;
+        file.write_all(content).and_then(|()| file.sync_all()).map_err(|e| io_error(&temp, e))?;
         Ok(temp)
     }
 }
@@ -180,10 +167,7 @@ impl Store for FileStore {
         };
         let file: PoolFile = serde_json::from_slice(&bytes).map_err(|e| corrupt(&path, e))?;
         Ok(Some(VersionedPool {
-            spec: PoolSpec {
-                range: file.range,
-                allocations: file.allocations,
-            },
+            spec: PoolSpec { range: file.range, allocations: file.allocations },
             version: Version(file.version.to_string()),
         }))
     }
@@ -200,18 +184,12 @@ impl Store for FileStore {
             .map(|bytes| serde_json::from_slice::<PoolFileVersion>(&bytes).map_err(|e| corrupt(&path, e)))
             .transpose()?
             .map(|f| f.version);
-        let expected = expected
-            .map(|v| v.0.parse::<u64>().map_err(|_| StoreError::Conflict))
-            .transpose()?;
+        let expected = expected.map(|v| v.0.parse::<u64>().map_err(|_| StoreError::Conflict)).transpose()?;
         if current != expected {
             return Err(StoreError::Conflict);
         }
         let version = current.map_or(1, |v| v + 1);
-        let file = PoolFile {
-            version,
-            range: spec.range.clone(),
-            allocations: spec.allocations.clone(),
-        };
+        let file = PoolFile { version, range: spec.range.clone(), allocations: spec.allocations.clone() };
         let content = serde_json::to_vec(&file).map_err(|e| StoreError::Io(e.to_string()))?;
         let mut out = atomic_write_file::AtomicWriteFile::open(&path).map_err(|e| io_error(&path, e))?;
         out.write_all(&content).map_err(|e| io_error(&path, e))?;
@@ -278,17 +256,10 @@ mod tests {
     use super::*;
 
     fn spec(range: &str) -> PoolSpec {
-        PoolSpec {
-            range: range.into(),
-            allocations: BTreeMap::new(),
-        }
+        PoolSpec { range: range.into(), allocations: BTreeMap::new() }
     }
     fn owner(pod: &str) -> Reservation {
-        Reservation {
-            pod_ref: format!("ns/{pod}"),
-            ifname: "eth0".into(),
-            container_id: pod.into(),
-        }
+        Reservation { pod_ref: format!("ns/{pod}"), ifname: "eth0".into(), container_id: pod.into() }
     }
 
     #[tokio::test]
@@ -297,21 +268,12 @@ mod tests {
         let store = FileStore::open(dir.path()).unwrap();
         assert_eq!(store.read_pool("p").await.unwrap(), None);
         let v1 = store.write_pool("p", &spec("10.0.0.0/24"), None).await.unwrap();
-        assert_eq!(
-            store.write_pool("p", &spec("10.0.0.0/24"), None).await,
-            Err(StoreError::Conflict)
-        );
+        assert_eq!(store.write_pool("p", &spec("10.0.0.0/24"), None).await, Err(StoreError::Conflict));
         let read = store.read_pool("p").await.unwrap().unwrap();
         assert_eq!(read.version, v1);
-        let v2 = store
-            .write_pool("p", &spec("10.0.0.0/24"), Some(&v1))
-            .await
-            .unwrap();
+        let v2 = store.write_pool("p", &spec("10.0.0.0/24"), Some(&v1)).await.unwrap();
         assert_ne!(v1, v2);
-        assert_eq!(
-            store.write_pool("p", &spec("10.0.0.0/24"), Some(&v1)).await,
-            Err(StoreError::Conflict)
-        );
+        assert_eq!(store.write_pool("p", &spec("10.0.0.0/24"), Some(&v1)).await, Err(StoreError::Conflict));
         assert_eq!(store.list_pools().await.unwrap(), vec!["p".to_string()]);
     }
 
@@ -320,10 +282,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
         fs::write(dir.path().join("pools/p.json"), b"{not json").unwrap();
-        assert!(matches!(
-            store.read_pool("p").await,
-            Err(StoreError::Corrupt { .. })
-        ));
+        assert!(matches!(store.read_pool("p").await, Err(StoreError::Corrupt { .. })));
         assert!(matches!(
             store.write_pool("p", &spec("10.0.0.0/24"), None).await,
             Err(StoreError::Corrupt { .. })
@@ -358,10 +317,7 @@ mod tests {
             ReserveOutcome::HeldBy(owner("a"))
         );
         store.delete_reservation("10.0.0.1", &owner("b")).await.unwrap();
-        assert_eq!(
-            store.list_reservations().await.unwrap(),
-            vec![("10.0.0.1".to_string(), owner("a"))]
-        );
+        assert_eq!(store.list_reservations().await.unwrap(), vec![("10.0.0.1".to_string(), owner("a"))]);
         store.delete_reservation("10.0.0.1", &owner("a")).await.unwrap();
         store.delete_reservation("10.0.0.1", &owner("a")).await.unwrap();
         assert!(store.list_reservations().await.unwrap().is_empty());

@@ -89,10 +89,7 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// Full jitter: a uniformly random wait below the exponential ceiling.
     fn backoff(&self, attempt: u32) -> Duration {
-        let ceiling = self
-            .first_backoff
-            .saturating_mul(1 << attempt.min(16))
-            .min(self.max_backoff);
+        let ceiling = self.first_backoff.saturating_mul(1 << attempt.min(16)).min(self.max_backoff);
         ceiling.mul_f64(fastrand::f64())
     }
 }
@@ -104,6 +101,16 @@ pub struct AllocatedIp {
     pub ip: IpAddr,
     /// The range's network (its prefix is the result's prefix).
     pub network: IpNet,
+}
+
+/// What one range gave an ADD.
+#[derive(Debug, Clone, Copy)]
+struct Taken {
+    allocated: AllocatedIp,
+    /// Not held by the owner before this call (so a failed ADD releases it).
+    is_new: bool,
+    /// The owner's previous address in this range, released once the whole ADD succeeded.
+    moved_from: Option<IpAddr>,
 }
 
 /// The result of a pool update closure: a value, and whether the pool must be written.
@@ -130,10 +137,7 @@ fn reservation_of(allocation: &Allocation) -> Reservation {
 impl<'s, S: Store> Ipam<'s, S> {
     /// An engine with the default retry policy.
     pub fn new(store: &'s S) -> Self {
-        Ipam {
-            store,
-            retry: RetryPolicy::default(),
-        }
+        Ipam { store, retry: RetryPolicy::default() }
     }
 
     /// Replaces the retry policy.
@@ -150,20 +154,14 @@ impl<'s, S: Store> Ipam<'s, S> {
         mut change: impl FnMut(&mut Pool) -> Result<Change<T>, IpamError>,
     ) -> Result<T, IpamError> {
         let started = Instant::now();
-        let store_error = |source| IpamError::Store {
-            object: format!("pool {name}"),
-            source,
-        };
+        let store_error = |source| IpamError::Store { object: format!("pool {name}"), source };
         for attempt in 0..self.retry.attempts {
             let current = self.store.read_pool(name).await.map_err(store_error)?;
             let (mut pool, version) = match current {
                 None => (Pool::new(network), None),
                 Some(stored) => {
-                    let (pool, skipped) =
-                        Pool::from_spec(&stored.spec, network).map_err(|source| IpamError::Pool {
-                            pool: name.to_string(),
-                            source,
-                        })?;
+                    let (pool, skipped) = Pool::from_spec(&stored.spec, network)
+                        .map_err(|source| IpamError::Pool { pool: name.to_string(), source })?;
                     for key in skipped {
                         tracing::warn!("Error decoding ip offset (pool {name}): skipping key {:?}", key.0);
                     }
@@ -174,24 +172,19 @@ impl<'s, S: Store> Ipam<'s, S> {
             if !changed {
                 return Ok(value);
             }
-            match self
-                .store
-                .write_pool(name, &pool.to_spec(), version.as_ref())
-                .await
-            {
+            match self.store.write_pool(name, &pool.to_spec(), version.as_ref()).await {
                 Ok(_) => return Ok(value),
                 Err(StoreError::Conflict) if started.elapsed() < self.retry.deadline => {
                     tracing::debug!("pool {name}: conflict on attempt {attempt}, retrying");
                     tokio::time::sleep(self.retry.backoff(attempt)).await;
                 }
-                Err(StoreError::Conflict) => break,
+                Err(StoreError::Conflict) => {
+                    return Err(IpamError::Contention { pool: name.to_string(), attempts: attempt + 1 });
+                }
                 Err(e) => return Err(store_error(e)),
             }
         }
-        Err(IpamError::Contention {
-            pool: name.to_string(),
-            attempts: self.retry.attempts,
-        })
+        Err(IpamError::Contention { pool: name.to_string(), attempts: self.retry.attempts })
     }
 
     /// Removes `addr` from a pool if `owner` still holds it; returns the removed allocation.
@@ -205,10 +198,7 @@ impl<'s, S: Store> Ipam<'s, S> {
         self.update_pool(name, network, |pool| {
             let owned = pool.get(addr).is_some_and(|a| a.is_owned_by(owner));
             let value = if owned { pool.remove(addr) } else { None };
-            Ok(Change {
-                changed: value.is_some(),
-                value,
-            })
+            Ok(Change { changed: value.is_some(), value })
         })
         .await
     }
@@ -223,52 +213,59 @@ impl<'s, S: Store> Ipam<'s, S> {
         self.store
             .delete_reservation(&name, holder)
             .await
-            .map_err(|source| IpamError::Store {
-                object: format!("reservation {name}"),
-                source,
-            })
+            .map_err(|source| IpamError::Store { object: format!("reservation {name}"), source })
     }
 
     /// One address from every range for `owner`, all or nothing: when a range fails, the addresses this
-    /// call newly took in earlier ranges are released before the error is returned.
+    /// call newly took in earlier ranges are released before the error is returned, and addresses the
+    /// owner is moving away from (to a requested one) are only released once every range succeeded.
     pub async fn allocate(&self, config: &IpamConfig, owner: &Owner) -> Result<Vec<AllocatedIp>, IpamError> {
-        let mut done: Vec<(AllocatedIp, bool)> = Vec::with_capacity(config.ranges.len());
+        let mut done: Vec<Taken> = Vec::with_capacity(config.ranges.len());
         for managed in &config.ranges {
             match self.allocate_in_range(config, managed, owner).await {
-                Ok(result) => done.push(result),
+                Ok(taken) => done.push(taken),
                 Err(e) => {
-                    for (taken, _) in done.iter().filter(|(_, new)| *new) {
-                        if let Err(undo) = self.undo(config, taken, owner).await {
-                            tracing::error!("releasing {} after a failed ADD: {undo}", taken.ip);
+                    for taken in done.iter().filter(|t| t.is_new) {
+                        if let Err(undo) = self.release_owned(config, taken.allocated, owner).await {
+                            tracing::error!("releasing {} after a failed ADD: {undo}", taken.allocated.ip);
                         }
                     }
                     return Err(e);
                 }
             }
         }
-        Ok(done.into_iter().map(|(allocated, _)| allocated).collect())
+        for taken in &done {
+            if let Some(old) = taken.moved_from {
+                self.release_owned(config, AllocatedIp { ip: old, network: taken.allocated.network }, owner)
+                    .await?;
+            }
+        }
+        Ok(done.into_iter().map(|t| t.allocated).collect())
     }
 
-    async fn undo(&self, config: &IpamConfig, taken: &AllocatedIp, owner: &Owner) -> Result<(), IpamError> {
+    /// Releases an address (and its reservation) if `owner` still holds it.
+    async fn release_owned(
+        &self,
+        config: &IpamConfig,
+        taken: AllocatedIp,
+        owner: &Owner,
+    ) -> Result<(), IpamError> {
         let name = pool_name(&config.network_name, None, &taken.network);
-        if let Some(removed) = self
-            .remove_owned(&name, taken.network, to_u128(taken.ip), owner)
-            .await?
+        if let Some(removed) = self.remove_owned(&name, taken.network, to_u128(taken.ip), owner).await?
             && config.enable_overlapping_ranges
         {
-            self.delete_reservation(&config.network_name, taken.ip, &reservation_of(&removed))
-                .await?;
+            self.delete_reservation(&config.network_name, taken.ip, &reservation_of(&removed)).await?;
         }
         Ok(())
     }
 
-    /// Allocates in one range; the flag says whether the address is new to this owner.
+    /// Allocates in one range, leaving an address the owner moves away from in place.
     async fn allocate_in_range(
         &self,
         config: &IpamConfig,
         managed: &ManagedRange,
         owner: &Owner,
-    ) -> Result<(AllocatedIp, bool), IpamError> {
+    ) -> Result<Taken, IpamError> {
         let network = managed.range.network();
         let name = pool_name(&config.network_name, None, &network);
         let wanted = owner.allocation();
@@ -276,39 +273,34 @@ impl<'s, S: Store> Ipam<'s, S> {
         for _ in 0..self.retry.attempts {
             let (assignment, ip) = self
                 .update_pool(&name, network, |pool| {
-                    let assignment = assign(
-                        &managed.range,
-                        pool,
-                        owner,
-                        managed.requested,
-                        config.gateway,
-                        &blocked,
-                    )
-                    .map_err(|source| IpamError::Alloc {
-                        pool: name.clone(),
-                        source,
-                    })?;
+                    let assignment =
+                        assign(&managed.range, pool, owner, managed.requested, config.gateway, &blocked)
+                            .map_err(|source| IpamError::Alloc { pool: name.clone(), source })?;
                     let unchanged =
                         matches!(assignment, Assignment::Existing(a) if pool.get(a) == Some(&wanted));
-                    let ip = apply(pool, assignment, owner);
-                    Ok(Change {
-                        value: (assignment, ip),
-                        changed: !unchanged,
-                    })
+                    // A move to a requested address keeps the old address until the new one is
+                    // reserved, so a failed move leaves the owner as it was.
+                    let first_step = match assignment {
+                        Assignment::New { addr, .. } => Assignment::New { addr, replaces: None },
+                        existing => existing,
+                    };
+                    let ip = apply(pool, first_step, owner);
+                    Ok(Change { value: (assignment, ip), changed: !unchanged })
                 })
                 .await?;
             let allocated = AllocatedIp { ip, network };
             let is_new = matches!(assignment, Assignment::New { .. });
+            let moved_from = match assignment {
+                Assignment::New { replaces, .. } => replaces.map(|old| from_u128(Family::of(ip), old)),
+                Assignment::Existing(_) => None,
+            };
+            let taken = Taken { allocated, is_new, moved_from };
             if !config.enable_overlapping_ranges {
-                return Ok((allocated, is_new));
+                return Ok(taken);
             }
             let reservation = reservation_of(&wanted);
             let reservation_key = reservation_name(&config.network_name, ip);
-            let outcome = match self
-                .store
-                .create_reservation(&reservation_key, &reservation)
-                .await
-            {
+            let outcome = match self.store.create_reservation(&reservation_key, &reservation).await {
                 Ok(outcome) => outcome,
                 Err(source) => {
                     // Without its reservation the address is not ours to keep.
@@ -323,15 +315,7 @@ impl<'s, S: Store> Ipam<'s, S> {
             };
             match outcome {
                 ReserveOutcome::Reserved => {
-                    if let Assignment::New {
-                        replaces: Some(old), ..
-                    } = assignment
-                    {
-                        let old = from_u128(Family::of(ip), old);
-                        self.delete_reservation(&config.network_name, old, &reservation)
-                            .await?;
-                    }
-                    return Ok((allocated, is_new));
+                    return Ok(taken);
                 }
                 ReserveOutcome::HeldBy(holder) => {
                     tracing::debug!(
@@ -343,10 +327,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                 }
             }
         }
-        Err(IpamError::Contention {
-            pool: name,
-            attempts: self.retry.attempts,
-        })
+        Err(IpamError::Contention { pool: name, attempts: self.retry.attempts })
     }
 
     /// Releases what (`container_id`, `ifname`) holds in every range (upstream stops at the first range
@@ -368,18 +349,14 @@ impl<'s, S: Store> Ipam<'s, S> {
                         let ip = from_u128(pool.family(), addr);
                         pool.remove(addr).map(|a| (ip, a))
                     });
-                    Ok(Change {
-                        changed: value.is_some(),
-                        value,
-                    })
+                    Ok(Change { changed: value.is_some(), value })
                 })
                 .await;
             let outcome = match removed {
                 Ok(Some((ip, allocation))) => {
                     released.push(ip);
                     if config.enable_overlapping_ranges {
-                        self.delete_reservation(&config.network_name, ip, &reservation_of(&allocation))
-                            .await
+                        self.delete_reservation(&config.network_name, ip, &reservation_of(&allocation)).await
                     } else {
                         Ok(())
                     }
@@ -407,13 +384,9 @@ impl<'s, S: Store> Ipam<'s, S> {
             let name = pool_name(&config.network_name, None, &network);
             let held = self
                 .update_pool(&name, network, |pool| {
-                    let ip = pool
-                        .find_container(container_id, ifname)
-                        .map(|addr| from_u128(pool.family(), addr));
-                    Ok(Change {
-                        value: ip,
-                        changed: false,
-                    })
+                    let ip =
+                        pool.find_container(container_id, ifname).map(|addr| from_u128(pool.family(), addr));
+                    Ok(Change { value: ip, changed: false })
                 })
                 .await?;
             out.push(held);
@@ -448,16 +421,12 @@ impl<'s, S: Store> Ipam<'s, S> {
                     for (ip, _) in &stale {
                         pool.remove(to_u128(*ip));
                     }
-                    Ok(Change {
-                        changed: !stale.is_empty(),
-                        value: stale,
-                    })
+                    Ok(Change { changed: !stale.is_empty(), value: stale })
                 })
                 .await?;
             for (ip, allocation) in stale {
                 if config.enable_overlapping_ranges {
-                    self.delete_reservation(&config.network_name, ip, &reservation_of(&allocation))
-                        .await?;
+                    self.delete_reservation(&config.network_name, ip, &reservation_of(&allocation)).await?;
                 }
                 released.push(ip);
             }
@@ -474,10 +443,7 @@ impl<'s, S: Store> Ipam<'s, S> {
             let free = self
                 .update_pool(&name, network, |pool| {
                     let free = lowest_free(&managed.range, pool, config.gateway, &IntervalSet::new());
-                    Ok(Change {
-                        value: free,
-                        changed: false,
-                    })
+                    Ok(Change { value: free, changed: false })
                 })
                 .await?;
             if free.is_none() {

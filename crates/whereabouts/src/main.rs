@@ -20,32 +20,21 @@ fn cni_main(vars: HashMap<String, String>) -> Reply {
     let mut stdin = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
         let error = CniError::new(codes::IO, format!("reading stdin: {e}"));
-        return Reply {
-            stdout: error.to_json(LATEST).to_string(),
-            exit_code: 1,
-        };
+        return Reply { stdout: error.to_json(LATEST).to_string(), exit_code: 1 };
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build();
     let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
             let error = CniError::new(codes::INTERNAL, format!("starting the runtime: {e}"));
-            return Reply {
-                stdout: error.to_json(LATEST).to_string(),
-                exit_code: 1,
-            };
+            return Reply { stdout: error.to_json(LATEST).to_string(), exit_code: 1 };
         }
     };
     // A bug must still answer with a CNI error object, not a bare panic message.
     std::panic::catch_unwind(|| runtime.block_on(whereabouts_cni::run(&vars, &stdin, &FsHost)))
         .unwrap_or_else(|_| {
             let error = CniError::new(codes::INTERNAL, "internal error (panic); see stderr");
-            Reply {
-                stdout: error.to_json(LATEST).to_string(),
-                exit_code: 1,
-            }
+            Reply { stdout: error.to_json(LATEST).to_string(), exit_code: 1 }
         })
 }
 
@@ -66,9 +55,6 @@ fn main() -> ExitCode {
         std::env::consts::OS,
         std::env::consts::ARCH
     );
-    eprintln!(
-        "CNI protocol versions supported: {}",
-        SUPPORTED_VERSIONS.join(", ")
-    );
+    eprintln!("CNI protocol versions supported: {}", SUPPORTED_VERSIONS.join(", "));
     ExitCode::SUCCESS
 }

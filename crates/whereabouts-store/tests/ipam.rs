@@ -1,0 +1,935 @@
+//! Integration tests of the IPAM engine ([`Ipam`]) over a real [`FileStore`] in a temporary directory.
+//!
+//! Every test asserts exact addresses, and where it matters the exact stored pool entries and
+//! cluster-wide reservations left behind.
+
+#![allow(clippy::unwrap_used, reason = "test helpers panic on unexpected store errors by design")]
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use whereabouts_core::addr::to_u128;
+use whereabouts_core::allocate::AllocError;
+use whereabouts_core::config::{self, CallContext, IpamConfig};
+use whereabouts_core::pool::{Allocation, Owner, Pool, PoolSpec};
+use whereabouts_core::range::{pool_name, reservation_name};
+use whereabouts_store::file::FileStore;
+use whereabouts_store::ipam::{AllocatedIp, Ipam, IpamError, RetryPolicy};
+use whereabouts_store::{Reservation, ReserveOutcome, Store, StoreError, Version, VersionedPool};
+
+// === helpers ===
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn ips(list: &[&str]) -> Vec<IpAddr> {
+    list.iter().map(|s| ip(s)).collect()
+}
+
+/// A fresh file store in a temporary directory (keep the directory alive as long as the store).
+fn file_store() -> (TempDir, FileStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::open(dir.path()).unwrap();
+    (dir, store)
+}
+
+/// Loads an `ipam` object (type and `"datastore": "file"` filled in) with a call context.
+fn config_with(mut ipam: Value, call: &CallContext) -> IpamConfig {
+    let object = ipam.as_object_mut().expect("the ipam config is an object");
+    object.insert("type".into(), json!("whereabouts"));
+    object.insert("datastore".into(), json!("file"));
+    config::load(&ipam, None, call).unwrap()
+}
+
+/// Loads an `ipam` object without anything from the call.
+fn cfg(ipam: Value) -> IpamConfig {
+    config_with(ipam, &CallContext::default())
+}
+
+/// A configuration with one range.
+fn single(range: &str) -> IpamConfig {
+    cfg(json!({ "range": range }))
+}
+
+/// The pool name of the `index`th range of a configuration.
+fn pool_of(config: &IpamConfig, index: usize) -> String {
+    pool_name(&config.network_name, None, &config.ranges[index].range.network())
+}
+
+/// A Kubernetes owner: container `c<n>`, pod `ns/p<n>`, interface `eth0`.
+fn owner(n: usize) -> Owner {
+    Owner {
+        container_id: format!("c{n}"),
+        pod_ref: Some(format!("ns/p{n}")),
+        ifname: "eth0".into(),
+        node: None,
+        network: None,
+    }
+}
+
+/// An owner outside Kubernetes (no pod reference).
+fn bare_owner(container_id: &str) -> Owner {
+    Owner {
+        container_id: container_id.into(),
+        pod_ref: None,
+        ifname: "eth0".into(),
+        node: None,
+        network: None,
+    }
+}
+
+/// An owner recorded with a node and a CNI network name (for GC).
+fn owner_on(n: usize, node: Option<&str>, network: Option<&str>) -> Owner {
+    Owner { node: node.map(Into::into), network: network.map(Into::into), ..owner(n) }
+}
+
+/// The reservation an owner's allocation writes.
+fn reservation(owner: &Owner) -> Reservation {
+    Reservation {
+        pod_ref: owner.pod_ref.clone().unwrap_or_default(),
+        ifname: owner.ifname.clone(),
+        container_id: owner.container_id.clone(),
+    }
+}
+
+fn just_ips(allocated: &[AllocatedIp]) -> Vec<IpAddr> {
+    allocated.iter().map(|a| a.ip).collect()
+}
+
+/// Allocates and returns only the addresses.
+async fn alloc<S: Store>(ipam: &Ipam<'_, S>, config: &IpamConfig, owner: &Owner) -> Vec<IpAddr> {
+    just_ips(&ipam.allocate(config, owner).await.unwrap())
+}
+
+/// The stored allocations of a pool by address (empty when the pool does not exist).
+async fn allocations(store: &impl Store, name: &str) -> BTreeMap<IpAddr, Allocation> {
+    let Some(stored) = store.read_pool(name).await.unwrap() else {
+        return BTreeMap::new();
+    };
+    let network: IpNet = stored.spec.range.parse().unwrap();
+    let (pool, skipped) = Pool::from_spec(&stored.spec, network).unwrap();
+    assert!(skipped.is_empty(), "pool {name} has undecodable keys: {skipped:?}");
+    pool.iter().map(|(ip, a)| (ip, a.clone())).collect()
+}
+
+/// Every reservation, by name.
+async fn reservations(store: &impl Store) -> BTreeMap<String, Reservation> {
+    store.list_reservations().await.unwrap().into_iter().collect()
+}
+
+/// The expected reservation map for (reservation name, owner) pairs.
+fn reserved_by(entries: &[(&str, &Owner)]) -> BTreeMap<String, Reservation> {
+    entries.iter().map(|(name, o)| (name.to_string(), reservation(o))).collect()
+}
+
+/// Replaces a pool's stored state with `entries` (creating it if needed), bypassing the engine.
+async fn write_state(store: &impl Store, name: &str, network: IpNet, entries: &[(&str, &Owner)]) {
+    let mut pool = Pool::new(network);
+    for (addr, o) in entries {
+        pool.insert(to_u128(ip(addr)), o.allocation());
+    }
+    let version = store.read_pool(name).await.unwrap().map(|p| p.version);
+    store.write_pool(name, &pool.to_spec(), version.as_ref()).await.unwrap();
+}
+
+/// Asserts that every reservation is backed by an entry of the same attachment at its address in one of
+/// `pools` (network name ""): a reservation without its pool entry is never released by DEL.
+async fn assert_reservations_backed(store: &impl Store, pools: &[&str]) {
+    let mut entries = BTreeMap::new();
+    for name in pools {
+        entries.extend(allocations(store, name).await);
+    }
+    for (name, held) in reservations(store).await {
+        let backed = entries.iter().any(|(addr, a)| {
+            reservation_name("", *addr) == name && a.pod_ref == held.pod_ref && a.ifname == held.ifname
+        });
+        assert!(backed, "reservation {name} of {held:?} has no pool entry in {pools:?}: {entries:?}");
+    }
+}
+
+fn quick_retry(attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        attempts,
+        first_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(1),
+        deadline: Duration::from_secs(30),
+    }
+}
+
+// === 1. lowest free address, reuse, `.0` and gateway ===
+
+#[tokio::test]
+async fn lowest_free_address_and_reuse_of_released_ones() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = single("192.0.2.0/24");
+    for n in 1..=3 {
+        assert_eq!(alloc(&ipam, &config, &owner(n)).await, ips(&[&format!("192.0.2.{n}")]));
+    }
+    assert_eq!(ipam.release(&config, "c2", "eth0").await.unwrap(), ips(&["192.0.2.2"]));
+    assert_eq!(alloc(&ipam, &config, &owner(4)).await, ips(&["192.0.2.2"]));
+    assert_eq!(alloc(&ipam, &config, &owner(5)).await, ips(&["192.0.2.4"]));
+
+    let stored = allocations(&store, "192.0.2.0-24").await;
+    let expected: BTreeMap<IpAddr, Allocation> = [(1, 1), (2, 4), (3, 3), (4, 5)]
+        .into_iter()
+        .map(|(host, n)| (ip(&format!("192.0.2.{host}")), owner(n).allocation()))
+        .collect();
+    assert_eq!(stored, expected);
+    assert_eq!(store.list_pools().await.unwrap(), ["192.0.2.0-24"]);
+}
+
+#[tokio::test]
+async fn ipv4_addresses_ending_in_dot_zero_are_skipped() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = cfg(json!({ "range": "10.20.0.0/16", "range_start": "10.20.0.254" }));
+    let mut got = Vec::new();
+    for n in 1..=4 {
+        got.extend(alloc(&ipam, &config, &owner(n)).await);
+    }
+    assert_eq!(got, ips(&["10.20.0.254", "10.20.0.255", "10.20.1.1", "10.20.1.2"]));
+}
+
+#[tokio::test]
+async fn the_gateway_is_never_handed_out() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = cfg(json!({ "range": "192.0.2.0/24", "gateway": "192.0.2.1" }));
+    assert_eq!(alloc(&ipam, &config, &owner(1)).await, ips(&["192.0.2.2"]));
+    assert_eq!(alloc(&ipam, &config, &owner(2)).await, ips(&["192.0.2.3"]));
+
+    // A gateway in the middle of the interval, and right after a `.0` address.
+    let config =
+        cfg(json!({ "range": "10.30.0.0/16", "range_start": "10.30.0.255", "gateway": "10.30.1.1" }));
+    let mut got = Vec::new();
+    for n in 1..=3 {
+        got.extend(alloc(&ipam, &config, &owner(n)).await);
+    }
+    assert_eq!(got, ips(&["10.30.0.255", "10.30.1.2", "10.30.1.3"]));
+}
+
+// === 2. idempotent ADD ===
+
+#[tokio::test]
+async fn add_is_idempotent_on_pod_and_interface() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = single("192.0.2.0/24");
+    let name = pool_of(&config, 0);
+    assert_eq!(alloc(&ipam, &config, &owner(1)).await, ips(&["192.0.2.1"]));
+    let version_before = store.read_pool(&name).await.unwrap().unwrap().version;
+
+    // The very same ADD again changes nothing, not even the pool's version.
+    assert_eq!(alloc(&ipam, &config, &owner(1)).await, ips(&["192.0.2.1"]));
+    assert_eq!(store.read_pool(&name).await.unwrap().unwrap().version, version_before);
+
+    // A new sandbox of the same pod gets the same address, and the record follows the new container.
+    let resandboxed = Owner { container_id: "c1-new".into(), ..owner(1) };
+    assert_eq!(alloc(&ipam, &config, &resandboxed).await, ips(&["192.0.2.1"]));
+    let stored = store.read_pool(&name).await.unwrap().unwrap();
+    assert_ne!(stored.version, version_before);
+    assert_eq!(stored.spec.allocations.len(), 1);
+    assert_eq!(stored.spec.allocations["1"].container_id, "c1-new");
+    assert_eq!(stored.spec.allocations["1"].pod_ref, "ns/p1");
+    assert_eq!(ipam.held(&config, "c1-new", "eth0").await.unwrap(), [Some(ip("192.0.2.1"))]);
+    assert_eq!(ipam.held(&config, "c1", "eth0").await.unwrap(), [None]);
+
+    // Another interface of the same pod is another attachment.
+    let second_if = Owner { ifname: "net1".into(), ..resandboxed.clone() };
+    assert_eq!(alloc(&ipam, &config, &second_if).await, ips(&["192.0.2.2"]));
+
+    // DEL with the new container ID releases the address and its reservation.
+    assert_eq!(ipam.release(&config, "c1-new", "eth0").await.unwrap(), ips(&["192.0.2.1"]));
+    assert_eq!(reservations(&store).await, reserved_by(&[("192.0.2.2", &second_if)]));
+}
+
+#[tokio::test]
+async fn owners_outside_kubernetes_are_matched_by_container() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = single("192.0.2.0/24");
+    assert_eq!(alloc(&ipam, &config, &owner(1)).await, ips(&["192.0.2.1"]));
+    // A bare container whose ID equals a pod's container ID does not own the pod's address.
+    assert_eq!(alloc(&ipam, &config, &bare_owner("c1")).await, ips(&["192.0.2.2"]));
+    assert_eq!(alloc(&ipam, &config, &bare_owner("c1")).await, ips(&["192.0.2.2"]));
+    assert_eq!(alloc(&ipam, &config, &bare_owner("x")).await, ips(&["192.0.2.3"]));
+    assert_eq!(alloc(&ipam, &config, &bare_owner("x")).await, ips(&["192.0.2.3"]));
+    let other_if = Owner { ifname: "net1".into(), ..bare_owner("x") };
+    assert_eq!(alloc(&ipam, &config, &other_if).await, ips(&["192.0.2.4"]));
+
+    let stored = allocations(&store, &pool_of(&config, 0)).await;
+    assert_eq!(stored.len(), 4);
+    assert_eq!(stored[&ip("192.0.2.2")], bare_owner("c1").allocation());
+    assert_eq!(stored[&ip("192.0.2.3")], bare_owner("x").allocation());
+    assert_eq!(
+        reservations(&store).await,
+        reserved_by(&[
+            ("192.0.2.1", &owner(1)),
+            ("192.0.2.2", &bare_owner("c1")),
+            ("192.0.2.3", &bare_owner("x")),
+            ("192.0.2.4", &other_if),
+        ])
+    );
+}
+
+// === 3. dual stack ===
+
+fn dual_stack() -> IpamConfig {
+    cfg(json!({ "range": "192.0.2.0/24", "ipRanges": [{ "range": "2001:db8::/64" }] }))
+}
+
+#[tokio::test]
+async fn dual_stack_allocates_one_address_per_range_in_order() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = dual_stack();
+    assert_eq!(pool_of(&config, 0), "192.0.2.0-24");
+    assert_eq!(pool_of(&config, 1), "2001-db8---64");
+
+    let first = ipam.allocate(&config, &owner(1)).await.unwrap();
+    assert_eq!(
+        first,
+        [
+            AllocatedIp { ip: ip("192.0.2.1"), network: "192.0.2.0/24".parse().unwrap() },
+            AllocatedIp { ip: ip("2001:db8::1"), network: "2001:db8::/64".parse().unwrap() },
+        ]
+    );
+    assert_eq!(alloc(&ipam, &config, &owner(2)).await, ips(&["192.0.2.2", "2001:db8::2"]));
+    assert_eq!(
+        ipam.held(&config, "c2", "eth0").await.unwrap(),
+        [Some(ip("192.0.2.2")), Some(ip("2001:db8::2"))]
+    );
+    assert_eq!(
+        reservations(&store).await,
+        reserved_by(&[
+            ("192.0.2.1", &owner(1)),
+            ("192.0.2.2", &owner(2)),
+            ("2001-db8--1", &owner(1)),
+            ("2001-db8--2", &owner(2)),
+        ])
+    );
+
+    // DEL frees both families.
+    assert_eq!(ipam.release(&config, "c1", "eth0").await.unwrap(), ips(&["192.0.2.1", "2001:db8::1"]));
+    assert_eq!(ipam.held(&config, "c1", "eth0").await.unwrap(), [None, None]);
+    assert_eq!(
+        reservations(&store).await,
+        reserved_by(&[("192.0.2.2", &owner(2)), ("2001-db8--2", &owner(2))])
+    );
+    assert_eq!(alloc(&ipam, &config, &owner(3)).await, ips(&["192.0.2.1", "2001:db8::1"]));
+}
+
+#[tokio::test]
+async fn releasing_an_unknown_container_frees_nothing() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = dual_stack();
+    alloc(&ipam, &config, &owner(1)).await;
+    let versions = [
+        store.read_pool(&pool_of(&config, 0)).await.unwrap().unwrap().version,
+        store.read_pool(&pool_of(&config, 1)).await.unwrap().unwrap().version,
+    ];
+    assert_eq!(ipam.release(&config, "nobody", "eth0").await.unwrap(), Vec::<IpAddr>::new());
+    // The right container with the wrong interface is not the attachment either.
+    assert_eq!(ipam.release(&config, "c1", "net1").await.unwrap(), Vec::<IpAddr>::new());
+    assert_eq!(store.read_pool(&pool_of(&config, 0)).await.unwrap().unwrap().version, versions[0]);
+    assert_eq!(store.read_pool(&pool_of(&config, 1)).await.unwrap().unwrap().version, versions[1]);
+    assert_eq!(reservations(&store).await.len(), 2);
+
+    // On a store that has never seen the network, DEL succeeds and creates nothing.
+    let (_dir, empty) = file_store();
+    assert_eq!(Ipam::new(&empty).release(&config, "c1", "eth0").await.unwrap(), Vec::<IpAddr>::new());
+    assert!(empty.list_pools().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn release_continues_past_a_range_without_an_allocation() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = dual_stack();
+    alloc(&ipam, &config, &owner(1)).await;
+    // Only the IPv6 pool knows container c9 (upstream stops at the IPv4 pool and leaks this).
+    let v6 = config.ranges[1].range.network();
+    write_state(&store, &pool_of(&config, 1), v6, &[("2001:db8::1", &owner(1)), ("2001:db8::99", &owner(9))])
+        .await;
+
+    assert_eq!(ipam.release(&config, "c9", "eth0").await.unwrap(), ips(&["2001:db8::99"]));
+    assert_eq!(
+        allocations(&store, &pool_of(&config, 1)).await,
+        BTreeMap::from([(ip("2001:db8::1"), owner(1).allocation())])
+    );
+    assert_eq!(
+        allocations(&store, &pool_of(&config, 0)).await,
+        BTreeMap::from([(ip("192.0.2.1"), owner(1).allocation())])
+    );
+}
+
+// === 4. all or nothing ===
+
+/// A first range with room and a second range that is a /30.
+fn with_small_second_range() -> IpamConfig {
+    cfg(json!({ "range": "192.0.2.0/24", "ipRanges": [{ "range": "198.51.100.0/30" }] }))
+}
+
+/// Fills 198.51.100.0/30 with owners 10 and 11.
+async fn fill_slash_30<S: Store>(ipam: &Ipam<'_, S>) {
+    let small = single("198.51.100.0/30");
+    assert_eq!(alloc(ipam, &small, &owner(10)).await, ips(&["198.51.100.1"]));
+    assert_eq!(alloc(ipam, &small, &owner(11)).await, ips(&["198.51.100.2"]));
+}
+
+fn assert_exhausted(result: Result<Vec<AllocatedIp>, IpamError>, expected_pool: &str) {
+    match result {
+        Err(IpamError::Alloc { pool, source: AllocError::Exhausted(range) }) => {
+            assert_eq!(pool, expected_pool);
+            assert!(range.contains("198.51.100.1 - 198.51.100.2 in 198.51.100.0/30"), "{range}");
+        }
+        other => panic!("expected exhaustion of {expected_pool}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_failing_range_rolls_back_the_earlier_ones() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = with_small_second_range();
+    fill_slash_30(&ipam).await;
+
+    assert_exhausted(ipam.allocate(&config, &owner(1)).await, "198.51.100.0-30");
+    assert!(allocations(&store, "192.0.2.0-24").await.is_empty(), "the first address was rolled back");
+    assert_eq!(ipam.held(&config, "c1", "eth0").await.unwrap(), [None, None]);
+    assert_eq!(
+        reservations(&store).await,
+        reserved_by(&[("198.51.100.1", &owner(10)), ("198.51.100.2", &owner(11))])
+    );
+    // The rolled back address is free for the next owner.
+    assert_eq!(alloc(&ipam, &single("192.0.2.0/24"), &owner(2)).await, ips(&["192.0.2.1"]));
+}
+
+#[tokio::test]
+async fn the_rollback_keeps_an_allocation_the_owner_already_had() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = with_small_second_range();
+    fill_slash_30(&ipam).await;
+    assert_eq!(alloc(&ipam, &single("192.0.2.0/24"), &owner(1)).await, ips(&["192.0.2.1"]));
+
+    assert_exhausted(ipam.allocate(&config, &owner(1)).await, "198.51.100.0-30");
+    assert_eq!(
+        allocations(&store, "192.0.2.0-24").await,
+        BTreeMap::from([(ip("192.0.2.1"), owner(1).allocation())])
+    );
+    assert_eq!(reservations(&store).await["192.0.2.1"], reservation(&owner(1)));
+
+    // The same with a new sandbox of the pod: the (refreshed) allocation stays too.
+    let resandboxed = Owner { container_id: "c1-new".into(), ..owner(1) };
+    assert_exhausted(ipam.allocate(&config, &resandboxed).await, "198.51.100.0-30");
+    assert_eq!(ipam.held(&config, "c1-new", "eth0").await.unwrap(), [Some(ip("192.0.2.1")), None]);
+    assert_eq!(reservations(&store).await.len(), 3);
+}
+
+// === 5. overlapping ranges and reservations ===
+
+#[tokio::test]
+async fn overlapping_ranges_never_share_an_address() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let a = single("10.10.0.0/16");
+    let b = single("10.10.0.0/17");
+    assert!(a.enable_overlapping_ranges && b.enable_overlapping_ranges);
+    assert_eq!(alloc(&ipam, &a, &owner(1)).await, ips(&["10.10.0.1"]));
+    assert_eq!(alloc(&ipam, &b, &owner(2)).await, ips(&["10.10.0.2"]));
+    assert_eq!(
+        allocations(&store, "10.10.0.0-17").await,
+        BTreeMap::from([(ip("10.10.0.2"), owner(2).allocation())]),
+        "pool B keeps no entry for the address reserved through pool A"
+    );
+    assert_eq!(alloc(&ipam, &a, &owner(3)).await, ips(&["10.10.0.3"]), "A skips the address B took");
+    assert_eq!(
+        reservations(&store).await,
+        reserved_by(&[("10.10.0.1", &owner(1)), ("10.10.0.2", &owner(2)), ("10.10.0.3", &owner(3))])
+    );
+
+    // Releases delete the releasing owner's reservations only.
+    assert_eq!(ipam.release(&a, "c1", "eth0").await.unwrap(), ips(&["10.10.0.1"]));
+    assert_eq!(ipam.release(&a, "c2", "eth0").await.unwrap(), Vec::<IpAddr>::new(), "c2 is in pool B");
+    assert_eq!(
+        reservations(&store).await,
+        reserved_by(&[("10.10.0.2", &owner(2)), ("10.10.0.3", &owner(3))])
+    );
+    assert_eq!(ipam.release(&b, "c2", "eth0").await.unwrap(), ips(&["10.10.0.2"]));
+    assert_eq!(reservations(&store).await, reserved_by(&[("10.10.0.3", &owner(3))]));
+    // Freed addresses are usable from the other pool again.
+    assert_eq!(alloc(&ipam, &b, &owner(4)).await, ips(&["10.10.0.1"]));
+}
+
+#[tokio::test]
+async fn without_overlapping_ranges_no_reservation_is_consulted() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let a = single("10.10.0.0/16");
+    let b = cfg(json!({ "range": "10.10.0.0/17", "enable_overlapping_ranges": false }));
+    assert!(!b.enable_overlapping_ranges);
+    assert_eq!(alloc(&ipam, &a, &owner(1)).await, ips(&["10.10.0.1"]));
+    // Upstream-pinned: B neither checks nor writes reservations, so it hands out the same address.
+    assert_eq!(alloc(&ipam, &b, &owner(2)).await, ips(&["10.10.0.1"]));
+    assert_eq!(reservations(&store).await, reserved_by(&[("10.10.0.1", &owner(1))]));
+    assert_eq!(ipam.release(&b, "c2", "eth0").await.unwrap(), ips(&["10.10.0.1"]));
+    assert_eq!(reservations(&store).await, reserved_by(&[("10.10.0.1", &owner(1))]));
+}
+
+#[tokio::test]
+async fn different_network_names_are_independent() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let red = cfg(json!({ "range": "10.10.0.0/16", "network_name": "red" }));
+    let blue = cfg(json!({ "range": "10.10.0.0/17", "network_name": "blue" }));
+    assert_eq!(pool_of(&red, 0), "red-10.10.0.0-16");
+    assert_eq!(pool_of(&blue, 0), "blue-10.10.0.0-17");
+    assert_eq!(alloc(&ipam, &red, &owner(1)).await, ips(&["10.10.0.1"]));
+    assert_eq!(alloc(&ipam, &blue, &owner(2)).await, ips(&["10.10.0.1"]));
+    // Same range, same network name as `red`: shared pool.
+    let red_again = cfg(json!({ "range": "10.10.0.0/16", "network_name": "red" }));
+    assert_eq!(alloc(&ipam, &red_again, &owner(3)).await, ips(&["10.10.0.2"]));
+    assert_eq!(
+        reservations(&store).await,
+        reserved_by(&[
+            ("blue-10.10.0.1", &owner(2)),
+            ("red-10.10.0.1", &owner(1)),
+            ("red-10.10.0.2", &owner(3)),
+        ])
+    );
+    assert_eq!(store.list_pools().await.unwrap(), ["blue-10.10.0.0-17", "red-10.10.0.0-16"]);
+    assert_eq!(ipam.release(&blue, "c2", "eth0").await.unwrap(), ips(&["10.10.0.1"]));
+    assert!(!reservations(&store).await.contains_key("blue-10.10.0.1"));
+    assert!(reservations(&store).await.contains_key("red-10.10.0.1"));
+}
+
+#[tokio::test]
+async fn a_release_never_deletes_another_owners_reservation() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let a = single("10.10.0.0/16");
+    let b = single("10.10.0.0/17");
+    assert_eq!(alloc(&ipam, &a, &owner(1)).await, ips(&["10.10.0.1"]));
+    // Pool B holds 10.10.0.1 for owner 2 without a reservation (a writer died between its two writes).
+    write_state(&store, "10.10.0.0-17", b.ranges[0].range.network(), &[("10.10.0.1", &owner(2))]).await;
+
+    assert_eq!(ipam.release(&b, "c2", "eth0").await.unwrap(), ips(&["10.10.0.1"]));
+    assert!(allocations(&store, "10.10.0.0-17").await.is_empty());
+    assert_eq!(reservations(&store).await, reserved_by(&[("10.10.0.1", &owner(1))]));
+}
+
+#[tokio::test]
+async fn an_existing_entry_whose_address_another_owner_reserved_is_given_up() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let a = single("10.10.0.0/16");
+    let b = single("10.10.0.0/17");
+    assert_eq!(alloc(&ipam, &a, &owner(1)).await, ips(&["10.10.0.1"]));
+    write_state(&store, "10.10.0.0-17", b.ranges[0].range.network(), &[("10.10.0.1", &owner(2))]).await;
+    // Owner 2's retried ADD finds its entry, loses the reservation race, and moves on.
+    assert_eq!(alloc(&ipam, &b, &owner(2)).await, ips(&["10.10.0.2"]));
+    assert_eq!(
+        allocations(&store, "10.10.0.0-17").await,
+        BTreeMap::from([(ip("10.10.0.2"), owner(2).allocation())])
+    );
+    assert_eq!(
+        reservations(&store).await,
+        reserved_by(&[("10.10.0.1", &owner(1)), ("10.10.0.2", &owner(2))])
+    );
+}
+
+// === 6. requested addresses ===
+
+fn requesting(ipam: Value, requested: &str) -> IpamConfig {
+    let call =
+        CallContext { requested_ips: vec![("runtimeConfig.ips", requested.into())], ..Default::default() };
+    config_with(ipam, &call)
+}
+
+#[tokio::test]
+async fn a_requested_address_is_granted_and_reserved() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = requesting(json!({ "range": "10.0.0.0/24" }), "10.0.0.50/24");
+    assert_eq!(config.ranges[0].requested, Some(ip("10.0.0.50")));
+
+    assert_eq!(alloc(&ipam, &config, &owner(1)).await, ips(&["10.0.0.50"]));
+    assert_eq!(reservations(&store).await, reserved_by(&[("10.0.0.50", &owner(1))]));
+    // Idempotent for its owner.
+    assert_eq!(alloc(&ipam, &config, &owner(1)).await, ips(&["10.0.0.50"]));
+
+    match ipam.allocate(&config, &owner(2)).await {
+        Err(IpamError::Alloc { pool, source: AllocError::Held { ip: held, holder } }) => {
+            assert_eq!(pool, "10.0.0.0-24");
+            assert_eq!(held, ip("10.0.0.50"));
+            assert_eq!(holder, "ns/p1");
+        }
+        other => panic!("expected the request to be refused, got {other:?}"),
+    }
+    assert_eq!(
+        allocations(&store, "10.0.0.0-24").await,
+        BTreeMap::from([(ip("10.0.0.50"), owner(1).allocation())])
+    );
+    // Without a request, the lowest free address.
+    assert_eq!(alloc(&ipam, &single("10.0.0.0/24"), &owner(3)).await, ips(&["10.0.0.1"]));
+}
+
+#[tokio::test]
+async fn a_requested_address_reserved_through_an_overlapping_range_is_refused() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let wide = requesting(json!({ "range": "10.0.0.0/16" }), "10.0.0.50/16");
+    let narrow = requesting(json!({ "range": "10.0.0.0/24" }), "10.0.0.50/24");
+    assert_eq!(alloc(&ipam, &wide, &owner(1)).await, ips(&["10.0.0.50"]));
+    match ipam.allocate(&narrow, &owner(2)).await {
+        Err(IpamError::Alloc { pool, source: AllocError::Held { ip: held, .. } }) => {
+            assert_eq!(pool, "10.0.0.0-24");
+            assert_eq!(held, ip("10.0.0.50"));
+        }
+        other => panic!("expected the request to be refused, got {other:?}"),
+    }
+    assert!(allocations(&store, "10.0.0.0-24").await.is_empty());
+    assert_eq!(reservations(&store).await, reserved_by(&[("10.0.0.50", &owner(1))]));
+}
+
+// === 7. contention and store failures ===
+
+/// A file store whose pool writes conflict a number of times and whose reservations can be made to fail.
+#[derive(Debug)]
+struct Flaky {
+    inner: FileStore,
+    /// Pool writes still to answer with a conflict.
+    conflicts_left: AtomicUsize,
+    /// Pool writes attempted.
+    writes: AtomicUsize,
+    /// Creating a reservation whose name contains this answers "unavailable".
+    reservations_down: Option<&'static str>,
+}
+
+impl Flaky {
+    fn new(inner: FileStore, conflicts: usize, reservations_down: Option<&'static str>) -> Self {
+        Flaky {
+            inner,
+            conflicts_left: AtomicUsize::new(conflicts),
+            writes: AtomicUsize::new(0),
+            reservations_down,
+        }
+    }
+
+    fn writes(&self) -> usize {
+        self.writes.load(Ordering::SeqCst)
+    }
+}
+
+impl Store for Flaky {
+    async fn read_pool(&self, name: &str) -> Result<Option<VersionedPool>, StoreError> {
+        self.inner.read_pool(name).await
+    }
+
+    async fn write_pool(
+        &self,
+        name: &str,
+        spec: &PoolSpec,
+        expected: Option<&Version>,
+    ) -> Result<Version, StoreError> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        let conflict =
+            self.conflicts_left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if conflict.is_ok() {
+            return Err(StoreError::Conflict);
+        }
+        self.inner.write_pool(name, spec, expected).await
+    }
+
+    async fn create_reservation(
+        &self,
+        name: &str,
+        owner: &Reservation,
+    ) -> Result<ReserveOutcome, StoreError> {
+        if self.reservations_down.is_some_and(|down| name.contains(down)) {
+            return Err(StoreError::Unavailable("injected".into()));
+        }
+        self.inner.create_reservation(name, owner).await
+    }
+
+    async fn delete_reservation(&self, name: &str, owner: &Reservation) -> Result<(), StoreError> {
+        self.inner.delete_reservation(name, owner).await
+    }
+
+    async fn list_pools(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.list_pools().await
+    }
+
+    async fn list_reservations(&self) -> Result<Vec<(String, Reservation)>, StoreError> {
+        self.inner.list_reservations().await
+    }
+}
+
+#[tokio::test]
+async fn conflicting_writes_are_retried() {
+    let (_dir, inner) = file_store();
+    let store = Flaky::new(inner, 3, None);
+    let ipam = Ipam::new(&store).with_retry(quick_retry(10));
+    let config = single("192.0.2.0/24");
+    assert_eq!(alloc(&ipam, &config, &owner(1)).await, ips(&["192.0.2.1"]));
+    assert_eq!(store.writes(), 4);
+    assert_eq!(
+        allocations(&store, "192.0.2.0-24").await,
+        BTreeMap::from([(ip("192.0.2.1"), owner(1).allocation())])
+    );
+    assert_eq!(reservations(&store).await, reserved_by(&[("192.0.2.1", &owner(1))]));
+}
+
+#[tokio::test]
+async fn endless_conflicts_end_in_contention_naming_the_pool() {
+    let (_dir, inner) = file_store();
+    let store = Flaky::new(inner, usize::MAX, None);
+    let ipam = Ipam::new(&store).with_retry(quick_retry(5));
+    let config = dual_stack();
+    match ipam.allocate(&config, &owner(1)).await {
+        Err(IpamError::Contention { pool, attempts }) => {
+            assert_eq!(pool, "192.0.2.0-24");
+            assert_eq!(attempts, 5);
+        }
+        other => panic!("expected contention, got {other:?}"),
+    }
+    assert_eq!(store.writes(), 5);
+    assert!(store.list_pools().await.unwrap().is_empty());
+    assert!(reservations(&store).await.is_empty());
+}
+
+#[tokio::test]
+async fn contention_past_the_deadline_reports_the_writes_tried() {
+    let (_dir, inner) = file_store();
+    let store = Flaky::new(inner, usize::MAX, None);
+    let retry = RetryPolicy { deadline: Duration::ZERO, ..quick_retry(5) };
+    let ipam = Ipam::new(&store).with_retry(retry);
+    let err = ipam.allocate(&single("192.0.2.0/24"), &owner(1)).await.unwrap_err();
+    assert_eq!(store.writes(), 1, "the deadline is already past after the first conflict");
+    match err {
+        IpamError::Contention { attempts, .. } => assert_eq!(attempts, 1, "{err}"),
+        other => panic!("expected contention, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_unavailable_reservation_store_leaves_no_pool_entry() {
+    let (_dir, inner) = file_store();
+    let store = Flaky::new(inner, 0, Some(""));
+    let ipam = Ipam::new(&store);
+    let config = single("192.0.2.0/24");
+    match ipam.allocate(&config, &owner(1)).await {
+        Err(IpamError::Store { object, source: StoreError::Unavailable(_) }) => {
+            assert_eq!(object, "reservation 192.0.2.1");
+        }
+        other => panic!("expected the reservation failure, got {other:?}"),
+    }
+    assert!(allocations(&store, "192.0.2.0-24").await.is_empty());
+    assert!(reservations(&store).await.is_empty());
+}
+
+#[tokio::test]
+async fn an_unavailable_reservation_store_in_a_later_range_rolls_back_the_earlier_ones() {
+    let (_dir, inner) = file_store();
+    let store = Flaky::new(inner, 0, Some("2001-db8"));
+    let ipam = Ipam::new(&store);
+    let config = dual_stack();
+    match ipam.allocate(&config, &owner(1)).await {
+        Err(IpamError::Store { object, source: StoreError::Unavailable(_) }) => {
+            assert_eq!(object, "reservation 2001-db8--1");
+        }
+        other => panic!("expected the reservation failure, got {other:?}"),
+    }
+    assert!(allocations(&store, "192.0.2.0-24").await.is_empty());
+    assert!(allocations(&store, "2001-db8---64").await.is_empty());
+    assert!(reservations(&store).await.is_empty());
+}
+
+// === 8. garbage collection ===
+
+#[tokio::test]
+async fn gc_releases_only_this_nodes_stale_attachments_of_this_network() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = single("192.0.2.0/24");
+    let valid = owner_on(1, Some("n1"), Some("net"));
+    let stale = owner_on(2, Some("n1"), Some("net"));
+    let other_node = owner_on(3, Some("n2"), Some("net"));
+    let other_network = owner_on(4, Some("n1"), Some("other"));
+    let no_node = owner_on(5, None, Some("net"));
+    for (n, o) in [&valid, &stale, &other_node, &other_network, &no_node].into_iter().enumerate() {
+        assert_eq!(alloc(&ipam, &config, o).await, ips(&[&format!("192.0.2.{}", n + 1)]));
+    }
+
+    let attachments = HashSet::from([("c1".to_string(), "eth0".to_string())]);
+    let released = ipam.collect_garbage(&config, "n1", "net", &attachments).await.unwrap();
+    assert_eq!(released, ips(&["192.0.2.2"]));
+    let expected: BTreeMap<IpAddr, Allocation> = [
+        ("192.0.2.1", &valid),
+        ("192.0.2.3", &other_node),
+        ("192.0.2.4", &other_network),
+        ("192.0.2.5", &no_node),
+    ]
+    .into_iter()
+    .map(|(addr, o)| (ip(addr), o.allocation()))
+    .collect();
+    assert_eq!(allocations(&store, "192.0.2.0-24").await, expected);
+    assert_eq!(
+        reservations(&store).await,
+        reserved_by(&[
+            ("192.0.2.1", &valid),
+            ("192.0.2.3", &other_node),
+            ("192.0.2.4", &other_network),
+            ("192.0.2.5", &no_node),
+        ])
+    );
+    // A second pass has nothing left to do.
+    assert!(ipam.collect_garbage(&config, "n1", "net", &attachments).await.unwrap().is_empty());
+}
+
+// === 9. exhausted pools ===
+
+#[tokio::test]
+async fn exhausted_pools_are_reported_by_name() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = with_small_second_range();
+    assert!(ipam.exhausted_pools(&config).await.unwrap().is_empty(), "fresh pools have room");
+    assert!(store.list_pools().await.unwrap().is_empty(), "STATUS writes nothing");
+    fill_slash_30(&ipam).await;
+    assert_eq!(ipam.exhausted_pools(&config).await.unwrap(), ["198.51.100.0-30"]);
+    assert_eq!(
+        ipam.release(&single("198.51.100.0/30"), "c10", "eth0").await.unwrap(),
+        ips(&["198.51.100.1"])
+    );
+    assert!(ipam.exhausted_pools(&config).await.unwrap().is_empty());
+
+    // The gateway counts as unavailable.
+    let with_gateway = cfg(json!({ "range": "203.0.113.0/30", "gateway": "203.0.113.1" }));
+    assert!(ipam.exhausted_pools(&with_gateway).await.unwrap().is_empty());
+    assert_eq!(alloc(&ipam, &with_gateway, &owner(1)).await, ips(&["203.0.113.2"]));
+    assert_eq!(ipam.exhausted_pools(&with_gateway).await.unwrap(), ["203.0.113.0-30"]);
+}
+
+// === 10. concurrency ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_allocations_never_share_an_address() {
+    const TASKS: usize = 16;
+    const PER_TASK: usize = 10;
+    let (_dir, store) = file_store();
+    let store = Arc::new(store);
+    let config = Arc::new(single("192.0.2.0/24"));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let store = Arc::clone(&store);
+            let config = Arc::clone(&config);
+            tokio::spawn(async move {
+                let ipam = Ipam::new(&*store);
+                let mut got = Vec::with_capacity(PER_TASK);
+                for i in 0..PER_TASK {
+                    let o = owner(t * PER_TASK + i);
+                    let allocated = ipam.allocate(&config, &o).await.unwrap();
+                    assert_eq!(allocated.len(), 1);
+                    got.push((o, allocated[0].ip));
+                }
+                got
+            })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(TASKS * PER_TASK);
+    for task in tasks {
+        results.extend(task.await.unwrap());
+    }
+    assert_eq!(results.len(), TASKS * PER_TASK);
+
+    let distinct: HashSet<IpAddr> = results.iter().map(|(_, ip)| *ip).collect();
+    assert_eq!(distinct.len(), TASKS * PER_TASK, "an address was handed out twice");
+    let expected_pool: BTreeMap<IpAddr, Allocation> =
+        results.iter().map(|(o, ip)| (*ip, o.allocation())).collect();
+    assert_eq!(allocations(&*store, "192.0.2.0-24").await, expected_pool);
+    let expected_reservations: BTreeMap<String, Reservation> =
+        results.iter().map(|(o, ip)| (reservation_name("", *ip), reservation(o))).collect();
+    assert_eq!(reservations(&*store).await, expected_reservations);
+    // Lowest free first: with no releases the handed-out addresses are exactly .1 to .160.
+    let expected_ips: HashSet<IpAddr> = (1..=TASKS * PER_TASK).map(|h| ip(&format!("192.0.2.{h}"))).collect();
+    assert_eq!(distinct, expected_ips);
+}
+
+// === bugs ===
+
+/// Moving an attachment to a requested address that an overlapping range has reserved drops the
+/// attachment's previous pool entry but keeps its previous reservation, which nothing ever deletes.
+#[tokio::test]
+async fn a_refused_move_to_a_requested_address_does_not_leak_the_old_reservation() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let narrow = single("10.0.0.0/24");
+    let wide = single("10.0.0.0/16");
+    // Owner 1 holds 10.0.0.1 in the /24; owner 2 holds 10.0.0.2 in the overlapping /16.
+    assert_eq!(alloc(&ipam, &narrow, &owner(1)).await, ips(&["10.0.0.1"]));
+    assert_eq!(alloc(&ipam, &wide, &owner(2)).await, ips(&["10.0.0.2"]));
+    // Owner 1's pod is re-added asking for 10.0.0.2: refused.
+    let moving = requesting(json!({ "range": "10.0.0.0/24" }), "10.0.0.2/24");
+    assert!(matches!(
+        ipam.allocate(&moving, &owner(1)).await,
+        Err(IpamError::Alloc { source: AllocError::Held { .. }, .. })
+    ));
+    assert_reservations_backed(&store, &["10.0.0.0-24", "10.0.0.0-16"]).await;
+    // Whatever happened to owner 1's pool entry, its DEL must leave no reservation of owner 1 behind.
+    ipam.release(&narrow, "c1", "eth0").await.unwrap();
+    assert_eq!(reservations(&store).await, reserved_by(&[("10.0.0.2", &owner(2))]), "10.0.0.1 leaked");
+    // Otherwise 10.0.0.1 can never be handed out again in this network.
+    assert_eq!(alloc(&ipam, &narrow, &owner(3)).await, ips(&["10.0.0.1"]));
+}
+
+/// The same leak when the reservation store fails while moving to a requested address.
+#[tokio::test]
+async fn a_failed_reservation_while_moving_does_not_leak_the_old_reservation() {
+    let (_dir, inner) = file_store();
+    let narrow = single("10.0.0.0/24");
+    assert_eq!(alloc(&Ipam::new(&inner), &narrow, &owner(1)).await, ips(&["10.0.0.1"]));
+    let flaky = Flaky::new(inner.clone(), 0, Some(""));
+    let moving = requesting(json!({ "range": "10.0.0.0/24" }), "10.0.0.50/24");
+    assert!(matches!(
+        Ipam::new(&flaky).allocate(&moving, &owner(1)).await,
+        Err(IpamError::Store { source: StoreError::Unavailable(_), .. })
+    ));
+    assert_reservations_backed(&inner, &["10.0.0.0-24"]).await;
+    let ipam = Ipam::new(&inner);
+    ipam.release(&narrow, "c1", "eth0").await.unwrap();
+    assert!(reservations(&inner).await.is_empty(), "10.0.0.1 leaked");
+    assert_eq!(alloc(&ipam, &narrow, &owner(3)).await, ips(&["10.0.0.1"]));
+}
+
+/// A move to a requested address in the first range is undone when a later range fails: the owner keeps
+/// its previous address and reservation, and the requested one is free again.
+#[tokio::test]
+async fn a_failed_multi_range_add_keeps_the_address_an_owner_was_moving_away_from() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let full = json!({ "range": "10.0.0.0/24", "ipRanges": [{ "range": "198.51.100.0/30" }] });
+    assert_eq!(alloc(&ipam, &cfg(full.clone()), &owner(1)).await, ips(&["10.0.0.1", "198.51.100.1"]));
+    assert_eq!(alloc(&ipam, &cfg(full.clone()), &owner(2)).await, ips(&["10.0.0.2", "198.51.100.2"]));
+    // Owner 3 holds 10.0.0.3 through the first range only.
+    assert_eq!(alloc(&ipam, &single("10.0.0.0/24"), &owner(3)).await, ips(&["10.0.0.3"]));
+    let moving = requesting(full, "10.0.0.50/24");
+    assert!(matches!(
+        ipam.allocate(&moving, &owner(3)).await,
+        Err(IpamError::Alloc { source: AllocError::Exhausted(_), .. })
+    ));
+    let held: Vec<IpAddr> = allocations(&store, "10.0.0.0-24").await.into_keys().collect();
+    assert_eq!(held, ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
+    assert!(reservations(&store).await.contains_key("10.0.0.3"));
+    assert!(!reservations(&store).await.contains_key("10.0.0.50"));
+}

@@ -1,0 +1,188 @@
+//! Many plugin processes at once on the file store, some killed with SIGKILL at random points, then
+//! the store is checked against what the surviving calls answered: every ADD that answered success
+//! holds exactly its address, no address is held twice, nothing else is held, and every reservation
+//! matches a pool entry.
+//!
+//! A killed ADD is followed by a DEL (as a runtime does after a failed ADD), a killed DEL by another
+//! DEL (as kubelet retries), so the ledger of expected state stays exact.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use whereabouts_core::pool::Pool;
+use whereabouts_store::Store;
+use whereabouts_store::file::FileStore;
+
+const WORKERS: usize = 32;
+const ROUNDS: usize = 6;
+
+fn config(store: &Path) -> String {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": "chaos",
+        "type": "bridge",
+        "ipam": {
+            "type": "whereabouts",
+            "datastore": "file",
+            "file_store_dir": store,
+            "log_level": "error",
+            "range": "203.0.113.0/24",
+            "ipRanges": [{ "range": "2001:db8:42::/64" }],
+        }
+    })
+    .to_string()
+}
+
+/// What one plugin run ended as.
+enum Outcome {
+    Success(Value),
+    Failed(String),
+    Killed,
+}
+
+fn run_plugin(command: &str, container: &str, config: &str, kill_after: Option<Duration>) -> Outcome {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_whereabouts"))
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_NETNS", "/var/run/netns/none")
+        .env("CNI_IFNAME", "net1")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=chaos;K8S_POD_NAME={container}"))
+        .env("NODENAME", "node-a")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn plugin");
+    child.stdin.take().expect("stdin").write_all(config.as_bytes()).expect("write stdin");
+    if let Some(delay) = kill_after {
+        std::thread::sleep(delay);
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().expect("wait plugin");
+    if output.status.signal() == Some(libc::SIGKILL) {
+        return Outcome::Killed;
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    if output.status.success() {
+        Outcome::Success(if stdout.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&stdout).expect("result JSON")
+        })
+    } else {
+        Outcome::Failed(stdout)
+    }
+}
+
+fn addresses(result: &Value) -> Vec<String> {
+    result["ips"]
+        .as_array()
+        .expect("ips")
+        .iter()
+        .map(|ip| ip["address"].as_str().expect("address").to_string())
+        .collect()
+}
+
+/// Calls DEL until it answers (kills only ever hit the first try).
+fn del_until_done(container: &str, config: &str) {
+    match run_plugin("DEL", container, config, None) {
+        Outcome::Success(_) => {}
+        Outcome::Failed(out) => panic!("DEL {container} failed: {out}"),
+        Outcome::Killed => unreachable!("not killed"),
+    }
+}
+
+fn random_kill() -> Option<Duration> {
+    // One call in three is killed somewhere between exec and well after its store writes.
+    (fastrand::u8(..3) == 0).then(|| Duration::from_micros(fastrand::u64(0..6000)))
+}
+
+#[test]
+fn concurrent_processes_with_kills_never_duplicate_or_lose() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(dir.path());
+    // container -> addresses it holds according to the answers the workers saw.
+    let ledger: Mutex<BTreeMap<String, Vec<String>>> = Mutex::new(BTreeMap::new());
+    let kills = Mutex::new(0usize);
+
+    std::thread::scope(|scope| {
+        for worker in 0..WORKERS {
+            let (config, ledger, kills) = (&config, &ledger, &kills);
+            scope.spawn(move || {
+                let mut live: Vec<String> = Vec::new();
+                for round in 0..ROUNDS {
+                    let container = format!("w{worker}-r{round}");
+                    match run_plugin("ADD", &container, config, random_kill()) {
+                        Outcome::Success(result) => {
+                            ledger.lock().unwrap().insert(container.clone(), addresses(&result));
+                            live.push(container);
+                        }
+                        Outcome::Failed(out) => panic!("ADD {container} failed: {out}"),
+                        Outcome::Killed => {
+                            *kills.lock().unwrap() += 1;
+                            del_until_done(&container, config);
+                        }
+                    }
+                    // Release one in two of the live containers, sometimes killing the DEL.
+                    if fastrand::bool() && !live.is_empty() {
+                        let victim = live.swap_remove(fastrand::usize(..live.len()));
+                        if let Outcome::Killed = run_plugin("DEL", &victim, config, random_kill()) {
+                            *kills.lock().unwrap() += 1;
+                            del_until_done(&victim, config);
+                        }
+                        ledger.lock().unwrap().remove(&victim);
+                    }
+                }
+            });
+        }
+    });
+
+    let kills = kills.into_inner().unwrap();
+    assert!(kills > 0, "the test must actually kill some processes");
+    let ledger = ledger.into_inner().unwrap();
+    let held = store_contents(dir.path());
+    assert_eq!(held, ledger, "the store must hold exactly what successful ADDs answered ({kills} kills)");
+}
+
+/// container -> addresses (with prefix) held in the store, after checking each address is held once
+/// and reservations match the pools exactly.
+fn store_contents(dir: &Path) -> BTreeMap<String, Vec<String>> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    runtime.block_on(async {
+        let store = FileStore::open(dir).expect("open store");
+        let mut held: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut owners: HashMap<String, String> = HashMap::new();
+        // Range order: IPv4 pool first, as in the ADD result.
+        for (pool_name, network) in
+            [("203.0.113.0-24", "203.0.113.0/24"), ("2001-db8-42---64", "2001:db8:42::/64")]
+        {
+            let stored = store.read_pool(pool_name).await.expect("read pool").expect("pool exists");
+            let network: ipnet::IpNet = network.parse().expect("network");
+            let (pool, skipped) = Pool::from_spec(&stored.spec, network).expect("decode pool");
+            assert!(skipped.is_empty());
+            for (ip, allocation) in pool.iter() {
+                let previous = owners.insert(ip.to_string(), allocation.container_id.clone());
+                assert!(previous.is_none(), "{ip} held twice");
+                held.entry(allocation.container_id.clone())
+                    .or_default()
+                    .push(format!("{ip}/{}", network.prefix_len()));
+            }
+        }
+        let reservations = store.list_reservations().await.expect("list reservations");
+        assert_eq!(reservations.len(), owners.len(), "one reservation per allocated address");
+        for (name, reservation) in reservations {
+            let ip = name.replace('-', ":");
+            let ip = if ip.contains(':') { ip } else { name.clone() };
+            assert_eq!(owners.get(&ip), Some(&reservation.container_id), "reservation {name}");
+        }
+        held
+    })
+}
