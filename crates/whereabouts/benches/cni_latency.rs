@@ -4,6 +4,8 @@
 //!
 //! Run with `cargo bench -p whereabouts --bench cni_latency` (add `-- --quick` for a short run).
 
+#![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -1,0 +1,647 @@
+//! End-to-end tests in real network namespaces: the Debian reference plugins (`bridge`, `macvlan`
+//! from `/usr/lib/cni`) are executed exactly as a container runtime would, and they execute our
+//! `whereabouts` binary as their IPAM plugin through `CNI_PATH`.
+//!
+//! Each test creates two namespaces, attaches both (ADD), checks that the addresses in the CNI results
+//! are the lowest free ones, that they are configured on `eth0` inside the namespaces and that the
+//! namespaces reach each other (ping, v4 and v6), runs CHECK, detaches both (DEL, twice, as the spec
+//! allows) and checks that the file store holds no allocation and no reservation any more.
+//!
+//! Needs root, iproute2, ping and `/usr/lib/cni/{bridge,macvlan}`. Without them a test prints why
+//! and passes, unless `CI` is set, where it fails. Only documentation ranges are used, every name
+//! carries the process id and a counter, and everything is removed by Drop guards, also on failure.
+
+mod support {
+    use std::collections::BTreeSet;
+    use std::net::IpAddr;
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Output, Stdio};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use serde_json::{Value, json};
+    use tempfile::TempDir;
+
+    /// Where Debian's containernetworking-plugins live.
+    pub const CNI_DIR: &str = "/usr/lib/cni";
+
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+    /// `<prefix><pid>x<counter>`: unique within this process and across concurrent test processes.
+    pub fn unique(prefix: &str) -> String {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        format!("{prefix}{}x{n}", std::process::id())
+    }
+
+    /// [`unique`] for an interface name, which must stay within 15 bytes.
+    fn unique_ifname(prefix: &str) -> String {
+        let name = unique(prefix);
+        assert!(name.len() <= 15, "name {name} too long for an interface");
+        name
+    }
+
+    fn effective_uid() -> Option<u32> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+        line.split_whitespace().nth(2)?.parse().ok()
+    }
+
+    fn have_tool(tool: &str) -> bool {
+        Command::new(tool).arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
+    }
+
+    /// Whether this machine can run the tests. When it cannot: fail under `CI`, otherwise say why and
+    /// let the caller return early.
+    pub fn preflight(plugin: &str) -> bool {
+        let plugin_path = Path::new(CNI_DIR).join(plugin);
+        let problem = if effective_uid() != Some(0) {
+            Some("not running as root".to_string())
+        } else if !plugin_path.is_file() {
+            Some(format!("{} is missing", plugin_path.display()))
+        } else if !have_tool("ip") || !have_tool("ping") {
+            Some("iproute2 or iputils-ping is missing".to_string())
+        } else {
+            None
+        };
+        match problem {
+            None => true,
+            Some(why) if std::env::var_os("CI").is_some() => {
+                panic!("e2e_netns: {why}; these tests must run in CI")
+            }
+            Some(why) => {
+                eprintln!("e2e_netns: skipped: {why}");
+                false
+            }
+        }
+    }
+
+    /// Runs a command, returning its output whatever the exit status.
+    pub fn output(program: &str, args: &[&str]) -> Output {
+        Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    pub fn run(program: &str, args: &[&str]) -> String {
+        let out = output(program, args);
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A network namespace, deleted on drop.
+    #[derive(Debug)]
+    pub struct Netns {
+        pub name: String,
+    }
+
+    impl Netns {
+        /// Creates a namespace with loopback up and IPv6 duplicate address detection off (so that
+        /// addresses are usable at once; set before ADD so that `eth0` inherits it).
+        pub fn new() -> Self {
+            let name = unique("wbe2e-");
+            run("ip", &["netns", "add", &name]);
+            let ns = Netns { name };
+            run("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
+            ns.exec(&[
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ]);
+            ns
+        }
+
+        pub fn path(&self) -> String {
+            format!("/var/run/netns/{}", self.name)
+        }
+
+        /// Runs a command inside the namespace; it must succeed.
+        pub fn exec(&self, args: &[&str]) -> String {
+            let mut full = vec!["netns", "exec", &self.name];
+            full.extend_from_slice(args);
+            run("ip", &full)
+        }
+
+        /// The global addresses on `ifname`, as `ip/prefix`, and whether any is still tentative.
+        pub fn global_addresses(&self, ifname: &str) -> (BTreeSet<String>, bool) {
+            let json = run("ip", &["-j", "-n", &self.name, "addr", "show", "dev", ifname]);
+            let links: Value = serde_json::from_str(&json).expect("ip -j prints JSON");
+            let mut addrs = BTreeSet::new();
+            let mut tentative = false;
+            for info in links[0]["addr_info"].as_array().into_iter().flatten() {
+                if info["scope"] != "global" {
+                    continue;
+                }
+                let local = info["local"].as_str().expect("addr_info.local");
+                let prefix = info["prefixlen"].as_u64().expect("addr_info.prefixlen");
+                addrs.insert(format!("{local}/{prefix}"));
+                tentative |= info["tentative"] == true;
+            }
+            (addrs, tentative)
+        }
+
+        /// The global addresses on `ifname` once none is tentative (DAD is off, so this is a
+        /// safety net), waiting up to 5 s.
+        pub fn settled_addresses(&self, ifname: &str) -> BTreeSet<String> {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let (addrs, tentative) = self.global_addresses(ifname);
+                if !tentative {
+                    return addrs;
+                }
+                assert!(Instant::now() < deadline, "{}: addresses stay tentative: {addrs:?}", self.name);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+
+        /// Pings `target` (which must be in another namespace of this test) from here.
+        pub fn ping(&self, target: IpAddr) {
+            let family = if target.is_ipv6() { "-6" } else { "-4" };
+            let target = target.to_string();
+            let args = ["netns", "exec", &self.name, "ping", family, "-n", "-c", "1", "-W", "2", &target];
+            let mut last = None;
+            for _ in 0..3 {
+                let out = output("ip", &args);
+                if out.status.success() {
+                    return;
+                }
+                last = Some(out);
+            }
+            let out = last.expect("at least one attempt");
+            panic!(
+                "ping from {} to {target} failed:\n{}{}",
+                self.name,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = output("ip", &["netns", "del", &self.name]);
+        }
+    }
+
+    /// A link in the host namespace (a bridge made by the plugin or a dummy we make), deleted on drop.
+    #[derive(Debug)]
+    pub struct HostLink {
+        pub name: String,
+    }
+
+    impl HostLink {
+        /// Reserves a name for a link the plugin will create; removed on drop if it exists.
+        pub fn named(prefix: &str) -> Self {
+            HostLink { name: unique_ifname(prefix) }
+        }
+
+        /// Creates a dummy link to be a macvlan master and sets it up. Kernels built without the
+        /// dummy driver get an empty bridge instead (no ports, no address): to macvlan it is the
+        /// same isolated lower device.
+        pub fn macvlan_master() -> Self {
+            let link = Self::named("wbd");
+            let dummy = output("ip", &["link", "add", &link.name, "type", "dummy"]);
+            if !dummy.status.success() {
+                eprintln!(
+                    "e2e_netns: no dummy links here ({}); using an empty bridge as macvlan master",
+                    String::from_utf8_lossy(&dummy.stderr).trim()
+                );
+                run("ip", &["link", "add", &link.name, "type", "bridge"]);
+            }
+            run("ip", &["link", "set", &link.name, "up"]);
+            link
+        }
+
+        pub fn exists(&self) -> bool {
+            output("ip", &["link", "show", "dev", &self.name]).status.success()
+        }
+    }
+
+    impl Drop for HostLink {
+        fn drop(&mut self) {
+            if self.exists() {
+                let _ = output("ip", &["link", "del", "dev", &self.name]);
+            }
+        }
+    }
+
+    /// A temp dir with `bin/whereabouts` (a symlink to the binary under test) and the file store.
+    #[derive(Debug)]
+    pub struct Sandbox {
+        dir: TempDir,
+    }
+
+    impl Sandbox {
+        pub fn new() -> Self {
+            let dir = tempfile::Builder::new().prefix("wb-e2e-netns-").tempdir().expect("temp dir");
+            let bin = dir.path().join("bin");
+            std::fs::create_dir(&bin).expect("mkdir bin");
+            std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_whereabouts"), bin.join("whereabouts"))
+                .expect("symlink whereabouts");
+            Sandbox { dir }
+        }
+
+        pub fn cni_path(&self) -> String {
+            format!("{}:{CNI_DIR}", self.dir.path().join("bin").display())
+        }
+
+        pub fn store(&self) -> PathBuf {
+            self.dir.path().join("store")
+        }
+
+        /// Every allocation in every pool file: (address, container id, podref).
+        pub fn allocations(&self) -> BTreeSet<(IpAddr, String, String)> {
+            let mut out = BTreeSet::new();
+            for path in json_files(&self.store().join("pools")) {
+                let text = std::fs::read_to_string(&path).expect("read pool");
+                let pool: Value = serde_json::from_str(&text).expect("pool is JSON");
+                let range = pool["range"].as_str().expect("pool.range");
+                let allocations = pool["allocations"].as_object().cloned().unwrap_or_default();
+                for (offset, owner) in allocations {
+                    let offset: u128 = offset.parse().expect("offset is a number");
+                    out.insert((
+                        nth_address(range, offset),
+                        owner["id"].as_str().unwrap_or_default().to_string(),
+                        owner["podref"].as_str().unwrap_or_default().to_string(),
+                    ));
+                }
+            }
+            out
+        }
+
+        /// The reservation files in the store.
+        pub fn reservations(&self) -> Vec<PathBuf> {
+            json_files(&self.store().join("reservations"))
+        }
+
+        /// Dumps the store, for failure messages.
+        pub fn dump_store(&self) -> String {
+            let mut text = String::new();
+            for dir in ["pools", "reservations"] {
+                for path in json_files(&self.store().join(dir)) {
+                    let content = std::fs::read_to_string(&path).unwrap_or_default();
+                    text.push_str(&format!("{}: {content}\n", path.display()));
+                }
+            }
+            text
+        }
+    }
+
+    fn json_files(dir: &Path) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut files: Vec<PathBuf> = entries
+            .map(|e| e.expect("dir entry").path())
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                name.ends_with(".json") && !name.starts_with('.')
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// The address `offset` places after the network address of `cidr`.
+    fn nth_address(cidr: &str, offset: u128) -> IpAddr {
+        let (network, _) = cidr.split_once('/').expect("pool range is a CIDR");
+        match network.parse::<IpAddr>().expect("pool range address") {
+            IpAddr::V4(a) => {
+                let offset = u32::try_from(offset).expect("v4 offset");
+                IpAddr::V4((u32::from(a) + offset).into())
+            }
+            IpAddr::V6(a) => IpAddr::V6((u128::from(a) + offset).into()),
+        }
+    }
+
+    /// One attachment: a container (namespace) with its id and pod.
+    #[derive(Debug)]
+    pub struct Attachment {
+        pub netns: Netns,
+        pub container_id: String,
+        pub pod_namespace: String,
+        pub pod_name: String,
+    }
+
+    impl Attachment {
+        pub fn new() -> Self {
+            let netns = Netns::new();
+            let tag = netns.name.trim_start_matches("wbe2e-").to_string();
+            Attachment {
+                netns,
+                container_id: format!("e2e-container-{tag}"),
+                pod_namespace: "e2e".to_string(),
+                pod_name: format!("pod-{tag}"),
+            }
+        }
+
+        pub fn podref(&self) -> String {
+            format!("{}/{}", self.pod_namespace, self.pod_name)
+        }
+    }
+
+    /// Executes a reference plugin the way a runtime does.
+    #[derive(Debug)]
+    pub struct Plugin<'a> {
+        pub name: &'a str,
+        pub sandbox: &'a Sandbox,
+        /// The network configuration, `ipam` included.
+        pub conf: Value,
+    }
+
+    impl Plugin<'_> {
+        /// Runs `command`; `prev_result` goes into the configuration as runtimes do for CHECK/DEL.
+        pub fn exec(&self, command: &str, att: &Attachment, prev_result: Option<&Value>) -> Output {
+            let mut conf = self.conf.clone();
+            if let Some(prev) = prev_result {
+                conf["prevResult"] = prev.clone();
+            }
+            // The reference plugins refuse unknown CNI_ARGS unless IgnoreUnknown is set, which the
+            // Kubernetes runtimes always do.
+            let cni_args = format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}",
+                att.pod_namespace, att.pod_name, att.container_id
+            );
+            let mut child = Command::new(Path::new(CNI_DIR).join(self.name))
+                .env_clear()
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .env("CNI_COMMAND", command)
+                .env("CNI_CONTAINERID", &att.container_id)
+                .env("CNI_NETNS", att.netns.path())
+                .env("CNI_IFNAME", "eth0")
+                .env("CNI_ARGS", cni_args)
+                .env("CNI_PATH", self.sandbox.cni_path())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.name));
+            {
+                use std::io::Write;
+                let mut stdin = child.stdin.take().expect("stdin");
+                stdin.write_all(conf.to_string().as_bytes()).expect("write config");
+            }
+            child.wait_with_output().expect("wait for plugin")
+        }
+
+        /// Runs `command`, which must succeed; returns the parsed stdout (`null` when empty).
+        pub fn call(&self, command: &str, att: &Attachment, prev_result: Option<&Value>) -> Value {
+            let out = self.exec(command, att, prev_result);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{} {command} for {} failed ({}):\nstdout: {stdout}\nstderr: {}\nstore:\n{}",
+                self.name,
+                att.netns.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                self.sandbox.dump_store()
+            );
+            if stdout.trim().is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(&stdout)
+                    .unwrap_or_else(|e| panic!("{} {command}: stdout is not JSON ({e}): {stdout}", self.name))
+            }
+        }
+    }
+
+    /// The `ip/prefix` addresses of a CNI result placed on the container's `eth0`.
+    pub fn result_addresses(result: &Value, netns: &Netns) -> BTreeSet<String> {
+        let interfaces = result["interfaces"].as_array().expect("result.interfaces");
+        let ips = result["ips"].as_array().expect("result.ips");
+        ips.iter()
+            .map(|ip| {
+                let index = ip["interface"].as_u64().expect("ips[].interface");
+                let iface = &interfaces[usize::try_from(index).expect("index")];
+                assert_eq!(iface["name"], "eth0", "{result}");
+                assert_eq!(iface["sandbox"], netns.path().as_str(), "{result}");
+                ip["address"].as_str().expect("ips[].address").to_string()
+            })
+            .collect()
+    }
+
+    pub fn address_part(cidr: &str) -> IpAddr {
+        cidr.split_once('/').map_or(cidr, |(a, _)| a).parse().expect("address")
+    }
+
+    /// Which reference plugin attaches the namespaces.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Attach {
+        /// `bridge` with `isGateway` on a fresh bridge.
+        Bridge,
+        /// `macvlan` in bridge mode on a fresh dummy master (see [`HostLink::macvlan_master`]).
+        Macvlan,
+    }
+
+    /// One end-to-end run.
+    #[derive(Debug)]
+    pub struct Scenario<'a> {
+        pub attach: Attach,
+        pub cni_version: &'a str,
+        /// The range keys of the IPAM object (`range`, `gateway`, `ipRanges`, ...); the type and the
+        /// file store are added.
+        pub ranges: Value,
+        /// The addresses each of the two namespaces must get, in attachment order.
+        pub expected: [&'a [&'a str]; 2],
+    }
+
+    impl Scenario<'_> {
+        pub fn run(self) {
+            let plugin_name = match self.attach {
+                Attach::Bridge => "bridge",
+                Attach::Macvlan => "macvlan",
+            };
+            if !preflight(plugin_name) {
+                return;
+            }
+            let started = Instant::now();
+            let sandbox = Sandbox::new();
+            // Declared before the namespaces, so dropped after them.
+            let link = match self.attach {
+                Attach::Bridge => HostLink::named("wbb"),
+                Attach::Macvlan => HostLink::macvlan_master(),
+            };
+            let net_name = unique("e2e-net-");
+            let mut ipam = self.ranges.clone();
+            ipam["type"] = json!("whereabouts");
+            ipam["datastore"] = json!("file");
+            ipam["file_store_dir"] = json!(sandbox.store().display().to_string());
+            let conf = match self.attach {
+                Attach::Bridge => json!({
+                    "cniVersion": self.cni_version, "name": net_name, "type": "bridge",
+                    "bridge": link.name, "isGateway": true, "ipam": ipam,
+                }),
+                Attach::Macvlan => json!({
+                    "cniVersion": self.cni_version, "name": net_name, "type": "macvlan",
+                    "master": link.name, "mode": "bridge", "ipam": ipam,
+                }),
+            };
+            let plugin = Plugin { name: plugin_name, sandbox: &sandbox, conf };
+            let pods = [Attachment::new(), Attachment::new()];
+
+            // ADD both, one after the other: the lowest free addresses, in order.
+            let mut results = Vec::new();
+            let mut addresses = Vec::new();
+            for (pod, expected) in pods.iter().zip(self.expected) {
+                let result = plugin.call("ADD", pod, None);
+                assert_eq!(result["cniVersion"], self.cni_version, "{result}");
+                let from_result = result_addresses(&result, &pod.netns);
+                let ips: BTreeSet<IpAddr> = from_result.iter().map(|a| address_part(a)).collect();
+                let want: BTreeSet<IpAddr> =
+                    expected.iter().map(|a| a.parse().expect("expected address")).collect();
+                assert_eq!(ips, want, "{} got other addresses: {result}", pod.netns.name);
+                let on_link = pod.netns.settled_addresses("eth0");
+                assert_eq!(
+                    on_link, from_result,
+                    "{}: eth0 does not carry the result's addresses",
+                    pod.netns.name
+                );
+                results.push(result);
+                addresses.push(ips);
+            }
+
+            // The store records each address for its owner.
+            let want: BTreeSet<(IpAddr, String, String)> = pods
+                .iter()
+                .zip(&addresses)
+                .flat_map(|(pod, ips)| ips.iter().map(|ip| (*ip, pod.container_id.clone(), pod.podref())))
+                .collect();
+            assert_eq!(sandbox.allocations(), want, "store:\n{}", sandbox.dump_store());
+            assert_eq!(sandbox.reservations().len(), want.len(), "store:\n{}", sandbox.dump_store());
+
+            // Each namespace reaches the other on every address.
+            for (from, to) in [(0, 1), (1, 0)] {
+                for ip in &addresses[to] {
+                    pods[from].netns.ping(*ip);
+                }
+            }
+
+            // CHECK (0.4.0 and later): the plugin and whereabouts agree with the stored result.
+            for (pod, result) in pods.iter().zip(&results) {
+                plugin.call("CHECK", pod, Some(result));
+            }
+
+            // DEL both; a repeated DEL (no prevResult) must succeed too.
+            for (pod, result) in pods.iter().zip(&results) {
+                plugin.call("DEL", pod, Some(result));
+                plugin.call("DEL", pod, None);
+            }
+            assert!(
+                sandbox.allocations().is_empty(),
+                "pools still hold allocations after DEL:\n{}",
+                sandbox.dump_store()
+            );
+            assert!(
+                sandbox.reservations().is_empty(),
+                "reservations remain after DEL:\n{}",
+                sandbox.dump_store()
+            );
+            for pod in &pods {
+                let gone = output("ip", &["-n", &pod.netns.name, "link", "show", "dev", "eth0"]);
+                assert!(!gone.status.success(), "{}: eth0 survived DEL", pod.netns.name);
+            }
+
+            // Tear down explicitly and make sure nothing is left behind.
+            let names: Vec<String> = pods.iter().map(|p| p.netns.name.clone()).collect();
+            drop(pods);
+            let link_name = link.name.clone();
+            drop(link);
+            let netns_list = run("ip", &["netns", "list"]);
+            for name in &names {
+                assert!(!netns_list.split_whitespace().any(|w| w == name), "namespace {name} left over");
+            }
+            assert!(
+                !output("ip", &["link", "show", "dev", &link_name]).status.success(),
+                "link {link_name} left over"
+            );
+            eprintln!(
+                "e2e_netns: {plugin_name} cniVersion {}: {:?} in {:?}",
+                self.cni_version,
+                addresses,
+                started.elapsed()
+            );
+        }
+    }
+}
+
+use serde_json::json;
+use support::{Attach, Scenario};
+
+/// IPv4 on a bridge; the gateway (on the bridge) is never handed out.
+#[test]
+fn bridge_ipv4() {
+    Scenario {
+        attach: Attach::Bridge,
+        cni_version: "1.0.0",
+        ranges: json!({ "range": "192.0.2.0/25", "gateway": "192.0.2.1" }),
+        expected: [&["192.0.2.2"], &["192.0.2.3"]],
+    }
+    .run();
+}
+
+/// The same with the 0.4.0 result format.
+#[test]
+fn bridge_ipv4_cni_0_4_0() {
+    Scenario {
+        attach: Attach::Bridge,
+        cni_version: "0.4.0",
+        ranges: json!({ "range": "192.0.2.128/25", "gateway": "192.0.2.129" }),
+        expected: [&["192.0.2.130"], &["192.0.2.131"]],
+    }
+    .run();
+}
+
+/// IPv6 only, from the top-level range.
+#[test]
+fn bridge_ipv6() {
+    Scenario {
+        attach: Attach::Bridge,
+        cni_version: "1.0.0",
+        ranges: json!({ "range": "2001:db8:e2e:6::/64", "gateway": "2001:db8:e2e:6::1" }),
+        expected: [&["2001:db8:e2e:6::2"], &["2001:db8:e2e:6::3"]],
+    }
+    .run();
+}
+
+/// Dual stack: v4 from `range`, v6 from `ipRanges`. The bridge claims the v6 subnet's first address as
+/// its gateway (the gateway key is v4 here), so that address is excluded from the v6 range.
+#[test]
+fn bridge_dual_stack() {
+    Scenario {
+        attach: Attach::Bridge,
+        cni_version: "1.0.0",
+        ranges: json!({
+            "range": "198.51.100.0/24",
+            "gateway": "198.51.100.1",
+            "ipRanges": [{ "range": "2001:db8:e2e:46::/64", "exclude": ["2001:db8:e2e:46::1/128"] }],
+        }),
+        expected: [&["198.51.100.2", "2001:db8:e2e:46::2"], &["198.51.100.3", "2001:db8:e2e:46::3"]],
+    }
+    .run();
+}
+
+/// macvlan (bridge mode) on a dummy master, dual stack, no gateway: the two lowest addresses.
+#[test]
+fn macvlan_dual_stack() {
+    Scenario {
+        attach: Attach::Macvlan,
+        cni_version: "1.0.0",
+        ranges: json!({
+            "range": "203.0.113.0/24",
+            "ipRanges": [{ "range": "2001:db8:e2e:99::/64" }],
+        }),
+        expected: [&["203.0.113.1", "2001:db8:e2e:99::1"], &["203.0.113.2", "2001:db8:e2e:99::2"]],
+    }
+    .run();
+}
