@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::ErrorKind;
+use std::net::IpAddr;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -60,9 +61,10 @@ pub struct Reply {
 
 #[derive(Debug, Default, Deserialize)]
 struct NetConf {
-    #[serde(rename = "cniVersion", default)]
+    // `null` means absent, as with Go's decoder.
+    #[serde(rename = "cniVersion", default, deserialize_with = "null_as_empty")]
     cni_version: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     name: String,
     #[serde(default)]
     ipam: Option<Value>,
@@ -74,6 +76,10 @@ struct NetConf {
     prev_result: Option<Value>,
     #[serde(rename = "cni.dev/valid-attachments", default)]
     valid_attachments: Option<Vec<Attachment>>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Option::<String>::deserialize(deserializer).map(Option::unwrap_or_default)
 }
 
 #[derive(Debug, Deserialize)]
@@ -309,6 +315,7 @@ async fn check<S: whereabouts_store::Store>(
     prev: &Value,
 ) -> Result<(), CniError> {
     let listed = addresses_of(prev);
+    let statics: Vec<IpAddr> = config.addresses.iter().map(|a| a.address.addr()).collect();
     let held = ipam.held(config, &env.container_id, &env.ifname).await?;
     for (managed, held) in config.ranges.iter().zip(held) {
         let network = managed.range.network();
@@ -327,7 +334,8 @@ async fn check<S: whereabouts_store::Store>(
                 format!("the store holds {ip} in range {network}, but prevResult does not list it"),
             ));
         }
-        if let Some(other) = listed.iter().find(|a| network.contains(*a) && **a != ip) {
+        if let Some(other) = listed.iter().find(|a| network.contains(*a) && **a != ip && !statics.contains(a))
+        {
             return Err(CniError::new(
                 codes::INTERNAL,
                 format!("prevResult lists {other} in range {network}, but the store holds {ip}"),

@@ -296,7 +296,13 @@ fn lowercase_keys(value: &Value) -> Value {
         Value::Object(map) => {
             let mut out = Map::with_capacity(map.len());
             for (k, v) in map {
-                out.insert(k.to_ascii_lowercase(), lowercase_keys(v));
+                let key = k.to_ascii_lowercase();
+                // Go's decoder leaves a field unchanged on `null`, so a later `null` duplicate does not
+                // undo an earlier value.
+                if v.is_null() && out.contains_key(&key) {
+                    continue;
+                }
+                out.insert(key, lowercase_keys(v));
             }
             Value::Object(out)
         }
@@ -414,51 +420,69 @@ fn non_empty(value: Option<String>) -> Option<String> {
     value.filter(|v| !v.is_empty())
 }
 
-fn parse_bound(key: &str, value: Option<String>, sloppy: bool) -> Result<Option<IpAddr>, ConfigError> {
-    let Some(value) = non_empty(value) else {
-        return Ok(None);
-    };
-    let parsed = if sloppy { parse_ip_sloppy(&value) } else { value.parse().ok() };
-    parsed.map(Some).ok_or_else(|| ConfigError::invalid(key, value, "not an IP address"))
+/// An IP value (`range_start`, `range_end`, a gateway), parsed, with the text it was written as (errors quote that).
+#[derive(Debug, Clone)]
+struct Bound {
+    ip: IpAddr,
+    written: String,
 }
 
-fn parse_exclude(key: &str, entries: Option<Vec<String>>) -> Result<Vec<IpNet>, ConfigError> {
+fn parse_bound(key: &str, value: Option<String>, sloppy: bool) -> Result<Option<Bound>, ConfigError> {
+    let Some(written) = non_empty(value) else {
+        return Ok(None);
+    };
+    let parsed = if sloppy { parse_ip_sloppy(&written) } else { written.parse().ok() };
+    match parsed {
+        Some(ip) => Ok(Some(Bound { ip, written })),
+        None => Err(ConfigError::invalid(key, written, "not an IP address")),
+    }
+}
+
+/// `exclude` entries, parsed, each with the text it was written as.
+fn parse_exclude(key: &str, entries: Option<Vec<String>>) -> Result<Vec<(IpNet, String)>, ConfigError> {
     entries
         .unwrap_or_default()
         .into_iter()
         .enumerate()
         .map(|(i, entry)| {
-            parse_cidr_strict(&entry).or_else(|| entry.parse::<IpAddr>().ok().map(IpNet::from)).ok_or_else(
-                || ConfigError::invalid(format!("{key}[{i}]"), entry, "not a CIDR or an IP address"),
-            )
+            match parse_cidr_strict(&entry).or_else(|| entry.parse::<IpAddr>().ok().map(IpNet::from)) {
+                Some(net) => Ok((net, entry)),
+                None => {
+                    Err(ConfigError::invalid(format!("{key}[{i}]"), entry, "not a CIDR or an IP address"))
+                }
+            }
         })
         .collect()
 }
 
 /// Builds one range from `range` (CIDR or `first-last/prefix`), `range_start`, `range_end`, `exclude`.
+/// Errors name the key the user wrote and quote the value as written.
 fn build_range(
     prefix: &str,
     range: String,
-    start: Option<IpAddr>,
-    end: Option<IpAddr>,
-    exclude: Vec<IpNet>,
+    start: Option<Bound>,
+    end: Option<Bound>,
+    exclude: Vec<(IpNet, String)>,
 ) -> Result<IpRange, ConfigError> {
     let key = format!("{prefix}range");
+    let range_end_syntax = range.contains('-');
     let (network, start, end) = match range.split_once('-') {
         Some((first, cidr)) => {
-            let first = parse_ip_sloppy(first).ok_or_else(|| {
+            let first_ip = parse_ip_sloppy(first).ok_or_else(|| {
                 ConfigError::invalid(&key, &range, format!("range start {first:?} is not an IP"))
             })?;
             let net = parse_cidr_sloppy(cidr)
                 .ok_or_else(|| ConfigError::invalid(&key, &range, format!("{cidr:?} is not a CIDR")))?;
-            if !net.trunc().contains(&first) {
+            if !net.trunc().contains(&first_ip) {
                 return Err(ConfigError::invalid(
                     &key,
                     &range,
-                    format!("range start {first} is outside {}", net.trunc()),
+                    format!("range start {first_ip} is outside {}", net.trunc()),
                 ));
             }
-            (net, Some(first), Some(net.addr()))
+            let start = Bound { ip: first_ip, written: first.to_string() };
+            let end = Bound { ip: net.addr(), written: cidr.to_string() };
+            (net, Some(start), Some(end))
         }
         None => {
             let net =
@@ -466,27 +490,41 @@ fn build_range(
             (net, start, end)
         }
     };
-    IpRange::new(network, start, end, exclude.clone()).map_err(|problem| match problem {
-        RangeProblem::TooSmall => ConfigError::invalid(&key, &range, "the subnet has no usable addresses"),
-        RangeProblem::OutsideNetwork(ip) => {
-            let which = if Some(ip) == start { "range_start" } else { "range_end" };
-            ConfigError::invalid(
-                format!("{prefix}{which}"),
-                ip.to_string(),
-                format!("outside {}", network.trunc()),
-            )
-        }
-        RangeProblem::StartAfterEnd => ConfigError::invalid(
-            format!("{prefix}range_start"),
-            start.map(|s| s.to_string()).unwrap_or_default(),
-            format!("after range_end {}", end.map(|e| e.to_string()).unwrap_or_default()),
-        ),
-        RangeProblem::ExcludeFamily(block) => ConfigError::invalid(
-            format!("{prefix}exclude"),
-            block.to_string(),
-            format!("not of the address family of {}", network.trunc()),
-        ),
-    })
+    let blocks = exclude.iter().map(|(net, _)| *net).collect();
+    IpRange::new(network, start.as_ref().map(|b| b.ip), end.as_ref().map(|b| b.ip), blocks).map_err(
+        |problem| match problem {
+            RangeProblem::TooSmall => {
+                ConfigError::invalid(&key, &range, "the subnet has no usable addresses")
+            }
+            RangeProblem::OutsideNetwork(ip) => {
+                let (which, bound) = match &start {
+                    Some(b) if b.ip == ip => ("range_start", b),
+                    _ => ("range_end", end.as_ref().unwrap_or_else(|| unreachable!("a bound was out"))),
+                };
+                ConfigError::invalid(
+                    format!("{prefix}{which}"),
+                    &bound.written,
+                    format!("outside {}", network.trunc()),
+                )
+            }
+            RangeProblem::StartAfterEnd if range_end_syntax => {
+                ConfigError::invalid(&key, &range, "its first address is after its last")
+            }
+            RangeProblem::StartAfterEnd => ConfigError::invalid(
+                format!("{prefix}range_start"),
+                start.as_ref().map(|b| b.written.clone()).unwrap_or_default(),
+                format!("after range_end {}", end.as_ref().map(|b| b.written.as_str()).unwrap_or_default()),
+            ),
+            RangeProblem::ExcludeFamily(block) => {
+                let index = exclude.iter().position(|(net, _)| *net == block).unwrap_or_default();
+                ConfigError::invalid(
+                    format!("{prefix}exclude[{index}]"),
+                    &exclude[index].1,
+                    format!("not of the address family of {}", network.trunc()),
+                )
+            }
+        },
+    )
 }
 
 fn validate(
@@ -508,6 +546,9 @@ fn validate(
                 if let Some(v) = value.as_ref().filter(|v| !v.is_empty()) {
                     return Err(ConfigError::invalid(key, v, "set without a top-level range"));
                 }
+            }
+            if let Some(first) = raw.exclude.as_ref().and_then(|e| e.first()) {
+                return Err(ConfigError::invalid("exclude[0]", first, "set without a top-level range"));
             }
         }
     }
@@ -539,7 +580,7 @@ fn validate(
             let dst_value = r.dst.unwrap_or_default();
             let dst = parse_cidr_strict(&dst_value)
                 .ok_or_else(|| ConfigError::invalid(format!("routes[{i}].dst"), &dst_value, "not a CIDR"))?;
-            let gw = parse_bound(&format!("routes[{i}].gw"), r.gw, false)?;
+            let gw = parse_bound(&format!("routes[{i}].gw"), r.gw, false)?.map(|b| b.ip);
             Ok(Route {
                 dst,
                 gw,
@@ -569,7 +610,7 @@ fn validate(
             let address = parse_cidr_sloppy(&value).ok_or_else(|| {
                 ConfigError::invalid(format!("addresses[{i}].address"), &value, "not a CIDR")
             })?;
-            let gateway = parse_bound(&format!("addresses[{i}].gateway"), a.gateway, false)?;
+            let gateway = parse_bound(&format!("addresses[{i}].gateway"), a.gateway, false)?.map(|b| b.ip);
             Ok(StaticAddress { address, gateway })
         })
         .collect::<Result<Vec<_>, ConfigError>>()?;
@@ -662,9 +703,9 @@ fn validate(
         }
     };
 
-    let (level, warning) = match non_empty(raw.log_level).map(|l| l.to_ascii_lowercase()) {
+    let (level, warning) = match non_empty(raw.log_level) {
         None => (LogLevel::Debug, None),
-        Some(l) => match l.as_str() {
+        Some(l) => match l.to_ascii_lowercase().as_str() {
             "debug" => (LogLevel::Debug, None),
             "verbose" => (LogLevel::Verbose, None),
             "error" => (LogLevel::Error, None),
