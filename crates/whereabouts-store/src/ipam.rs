@@ -4,11 +4,15 @@
 //! from a fresh read after a jittered exponential backoff, within a bound of attempts and time; past
 //! the bound the caller gets [`IpamError::Contention`] naming the pool (CNI code 11, try again later).
 //!
-//! Order of writes on ADD: the pool entry first, then the cluster-wide reservation. An address counts as
-//! handed out only once both exist. If the reservation is held by another attachment (an overlapping
-//! pool got there first), our pool entry is removed again and the address is skipped on the next try.
-//! A process that dies between the two writes leaves a pool entry without reservation, which the
-//! runtime's DEL removes (DEL finds it through the pool), so nothing leaks and nothing is shared.
+//! Order of writes, chosen so that a process killed between two writes never leaves state that
+//! nothing will find again:
+//! * ADD writes the pool entry first, then the cluster-wide reservation. An address counts as handed out
+//!   only once both exist. If the reservation is held by another attachment (an overlapping pool got
+//!   there first), our pool entry is removed again and the address is skipped on the next try. A kill in
+//!   between leaves a pool entry without reservation, which the runtime's DEL finds through the pool.
+//! * DEL (and GC, and the rollback of a failed ADD) deletes the reservation first, then the pool entry.
+//!   A kill in between again leaves only a pool entry, which the retried DEL finishes. (The reverse
+//!   order would leave a reservation that no DEL can find, blocking the address for good.)
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -23,7 +27,7 @@ use whereabouts_core::interval::IntervalSet;
 use whereabouts_core::pool::{Allocation, Owner, Pool, PoolError};
 use whereabouts_core::range::{pool_name, reservation_name};
 
-use crate::{Reservation, ReserveOutcome, Store, StoreError};
+use crate::{Reservation, ReserveOutcome, Store, StoreError, Version};
 
 /// Why an IPAM operation failed; every variant names the pool or reservation involved.
 #[derive(Debug, Error)]
@@ -146,6 +150,22 @@ impl<'s, S: Store> Ipam<'s, S> {
         self
     }
 
+    /// Reads and decodes a pool (an empty one when it does not exist yet).
+    async fn load_pool(&self, name: &str, network: IpNet) -> Result<(Pool, Option<Version>), IpamError> {
+        let stored = self
+            .store
+            .read_pool(name)
+            .await
+            .map_err(|source| IpamError::Store { object: format!("pool {name}"), source })?;
+        let Some(stored) = stored else { return Ok((Pool::new(network), None)) };
+        let (pool, skipped) = Pool::from_spec(&stored.spec, network)
+            .map_err(|source| IpamError::Pool { pool: name.to_string(), source })?;
+        for key in skipped {
+            tracing::warn!("Error decoding ip offset (pool {name}): skipping key {:?}", key.0);
+        }
+        Ok((pool, Some(stored.version)))
+    }
+
     /// The compare-and-swap loop every pool change goes through.
     async fn update_pool<T>(
         &self,
@@ -154,20 +174,8 @@ impl<'s, S: Store> Ipam<'s, S> {
         mut change: impl FnMut(&mut Pool) -> Result<Change<T>, IpamError>,
     ) -> Result<T, IpamError> {
         let started = Instant::now();
-        let store_error = |source| IpamError::Store { object: format!("pool {name}"), source };
         for attempt in 0..self.retry.attempts {
-            let current = self.store.read_pool(name).await.map_err(store_error)?;
-            let (mut pool, version) = match current {
-                None => (Pool::new(network), None),
-                Some(stored) => {
-                    let (pool, skipped) = Pool::from_spec(&stored.spec, network)
-                        .map_err(|source| IpamError::Pool { pool: name.to_string(), source })?;
-                    for key in skipped {
-                        tracing::warn!("Error decoding ip offset (pool {name}): skipping key {:?}", key.0);
-                    }
-                    (pool, Some(stored.version))
-                }
-            };
+            let (mut pool, version) = self.load_pool(name, network).await?;
             let Change { value, changed } = change(&mut pool)?;
             if !changed {
                 return Ok(value);
@@ -181,26 +189,56 @@ impl<'s, S: Store> Ipam<'s, S> {
                 Err(StoreError::Conflict) => {
                     return Err(IpamError::Contention { pool: name.to_string(), attempts: attempt + 1 });
                 }
-                Err(e) => return Err(store_error(e)),
+                Err(source) => return Err(IpamError::Store { object: format!("pool {name}"), source }),
             }
         }
         Err(IpamError::Contention { pool: name.to_string(), attempts: self.retry.attempts })
     }
 
-    /// Removes `addr` from a pool if `owner` still holds it; returns the removed allocation.
-    async fn remove_owned(
+    /// Reads a pool without changing it.
+    async fn inspect<T>(
+        &self,
+        name: &str,
+        network: IpNet,
+        f: impl FnOnce(&Pool) -> T,
+    ) -> Result<T, IpamError> {
+        let (pool, _) = self.load_pool(name, network).await?;
+        Ok(f(&pool))
+    }
+
+    /// Removes `addr` from a pool if its holder still passes `still_held`; says whether it did.
+    async fn remove_if(
         &self,
         name: &str,
         network: IpNet,
         addr: u128,
-        owner: &Owner,
-    ) -> Result<Option<Allocation>, IpamError> {
+        still_held: impl Fn(&Allocation) -> bool,
+    ) -> Result<bool, IpamError> {
         self.update_pool(name, network, |pool| {
-            let owned = pool.get(addr).is_some_and(|a| a.is_owned_by(owner));
-            let value = if owned { pool.remove(addr) } else { None };
-            Ok(Change { changed: value.is_some(), value })
+            let held = pool.get(addr).is_some_and(&still_held);
+            if held {
+                pool.remove(addr);
+            }
+            Ok(Change { value: held, changed: held })
         })
         .await
+    }
+
+    /// Releases one allocation: its reservation first, then the pool entry (if `allocation` still holds
+    /// it). A process killed in between leaves a pool entry without reservation, which the next DEL
+    /// finds through the pool and finishes; the other order would leave a reservation nothing finds.
+    async fn release_entry(
+        &self,
+        config: &IpamConfig,
+        network: IpNet,
+        ip: IpAddr,
+        allocation: &Allocation,
+    ) -> Result<bool, IpamError> {
+        if config.enable_overlapping_ranges {
+            self.delete_reservation(&config.network_name, ip, &reservation_of(allocation)).await?;
+        }
+        let name = pool_name(&config.network_name, None, &network);
+        self.remove_if(&name, network, to_u128(ip), |a| a == allocation).await
     }
 
     async fn delete_reservation(
@@ -251,10 +289,10 @@ impl<'s, S: Store> Ipam<'s, S> {
         owner: &Owner,
     ) -> Result<(), IpamError> {
         let name = pool_name(&config.network_name, None, &taken.network);
-        if let Some(removed) = self.remove_owned(&name, taken.network, to_u128(taken.ip), owner).await?
-            && config.enable_overlapping_ranges
-        {
-            self.delete_reservation(&config.network_name, taken.ip, &reservation_of(&removed)).await?;
+        let addr = to_u128(taken.ip);
+        let held = self.inspect(&name, taken.network, |pool| pool.get(addr).cloned()).await?;
+        if let Some(allocation) = held.filter(|a| a.is_owned_by(owner)) {
+            self.release_entry(config, taken.network, taken.ip, &allocation).await?;
         }
         Ok(())
     }
@@ -304,7 +342,8 @@ impl<'s, S: Store> Ipam<'s, S> {
                 Ok(outcome) => outcome,
                 Err(source) => {
                     // Without its reservation the address is not ours to keep.
-                    if is_new && let Err(undo) = self.remove_owned(&name, network, to_u128(ip), owner).await {
+                    let ours = |a: &Allocation| a.is_owned_by(owner);
+                    if is_new && let Err(undo) = self.remove_if(&name, network, to_u128(ip), ours).await {
                         tracing::error!("releasing {ip} after a failed reservation: {undo}");
                     }
                     return Err(IpamError::Store {
@@ -322,7 +361,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                         "{ip} of pool {name} is reserved by {} in an overlapping range, skipping it",
                         holder.pod_ref
                     );
-                    self.remove_owned(&name, network, to_u128(ip), owner).await?;
+                    self.remove_if(&name, network, to_u128(ip), |a| a.is_owned_by(owner)).await?;
                     blocked.insert(to_u128(ip));
                 }
             }
@@ -343,28 +382,21 @@ impl<'s, S: Store> Ipam<'s, S> {
         for managed in &config.ranges {
             let network = managed.range.network();
             let name = pool_name(&config.network_name, None, &network);
-            let removed = self
-                .update_pool(&name, network, |pool| {
-                    let value = pool.find_container(container_id, ifname).and_then(|addr| {
-                        let ip = from_u128(pool.family(), addr);
-                        pool.remove(addr).map(|a| (ip, a))
-                    });
-                    Ok(Change { changed: value.is_some(), value })
-                })
-                .await;
-            let outcome = match removed {
-                Ok(Some((ip, allocation))) => {
+            let outcome = async {
+                let held = self
+                    .inspect(&name, network, |pool| {
+                        let addr = pool.find_container(container_id, ifname)?;
+                        Some((from_u128(pool.family(), addr), pool.get(addr)?.clone()))
+                    })
+                    .await?;
+                if let Some((ip, allocation)) = held
+                    && self.release_entry(config, network, ip, &allocation).await?
+                {
                     released.push(ip);
-                    if config.enable_overlapping_ranges {
-                        self.delete_reservation(&config.network_name, ip, &reservation_of(&allocation)).await
-                    } else {
-                        Ok(())
-                    }
                 }
-                Ok(None) => Ok(()),
-                Err(e) => Err(e),
+                Ok::<(), IpamError>(())
             };
-            if let Err(e) = outcome {
+            if let Err(e) = outcome.await {
                 first_error.get_or_insert(e);
             }
         }
@@ -383,10 +415,8 @@ impl<'s, S: Store> Ipam<'s, S> {
             let network = managed.range.network();
             let name = pool_name(&config.network_name, None, &network);
             let held = self
-                .update_pool(&name, network, |pool| {
-                    let ip =
-                        pool.find_container(container_id, ifname).map(|addr| from_u128(pool.family(), addr));
-                    Ok(Change { value: ip, changed: false })
+                .inspect(&name, network, |pool| {
+                    pool.find_container(container_id, ifname).map(|addr| from_u128(pool.family(), addr))
                 })
                 .await?;
             out.push(held);
@@ -407,28 +437,22 @@ impl<'s, S: Store> Ipam<'s, S> {
         for managed in &config.ranges {
             let network = managed.range.network();
             let name = pool_name(&config.network_name, None, &network);
-            let stale = self
-                .update_pool(&name, network, |pool| {
-                    let stale: Vec<(IpAddr, Allocation)> = pool
-                        .iter()
+            let stale: Vec<(IpAddr, Allocation)> = self
+                .inspect(&name, network, |pool| {
+                    pool.iter()
                         .filter(|(_, a)| {
                             a.node.as_deref() == Some(node)
                                 && a.network.as_deref() == Some(network_name)
                                 && !valid.contains(&(a.container_id.clone(), a.ifname.clone()))
                         })
                         .map(|(ip, a)| (ip, a.clone()))
-                        .collect();
-                    for (ip, _) in &stale {
-                        pool.remove(to_u128(*ip));
-                    }
-                    Ok(Change { changed: !stale.is_empty(), value: stale })
+                        .collect()
                 })
                 .await?;
             for (ip, allocation) in stale {
-                if config.enable_overlapping_ranges {
-                    self.delete_reservation(&config.network_name, ip, &reservation_of(&allocation)).await?;
+                if self.release_entry(config, network, ip, &allocation).await? {
+                    released.push(ip);
                 }
-                released.push(ip);
             }
         }
         Ok(released)
@@ -441,9 +465,8 @@ impl<'s, S: Store> Ipam<'s, S> {
             let network = managed.range.network();
             let name = pool_name(&config.network_name, None, &network);
             let free = self
-                .update_pool(&name, network, |pool| {
-                    let free = lowest_free(&managed.range, pool, config.gateway, &IntervalSet::new());
-                    Ok(Change { value: free, changed: false })
+                .inspect(&name, network, |pool| {
+                    lowest_free(&managed.range, pool, config.gateway, &IntervalSet::new())
                 })
                 .await?;
             if free.is_none() {

@@ -20,7 +20,7 @@ use whereabouts_store::Store;
 use whereabouts_store::file::FileStore;
 
 const WORKERS: usize = 32;
-const ROUNDS: usize = 6;
+const ROUNDS: usize = 10;
 
 fn config(store: &Path) -> String {
     json!({
