@@ -3,6 +3,9 @@
 //! holds exactly its address, no address is held twice, nothing else is held, and every reservation
 //! matches a pool entry.
 //!
+//! Half the workers allocate from 203.0.113.0/24, the other half from the overlapping 203.0.113.0/25
+//! (both dual stack with one shared IPv6 pool), so the cluster-wide reservations are raced too.
+//!
 //! A killed ADD is followed by a DEL (as a runtime does after a failed ADD), a killed DEL by another
 //! DEL (as kubelet retries), so the ledger of expected state stays exact.
 
@@ -21,8 +24,13 @@ use whereabouts_store::file::FileStore;
 
 const WORKERS: usize = 32;
 const ROUNDS: usize = 10;
+/// Live containers per worker stay below this, so that 16 workers never exhaust the /25.
+const MAX_LIVE: usize = 3;
+const V4_POOLS: [(&str, &str); 2] =
+    [("203.0.113.0-24", "203.0.113.0/24"), ("203.0.113.0-25", "203.0.113.0/25")];
+const V6_POOL: (&str, &str) = ("2001-db8-42---64", "2001:db8:42::/64");
 
-fn config(store: &Path) -> String {
+fn config(store: &Path, v4_range: &str) -> String {
     json!({
         "cniVersion": "1.0.0",
         "name": "chaos",
@@ -32,7 +40,7 @@ fn config(store: &Path) -> String {
             "datastore": "file",
             "file_store_dir": store,
             "log_level": "error",
-            "range": "203.0.113.0/24",
+            "range": v4_range,
             "ipRanges": [{ "range": "2001:db8:42::/64" }],
         }
     })
@@ -108,14 +116,14 @@ fn random_kill() -> Option<Duration> {
 #[test]
 fn concurrent_processes_with_kills_never_duplicate_or_lose() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = config(dir.path());
+    let configs = [config(dir.path(), V4_POOLS[0].1), config(dir.path(), V4_POOLS[1].1)];
     // container -> addresses it holds according to the answers the workers saw.
     let ledger: Mutex<BTreeMap<String, Vec<String>>> = Mutex::new(BTreeMap::new());
     let kills = Mutex::new(0usize);
 
     std::thread::scope(|scope| {
         for worker in 0..WORKERS {
-            let (config, ledger, kills) = (&config, &ledger, &kills);
+            let (config, ledger, kills) = (&configs[worker % 2], &ledger, &kills);
             scope.spawn(move || {
                 let mut live: Vec<String> = Vec::new();
                 for round in 0..ROUNDS {
@@ -132,7 +140,7 @@ fn concurrent_processes_with_kills_never_duplicate_or_lose() {
                         }
                     }
                     // Release one in two of the live containers, sometimes killing the DEL.
-                    if fastrand::bool() && !live.is_empty() {
+                    if !live.is_empty() && (fastrand::bool() || live.len() >= MAX_LIVE) {
                         let victim = live.swap_remove(fastrand::usize(..live.len()));
                         if let Outcome::Killed = run_plugin("DEL", &victim, config, random_kill()) {
                             *kills.lock().unwrap() += 1;
@@ -161,9 +169,7 @@ fn store_contents(dir: &Path) -> BTreeMap<String, Vec<String>> {
         let mut held: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut owners: HashMap<String, String> = HashMap::new();
         // Range order: IPv4 pool first, as in the ADD result.
-        for (pool_name, network) in
-            [("203.0.113.0-24", "203.0.113.0/24"), ("2001-db8-42---64", "2001:db8:42::/64")]
-        {
+        for (pool_name, network) in V4_POOLS.into_iter().chain([V6_POOL]) {
             let stored = store.read_pool(pool_name).await.expect("read pool").expect("pool exists");
             let network: ipnet::IpNet = network.parse().expect("network");
             let (pool, skipped) = Pool::from_spec(&stored.spec, network).expect("decode pool");
