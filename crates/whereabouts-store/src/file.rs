@@ -14,12 +14,12 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use whereabouts_core::pool::{Allocation, PoolSpec};
 
-use crate::{Reservation, ReserveOutcome, Store, StoreError, Version, VersionedPool};
+use crate::{PoolLock, Reservation, ReserveOutcome, Store, StoreError, Version, VersionedPool};
 
 /// How long a writer waits for a pool's lock before answering "try again later".
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,6 +83,8 @@ impl Drop for LockGuard {
     }
 }
 
+/// Takes an exclusive flock, waiting at most [`LOCK_TIMEOUT`]. Waiting is a blocking `flock` on a
+/// blocking thread, so waiters queue in the kernel instead of polling.
 async fn lock(path: &Path) -> Result<LockGuard, StoreError> {
     let file = OpenOptions::new()
         .create(true)
@@ -90,23 +92,16 @@ async fn lock(path: &Path) -> Result<LockGuard, StoreError> {
         .write(true)
         .open(path)
         .map_err(|e| io_error(path, e))?;
-    let deadline = Instant::now() + LOCK_TIMEOUT;
-    let mut wait = Duration::from_micros(200);
-    loop {
-        match file.try_lock() {
-            Ok(()) => return Ok(LockGuard(file)),
-            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_millis(5));
-            }
-            Err(TryLockError::WouldBlock) => {
-                return Err(StoreError::Unavailable(format!(
-                    "timed out waiting for lock {}",
-                    path.display()
-                )));
-            }
-            Err(TryLockError::Error(e)) => return Err(io_error(path, e)),
-        }
+    match file.try_lock() {
+        Ok(()) => return Ok(LockGuard(file)),
+        Err(TryLockError::WouldBlock) => {}
+        Err(TryLockError::Error(e)) => return Err(io_error(path, e)),
+    }
+    let waiting = tokio::task::spawn_blocking(move || file.lock().map(|()| LockGuard(file)));
+    match tokio::time::timeout(LOCK_TIMEOUT, waiting).await {
+        Ok(Ok(locked)) => locked.map_err(|e| io_error(path, e)),
+        Ok(Err(join)) => Err(StoreError::Io(format!("{}: {join}", path.display()))),
+        Err(_) => Err(StoreError::Unavailable(format!("timed out waiting for lock {}", path.display()))),
     }
 }
 
@@ -123,6 +118,10 @@ impl FileStore {
 
     fn pool_path(&self, name: &str) -> Result<PathBuf, StoreError> {
         Ok(self.pools.join(format!("{}.json", checked_name(name)?)))
+    }
+
+    fn pool_lock_path(&self, name: &str) -> Result<PathBuf, StoreError> {
+        Ok(self.pools.join(format!("{}.lock", checked_name(name)?)))
     }
 
     fn reservation_path(&self, name: &str) -> Result<PathBuf, StoreError> {
@@ -172,14 +171,25 @@ impl Store for FileStore {
         }))
     }
 
+    async fn lock_pool(&self, name: &str) -> Result<Option<PoolLock>, StoreError> {
+        let path = self.pool_lock_path(name)?;
+        let guard = lock(&path).await?;
+        Ok(Some(PoolLock::new(path.display().to_string(), guard)))
+    }
+
     async fn write_pool(
         &self,
         name: &str,
         spec: &PoolSpec,
         expected: Option<&Version>,
+        held: Option<&PoolLock>,
     ) -> Result<Version, StoreError> {
         let path = self.pool_path(name)?;
-        let _guard = lock(&self.pools.join(format!("{name}.lock"))).await?;
+        let lock_path = self.pool_lock_path(name)?;
+        let _guard = match held {
+            Some(held) if held.key() == lock_path.display().to_string() => None,
+            _ => Some(lock(&lock_path).await?),
+        };
         let current = read_optional(&path)?
             .map(|bytes| serde_json::from_slice::<PoolFileVersion>(&bytes).map_err(|e| corrupt(&path, e)))
             .transpose()?
@@ -267,13 +277,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
         assert_eq!(store.read_pool("p").await.unwrap(), None);
-        let v1 = store.write_pool("p", &spec("10.0.0.0/24"), None).await.unwrap();
-        assert_eq!(store.write_pool("p", &spec("10.0.0.0/24"), None).await, Err(StoreError::Conflict));
+        let v1 = store.write_pool("p", &spec("10.0.0.0/24"), None, None).await.unwrap();
+        assert_eq!(store.write_pool("p", &spec("10.0.0.0/24"), None, None).await, Err(StoreError::Conflict));
         let read = store.read_pool("p").await.unwrap().unwrap();
         assert_eq!(read.version, v1);
-        let v2 = store.write_pool("p", &spec("10.0.0.0/24"), Some(&v1)).await.unwrap();
+        let v2 = store.write_pool("p", &spec("10.0.0.0/24"), Some(&v1), None).await.unwrap();
         assert_ne!(v1, v2);
-        assert_eq!(store.write_pool("p", &spec("10.0.0.0/24"), Some(&v1)).await, Err(StoreError::Conflict));
+        assert_eq!(
+            store.write_pool("p", &spec("10.0.0.0/24"), Some(&v1), None).await,
+            Err(StoreError::Conflict)
+        );
         assert_eq!(store.list_pools().await.unwrap(), vec!["p".to_string()]);
     }
 
@@ -284,7 +297,7 @@ mod tests {
         fs::write(dir.path().join("pools/p.json"), b"{not json").unwrap();
         assert!(matches!(store.read_pool("p").await, Err(StoreError::Corrupt { .. })));
         assert!(matches!(
-            store.write_pool("p", &spec("10.0.0.0/24"), None).await,
+            store.write_pool("p", &spec("10.0.0.0/24"), None, None).await,
             Err(StoreError::Corrupt { .. })
         ));
         assert_eq!(fs::read(dir.path().join("pools/p.json")).unwrap(), b"{not json");
@@ -349,7 +362,7 @@ mod tests {
                                     network: None,
                                 },
                             );
-                            match store.write_pool("p", &s, v.as_ref()).await {
+                            match store.write_pool("p", &s, v.as_ref(), None).await {
                                 Ok(_) => break,
                                 Err(StoreError::Conflict) => continue,
                                 Err(e) => panic!("{e}"),

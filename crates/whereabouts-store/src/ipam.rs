@@ -174,13 +174,18 @@ impl<'s, S: Store> Ipam<'s, S> {
         mut change: impl FnMut(&mut Pool) -> Result<Change<T>, IpamError>,
     ) -> Result<T, IpamError> {
         let started = Instant::now();
+        let lock = self
+            .store
+            .lock_pool(name)
+            .await
+            .map_err(|source| IpamError::Store { object: format!("pool {name}"), source })?;
         for attempt in 0..self.retry.attempts {
             let (mut pool, version) = self.load_pool(name, network).await?;
             let Change { value, changed } = change(&mut pool)?;
             if !changed {
                 return Ok(value);
             }
-            match self.store.write_pool(name, &pool.to_spec(), version.as_ref()).await {
+            match self.store.write_pool(name, &pool.to_spec(), version.as_ref(), lock.as_ref()).await {
                 Ok(_) => return Ok(value),
                 Err(StoreError::Conflict) if started.elapsed() < self.retry.deadline => {
                     tracing::debug!("pool {name}: conflict on attempt {attempt}, retrying");

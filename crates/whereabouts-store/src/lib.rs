@@ -54,6 +54,31 @@ impl Reservation {
     }
 }
 
+/// A writer lock on one pool, held from before the read to after the write of a read-modify-write;
+/// dropping it releases the lock. Only backends that can lock cheaply and locally hand these out.
+pub struct PoolLock {
+    key: String,
+    _held: Box<dyn Send + Sync>,
+}
+
+impl PoolLock {
+    /// A lock identified by `key` (unique per backend and pool), released when `held` is dropped.
+    pub fn new(key: String, held: impl Send + Sync + 'static) -> Self {
+        PoolLock { key, _held: Box::new(held) }
+    }
+
+    /// What the lock is for.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl std::fmt::Debug for PoolLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolLock").field("key", &self.key).finish_non_exhaustive()
+    }
+}
+
 /// What `create_reservation` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReserveOutcome {
@@ -91,13 +116,24 @@ pub trait Store: Send + Sync {
     fn read_pool(&self, name: &str)
     -> impl Future<Output = Result<Option<VersionedPool>, StoreError>> + Send;
 
+    /// Serialises the writers of one pool where the backend can do so cheaply (the file store's flock),
+    /// so that many processes on one pool queue up instead of losing compare-and-swap races over and
+    /// over. Distributed stores keep this default (no lock) and rely on compare-and-swap alone; either
+    /// way every write stays a compare-and-swap.
+    fn lock_pool(&self, name: &str) -> impl Future<Output = Result<Option<PoolLock>, StoreError>> + Send {
+        let _ = name;
+        std::future::ready(Ok(None))
+    }
+
     /// Replaces a pool if its version is still `expected`; with `None`, creates it if it does not exist.
-    /// Fails with [`StoreError::Conflict`] otherwise.
+    /// Fails with [`StoreError::Conflict`] otherwise. `lock` is the caller's [`Store::lock_pool`] guard,
+    /// if it holds one.
     fn write_pool(
         &self,
         name: &str,
         spec: &PoolSpec,
         expected: Option<&Version>,
+        lock: Option<&PoolLock>,
     ) -> impl Future<Output = Result<Version, StoreError>> + Send;
 
     /// Creates the reservation of one address unless it exists.

@@ -21,7 +21,7 @@ use whereabouts_core::pool::{Allocation, Owner, Pool, PoolSpec};
 use whereabouts_core::range::{pool_name, reservation_name};
 use whereabouts_store::file::FileStore;
 use whereabouts_store::ipam::{AllocatedIp, Ipam, IpamError, RetryPolicy};
-use whereabouts_store::{Reservation, ReserveOutcome, Store, StoreError, Version, VersionedPool};
+use whereabouts_store::{PoolLock, Reservation, ReserveOutcome, Store, StoreError, Version, VersionedPool};
 
 // === helpers ===
 
@@ -136,7 +136,7 @@ async fn write_state(store: &impl Store, name: &str, network: IpNet, entries: &[
         pool.insert(to_u128(ip(addr)), o.allocation());
     }
     let version = store.read_pool(name).await.unwrap().map(|p| p.version);
-    store.write_pool(name, &pool.to_spec(), version.as_ref()).await.unwrap();
+    store.write_pool(name, &pool.to_spec(), version.as_ref(), None).await.unwrap();
 }
 
 /// Asserts that every reservation is backed by an entry of the same attachment at its address in one of
@@ -641,6 +641,7 @@ impl Store for Flaky {
         name: &str,
         spec: &PoolSpec,
         expected: Option<&Version>,
+        lock: Option<&PoolLock>,
     ) -> Result<Version, StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         let conflict =
@@ -648,7 +649,7 @@ impl Store for Flaky {
         if conflict.is_ok() {
             return Err(StoreError::Conflict);
         }
-        self.inner.write_pool(name, spec, expected).await
+        self.inner.write_pool(name, spec, expected, lock).await
     }
 
     async fn create_reservation(

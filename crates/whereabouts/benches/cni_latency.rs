@@ -65,6 +65,13 @@ fn call(plugin: Plugin, command: &str, container: &str, config: &str) -> Duratio
 struct Stats {
     add: Vec<Duration>,
     del: Vec<Duration>,
+    wall: Duration,
+}
+
+impl Stats {
+    fn cycles_per_second(&self) -> f64 {
+        self.add.len() as f64 / self.wall.as_secs_f64()
+    }
 }
 
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
@@ -76,7 +83,8 @@ fn percentile(samples: &mut [Duration], p: f64) -> Duration {
 fn run(plugin: Plugin, workers: usize, cycles: usize) -> Stats {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(plugin, dir.path());
-    let stats = Mutex::new(Stats { add: Vec::new(), del: Vec::new() });
+    let stats = Mutex::new(Stats { add: Vec::new(), del: Vec::new(), wall: Duration::ZERO });
+    let started = Instant::now();
     std::thread::scope(|scope| {
         for worker in 0..workers {
             let (config, stats) = (&config, &stats);
@@ -92,7 +100,9 @@ fn run(plugin: Plugin, workers: usize, cycles: usize) -> Stats {
             });
         }
     });
-    stats.into_inner().expect("stats")
+    let mut stats = stats.into_inner().expect("stats");
+    stats.wall = started.elapsed();
+    stats
 }
 
 fn ms(d: Duration) -> String {
@@ -128,7 +138,11 @@ fn main() {
         let mut ours = run(Plugin::Whereabouts, workers, cycles);
         let (add50, add99) = (percentile(&mut ours.add, 0.5), percentile(&mut ours.add, 0.99));
         let (del50, del99) = (percentile(&mut ours.del, 0.5), percentile(&mut ours.del, 0.99));
-        println!("{label}: whereabouts file store, {} ADD+DEL cycles", ours.add.len());
+        println!(
+            "{label}: whereabouts file store, {} ADD+DEL cycles, {:.0} cycles/s",
+            ours.add.len(),
+            ours.cycles_per_second()
+        );
         println!("  ADD p50 {} p99 {}   DEL p50 {} p99 {}", ms(add50), ms(add99), ms(del50), ms(del99));
         println!("  ADD p50 = {:.2}x process start", add50.as_secs_f64() / start_p50.as_secs_f64());
         if host_local {
@@ -136,7 +150,8 @@ fn main() {
             let (g50, g99) = (percentile(&mut go.add, 0.5), percentile(&mut go.add, 0.99));
             let (gd50, gd99) = (percentile(&mut go.del, 0.5), percentile(&mut go.del, 0.99));
             println!(
-                "  baseline host-local (Go): ADD p50 {} p99 {}   DEL p50 {} p99 {}",
+                "  baseline host-local (Go), {:.0} cycles/s: ADD p50 {} p99 {}   DEL p50 {} p99 {}",
+                go.cycles_per_second(),
                 ms(g50),
                 ms(g99),
                 ms(gd50),
