@@ -5,7 +5,9 @@
 //! two optional fields per allocation (`node`, `network`) that upstream ignores. Unlike upstream, offsets
 //! use the full 128 bits, so every address of an IPv6 /64 round-trips.
 
-use std::collections::BTreeMap;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -105,14 +107,64 @@ pub enum PoolError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SkippedKey(pub String);
 
-/// A pool in memory: allocations by address, plus an interval index of the taken addresses.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A pool in memory: allocations by address, plus two indexes derived from them: the taken addresses
+/// as intervals (for the lowest-free search) and the addresses by owner (for idempotent ADD and DEL),
+/// so that neither walks every allocation of a large pool.
+#[derive(Debug, Clone)]
 pub struct Pool {
     family: Family,
     spec_range: String,
     base: u128,
     allocations: BTreeMap<u128, Allocation>,
     taken: IntervalSet,
+    by_owner: OwnerIndex,
+}
+
+impl PartialEq for Pool {
+    fn eq(&self, other: &Self) -> bool {
+        (self.family, &self.spec_range, self.base, &self.allocations)
+            == (other.family, &other.spec_range, other.base, &other.allocations)
+    }
+}
+
+impl Eq for Pool {}
+
+/// Addresses by a hash of (pod reference, interface) and of (container ID, interface). Lookups check
+/// the allocation itself, so hash collisions cost a comparison, never a wrong answer.
+#[derive(Debug, Clone, Default)]
+struct OwnerIndex {
+    by_pod: HashMap<u64, Vec<u128>>,
+    by_container: HashMap<u64, Vec<u128>>,
+}
+
+fn owner_hash(id: &str, ifname: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    (id, ifname).hash(&mut hasher);
+    hasher.finish()
+}
+
+impl OwnerIndex {
+    fn keys(a: &Allocation) -> (u64, u64) {
+        (owner_hash(&a.pod_ref, &a.ifname), owner_hash(&a.container_id, &a.ifname))
+    }
+
+    fn insert(&mut self, addr: u128, a: &Allocation) {
+        let (pod, container) = Self::keys(a);
+        self.by_pod.entry(pod).or_default().push(addr);
+        self.by_container.entry(container).or_default().push(addr);
+    }
+
+    fn remove(&mut self, addr: u128, a: &Allocation) {
+        let (pod, container) = Self::keys(a);
+        for (map, key) in [(&mut self.by_pod, pod), (&mut self.by_container, container)] {
+            if let Some(addrs) = map.get_mut(&key) {
+                addrs.retain(|x| *x != addr);
+                if addrs.is_empty() {
+                    map.remove(&key);
+                }
+            }
+        }
+    }
 }
 
 impl Pool {
@@ -125,6 +177,7 @@ impl Pool {
             base: to_u128(network.addr()),
             allocations: BTreeMap::new(),
             taken: IntervalSet::new(),
+            by_owner: OwnerIndex::default(),
         }
     }
 
@@ -147,6 +200,7 @@ impl Pool {
             base,
             allocations: BTreeMap::new(),
             taken: IntervalSet::new(),
+            by_owner: OwnerIndex::default(),
         };
         let mut skipped = Vec::new();
         for (key, allocation) in &spec.allocations {
@@ -194,6 +248,10 @@ impl Pool {
     /// Records an allocation; `addr` must not be below [`Pool::base`].
     pub fn insert(&mut self, addr: u128, allocation: Allocation) {
         debug_assert!(addr >= self.base);
+        if let Some(previous) = self.allocations.remove(&addr) {
+            self.by_owner.remove(addr, &previous);
+        }
+        self.by_owner.insert(addr, &allocation);
         self.allocations.insert(addr, allocation);
         self.taken.insert(addr);
     }
@@ -201,21 +259,31 @@ impl Pool {
     /// Removes the allocation of an address.
     pub fn remove(&mut self, addr: u128) -> Option<Allocation> {
         let removed = self.allocations.remove(&addr)?;
+        self.by_owner.remove(addr, &removed);
         self.taken.remove(addr);
         Some(removed)
     }
 
     /// The address held by `owner` (idempotent ADD), if any.
     pub fn find_owned(&self, owner: &Owner) -> Option<u128> {
-        self.allocations.iter().find(|(_, a)| a.is_owned_by(owner)).map(|(addr, _)| *addr)
+        let (index, id) = match &owner.pod_ref {
+            Some(pod_ref) => (&self.by_owner.by_pod, pod_ref.as_str()),
+            None => (&self.by_owner.by_container, owner.container_id.as_str()),
+        };
+        let candidates = index.get(&owner_hash(id, &owner.ifname))?;
+        candidates.iter().copied().filter(|addr| self.get(*addr).is_some_and(|a| a.is_owned_by(owner))).min()
     }
 
     /// The address allocated to (`container_id`, `ifname`), which DEL releases.
     pub fn find_container(&self, container_id: &str, ifname: &str) -> Option<u128> {
-        self.allocations
+        let candidates = self.by_owner.by_container.get(&owner_hash(container_id, ifname))?;
+        candidates
             .iter()
-            .find(|(_, a)| a.container_id == container_id && a.ifname == ifname)
-            .map(|(addr, _)| *addr)
+            .copied()
+            .filter(|addr| {
+                self.get(*addr).is_some_and(|a| a.container_id == container_id && a.ifname == ifname)
+            })
+            .min()
     }
 
     /// The taken addresses as intervals.
@@ -328,6 +396,41 @@ mod tests {
             let (decoded, skipped) = Pool::from_spec(&spec, net).unwrap();
             prop_assert!(skipped.is_empty());
             prop_assert_eq!(decoded, pool);
+        }
+
+        #[test]
+        fn owner_lookups_match_a_linear_scan(
+            ops in proptest::collection::vec((any::<bool>(), 0u128..16, 0usize..4, 0usize..3, any::<bool>()), 0..80)
+        ) {
+            let mut pool = Pool::new("10.0.0.0/24".parse().unwrap());
+            for (add, offset, who, ifname, k8s) in ops {
+                let addr = pool.base() + offset;
+                if add {
+                    let mut a = alloc(&format!("c{who}"));
+                    a.ifname = format!("eth{ifname}");
+                    if !k8s {
+                        a.pod_ref.clear();
+                    }
+                    pool.insert(addr, a);
+                } else {
+                    pool.remove(addr);
+                }
+                for who in 0..4 {
+                    for ifname in 0..3 {
+                        let (id, ifname) = (format!("c{who}"), format!("eth{ifname}"));
+                        let scan = pool.allocations.iter()
+                            .find(|(_, a)| a.container_id == id && a.ifname == ifname).map(|(x, _)| *x);
+                        prop_assert_eq!(pool.find_container(&id, &ifname), scan);
+                        for pod_ref in [Some(format!("ns/c{who}")), None] {
+                            let owner = Owner {
+                                container_id: id.clone(), pod_ref, ifname: ifname.clone(), node: None, network: None,
+                            };
+                            let scan = pool.allocations.iter().find(|(_, a)| a.is_owned_by(&owner)).map(|(x, _)| *x);
+                            prop_assert_eq!(pool.find_owned(&owner), scan);
+                        }
+                    }
+                }
+            }
         }
 
         #[test]
