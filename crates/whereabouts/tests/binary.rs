@@ -1,0 +1,87 @@
+//! The binary's process contract: what it prints and how it exits, with and without `CNI_COMMAND`, and
+//! the log file it writes.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{Value, json};
+
+fn run(envs: &[(&str, &str)], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_whereabouts"))
+        .env_clear()
+        .envs(envs.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("stdin");
+    child.wait_with_output().expect("wait")
+}
+
+#[test]
+fn without_cni_command_it_describes_itself_on_stderr() {
+    let out = run(&[], "");
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty(), "stdout is the CNI result channel");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("CNI protocol versions supported: 0.1.0, 0.2.0, 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0"));
+}
+
+#[test]
+fn version_command() {
+    let out = run(&[("CNI_COMMAND", "VERSION")], r#"{"cniVersion":"1.0.0"}"#);
+    assert!(out.status.success());
+    let reply: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(reply["supportedVersions"].as_array().map(Vec::len), Some(7));
+}
+
+#[test]
+fn errors_are_json_on_stdout_with_exit_code_1() {
+    let out = run(&[("CNI_COMMAND", "ADD")], "{}");
+    assert_eq!(out.status.code(), Some(1));
+    let reply: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(reply["code"], 4);
+}
+
+#[test]
+fn log_file_gets_upstream_formatted_lines_and_stdout_only_the_result() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("whereabouts.log");
+    let config = json!({
+        "cniVersion": "1.0.0",
+        "name": "logged",
+        "ipam": {
+            "type": "whereabouts", "datastore": "file", "file_store_dir": dir.path().join("store"),
+            "range": "192.0.2.0/29", "log_file": log, "log_level": "debug",
+        }
+    })
+    .to_string();
+    let envs = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "logged-1"),
+        ("CNI_NETNS", "/var/run/netns/none"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/usr/lib/cni"),
+    ];
+    let out = run(&envs, &config);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let result: Value = serde_json::from_slice(&out.stdout).expect("stdout is exactly the result");
+    assert_eq!(result["ips"][0]["address"], "192.0.2.1/29");
+
+    let logged = std::fs::read_to_string(&log).expect("log file written");
+    let line = logged.lines().find(|l| l.contains("ADD logged-1")).expect("ADD logged");
+    // `<RFC3339 time> [debug] <message>`
+    let (time, rest) = line.split_once(' ').expect("time");
+    assert!(time.ends_with('Z') && time.contains('T'), "{line}");
+    assert!(rest.starts_with("[debug] "), "{line}");
+
+    // At level error, debug lines are not written.
+    let quiet = config.replace("\"debug\"", "\"error\"");
+    let before = logged.lines().count();
+    let mut envs = envs;
+    envs[1] = ("CNI_CONTAINERID", "logged-2");
+    assert!(run(&envs, &quiet).status.success());
+    let after = std::fs::read_to_string(&log).expect("log file").lines().count();
+    assert_eq!(before, after);
+}
