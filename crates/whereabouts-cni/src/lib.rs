@@ -64,6 +64,9 @@ struct NetConf {
     // `null` means absent, as with Go's decoder.
     #[serde(rename = "cniVersion", default, deserialize_with = "null_as_empty")]
     cni_version: String,
+    /// Spec 1.1: the versions a configuration list supports; used when `cniVersion` is absent.
+    #[serde(rename = "cniVersions", default)]
+    cni_versions: Option<Vec<String>>,
     #[serde(default, deserialize_with = "null_as_empty")]
     name: String,
     #[serde(default)]
@@ -114,8 +117,22 @@ async fn dispatch(
     if env.command == Command::Version {
         return Ok(Some(json!({ "cniVersion": LATEST, "supportedVersions": SUPPORTED_VERSIONS })));
     }
-    let netconf: NetConf = serde_json::from_slice(stdin)
+    let mut netconf: NetConf = serde_json::from_slice(stdin)
         .map_err(|e| CniError::new(codes::DECODE, format!("error unmarshall network config: {e}")))?;
+    if netconf.cni_version.is_empty()
+        && let Some(listed) = netconf.cni_versions.as_ref().filter(|l| !l.is_empty())
+    {
+        // The highest listed version we speak, as the spec has the runtime choose.
+        netconf.cni_version = listed
+            .iter()
+            .filter_map(|v| SpecVersion::parse(v).map(|parsed| (parsed, v)))
+            .max()
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| {
+                CniError::new(codes::INCOMPATIBLE_VERSION, "incompatible CNI versions")
+                    .with_details(format!("config lists {listed:?}, plugin supports {SUPPORTED_VERSIONS:?}"))
+            })?;
+    }
     if !netconf.cni_version.is_empty() {
         cni_version.clone_from(&netconf.cni_version);
     }

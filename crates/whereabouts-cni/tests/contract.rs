@@ -501,6 +501,17 @@ async fn absent_cni_version_means_0_1_0() {
 }
 
 #[tokio::test]
+async fn cni_versions_list_picks_the_highest_supported_version_when_cni_version_is_absent() {
+    let fx = Fx::new();
+    let conf = fx.conf("").unset("cniVersion").set("cniVersions", json!(["0.3.1", "1.0.0", "9.9.9"]));
+    let result = fx.add(&conf, Env::add("c1")).await;
+    assert_eq!(result, json!({ "cniVersion": "1.0.0", "ips": [{ "address": "192.0.2.1/24" }] }));
+    let none_supported = fx.conf("").unset("cniVersion").set("cniVersions", json!(["9.9.9"]));
+    let reply = fx.run(&Env::add("c2"), &none_supported).await;
+    assert_eq!(failure(&reply)["code"], 1);
+}
+
+#[tokio::test]
 async fn commands_refused_by_old_versions_are_code_1() {
     let fx = Fx::new();
     for version in VERSIONS {

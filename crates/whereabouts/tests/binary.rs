@@ -25,7 +25,9 @@ fn without_cni_command_it_describes_itself_on_stderr() {
     assert!(out.status.success());
     assert!(out.stdout.is_empty(), "stdout is the CNI result channel");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("CNI protocol versions supported: 0.1.0, 0.2.0, 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0"));
+    assert!(
+        stderr.contains("CNI protocol versions supported: 0.1.0, 0.2.0, 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0")
+    );
 }
 
 #[test]
