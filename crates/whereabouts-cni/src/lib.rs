@@ -115,7 +115,7 @@ async fn dispatch(
         Err(CniError::new(codes::INVALID_ENV, "required env variables [CNI_COMMAND] missing"))
     })?;
     if env.command == Command::Version {
-        return Ok(Some(json!({ "cniVersion": LATEST, "supportedVersions": SUPPORTED_VERSIONS })));
+        return Ok(Some(version_reply()));
     }
     let mut netconf: NetConf = serde_json::from_slice(stdin)
         .map_err(|e| CniError::new(codes::DECODE, format!("error unmarshall network config: {e}")))?;
@@ -170,7 +170,12 @@ async fn dispatch(
     if config.node_slice_size.is_some() {
         return Err(CniError::new(codes::UNSUPPORTED_FIELD, "node_slice_size needs the Kubernetes store"));
     }
-    let store = open_store(&config.datastore)?;
+    // STATUS reports every way of not being able to serve ADD as "not available".
+    let not_available = |e: CniError| match env.command {
+        Command::Status => CniError::new(codes::NOT_AVAILABLE, e.msg),
+        _ => e,
+    };
+    let store = open_store(&config.datastore).map_err(not_available)?;
     let ipam = Ipam::new(&store);
     let node = node_name(&env, &config, host);
 
@@ -219,10 +224,7 @@ async fn dispatch(
             Ok(None)
         }
         Command::Status => {
-            let exhausted = ipam.exhausted_pools(&config).await.map_err(|e| {
-                let e = CniError::from(e);
-                CniError::new(codes::NOT_AVAILABLE, e.msg)
-            })?;
+            let exhausted = ipam.exhausted_pools(&config).await.map_err(|e| not_available(e.into()))?;
             if exhausted.is_empty() {
                 Ok(None)
             } else {
@@ -232,8 +234,12 @@ async fn dispatch(
                 ))
             }
         }
-        Command::Version => unreachable!("handled before the configuration is read"),
+        Command::Version => Ok(Some(version_reply())),
     }
+}
+
+fn version_reply() -> Value {
+    json!({ "cniVersion": LATEST, "supportedVersions": SUPPORTED_VERSIONS })
 }
 
 fn load_config(env: &CniEnv, netconf: &NetConf, host: &impl Host) -> Result<IpamConfig, CniError> {

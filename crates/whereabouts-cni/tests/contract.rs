@@ -1395,6 +1395,21 @@ async fn status_reports_exhausted_pools() {
     silent(&fx.run(&Env::status(), &conf).await);
 }
 
+#[tokio::test]
+async fn status_reports_an_unusable_store_as_not_available() {
+    let fx = Fx::new();
+    // A file where the store directory should be: the store cannot be opened.
+    let blocker = fx.store().join("not-a-dir");
+    std::fs::write(&blocker, b"").expect("write");
+    let conf = fx.conf("1.1.0").ipam("file_store_dir", json!(blocker.join("store")));
+    assert_eq!(failure(&fx.run(&Env::status(), &conf).await)["code"], 50);
+    let kubernetes = fx
+        .conf("1.1.0")
+        .ipam("datastore", json!("kubernetes"))
+        .ipam("kubernetes", json!({"kubeconfig": "/k"}));
+    assert_eq!(failure(&fx.run(&Env::status(), &kubernetes).await)["code"], 50);
+}
+
 // === 10. flat file ===
 
 fn flat_file(store: &str) -> String {
