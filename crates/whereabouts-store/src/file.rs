@@ -225,7 +225,22 @@ impl Store for FileStore {
                     return Ok(ReserveOutcome::Reserved);
                 }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => match Self::read_reservation(&path)? {
-                    Some(holder) if holder.same_owner(owner) => return Ok(ReserveOutcome::Reserved),
+                    Some(holder) if holder == *owner => return Ok(ReserveOutcome::Reserved),
+                    Some(holder) if holder.same_owner(owner) => {
+                        // Take it over under the lock deletes hold, so a concurrent delete by the old
+                        // container cannot interleave.
+                        let _guard = lock(&self.reservations.join(".lock")).await?;
+                        match Self::read_reservation(&path)? {
+                            Some(holder) if holder.same_owner(owner) => {
+                                let temp = Self::write_temp(&self.reservations, &content)?;
+                                fs::rename(&temp, &path).map_err(|e| io_error(&path, e))?;
+                                sync_dir(&self.reservations)?;
+                                return Ok(ReserveOutcome::Reserved);
+                            }
+                            Some(holder) => return Ok(ReserveOutcome::HeldBy(holder)),
+                            None => continue,
+                        }
+                    }
                     Some(holder) => return Ok(ReserveOutcome::HeldBy(holder)),
                     None => continue,
                 },
@@ -238,7 +253,7 @@ impl Store for FileStore {
         let path = self.reservation_path(name)?;
         let _guard = lock(&self.reservations.join(".lock")).await?;
         match Self::read_reservation(&path)? {
-            Some(holder) if holder.same_owner(owner) => {
+            Some(holder) if holder.deletable_by(owner) => {
                 fs::remove_file(&path).map_err(|e| io_error(&path, e))?;
                 sync_dir(&self.reservations)
             }
@@ -331,6 +346,22 @@ mod tests {
         );
         store.delete_reservation("10.0.0.1", &owner("b")).await.unwrap();
         assert_eq!(store.list_reservations().await.unwrap(), vec![("10.0.0.1".to_string(), owner("a"))]);
+        // The pod's new sandbox takes it over; the old sandbox's delete then leaves it alone.
+        let new_sandbox = Reservation { container_id: "a-2".into(), ..owner("a") };
+        assert_eq!(
+            store.create_reservation("10.0.0.1", &new_sandbox).await.unwrap(),
+            ReserveOutcome::Reserved
+        );
+        store.delete_reservation("10.0.0.1", &owner("a")).await.unwrap();
+        assert_eq!(
+            store.list_reservations().await.unwrap(),
+            vec![("10.0.0.1".to_string(), new_sandbox.clone())]
+        );
+        store.delete_reservation("10.0.0.1", &new_sandbox).await.unwrap();
+        assert_eq!(
+            store.create_reservation("10.0.0.1", &owner("a")).await.unwrap(),
+            ReserveOutcome::Reserved
+        );
         store.delete_reservation("10.0.0.1", &owner("a")).await.unwrap();
         store.delete_reservation("10.0.0.1", &owner("a")).await.unwrap();
         assert!(store.list_reservations().await.unwrap().is_empty());

@@ -52,6 +52,16 @@ impl Reservation {
                 self.pod_ref == other.pod_ref
             }
     }
+
+    /// Whether a delete by `other` may remove this reservation: the same attachment, and the same
+    /// container when both record one. The container check keeps the DEL of a pod's old sandbox from
+    /// removing the reservation its new sandbox (same pod, same address) just took over.
+    pub fn deletable_by(&self, other: &Reservation) -> bool {
+        self.same_owner(other)
+            && (self.container_id.is_empty()
+                || other.container_id.is_empty()
+                || self.container_id == other.container_id)
+    }
 }
 
 /// A writer lock on one pool, held from before the read to after the write of a read-modify-write;
@@ -137,13 +147,16 @@ pub trait Store: Send + Sync {
     ) -> impl Future<Output = Result<Version, StoreError>> + Send;
 
     /// Creates the reservation of one address unless it exists.
+    /// When the same attachment already holds it under another container ID (a pod's new sandbox), the
+    /// reservation is taken over: its container ID is updated.
     fn create_reservation(
         &self,
         name: &str,
         owner: &Reservation,
     ) -> impl Future<Output = Result<ReserveOutcome, StoreError>> + Send;
 
-    /// Deletes a reservation if `owner` holds it; absent or foreign reservations are left alone.
+    /// Deletes a reservation if [`Reservation::deletable_by`] `owner`; absent or foreign reservations
+    /// are left alone.
     fn delete_reservation(
         &self,
         name: &str,

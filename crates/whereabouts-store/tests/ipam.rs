@@ -934,3 +934,20 @@ async fn a_failed_multi_range_add_keeps_the_address_an_owner_was_moving_away_fro
     assert!(reservations(&store).await.contains_key("10.0.0.3"));
     assert!(!reservations(&store).await.contains_key("10.0.0.50"));
 }
+
+/// A pod's new sandbox takes over its address and reservation; the old sandbox's late DEL releases
+/// neither (upstream's ORIP delete checks no owner at all).
+#[tokio::test]
+async fn the_old_sandboxs_del_leaves_the_new_sandboxs_address_and_reservation() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = single("10.0.0.0/24");
+    assert_eq!(alloc(&ipam, &config, &owner(1)).await, ips(&["10.0.0.1"]));
+    let new_sandbox = Owner { container_id: "c1-new".into(), ..owner(1) };
+    assert_eq!(alloc(&ipam, &config, &new_sandbox).await, ips(&["10.0.0.1"]));
+    assert_eq!(reservations(&store).await, reserved_by(&[("10.0.0.1", &new_sandbox)]));
+    assert!(ipam.release(&config, "c1", "eth0").await.unwrap().is_empty());
+    assert_eq!(reservations(&store).await, reserved_by(&[("10.0.0.1", &new_sandbox)]));
+    assert_eq!(ipam.release(&config, "c1-new", "eth0").await.unwrap(), ips(&["10.0.0.1"]));
+    assert!(reservations(&store).await.is_empty());
+}
