@@ -51,8 +51,6 @@ pub struct CniEnv {
     pub command: Command,
     /// `CNI_CONTAINERID` (empty for GC/STATUS/VERSION).
     pub container_id: String,
-    /// `CNI_NETNS`.
-    pub netns: String,
     /// `CNI_IFNAME`.
     pub ifname: String,
     /// `CNI_ARGS`.
@@ -114,7 +112,6 @@ impl CniEnv {
         let env = CniEnv {
             command,
             container_id: get("CNI_CONTAINERID"),
-            netns: get("CNI_NETNS"),
             ifname: get("CNI_IFNAME"),
             args: get("CNI_ARGS"),
             node_name: vars.get("NODENAME").map(|n| n.trim().to_string()).filter(|n| !n.is_empty()),

@@ -11,8 +11,11 @@ use std::net::IpAddr;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
+use whereabouts_core::cni_args::CniArgs;
 use whereabouts_core::cni_args::parse_cni_args;
-use whereabouts_core::config::{CallContext, Datastore, FlatFile, InlineIpam, IpamConfig, LogSettings};
+use whereabouts_core::config::{
+    CallContext, Datastore, FlatFile, InlineIpam, IpamConfig, LogSettings, Purpose,
+};
 use whereabouts_core::pool::Owner;
 use whereabouts_store::file::FileStore;
 use whereabouts_store::ipam::Ipam;
@@ -59,26 +62,51 @@ pub struct Reply {
     pub exit_code: i32,
 }
 
+/// The network configuration's top level. Keys are lowercased first ([`parse_netconf`]), as Go's
+/// decoder matches them case-insensitively.
 #[derive(Debug, Default, Deserialize)]
 struct NetConf {
     // `null` means absent, as with Go's decoder.
-    #[serde(rename = "cniVersion", default, deserialize_with = "null_as_empty")]
+    #[serde(rename = "cniversion", default, deserialize_with = "null_as_empty")]
     cni_version: String,
     /// Spec 1.1: the versions a configuration list supports; used when `cniVersion` is absent.
-    #[serde(rename = "cniVersions", default)]
+    #[serde(rename = "cniversions", default)]
     cni_versions: Option<Vec<String>>,
     #[serde(default, deserialize_with = "null_as_empty")]
     name: String,
     #[serde(default)]
     ipam: Option<Value>,
-    #[serde(rename = "runtimeConfig", default)]
+    #[serde(rename = "runtimeconfig", default)]
     runtime_config: Option<Value>,
     #[serde(default)]
     args: Option<Value>,
-    #[serde(rename = "prevResult", default)]
+    #[serde(rename = "prevresult", default)]
     prev_result: Option<Value>,
+    /// GC's list of attachments still in use (spec 1.1).
     #[serde(rename = "cni.dev/valid-attachments", default)]
     valid_attachments: Option<Vec<Attachment>>,
+    /// The same list under the name spec 1.1.0 first gave it (runtimes before libcni 1.2.3 send this).
+    #[serde(rename = "cni.dev/attachments", default)]
+    attachments: Option<Vec<Attachment>>,
+}
+
+/// Decodes the network configuration: top-level keys case-insensitively, the last duplicate winning and
+/// a later `null` leaving an earlier value alone (Go's rules).
+fn parse_netconf(stdin: &[u8]) -> Result<NetConf, CniError> {
+    let decode_error =
+        |e: String| CniError::new(codes::DECODE, format!("error unmarshall network config: {e}"));
+    let value: Value = serde_json::from_slice(stdin).map_err(|e| decode_error(e.to_string()))?;
+    let Value::Object(map) = value else {
+        return Err(decode_error(format!("expected an object, found {value}")));
+    };
+    let mut lowered = serde_json::Map::with_capacity(map.len());
+    for (key, value) in map {
+        let key = key.to_ascii_lowercase();
+        if !(value.is_null() && lowered.contains_key(&key)) {
+            lowered.insert(key, value);
+        }
+    }
+    serde_json::from_value(Value::Object(lowered)).map_err(|e| decode_error(e.to_string()))
 }
 
 fn null_as_empty<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
@@ -117,8 +145,7 @@ async fn dispatch(
     if env.command == Command::Version {
         return Ok(Some(version_reply()));
     }
-    let mut netconf: NetConf = serde_json::from_slice(stdin)
-        .map_err(|e| CniError::new(codes::DECODE, format!("error unmarshall network config: {e}")))?;
+    let mut netconf = parse_netconf(stdin)?;
     if netconf.cni_version.is_empty()
         && let Some(listed) = netconf.cni_versions.as_ref().filter(|l| !l.is_empty())
     {
@@ -162,7 +189,15 @@ async fn dispatch(
         ));
     }
 
-    let config = load_config(&env, &netconf, host)?;
+    let purpose = match env.command {
+        Command::Del | Command::Gc => Purpose::Release,
+        _ => Purpose::Allocate,
+    };
+    let args = match purpose {
+        Purpose::Allocate => parse_cni_args(&env.args)?,
+        Purpose::Release => parse_cni_args(&env.args).unwrap_or_default(),
+    };
+    let config = load_config(&netconf, &args, purpose, host)?;
     host.init_logging(&config.log);
     if let Some(warning) = &config.log.warning {
         tracing::error!("{warning}");
@@ -177,16 +212,14 @@ async fn dispatch(
     };
     let store = open_store(&config.datastore).map_err(not_available)?;
     let ipam = Ipam::new(&store);
-    let node = node_name(&env, &config, host);
 
     match env.command {
         Command::Add => {
-            let args = parse_cni_args(&env.args)?;
             let owner = Owner {
                 container_id: env.container_id.clone(),
                 pod_ref: args.pod_ref(),
                 ifname: env.ifname.clone(),
-                node,
+                node: node_name(&env, &config, host),
                 network: Some(netconf.name.clone()),
             };
             tracing::debug!("ADD {} {} pod {:?}", env.container_id, env.ifname, owner.pod_ref);
@@ -207,16 +240,20 @@ async fn dispatch(
             check(&ipam, &config, &env, prev).await.map(|()| None)
         }
         Command::Gc => {
-            let Some(node) = node else {
+            let Some(node) = node_name(&env, &config, host) else {
                 return Err(CniError::new(
                     codes::INVALID_CONFIG,
                     "GC needs the node name (NODENAME or /etc/hostname)",
                 ));
             };
-            let valid: HashSet<(String, String)> = netconf
-                .valid_attachments
-                .unwrap_or_default()
+            // Without the list nothing is known to be valid, which is not the same as "nothing is".
+            if netconf.valid_attachments.is_none() && netconf.attachments.is_none() {
+                return Err(CniError::new(codes::INVALID_CONFIG, "GC needs cni.dev/valid-attachments"));
+            }
+            let valid: HashSet<(String, String)> = [netconf.valid_attachments, netconf.attachments]
                 .into_iter()
+                .flatten()
+                .flatten()
                 .map(|a| (a.container_id, a.ifname))
                 .collect();
             let released = ipam.collect_garbage(&config, &node, &netconf.name, &valid).await?;
@@ -242,7 +279,14 @@ fn version_reply() -> Value {
     json!({ "cniVersion": LATEST, "supportedVersions": SUPPORTED_VERSIONS })
 }
 
-fn load_config(env: &CniEnv, netconf: &NetConf, host: &impl Host) -> Result<IpamConfig, CniError> {
+/// Loads the configuration for `purpose`. For a release (DEL, GC) what only ADD uses is not parsed, so
+/// a bad `CNI_ARGS` or requested address cannot keep a sandbox from being torn down.
+fn load_config(
+    netconf: &NetConf,
+    args: &CniArgs,
+    purpose: Purpose,
+    host: &impl Host,
+) -> Result<IpamConfig, CniError> {
     let ipam = netconf
         .ipam
         .as_ref()
@@ -250,11 +294,12 @@ fn load_config(env: &CniEnv, netconf: &NetConf, host: &impl Host) -> Result<Ipam
         .ok_or_else(|| CniError::new(codes::INVALID_CONFIG, "IPAM config missing 'ipam' key"))?;
     let inline = InlineIpam::parse(ipam)?;
     let flat = find_flat_file(&inline, host)?;
-    let call = CallContext {
-        cni_version: netconf.cni_version.clone(),
-        args: parse_cni_args(&env.args)?,
-        requested_ips: requested_ips(netconf)?,
+    let requested_ips = match purpose {
+        Purpose::Allocate => requested_ips(netconf)?,
+        Purpose::Release => Vec::new(),
     };
+    let call =
+        CallContext { purpose, cni_version: netconf.cni_version.clone(), args: args.clone(), requested_ips };
     let flat = flat.as_ref().map(|(path, content)| FlatFile { path, content });
     Ok(inline.resolve(flat, &call)?)
 }

@@ -363,7 +363,9 @@ async fn del_without_netns_and_gc_status_with_only_cni_path_are_fine() {
     let conf = fx.conf("1.1.0");
     fx.add(&conf, Env::add("c1")).await;
     silent(&fx.run(&Env::del("c1").unset("CNI_NETNS"), &conf).await);
-    silent(&fx.run(&Env::gc().node("node-a"), &conf).await);
+    silent(
+        &fx.run(&Env::gc().node("node-a"), &conf.clone().set("cni.dev/valid-attachments", json!([]))).await,
+    );
     silent(&fx.run(&Env::status(), &conf).await);
 }
 
@@ -459,6 +461,18 @@ async fn missing_or_invalid_network_name_is_code_7() {
 /// Go's decoder (the CNI library's `skel`) leaves a field at its default for `null`: `"name": null` is
 /// "missing network name" (code 7) and `"cniVersion": null` means 0.1.0. `run` refuses both as
 /// undecodable stdin (code 6).
+/// The top level is decoded like Go does: keys case-insensitively, the last duplicate winning.
+#[tokio::test]
+async fn top_level_keys_are_matched_case_insensitively() {
+    let fx = Fx::new();
+    let conf = fx.conf("1.0.0");
+    let mut text = serde_json::to_string(&conf.0).expect("json");
+    text = text.replacen("\"ipam\"", "\"IPAM\"", 1).replacen("\"cniVersion\"", "\"CNIVERSION\"", 1);
+    text = text.replacen('{', "{\"name\":\"first\",", 1);
+    let reply = fx.run_raw(&Env::add("c1"), text.as_bytes()).await;
+    assert_eq!(success(&reply), json!({ "cniVersion": "1.0.0", "ips": [{ "address": "192.0.2.1/24" }] }));
+}
+
 #[tokio::test]
 async fn null_name_and_version_are_treated_as_absent() {
     let fx = Fx::new();
@@ -628,10 +642,10 @@ async fn invalid_config_values_are_code_7_naming_key_and_value() {
     for version in VERSIONS {
         for (key, value, msg) in &cases {
             let conf = fx.conf(version).ipam(key, value.clone());
-            for env in [Env::add("c1"), Env::del("c1")] {
-                let reply = fx.run(&env, &conf).await;
-                assert_eq!(failure(&reply), error_json(version, 7, msg), "{key} = {value}");
-            }
+            let reply = fx.run(&Env::add("c1"), &conf).await;
+            assert_eq!(failure(&reply), error_json(version, 7, msg), "{key} = {value}");
+            // The DEL that follows a refused ADD must succeed, or the sandbox could never be removed.
+            silent(&fx.run(&Env::del("c1"), &conf).await);
         }
     }
 }
@@ -1012,10 +1026,10 @@ async fn bad_cni_args_are_code_4() {
     ];
     for version in VERSIONS {
         for (args, msg) in cases {
-            for env in [Env::add("c1"), Env::del("c1")] {
-                let reply = fx.run(&env.set("CNI_ARGS", args), &fx.conf(version)).await;
-                assert_eq!(failure(&reply), error_json(version, 4, msg), "{args}");
-            }
+            let reply = fx.run(&Env::add("c1").set("CNI_ARGS", args), &fx.conf(version)).await;
+            assert_eq!(failure(&reply), error_json(version, 4, msg), "{args}");
+            // DEL does not need CNI_ARGS, so a bad one never keeps a sandbox from being torn down.
+            silent(&fx.run(&Env::del("c1").set("CNI_ARGS", args), &fx.conf(version)).await);
         }
     }
 }
@@ -1260,22 +1274,26 @@ type ConfFor = fn(&Fx) -> Conf;
 /// allocation: the result of a successful ADD fails CHECK.
 #[tokio::test]
 async fn check_accepts_static_addresses_inside_a_range_network() {
-    let cases: [(&str, ConfFor); 2] = [
-        ("requested outside the candidate interval", |fx: &Fx| {
-            fx.conf("1.0.0")
-                .ipam("range_start", json!("192.0.2.100"))
-                .set("runtimeConfig", json!({ "ips": ["192.0.2.10/24"] }))
-        }),
-        ("static address", |fx: &Fx| {
-            fx.conf("1.0.0").ipam("addresses", json!([{ "address": "192.0.2.200/24" }]))
-        }),
-    ];
-    for (name, conf) in cases {
-        let fx = Fx::new();
-        let conf = conf(&fx);
-        let result = fx.add(&conf, Env::add("c1")).await;
-        assert_eq!(result["ips"].as_array().map(Vec::len), Some(2), "{name}: {result}");
-        silent(&fx.run(&Env::check("c1"), &conf.prev(&result)).await);
+    let fx = Fx::new();
+    let conf = fx.conf("1.0.0").ipam("addresses", json!([{ "address": "192.0.2.200/24" }]));
+    let result = fx.add(&conf, Env::add("c1")).await;
+    assert_eq!(result["ips"].as_array().map(Vec::len), Some(2), "{result}");
+    silent(&fx.run(&Env::check("c1"), &conf.prev(&result)).await);
+}
+
+/// An address requested in a range's network but outside its candidates would be handed out
+/// unreserved next to an allocated one; it is refused instead.
+#[tokio::test]
+async fn requested_addresses_in_a_range_outside_its_candidates_are_refused() {
+    let fx = Fx::new();
+    for ip in ["192.0.2.10/24", "192.0.2.255/24"] {
+        let conf = fx
+            .conf("1.0.0")
+            .ipam("range_start", json!("192.0.2.100"))
+            .set("runtimeConfig", json!({ "ips": [ip] }));
+        assert_eq!(failure(&fx.run(&Env::add("c1"), &conf).await)["code"], 7, "{ip}");
+        // And DEL of that refused ADD succeeds.
+        silent(&fx.run(&Env::del("c1"), &conf).await);
     }
 }
 
@@ -1315,7 +1333,7 @@ async fn gc_releases_only_this_nodes_stale_attachments_of_this_network() {
 }
 
 #[tokio::test]
-async fn gc_without_valid_attachments_releases_everything_of_this_node() {
+async fn gc_with_an_empty_list_releases_everything_of_this_node() {
     let fx = Fx::new();
     let conf = fx.conf("1.1.0").ipam("ipRanges", json!([{ "range": "2001:db8::/64" }]));
     fx.add(&conf, Env::add("a").node("node-a")).await;
@@ -1335,7 +1353,7 @@ async fn gc_finds_the_node_name_in_etc_hostname() {
     let fx = Fx::with_host(MemHost::default().with_file("/etc/hostname", "node-a\n"));
     let conf = fx.conf("1.1.0");
     fx.add(&conf, Env::add("a")).await;
-    silent(&fx.run(&Env::gc(), &conf).await);
+    silent(&fx.run(&Env::gc(), &conf.clone().set("cni.dev/valid-attachments", json!([]))).await);
     assert_eq!(first_ip(&fx.add(&conf, Env::add("b")).await), "192.0.2.1");
 }
 
@@ -1358,9 +1376,23 @@ async fn gc_finds_the_node_name_in_the_configuration_path() {
     let anonymous = Fx::new();
     let anon_conf = anonymous.conf("1.1.0").ipam("file_store_dir", json!(store.path().to_str()));
     assert_eq!(first_ip(&anonymous.add(&anon_conf, Env::add("b")).await), "192.0.2.2");
-    silent(&fx.run(&Env::gc(), &conf).await);
+    silent(&fx.run(&Env::gc(), &conf.clone().set("cni.dev/valid-attachments", json!([]))).await);
     assert_eq!(first_ip(&fx.add(&conf, Env::add("c")).await), "192.0.2.1");
     assert_eq!(first_ip(&fx.add(&conf, Env::add("d")).await), "192.0.2.3");
+}
+
+/// Without any attachment list nothing is known to be valid, which is not the same as "nothing is":
+/// GC refuses rather than release every allocation of the node. The list's first name (spec 1.1.0 as
+/// first published, `cni.dev/attachments`) counts too.
+#[tokio::test]
+async fn gc_needs_an_attachment_list_under_either_name() {
+    let fx = Fx::new();
+    let conf = fx.conf("1.1.0");
+    fx.add(&conf, Env::add("a").node("node-a")).await;
+    assert_eq!(failure(&fx.run(&Env::gc().node("node-a"), &conf).await)["code"], 7);
+    let listed = json!([{ "containerID": "a", "ifname": "eth0" }]);
+    silent(&fx.run(&Env::gc().node("node-a"), &conf.clone().set("cni.dev/attachments", listed)).await);
+    assert_eq!(first_ip(&fx.add(&conf, Env::add("b")).await), "192.0.2.2", "a is still held");
 }
 
 #[tokio::test]

@@ -277,9 +277,22 @@ pub struct FlatFile<'a> {
     pub content: &'a [u8],
 }
 
+/// What a call needs the configuration for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Purpose {
+    /// ADD, CHECK, STATUS: everything is validated.
+    #[default]
+    Allocate,
+    /// DEL and GC: only what finds the pools is needed, so only that is checked (see
+    /// [`IpamConfig`]'s release view): a sandbox whose ADD was refused can always be torn down.
+    Release,
+}
+
 /// What the CNI call adds to the configuration.
 #[derive(Debug, Clone, Default)]
 pub struct CallContext {
+    /// What the configuration is for.
+    pub purpose: Purpose,
     /// The configuration's `cniVersion`.
     pub cni_version: String,
     /// Parsed `CNI_ARGS`.
@@ -527,11 +540,123 @@ fn build_range(
     )
 }
 
+fn datastore_of(raw: &RawIpam) -> Result<Datastore, ConfigError> {
+    Ok(match raw.datastore.as_deref().unwrap_or("") {
+        "file" => Datastore::File {
+            dir: non_empty(raw.file_store_dir.clone()).unwrap_or_else(|| DEFAULT_FILE_STORE_DIR.into()),
+        },
+        "" | "kubernetes" => Datastore::Kubernetes {
+            kubeconfig: non_empty(raw.kubernetes.as_ref().and_then(|k| k.kubeconfig.clone())).ok_or_else(
+                || {
+                    ConfigError::Missing(
+                        "you have not configured the storage engine (looks like you're using an invalid \
+                     `kubernetes.kubeconfig` parameter in your config)"
+                            .into(),
+                    )
+                },
+            )?,
+        },
+        "etcd" => Datastore::Etcd {
+            hosts: non_empty(raw.etcd_host.clone()).ok_or_else(|| {
+                ConfigError::invalid("etcd_host", "", "required with \"datastore\": \"etcd\"")
+            })?,
+            username: non_empty(raw.etcd_username.clone()),
+            password: non_empty(raw.etcd_password.clone()),
+            key_file: non_empty(raw.etcd_key_file.clone()),
+            cert_file: non_empty(raw.etcd_cert_file.clone()),
+            ca_cert_file: non_empty(raw.etcd_ca_cert_file.clone()),
+        },
+        other => {
+            return Err(ConfigError::invalid(
+                "datastore",
+                other,
+                "expected \"file\", \"kubernetes\" or \"etcd\"",
+            ));
+        }
+    })
+}
+
+fn log_settings(raw: &RawIpam) -> LogSettings {
+    let (level, warning) = match non_empty(raw.log_level.clone()) {
+        None => (LogLevel::Debug, None),
+        Some(l) => match l.to_ascii_lowercase().as_str() {
+            "debug" => (LogLevel::Debug, None),
+            "verbose" => (LogLevel::Verbose, None),
+            "error" => (LogLevel::Error, None),
+            "panic" => (LogLevel::Panic, None),
+            _ => (LogLevel::Debug, Some(format!("Whereabouts logging: cannot set logging level to {l}"))),
+        },
+    };
+    LogSettings { file: non_empty(raw.log_file.clone()), level, warning }
+}
+
+/// `network_name` prefixes object names, so it must be a valid name itself (upstream does not check it
+/// and then fails on every write).
+fn checked_network_name(raw: &RawIpam) -> Result<String, ConfigError> {
+    let name = raw.network_name.clone().unwrap_or_default();
+    let valid_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if name.is_empty()
+        || (name.chars().all(valid_char) && edge(name.chars().next()) && edge(name.chars().last()))
+    {
+        Ok(name)
+    } else {
+        Err(ConfigError::invalid(
+            "network_name",
+            name,
+            "must be lower-case letters, digits, '-' and '.', starting and ending with a letter or digit",
+        ))
+    }
+}
+
+/// The configuration DEL and GC work from: every range whose CIDR parses, by its network alone (that
+/// is all that names a pool), and none of the values only ADD uses. So a configuration ADD refuses
+/// (or one upstream accepted and we refuse) can still be torn down.
+fn release_view(raw: RawIpam, enable_overlapping_ranges: bool) -> Result<IpamConfig, ConfigError> {
+    let datastore = datastore_of(&raw)?;
+    let log = log_settings(&raw);
+    let network_name = checked_network_name(&raw);
+    let written = non_empty(raw.range.clone())
+        .into_iter()
+        .chain(raw.ip_ranges.unwrap_or_default().into_iter().filter_map(|r| non_empty(r.range)));
+    let ranges = match network_name {
+        // No pool can have been written under an invalid name.
+        Err(_) => Vec::new(),
+        Ok(_) => written
+            .filter_map(|range| {
+                let cidr = range.split_once('-').map_or(range.as_str(), |(_, cidr)| cidr);
+                let network = parse_cidr_sloppy(cidr)?;
+                IpRange::new(network, None, None, Vec::new()).ok()
+            })
+            .map(|range| ManagedRange { range, requested: None })
+            .collect(),
+    };
+    Ok(IpamConfig {
+        ranges,
+        gateway: None,
+        routes: Vec::new(),
+        dns: Dns::default(),
+        addresses: Vec::new(),
+        network_name: network_name.unwrap_or_default(),
+        enable_overlapping_ranges,
+        node_slice_size: non_empty(raw.node_slice_size),
+        configuration_path: non_empty(raw.configuration_path),
+        datastore,
+        log,
+    })
+}
+
 fn validate(
     raw: RawIpam,
     enable_overlapping_ranges: bool,
     call: &CallContext,
 ) -> Result<IpamConfig, ConfigError> {
+    if call.purpose == Purpose::Release {
+        return release_view(raw, enable_overlapping_ranges);
+    }
+    let network_name = checked_network_name(&raw)?;
+    let datastore = datastore_of(&raw)?;
+    let log = log_settings(&raw);
     // Ranges: the top-level one first, then ipRanges (upstream §1.5 steps 8-9).
     let mut ranges: Vec<IpRange> = Vec::new();
     match non_empty(raw.range) {
@@ -615,7 +740,8 @@ fn validate(
         })
         .collect::<Result<Vec<_>, ConfigError>>()?;
 
-    // Requested addresses: inside a candidate interval they are allocated there; otherwise static.
+    // Requested addresses: one in a range's network is allocated from that range (and must lie among
+    // its candidates); one outside every range is returned as a static address.
     let mut requested: Vec<Option<IpAddr>> = vec![None; ranges.len()];
     let from_args = call.args.ips.iter().map(|net| ("CNI_ARGS IP", net.to_string(), Some(*net)));
     let from_conf = call.requested_ips.iter().map(|(key, v)| (*key, v.clone(), parse_cidr_sloppy(v)));
@@ -624,7 +750,14 @@ fn validate(
         let Some(ip) = ip else {
             return Err(ConfigError::invalid(key, value, "not an IP address or CIDR"));
         };
-        match ranges.iter().position(|r| r.in_interval(ip)) {
+        match ranges.iter().position(|r| r.contains(ip)) {
+            Some(i) if !ranges[i].in_interval(ip) => {
+                return Err(ConfigError::invalid(
+                    key,
+                    value,
+                    format!("lies in range {} but outside its allocatable addresses", ranges[i].describe()),
+                ));
+            }
             Some(i) => {
                 if let Some(previous) = requested[i] {
                     return Err(ConfigError::invalid(
@@ -671,49 +804,6 @@ fn validate(
         }
     };
 
-    let datastore = match raw.datastore.as_deref().unwrap_or("") {
-        "file" => Datastore::File {
-            dir: non_empty(raw.file_store_dir).unwrap_or_else(|| DEFAULT_FILE_STORE_DIR.into()),
-        },
-        "" | "kubernetes" => Datastore::Kubernetes {
-            kubeconfig: non_empty(raw.kubernetes.and_then(|k| k.kubeconfig)).ok_or_else(|| {
-                ConfigError::Missing(
-                    "you have not configured the storage engine (looks like you're using an invalid \
-                     `kubernetes.kubeconfig` parameter in your config)"
-                        .into(),
-                )
-            })?,
-        },
-        "etcd" => Datastore::Etcd {
-            hosts: non_empty(raw.etcd_host).ok_or_else(|| {
-                ConfigError::invalid("etcd_host", "", "required with \"datastore\": \"etcd\"")
-            })?,
-            username: non_empty(raw.etcd_username),
-            password: non_empty(raw.etcd_password),
-            key_file: non_empty(raw.etcd_key_file),
-            cert_file: non_empty(raw.etcd_cert_file),
-            ca_cert_file: non_empty(raw.etcd_ca_cert_file),
-        },
-        other => {
-            return Err(ConfigError::invalid(
-                "datastore",
-                other,
-                "expected \"file\", \"kubernetes\" or \"etcd\"",
-            ));
-        }
-    };
-
-    let (level, warning) = match non_empty(raw.log_level) {
-        None => (LogLevel::Debug, None),
-        Some(l) => match l.to_ascii_lowercase().as_str() {
-            "debug" => (LogLevel::Debug, None),
-            "verbose" => (LogLevel::Verbose, None),
-            "error" => (LogLevel::Error, None),
-            "panic" => (LogLevel::Panic, None),
-            _ => (LogLevel::Debug, Some(format!("Whereabouts logging: cannot set logging level to {l}"))),
-        },
-    };
-
     Ok(IpamConfig {
         ranges: ranges
             .into_iter()
@@ -724,12 +814,12 @@ fn validate(
         routes,
         dns,
         addresses,
-        network_name: raw.network_name.unwrap_or_default(),
+        network_name,
         enable_overlapping_ranges,
         node_slice_size: non_empty(raw.node_slice_size),
         configuration_path: non_empty(raw.configuration_path),
         datastore,
-        log: LogSettings { file: non_empty(raw.log_file), level, warning },
+        log,
     })
 }
 

@@ -17,7 +17,7 @@ use whereabouts_core::addr::{Family, from_u128, net_bounds};
 use whereabouts_core::cni_args::parse_cni_args;
 use whereabouts_core::config::{
     self, CallContext, DEFAULT_FILE_STORE_DIR, Datastore, Dns, FLAT_FILE_PATHS, FlatFile, InlineIpam,
-    IpamConfig, LogLevel, LogSettings, Route, StaticAddress,
+    IpamConfig, LogLevel, LogSettings, Purpose, Route, StaticAddress,
 };
 use whereabouts_core::range::IpRange;
 
@@ -83,6 +83,7 @@ fn call(cni_version: &str, requested: &[(&'static str, &str)], cni_args: &str) -
         cni_version: cni_version.to_string(),
         args: parse_cni_args(cni_args).expect("valid test CNI_ARGS"),
         requested_ips: requested.iter().map(|(key, value)| (*key, value.to_string())).collect(),
+        ..CallContext::default()
     }
 }
 
@@ -991,12 +992,12 @@ fn requested_addresses_inside_a_range_are_allocated_there() {
 }
 
 #[test]
-fn requested_addresses_outside_every_interval_become_static() {
+fn requested_addresses_outside_every_range_become_static() {
     let range = json!({"range": "10.0.0.0/24", "range_start": "10.0.0.100",
                        "addresses": [{"address": "172.16.0.5/16"}]});
     let cfg = ok(load_requested(
         range,
-        &[("runtimeConfig.ips", "192.168.5.5/24"), ("args.cni.ips", "10.0.0.50/24")],
+        &[("runtimeConfig.ips", "192.168.5.5/24")],
         "IP=192.168.6.6/24,fd00::6/64;GATEWAY=10.9.9.1,192.168.5.1,fd00::1",
     ));
     assert_eq!(requested(&cfg), [None]);
@@ -1005,7 +1006,6 @@ fn requested_addresses_outside_every_interval_become_static() {
         [
             static_address("172.16.0.5/16", None),
             static_address("192.168.5.5/24", Some("192.168.5.1")),
-            static_address("10.0.0.50/24", None),
             static_address("192.168.6.6/24", None),
             static_address("fd00::6/64", Some("fd00::1")),
         ]
@@ -1014,6 +1014,47 @@ fn requested_addresses_outside_every_interval_become_static() {
     let gw =
         ok(load_requested(json!({"gateway": "192.168.5.1"}), &[("runtimeConfig.ips", "192.168.5.5/24")], ""));
     assert_eq!(gw.gateway, Some(ip("192.168.5.1")));
+}
+
+/// A range's network is managed by whereabouts: an address there outside the range's candidates (its
+/// network or broadcast address, or outside range_start..range_end) would be handed out unreserved.
+#[test]
+fn requested_addresses_in_a_range_but_outside_its_candidates_are_refused() {
+    let range = json!({"range": "10.0.0.0/24", "range_start": "10.0.0.100"});
+    for (value, source) in [
+        ("10.0.0.50/24", "args.cni.ips"),
+        ("10.0.0.255/24", "runtimeConfig.ips"),
+        ("10.0.0.0", "args.cni.ips"),
+    ] {
+        assert_invalid(value, load_requested(range.clone(), &[(source, value)], ""), source, value);
+    }
+    assert_invalid(
+        "CNI_ARGS",
+        load_requested(range, &[], "IP=10.0.0.255/24"),
+        "CNI_ARGS IP",
+        "10.0.0.255/24",
+    );
+}
+
+/// DEL and GC only need the pools: a configuration ADD refuses still loads, by its ranges' networks.
+#[test]
+fn the_release_view_accepts_what_add_refuses() {
+    let refused = ipam(json!({
+        "range": "10.0.0.0/24", "range_start": "10.9.9.9", "gateway": "172.16.0.1", "exclude": ["garbage"],
+        "ipRanges": [{"range": "10.0.0.0/25"}, {"range": "not-a-cidr"}, {"range": "2001:db8::5-2001:db8::1/64"}],
+        "routes": [{"dst": "bad"}],
+    }));
+    assert!(load(&refused).is_err());
+    let release =
+        CallContext { purpose: Purpose::Release, ..call("1.0.0", &[("runtimeConfig.ips", "x")], "") };
+    let cfg = config::load(&refused, None, &release).expect("the release view loads");
+    let networks: Vec<String> = cfg.ranges.iter().map(|r| r.range.network().to_string()).collect();
+    assert_eq!(networks, ["10.0.0.0/24", "10.0.0.0/25", "2001:db8::/64"]);
+    // It still needs a store, and an invalid network_name leaves nothing to release.
+    assert!(config::load(&bare(json!({"range": "10.0.0.0/24"})), None, &release).is_err());
+    let bad_name = ipam(json!({"range": "10.0.0.0/24", "network_name": "Bad/Name"}));
+    assert!(config::load(&bad_name, None, &release).expect("loads").ranges.is_empty());
+    assert_invalid("network_name", load(&bad_name), "network_name", "Bad/Name");
 }
 
 #[test]
@@ -1246,6 +1287,7 @@ fn call_context() -> impl Strategy<Value = CallContext> {
         cni_version: version.to_string(),
         args: parse_cni_args(&cni_args).unwrap_or_default(),
         requested_ips,
+        purpose: Purpose::Allocate,
     })
 }
 
