@@ -1266,10 +1266,7 @@ async fn check_reports_what_differs() {
     }
 }
 
-/// Builds a configuration for a fixture.
-type ConfFor = fn(&Fx) -> Conf;
-
-/// A static address (or a requested one outside the candidate interval) inside a range's network is
+/// A static address inside a range's network is
 /// part of ADD's result, but CHECK takes every listed address inside the network for a second
 /// allocation: the result of a successful ADD fails CHECK.
 #[tokio::test]
