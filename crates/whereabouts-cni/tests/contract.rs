@@ -1266,9 +1266,8 @@ async fn check_reports_what_differs() {
     }
 }
 
-/// A static address inside a range's network is
-/// part of ADD's result, but CHECK takes every listed address inside the network for a second
-/// allocation: the result of a successful ADD fails CHECK.
+/// A static address inside a range's network is part of ADD's result and must not make CHECK take it
+/// for a second allocation.
 #[tokio::test]
 async fn check_accepts_static_addresses_inside_a_range_network() {
     let fx = Fx::new();
