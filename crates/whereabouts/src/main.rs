@@ -16,26 +16,25 @@ use whereabouts_cni::{FsHost, Reply};
 #[command(name = "whereabouts", version, about, long_about = None)]
 struct Cli {}
 
+fn error_reply(code: u32, msg: String) -> Reply {
+    Reply { stdout: CniError::new(code, msg).to_json(LATEST).to_string(), exit_code: 1 }
+}
+
 fn cni_main(vars: HashMap<String, String>) -> Reply {
     let mut stdin = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
-        let error = CniError::new(codes::IO, format!("reading stdin: {e}"));
-        return Reply { stdout: error.to_json(LATEST).to_string(), exit_code: 1 };
+        return error_reply(codes::IO, format!("reading stdin: {e}"));
     }
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build();
-    let runtime = match runtime {
-        Ok(r) => r,
-        Err(e) => {
-            let error = CniError::new(codes::INTERNAL, format!("starting the runtime: {e}"));
-            return Reply { stdout: error.to_json(LATEST).to_string(), exit_code: 1 };
-        }
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+        Ok(runtime) => runtime,
+        Err(e) => return error_reply(codes::INTERNAL, format!("starting the runtime: {e}")),
     };
     // A bug must still answer with a CNI error object, not a bare panic message.
-    std::panic::catch_unwind(|| runtime.block_on(whereabouts_cni::run(&vars, &stdin, &FsHost)))
-        .unwrap_or_else(|_| {
-            let error = CniError::new(codes::INTERNAL, "internal error (panic); see stderr");
-            Reply { stdout: error.to_json(LATEST).to_string(), exit_code: 1 }
-        })
+    let reply = std::panic::catch_unwind(|| runtime.block_on(whereabouts_cni::run(&vars, &stdin, &FsHost)))
+        .unwrap_or_else(|_| error_reply(codes::INTERNAL, "internal error (panic); see stderr".into()));
+    // Answer now rather than wait for a blocking thread still stuck on a lock the store gave up on.
+    runtime.shutdown_background();
+    reply
 }
 
 fn main() -> ExitCode {
