@@ -56,6 +56,10 @@ pub enum AllocError {
         /// The range's network.
         range: String,
     },
+    /// A requested address lies below the IP written in the pool's stored range (only in pools written
+    /// by hand with host bits set), so no offset can record it.
+    #[error("requested address {0} lies below the start of its pool's stored range")]
+    BelowPoolBase(IpAddr),
     /// A requested address is the gateway.
     #[error("requested address {0} is the gateway")]
     Gateway(IpAddr),
@@ -134,6 +138,9 @@ pub fn assign(
     }
     if gateway == Some(ip) {
         return Err(AllocError::Gateway(ip));
+    }
+    if addr < pool.base() {
+        return Err(AllocError::BelowPoolBase(ip));
     }
     Ok(Assignment::New { addr, replaces: existing })
 }
@@ -289,6 +296,19 @@ mod tests {
         assert_eq!(pool.len(), 1);
         // The lowest free skips the requested one.
         assert_eq!(take(&r, &mut pool, 3), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn requested_addresses_below_a_hand_made_pools_base_are_refused() {
+        let r = range("10.0.0.0/24", None, None, &[]);
+        let spec = crate::pool::PoolSpec { range: "10.0.0.5/24".into(), allocations: Default::default() };
+        let (pool, _) = Pool::from_spec(&spec, r.network()).unwrap();
+        assert_eq!(
+            assign(&r, &pool, &owner(1), Some(ip("10.0.0.3")), None, &IntervalSet::new()),
+            Err(AllocError::BelowPoolBase(ip("10.0.0.3")))
+        );
+        // The lowest free starts at the base.
+        assert_eq!(lowest_free(&r, &pool, None, &IntervalSet::new()), Some(to_u128(ip("10.0.0.5"))));
     }
 
     #[test]

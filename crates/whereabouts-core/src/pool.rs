@@ -93,9 +93,9 @@ pub enum PoolError {
     /// `spec.range` is not a CIDR.
     #[error("pool range {0:?} is not a CIDR")]
     BadRange(String),
-    /// `spec.range` is of the other family than the configured range.
+    /// `spec.range` is not the configured range's network.
     #[error("pool range {stored} does not match the configured range {configured}")]
-    FamilyMismatch {
+    RangeMismatch {
         /// The stored range.
         stored: String,
         /// The configured range.
@@ -186,8 +186,8 @@ impl Pool {
     pub fn from_spec(spec: &PoolSpec, configured: IpNet) -> Result<(Self, Vec<SkippedKey>), PoolError> {
         let stored = parse_cidr_strict(&spec.range).ok_or_else(|| PoolError::BadRange(spec.range.clone()))?;
         let family = Family::of(stored.addr());
-        if family != Family::of(configured.addr()) {
-            return Err(PoolError::FamilyMismatch { stored: spec.range.clone(), configured });
+        if stored.trunc() != configured.trunc() {
+            return Err(PoolError::RangeMismatch { stored: spec.range.clone(), configured });
         }
         let base = to_u128(stored.addr());
         let max = match family {
@@ -225,7 +225,7 @@ impl Pool {
             allocations: self
                 .allocations
                 .iter()
-                .map(|(addr, a)| ((addr - self.base).to_string(), a.clone()))
+                .filter_map(|(addr, a)| Some((addr.checked_sub(self.base)?.to_string(), a.clone())))
                 .collect(),
         }
     }
@@ -358,6 +358,21 @@ mod tests {
         let (pool, skipped) = Pool::from_spec(&spec, "255.255.255.0/24".parse().unwrap()).unwrap();
         assert!(pool.is_empty());
         assert_eq!(skipped.len(), 1);
+    }
+
+    #[test]
+    fn a_stored_range_with_host_bits_keeps_its_base_and_another_network_is_refused() {
+        let spec = PoolSpec {
+            range: "10.0.0.5/24".into(),
+            allocations: [("2".to_string(), alloc("a"))].into_iter().collect(),
+        };
+        let (pool, _) = Pool::from_spec(&spec, "10.0.0.0/24".parse().unwrap()).unwrap();
+        assert_eq!(pool.iter().map(|(ip, _)| ip.to_string()).collect::<Vec<_>>(), ["10.0.0.7"]);
+        assert_eq!(pool.to_spec(), spec);
+        assert!(matches!(
+            Pool::from_spec(&spec, "10.0.1.0/24".parse().unwrap()),
+            Err(PoolError::RangeMismatch { .. })
+        ));
     }
 
     #[test]
