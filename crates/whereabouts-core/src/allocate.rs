@@ -384,7 +384,7 @@ mod tests {
                 let before = pool.clone();
                 let o = owner(1);
                 apply(&mut pool, Assignment::New { addr, replaces: None }, &o);
-                let released = pool.find_container(&o.container_id, &o.ifname).unwrap();
+                let released = pool.container_addresses(&o.container_id, &o.ifname)[0];
                 pool.remove(released);
                 prop_assert_eq!(pool, before);
             }

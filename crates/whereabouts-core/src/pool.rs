@@ -103,7 +103,8 @@ pub enum PoolError {
     },
 }
 
-/// An allocation key that was skipped while decoding (upstream logs and ignores these too).
+/// An allocation key that was skipped while decoding (upstream logs and ignores these too); the entry
+/// is kept and written back as it was.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SkippedKey(pub String);
 
@@ -118,12 +119,15 @@ pub struct Pool {
     allocations: BTreeMap<u128, Allocation>,
     taken: IntervalSet,
     by_owner: OwnerIndex,
+    /// Entries under keys this version cannot read, written back untouched (upstream drops them on its
+    /// next write; another writer may still understand them).
+    undecodable: BTreeMap<String, Allocation>,
 }
 
 impl PartialEq for Pool {
     fn eq(&self, other: &Self) -> bool {
-        (self.family, &self.spec_range, self.base, &self.allocations)
-            == (other.family, &other.spec_range, other.base, &other.allocations)
+        (self.family, &self.spec_range, self.base, &self.allocations, &self.undecodable)
+            == (other.family, &other.spec_range, other.base, &other.allocations, &other.undecodable)
     }
 }
 
@@ -178,6 +182,7 @@ impl Pool {
             allocations: BTreeMap::new(),
             taken: IntervalSet::new(),
             by_owner: OwnerIndex::default(),
+            undecodable: BTreeMap::new(),
         }
     }
 
@@ -201,6 +206,7 @@ impl Pool {
             allocations: BTreeMap::new(),
             taken: IntervalSet::new(),
             by_owner: OwnerIndex::default(),
+            undecodable: BTreeMap::new(),
         };
         let mut skipped = Vec::new();
         for (key, allocation) in &spec.allocations {
@@ -211,8 +217,12 @@ impl Pool {
                 .and_then(|offset| base.checked_add(offset))
                 .filter(|addr| *addr <= max);
             match addr {
-                Some(addr) => pool.insert(addr, allocation.clone()),
-                None => skipped.push(SkippedKey(key.clone())),
+                // A second key for the same address ("5" and "05") is kept aside like an unreadable one.
+                Some(addr) if pool.get(addr).is_none() => pool.insert(addr, allocation.clone()),
+                _ => {
+                    skipped.push(SkippedKey(key.clone()));
+                    pool.undecodable.insert(key.clone(), allocation.clone());
+                }
             }
         }
         Ok((pool, skipped))
@@ -226,6 +236,7 @@ impl Pool {
                 .allocations
                 .iter()
                 .filter_map(|(addr, a)| Some((addr.checked_sub(self.base)?.to_string(), a.clone())))
+                .chain(self.undecodable.iter().map(|(k, a)| (k.clone(), a.clone())))
                 .collect(),
         }
     }
@@ -274,16 +285,19 @@ impl Pool {
         candidates.iter().copied().filter(|addr| self.get(*addr).is_some_and(|a| a.is_owned_by(owner))).min()
     }
 
-    /// The address allocated to (`container_id`, `ifname`), which DEL releases.
-    pub fn find_container(&self, container_id: &str, ifname: &str) -> Option<u128> {
-        let candidates = self.by_owner.by_container.get(&owner_hash(container_id, ifname))?;
-        candidates
-            .iter()
+    /// The addresses allocated to (`container_id`, `ifname`), lowest first: what DEL releases.
+    pub fn container_addresses(&self, container_id: &str, ifname: &str) -> Vec<u128> {
+        let candidates = self.by_owner.by_container.get(&owner_hash(container_id, ifname));
+        let mut found: Vec<u128> = candidates
+            .into_iter()
+            .flatten()
             .copied()
             .filter(|addr| {
                 self.get(*addr).is_some_and(|a| a.container_id == container_id && a.ifname == ifname)
             })
-            .min()
+            .collect();
+        found.sort_unstable();
+        found
     }
 
     /// The taken addresses as intervals.
@@ -345,6 +359,7 @@ mod tests {
         let addrs: Vec<String> = pool.iter().map(|(ip, _)| ip.to_string()).collect();
         assert_eq!(addrs, ["10.10.1.0", "10.10.1.1"]);
         let written = serde_json::to_value(pool.to_spec()).unwrap();
+        assert_eq!(written["allocations"]["abc"]["id"], "x", "unreadable entries are written back");
         assert_eq!(written["allocations"]["256"], serde_json::json!({"id": "c1", "podref": "default/p"}));
         assert_eq!(written["allocations"]["257"]["ifname"], "net1");
     }
@@ -435,7 +450,7 @@ mod tests {
                         let (id, ifname) = (format!("c{who}"), format!("eth{ifname}"));
                         let scan = pool.allocations.iter()
                             .find(|(_, a)| a.container_id == id && a.ifname == ifname).map(|(x, _)| *x);
-                        prop_assert_eq!(pool.find_container(&id, &ifname), scan);
+                        prop_assert_eq!(pool.container_addresses(&id, &ifname).first().copied(), scan);
                         for pod_ref in [Some(format!("ns/c{who}")), None] {
                             let owner = Owner {
                                 container_id: id.clone(), pod_ref, ifname: ifname.clone(), node: None, network: None,

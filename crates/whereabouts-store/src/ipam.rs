@@ -268,8 +268,10 @@ impl<'s, S: Store> Ipam<'s, S> {
             match self.allocate_in_range(config, managed, owner).await {
                 Ok(taken) => done.push(taken),
                 Err(e) => {
+                    // Exactly what this call wrote: a new sandbox of the same pod may have taken over since.
+                    let wanted = owner.allocation();
                     for taken in done.iter().filter(|t| t.is_new) {
-                        if let Err(undo) = self.release_owned(config, taken.allocated, owner).await {
+                        if let Err(undo) = self.release_if(config, taken.allocated, |a| *a == wanted).await {
                             tracing::error!("releasing {} after a failed ADD: {undo}", taken.allocated.ip);
                         }
                     }
@@ -279,24 +281,24 @@ impl<'s, S: Store> Ipam<'s, S> {
         }
         for taken in &done {
             if let Some(old) = taken.moved_from {
-                self.release_owned(config, AllocatedIp { ip: old, network: taken.allocated.network }, owner)
-                    .await?;
+                let old = AllocatedIp { ip: old, network: taken.allocated.network };
+                self.release_if(config, old, |a| a.is_owned_by(owner)).await?;
             }
         }
         Ok(done.into_iter().map(|t| t.allocated).collect())
     }
 
-    /// Releases an address (and its reservation) if `owner` still holds it.
-    async fn release_owned(
+    /// Releases an address (and its reservation) if its holder passes `matches`.
+    async fn release_if(
         &self,
         config: &IpamConfig,
         taken: AllocatedIp,
-        owner: &Owner,
+        matches: impl Fn(&Allocation) -> bool,
     ) -> Result<(), IpamError> {
         let name = pool_name(&config.network_name, None, &taken.network);
         let addr = to_u128(taken.ip);
         let held = self.inspect(&name, taken.network, |pool| pool.get(addr).cloned()).await?;
-        if let Some(allocation) = held.filter(|a| a.is_owned_by(owner)) {
+        if let Some(allocation) = held.filter(|a| matches(a)) {
             self.release_entry(config, taken.network, taken.ip, &allocation).await?;
         }
         Ok(())
@@ -347,7 +349,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                 Ok(outcome) => outcome,
                 Err(source) => {
                     // Without its reservation the address is not ours to keep.
-                    let ours = |a: &Allocation| a.is_owned_by(owner);
+                    let ours = |a: &Allocation| *a == wanted;
                     if is_new && let Err(undo) = self.remove_if(&name, network, to_u128(ip), ours).await {
                         tracing::error!("releasing {ip} after a failed reservation: {undo}");
                     }
@@ -366,7 +368,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                         "{ip} of pool {name} is reserved by {} in an overlapping range, skipping it",
                         holder.pod_ref
                     );
-                    self.remove_if(&name, network, to_u128(ip), |a| a.is_owned_by(owner)).await?;
+                    self.remove_if(&name, network, to_u128(ip), |a| *a == wanted).await?;
                     blocked.insert(to_u128(ip));
                 }
             }
@@ -388,16 +390,21 @@ impl<'s, S: Store> Ipam<'s, S> {
             let network = managed.range.network();
             let name = pool_name(&config.network_name, None, &network);
             let outcome = async {
-                let held = self
+                // Normally one; more after a crash mid-move to a requested address.
+                let held: Vec<(IpAddr, Allocation)> = self
                     .inspect(&name, network, |pool| {
-                        let addr = pool.find_container(container_id, ifname)?;
-                        Some((from_u128(pool.family(), addr), pool.get(addr)?.clone()))
+                        pool.container_addresses(container_id, ifname)
+                            .into_iter()
+                            .filter_map(|addr| {
+                                Some((from_u128(pool.family(), addr), pool.get(addr)?.clone()))
+                            })
+                            .collect()
                     })
                     .await?;
-                if let Some((ip, allocation)) = held
-                    && self.release_entry(config, network, ip, &allocation).await?
-                {
-                    released.push(ip);
+                for (ip, allocation) in held {
+                    if self.release_entry(config, network, ip, &allocation).await? {
+                        released.push(ip);
+                    }
                 }
                 Ok::<(), IpamError>(())
             };
@@ -421,7 +428,9 @@ impl<'s, S: Store> Ipam<'s, S> {
             let name = pool_name(&config.network_name, None, &network);
             let held = self
                 .inspect(&name, network, |pool| {
-                    pool.find_container(container_id, ifname).map(|addr| from_u128(pool.family(), addr))
+                    pool.container_addresses(container_id, ifname)
+                        .first()
+                        .map(|addr| from_u128(pool.family(), *addr))
                 })
                 .await?;
             out.push(held);

@@ -951,3 +951,16 @@ async fn the_old_sandboxs_del_leaves_the_new_sandboxs_address_and_reservation() 
     assert_eq!(ipam.release(&config, "c1-new", "eth0").await.unwrap(), ips(&["10.0.0.1"]));
     assert!(reservations(&store).await.is_empty());
 }
+
+/// A crash in the middle of a move to a requested address can leave two entries of one attachment;
+/// DEL releases both.
+#[tokio::test]
+async fn del_releases_every_entry_of_the_attachment() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = single("10.0.0.0/24");
+    let network = config.ranges[0].range.network();
+    write_state(&store, "10.0.0.0-24", network, &[("10.0.0.1", &owner(1)), ("10.0.0.50", &owner(1))]).await;
+    assert_eq!(ipam.release(&config, "c1", "eth0").await.unwrap(), ips(&["10.0.0.1", "10.0.0.50"]));
+    assert!(allocations(&store, "10.0.0.0-24").await.is_empty());
+}
