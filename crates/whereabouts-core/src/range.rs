@@ -34,8 +34,8 @@ pub enum RangeProblem {
 impl IpRange {
     /// Builds a range from its network (host bits ignored) and optional start and end.
     ///
-    /// Network and broadcast addresses are never candidates; a start or end on them is moved to the
-    /// nearest usable address (upstream ignores them, which has the same effect).
+    /// Network and broadcast addresses are never candidates; a start or end on them is ignored, as
+    /// upstream ignores it.
     pub fn new(
         network: IpNet,
         start: Option<IpAddr>,
@@ -57,11 +57,13 @@ impl IpRange {
                 Err(RangeProblem::OutsideNetwork(ip))
             }
         };
-        if let Some(start) = start {
-            first = bound(start)?.clamp(first, last);
+        // A bound on the network or broadcast address is ignored, as upstream ignores it.
+        let usable = first..=last;
+        if let Some(start) = start.map(bound).transpose()?.filter(|s| usable.contains(s)) {
+            first = start;
         }
-        if let Some(end) = end {
-            last = bound(end)?.clamp(net_first + 1, last);
+        if let Some(end) = end.map(bound).transpose()?.filter(|e| usable.contains(e)) {
+            last = end;
         }
         if first > last {
             return Err(RangeProblem::StartAfterEnd);
@@ -125,7 +127,7 @@ impl IpRange {
         self.network.contains(&other.network.network()) || other.network.contains(&self.network.network())
     }
 
-    /// Upstream's description of the candidate interval, used in the exhaustion error.
+    /// The candidate interval, network and excludes, for error messages.
     pub fn describe(&self) -> String {
         let excludes: Vec<String> = self.exclude.iter().map(ToString::to_string).collect();
         format!(
@@ -204,10 +206,11 @@ mod tests {
         assert_eq!(r.network().to_string(), "192.168.2.224/28");
         assert_eq!(from_u128(Family::V4, r.first()), ip("192.168.2.229"));
         assert_eq!(from_u128(Family::V4, r.last()), ip("192.168.2.230"));
-        // Start on the network address and end on the broadcast address are clamped.
-        let r =
-            IpRange::new(net("10.0.0.0/24"), Some(ip("10.0.0.0")), Some(ip("10.0.0.255")), vec![]).unwrap();
-        assert_eq!((r.first(), r.last()), (to_u128(ip("10.0.0.1")), to_u128(ip("10.0.0.254"))));
+        // Bounds on the network or broadcast address are ignored, whichever way round.
+        for (start, end) in [("10.0.0.0", "10.0.0.255"), ("10.0.0.255", "10.0.0.0")] {
+            let r = IpRange::new(net("10.0.0.0/24"), Some(ip(start)), Some(ip(end)), vec![]).unwrap();
+            assert_eq!((r.first(), r.last()), (to_u128(ip("10.0.0.1")), to_u128(ip("10.0.0.254"))));
+        }
     }
 
     #[test]

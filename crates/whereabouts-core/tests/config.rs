@@ -399,11 +399,11 @@ fn ipv6_ranges_are_normalised() {
 }
 
 #[test]
-fn bounds_on_network_or_broadcast_are_clamped_to_usable_addresses() {
-    let cfg = ok(load(&ipam(
-        json!({"range": "10.0.0.0/24", "range_start": "10.0.0.0", "range_end": "10.0.0.255"}),
-    )));
-    assert_eq!(ranges(&cfg), ["10.0.0.0/24 10.0.0.1-10.0.0.254"]);
+fn bounds_on_network_or_broadcast_are_ignored_as_upstream() {
+    for (start, end) in [("10.0.0.0", "10.0.0.255"), ("10.0.0.255", "10.0.0.0")] {
+        let cfg = ok(load(&ipam(json!({"range": "10.0.0.0/24", "range_start": start, "range_end": end}))));
+        assert_eq!(ranges(&cfg), ["10.0.0.0/24 10.0.0.1-10.0.0.254"]);
+    }
     assert_eq!(ranges(&ok(load(&ipam(json!({"range": "10.0.0.4/30"}))))), ["10.0.0.4/30 10.0.0.5-10.0.0.6"]);
 }
 
@@ -1430,9 +1430,9 @@ proptest! {
             net_first < loaded.first() && loaded.first() <= loaded.last() && loaded.last() < net_last,
             "{} -> {}", extra, summary(loaded)
         );
-        // Bounds are kept when usable and clamped onto the first/last usable address otherwise.
+        // Bounds are kept when usable and ignored (as upstream) on the network or broadcast address.
         let usable = |bound: Option<u128>, default: u128| {
-            bound.unwrap_or(default).clamp(net_first + 1, net_last - 1)
+            bound.filter(|b| (net_first + 1..net_last).contains(b)).unwrap_or(default)
         };
         prop_assert_eq!(loaded.first(), usable(range.start, net_first + 1));
         prop_assert_eq!(loaded.last(), usable(range.end, net_last - 1));
