@@ -128,7 +128,7 @@ impl FileStore {
         Ok(self.reservations.join(format!("{}.json", checked_name(name)?)))
     }
 
-    fn read_reservation(path: &Path) -> Result<Option<Reservation>, StoreError> {
+    fn read_reservation_file(path: &Path) -> Result<Option<Reservation>, StoreError> {
         read_optional(path)?
             .map(|bytes| serde_json::from_slice(&bytes).map_err(|e| corrupt(path, e)))
             .transpose()
@@ -224,13 +224,13 @@ impl Store for FileStore {
                     sync_dir(&self.reservations)?;
                     return Ok(ReserveOutcome::Reserved);
                 }
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => match Self::read_reservation(&path)? {
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => match Self::read_reservation_file(&path)? {
                     Some(holder) if holder == *owner => return Ok(ReserveOutcome::Reserved),
                     Some(holder) if holder.same_owner(owner) => {
                         // Take it over under the lock deletes hold, so a concurrent delete by the old
                         // container cannot interleave.
                         let _guard = lock(&self.reservations.join(".lock")).await?;
-                        match Self::read_reservation(&path)? {
+                        match Self::read_reservation_file(&path)? {
                             Some(holder) if holder.same_owner(owner) => {
                                 let temp = Self::write_temp(&self.reservations, &content)?;
                                 fs::rename(&temp, &path).map_err(|e| io_error(&path, e))?;
@@ -249,10 +249,14 @@ impl Store for FileStore {
         }
     }
 
+    async fn read_reservation(&self, name: &str) -> Result<Option<Reservation>, StoreError> {
+        Self::read_reservation_file(&self.reservation_path(name)?)
+    }
+
     async fn delete_reservation(&self, name: &str, owner: &Reservation) -> Result<(), StoreError> {
         let path = self.reservation_path(name)?;
         let _guard = lock(&self.reservations.join(".lock")).await?;
-        match Self::read_reservation(&path)? {
+        match Self::read_reservation_file(&path)? {
             Some(holder) if holder.deletable_by(owner) => {
                 fs::remove_file(&path).map_err(|e| io_error(&path, e))?;
                 sync_dir(&self.reservations)
@@ -268,7 +272,7 @@ impl Store for FileStore {
     async fn list_reservations(&self) -> Result<Vec<(String, Reservation)>, StoreError> {
         let mut out = Vec::new();
         for name in json_names(&self.reservations)? {
-            if let Some(r) = Self::read_reservation(&self.reservation_path(&name)?)? {
+            if let Some(r) = Self::read_reservation_file(&self.reservation_path(&name)?)? {
                 out.push((name, r));
             }
         }

@@ -370,10 +370,43 @@ impl<'s, S: Store> Ipam<'s, S> {
                     );
                     self.remove_if(&name, network, to_u128(ip), |a| *a == wanted).await?;
                     blocked.insert(to_u128(ip));
+                    self.skip_reserved(config, managed, owner, &reservation, &mut blocked).await?;
                 }
             }
         }
         Err(IpamError::Contention { pool: name, attempts: self.retry.attempts })
+    }
+
+    /// After a lost reservation, finds the next candidates that overlapping ranges already reserved by
+    /// reading reservations, instead of writing the pool once for each of them.
+    async fn skip_reserved(
+        &self,
+        config: &IpamConfig,
+        managed: &ManagedRange,
+        owner: &Owner,
+        reservation: &Reservation,
+        blocked: &mut IntervalSet,
+    ) -> Result<(), IpamError> {
+        let network = managed.range.network();
+        let name = pool_name(&config.network_name, None, &network);
+        let (pool, _) = self.load_pool(&name, network).await?;
+        loop {
+            let assignment = assign(&managed.range, &pool, owner, managed.requested, config.gateway, blocked)
+                .map_err(|source| IpamError::Alloc { pool: name.clone(), source })?;
+            let Assignment::New { addr, .. } = assignment else { return Ok(()) };
+            let key = reservation_name(&config.network_name, from_u128(pool.family(), addr));
+            let holder = self
+                .store
+                .read_reservation(&key)
+                .await
+                .map_err(|source| IpamError::Store { object: format!("reservation {key}"), source })?;
+            match holder {
+                Some(holder) if !holder.same_owner(reservation) => {
+                    blocked.insert(addr);
+                }
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// Releases what (`container_id`, `ifname`) holds in every range (upstream stops at the first range

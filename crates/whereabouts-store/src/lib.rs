@@ -155,6 +155,12 @@ pub trait Store: Send + Sync {
         owner: &Reservation,
     ) -> impl Future<Output = Result<ReserveOutcome, StoreError>> + Send;
 
+    /// Reads one reservation; `None` when nobody holds it.
+    fn read_reservation(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Reservation>, StoreError>> + Send;
+
     /// Deletes a reservation if [`Reservation::deletable_by`] `owner`; absent or foreign reservations
     /// are left alone.
     fn delete_reservation(
