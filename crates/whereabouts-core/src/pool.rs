@@ -9,6 +9,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
+use std::sync::OnceLock;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -118,7 +119,9 @@ pub struct Pool {
     base: u128,
     allocations: BTreeMap<u128, Allocation>,
     taken: IntervalSet,
-    by_owner: OwnerIndex,
+    /// Built on first use: a CNI call decodes the pool, looks one owner up and exits, so building it
+    /// eagerly would only add to every call; long-lived users get constant-time lookups.
+    by_owner: OnceLock<OwnerIndex>,
     /// Entries under keys this version cannot read, written back untouched (upstream drops them on its
     /// next write; another writer may still understand them).
     undecodable: BTreeMap<String, Allocation>,
@@ -181,7 +184,7 @@ impl Pool {
             base: to_u128(network.addr()),
             allocations: BTreeMap::new(),
             taken: IntervalSet::new(),
-            by_owner: OwnerIndex::default(),
+            by_owner: OnceLock::new(),
             undecodable: BTreeMap::new(),
         }
     }
@@ -205,7 +208,7 @@ impl Pool {
             base,
             allocations: BTreeMap::new(),
             taken: IntervalSet::new(),
-            by_owner: OwnerIndex::default(),
+            by_owner: OnceLock::new(),
             undecodable: BTreeMap::new(),
         };
         let mut skipped = Vec::new();
@@ -260,9 +263,13 @@ impl Pool {
     pub fn insert(&mut self, addr: u128, allocation: Allocation) {
         debug_assert!(addr >= self.base);
         if let Some(previous) = self.allocations.remove(&addr) {
-            self.by_owner.remove(addr, &previous);
+            if let Some(index) = self.by_owner.get_mut() {
+                index.remove(addr, &previous);
+            }
         }
-        self.by_owner.insert(addr, &allocation);
+        if let Some(index) = self.by_owner.get_mut() {
+            index.insert(addr, &allocation);
+        }
         self.allocations.insert(addr, allocation);
         self.taken.insert(addr);
     }
@@ -270,16 +277,28 @@ impl Pool {
     /// Removes the allocation of an address.
     pub fn remove(&mut self, addr: u128) -> Option<Allocation> {
         let removed = self.allocations.remove(&addr)?;
-        self.by_owner.remove(addr, &removed);
+        if let Some(index) = self.by_owner.get_mut() {
+            index.remove(addr, &removed);
+        }
         self.taken.remove(addr);
         Some(removed)
+    }
+
+    fn owner_index(&self) -> &OwnerIndex {
+        self.by_owner.get_or_init(|| {
+            let mut index = OwnerIndex::default();
+            for (addr, allocation) in &self.allocations {
+                index.insert(*addr, allocation);
+            }
+            index
+        })
     }
 
     /// The address held by `owner` (idempotent ADD), if any.
     pub fn find_owned(&self, owner: &Owner) -> Option<u128> {
         let (index, id) = match &owner.pod_ref {
-            Some(pod_ref) => (&self.by_owner.by_pod, pod_ref.as_str()),
-            None => (&self.by_owner.by_container, owner.container_id.as_str()),
+            Some(pod_ref) => (&self.owner_index().by_pod, pod_ref.as_str()),
+            None => (&self.owner_index().by_container, owner.container_id.as_str()),
         };
         let candidates = index.get(&owner_hash(id, &owner.ifname))?;
         candidates.iter().copied().filter(|addr| self.get(*addr).is_some_and(|a| a.is_owned_by(owner))).min()
@@ -287,7 +306,7 @@ impl Pool {
 
     /// The addresses allocated to (`container_id`, `ifname`), lowest first: what DEL releases.
     pub fn container_addresses(&self, container_id: &str, ifname: &str) -> Vec<u128> {
-        let candidates = self.by_owner.by_container.get(&owner_hash(container_id, ifname));
+        let candidates = self.owner_index().by_container.get(&owner_hash(container_id, ifname));
         let mut found: Vec<u128> = candidates
             .into_iter()
             .flatten()

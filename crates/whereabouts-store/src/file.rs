@@ -31,12 +31,21 @@ pub struct FileStore {
     reservations: PathBuf,
 }
 
-#[derive(Serialize, Deserialize)]
+/// A pool file: upstream's IPPool spec plus a version counter.
+#[derive(Deserialize)]
 struct PoolFile {
     version: u64,
     range: String,
     #[serde(default)]
     allocations: BTreeMap<String, Allocation>,
+}
+
+/// The same, borrowed, for writing without copying the allocations.
+#[derive(Serialize)]
+struct PoolFileRef<'a> {
+    version: u64,
+    range: &'a str,
+    allocations: &'a BTreeMap<String, Allocation>,
 }
 
 #[derive(Deserialize)]
@@ -199,7 +208,7 @@ impl Store for FileStore {
             return Err(StoreError::Conflict);
         }
         let version = current.map_or(1, |v| v + 1);
-        let file = PoolFile { version, range: spec.range.clone(), allocations: spec.allocations.clone() };
+        let file = PoolFileRef { version, range: &spec.range, allocations: &spec.allocations };
         let content = serde_json::to_vec(&file).map_err(|e| StoreError::Io(e.to_string()))?;
         let mut out = atomic_write_file::AtomicWriteFile::open(&path).map_err(|e| io_error(&path, e))?;
         out.write_all(&content).map_err(|e| io_error(&path, e))?;
