@@ -220,7 +220,7 @@ async fn dispatch(
                 pod_ref: args.pod_ref(),
                 ifname: env.ifname.clone(),
                 node: node_name(&env, &config, host),
-                network: Some(netconf.name.clone()),
+                cni_network: Some(netconf.name.clone()),
             };
             tracing::debug!("ADD {} {} pod {:?}", env.container_id, env.ifname, owner.pod_ref);
             let allocated = ipam.allocate(&config, &owner).await?;

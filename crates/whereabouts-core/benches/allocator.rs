@@ -20,7 +20,7 @@ fn owner(n: usize) -> Owner {
         pod_ref: Some(format!("default/pod-{n}")),
         ifname: "net1".into(),
         node: Some("node-1".into()),
-        network: Some("bench".into()),
+        cni_network: Some("bench".into()),
     }
 }
 

@@ -179,7 +179,7 @@ mod tests {
             pod_ref: Some(format!("ns/p{n}")),
             ifname: "eth0".into(),
             node: Some("node-a".into()),
-            network: Some("net".into()),
+            cni_network: Some("net".into()),
         }
     }
     fn take(r: &IpRange, pool: &mut Pool, n: usize) -> IpAddr {

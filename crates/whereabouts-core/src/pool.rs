@@ -35,8 +35,8 @@ pub struct Allocation {
     pub node: Option<String>,
     /// The CNI network name of the call that made it (additive; lets CNI GC of one network leave
     /// another network's allocations in a shared pool alone).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<String>,
+    #[serde(rename = "network", default, skip_serializing_if = "Option::is_none")]
+    pub cni_network: Option<String>,
 }
 
 impl Allocation {
@@ -61,8 +61,8 @@ pub struct Owner {
     pub ifname: String,
     /// The node this call runs on.
     pub node: Option<String>,
-    /// The CNI network name.
-    pub network: Option<String>,
+    /// The CNI network name (the configuration's `name`; not whereabouts' `network_name`).
+    pub cni_network: Option<String>,
 }
 
 impl Owner {
@@ -73,7 +73,7 @@ impl Owner {
             pod_ref: self.pod_ref.clone().unwrap_or_default(),
             ifname: self.ifname.clone(),
             node: self.node.clone(),
-            network: self.network.clone(),
+            cni_network: self.cni_network.clone(),
         }
     }
 }
@@ -351,7 +351,7 @@ mod tests {
             pod_ref: format!("ns/{id}"),
             ifname: "eth0".into(),
             node: None,
-            network: None,
+            cni_network: None,
         }
     }
 
@@ -424,7 +424,7 @@ mod tests {
             pod_ref: Some("ns/a".into()),
             ifname: "eth0".into(),
             node: None,
-            network: None,
+            cni_network: None,
         };
         assert!(alloc("a").is_owned_by(&k8s), "a new container of the same pod owns it");
         let plain = Owner { container_id: "c1".into(), pod_ref: None, ..k8s.clone() };
@@ -472,7 +472,7 @@ mod tests {
                         prop_assert_eq!(pool.container_addresses(&id, &ifname).first().copied(), scan);
                         for pod_ref in [Some(format!("ns/c{who}")), None] {
                             let owner = Owner {
-                                container_id: id.clone(), pod_ref, ifname: ifname.clone(), node: None, network: None,
+                                container_id: id.clone(), pod_ref, ifname: ifname.clone(), node: None, cni_network: None,
                             };
                             let scan = pool.allocations.iter().find(|(_, a)| a.is_owned_by(&owner)).map(|(x, _)| *x);
                             prop_assert_eq!(pool.find_owned(&owner), scan);

@@ -403,7 +403,7 @@ mod tests {
                                     pod_ref: String::new(),
                                     ifname: String::new(),
                                     node: None,
-                                    network: None,
+                                    cni_network: None,
                                 },
                             );
                             match store.write_pool("p", &s, v.as_ref(), None).await {

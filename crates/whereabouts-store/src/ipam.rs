@@ -477,7 +477,7 @@ impl<'s, S: Store> Ipam<'s, S> {
         &self,
         config: &IpamConfig,
         node: &str,
-        network_name: &str,
+        cni_network: &str,
         valid: &HashSet<(String, String)>,
     ) -> Result<Vec<IpAddr>, IpamError> {
         let mut released = Vec::new();
@@ -489,7 +489,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                     pool.iter()
                         .filter(|(_, a)| {
                             a.node.as_deref() == Some(node)
-                                && a.network.as_deref() == Some(network_name)
+                                && a.cni_network.as_deref() == Some(cni_network)
                                 && !valid.contains(&(a.container_id.clone(), a.ifname.clone()))
                         })
                         .map(|(ip, a)| (ip, a.clone()))

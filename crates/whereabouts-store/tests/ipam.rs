@@ -70,7 +70,7 @@ fn owner(n: usize) -> Owner {
         pod_ref: Some(format!("ns/p{n}")),
         ifname: "eth0".into(),
         node: None,
-        network: None,
+        cni_network: None,
     }
 }
 
@@ -81,13 +81,13 @@ fn bare_owner(container_id: &str) -> Owner {
         pod_ref: None,
         ifname: "eth0".into(),
         node: None,
-        network: None,
+        cni_network: None,
     }
 }
 
 /// An owner recorded with a node and a CNI network name (for GC).
 fn owner_on(n: usize, node: Option<&str>, network: Option<&str>) -> Owner {
-    Owner { node: node.map(Into::into), network: network.map(Into::into), ..owner(n) }
+    Owner { node: node.map(Into::into), cni_network: network.map(Into::into), ..owner(n) }
 }
 
 /// The reservation an owner's allocation writes.
