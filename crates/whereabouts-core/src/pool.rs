@@ -262,10 +262,10 @@ impl Pool {
     /// Records an allocation; `addr` must not be below [`Pool::base`].
     pub fn insert(&mut self, addr: u128, allocation: Allocation) {
         debug_assert!(addr >= self.base);
-        if let Some(previous) = self.allocations.remove(&addr) {
-            if let Some(index) = self.by_owner.get_mut() {
-                index.remove(addr, &previous);
-            }
+        if let Some(previous) = self.allocations.remove(&addr)
+            && let Some(index) = self.by_owner.get_mut()
+        {
+            index.remove(addr, &previous);
         }
         if let Some(index) = self.by_owner.get_mut() {
             index.insert(addr, &allocation);
