@@ -510,13 +510,13 @@ fn build_range(
                 ConfigError::invalid(&key, &range, "the subnet has no usable addresses")
             }
             RangeProblem::OutsideNetwork(ip) => {
-                let (which, bound) = match &start {
-                    Some(b) if b.ip == ip => ("range_start", b),
-                    _ => ("range_end", end.as_ref().unwrap_or_else(|| unreachable!("a bound was out"))),
+                let (which, written) = match &start {
+                    Some(b) if b.ip == ip => ("range_start", b.written.clone()),
+                    _ => ("range_end", end.as_ref().map_or_else(|| ip.to_string(), |b| b.written.clone())),
                 };
                 ConfigError::invalid(
                     format!("{prefix}{which}"),
-                    &bound.written,
+                    written,
                     format!("outside {}", network.trunc()),
                 )
             }
