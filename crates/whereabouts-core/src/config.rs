@@ -529,10 +529,13 @@ fn build_range(
                 format!("after range_end {}", end.as_ref().map(|b| b.written.as_str()).unwrap_or_default()),
             ),
             RangeProblem::ExcludeFamily(block) => {
-                let index = exclude.iter().position(|(net, _)| *net == block).unwrap_or_default();
+                let (key, written) = match exclude.iter().position(|(net, _)| *net == block) {
+                    Some(i) => (format!("{prefix}exclude[{i}]"), exclude[i].1.clone()),
+                    None => (format!("{prefix}exclude"), block.to_string()),
+                };
                 ConfigError::invalid(
-                    format!("{prefix}exclude[{index}]"),
-                    &exclude[index].1,
+                    key,
+                    written,
                     format!("not of the address family of {}", network.trunc()),
                 )
             }
