@@ -17,6 +17,9 @@ use whereabouts_core::config::{
     CallContext, Datastore, FlatFile, InlineIpam, IpamConfig, LogSettings, Purpose,
 };
 use whereabouts_core::pool::Owner;
+use whereabouts_store::AnyStore;
+#[cfg(feature = "etcd")]
+use whereabouts_store::etcd::{EtcdConnectError, EtcdSettings, EtcdStore};
 use whereabouts_store::file::FileStore;
 use whereabouts_store::ipam::Ipam;
 
@@ -210,7 +213,7 @@ async fn dispatch(
         Command::Status => CniError::new(codes::NOT_AVAILABLE, e.msg),
         _ => e,
     };
-    let store = open_store(&config.datastore).map_err(not_available)?;
+    let store = open_store(&config.datastore).await.map_err(not_available)?;
     let ipam = Ipam::new(&store);
 
     match env.command {
@@ -348,16 +351,38 @@ fn requested_ips(netconf: &NetConf) -> Result<Vec<(&'static str, String)>, CniEr
     Ok(out)
 }
 
-fn open_store(datastore: &Datastore) -> Result<FileStore, CniError> {
+/// Opens the configured store. A store that cannot be reached fails the call: there is never a
+/// fallback to another store, which could hand out an address another node holds.
+async fn open_store(datastore: &Datastore) -> Result<AnyStore, CniError> {
     match datastore {
-        Datastore::File { dir } => Ok(FileStore::open(dir)?),
+        Datastore::File { dir } => Ok(AnyStore::File(FileStore::open(dir)?)),
         Datastore::Kubernetes { .. } => Err(CniError::new(
             codes::UNSUPPORTED_FIELD,
-            "datastore \"kubernetes\" is not available in this build yet; set \"datastore\": \"file\"",
+            "datastore \"kubernetes\" is not available in this build yet; set \"datastore\": \"file\" or \"etcd\"",
         )),
+        #[cfg(feature = "etcd")]
+        Datastore::Etcd { hosts, username, password, key_file, cert_file, ca_cert_file, key_prefix } => {
+            let settings = EtcdSettings {
+                hosts: hosts.clone(),
+                username: username.clone(),
+                password: password.clone(),
+                key_file: key_file.clone(),
+                cert_file: cert_file.clone(),
+                ca_cert_file: ca_cert_file.clone(),
+                key_prefix: key_prefix.clone(),
+            };
+            EtcdStore::connect(&settings).await.map(AnyStore::Etcd).map_err(|e| {
+                let code = match e {
+                    EtcdConnectError::Invalid { .. } => codes::INVALID_CONFIG,
+                    EtcdConnectError::Unreachable { .. } => codes::TRY_AGAIN,
+                };
+                CniError::new(code, e.to_string())
+            })
+        }
+        #[cfg(not(feature = "etcd"))]
         Datastore::Etcd { .. } => Err(CniError::new(
             codes::UNSUPPORTED_FIELD,
-            "datastore \"etcd\" is not available in this build yet; set \"datastore\": \"file\"",
+            "datastore \"etcd\" is not available in this build (built without the etcd feature)",
         )),
     }
 }

@@ -23,6 +23,9 @@ use crate::range::{IpRange, RangeProblem};
 /// Where the embedded file store keeps its pools unless `file_store_dir` says otherwise.
 pub const DEFAULT_FILE_STORE_DIR: &str = "/var/lib/cni/whereabouts";
 
+/// The etcd store's key prefix unless `etcd_key_prefix` says otherwise.
+pub const DEFAULT_ETCD_KEY_PREFIX: &str = "/whereabouts/";
+
 /// The flat-file locations searched after an inline `configuration_path`, in order (upstream §1.3).
 pub const FLAT_FILE_PATHS: [&str; 3] = [
     "/etc/kubernetes/cni/net.d/whereabouts.d/whereabouts.conf",
@@ -72,6 +75,7 @@ struct RawIpam {
     etcd_key_file: Option<String>,
     etcd_cert_file: Option<String>,
     etcd_ca_cert_file: Option<String>,
+    etcd_key_prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -202,6 +206,8 @@ pub enum Datastore {
         cert_file: Option<String>,
         /// `etcd_ca_cert_file`.
         ca_cert_file: Option<String>,
+        /// `etcd_key_prefix` (default [`DEFAULT_ETCD_KEY_PREFIX`]): every key lives below it.
+        key_prefix: String,
     },
 }
 
@@ -568,6 +574,8 @@ fn datastore_of(raw: &RawIpam) -> Result<Datastore, ConfigError> {
             key_file: non_empty(raw.etcd_key_file.clone()),
             cert_file: non_empty(raw.etcd_cert_file.clone()),
             ca_cert_file: non_empty(raw.etcd_ca_cert_file.clone()),
+            key_prefix: non_empty(raw.etcd_key_prefix.clone())
+                .unwrap_or_else(|| DEFAULT_ETCD_KEY_PREFIX.into()),
         },
         other => {
             return Err(ConfigError::invalid(

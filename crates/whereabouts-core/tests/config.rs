@@ -921,10 +921,11 @@ fn etcd_store() {
         key_file: Some("/k.pem".into()),
         cert_file: Some("/c.pem".into()),
         ca_cert_file: None,
+        key_prefix: "/whereabouts/".into(),
     };
     assert_eq!(cfg.datastore, expected);
     // The flat file can supply the host and credentials.
-    let flat = r#"{"etcd_host": "h:2379", "etcd_username": "x", "etcd_ca_cert_file": "/ca.pem"}"#;
+    let flat = r#"{"etcd_host": "h:2379", "etcd_username": "x", "etcd_ca_cert_file": "/ca.pem", "etcd_key_prefix": "/ipam/"}"#;
     let merged = ok(load_flat(&bare(json!({"datastore": "etcd"})), flat));
     let expected = Datastore::Etcd {
         hosts: "h:2379".into(),
@@ -933,6 +934,7 @@ fn etcd_store() {
         key_file: None,
         cert_file: None,
         ca_cert_file: Some("/ca.pem".into()),
+        key_prefix: "/ipam/".into(),
     };
     assert_eq!(merged.datastore, expected);
 }

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use whereabouts_core::pool::PoolSpec;
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod file;
 pub mod ipam;
 
@@ -176,4 +178,69 @@ pub trait Store: Send + Sync {
     fn list_reservations(
         &self,
     ) -> impl Future<Output = Result<Vec<(String, Reservation)>, StoreError>> + Send;
+}
+
+/// Any of the stores, chosen by configuration at run time.
+#[derive(Debug)]
+pub enum AnyStore {
+    /// The embedded file store.
+    File(file::FileStore),
+    /// The etcd v3 store.
+    #[cfg(feature = "etcd")]
+    Etcd(etcd::EtcdStore),
+}
+
+/// Calls the same method on whichever store this is.
+macro_rules! delegate {
+    ($self:ident, $store:ident => $call:expr) => {
+        match $self {
+            AnyStore::File($store) => $call.await,
+            #[cfg(feature = "etcd")]
+            AnyStore::Etcd($store) => $call.await,
+        }
+    };
+}
+
+impl Store for AnyStore {
+    async fn read_pool(&self, name: &str) -> Result<Option<VersionedPool>, StoreError> {
+        delegate!(self, s => s.read_pool(name))
+    }
+
+    async fn lock_pool(&self, name: &str) -> Result<Option<PoolLock>, StoreError> {
+        delegate!(self, s => s.lock_pool(name))
+    }
+
+    async fn write_pool(
+        &self,
+        name: &str,
+        spec: &PoolSpec,
+        expected: Option<&Version>,
+        lock: Option<&PoolLock>,
+    ) -> Result<Version, StoreError> {
+        delegate!(self, s => s.write_pool(name, spec, expected, lock))
+    }
+
+    async fn create_reservation(
+        &self,
+        name: &str,
+        owner: &Reservation,
+    ) -> Result<ReserveOutcome, StoreError> {
+        delegate!(self, s => s.create_reservation(name, owner))
+    }
+
+    async fn read_reservation(&self, name: &str) -> Result<Option<Reservation>, StoreError> {
+        delegate!(self, s => s.read_reservation(name))
+    }
+
+    async fn delete_reservation(&self, name: &str, owner: &Reservation) -> Result<(), StoreError> {
+        delegate!(self, s => s.delete_reservation(name, owner))
+    }
+
+    async fn list_pools(&self) -> Result<Vec<String>, StoreError> {
+        delegate!(self, s => s.list_pools())
+    }
+
+    async fn list_reservations(&self) -> Result<Vec<(String, Reservation)>, StoreError> {
+        delegate!(self, s => s.list_reservations())
+    }
 }

@@ -25,7 +25,7 @@ fn cni_main(vars: HashMap<String, String>) -> Reply {
     if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
         return error_reply(codes::IO, format!("reading stdin: {e}"));
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_time().enable_io().build() {
         Ok(runtime) => runtime,
         Err(e) => return error_reply(codes::INTERNAL, format!("starting the runtime: {e}")),
     };

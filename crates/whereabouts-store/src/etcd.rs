@@ -1,0 +1,385 @@
+//! The etcd v3 store, for clusters without Kubernetes (and operators who keep IPAM state out of the
+//! API server).
+//!
+//! Layout under a key prefix (default `/whereabouts/`):
+//! * `<prefix>pools/<pool name>`: the pool in upstream's IPPool spec form (`range`, `allocations`);
+//!   its version is the key's `mod_revision`.
+//! * `<prefix>reservations/<reservation name>`: one per reserved address (`podref`, `ifname`,
+//!   `containerid`), the ORIP equivalent.
+//!
+//! Every change is one transaction guarded by a revision compare: a pool write compares the pool key's
+//! `mod_revision` (or `create_revision == 0` when creating it), a reservation is created only if its
+//! key's `create_revision` is 0, and is taken over or deleted only if its `mod_revision` is still the
+//! one that was read. So a client killed at any point leaves the previous or the new state.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient, TlsOptions, Txn,
+    TxnOp, TxnOpResponse,
+};
+use thiserror::Error;
+use tonic::Code;
+use whereabouts_core::pool::PoolSpec;
+
+use crate::{PoolLock, Reservation, ReserveOutcome, Store, StoreError, Version, VersionedPool};
+
+/// How long establishing the connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long any one request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Rounds of read-then-compare on one reservation before giving up (each lost round means another
+/// writer changed it in between).
+const RESERVATION_ROUNDS: usize = 50;
+
+/// The connection settings: upstream's `etcd_*` keys.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdSettings {
+    /// `etcd_host`: endpoints, comma-separated, with or without `http://` / `https://`.
+    pub hosts: String,
+    /// `etcd_username`.
+    pub username: Option<String>,
+    /// `etcd_password`.
+    pub password: Option<String>,
+    /// `etcd_key_file`: the client key (PEM).
+    pub key_file: Option<String>,
+    /// `etcd_cert_file`: the client certificate (PEM).
+    pub cert_file: Option<String>,
+    /// `etcd_ca_cert_file`: the CA that signed the server certificate (PEM).
+    pub ca_cert_file: Option<String>,
+    /// `etcd_key_prefix`.
+    pub key_prefix: String,
+}
+
+/// Why the store could not be opened; every variant names the configuration key at fault.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum EtcdConnectError {
+    /// A setting is wrong (a TLS file, the credentials, an endpoint).
+    #[error("invalid {key} {value:?}: {reason}")]
+    Invalid {
+        /// The configuration key.
+        key: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No endpoint answered; trying again later may work.
+    #[error("etcd_host {hosts:?}: etcd cannot be reached: {reason}")]
+    Unreachable {
+        /// `etcd_host`.
+        hosts: String,
+        /// The client's error.
+        reason: String,
+    },
+}
+
+/// The etcd store.
+#[derive(Clone)]
+pub struct EtcdStore {
+    kv: KvClient,
+    prefix: String,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+fn invalid(key: &'static str, value: &str, reason: impl Into<String>) -> EtcdConnectError {
+    EtcdConnectError::Invalid { key, value: value.to_string(), reason: reason.into() }
+}
+
+/// Reads a PEM file, naming the key when it cannot be read or holds no PEM block.
+fn read_pem(key: &'static str, path: &str) -> Result<Vec<u8>, EtcdConnectError> {
+    let content = std::fs::read(path).map_err(|e| invalid(key, path, e.to_string()))?;
+    if !String::from_utf8_lossy(&content).contains("-----BEGIN ") {
+        return Err(invalid(key, path, "not a PEM file"));
+    }
+    Ok(content)
+}
+
+/// `etcd_host` as URLs: a scheme is added where missing (`https://` when TLS files are configured).
+pub fn endpoints(hosts: &str, tls: bool) -> Result<Vec<String>, EtcdConnectError> {
+    let scheme = if tls { "https://" } else { "http://" };
+    let endpoints: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| if h.contains("://") { h.to_string() } else { format!("{scheme}{h}") })
+        .collect();
+    if endpoints.is_empty() {
+        return Err(invalid("etcd_host", hosts, "no endpoint"));
+    }
+    if let Some(bad) = endpoints.iter().find(|e| !(e.starts_with("http://") || e.starts_with("https://"))) {
+        return Err(invalid("etcd_host", hosts, format!("{bad} is neither http:// nor https://")));
+    }
+    Ok(endpoints)
+}
+
+fn is_auth_failure(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            matches!(status.code(), Code::Unauthenticated | Code::PermissionDenied)
+                || status.message().contains("authentication failed")
+                || status.message().contains("user name is empty")
+        }
+        _ => false,
+    }
+}
+
+/// Errors a later try may not see: the cluster is (re)electing, restarting or out of reach.
+fn is_transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Aborted
+                | Code::ResourceExhausted
+                | Code::Unknown
+        ),
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
+
+fn store_error(e: etcd_client::Error) -> StoreError {
+    if is_transient(&e) {
+        StoreError::Unavailable(format!("etcd: {e}"))
+    } else {
+        StoreError::Io(format!("etcd: {e}"))
+    }
+}
+
+fn corrupt(key: &str, e: serde_json::Error) -> StoreError {
+    StoreError::Corrupt { location: format!("etcd key {key}"), reason: e.to_string() }
+}
+
+impl EtcdStore {
+    /// Connects and proves the connection (and credentials) with one read below the prefix.
+    pub async fn connect(settings: &EtcdSettings) -> Result<Self, EtcdConnectError> {
+        let tls_files = [&settings.key_file, &settings.cert_file, &settings.ca_cert_file];
+        let tls = tls_files.iter().any(|f| f.is_some());
+        let endpoints = endpoints(&settings.hosts, tls)?;
+        let mut options =
+            ConnectOptions::new().with_timeout(REQUEST_TIMEOUT).with_connect_timeout(CONNECT_TIMEOUT);
+        match (&settings.username, &settings.password) {
+            (Some(user), password) => {
+                options = options.with_user(user.clone(), password.clone().unwrap_or_default());
+            }
+            (None, Some(_)) => return Err(invalid("etcd_username", "", "etcd_password is set without it")),
+            (None, None) => {}
+        }
+        if tls {
+            let mut config = TlsOptions::new();
+            if let Some(ca) = &settings.ca_cert_file {
+                config = config.ca_certificate(Certificate::from_pem(read_pem("etcd_ca_cert_file", ca)?));
+            }
+            match (&settings.cert_file, &settings.key_file) {
+                (Some(cert), Some(key)) => {
+                    let identity = Identity::from_pem(
+                        read_pem("etcd_cert_file", cert)?,
+                        read_pem("etcd_key_file", key)?,
+                    );
+                    config = config.identity(identity);
+                }
+                (Some(cert), None) => {
+                    return Err(invalid("etcd_key_file", "", format!("needed with etcd_cert_file {cert}")));
+                }
+                (None, Some(key)) => {
+                    return Err(invalid("etcd_cert_file", "", format!("needed with etcd_key_file {key}")));
+                }
+                (None, None) => {}
+            }
+            options = options.with_tls(config);
+        }
+        let classify = |e: etcd_client::Error| {
+            if is_auth_failure(&e) {
+                let user = settings.username.clone().unwrap_or_default();
+                invalid("etcd_username", &user, format!("etcd refused the credentials: {e}"))
+            } else if tls && !is_transient(&e) {
+                invalid("etcd_cert_file", settings.cert_file.as_deref().unwrap_or(""), format!("TLS: {e}"))
+            } else {
+                EtcdConnectError::Unreachable { hosts: settings.hosts.clone(), reason: e.to_string() }
+            }
+        };
+        let client = Client::connect(&endpoints, Some(options)).await.map_err(classify)?;
+        let mut kv = client.kv_client();
+        let probe = GetOptions::new().with_prefix().with_count_only();
+        kv.get(settings.key_prefix.clone(), Some(probe)).await.map_err(classify)?;
+        Ok(EtcdStore { kv, prefix: settings.key_prefix.clone() })
+    }
+
+    fn pool_key(&self, name: &str) -> String {
+        format!("{}pools/{name}", self.prefix)
+    }
+
+    fn reservation_key(&self, name: &str) -> String {
+        format!("{}reservations/{name}", self.prefix)
+    }
+
+    /// One key's value and mod_revision.
+    async fn get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
+        let response = self.kv.clone().get(key, None).await.map_err(store_error)?;
+        Ok(response.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+    }
+
+    async fn get_reservation(&self, key: &str) -> Result<Option<(Reservation, i64)>, StoreError> {
+        self.get(key)
+            .await?
+            .map(|(value, revision)| {
+                Ok((serde_json::from_slice(&value).map_err(|e| corrupt(key, e))?, revision))
+            })
+            .transpose()
+    }
+
+    /// Names of every key below `<prefix><kind>/`.
+    async fn names(&self, kind: &str) -> Result<Vec<String>, StoreError> {
+        let base = format!("{}{kind}/", self.prefix);
+        let response = self
+            .kv
+            .clone()
+            .get(base.clone(), Some(GetOptions::new().with_prefix().with_keys_only()))
+            .await
+            .map_err(store_error)?;
+        let mut names: Vec<String> = response
+            .kvs()
+            .iter()
+            .filter_map(|kv| kv.key_str().ok()?.strip_prefix(&base).map(str::to_string))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+}
+
+impl Store for EtcdStore {
+    async fn read_pool(&self, name: &str) -> Result<Option<VersionedPool>, StoreError> {
+        let key = self.pool_key(name);
+        let Some((value, revision)) = self.get(&key).await? else { return Ok(None) };
+        let spec: PoolSpec = serde_json::from_slice(&value).map_err(|e| corrupt(&key, e))?;
+        Ok(Some(VersionedPool { spec, version: Version(revision.to_string()) }))
+    }
+
+    async fn write_pool(
+        &self,
+        name: &str,
+        spec: &PoolSpec,
+        expected: Option<&Version>,
+        _lock: Option<&PoolLock>,
+    ) -> Result<Version, StoreError> {
+        let key = self.pool_key(name);
+        let guard = match expected {
+            None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+            Some(v) => {
+                let revision = v.0.parse::<i64>().map_err(|_| StoreError::Conflict)?;
+                Compare::mod_revision(key.clone(), CompareOp::Equal, revision)
+            }
+        };
+        let value = serde_json::to_vec(spec).map_err(|e| StoreError::Io(e.to_string()))?;
+        let txn = Txn::new().when([guard]).and_then([TxnOp::put(key, value, None)]);
+        let response = self.kv.clone().txn(txn).await.map_err(store_error)?;
+        if !response.succeeded() {
+            return Err(StoreError::Conflict);
+        }
+        let revision = response.header().map(|h| h.revision()).unwrap_or_default();
+        Ok(Version(revision.to_string()))
+    }
+
+    async fn create_reservation(
+        &self,
+        name: &str,
+        owner: &Reservation,
+    ) -> Result<ReserveOutcome, StoreError> {
+        let key = self.reservation_key(name);
+        let value = serde_json::to_vec(owner).map_err(|e| StoreError::Io(e.to_string()))?;
+        for _ in 0..RESERVATION_ROUNDS {
+            let create = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key.clone(), value.clone(), None)])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let response = self.kv.clone().txn(create).await.map_err(store_error)?;
+            if response.succeeded() {
+                return Ok(ReserveOutcome::Reserved);
+            }
+            let held = response.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(get) => {
+                    get.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision()))
+                }
+                _ => None,
+            });
+            // Deleted between the compare and the get: try again.
+            let Some((held, revision)) = held else { continue };
+            let holder: Reservation = serde_json::from_slice(&held).map_err(|e| corrupt(&key, e))?;
+            if holder == *owner {
+                return Ok(ReserveOutcome::Reserved);
+            }
+            if !holder.same_owner(owner) {
+                return Ok(ReserveOutcome::HeldBy(holder));
+            }
+            // The same attachment under a new sandbox: take it over if nobody changed it since.
+            let take_over = Txn::new()
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
+                .and_then([TxnOp::put(key.clone(), value.clone(), None)]);
+            if self.kv.clone().txn(take_over).await.map_err(store_error)?.succeeded() {
+                return Ok(ReserveOutcome::Reserved);
+            }
+        }
+        Err(StoreError::Unavailable(format!("reservation {name} kept changing")))
+    }
+
+    async fn read_reservation(&self, name: &str) -> Result<Option<Reservation>, StoreError> {
+        Ok(self.get_reservation(&self.reservation_key(name)).await?.map(|(r, _)| r))
+    }
+
+    async fn delete_reservation(&self, name: &str, owner: &Reservation) -> Result<(), StoreError> {
+        let key = self.reservation_key(name);
+        for _ in 0..RESERVATION_ROUNDS {
+            let Some((holder, revision)) = self.get_reservation(&key).await? else { return Ok(()) };
+            if !holder.deletable_by(owner) {
+                return Ok(());
+            }
+            let delete = Txn::new()
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
+                .and_then([TxnOp::delete(key.clone(), None)]);
+            if self.kv.clone().txn(delete).await.map_err(store_error)?.succeeded() {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Unavailable(format!("reservation {name} kept changing")))
+    }
+
+    async fn list_pools(&self) -> Result<Vec<String>, StoreError> {
+        self.names("pools").await
+    }
+
+    async fn list_reservations(&self) -> Result<Vec<(String, Reservation)>, StoreError> {
+        let mut out = Vec::new();
+        for name in self.names("reservations").await? {
+            if let Some(r) = self.read_reservation(&name).await? {
+                out.push((name, r));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_get_a_scheme() {
+        assert_eq!(
+            endpoints("127.0.0.1:2379, https://10.0.0.1:2379", false).unwrap(),
+            ["http://127.0.0.1:2379", "https://10.0.0.1:2379"]
+        );
+        assert_eq!(endpoints("etcd:2379", true).unwrap(), ["https://etcd:2379"]);
+        assert!(matches!(endpoints(" , ", false), Err(EtcdConnectError::Invalid { key: "etcd_host", .. })));
+        assert!(matches!(
+            endpoints("unix://x", false),
+            Err(EtcdConnectError::Invalid { key: "etcd_host", .. })
+        ));
+    }
+}
