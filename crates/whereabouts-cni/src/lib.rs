@@ -371,7 +371,7 @@ async fn open_store(datastore: &Datastore) -> Result<AnyStore, CniError> {
                 ca_cert_file: ca_cert_file.clone(),
                 key_prefix: key_prefix.clone(),
             };
-            EtcdStore::connect(&settings).await.map(AnyStore::Etcd).map_err(|e| {
+            EtcdStore::connect(&settings).await.map(|store| AnyStore::Etcd(Box::new(store))).map_err(|e| {
                 let code = match e {
                     EtcdConnectError::Invalid { .. } => codes::INVALID_CONFIG,
                     EtcdConnectError::Unreachable { .. } => codes::TRY_AGAIN,

@@ -185,9 +185,9 @@ pub trait Store: Send + Sync {
 pub enum AnyStore {
     /// The embedded file store.
     File(file::FileStore),
-    /// The etcd v3 store.
+    /// The etcd v3 store (boxed: its client is large).
     #[cfg(feature = "etcd")]
-    Etcd(etcd::EtcdStore),
+    Etcd(Box<etcd::EtcdStore>),
 }
 
 /// Calls the same method on whichever store this is.

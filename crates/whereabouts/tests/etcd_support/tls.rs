@@ -88,11 +88,11 @@ fn new_leaf(
     common_name: &str,
     extended_key_usages: &[ExtendedKeyUsagePurpose],
 ) -> (String, String) {
-    let sans: Vec<String> = subject_alt_names.iter().map(|s| s.to_string()).collect();
+    let sans: Vec<String> = subject_alt_names.iter().map(ToString::to_string).collect();
     let mut params = CertificateParams::new(sans).expect("leaf parameters");
     params.distinguished_name.push(DnType::CommonName, common_name);
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = extended_key_usages.to_vec();
     params.use_authority_key_identifier_extension = true;
     let key = KeyPair::generate().expect("leaf key");
