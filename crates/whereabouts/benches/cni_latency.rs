@@ -1,10 +1,15 @@
-//! Whole-binary latency of ADD and DEL on the file store, process start included, sequential and with
-//! 32 concurrent processes. Baselines measured in the same run: `whereabouts` answering VERSION (process
-//! start alone) and Debian's Go `host-local` IPAM plugin doing the same ADD/DEL on its own file store.
+//! Whole-binary latency of ADD and DEL, process start included, sequential and with 32 concurrent
+//! processes, on the file store and on a real single-member etcd (Debian's, started on loopback by the
+//! test harness). Baselines measured in the same run: `whereabouts` answering VERSION (process start
+//! alone), whereabouts on the file store (for etcd), and Debian's Go `host-local` IPAM plugin doing the
+//! same ADD/DEL on its own file store.
 //!
 //! Run with `cargo bench -p whereabouts --bench cni_latency` (add `-- --quick` for a short run).
 
 #![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
+
+#[path = "../tests/etcd_support/mod.rs"]
+mod etcd_support;
 
 use std::io::Write;
 use std::path::Path;
@@ -16,31 +21,55 @@ use serde_json::json;
 
 const HOST_LOCAL: &str = "/usr/lib/cni/host-local";
 
-#[derive(Clone, Copy)]
-enum Plugin {
-    Whereabouts,
+/// What answers the calls.
+#[derive(Clone)]
+enum Backend {
+    /// whereabouts on the file store.
+    File,
+    /// whereabouts on etcd at these hosts.
+    Etcd(String),
+    /// Debian's host-local.
     HostLocal,
 }
 
-fn config(plugin: Plugin, dir: &Path) -> String {
-    let ipam = match plugin {
-        Plugin::Whereabouts => json!({
-            "type": "whereabouts", "datastore": "file", "file_store_dir": dir, "log_level": "error",
-            "range": "198.51.100.0/24",
-        }),
-        Plugin::HostLocal => json!({
-            "type": "host-local", "dataDir": dir, "ranges": [[{ "subnet": "198.51.100.0/24" }]],
-        }),
-    };
-    json!({ "cniVersion": "1.0.0", "name": "bench", "type": "bridge", "ipam": ipam }).to_string()
+impl Backend {
+    fn label(&self) -> &'static str {
+        match self {
+            Backend::File => "whereabouts, file store",
+            Backend::Etcd(_) => "whereabouts, etcd",
+            Backend::HostLocal => "host-local (Go)",
+        }
+    }
+
+    fn config(&self, dir: &Path, run: usize) -> String {
+        // Each run gets its own range (and so its own pool), on whichever store.
+        let range = format!("198.51.{}.0/24", 100 + run % 2);
+        let ipam = match self {
+            Backend::File => json!({
+                "type": "whereabouts", "datastore": "file", "file_store_dir": dir, "log_level": "error",
+                "range": range,
+            }),
+            Backend::Etcd(hosts) => json!({
+                "type": "whereabouts", "datastore": "etcd", "etcd_host": hosts, "log_level": "error",
+                "etcd_key_prefix": format!("/bench-{run}/"), "range": range,
+            }),
+            Backend::HostLocal => json!({
+                "type": "host-local", "dataDir": dir, "ranges": [[{ "subnet": range }]],
+            }),
+        };
+        json!({ "cniVersion": "1.0.0", "name": "bench", "type": "bridge", "ipam": ipam }).to_string()
+    }
+
+    fn program(&self) -> &'static str {
+        match self {
+            Backend::HostLocal => HOST_LOCAL,
+            _ => env!("CARGO_BIN_EXE_whereabouts"),
+        }
+    }
 }
 
 /// Runs one plugin call and returns its wall time.
-fn call(plugin: Plugin, command: &str, container: &str, config: &str) -> Duration {
-    let program = match plugin {
-        Plugin::Whereabouts => env!("CARGO_BIN_EXE_whereabouts"),
-        Plugin::HostLocal => HOST_LOCAL,
-    };
+fn call(program: &str, command: &str, container: &str, config: &str) -> Duration {
     let started = Instant::now();
     let mut child = Command::new(program)
         .env_clear()
@@ -72,6 +101,14 @@ impl Stats {
     fn cycles_per_second(&self) -> f64 {
         self.add.len() as f64 / self.wall.as_secs_f64()
     }
+
+    fn add_p(&mut self, p: f64) -> Duration {
+        percentile(&mut self.add, p)
+    }
+
+    fn del_p(&mut self, p: f64) -> Duration {
+        percentile(&mut self.del, p)
+    }
 }
 
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
@@ -80,9 +117,10 @@ fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples[index]
 }
 
-fn run(plugin: Plugin, workers: usize, cycles: usize) -> Stats {
+fn run(backend: &Backend, run_id: usize, workers: usize, cycles: usize) -> Stats {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = config(plugin, dir.path());
+    let config = backend.config(dir.path(), run_id);
+    let program = backend.program();
     let stats = Mutex::new(Stats { add: Vec::new(), del: Vec::new(), wall: Duration::ZERO });
     let started = Instant::now();
     std::thread::scope(|scope| {
@@ -90,9 +128,9 @@ fn run(plugin: Plugin, workers: usize, cycles: usize) -> Stats {
             let (config, stats) = (&config, &stats);
             scope.spawn(move || {
                 for cycle in 0..cycles {
-                    let container = format!("bench-{worker}-{cycle}");
-                    let add = call(plugin, "ADD", &container, config);
-                    let del = call(plugin, "DEL", &container, config);
+                    let container = format!("bench-{run_id}-{worker}-{cycle}");
+                    let add = call(program, "ADD", &container, config);
+                    let del = call(program, "DEL", &container, config);
                     let mut stats = stats.lock().expect("stats");
                     stats.add.push(add);
                     stats.del.push(del);
@@ -131,37 +169,41 @@ fn main() {
     let start_p50 = percentile(&mut start_only, 0.5);
     println!("baseline: whereabouts VERSION (process start only): p50 {}", ms(start_p50));
 
-    let host_local = Path::new(HOST_LOCAL).exists();
-    for (label, workers, cycles) in
-        [("sequential", 1, sequential), ("32 concurrent processes", 32, concurrent)]
+    let etcd = etcd_support::etcd_available().then(etcd_support::EtcdCluster::single);
+    let mut backends = vec![Backend::File];
+    if let Some(etcd) = &etcd {
+        backends.push(Backend::Etcd(etcd.hosts_csv()));
+    }
+    if Path::new(HOST_LOCAL).exists() {
+        backends.push(Backend::HostLocal);
+    }
+
+    for (run_id, (label, workers, cycles)) in
+        [("sequential", 1, sequential), ("32 concurrent processes", 32, concurrent)].into_iter().enumerate()
     {
-        let mut ours = run(Plugin::Whereabouts, workers, cycles);
-        let (add50, add99) = (percentile(&mut ours.add, 0.5), percentile(&mut ours.add, 0.99));
-        let (del50, del99) = (percentile(&mut ours.del, 0.5), percentile(&mut ours.del, 0.99));
-        println!(
-            "{label}: whereabouts file store, {} ADD+DEL cycles, {:.0} cycles/s",
-            ours.add.len(),
-            ours.cycles_per_second()
-        );
-        println!("  ADD p50 {} p99 {}   DEL p50 {} p99 {}", ms(add50), ms(add99), ms(del50), ms(del99));
-        println!("  ADD p50 = {:.2}x process start", add50.as_secs_f64() / start_p50.as_secs_f64());
-        if host_local {
-            let mut go = run(Plugin::HostLocal, workers, cycles);
-            let (g50, g99) = (percentile(&mut go.add, 0.5), percentile(&mut go.add, 0.99));
-            let (gd50, gd99) = (percentile(&mut go.del, 0.5), percentile(&mut go.del, 0.99));
+        println!("{label}, {} ADD+DEL cycles per backend:", workers * cycles);
+        let mut file_add_p50 = None;
+        for backend in &backends {
+            let mut stats = run(backend, run_id, workers, cycles);
+            let (a50, a99, d50, d99) =
+                (stats.add_p(0.5), stats.add_p(0.99), stats.del_p(0.5), stats.del_p(0.99));
             println!(
-                "  baseline host-local (Go), {:.0} cycles/s: ADD p50 {} p99 {}   DEL p50 {} p99 {}",
-                go.cycles_per_second(),
-                ms(g50),
-                ms(g99),
-                ms(gd50),
-                ms(gd99)
+                "  {:<26} ADD p50 {} p99 {}   DEL p50 {} p99 {}   {:.0} cycles/s",
+                backend.label(),
+                ms(a50),
+                ms(a99),
+                ms(d50),
+                ms(d99),
+                stats.cycles_per_second()
             );
-            println!(
-                "  ratio whereabouts/host-local: ADD p50 {:.2}  p99 {:.2}",
-                add50.as_secs_f64() / g50.as_secs_f64(),
-                add99.as_secs_f64() / g99.as_secs_f64()
-            );
+            match file_add_p50 {
+                None => file_add_p50 = Some(a50),
+                Some(file) => println!(
+                    "  {:<26} ADD p50 = {:.2}x the file store's",
+                    "",
+                    a50.as_secs_f64() / file.as_secs_f64()
+                ),
+            }
         }
     }
 }
