@@ -3,8 +3,9 @@
 # execs whereabouts as its IPAM plugin (dual stack, file store in a temp dir). Shows the assigned
 # addresses, pings both ways on IPv4 and IPv6, shows the store, detaches both and shows the pools empty.
 #
-# Needs: root, iproute2, ping, the reference CNI plugins (Debian: containernetworking-plugins in
-# /usr/lib/cni; override with CNI_PLUGIN_DIR) and either cargo or WHEREABOUTS_BIN=<path to a binary>.
+# Needs: root and either cargo or WHEREABOUTS_BIN=<path to a binary>; installs iproute2, ping, the
+# reference CNI plugins (Debian: containernetworking-plugins in /usr/lib/cni; override with
+# CNI_PLUGIN_DIR) and protoc (to build) when they are missing.
 # Uses only documentation ranges (192.0.2.0/24, 2001:db8:1::/64) and names carrying this shell's pid;
 # everything it creates is removed on exit, also on failure or Ctrl-C.
 set -euo pipefail
@@ -18,6 +19,8 @@ die() { printf '\033[31merror:\033[0m %s\n' "$*" >&2; exit 1; }
 
 # --- preflight ---------------------------------------------------------------------------------------
 [[ $(id -u) -eq 0 ]] || die "run as root (network namespaces and bridges need CAP_NET_ADMIN)"
+. "$repo_root/scripts/ensure-packages.sh"
+ensure_packages iproute2 iputils-ping containernetworking-plugins protobuf-compiler || die "cannot install the packages"
 for tool in ip ping; do
     command -v "$tool" >/dev/null || die "$tool is missing (apt-get install iproute2 iputils-ping)"
 done
