@@ -15,6 +15,7 @@
 //!   order would leave a reservation that no DEL can find, blocking the address for good.)
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -77,6 +78,10 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// The longest one pool update may take; far below the kubelet's CNI timeout.
     pub deadline: Duration,
+    /// How long calls failing with [`StoreError::Unavailable`] (an etcd leader election, a member
+    /// restarting) are retried before the error is returned. Retrying is safe: every write is a
+    /// compare-and-swap or idempotent, so a write that did land is found by the next read.
+    pub unavailable_window: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -86,6 +91,7 @@ impl Default for RetryPolicy {
             first_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(50),
             deadline: Duration::from_secs(30),
+            unavailable_window: Duration::from_secs(8),
         }
     }
 }
@@ -150,13 +156,30 @@ impl<'s, S: Store> Ipam<'s, S> {
         self
     }
 
+    /// Runs a store call, retrying it while it fails with [`StoreError::Unavailable`] within
+    /// [`RetryPolicy::unavailable_window`].
+    async fn patiently<T, F: Future<Output = Result<T, StoreError>>>(
+        &self,
+        object: impl Fn() -> String,
+        mut call: impl FnMut() -> F,
+    ) -> Result<T, IpamError> {
+        let started = Instant::now();
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match call().await {
+                Err(StoreError::Unavailable(reason)) if started.elapsed() < self.retry.unavailable_window => {
+                    tracing::debug!("{}: store unavailable ({reason}), retrying", object());
+                    tokio::time::sleep(wait.mul_f64(0.5 + fastrand::f64())).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+                result => return result.map_err(|source| IpamError::Store { object: object(), source }),
+            }
+        }
+    }
+
     /// Reads and decodes a pool (an empty one when it does not exist yet).
     async fn load_pool(&self, name: &str, network: IpNet) -> Result<(Pool, Option<Version>), IpamError> {
-        let stored = self
-            .store
-            .read_pool(name)
-            .await
-            .map_err(|source| IpamError::Store { object: format!("pool {name}"), source })?;
+        let stored = self.patiently(|| format!("pool {name}"), || self.store.read_pool(name)).await?;
         let Some(stored) = stored else { return Ok((Pool::new(network), None)) };
         let (pool, skipped) = Pool::from_spec(&stored.spec, network)
             .map_err(|source| IpamError::Pool { pool: name.to_string(), source })?;
@@ -185,7 +208,21 @@ impl<'s, S: Store> Ipam<'s, S> {
             if !changed {
                 return Ok(value);
             }
-            match self.store.write_pool(name, &pool.to_spec(), version.as_ref(), lock.as_ref()).await {
+            let spec = pool.to_spec();
+            let written = self
+                .patiently(
+                    || format!("pool {name}"),
+                    || async {
+                        // A write that failed as unavailable may still have landed: it then conflicts here,
+                        // and the re-read below finds it.
+                        match self.store.write_pool(name, &spec, version.as_ref(), lock.as_ref()).await {
+                            Err(StoreError::Conflict) => Ok(Err(StoreError::Conflict)),
+                            other => other.map(Ok),
+                        }
+                    },
+                )
+                .await?;
+            match written {
                 Ok(_) => return Ok(value),
                 Err(StoreError::Conflict) if started.elapsed() < self.retry.deadline => {
                     tracing::debug!("pool {name}: conflict on attempt {attempt}, retrying");
@@ -253,10 +290,8 @@ impl<'s, S: Store> Ipam<'s, S> {
         holder: &Reservation,
     ) -> Result<(), IpamError> {
         let name = reservation_name(network_name, ip);
-        self.store
-            .delete_reservation(&name, holder)
+        self.patiently(|| format!("reservation {name}"), || self.store.delete_reservation(&name, holder))
             .await
-            .map_err(|source| IpamError::Store { object: format!("reservation {name}"), source })
     }
 
     /// One address from every range for `owner`, all or nothing: when a range fails, the addresses this
@@ -345,18 +380,21 @@ impl<'s, S: Store> Ipam<'s, S> {
             }
             let reservation = reservation_of(&wanted);
             let reservation_key = reservation_name(&config.network_name, ip);
-            let outcome = match self.store.create_reservation(&reservation_key, &reservation).await {
+            let created = self
+                .patiently(
+                    || format!("reservation {reservation_key}"),
+                    || self.store.create_reservation(&reservation_key, &reservation),
+                )
+                .await;
+            let outcome = match created {
                 Ok(outcome) => outcome,
-                Err(source) => {
+                Err(error) => {
                     // Without its reservation the address is not ours to keep.
                     let ours = |a: &Allocation| *a == wanted;
                     if is_new && let Err(undo) = self.remove_if(&name, network, to_u128(ip), ours).await {
                         tracing::error!("releasing {ip} after a failed reservation: {undo}");
                     }
-                    return Err(IpamError::Store {
-                        object: format!("reservation {reservation_key}"),
-                        source,
-                    });
+                    return Err(error);
                 }
             };
             match outcome {
@@ -395,11 +433,8 @@ impl<'s, S: Store> Ipam<'s, S> {
                 .map_err(|source| IpamError::Alloc { pool: name.clone(), source })?;
             let Assignment::New { addr, .. } = assignment else { return Ok(()) };
             let key = reservation_name(&config.network_name, from_u128(pool.family(), addr));
-            let holder = self
-                .store
-                .read_reservation(&key)
-                .await
-                .map_err(|source| IpamError::Store { object: format!("reservation {key}"), source })?;
+            let holder =
+                self.patiently(|| format!("reservation {key}"), || self.store.read_reservation(&key)).await?;
             match holder {
                 Some(holder) if !holder.same_owner(reservation) => {
                     blocked.insert(addr);

@@ -160,7 +160,13 @@ fn quick_retry(attempts: u32) -> RetryPolicy {
         first_backoff: Duration::from_millis(1),
         max_backoff: Duration::from_millis(1),
         deadline: Duration::from_secs(30),
+        unavailable_window: Duration::ZERO,
     }
+}
+
+/// The default policy, but giving up on an unavailable store after 200 ms.
+fn briefly_patient() -> RetryPolicy {
+    RetryPolicy { unavailable_window: Duration::from_millis(200), ..RetryPolicy::default() }
 }
 
 // === 1. lowest free address, reuse, `.0` and gateway ===
@@ -614,6 +620,8 @@ struct Flaky {
     writes: AtomicUsize,
     /// Creating a reservation whose name contains this answers "unavailable".
     reservations_down: Option<&'static str>,
+    /// Pool reads still to answer "unavailable" (an etcd election, say).
+    reads_unavailable: AtomicUsize,
 }
 
 impl Flaky {
@@ -623,6 +631,7 @@ impl Flaky {
             conflicts_left: AtomicUsize::new(conflicts),
             writes: AtomicUsize::new(0),
             reservations_down,
+            reads_unavailable: AtomicUsize::new(0),
         }
     }
 
@@ -633,6 +642,13 @@ impl Flaky {
 
 impl Store for Flaky {
     async fn read_pool(&self, name: &str) -> Result<Option<VersionedPool>, StoreError> {
+        if self
+            .reads_unavailable
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StoreError::Unavailable("injected".into()));
+        }
         self.inner.read_pool(name).await
     }
 
@@ -731,7 +747,7 @@ async fn contention_past_the_deadline_reports_the_writes_tried() {
 async fn an_unavailable_reservation_store_leaves_no_pool_entry() {
     let (_dir, inner) = file_store();
     let store = Flaky::new(inner, 0, Some(""));
-    let ipam = Ipam::new(&store);
+    let ipam = Ipam::new(&store).with_retry(briefly_patient());
     let config = single("192.0.2.0/24");
     match ipam.allocate(&config, &owner(1)).await {
         Err(IpamError::Store { object, source: StoreError::Unavailable(_) }) => {
@@ -747,7 +763,7 @@ async fn an_unavailable_reservation_store_leaves_no_pool_entry() {
 async fn an_unavailable_reservation_store_in_a_later_range_rolls_back_the_earlier_ones() {
     let (_dir, inner) = file_store();
     let store = Flaky::new(inner, 0, Some("2001-db8"));
-    let ipam = Ipam::new(&store);
+    let ipam = Ipam::new(&store).with_retry(briefly_patient());
     let config = dual_stack();
     match ipam.allocate(&config, &owner(1)).await {
         Err(IpamError::Store { object, source: StoreError::Unavailable(_) }) => {
@@ -907,7 +923,7 @@ async fn a_failed_reservation_while_moving_does_not_leak_the_old_reservation() {
     let flaky = Flaky::new(inner.clone(), 0, Some(""));
     let moving = requesting(json!({ "range": "10.0.0.0/24" }), "10.0.0.50/24");
     assert!(matches!(
-        Ipam::new(&flaky).allocate(&moving, &owner(1)).await,
+        Ipam::new(&flaky).with_retry(briefly_patient()).allocate(&moving, &owner(1)).await,
         Err(IpamError::Store { source: StoreError::Unavailable(_), .. })
     ));
     assert_reservations_backed(&inner, &["10.0.0.0-24"]).await;
@@ -993,4 +1009,22 @@ async fn many_addresses_reserved_by_an_overlapping_range_are_skipped_cheaply() {
     assert_eq!(alloc(&ipam, &single("10.10.0.0/17"), &owner(1)).await, vec![expected]);
     // One write that lost the race for 10.10.0.1, its undo, then the write of the address it got.
     assert_eq!(flaky.writes(), 3);
+}
+
+/// A store briefly unavailable (an etcd leader election) is waited for, not reported.
+#[tokio::test]
+async fn a_briefly_unavailable_store_is_retried() {
+    let (_dir, inner) = file_store();
+    let store = Flaky::new(inner, 0, None);
+    store.reads_unavailable.store(3, Ordering::SeqCst);
+    let ipam = Ipam::new(&store);
+    assert_eq!(alloc(&ipam, &single("192.0.2.0/24"), &owner(1)).await, ips(&["192.0.2.1"]));
+    assert_eq!(store.reads_unavailable.load(Ordering::SeqCst), 0);
+    // Past the window the error is returned.
+    store.reads_unavailable.store(usize::MAX, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let err =
+        Ipam::new(&store).with_retry(briefly_patient()).allocate(&single("192.0.2.0/24"), &owner(2)).await;
+    assert!(matches!(err, Err(IpamError::Store { source: StoreError::Unavailable(_), .. })), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
 }
