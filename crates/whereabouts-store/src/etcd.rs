@@ -11,7 +11,13 @@
 //! `mod_revision` (or `create_revision == 0` when creating it), a reservation is created only if its
 //! key's `create_revision` is 0, and is taken over or deleted only if its `mod_revision` is still the
 //! one that was read. So a client killed at any point leaves the previous or the new state.
+//!
+//! Every write of a pool changes its one key, so concurrent writers of a pool conflict whatever
+//! addresses they pick. Writers on one node therefore queue on a node-local lock file
+//! ([`Store::lock_pool`]) instead of racing each other; only writers on different nodes still meet
+//! in compare-and-swap. The lock is an optimisation: correctness rests on the revision compares alone.
 
+use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use etcd_client::{
@@ -22,6 +28,7 @@ use thiserror::Error;
 use tonic::Code;
 use whereabouts_core::pool::PoolSpec;
 
+use crate::lock::lock;
 use crate::{PoolLock, Reservation, ReserveOutcome, Store, StoreError, Version, VersionedPool};
 
 /// How long establishing the connection may take.
@@ -74,11 +81,17 @@ pub enum EtcdConnectError {
     },
 }
 
+/// Where the node-local writer queue's lock files live (tmpfs; emptied at boot, which is fine).
+pub const DEFAULT_LOCK_DIR: &str = "/run/whereabouts/locks";
+
 /// The etcd store.
 #[derive(Clone)]
 pub struct EtcdStore {
     kv: KvClient,
     prefix: String,
+    /// Distinguishes this cluster's lock files from another's on the same node.
+    cluster_key: u64,
+    lock_dir: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -209,7 +222,20 @@ impl EtcdStore {
         let mut kv = client.kv_client();
         let probe = GetOptions::new().with_prefix().with_count_only();
         kv.get(settings.key_prefix.clone(), Some(probe)).await.map_err(classify)?;
-        Ok(EtcdStore { kv, prefix: settings.key_prefix.clone() })
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (&endpoints, &settings.key_prefix).hash(&mut hasher);
+        Ok(EtcdStore {
+            kv,
+            prefix: settings.key_prefix.clone(),
+            cluster_key: hasher.finish(),
+            lock_dir: DEFAULT_LOCK_DIR.into(),
+        })
+    }
+
+    /// Uses another directory for the node-local lock files.
+    pub fn with_lock_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.lock_dir = dir.into();
+        self
     }
 
     fn pool_key(&self, name: &str) -> String {
@@ -255,6 +281,21 @@ impl EtcdStore {
 }
 
 impl Store for EtcdStore {
+    async fn lock_pool(&self, name: &str) -> Result<Option<PoolLock>, StoreError> {
+        // Without a usable lock directory writers just race in compare-and-swap, as across nodes.
+        if std::fs::create_dir_all(&self.lock_dir).is_err() {
+            return Ok(None);
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (self.cluster_key, name).hash(&mut hasher);
+        let path = self.lock_dir.join(format!("etcd-{:016x}.lock", hasher.finish()));
+        match lock(&path).await {
+            Ok(guard) => Ok(Some(PoolLock::new(path.display().to_string(), guard))),
+            Err(StoreError::Io(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn read_pool(&self, name: &str) -> Result<Option<VersionedPool>, StoreError> {
         let key = self.pool_key(name);
         let Some((value, revision)) = self.get(&key).await? else { return Ok(None) };

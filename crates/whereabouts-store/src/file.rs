@@ -11,18 +11,15 @@
 //!   create just replaced.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use whereabouts_core::pool::{Allocation, PoolSpec};
 
+use crate::lock::lock;
 use crate::{PoolLock, Reservation, ReserveOutcome, Store, StoreError, Version, VersionedPool};
-
-/// How long a writer waits for a pool's lock before answering "try again later".
-const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The file store rooted at a directory.
 #[derive(Debug, Clone)]
@@ -81,37 +78,6 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
 
 fn corrupt(path: &Path, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt { location: path.display().to_string(), reason: e.to_string() }
-}
-
-/// An exclusive flock on a lock file, released on drop (or by the kernel if the process dies).
-struct LockGuard(File);
-
-impl Drop for LockGuard {
-    fn drop(&mut self) {
-        let _ = self.0.unlock();
-    }
-}
-
-/// Takes an exclusive flock, waiting at most [`LOCK_TIMEOUT`]. Waiting is a blocking `flock` on a
-/// blocking thread, so waiters queue in the kernel instead of polling.
-async fn lock(path: &Path) -> Result<LockGuard, StoreError> {
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(|e| io_error(path, e))?;
-    match file.try_lock() {
-        Ok(()) => return Ok(LockGuard(file)),
-        Err(TryLockError::WouldBlock) => {}
-        Err(TryLockError::Error(e)) => return Err(io_error(path, e)),
-    }
-    let waiting = tokio::task::spawn_blocking(move || file.lock().map(|()| LockGuard(file)));
-    match tokio::time::timeout(LOCK_TIMEOUT, waiting).await {
-        Ok(Ok(locked)) => locked.map_err(|e| io_error(path, e)),
-        Ok(Err(join)) => Err(StoreError::Io(format!("{}: {join}", path.display()))),
-        Err(_) => Err(StoreError::Unavailable(format!("timed out waiting for lock {}", path.display()))),
-    }
 }
 
 impl FileStore {

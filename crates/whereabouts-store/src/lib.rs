@@ -15,6 +15,7 @@ use whereabouts_core::pool::PoolSpec;
 pub mod etcd;
 pub mod file;
 pub mod ipam;
+mod lock;
 
 /// An opaque version of a stored pool (a resourceVersion, a mod_revision, a counter).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
