@@ -17,7 +17,9 @@
 //! ([`Store::lock_pool`]) instead of racing each other; only writers on different nodes still meet
 //! in compare-and-swap. The lock is an optimisation: correctness rests on the revision compares alone.
 
+use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use etcd_client::{
@@ -85,13 +87,23 @@ pub enum EtcdConnectError {
 pub const DEFAULT_LOCK_DIR: &str = "/run/whereabouts/locks";
 
 /// The etcd store.
-#[derive(Clone)]
+///
+/// It talks to one endpoint at a time and fails over to the next one when a call fails in a way
+/// another member might not (the client library does not route around a dead member by itself).
 pub struct EtcdStore {
-    kv: KvClient,
+    endpoints: Vec<String>,
+    options: ConnectOptions,
+    active: Mutex<Active>,
     prefix: String,
     /// Distinguishes this cluster's lock files from another's on the same node.
     cluster_key: u64,
     lock_dir: std::path::PathBuf,
+}
+
+/// The endpoint in use and its client.
+struct Active {
+    index: usize,
+    kv: KvClient,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -152,18 +164,33 @@ fn is_transient(e: &etcd_client::Error) -> bool {
                 | Code::Aborted
                 | Code::ResourceExhausted
                 | Code::Unknown
+                // tonic reports its own request timeout as Cancelled.
+                | Code::Cancelled
         ),
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         _ => false,
     }
 }
 
-fn store_error(e: etcd_client::Error) -> StoreError {
-    if is_transient(&e) {
-        StoreError::Unavailable(format!("etcd: {e}"))
-    } else {
-        StoreError::Io(format!("etcd: {e}"))
-    }
+/// Connects to one member and proves it answers (and takes the credentials) with one read, all within
+/// a hard time limit: the client's own timeouts do not cover a TLS handshake that never completes.
+async fn connect_one(
+    endpoint: &str,
+    options: &ConnectOptions,
+    prefix: &str,
+) -> Result<KvClient, etcd_client::Error> {
+    let attempt = async {
+        let client = Client::connect([endpoint], Some(options.clone())).await?;
+        let mut kv = client.kv_client();
+        kv.get(prefix, Some(GetOptions::new().with_prefix().with_count_only())).await?;
+        Ok(kv)
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT + REQUEST_TIMEOUT, attempt).await.unwrap_or_else(|_| {
+        Err(etcd_client::Error::GRpcStatus(tonic::Status::deadline_exceeded(format!(
+            "{endpoint} did not answer within {:?}",
+            CONNECT_TIMEOUT + REQUEST_TIMEOUT
+        ))))
+    })
 }
 
 fn corrupt(key: &str, e: serde_json::Error) -> StoreError {
@@ -209,27 +236,107 @@ impl EtcdStore {
             options = options.with_tls(config);
         }
         let classify = |e: etcd_client::Error| {
+            let message = e.to_string();
             if is_auth_failure(&e) {
                 let user = settings.username.clone().unwrap_or_default();
-                invalid("etcd_username", &user, format!("etcd refused the credentials: {e}"))
+                invalid("etcd_username", &user, format!("etcd refused the credentials: {message}"))
+            } else if tls
+                && (message.contains("UnknownIssuer") || message.contains("invalid peer certificate"))
+            {
+                let ca = settings.ca_cert_file.as_deref().unwrap_or("");
+                invalid(
+                    "etcd_ca_cert_file",
+                    ca,
+                    format!("the server's certificate is not trusted: {message}"),
+                )
+            } else if tls && message.contains("certificate") {
+                let cert = settings.cert_file.as_deref().unwrap_or("");
+                invalid(
+                    "etcd_cert_file",
+                    cert,
+                    format!("the server refused the client certificate: {message}"),
+                )
             } else if tls && !is_transient(&e) {
-                invalid("etcd_cert_file", settings.cert_file.as_deref().unwrap_or(""), format!("TLS: {e}"))
+                invalid(
+                    "etcd_cert_file",
+                    settings.cert_file.as_deref().unwrap_or(""),
+                    format!("TLS: {message}"),
+                )
             } else {
-                EtcdConnectError::Unreachable { hosts: settings.hosts.clone(), reason: e.to_string() }
+                EtcdConnectError::Unreachable { hosts: settings.hosts.clone(), reason: message }
             }
         };
-        let client = Client::connect(&endpoints, Some(options)).await.map_err(classify)?;
-        let mut kv = client.kv_client();
-        let probe = GetOptions::new().with_prefix().with_count_only();
-        kv.get(settings.key_prefix.clone(), Some(probe)).await.map_err(classify)?;
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (&endpoints, &settings.key_prefix).hash(&mut hasher);
-        Ok(EtcdStore {
-            kv,
-            prefix: settings.key_prefix.clone(),
-            cluster_key: hasher.finish(),
-            lock_dir: DEFAULT_LOCK_DIR.into(),
-        })
+        // Start at a random member so nodes spread their load; take the first one that answers.
+        let first = fastrand::usize(..endpoints.len());
+        let mut last_error = None;
+        for step in 0..endpoints.len() {
+            let index = (first + step) % endpoints.len();
+            match connect_one(&endpoints[index], &options, &settings.key_prefix).await {
+                Ok(kv) => {
+                    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                    (&endpoints, &settings.key_prefix).hash(&mut hasher);
+                    return Ok(EtcdStore {
+                        endpoints,
+                        options,
+                        active: Mutex::new(Active { index, kv }),
+                        prefix: settings.key_prefix.clone(),
+                        cluster_key: hasher.finish(),
+                        lock_dir: DEFAULT_LOCK_DIR.into(),
+                    });
+                }
+                // A configuration error is the same on every member.
+                Err(e) => match classify(e) {
+                    unreachable @ EtcdConnectError::Unreachable { .. } => last_error = Some(unreachable),
+                    invalid => return Err(invalid),
+                },
+            }
+        }
+        Err(last_error.unwrap_or_else(|| EtcdConnectError::Unreachable {
+            hosts: settings.hosts.clone(),
+            reason: "no endpoint".into(),
+        }))
+    }
+
+    /// The endpoint in use.
+    fn active(&self) -> (usize, KvClient) {
+        let active = self.active.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        (active.index, active.kv.clone())
+    }
+
+    /// Moves to the next member that answers, unless another call already moved on from `failed`.
+    async fn fail_over(&self, failed: usize) {
+        for step in 1..=self.endpoints.len() {
+            let index = (failed + step) % self.endpoints.len();
+            if let Ok(kv) = connect_one(&self.endpoints[index], &self.options, &self.prefix).await {
+                let mut active = self.active.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if active.index == failed {
+                    *active = Active { index, kv };
+                }
+                return;
+            }
+        }
+    }
+
+    /// Runs one request with a hard time limit, failing over to the next member on errors another
+    /// member might not give. Every request here is a read, a compare-guarded transaction, or
+    /// idempotent, so repeating one whose outcome is unknown is safe.
+    async fn call<T, F: Future<Output = Result<T, etcd_client::Error>>>(
+        &self,
+        request: impl Fn(KvClient) -> F,
+    ) -> Result<T, StoreError> {
+        let mut last = String::new();
+        for _ in 0..self.endpoints.len() {
+            let (index, kv) = self.active();
+            match tokio::time::timeout(REQUEST_TIMEOUT, request(kv)).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(e)) if !is_transient(&e) => return Err(StoreError::Io(format!("etcd: {e}"))),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = format!("no answer within {REQUEST_TIMEOUT:?}"),
+            }
+            tracing::debug!("etcd member {} failed ({last}), trying the next one", self.endpoints[index]);
+            self.fail_over(index).await;
+        }
+        Err(StoreError::Unavailable(format!("etcd: {last}")))
     }
 
     /// Uses another directory for the node-local lock files.
@@ -248,7 +355,7 @@ impl EtcdStore {
 
     /// One key's value and mod_revision.
     async fn get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
-        let response = self.kv.clone().get(key, None).await.map_err(store_error)?;
+        let response = self.call(|mut kv| async move { kv.get(key, None).await }).await?;
         Ok(response.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())))
     }
 
@@ -265,11 +372,11 @@ impl EtcdStore {
     async fn names(&self, kind: &str) -> Result<Vec<String>, StoreError> {
         let base = format!("{}{kind}/", self.prefix);
         let response = self
-            .kv
-            .clone()
-            .get(base.clone(), Some(GetOptions::new().with_prefix().with_keys_only()))
-            .await
-            .map_err(store_error)?;
+            .call(|mut kv| {
+                let base = base.clone();
+                async move { kv.get(base, Some(GetOptions::new().with_prefix().with_keys_only())).await }
+            })
+            .await?;
         let mut names: Vec<String> = response
             .kvs()
             .iter()
@@ -320,7 +427,12 @@ impl Store for EtcdStore {
         };
         let value = serde_json::to_vec(spec).map_err(|e| StoreError::Io(e.to_string()))?;
         let txn = Txn::new().when([guard]).and_then([TxnOp::put(key, value, None)]);
-        let response = self.kv.clone().txn(txn).await.map_err(store_error)?;
+        let response = self
+            .call(|mut kv| {
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await?;
         if !response.succeeded() {
             return Err(StoreError::Conflict);
         }
@@ -340,7 +452,12 @@ impl Store for EtcdStore {
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key.clone(), value.clone(), None)])
                 .or_else([TxnOp::get(key.clone(), None)]);
-            let response = self.kv.clone().txn(create).await.map_err(store_error)?;
+            let response = self
+                .call(|mut kv| {
+                    let create = create.clone();
+                    async move { kv.txn(create).await }
+                })
+                .await?;
             if response.succeeded() {
                 return Ok(ReserveOutcome::Reserved);
             }
@@ -363,7 +480,13 @@ impl Store for EtcdStore {
             let take_over = Txn::new()
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
                 .and_then([TxnOp::put(key.clone(), value.clone(), None)]);
-            if self.kv.clone().txn(take_over).await.map_err(store_error)?.succeeded() {
+            let taken = self
+                .call(|mut kv| {
+                    let take_over = take_over.clone();
+                    async move { kv.txn(take_over).await }
+                })
+                .await?;
+            if taken.succeeded() {
                 return Ok(ReserveOutcome::Reserved);
             }
         }
@@ -384,7 +507,13 @@ impl Store for EtcdStore {
             let delete = Txn::new()
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
                 .and_then([TxnOp::delete(key.clone(), None)]);
-            if self.kv.clone().txn(delete).await.map_err(store_error)?.succeeded() {
+            let deleted = self
+                .call(|mut kv| {
+                    let delete = delete.clone();
+                    async move { kv.txn(delete).await }
+                })
+                .await?;
+            if deleted.succeeded() {
                 return Ok(());
             }
         }
