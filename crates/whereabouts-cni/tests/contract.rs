@@ -669,16 +669,26 @@ async fn wrongly_typed_config_values_are_code_6() {
 }
 
 #[tokio::test]
-async fn other_stores_and_node_slices_are_unsupported_fields() {
+async fn the_kubernetes_store_and_node_slices_are_unsupported_fields() {
     let fx = Fx::new();
-    for (key, value) in
-        [("datastore", json!("kubernetes")), ("datastore", json!("etcd")), ("node_slice_size", json!("/28"))]
-    {
-        let mut conf = fx.conf("1.0.0").ipam(key, value);
-        if key == "datastore" {
-            conf = conf.ipam("kubernetes", json!({ "kubeconfig": "/k" })).ipam("etcd_host", json!("e:2379"));
-        }
-        failure_code(&fx.run(&Env::add("c1"), &conf).await, "1.0.0", 2);
+    let kubernetes = fx
+        .conf("1.0.0")
+        .ipam("datastore", json!("kubernetes"))
+        .ipam("kubernetes", json!({ "kubeconfig": "/k" }));
+    failure_code(&fx.run(&Env::add("c1"), &kubernetes).await, "1.0.0", 2);
+    let slices = fx.conf("1.0.0").ipam("node_slice_size", json!("/28"));
+    failure_code(&fx.run(&Env::add("c1"), &slices).await, "1.0.0", 2);
+}
+
+/// An etcd nobody answers for is "try again later" naming `etcd_host`, never a fallback to the file
+/// store. (Port 1 on loopback refuses connections.)
+#[tokio::test]
+async fn an_unreachable_etcd_is_try_again_later_naming_etcd_host() {
+    let fx = Fx::new();
+    let conf = fx.conf("1.0.0").ipam("datastore", json!("etcd")).ipam("etcd_host", json!("127.0.0.1:1"));
+    for env in [Env::add("c1"), Env::del("c1")] {
+        let msg = failure_code(&fx.run(&env, &conf).await, "1.0.0", 11);
+        assert!(msg.contains("etcd_host") && msg.contains("127.0.0.1:1"), "{msg}");
     }
 }
 
