@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient, TlsOptions, Txn,
-    TxnOp, TxnOpResponse,
+    TxnOp, TxnOpResponse, TxnResponse,
 };
 use thiserror::Error;
 use tonic::Code;
@@ -368,6 +368,15 @@ impl EtcdStore {
             .transpose()
     }
 
+    /// One transaction, through [`EtcdStore::call`].
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+        self.call(|mut kv| {
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
+    }
+
     /// Names of every key below `<prefix><kind>/`.
     async fn names(&self, kind: &str) -> Result<Vec<String>, StoreError> {
         let base = format!("{}{kind}/", self.prefix);
@@ -427,12 +436,7 @@ impl Store for EtcdStore {
         };
         let value = serde_json::to_vec(spec).map_err(|e| StoreError::Io(e.to_string()))?;
         let txn = Txn::new().when([guard]).and_then([TxnOp::put(key, value, None)]);
-        let response = self
-            .call(|mut kv| {
-                let txn = txn.clone();
-                async move { kv.txn(txn).await }
-            })
-            .await?;
+        let response = self.txn(txn).await?;
         if !response.succeeded() {
             return Err(StoreError::Conflict);
         }
@@ -452,12 +456,7 @@ impl Store for EtcdStore {
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key.clone(), value.clone(), None)])
                 .or_else([TxnOp::get(key.clone(), None)]);
-            let response = self
-                .call(|mut kv| {
-                    let create = create.clone();
-                    async move { kv.txn(create).await }
-                })
-                .await?;
+            let response = self.txn(create).await?;
             if response.succeeded() {
                 return Ok(ReserveOutcome::Reserved);
             }
@@ -480,12 +479,7 @@ impl Store for EtcdStore {
             let take_over = Txn::new()
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
                 .and_then([TxnOp::put(key.clone(), value.clone(), None)]);
-            let taken = self
-                .call(|mut kv| {
-                    let take_over = take_over.clone();
-                    async move { kv.txn(take_over).await }
-                })
-                .await?;
+            let taken = self.txn(take_over).await?;
             if taken.succeeded() {
                 return Ok(ReserveOutcome::Reserved);
             }
@@ -507,12 +501,7 @@ impl Store for EtcdStore {
             let delete = Txn::new()
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
                 .and_then([TxnOp::delete(key.clone(), None)]);
-            let deleted = self
-                .call(|mut kv| {
-                    let delete = delete.clone();
-                    async move { kv.txn(delete).await }
-                })
-                .await?;
+            let deleted = self.txn(delete).await?;
             if deleted.succeeded() {
                 return Ok(());
             }
