@@ -112,18 +112,24 @@ pub fn assign(
     gateway: Option<IpAddr>,
     blocked: &IntervalSet,
 ) -> Result<Assignment, AllocError> {
-    let existing = pool.find_owned(owner);
+    let owned = pool.owned(owner);
     let Some(ip) = requested else {
-        if let Some(addr) = existing {
-            return Ok(Assignment::Existing(addr));
+        if let Some(addr) = owned.first() {
+            return Ok(Assignment::Existing(*addr));
         }
         return lowest_free(range, pool, gateway, blocked)
             .map(|addr| Assignment::New { addr, replaces: None })
             .ok_or_else(|| AllocError::Exhausted(range.describe()));
     };
     let addr = to_u128(ip);
-    if existing == Some(addr) {
-        return Ok(Assignment::Existing(addr));
+    let elsewhere = owned.iter().copied().find(|a| *a != addr);
+    if owned.contains(&addr) {
+        // Already ours; an address we were moving away from (the first try of this move landed but
+        // its answer was lost) is finished off now.
+        return Ok(match elsewhere {
+            None => Assignment::Existing(addr),
+            Some(old) => Assignment::New { addr, replaces: Some(old) },
+        });
     }
     if let Some(holder) = pool.get(addr) {
         let holder =
@@ -142,7 +148,7 @@ pub fn assign(
     if addr < pool.base() {
         return Err(AllocError::BelowPoolBase(ip));
     }
-    Ok(Assignment::New { addr, replaces: existing })
+    Ok(Assignment::New { addr, replaces: elsewhere })
 }
 
 /// Writes an assignment into the pool and returns the address as an IP.
@@ -309,6 +315,28 @@ mod tests {
         );
         // The lowest free starts at the base.
         assert_eq!(lowest_free(&r, &pool, None, &IntervalSet::new()), Some(to_u128(ip("10.0.0.5"))));
+    }
+
+    #[test]
+    fn a_move_whose_first_write_landed_is_finished_not_refused() {
+        let r = range("10.7.0.0/24", None, None, &[]);
+        let mut pool = Pool::new(r.network());
+        let o = owner(1);
+        // The owner holds its old address 10.7.0.2 and, from a landed first try, the requested .5.
+        pool.insert(to_u128(ip("10.7.0.2")), o.allocation());
+        pool.insert(to_u128(ip("10.7.0.5")), o.allocation());
+        assert_eq!(
+            assign(&r, &pool, &o, Some(ip("10.7.0.5")), None, &IntervalSet::new()),
+            Ok(Assignment::New { addr: to_u128(ip("10.7.0.5")), replaces: Some(to_u128(ip("10.7.0.2"))) })
+        );
+        // Either order of the two addresses.
+        let mut pool = Pool::new(r.network());
+        pool.insert(to_u128(ip("10.7.0.9")), o.allocation());
+        pool.insert(to_u128(ip("10.7.0.5")), o.allocation());
+        assert_eq!(
+            assign(&r, &pool, &o, Some(ip("10.7.0.5")), None, &IntervalSet::new()),
+            Ok(Assignment::New { addr: to_u128(ip("10.7.0.5")), replaces: Some(to_u128(ip("10.7.0.9"))) })
+        );
     }
 
     #[test]

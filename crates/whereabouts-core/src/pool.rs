@@ -296,12 +296,25 @@ impl Pool {
 
     /// The address held by `owner` (idempotent ADD), if any.
     pub fn find_owned(&self, owner: &Owner) -> Option<u128> {
+        self.owned(owner).first().copied()
+    }
+
+    /// Every address `owner` holds, lowest first (normally one; two while it moves to a requested
+    /// address).
+    pub fn owned(&self, owner: &Owner) -> Vec<u128> {
         let (index, id) = match &owner.pod_ref {
             Some(pod_ref) => (&self.owner_index().by_pod, pod_ref.as_str()),
             None => (&self.owner_index().by_container, owner.container_id.as_str()),
         };
-        let candidates = index.get(&owner_hash(id, &owner.ifname))?;
-        candidates.iter().copied().filter(|addr| self.get(*addr).is_some_and(|a| a.is_owned_by(owner))).min()
+        let candidates = index.get(&owner_hash(id, &owner.ifname));
+        let mut owned: Vec<u128> = candidates
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|addr| self.get(*addr).is_some_and(|a| a.is_owned_by(owner)))
+            .collect();
+        owned.sort_unstable();
+        owned
     }
 
     /// The addresses allocated to (`container_id`, `ifname`), lowest first: what DEL releases.

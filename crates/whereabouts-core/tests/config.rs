@@ -1296,14 +1296,18 @@ fn call_context() -> impl Strategy<Value = CallContext> {
 /// Recases every object key with `upper`, recursively.
 fn recase_keys(value: &Value, upper: bool) -> Value {
     match value {
-        Value::Object(map) => map
-            .iter()
-            .map(|(k, v)| {
+        Value::Object(map) => {
+            // Keys that differ only in case collapse into one; as with Go's decoder (and ours), a
+            // later `null` then leaves the earlier value.
+            let mut out = Map::new();
+            for (k, v) in map {
                 let k = if upper { k.to_ascii_uppercase() } else { k.to_ascii_lowercase() };
-                (k, recase_keys(v, upper))
-            })
-            .collect::<Map<_, _>>()
-            .into(),
+                if !(v.is_null() && out.contains_key(&k)) {
+                    out.insert(k, recase_keys(v, upper));
+                }
+            }
+            out.into()
+        }
         Value::Array(items) => Value::Array(items.iter().map(|v| recase_keys(v, upper)).collect()),
         other => other.clone(),
     }

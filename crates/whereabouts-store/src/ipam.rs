@@ -389,10 +389,22 @@ impl<'s, S: Store> Ipam<'s, S> {
             let outcome = match created {
                 Ok(outcome) => outcome,
                 Err(error) => {
-                    // Without its reservation the address is not ours to keep.
-                    let ours = |a: &Allocation| *a == wanted;
-                    if is_new && let Err(undo) = self.remove_if(&name, network, to_u128(ip), ours).await {
-                        tracing::error!("releasing {ip} after a failed reservation: {undo}");
+                    // Without its reservation the address is not ours to keep. But the failed call
+                    // may have landed: undo it first, and drop the pool entry only once that worked,
+                    // so that what is left is a pool entry the runtime's DEL finds, never a
+                    // reservation nothing finds.
+                    if is_new {
+                        let undone =
+                            match self.delete_reservation(&config.network_name, ip, &reservation).await {
+                                Ok(()) => self
+                                    .remove_if(&name, network, to_u128(ip), |a| *a == wanted)
+                                    .await
+                                    .map(drop),
+                                Err(e) => Err(e),
+                            };
+                        if let Err(undo) = undone {
+                            tracing::error!("releasing {ip} after a failed reservation: {undo}");
+                        }
                     }
                     return Err(error);
                 }
