@@ -8,6 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::ErrorKind;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -123,10 +124,20 @@ struct Attachment {
     ifname: String,
 }
 
+/// The longest one CNI call may take, whatever the store does (a cluster store whose every member
+/// stopped answering, say): well below the runtime's own timeout, so the caller gets a CNI error to
+/// act on rather than a killed plugin.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(60);
+
 /// Runs one CNI call. Never panics on any input; every failure is a CNI error object.
 pub async fn run(vars: &HashMap<String, String>, stdin: &[u8], host: &impl Host) -> Reply {
     let mut cni_version = LATEST.to_string();
-    match dispatch(vars, stdin, host, &mut cni_version).await {
+    let outcome = tokio::time::timeout(CALL_DEADLINE, dispatch(vars, stdin, host, &mut cni_version))
+        .await
+        .unwrap_or_else(|_| {
+            Err(CniError::new(codes::TRY_AGAIN, format!("the store did not answer within {CALL_DEADLINE:?}")))
+        });
+    match outcome {
         Ok(None) => Reply { stdout: String::new(), exit_code: 0 },
         Ok(Some(value)) => Reply { stdout: value.to_string(), exit_code: 0 },
         Err(e) => {

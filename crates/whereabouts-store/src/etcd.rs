@@ -94,6 +94,8 @@ pub struct EtcdStore {
     endpoints: Vec<String>,
     options: ConnectOptions,
     active: Mutex<Active>,
+    /// `etcd_username`, for messages about refused requests.
+    username: String,
     prefix: String,
     /// Distinguishes this cluster's lock files from another's on the same node.
     cluster_key: u64,
@@ -204,14 +206,10 @@ impl EtcdStore {
         let tls_files = [&settings.key_file, &settings.cert_file, &settings.ca_cert_file];
         let tls = tls_files.iter().any(|f| f.is_some());
         let endpoints = endpoints(&settings.hosts, tls)?;
-        let mut options =
+        let mut anonymous =
             ConnectOptions::new().with_timeout(REQUEST_TIMEOUT).with_connect_timeout(CONNECT_TIMEOUT);
-        match (&settings.username, &settings.password) {
-            (Some(user), password) => {
-                options = options.with_user(user.clone(), password.clone().unwrap_or_default());
-            }
-            (None, Some(_)) => return Err(invalid("etcd_username", "", "etcd_password is set without it")),
-            (None, None) => {}
+        if settings.username.is_none() && settings.password.is_some() {
+            return Err(invalid("etcd_username", "", "etcd_password is set without it"));
         }
         if tls {
             let mut config = TlsOptions::new();
@@ -234,8 +232,14 @@ impl EtcdStore {
                 }
                 (None, None) => {}
             }
-            options = options.with_tls(config);
+            anonymous = anonymous.with_tls(config);
         }
+        let mut options = match &settings.username {
+            Some(user) => {
+                anonymous.clone().with_user(user.clone(), settings.password.clone().unwrap_or_default())
+            }
+            None => anonymous.clone(),
+        };
         let classify = |e: etcd_client::Error| {
             let message = e.to_string();
             if is_auth_failure(&e) {
@@ -249,6 +253,15 @@ impl EtcdStore {
                     "etcd_ca_cert_file",
                     ca,
                     format!("the server's certificate is not trusted: {message}"),
+                )
+            } else if tls && settings.cert_file.is_none() && message.contains("connection closed") {
+                // The server hangs up right after the handshake when it wants a client certificate.
+                invalid(
+                    "etcd_cert_file",
+                    "",
+                    format!(
+                        "the server closed the connection; it may require a client certificate: {message}"
+                    ),
                 )
             } else if tls && message.contains("certificate") {
                 let cert = settings.cert_file.as_deref().unwrap_or("");
@@ -272,7 +285,18 @@ impl EtcdStore {
         let mut last_error = None;
         for step in 0..endpoints.len() {
             let index = (first + step) % endpoints.len();
-            match connect_one(&endpoints[index], &options, &settings.key_prefix).await {
+            let mut connected = connect_one(&endpoints[index], &options, &settings.key_prefix).await;
+            if settings.username.is_some()
+                && matches!(&connected, Err(e) if e.to_string().contains("authentication is not enabled"))
+            {
+                // As upstream's client: credentials for a cluster without auth are not an error.
+                tracing::warn!(
+                    "etcd_username is set but etcd has no authentication enabled; connecting without it"
+                );
+                options = anonymous.clone();
+                connected = connect_one(&endpoints[index], &options, &settings.key_prefix).await;
+            }
+            match connected {
                 Ok(kv) => {
                     let mut hasher = std::collections::hash_map::DefaultHasher::new();
                     (&endpoints, &settings.key_prefix).hash(&mut hasher);
@@ -280,6 +304,7 @@ impl EtcdStore {
                         endpoints,
                         options,
                         active: Mutex::new(Active { index, kv }),
+                        username: settings.username.clone().unwrap_or_default(),
                         prefix: settings.key_prefix.clone(),
                         cluster_key: hasher.finish(),
                         lock_dir: DEFAULT_LOCK_DIR.into(),
@@ -330,6 +355,12 @@ impl EtcdStore {
             let (index, kv) = self.active();
             match tokio::time::timeout(REQUEST_TIMEOUT, request(kv)).await {
                 Ok(Ok(value)) => return Ok(value),
+                Ok(Err(e)) if is_auth_failure(&e) => {
+                    let user = &self.username;
+                    return Err(StoreError::Denied(format!(
+                        "etcd refused the request of etcd_username {user:?}: {e}"
+                    )));
+                }
                 Ok(Err(e)) if !is_transient(&e) => return Err(StoreError::Io(format!("etcd: {e}"))),
                 Ok(Err(e)) => last = e.to_string(),
                 Err(_) => last = format!("no answer within {REQUEST_TIMEOUT:?}"),

@@ -121,6 +121,9 @@ pub enum StoreError {
     /// Any other I/O failure.
     #[error("store I/O error: {0}")]
     Io(String),
+    /// The store refused the credentials or their permissions: a configuration problem.
+    #[error("{0} (check the store's credentials and their permissions)")]
+    Denied(String),
 }
 
 /// A store of pools and reservations. Every change is a compare-and-swap or a create-if-absent.
