@@ -20,7 +20,7 @@ use whereabouts_core::config::{
 use whereabouts_core::pool::Owner;
 use whereabouts_store::AnyStore;
 #[cfg(feature = "etcd")]
-use whereabouts_store::etcd::{EtcdConnectError, EtcdSettings, EtcdStore};
+use whereabouts_store::etcd::{EtcdConnectError, EtcdStore};
 use whereabouts_store::file::FileStore;
 use whereabouts_store::ipam::Ipam;
 
@@ -372,17 +372,8 @@ async fn open_store(datastore: &Datastore) -> Result<AnyStore, CniError> {
             "datastore \"kubernetes\" is not available in this build yet; set \"datastore\": \"file\" or \"etcd\"",
         )),
         #[cfg(feature = "etcd")]
-        Datastore::Etcd { hosts, username, password, key_file, cert_file, ca_cert_file, key_prefix } => {
-            let settings = EtcdSettings {
-                hosts: hosts.clone(),
-                username: username.clone(),
-                password: password.clone(),
-                key_file: key_file.clone(),
-                cert_file: cert_file.clone(),
-                ca_cert_file: ca_cert_file.clone(),
-                key_prefix: key_prefix.clone(),
-            };
-            EtcdStore::connect(&settings).await.map(|store| AnyStore::Etcd(Box::new(store))).map_err(|e| {
+        Datastore::Etcd(settings) => {
+            EtcdStore::connect(settings).await.map(|store| AnyStore::Etcd(Box::new(store))).map_err(|e| {
                 let code = match e {
                     EtcdConnectError::Invalid { .. } => codes::INVALID_CONFIG,
                     EtcdConnectError::Unreachable { .. } => codes::TRY_AGAIN,
@@ -391,7 +382,7 @@ async fn open_store(datastore: &Datastore) -> Result<AnyStore, CniError> {
             })
         }
         #[cfg(not(feature = "etcd"))]
-        Datastore::Etcd { .. } => Err(CniError::new(
+        Datastore::Etcd(_) => Err(CniError::new(
             codes::UNSUPPORTED_FIELD,
             "datastore \"etcd\" is not available in this build (built without the etcd feature)",
         )),

@@ -193,22 +193,26 @@ pub enum Datastore {
         kubeconfig: String,
     },
     /// etcd v3 (`"datastore": "etcd"`).
-    Etcd {
-        /// `etcd_host`: one or more comma-separated endpoints.
-        hosts: String,
-        /// `etcd_username`.
-        username: Option<String>,
-        /// `etcd_password`.
-        password: Option<String>,
-        /// `etcd_key_file`.
-        key_file: Option<String>,
-        /// `etcd_cert_file`.
-        cert_file: Option<String>,
-        /// `etcd_ca_cert_file`.
-        ca_cert_file: Option<String>,
-        /// `etcd_key_prefix` (default [`DEFAULT_ETCD_KEY_PREFIX`]): every key lives below it.
-        key_prefix: String,
-    },
+    Etcd(EtcdConfig),
+}
+
+/// The etcd store's settings: upstream's legacy `etcd_*` keys and `etcd_key_prefix`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// `etcd_host`: endpoints, comma-separated, with or without `http://` / `https://`.
+    pub hosts: String,
+    /// `etcd_username`.
+    pub username: Option<String>,
+    /// `etcd_password`.
+    pub password: Option<String>,
+    /// `etcd_key_file`: the client key (PEM).
+    pub key_file: Option<String>,
+    /// `etcd_cert_file`: the client certificate (PEM).
+    pub cert_file: Option<String>,
+    /// `etcd_ca_cert_file`: the CA that signed the server certificate (PEM).
+    pub ca_cert_file: Option<String>,
+    /// `etcd_key_prefix` (default [`DEFAULT_ETCD_KEY_PREFIX`]): every key lives below it.
+    pub key_prefix: String,
 }
 
 /// Upstream's log levels, most verbose first.
@@ -565,7 +569,7 @@ fn datastore_of(raw: &RawIpam) -> Result<Datastore, ConfigError> {
                 },
             )?,
         },
-        "etcd" => Datastore::Etcd {
+        "etcd" => Datastore::Etcd(EtcdConfig {
             hosts: non_empty(raw.etcd_host.clone()).ok_or_else(|| {
                 ConfigError::invalid("etcd_host", "", "required with \"datastore\": \"etcd\"")
             })?,
@@ -576,7 +580,7 @@ fn datastore_of(raw: &RawIpam) -> Result<Datastore, ConfigError> {
             ca_cert_file: non_empty(raw.etcd_ca_cert_file.clone()),
             key_prefix: non_empty(raw.etcd_key_prefix.clone())
                 .unwrap_or_else(|| DEFAULT_ETCD_KEY_PREFIX.into()),
-        },
+        }),
         other => {
             return Err(ConfigError::invalid(
                 "datastore",

@@ -16,8 +16,8 @@ use whereabouts_core::ConfigError;
 use whereabouts_core::addr::{Family, from_u128, net_bounds};
 use whereabouts_core::cni_args::parse_cni_args;
 use whereabouts_core::config::{
-    self, CallContext, DEFAULT_FILE_STORE_DIR, Datastore, Dns, FLAT_FILE_PATHS, FlatFile, InlineIpam,
-    IpamConfig, LogLevel, LogSettings, Purpose, Route, StaticAddress,
+    self, CallContext, DEFAULT_FILE_STORE_DIR, Datastore, Dns, EtcdConfig, FLAT_FILE_PATHS, FlatFile,
+    InlineIpam, IpamConfig, LogLevel, LogSettings, Purpose, Route, StaticAddress,
 };
 use whereabouts_core::range::IpRange;
 
@@ -914,7 +914,7 @@ fn etcd_store() {
         "datastore": "etcd", "etcd_host": "https://a:2379,https://b:2379", "etcd_username": "u",
         "etcd_password": "p", "etcd_key_file": "/k.pem", "etcd_cert_file": "/c.pem", "etcd_ca_cert_file": "",
     }))));
-    let expected = Datastore::Etcd {
+    let expected = Datastore::Etcd(EtcdConfig {
         hosts: "https://a:2379,https://b:2379".into(),
         username: Some("u".into()),
         password: Some("p".into()),
@@ -922,12 +922,12 @@ fn etcd_store() {
         cert_file: Some("/c.pem".into()),
         ca_cert_file: None,
         key_prefix: "/whereabouts/".into(),
-    };
+    });
     assert_eq!(cfg.datastore, expected);
     // The flat file can supply the host and credentials.
     let flat = r#"{"etcd_host": "h:2379", "etcd_username": "x", "etcd_ca_cert_file": "/ca.pem", "etcd_key_prefix": "/ipam/"}"#;
     let merged = ok(load_flat(&bare(json!({"datastore": "etcd"})), flat));
-    let expected = Datastore::Etcd {
+    let expected = Datastore::Etcd(EtcdConfig {
         hosts: "h:2379".into(),
         username: Some("x".into()),
         password: None,
@@ -935,7 +935,7 @@ fn etcd_store() {
         cert_file: None,
         ca_cert_file: Some("/ca.pem".into()),
         key_prefix: "/ipam/".into(),
-    };
+    });
     assert_eq!(merged.datastore, expected);
 }
 

@@ -28,6 +28,7 @@ use etcd_client::{
 };
 use thiserror::Error;
 use tonic::Code;
+use whereabouts_core::config::EtcdConfig;
 use whereabouts_core::pool::PoolSpec;
 
 use crate::lock::lock;
@@ -40,25 +41,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Rounds of read-then-compare on one reservation before giving up (each lost round means another
 /// writer changed it in between).
 const RESERVATION_ROUNDS: usize = 50;
-
-/// The connection settings: upstream's `etcd_*` keys.
-#[derive(Debug, Clone, Default)]
-pub struct EtcdSettings {
-    /// `etcd_host`: endpoints, comma-separated, with or without `http://` / `https://`.
-    pub hosts: String,
-    /// `etcd_username`.
-    pub username: Option<String>,
-    /// `etcd_password`.
-    pub password: Option<String>,
-    /// `etcd_key_file`: the client key (PEM).
-    pub key_file: Option<String>,
-    /// `etcd_cert_file`: the client certificate (PEM).
-    pub cert_file: Option<String>,
-    /// `etcd_ca_cert_file`: the CA that signed the server certificate (PEM).
-    pub ca_cert_file: Option<String>,
-    /// `etcd_key_prefix`.
-    pub key_prefix: String,
-}
 
 /// Why the store could not be opened; every variant names the configuration key at fault.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -202,7 +184,7 @@ fn corrupt(key: &str, e: serde_json::Error) -> StoreError {
 
 impl EtcdStore {
     /// Connects and proves the connection (and credentials) with one read below the prefix.
-    pub async fn connect(settings: &EtcdSettings) -> Result<Self, EtcdConnectError> {
+    pub async fn connect(settings: &EtcdConfig) -> Result<Self, EtcdConnectError> {
         let tls_files = [&settings.key_file, &settings.cert_file, &settings.ca_cert_file];
         let tls = tls_files.iter().any(|f| f.is_some());
         let endpoints = endpoints(&settings.hosts, tls)?;
@@ -242,40 +224,34 @@ impl EtcdStore {
         };
         let classify = |e: etcd_client::Error| {
             let message = e.to_string();
+            // TLS failures only show in the message, in several spellings.
+            let says = |needles: &[&str]| {
+                let lower = message.to_ascii_lowercase();
+                needles.iter().any(|n| lower.contains(n))
+            };
+            let cert = settings.cert_file.as_deref().unwrap_or("");
             if is_auth_failure(&e) {
                 let user = settings.username.clone().unwrap_or_default();
                 invalid("etcd_username", &user, format!("etcd refused the credentials: {message}"))
-            } else if tls
-                && (message.contains("UnknownIssuer") || message.contains("invalid peer certificate"))
-            {
+            } else if tls && says(&["unknownissuer", "invalid peer certificate"]) {
                 let ca = settings.ca_cert_file.as_deref().unwrap_or("");
                 invalid(
                     "etcd_ca_cert_file",
                     ca,
                     format!("the server's certificate is not trusted: {message}"),
                 )
-            } else if tls && settings.cert_file.is_none() && message.contains("connection closed") {
-                // The server hangs up right after the handshake when it wants a client certificate.
+            } else if tls
+                && settings.cert_file.is_none()
+                && says(&["connection closed", "broken pipe", "connection reset", "certificate"])
+            {
+                // Without a client certificate, a server that demands one hangs up or sends an alert.
                 invalid(
                     "etcd_cert_file",
                     "",
-                    format!(
-                        "the server closed the connection; it may require a client certificate: {message}"
-                    ),
+                    format!("the server may require a client certificate: {message}"),
                 )
-            } else if tls && message.contains("certificate") {
-                let cert = settings.cert_file.as_deref().unwrap_or("");
-                invalid(
-                    "etcd_cert_file",
-                    cert,
-                    format!("the server refused the client certificate: {message}"),
-                )
-            } else if tls && !is_transient(&e) {
-                invalid(
-                    "etcd_cert_file",
-                    settings.cert_file.as_deref().unwrap_or(""),
-                    format!("TLS: {message}"),
-                )
+            } else if tls && (says(&["certificate"]) || !is_transient(&e)) {
+                invalid("etcd_cert_file", cert, format!("TLS: {message}"))
             } else {
                 EtcdConnectError::Unreachable { hosts: settings.hosts.clone(), reason: message }
             }

@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 use etcd_support::{EtcdCluster, etcd_bin, etcdctl_bin};
 use ipnet::IpNet;
 use serde_json::{Value, json};
+use whereabouts_core::config::EtcdConfig;
 use whereabouts_core::pool::{Allocation, Pool};
 use whereabouts_core::range::{pool_name, reservation_name};
-use whereabouts_store::etcd::{EtcdSettings, EtcdStore};
+use whereabouts_store::etcd::EtcdStore;
 use whereabouts_store::{Reservation, Store, StoreError};
 
 const V4: &str = "192.0.2.0/24";
@@ -310,10 +311,10 @@ fn del(pod: &Pod, netconf: &str) {
 // Reading the store
 
 /// The store's connection settings for `etcd` (all endpoints, its TLS files and credentials).
-fn settings(etcd: &EtcdCluster, prefix: &str) -> EtcdSettings {
+fn settings(etcd: &EtcdCluster, prefix: &str) -> EtcdConfig {
     let path = |p: &Path| Some(p.to_string_lossy().into_owned());
     let tls = etcd.tls_files();
-    EtcdSettings {
+    EtcdConfig {
         hosts: etcd.endpoints_csv(),
         username: etcd.credentials().map(|c| c.user.clone()),
         password: etcd.credentials().map(|c| c.password.clone()),
