@@ -294,11 +294,6 @@ impl Pool {
         })
     }
 
-    /// The address held by `owner` (idempotent ADD), if any.
-    pub fn find_owned(&self, owner: &Owner) -> Option<u128> {
-        self.owned(owner).first().copied()
-    }
-
     /// Every address `owner` holds, lowest first (normally one; two while it moves to a requested
     /// address).
     pub fn owned(&self, owner: &Owner) -> Vec<u128> {
@@ -488,7 +483,7 @@ mod tests {
                                 container_id: id.clone(), pod_ref, ifname: ifname.clone(), node: None, cni_network: None,
                             };
                             let scan = pool.allocations.iter().find(|(_, a)| a.is_owned_by(&owner)).map(|(x, _)| *x);
-                            prop_assert_eq!(pool.find_owned(&owner), scan);
+                            prop_assert_eq!(pool.owned(&owner).first().copied(), scan);
                         }
                     }
                 }
