@@ -20,6 +20,7 @@ use crate::interval::IntervalSet;
 
 /// Who holds an address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Allocation {
     /// The container (sandbox) ID of the CNI call that made it.
     #[serde(rename = "id")]
@@ -33,8 +34,8 @@ pub struct Allocation {
     /// The node that made the allocation (additive; upstream ignores it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// The CNI network name of the call that made it (additive; lets CNI GC of one network leave
-    /// another network's allocations in a shared pool alone).
+    /// The CNI network name of the call that made it (additive; upstream ignores it). It lets CNI GC of
+    /// one network leave another network's allocations in a shared pool alone.
     #[serde(rename = "network", default, skip_serializing_if = "Option::is_none")]
     pub cni_network: Option<String>,
 }
@@ -47,6 +48,44 @@ impl Allocation {
                 Some(pod_ref) => &self.pod_ref == pod_ref,
                 None => self.pod_ref.is_empty() && self.container_id == owner.container_id,
             }
+    }
+}
+
+/// The owner of a cluster-wide address reservation: upstream's ORIP spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct Reservation {
+    /// `<namespace>/<pod>` (empty outside Kubernetes).
+    #[serde(rename = "podref")]
+    pub pod_ref: String,
+    /// Interface name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ifname: String,
+    /// Container ID (in upstream's schema, but only we write it).
+    #[serde(rename = "containerid", default, skip_serializing_if = "String::is_empty")]
+    pub container_id: String,
+}
+
+impl Reservation {
+    /// Whether `other` is the same attachment (pod and interface; the container alone outside
+    /// Kubernetes).
+    pub fn same_owner(&self, other: &Reservation) -> bool {
+        self.ifname == other.ifname
+            && if self.pod_ref.is_empty() {
+                other.pod_ref.is_empty() && self.container_id == other.container_id
+            } else {
+                self.pod_ref == other.pod_ref
+            }
+    }
+
+    /// Whether a delete by `other` may remove this reservation: the same attachment, and the same
+    /// container when both record one. The container check keeps the DEL of a pod's old sandbox from
+    /// removing the reservation its new sandbox (same pod, same address) just took over.
+    pub fn deletable_by(&self, other: &Reservation) -> bool {
+        self.same_owner(other)
+            && (self.container_id.is_empty()
+                || other.container_id.is_empty()
+                || self.container_id == other.container_id)
     }
 }
 
@@ -80,6 +119,7 @@ impl Owner {
 
 /// The stored form of a pool: upstream's `IPPool.spec`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PoolSpec {
     /// The range as written when the pool was created (canonical network CIDR for pools we create).
     pub range: String,

@@ -7,8 +7,8 @@
 
 use std::future::Future;
 
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
+pub use whereabouts_core::pool::Reservation;
 use whereabouts_core::pool::PoolSpec;
 
 #[cfg(feature = "etcd")]
@@ -28,43 +28,6 @@ pub struct VersionedPool {
     pub spec: PoolSpec,
     /// Its version.
     pub version: Version,
-}
-
-/// The owner of a cluster-wide address reservation: upstream's ORIP spec.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reservation {
-    /// `<namespace>/<pod>` (empty outside Kubernetes).
-    #[serde(rename = "podref")]
-    pub pod_ref: String,
-    /// Interface name.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub ifname: String,
-    /// Container ID (upstream's schema has it but never writes it; we do).
-    #[serde(rename = "containerid", default, skip_serializing_if = "String::is_empty")]
-    pub container_id: String,
-}
-
-impl Reservation {
-    /// Whether `other` is the same attachment (pod and interface; the container alone outside
-    /// Kubernetes).
-    pub fn same_owner(&self, other: &Reservation) -> bool {
-        self.ifname == other.ifname
-            && if self.pod_ref.is_empty() {
-                other.pod_ref.is_empty() && self.container_id == other.container_id
-            } else {
-                self.pod_ref == other.pod_ref
-            }
-    }
-
-    /// Whether a delete by `other` may remove this reservation: the same attachment, and the same
-    /// container when both record one. The container check keeps the DEL of a pod's old sandbox from
-    /// removing the reservation its new sandbox (same pod, same address) just took over.
-    pub fn deletable_by(&self, other: &Reservation) -> bool {
-        self.same_owner(other)
-            && (self.container_id.is_empty()
-                || other.container_id.is_empty()
-                || self.container_id == other.container_id)
-    }
 }
 
 /// A writer lock on one pool, held from before the read to after the write of a read-modify-write;

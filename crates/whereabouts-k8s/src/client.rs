@@ -1,0 +1,144 @@
+//! Building a kube client from a kubeconfig file, as upstream does: the explicit path from
+//! `kubernetes.kubeconfig` (never `$KUBECONFIG` or `$HOME`), every credential kind the file may carry
+//! (tokens, token files, client certificates, exec plugins), and the namespace of the current context,
+//! `kube-system` when it names none. That namespace holds the pools and reservations.
+
+use std::path::Path;
+use std::time::Duration;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use thiserror::Error;
+
+/// The namespace used when the kubeconfig's current context names none (upstream's default).
+pub const DEFAULT_NAMESPACE: &str = "kube-system";
+
+/// Timeouts of every request. kube 4+ sets no read timeout by default, so a stuck API server would
+/// block the caller (the kubelet, for the CNI plugin) for good.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Establishing a connection.
+    pub connect: Duration,
+    /// Waiting for a response (for watches: between two bytes of the stream).
+    pub read: Duration,
+    /// Sending a request.
+    pub write: Duration,
+}
+
+impl Timeouts {
+    /// For short requests (the CNI plugin, the CLI).
+    pub const REQUESTS: Timeouts = Timeouts {
+        connect: Duration::from_secs(5),
+        read: Duration::from_secs(10),
+        write: Duration::from_secs(10),
+    };
+}
+
+/// A client and the namespace of the whereabouts objects.
+#[derive(Clone)]
+pub struct Connection {
+    /// The client; its default namespace is `namespace`.
+    pub client: Client,
+    /// The kubeconfig context's namespace, or [`DEFAULT_NAMESPACE`].
+    pub namespace: String,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").field("namespace", &self.namespace).finish_non_exhaustive()
+    }
+}
+
+/// Why no client could be built; always names the kubeconfig.
+#[derive(Debug, Error)]
+#[error("kubernetes.kubeconfig {path:?}: {reason}")]
+pub struct ConnectError {
+    /// The kubeconfig path.
+    pub path: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// The namespace of the kubeconfig's current context.
+pub fn context_namespace(kubeconfig: &Kubeconfig) -> Result<String, String> {
+    let current = kubeconfig.current_context.as_deref().ok_or("it has no current-context")?;
+    let context = kubeconfig
+        .contexts
+        .iter()
+        .find(|c| c.name == current)
+        .ok_or_else(|| format!("its current-context {current:?} is not among its contexts"))?;
+    let namespace = context.context.as_ref().and_then(|c| c.namespace.clone()).unwrap_or_default();
+    Ok(if namespace.is_empty() { DEFAULT_NAMESPACE.to_string() } else { namespace })
+}
+
+/// Reads the kubeconfig at `path` and builds a client with `timeouts` on every request. No request is
+/// sent; an unreachable server shows on the first call.
+pub async fn connect(path: &Path, timeouts: Timeouts) -> Result<Connection, ConnectError> {
+    let failed = |reason: String| ConnectError { path: path.display().to_string(), reason };
+    let kubeconfig = Kubeconfig::read_from(path).map_err(|e| failed(e.to_string()))?;
+    let namespace = context_namespace(&kubeconfig).map_err(failed)?;
+    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    config.default_namespace.clone_from(&namespace);
+    config.connect_timeout = Some(timeouts.connect);
+    config.read_timeout = Some(timeouts.read);
+    config.write_timeout = Some(timeouts.write);
+    let client = Client::try_from(config).map_err(|e| failed(e.to_string()))?;
+    Ok(Connection { client, namespace })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kubeconfig(current: &str, namespace: Option<&str>) -> Kubeconfig {
+        let namespace = namespace.map(|n| format!(", namespace: {n}")).unwrap_or_default();
+        Kubeconfig::from_yaml(&format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: {current}\n\
+             clusters: [{{name: c, cluster: {{server: 'http://127.0.0.1:1'}}}}]\n\
+             users: [{{name: u, user: {{token: t}}}}]\n\
+             contexts: [{{name: ctx, context: {{cluster: c, user: u{namespace}}}}}]\n"
+        ))
+        .expect("valid kubeconfig")
+    }
+
+    #[test]
+    fn namespace_comes_from_the_current_context() {
+        assert_eq!(context_namespace(&kubeconfig("ctx", Some("whereabouts"))).unwrap(), "whereabouts");
+    }
+
+    #[test]
+    fn a_context_without_namespace_means_kube_system() {
+        assert_eq!(context_namespace(&kubeconfig("ctx", None)).unwrap(), "kube-system");
+    }
+
+    #[test]
+    fn a_missing_current_context_is_named() {
+        let error = context_namespace(&kubeconfig("other", None)).unwrap_err();
+        assert!(error.contains("\"other\""), "{error}");
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_kubeconfig_names_its_path() {
+        let error = connect(Path::new("/nonexistent/kubeconfig"), Timeouts::REQUESTS).await.unwrap_err();
+        assert!(error.to_string().starts_with("kubernetes.kubeconfig \"/nonexistent/kubeconfig\""), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_client_is_built_without_contacting_the_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kubeconfig");
+        std::fs::write(
+            &path,
+            "apiVersion: v1\nkind: Config\ncurrent-context: ctx\n\
+             clusters: [{name: c, cluster: {server: 'http://127.0.0.1:1'}}]\n\
+             users: [{name: u, user: {token: t}}]\n\
+             contexts: [{name: ctx, context: {cluster: c, user: u, namespace: wb}}]\n",
+        )
+        .unwrap();
+        let connection = connect(&path, Timeouts::REQUESTS).await.unwrap();
+        assert_eq!(connection.namespace, "wb");
+        assert_eq!(connection.client.default_namespace(), "wb");
+    }
+}
