@@ -2,6 +2,7 @@
 //! IPv4 addresses ending in `.0` are never handed out, requested addresses are reserved, and the search
 //! for the lowest free address jumps over runs of taken addresses instead of stepping through them.
 
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
 use thiserror::Error;
@@ -82,9 +83,20 @@ pub fn lowest_free(
     gateway: Option<IpAddr>,
     blocked: &IntervalSet,
 ) -> Option<u128> {
+    free_from(range, pool, gateway, blocked, range.first())
+}
+
+/// The lowest free candidate at or above `from` (see [`lowest_free`]).
+fn free_from(
+    range: &IpRange,
+    pool: &Pool,
+    gateway: Option<IpAddr>,
+    blocked: &IntervalSet,
+    from: u128,
+) -> Option<u128> {
     let family = range.family();
     let gateway = gateway.filter(|g| Family::of(*g) == family).map(to_u128);
-    let mut candidate = range.first().max(pool.base());
+    let mut candidate = from.max(range.first()).max(pool.base());
     while candidate <= range.last() {
         let run = [pool.taken(), range.excluded(), blocked]
             .into_iter()
@@ -96,6 +108,56 @@ pub fn lowest_free(
         };
     }
     None
+}
+
+/// How a new address is chosen among the free ones: the lowest, or, after lost races, one of the
+/// lowest few picked by a hash of the owner, so that writers racing on one pool stop colliding on the
+/// same address while allocation stays compact and deterministic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spread {
+    /// How many of the lowest free addresses are eligible (1: the lowest only).
+    pub width: u32,
+    /// Picks among them.
+    pub seed: u64,
+}
+
+impl Spread {
+    /// Always the lowest free address.
+    pub const LOWEST: Spread = Spread { width: 1, seed: 0 };
+    /// The widest spread.
+    pub const MAX_WIDTH: u32 = 64;
+
+    /// The spread for `owner` after `conflicts` lost races: the lowest free address at first, then
+    /// 4, 16 and at most 64 candidates.
+    pub fn after_conflicts(owner: &Owner, conflicts: u32) -> Spread {
+        if conflicts == 0 {
+            return Spread::LOWEST;
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (&owner.pod_ref, &owner.container_id, &owner.ifname, conflicts).hash(&mut hasher);
+        Spread { width: 1 << (2 * conflicts).min(Self::MAX_WIDTH.ilog2()), seed: hasher.finish() }
+    }
+}
+
+/// The free address `spread` picks: the `seed % n`-th lowest of the `n <= width` lowest free ones.
+pub fn spread_free(
+    range: &IpRange,
+    pool: &Pool,
+    gateway: Option<IpAddr>,
+    blocked: &IntervalSet,
+    spread: Spread,
+) -> Option<u128> {
+    let mut eligible = Vec::with_capacity(spread.width as usize);
+    let mut next = lowest_free(range, pool, gateway, blocked);
+    while let Some(addr) = next {
+        eligible.push(addr);
+        if eligible.len() >= spread.width as usize {
+            break;
+        }
+        next = addr.checked_add(1).and_then(|from| free_from(range, pool, gateway, blocked, from));
+    }
+    let count = eligible.len() as u64;
+    (count > 0).then(|| eligible[(spread.seed % count) as usize])
 }
 
 /// Chooses the address `owner` gets from `range` (without changing the pool; see [`apply`]).
@@ -112,12 +174,25 @@ pub fn assign(
     gateway: Option<IpAddr>,
     blocked: &IntervalSet,
 ) -> Result<Assignment, AllocError> {
+    assign_spread(range, pool, owner, requested, gateway, blocked, Spread::LOWEST)
+}
+
+/// [`assign`], with a new address chosen by `spread` instead of the lowest free one.
+pub fn assign_spread(
+    range: &IpRange,
+    pool: &Pool,
+    owner: &Owner,
+    requested: Option<IpAddr>,
+    gateway: Option<IpAddr>,
+    blocked: &IntervalSet,
+    spread: Spread,
+) -> Result<Assignment, AllocError> {
     let owned = pool.owned(owner);
     let Some(ip) = requested else {
         if let Some(addr) = owned.first() {
             return Ok(Assignment::Existing(*addr));
         }
-        return lowest_free(range, pool, gateway, blocked)
+        return spread_free(range, pool, gateway, blocked, spread)
             .map(|addr| Assignment::New { addr, replaces: None })
             .ok_or_else(|| AllocError::Exhausted(range.describe()));
     };
@@ -360,6 +435,30 @@ mod tests {
         assert_eq!(pool.taken().run_count(), 2);
     }
 
+    #[test]
+    fn spread_starts_at_the_lowest_and_widens_per_conflict() {
+        let o = owner(1);
+        assert_eq!(Spread::after_conflicts(&o, 0), Spread::LOWEST);
+        let widths: Vec<u32> = (1..6).map(|c| Spread::after_conflicts(&o, c).width).collect();
+        assert_eq!(widths, [4, 16, 64, 64, 64]);
+        // Deterministic per owner, different between owners.
+        assert_eq!(Spread::after_conflicts(&o, 2), Spread::after_conflicts(&o, 2));
+        assert_ne!(Spread::after_conflicts(&o, 2).seed, Spread::after_conflicts(&owner(2), 2).seed);
+    }
+
+    #[test]
+    fn racing_owners_spread_over_distinct_addresses() {
+        let r = range("10.0.0.0/24", None, None, &[]);
+        let pool = Pool::new(r.network());
+        let picks: std::collections::HashSet<u128> = (0..32)
+            .map(|i| spread_free(&r, &pool, None, &IntervalSet::new(), Spread::after_conflicts(&owner(i), 3)))
+            .map(|a| a.unwrap())
+            .collect();
+        // 32 owners over 64 candidates: far fewer collisions than all on the lowest address.
+        assert!(picks.len() > 16, "{picks:?}");
+        assert!(picks.iter().all(|a| *a <= to_u128(ip("10.0.0.64"))));
+    }
+
     /// The naive model: walk every candidate in order.
     fn naive_lowest(r: &IpRange, pool: &Pool, gw: Option<IpAddr>, blocked: &IntervalSet) -> Option<u128> {
         (r.first()..=r.last()).find(|a| {
@@ -381,6 +480,8 @@ mod tests {
             taken in proptest::collection::vec(0u128..1024, 0..300),
             blocked in proptest::collection::vec(0u128..1024, 0..5),
             gw in proptest::option::of(0u128..1024),
+            spread_width in 1u32..70,
+            seed in any::<u64>(),
         ) {
             let (base, bits, prefix) = if v6 {
                 (to_u128(ip("2001:db8::")), 128u8, prefix + 96)
@@ -402,6 +503,26 @@ mod tests {
             let gw = gw.map(|g| from_u128(family, base + g % size));
             let fast = lowest_free(&r, &pool, gw, &blocked);
             prop_assert_eq!(fast, naive_lowest(&r, &pool, gw, &blocked));
+            // A spread pick is one of the `width` lowest free candidates of the naive walk, and the
+            // lowest one when the width is 1.
+            let spread = Spread { width: spread_width, seed };
+            let picked = spread_free(&r, &pool, gw, &blocked, spread);
+            let naive_free: Vec<u128> = (r.first()..=r.last())
+                .filter(|a| naive_lowest(&r, &pool, gw, &blocked).is_some_and(|low| *a >= low))
+                .filter(|a| {
+                    pool.get(*a).is_none() && !r.excluded().contains(*a) && !blocked.contains(*a)
+                        && gw.map(to_u128) != Some(*a) && !(r.family() == Family::V4 && a & 0xff == 0)
+                })
+                .take(spread_width as usize)
+                .collect();
+            prop_assert_eq!(picked.is_some(), fast.is_some());
+            if let Some(p) = picked {
+                prop_assert!(naive_free.contains(&p), "{p} not among {naive_free:?}");
+                prop_assert_eq!(p, naive_free[(seed % naive_free.len() as u64) as usize]);
+            }
+            if spread_width == 1 {
+                prop_assert_eq!(picked, fast);
+            }
             if let Some(addr) = fast {
                 // Inside the interval, never network/broadcast, never excluded, reserved or the gateway.
                 prop_assert!(addr >= r.first() && addr <= r.last());

@@ -431,14 +431,14 @@ impl Store for EtcdStore {
         &self,
         name: &str,
         spec: &PoolSpec,
-        expected: Option<&Version>,
+        base: Option<&VersionedPool>,
         _lock: Option<&PoolLock>,
     ) -> Result<Version, StoreError> {
         let key = self.pool_key(name);
-        let guard = match expected {
+        let guard = match base {
             None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-            Some(v) => {
-                let revision = v.0.parse::<i64>().map_err(|_| StoreError::Conflict)?;
+            Some(base) => {
+                let revision = base.version.0.parse::<i64>().map_err(|_| StoreError::Conflict)?;
                 Compare::mod_revision(key.clone(), CompareOp::Equal, revision)
             }
         };

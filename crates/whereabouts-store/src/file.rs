@@ -156,7 +156,7 @@ impl Store for FileStore {
         &self,
         name: &str,
         spec: &PoolSpec,
-        expected: Option<&Version>,
+        base: Option<&VersionedPool>,
         held: Option<&PoolLock>,
     ) -> Result<Version, StoreError> {
         let path = self.pool_path(name)?;
@@ -169,7 +169,7 @@ impl Store for FileStore {
             .map(|bytes| serde_json::from_slice::<PoolFileVersion>(&bytes).map_err(|e| corrupt(&path, e)))
             .transpose()?
             .map(|f| f.version);
-        let expected = expected.map(|v| v.0.parse::<u64>().map_err(|_| StoreError::Conflict)).transpose()?;
+        let expected = base.map(|b| b.version.0.parse::<u64>().map_err(|_| StoreError::Conflict)).transpose()?;
         if current != expected {
             return Err(StoreError::Conflict);
         }
@@ -275,10 +275,10 @@ mod tests {
         assert_eq!(store.write_pool("p", &spec("10.0.0.0/24"), None, None).await, Err(StoreError::Conflict));
         let read = store.read_pool("p").await.unwrap().unwrap();
         assert_eq!(read.version, v1);
-        let v2 = store.write_pool("p", &spec("10.0.0.0/24"), Some(&v1), None).await.unwrap();
+        let v2 = store.write_pool("p", &spec("10.0.0.0/24"), Some(&read), None).await.unwrap();
         assert_ne!(v1, v2);
         assert_eq!(
-            store.write_pool("p", &spec("10.0.0.0/24"), Some(&v1), None).await,
+            store.write_pool("p", &spec("10.0.0.0/24"), Some(&read), None).await,
             Err(StoreError::Conflict)
         );
         assert_eq!(store.list_pools().await.unwrap(), vec!["p".to_string()]);
@@ -357,10 +357,7 @@ mod tests {
                     for i in 0..25 {
                         loop {
                             let current = store.read_pool("p").await.unwrap();
-                            let (mut s, v) = match current {
-                                Some(p) => (p.spec, Some(p.version)),
-                                None => (spec("10.0.0.0/8"), None),
-                            };
+                            let mut s = current.as_ref().map_or_else(|| spec("10.0.0.0/8"), |p| p.spec.clone());
                             let key = format!("{t}-{i}");
                             s.allocations.insert(
                                 key,
@@ -372,7 +369,7 @@ mod tests {
                                     cni_network: None,
                                 },
                             );
-                            match store.write_pool("p", &s, v.as_ref(), None).await {
+                            match store.write_pool("p", &s, current.as_ref(), None).await {
                                 Ok(_) => break,
                                 Err(StoreError::Conflict) => continue,
                                 Err(e) => panic!("{e}"),

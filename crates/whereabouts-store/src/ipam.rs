@@ -22,13 +22,13 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use thiserror::Error;
 use whereabouts_core::addr::{Family, from_u128, to_u128};
-use whereabouts_core::allocate::{AllocError, Assignment, apply, assign, lowest_free};
+use whereabouts_core::allocate::{AllocError, Assignment, Spread, apply, assign, assign_spread, lowest_free};
 use whereabouts_core::config::{IpamConfig, ManagedRange};
 use whereabouts_core::interval::IntervalSet;
 use whereabouts_core::pool::{Allocation, Owner, Pool, PoolError};
 use whereabouts_core::range::{pool_name, reservation_name};
 
-use crate::{Reservation, ReserveOutcome, Store, StoreError, Version};
+use crate::{Reservation, ReserveOutcome, Store, StoreError, VersionedPool};
 
 /// Why an IPAM operation failed; every variant names the pool or reservation involved.
 #[derive(Debug, Error)]
@@ -178,7 +178,11 @@ impl<'s, S: Store> Ipam<'s, S> {
     }
 
     /// Reads and decodes a pool (an empty one when it does not exist yet).
-    async fn load_pool(&self, name: &str, network: IpNet) -> Result<(Pool, Option<Version>), IpamError> {
+    async fn load_pool(
+        &self,
+        name: &str,
+        network: IpNet,
+    ) -> Result<(Pool, Option<VersionedPool>), IpamError> {
         let stored = self.patiently(|| format!("pool {name}"), || self.store.read_pool(name)).await?;
         let Some(stored) = stored else { return Ok((Pool::new(network), None)) };
         let (pool, skipped) = Pool::from_spec(&stored.spec, network)
@@ -186,15 +190,16 @@ impl<'s, S: Store> Ipam<'s, S> {
         for key in skipped {
             tracing::warn!("Error decoding ip offset (pool {name}): skipping key {:?}", key.0);
         }
-        Ok((pool, Some(stored.version)))
+        Ok((pool, Some(stored)))
     }
 
-    /// The compare-and-swap loop every pool change goes through.
+    /// The compare-and-swap loop every pool change goes through; `change` also gets the number of races
+    /// lost so far.
     async fn update_pool<T>(
         &self,
         name: &str,
         network: IpNet,
-        mut change: impl FnMut(&mut Pool) -> Result<Change<T>, IpamError>,
+        mut change: impl FnMut(&mut Pool, u32) -> Result<Change<T>, IpamError>,
     ) -> Result<T, IpamError> {
         let started = Instant::now();
         let lock = self
@@ -203,8 +208,8 @@ impl<'s, S: Store> Ipam<'s, S> {
             .await
             .map_err(|source| IpamError::Store { object: format!("pool {name}"), source })?;
         for attempt in 0..self.retry.attempts {
-            let (mut pool, version) = self.load_pool(name, network).await?;
-            let Change { value, changed } = change(&mut pool)?;
+            let (mut pool, base) = self.load_pool(name, network).await?;
+            let Change { value, changed } = change(&mut pool, attempt)?;
             if !changed {
                 return Ok(value);
             }
@@ -215,7 +220,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                     || async {
                         // A write that failed as unavailable may still have landed: it then conflicts here,
                         // and the re-read below finds it.
-                        match self.store.write_pool(name, &spec, version.as_ref(), lock.as_ref()).await {
+                        match self.store.write_pool(name, &spec, base.as_ref(), lock.as_ref()).await {
                             Err(StoreError::Conflict) => Ok(Err(StoreError::Conflict)),
                             other => other.map(Ok),
                         }
@@ -256,7 +261,7 @@ impl<'s, S: Store> Ipam<'s, S> {
         addr: u128,
         still_held: impl Fn(&Allocation) -> bool,
     ) -> Result<bool, IpamError> {
-        self.update_pool(name, network, |pool| {
+        self.update_pool(name, network, |pool, _| {
             let held = pool.get(addr).is_some_and(&still_held);
             if held {
                 pool.remove(addr);
@@ -352,10 +357,19 @@ impl<'s, S: Store> Ipam<'s, S> {
         let mut blocked = IntervalSet::new();
         for _ in 0..self.retry.attempts {
             let (assignment, ip) = self
-                .update_pool(&name, network, |pool| {
-                    let assignment =
-                        assign(&managed.range, pool, owner, managed.requested, config.gateway, &blocked)
-                            .map_err(|source| IpamError::Alloc { pool: name.clone(), source })?;
+                .update_pool(&name, network, |pool, conflicts| {
+                    // After lost races, spread over the lowest few free addresses (see `Spread`).
+                    let spread = Spread::after_conflicts(owner, conflicts);
+                    let assignment = assign_spread(
+                        &managed.range,
+                        pool,
+                        owner,
+                        managed.requested,
+                        config.gateway,
+                        &blocked,
+                        spread,
+                    )
+                    .map_err(|source| IpamError::Alloc { pool: name.clone(), source })?;
                     let unchanged =
                         matches!(assignment, Assignment::Existing(a) if pool.get(a) == Some(&wanted));
                     // A move to a requested address keeps the old address until the new one is

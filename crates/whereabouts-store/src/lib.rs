@@ -104,14 +104,16 @@ pub trait Store: Send + Sync {
         std::future::ready(Ok(None))
     }
 
-    /// Replaces a pool if its version is still `expected`; with `None`, creates it if it does not exist.
-    /// Fails with [`StoreError::Conflict`] otherwise. `lock` is the caller's [`Store::lock_pool`] guard,
-    /// if it holds one.
+    /// Replaces the pool read as `base` with `spec` if it has not changed since (its version is still
+    /// `base.version`); with `None`, creates it if it does not exist. Fails with [`StoreError::Conflict`]
+    /// otherwise. A store may narrow the compare to the allocations that differ between `base` and
+    /// `spec` (the Kubernetes store does: see its module). `lock` is the caller's [`Store::lock_pool`]
+    /// guard, if it holds one.
     fn write_pool(
         &self,
         name: &str,
         spec: &PoolSpec,
-        expected: Option<&Version>,
+        base: Option<&VersionedPool>,
         lock: Option<&PoolLock>,
     ) -> impl Future<Output = Result<Version, StoreError>> + Send;
 
@@ -181,10 +183,10 @@ impl Store for AnyStore {
         &self,
         name: &str,
         spec: &PoolSpec,
-        expected: Option<&Version>,
+        base: Option<&VersionedPool>,
         lock: Option<&PoolLock>,
     ) -> Result<Version, StoreError> {
-        delegate!(self, s => s.write_pool(name, spec, expected, lock))
+        delegate!(self, s => s.write_pool(name, spec, base, lock))
     }
 
     async fn create_reservation(

@@ -135,8 +135,8 @@ async fn write_state(store: &impl Store, name: &str, network: IpNet, entries: &[
     for (addr, o) in entries {
         pool.insert(to_u128(ip(addr)), o.allocation());
     }
-    let version = store.read_pool(name).await.unwrap().map(|p| p.version);
-    store.write_pool(name, &pool.to_spec(), version.as_ref(), None).await.unwrap();
+    let base = store.read_pool(name).await.unwrap();
+    store.write_pool(name, &pool.to_spec(), base.as_ref(), None).await.unwrap();
 }
 
 /// Asserts that every reservation is backed by an entry of the same attachment at its address in one of
@@ -656,7 +656,7 @@ impl Store for Flaky {
         &self,
         name: &str,
         spec: &PoolSpec,
-        expected: Option<&Version>,
+        base: Option<&VersionedPool>,
         lock: Option<&PoolLock>,
     ) -> Result<Version, StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
@@ -665,7 +665,7 @@ impl Store for Flaky {
         if conflict.is_ok() {
             return Err(StoreError::Conflict);
         }
-        self.inner.write_pool(name, spec, expected, lock).await
+        self.inner.write_pool(name, spec, base, lock).await
     }
 
     async fn create_reservation(
@@ -702,13 +702,18 @@ async fn conflicting_writes_are_retried() {
     let store = Flaky::new(inner, 3, None);
     let ipam = Ipam::new(&store).with_retry(quick_retry(10));
     let config = single("192.0.2.0/24");
-    assert_eq!(alloc(&ipam, &config, &owner(1)).await, ips(&["192.0.2.1"]));
+    let got = alloc(&ipam, &config, &owner(1)).await;
     assert_eq!(store.writes(), 4);
-    assert_eq!(
-        allocations(&store, "192.0.2.0-24").await,
-        BTreeMap::from([(ip("192.0.2.1"), owner(1).allocation())])
-    );
-    assert_eq!(reservations(&store).await, reserved_by(&[("192.0.2.1", &owner(1))]));
+    // After three lost races the pick is spread over the lowest 64 free addresses.
+    let [IpAddr::V4(v4)] = got[..] else { panic!("{got:?}") };
+    assert!((1..=64).contains(&v4.octets()[3]), "{v4}");
+    let addr = v4.to_string();
+    assert_eq!(allocations(&store, "192.0.2.0-24").await, BTreeMap::from([(ip(&addr), owner(1).allocation())]));
+    assert_eq!(reservations(&store).await, reserved_by(&[(addr.as_str(), &owner(1))]));
+    // Without lost races, the next owner gets the lowest free address.
+    let next = if addr == "192.0.2.1" { "192.0.2.2" } else { "192.0.2.1" };
+    let calm = Ipam::new(&store.inner).with_retry(quick_retry(10));
+    assert_eq!(alloc(&calm, &config, &owner(2)).await, ips(&[next]));
 }
 
 #[tokio::test]

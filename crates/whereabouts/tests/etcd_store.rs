@@ -1408,8 +1408,8 @@ fn pool_writes_are_compare_and_swap() {
         assert_eq!(second.write_pool("p", &spec, None, None).await, Err(StoreError::Conflict));
         let read = second.read_pool("p").await.expect("read").expect("exists");
         assert_eq!(read.version, created);
-        second.write_pool("p", &spec, Some(&read.version), None).await.expect("write at the read version");
-        assert_eq!(first.write_pool("p", &spec, Some(&created), None).await, Err(StoreError::Conflict));
+        second.write_pool("p", &spec, Some(&read), None).await.expect("write at the read version");
+        assert_eq!(first.write_pool("p", &spec, Some(&read), None).await, Err(StoreError::Conflict));
     });
 }
 
