@@ -23,6 +23,8 @@ use whereabouts_store::AnyStore;
 use whereabouts_store::etcd::{EtcdConnectError, EtcdStore};
 use whereabouts_store::file::FileStore;
 use whereabouts_store::ipam::Ipam;
+#[cfg(feature = "kubernetes")]
+use whereabouts_store::kubernetes::KubeStore;
 
 pub mod env;
 pub mod error;
@@ -229,6 +231,14 @@ async fn dispatch(
 
     match env.command {
         Command::Add => {
+            // The controller releases allocations whose pod is gone; one without a pod would be
+            // released at once.
+            if matches!(config.datastore, Datastore::Kubernetes { .. }) && args.pod_ref().is_none() {
+                return Err(CniError::new(
+                    codes::INVALID_ENV,
+                    "CNI_ARGS has no K8S_POD_NAME: the kubernetes datastore allocates for pods only",
+                ));
+            }
             let owner = Owner {
                 container_id: env.container_id.clone(),
                 pod_ref: args.pod_ref(),
@@ -367,9 +377,15 @@ fn requested_ips(netconf: &NetConf) -> Result<Vec<(&'static str, String)>, CniEr
 async fn open_store(datastore: &Datastore) -> Result<AnyStore, CniError> {
     match datastore {
         Datastore::File { dir } => Ok(AnyStore::File(FileStore::open(dir)?)),
+        #[cfg(feature = "kubernetes")]
+        Datastore::Kubernetes { kubeconfig } => KubeStore::connect(std::path::Path::new(kubeconfig))
+            .await
+            .map(|store| AnyStore::Kubernetes(Box::new(store)))
+            .map_err(|e| CniError::new(codes::INVALID_CONFIG, e.to_string())),
+        #[cfg(not(feature = "kubernetes"))]
         Datastore::Kubernetes { .. } => Err(CniError::new(
             codes::UNSUPPORTED_FIELD,
-            "datastore \"kubernetes\" is not available in this build yet; set \"datastore\": \"file\" or \"etcd\"",
+            "datastore \"kubernetes\" is not available in this build (built without the kubernetes feature)",
         )),
         #[cfg(feature = "etcd")]
         Datastore::Etcd(settings) => {

@@ -669,15 +669,47 @@ async fn wrongly_typed_config_values_are_code_6() {
 }
 
 #[tokio::test]
-async fn the_kubernetes_store_and_node_slices_are_unsupported_fields() {
+async fn node_slices_are_an_unsupported_field() {
     let fx = Fx::new();
-    let kubernetes = fx
-        .conf("1.0.0")
-        .ipam("datastore", json!("kubernetes"))
-        .ipam("kubernetes", json!({ "kubeconfig": "/k" }));
-    failure_code(&fx.run(&Env::add("c1"), &kubernetes).await, "1.0.0", 2);
     let slices = fx.conf("1.0.0").ipam("node_slice_size", json!("/28"));
     failure_code(&fx.run(&Env::add("c1"), &slices).await, "1.0.0", 2);
+}
+
+/// The Kubernetes store: an unreadable kubeconfig is a configuration error naming the key and path, an
+/// API server nobody answers for is "try again later" naming the pool, and an ADD without a pod is
+/// refused (the controller would free its address at once). Port 1 on loopback refuses connections.
+#[tokio::test]
+async fn kubernetes_store_errors_name_what_is_wrong() {
+    let fx = Fx::new();
+    let missing = fx
+        .conf("1.0.0")
+        .ipam("datastore", json!("kubernetes"))
+        .ipam("kubernetes", json!({ "kubeconfig": "/nonexistent/whereabouts.kubeconfig" }));
+    let msg = failure_code(&fx.run(&Env::add("c1").pod("p1"), &missing).await, "1.0.0", 7);
+    assert!(
+        msg.contains("kubernetes.kubeconfig") && msg.contains("/nonexistent/whereabouts.kubeconfig"),
+        "{msg}"
+    );
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+         clusters: [{name: c, cluster: {server: 'http://127.0.0.1:1'}}]\n\
+         users: [{name: u, user: {token: t}}]\n\
+         contexts: [{name: c, context: {cluster: c, user: u, namespace: wb}}]\n",
+    )
+    .expect("write kubeconfig");
+    let unreachable = fx
+        .conf("1.0.0")
+        .ipam("datastore", json!("kubernetes"))
+        .ipam("kubernetes", json!({ "kubeconfig": kubeconfig }));
+    let msg = failure_code(&fx.run(&Env::add("c1").pod("p1"), &unreachable).await, "1.0.0", 11);
+    assert!(msg.contains("IPPool wb/"), "{msg}");
+
+    let msg = failure_code(&fx.run(&Env::add("c1"), &unreachable).await, "1.0.0", 4);
+    assert!(msg.contains("K8S_POD_NAME"), "{msg}");
 }
 
 /// An etcd nobody answers for is "try again later" naming `etcd_host`, never a fallback to the file

@@ -122,7 +122,10 @@ mod tests {
     #[tokio::test]
     async fn an_unreadable_kubeconfig_names_its_path() {
         let error = connect(Path::new("/nonexistent/kubeconfig"), Timeouts::REQUESTS).await.unwrap_err();
-        assert!(error.to_string().starts_with("kubernetes.kubeconfig \"/nonexistent/kubeconfig\""), "{error}");
+        assert!(
+            error.to_string().starts_with("kubernetes.kubeconfig \"/nonexistent/kubeconfig\""),
+            "{error}"
+        );
     }
 
     #[tokio::test]

@@ -8,9 +8,9 @@
 //! an allocation's `node` and `network`, an ORIP's `containerid` (in upstream's schema, never written
 //! by it).
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResource;
 use kube::CustomResourceExt;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use whereabouts_core::pool::{PoolSpec, Reservation};

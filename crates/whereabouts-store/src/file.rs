@@ -169,7 +169,8 @@ impl Store for FileStore {
             .map(|bytes| serde_json::from_slice::<PoolFileVersion>(&bytes).map_err(|e| corrupt(&path, e)))
             .transpose()?
             .map(|f| f.version);
-        let expected = base.map(|b| b.version.0.parse::<u64>().map_err(|_| StoreError::Conflict)).transpose()?;
+        let expected =
+            base.map(|b| b.version.0.parse::<u64>().map_err(|_| StoreError::Conflict)).transpose()?;
         if current != expected {
             return Err(StoreError::Conflict);
         }
@@ -357,7 +358,8 @@ mod tests {
                     for i in 0..25 {
                         loop {
                             let current = store.read_pool("p").await.unwrap();
-                            let mut s = current.as_ref().map_or_else(|| spec("10.0.0.0/8"), |p| p.spec.clone());
+                            let mut s =
+                                current.as_ref().map_or_else(|| spec("10.0.0.0/8"), |p| p.spec.clone());
                             let key = format!("{t}-{i}");
                             s.allocations.insert(
                                 key,

@@ -8,13 +8,15 @@
 use std::future::Future;
 
 use thiserror::Error;
-pub use whereabouts_core::pool::Reservation;
 use whereabouts_core::pool::PoolSpec;
+pub use whereabouts_core::pool::Reservation;
 
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod file;
 pub mod ipam;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 mod lock;
 
 /// An opaque version of a stored pool (a resourceVersion, a mod_revision, a counter).
@@ -157,6 +159,9 @@ pub enum AnyStore {
     /// The etcd v3 store (boxed: its client is large).
     #[cfg(feature = "etcd")]
     Etcd(Box<etcd::EtcdStore>),
+    /// The Kubernetes store.
+    #[cfg(feature = "kubernetes")]
+    Kubernetes(Box<kubernetes::KubeStore>),
 }
 
 /// Calls the same method on whichever store this is.
@@ -166,6 +171,8 @@ macro_rules! delegate {
             AnyStore::File($store) => $call.await,
             #[cfg(feature = "etcd")]
             AnyStore::Etcd($store) => $call.await,
+            #[cfg(feature = "kubernetes")]
+            AnyStore::Kubernetes($store) => $call.await,
         }
     };
 }

@@ -708,7 +708,10 @@ async fn conflicting_writes_are_retried() {
     let [IpAddr::V4(v4)] = got[..] else { panic!("{got:?}") };
     assert!((1..=64).contains(&v4.octets()[3]), "{v4}");
     let addr = v4.to_string();
-    assert_eq!(allocations(&store, "192.0.2.0-24").await, BTreeMap::from([(ip(&addr), owner(1).allocation())]));
+    assert_eq!(
+        allocations(&store, "192.0.2.0-24").await,
+        BTreeMap::from([(ip(&addr), owner(1).allocation())])
+    );
     assert_eq!(reservations(&store).await, reserved_by(&[(addr.as_str(), &owner(1))]));
     // Without lost races, the next owner gets the lowest free address.
     let next = if addr == "192.0.2.1" { "192.0.2.2" } else { "192.0.2.1" };

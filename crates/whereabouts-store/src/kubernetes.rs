@@ -1,0 +1,383 @@
+//! The Kubernetes store: upstream's custom resources, unchanged, in the namespace of the kubeconfig's
+//! context (`kube-system` by default).
+//!
+//! * A pool is an `IPPool` named as upstream names it, its allocations keyed by the decimal offset from
+//!   the IP written in `spec.range`. Pools we create are complete objects; upstream reads them as its own.
+//! * A reservation is an `OverlappingRangeIPReservation` named after the address.
+//!
+//! # No cluster-wide lock: every change is a compare-and-swap on the keys it changes
+//!
+//! Upstream serialises every ADD and DEL in the cluster through one Lease and then patches the pool with
+//! a JSON Patch that `test`s `/metadata/resourceVersion`. A resourceVersion test makes *every* pair of
+//! concurrent writers of a pool conflict, whatever addresses they pick, so without the Lease the writers
+//! of a busy pool would mostly lose races, and with it they wait in line.
+//!
+//! We send no Lease and no resourceVersion test. A pool write is one JSON Patch whose `test` operations
+//! pin every allocation it changes to the value it was read with: `null` (absent) for an address it
+//! takes, the exact allocation for one it releases or rewrites. The API server applies a patch
+//! atomically to the object's current state (retrying internally on its own storage conflicts), so a
+//! patch is a compare-and-swap on exactly the keys it touches, and a failed `test` (HTTP 422) is a lost
+//! race, retried from a fresh read. Two writers taking different addresses both succeed; two taking the
+//! same address cannot both succeed.
+//!
+//! That alone would leave every writer of a burst racing for the same lowest free address. The engine
+//! therefore spreads a writer that lost a race over the lowest few free addresses by a hash of its pod
+//! ([`whereabouts_core::allocate::Spread`]): allocation stays compact (within the lowest 64 free
+//! addresses at worst) and deterministic for a given pool state, and with no contention it is exactly
+//! upstream's lowest-free order.
+//!
+//! Mixed with upstream during a rolling upgrade, the two implementations still serialise on the pool
+//! object: each of our patches changes the resourceVersion, so an upstream writer that read the pool
+//! before it fails its resourceVersion test and retries; and an upstream write that lands first takes
+//! its addresses, which our `test`s on those keys then see.
+//!
+//! Reservations are created with a plain create (409 when they exist), taken over and deleted only under
+//! a resourceVersion precondition, so a reservation that changed hands since it was read is never
+//! overwritten or removed.
+
+use std::path::Path;
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{
+    AddOperation, Patch as JsonPatch, PatchOperation, RemoveOperation, ReplaceOperation, TestOperation,
+};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
+use kube::{Api, Client};
+use serde_json::Value;
+use whereabouts_core::pool::{Allocation, PoolSpec};
+use whereabouts_k8s::client::{ConnectError, Timeouts, connect};
+use whereabouts_k8s::crd::{
+    IPPool, IPPoolSpec, OverlappingRangeIPReservation, OverlappingRangeIPReservationSpec,
+};
+use whereabouts_k8s::kube;
+
+use crate::{Reservation, ReserveOutcome, Store, StoreError, Version, VersionedPool};
+
+/// Rounds of read-then-precondition on one reservation before giving up (each lost round means
+/// another writer changed it in between).
+const RESERVATION_ROUNDS: usize = 50;
+
+/// The Kubernetes store over one namespace.
+#[derive(Clone)]
+pub struct KubeStore {
+    pools: Api<IPPool>,
+    reservations: Api<OverlappingRangeIPReservation>,
+    namespace: String,
+}
+
+impl std::fmt::Debug for KubeStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeStore").field("namespace", &self.namespace).finish_non_exhaustive()
+    }
+}
+
+impl KubeStore {
+    /// A store over `namespace` through `client`.
+    pub fn new(client: Client, namespace: &str) -> Self {
+        KubeStore {
+            pools: Api::namespaced(client.clone(), namespace),
+            reservations: Api::namespaced(client, namespace),
+            namespace: namespace.to_string(),
+        }
+    }
+
+    /// The store the kubeconfig at `path` points to, in its current context's namespace.
+    pub async fn connect(path: &Path) -> Result<Self, ConnectError> {
+        let connection = connect(path, Timeouts::REQUESTS).await?;
+        Ok(KubeStore::new(connection.client, &connection.namespace))
+    }
+
+    /// The namespace of the pools and reservations.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn pool_location(&self, name: &str) -> String {
+        format!("IPPool {}/{name}", self.namespace)
+    }
+
+    fn reservation_location(&self, name: &str) -> String {
+        format!("OverlappingRangeIPReservation {}/{name}", self.namespace)
+    }
+}
+
+/// The HTTP status of an API error, if the server answered.
+fn status_code(error: &kube::Error) -> Option<u16> {
+    match error {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
+    }
+}
+
+/// Maps a client error on `location` to a store error; conflicts are the caller's business.
+fn store_error(location: &str, error: kube::Error) -> StoreError {
+    match &error {
+        kube::Error::Api(status) => {
+            let what = format!("{location}: {} ({})", status.message, status.code);
+            match status.code {
+                401 | 403 => StoreError::Denied(what),
+                409 | 422 => StoreError::Conflict,
+                408 | 429 | 500..=599 => StoreError::Unavailable(what),
+                _ => StoreError::Io(what),
+            }
+        }
+        kube::Error::SerdeError(e) => {
+            StoreError::Corrupt { location: location.to_string(), reason: e.to_string() }
+        }
+        kube::Error::Auth(e) => StoreError::Denied(format!("{location}: {e}")),
+        // Connection refused or reset, timeouts, TLS handshakes: the server may be back soon.
+        _ => StoreError::Unavailable(format!("{location}: {error}")),
+    }
+}
+
+fn version_of(meta: &ObjectMeta) -> Version {
+    Version(meta.resource_version.clone().unwrap_or_default())
+}
+
+/// A JSON Pointer to one allocation. Keys are decimal offsets, but keys we could not decode are written
+/// back as they were read and may hold anything, so they are escaped (RFC 6901).
+fn allocation_path(key: &str) -> PointerBuf {
+    PointerBuf::from_tokens(["spec", "allocations", key])
+}
+
+fn test_op(path: PointerBuf, value: Value) -> PatchOperation {
+    PatchOperation::Test(TestOperation { path, value })
+}
+
+fn allocation_value(allocation: &Allocation) -> Value {
+    serde_json::to_value(allocation).unwrap_or(Value::Null)
+}
+
+/// The patch that turns `base` into `spec`, each change guarded by a `test` of the value it replaces.
+/// Empty when nothing changed.
+pub fn pool_patch(base: &PoolSpec, spec: &PoolSpec) -> Vec<PatchOperation> {
+    let mut ops = Vec::new();
+    if base.range != spec.range {
+        let path = PointerBuf::from_tokens(["spec", "range"]);
+        ops.push(test_op(path.clone(), Value::String(base.range.clone())));
+        ops.push(PatchOperation::Replace(ReplaceOperation {
+            path,
+            value: Value::String(spec.range.clone()),
+        }));
+    }
+    for (key, old) in &base.allocations {
+        let path = allocation_path(key);
+        match spec.allocations.get(key) {
+            None => {
+                ops.push(test_op(path.clone(), allocation_value(old)));
+                ops.push(PatchOperation::Remove(RemoveOperation { path }));
+            }
+            Some(new) if new != old => {
+                ops.push(test_op(path.clone(), allocation_value(old)));
+                ops.push(PatchOperation::Replace(ReplaceOperation { path, value: allocation_value(new) }));
+            }
+            Some(_) => {}
+        }
+    }
+    for (key, new) in &spec.allocations {
+        if !base.allocations.contains_key(key) {
+            let path = allocation_path(key);
+            // Kubernetes' JSON Patch passes a `null` test on a missing path: "nobody holds it".
+            ops.push(test_op(path.clone(), Value::Null));
+            ops.push(PatchOperation::Add(AddOperation { path, value: allocation_value(new) }));
+        }
+    }
+    ops
+}
+
+impl Store for KubeStore {
+    async fn read_pool(&self, name: &str) -> Result<Option<VersionedPool>, StoreError> {
+        let pool = self.pools.get_opt(name).await.map_err(|e| store_error(&self.pool_location(name), e))?;
+        Ok(pool.map(|pool| VersionedPool { version: version_of(&pool.metadata), spec: pool.spec.pool }))
+    }
+
+    async fn write_pool(
+        &self,
+        name: &str,
+        spec: &PoolSpec,
+        base: Option<&VersionedPool>,
+        _lock: Option<&crate::PoolLock>,
+    ) -> Result<Version, StoreError> {
+        let location = self.pool_location(name);
+        let Some(base) = base else {
+            let pool = IPPool {
+                metadata: ObjectMeta { name: Some(name.to_string()), ..ObjectMeta::default() },
+                spec: IPPoolSpec { pool: spec.clone() },
+            };
+            return match self.pools.create(&PostParams::default(), &pool).await {
+                Ok(created) => Ok(version_of(&created.metadata)),
+                Err(e) => Err(store_error(&location, e)),
+            };
+        };
+        let ops = pool_patch(&base.spec, spec);
+        if ops.is_empty() {
+            return Ok(base.version.clone());
+        }
+        match self.pools.patch(name, &PatchParams::default(), &Patch::Json::<()>(JsonPatch(ops))).await {
+            Ok(patched) => Ok(version_of(&patched.metadata)),
+            // Deleted since it was read: the next read sees that.
+            Err(e) if status_code(&e) == Some(404) => Err(StoreError::Conflict),
+            Err(e) => Err(store_error(&location, e)),
+        }
+    }
+
+    async fn create_reservation(
+        &self,
+        name: &str,
+        owner: &Reservation,
+    ) -> Result<ReserveOutcome, StoreError> {
+        let location = self.reservation_location(name);
+        let wanted = OverlappingRangeIPReservation {
+            metadata: ObjectMeta { name: Some(name.to_string()), ..ObjectMeta::default() },
+            spec: OverlappingRangeIPReservationSpec { holder: owner.clone() },
+        };
+        for _ in 0..RESERVATION_ROUNDS {
+            match self.reservations.create(&PostParams::default(), &wanted).await {
+                Ok(_) => return Ok(ReserveOutcome::Reserved),
+                Err(e) if status_code(&e) == Some(409) => {}
+                Err(e) => return Err(store_error(&location, e)),
+            }
+            let Some(mut existing) =
+                self.reservations.get_opt(name).await.map_err(|e| store_error(&location, e))?
+            else {
+                continue;
+            };
+            let holder = &existing.spec.holder;
+            if !holder.same_owner(owner) {
+                return Ok(ReserveOutcome::HeldBy(holder.clone()));
+            }
+            if holder.container_id == owner.container_id || owner.container_id.is_empty() {
+                return Ok(ReserveOutcome::Reserved);
+            }
+            // The same attachment under a new sandbox: take it over, if it is still what we read.
+            existing.spec.holder.container_id.clone_from(&owner.container_id);
+            match self.reservations.replace(name, &PostParams::default(), &existing).await {
+                Ok(_) => return Ok(ReserveOutcome::Reserved),
+                Err(e) if matches!(status_code(&e), Some(404 | 409)) => {}
+                Err(e) => return Err(store_error(&location, e)),
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "{location}: changed {RESERVATION_ROUNDS} times while being read"
+        )))
+    }
+
+    async fn read_reservation(&self, name: &str) -> Result<Option<Reservation>, StoreError> {
+        let found = self
+            .reservations
+            .get_opt(name)
+            .await
+            .map_err(|e| store_error(&self.reservation_location(name), e))?;
+        Ok(found.map(|r| r.spec.holder))
+    }
+
+    async fn delete_reservation(&self, name: &str, owner: &Reservation) -> Result<(), StoreError> {
+        let location = self.reservation_location(name);
+        for _ in 0..RESERVATION_ROUNDS {
+            let Some(existing) =
+                self.reservations.get_opt(name).await.map_err(|e| store_error(&location, e))?
+            else {
+                return Ok(());
+            };
+            if !existing.spec.holder.deletable_by(owner) {
+                return Ok(());
+            }
+            let precondition = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: existing.metadata.resource_version.clone(),
+                    uid: existing.metadata.uid.clone(),
+                }),
+                ..DeleteParams::default()
+            };
+            match self.reservations.delete(name, &precondition).await {
+                Ok(_) => return Ok(()),
+                Err(e) if status_code(&e) == Some(404) => return Ok(()),
+                Err(e) if status_code(&e) == Some(409) => {}
+                Err(e) => return Err(store_error(&location, e)),
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "{location}: changed {RESERVATION_ROUNDS} times while being read"
+        )))
+    }
+
+    async fn list_pools(&self) -> Result<Vec<String>, StoreError> {
+        let list = self
+            .pools
+            .list_metadata(&ListParams::default())
+            .await
+            .map_err(|e| store_error(&format!("IPPools in {}", self.namespace), e))?;
+        Ok(list.items.into_iter().filter_map(|p| p.metadata.name).collect())
+    }
+
+    async fn list_reservations(&self) -> Result<Vec<(String, Reservation)>, StoreError> {
+        let list =
+            self.reservations.list(&ListParams::default()).await.map_err(|e| {
+                store_error(&format!("OverlappingRangeIPReservations in {}", self.namespace), e)
+            })?;
+        Ok(list.items.into_iter().filter_map(|r| Some((r.metadata.name?, r.spec.holder))).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn allocation(id: &str) -> Allocation {
+        Allocation {
+            container_id: id.into(),
+            pod_ref: format!("ns/{id}"),
+            ifname: "eth0".into(),
+            node: None,
+            cni_network: None,
+        }
+    }
+
+    fn spec(entries: &[(&str, &str)]) -> PoolSpec {
+        PoolSpec {
+            range: "10.0.0.0/24".into(),
+            allocations: entries
+                .iter()
+                .map(|(k, id)| (k.to_string(), allocation(id)))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    fn ops_json(ops: Vec<PatchOperation>) -> Value {
+        serde_json::to_value(JsonPatch(ops)).unwrap()
+    }
+
+    #[test]
+    fn an_unchanged_pool_needs_no_patch() {
+        assert!(pool_patch(&spec(&[("1", "a")]), &spec(&[("1", "a")])).is_empty());
+    }
+
+    #[test]
+    fn every_change_is_guarded_by_a_test_of_what_it_replaces() {
+        let base = spec(&[("1", "a"), ("2", "b")]);
+        let next = spec(&[("2", "b2"), ("3", "c")]);
+        let a = allocation_value(&allocation("a"));
+        let b = allocation_value(&allocation("b"));
+        let b2 = allocation_value(&allocation("b2"));
+        let c = allocation_value(&allocation("c"));
+        assert_eq!(
+            ops_json(pool_patch(&base, &next)),
+            serde_json::json!([
+                {"op": "test", "path": "/spec/allocations/1", "value": a},
+                {"op": "remove", "path": "/spec/allocations/1"},
+                {"op": "test", "path": "/spec/allocations/2", "value": b},
+                {"op": "replace", "path": "/spec/allocations/2", "value": b2},
+                {"op": "test", "path": "/spec/allocations/3", "value": null},
+                {"op": "add", "path": "/spec/allocations/3", "value": c},
+            ])
+        );
+    }
+
+    #[test]
+    fn odd_keys_are_escaped_as_json_pointers() {
+        assert_eq!(allocation_path("a/b~c").as_str(), "/spec/allocations/a~1b~0c");
+        let ops = pool_patch(&spec(&[]), &spec(&[("x/y", "a")]));
+        assert_eq!(ops_json(ops)[1]["path"], "/spec/allocations/x~1y");
+    }
+}
