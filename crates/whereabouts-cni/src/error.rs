@@ -82,7 +82,7 @@ fn store_code(e: &StoreError) -> u32 {
         StoreError::Conflict | StoreError::Unavailable(_) => codes::TRY_AGAIN,
         StoreError::Io(_) => codes::IO,
         StoreError::Corrupt { .. } => codes::INTERNAL,
-        StoreError::Denied(_) => codes::INVALID_CONFIG,
+        StoreError::Denied(_) | StoreError::Rejected(_) => codes::INVALID_CONFIG,
     }
 }
 

@@ -3,6 +3,10 @@
 //! Every change to a pool is read → compute (pure core) → write-if-unchanged. A lost race is retried
 //! from a fresh read after a jittered exponential backoff, within a bound of attempts and time; past
 //! the bound the caller gets [`IpamError::Contention`] naming the pool (CNI code 11, try again later).
+//! A retried ADD picks among the lowest few free addresses by a hash of its owner
+//! ([`Spread`]) rather than the lowest one, so that writers of a busy pool whose store compares only the
+//! addresses a write changes (the Kubernetes store) stop colliding; without contention it is always the
+//! lowest free address.
 //!
 //! Order of writes, chosen so that a process killed between two writes never leaves state that
 //! nothing will find again:

@@ -109,14 +109,16 @@ fn status_code(error: &kube::Error) -> Option<u16> {
     }
 }
 
-/// Maps a client error on `location` to a store error; conflicts are the caller's business.
+/// Maps a client error on `location` to a store error. A 422 is a refused object here; a pool patch
+/// maps its 422 (a failed `test`) to a conflict itself.
 fn store_error(location: &str, error: kube::Error) -> StoreError {
     match &error {
         kube::Error::Api(status) => {
             let what = format!("{location}: {} ({})", status.message, status.code);
             match status.code {
                 401 | 403 => StoreError::Denied(what),
-                409 | 422 => StoreError::Conflict,
+                409 => StoreError::Conflict,
+                400 | 422 => StoreError::Rejected(what),
                 408 | 429 | 500..=599 => StoreError::Unavailable(what),
                 _ => StoreError::Io(what),
             }
@@ -215,8 +217,9 @@ impl Store for KubeStore {
         }
         match self.pools.patch(name, &PatchParams::default(), &Patch::Json::<()>(JsonPatch(ops))).await {
             Ok(patched) => Ok(version_of(&patched.metadata)),
-            // Deleted since it was read: the next read sees that.
-            Err(e) if status_code(&e) == Some(404) => Err(StoreError::Conflict),
+            // A failed `test` (someone changed an allocation we change), or the pool was deleted since it
+            // was read: the next read sees which.
+            Err(e) if matches!(status_code(&e), Some(404 | 409 | 422)) => Err(StoreError::Conflict),
             Err(e) => Err(store_error(&location, e)),
         }
     }

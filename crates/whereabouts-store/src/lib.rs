@@ -86,6 +86,10 @@ pub enum StoreError {
     /// Any other I/O failure.
     #[error("store I/O error: {0}")]
     Io(String),
+    /// The store refused an object as invalid (a Kubernetes object name derived from a range or an
+    /// address that the API server does not accept, say): retrying cannot help.
+    #[error("{0}")]
+    Rejected(String),
     /// The store refused the credentials or their permissions: a configuration problem.
     #[error("{0} (check the store's credentials and their permissions)")]
     Denied(String),
