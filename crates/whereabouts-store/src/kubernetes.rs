@@ -325,6 +325,7 @@ impl Store for KubeStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use std::collections::BTreeMap;
 
     fn allocation(id: &str) -> Allocation {
@@ -375,6 +376,63 @@ mod tests {
                 {"op": "add", "path": "/spec/allocations/3", "value": c},
             ])
         );
+    }
+
+    /// Applies `ops` as the API server does: a `null` test passes on a missing path (RFC 6902 and the
+    /// json-patch crate would fail it), everything else per RFC 6902.
+    fn apply_as_kubernetes(doc: &mut Value, ops: Vec<PatchOperation>) -> Result<(), json_patch::PatchError> {
+        let ops = ops
+            .into_iter()
+            .filter(|op| match op {
+                PatchOperation::Test(t) if t.value.is_null() => t.path.resolve(doc).is_ok(),
+                _ => true,
+            })
+            .collect();
+        json_patch::patch(doc, &JsonPatch(ops))
+    }
+
+    fn doc(spec: &PoolSpec) -> Value {
+        serde_json::json!({ "spec": spec })
+    }
+
+    fn arb_spec() -> impl Strategy<Value = PoolSpec> {
+        proptest::collection::btree_map("[0-9]{1,3}|[a-z/~]{1,4}", "[a-c]", 0..8).prop_map(|entries| {
+            PoolSpec {
+                range: "10.0.0.0/24".into(),
+                allocations: entries.into_iter().map(|(k, id)| (k, allocation(&id))).collect(),
+            }
+        })
+    }
+
+    proptest! {
+        /// The patch turns the pool as read into the pool as wanted.
+        #[test]
+        fn the_patch_turns_base_into_spec(base in arb_spec(), spec in arb_spec()) {
+            let mut stored = doc(&base);
+            apply_as_kubernetes(&mut stored, pool_patch(&base, &spec)).unwrap();
+            prop_assert_eq!(stored, doc(&spec));
+        }
+
+        /// A patch fails when any allocation it changes was changed by someone else since it was read,
+        /// and applies when only other allocations changed (the other writer's changes are kept).
+        #[test]
+        fn the_patch_compares_exactly_the_keys_it_changes(
+            base in arb_spec(),
+            spec in arb_spec(),
+            other_key in "[0-9]{1,3}",
+        ) {
+            let ops = pool_patch(&base, &spec);
+            let touched = base.allocations.get(&other_key) != spec.allocations.get(&other_key);
+            let mut concurrent = base.clone();
+            let changed_to = allocation("z");
+            concurrent.allocations.insert(other_key.clone(), changed_to.clone());
+            let mut stored = doc(&concurrent);
+            let result = apply_as_kubernetes(&mut stored, ops);
+            prop_assert_eq!(result.is_err(), touched);
+            if !touched {
+                prop_assert_eq!(&stored["spec"]["allocations"][&other_key], &allocation_value(&changed_to));
+            }
+        }
     }
 
     #[test]
