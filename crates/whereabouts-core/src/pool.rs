@@ -165,12 +165,22 @@ pub struct Pool {
     /// Entries under keys this version cannot read, written back untouched (upstream drops them on its
     /// next write; another writer may still understand them).
     undecodable: BTreeMap<String, Allocation>,
+    /// The keys of decoded entries that were not written in canonical form ("05" for 5, as a hand edit
+    /// or another writer may spell them), so that writing the pool back does not rename them.
+    spelled: BTreeMap<u128, String>,
 }
 
 impl PartialEq for Pool {
     fn eq(&self, other: &Self) -> bool {
-        (self.family, &self.spec_range, self.base, &self.allocations, &self.undecodable)
-            == (other.family, &other.spec_range, other.base, &other.allocations, &other.undecodable)
+        (self.family, &self.spec_range, self.base, &self.allocations, &self.undecodable, &self.spelled)
+            == (
+                other.family,
+                &other.spec_range,
+                other.base,
+                &other.allocations,
+                &other.undecodable,
+                &other.spelled,
+            )
     }
 }
 
@@ -226,6 +236,7 @@ impl Pool {
             taken: IntervalSet::new(),
             by_owner: OnceLock::new(),
             undecodable: BTreeMap::new(),
+            spelled: BTreeMap::new(),
         }
     }
 
@@ -250,24 +261,37 @@ impl Pool {
             taken: IntervalSet::new(),
             by_owner: OnceLock::new(),
             undecodable: BTreeMap::new(),
+            spelled: BTreeMap::new(),
         };
-        let mut skipped = Vec::new();
-        for (key, allocation) in &spec.allocations {
-            let addr = key
-                .parse::<u128>()
+        let decode = |key: &str| {
+            key.parse::<u128>()
                 .ok()
                 .filter(|_| key.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|offset| base.checked_add(offset))
-                .filter(|addr| *addr <= max);
-            match addr {
-                // A second key for the same address ("5" and "05") is kept aside like an unreadable one.
-                Some(addr) if pool.get(addr).is_none() => pool.insert(addr, allocation.clone()),
+                .and_then(|offset| Some((offset, base.checked_add(offset)?)))
+                .filter(|(_, addr)| *addr <= max)
+        };
+        // Canonical keys first, so that of "5" and "05" the canonical one holds the address.
+        let (canonical, other): (Vec<_>, Vec<_>) =
+            spec.allocations.iter().map(|(key, allocation)| (key, allocation, decode(key))).partition(
+                |(key, _, decoded)| decoded.is_some_and(|(offset, _)| offset.to_string() == **key),
+            );
+        let mut skipped = Vec::new();
+        for (key, allocation, decoded) in canonical.into_iter().chain(other) {
+            match decoded {
+                Some((offset, addr)) if pool.get(addr).is_none() => {
+                    pool.insert(addr, allocation.clone());
+                    if offset.to_string() != *key {
+                        pool.spelled.insert(addr, key.clone());
+                    }
+                }
+                // A second key for the same address ("05" beside "5") is kept aside like an unreadable one.
                 _ => {
                     skipped.push(SkippedKey(key.clone()));
                     pool.undecodable.insert(key.clone(), allocation.clone());
                 }
             }
         }
+        skipped.sort_by(|a, b| a.0.cmp(&b.0));
         Ok((pool, skipped))
     }
 
@@ -278,7 +302,13 @@ impl Pool {
             allocations: self
                 .allocations
                 .iter()
-                .filter_map(|(addr, a)| Some((addr.checked_sub(self.base)?.to_string(), a.clone())))
+                .filter_map(|(addr, a)| {
+                    let key = match self.spelled.get(addr) {
+                        Some(key) => key.clone(),
+                        None => addr.checked_sub(self.base)?.to_string(),
+                    };
+                    Some((key, a.clone()))
+                })
                 .chain(self.undecodable.iter().map(|(k, a)| (k.clone(), a.clone())))
                 .collect(),
         }
@@ -312,6 +342,7 @@ impl Pool {
         }
         self.allocations.insert(addr, allocation);
         self.taken.insert(addr);
+        self.spelled.remove(&addr);
     }
 
     /// Removes the allocation of an address.
@@ -321,6 +352,7 @@ impl Pool {
             index.remove(addr, &removed);
         }
         self.taken.remove(addr);
+        self.spelled.remove(&addr);
         Some(removed)
     }
 
@@ -429,6 +461,32 @@ mod tests {
         assert_eq!(written["allocations"]["abc"]["id"], "x", "unreadable entries are written back");
         assert_eq!(written["allocations"]["256"], serde_json::json!({"id": "c1", "podref": "default/p"}));
         assert_eq!(written["allocations"]["257"]["ifname"], "net1");
+    }
+
+    #[test]
+    fn keys_spelled_otherwise_are_written_back_as_spelled() {
+        let net: IpNet = "10.0.0.0/24".parse().unwrap();
+        let spec = PoolSpec {
+            range: "10.0.0.0/24".into(),
+            allocations: [("05", "a"), ("5", "b"), ("007", "c")]
+                .into_iter()
+                .map(|(k, id)| (k.to_string(), alloc(id)))
+                .collect(),
+        };
+        let (mut pool, skipped) = Pool::from_spec(&spec, net).unwrap();
+        // The canonical "5" holds .5; "05" is kept aside; "007" holds the free .7 under its own spelling.
+        assert_eq!(skipped, vec![SkippedKey("05".into())]);
+        assert_eq!(pool.get(to_u128("10.0.0.5".parse().unwrap())), Some(&alloc("b")));
+        assert_eq!(pool.get(to_u128("10.0.0.7".parse().unwrap())), Some(&alloc("c")));
+        pool.insert(to_u128("10.0.0.9".parse().unwrap()), alloc("d"));
+        let written = pool.to_spec();
+        let keys: Vec<&str> = written.allocations.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["007", "05", "5", "9"]);
+        assert_eq!(written.allocations["05"], alloc("a"));
+        // A rewritten entry gets the canonical key.
+        pool.insert(to_u128("10.0.0.7".parse().unwrap()), alloc("e"));
+        let keys: Vec<String> = pool.to_spec().allocations.into_keys().collect();
+        assert_eq!(keys, ["05", "5", "7", "9"]);
     }
 
     #[test]

@@ -84,6 +84,9 @@ pub async fn connect(path: &Path, timeouts: Timeouts) -> Result<Connection, Conn
     config.connect_timeout = Some(timeouts.connect);
     config.read_timeout = Some(timeouts.read);
     config.write_timeout = Some(timeouts.write);
+    // kube retries 429/503/504 inside one request (up to 15 times); the callers retry with their own
+    // bounds and need to see the failure to apply them.
+    config.default_retry = false;
     let client = Client::try_from(config).map_err(|e| failed(e.to_string()))?;
     Ok(Connection { client, namespace })
 }

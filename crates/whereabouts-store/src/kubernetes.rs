@@ -31,19 +31,27 @@
 //! before it fails its resourceVersion test and retries; and an upstream write that lands first takes
 //! its addresses, which our `test`s on those keys then see.
 //!
+//! A `test` compares JSON values, so it is made with each allocation exactly as it was read (with a
+//! `null` or an empty field a hand edit may have left), not as this code would write it again.
+//!
 //! Reservations are created with a plain create (409 when they exist), taken over and deleted only under
 //! a resourceVersion precondition, so a reservation that changed hands since it was read is never
 //! overwritten or removed.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{
     AddOperation, Patch as JsonPatch, PatchOperation, RemoveOperation, ReplaceOperation, TestOperation,
 };
-use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, Patch, PatchParams, PostParams,
+    Preconditions,
+};
 use kube::{Api, Client};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use whereabouts_core::pool::{Allocation, PoolSpec};
 use whereabouts_k8s::client::{ConnectError, Timeouts, connect};
 use whereabouts_k8s::crd::{
@@ -58,11 +66,14 @@ use crate::{Reservation, ReserveOutcome, Store, StoreError, Version, VersionedPo
 const RESERVATION_ROUNDS: usize = 50;
 
 /// The Kubernetes store over one namespace.
-#[derive(Clone)]
 pub struct KubeStore {
     pools: Api<IPPool>,
+    /// The same objects, read as JSON: a pool write tests allocations as they were read.
+    pools_as_read: Api<DynamicObject>,
     reservations: Api<OverlappingRangeIPReservation>,
     namespace: String,
+    /// Per pool, the allocations of the last read as JSON, and the version read.
+    last_read: Mutex<HashMap<String, (Version, Map<String, Value>)>>,
 }
 
 impl std::fmt::Debug for KubeStore {
@@ -76,8 +87,14 @@ impl KubeStore {
     pub fn new(client: Client, namespace: &str) -> Self {
         KubeStore {
             pools: Api::namespaced(client.clone(), namespace),
+            pools_as_read: Api::namespaced_with(
+                client.clone(),
+                namespace,
+                &ApiResource::erase::<IPPool>(&()),
+            ),
             reservations: Api::namespaced(client, namespace),
             namespace: namespace.to_string(),
+            last_read: Mutex::new(HashMap::new()),
         }
     }
 
@@ -150,9 +167,12 @@ fn allocation_value(allocation: &Allocation) -> Value {
     serde_json::to_value(allocation).unwrap_or(Value::Null)
 }
 
-/// The patch that turns `base` into `spec`, each change guarded by a `test` of the value it replaces.
-/// Empty when nothing changed.
-pub fn pool_patch(base: &PoolSpec, spec: &PoolSpec) -> Vec<PatchOperation> {
+/// The patch that turns `base` into `spec`, each change guarded by a `test` of the value it replaces:
+/// the allocation's JSON in `as_read` when it is there, else as it serialises. Empty when nothing
+/// changed.
+pub fn pool_patch(base: &PoolSpec, spec: &PoolSpec, as_read: &Map<String, Value>) -> Vec<PatchOperation> {
+    let read =
+        |key: &str, old: &Allocation| as_read.get(key).cloned().unwrap_or_else(|| allocation_value(old));
     let mut ops = Vec::new();
     if base.range != spec.range {
         let path = PointerBuf::from_tokens(["spec", "range"]);
@@ -166,11 +186,11 @@ pub fn pool_patch(base: &PoolSpec, spec: &PoolSpec) -> Vec<PatchOperation> {
         let path = allocation_path(key);
         match spec.allocations.get(key) {
             None => {
-                ops.push(test_op(path.clone(), allocation_value(old)));
+                ops.push(test_op(path.clone(), read(key, old)));
                 ops.push(PatchOperation::Remove(RemoveOperation { path }));
             }
             Some(new) if new != old => {
-                ops.push(test_op(path.clone(), allocation_value(old)));
+                ops.push(test_op(path.clone(), read(key, old)));
                 ops.push(PatchOperation::Replace(ReplaceOperation { path, value: allocation_value(new) }));
             }
             Some(_) => {}
@@ -189,8 +209,27 @@ pub fn pool_patch(base: &PoolSpec, spec: &PoolSpec) -> Vec<PatchOperation> {
 
 impl Store for KubeStore {
     async fn read_pool(&self, name: &str) -> Result<Option<VersionedPool>, StoreError> {
-        let pool = self.pools.get_opt(name).await.map_err(|e| store_error(&self.pool_location(name), e))?;
-        Ok(pool.map(|pool| VersionedPool { version: version_of(&pool.metadata), spec: pool.spec.pool }))
+        let location = self.pool_location(name);
+        let Some(object) = self.pools_as_read.get_opt(name).await.map_err(|e| store_error(&location, e))?
+        else {
+            return Ok(None);
+        };
+        let version = version_of(&object.metadata);
+        let spec_json = object.data.get("spec").cloned().unwrap_or(Value::Null);
+        let spec: PoolSpec = serde_json::from_value(spec_json.clone())
+            .map_err(|e| StoreError::Corrupt { location, reason: format!("spec: {e}") })?;
+        let allocations = match spec_json {
+            Value::Object(mut spec) => match spec.remove("allocations") {
+                Some(Value::Object(allocations)) => allocations,
+                _ => Map::new(),
+            },
+            _ => Map::new(),
+        };
+        self.last_read
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string(), (version.clone(), allocations));
+        Ok(Some(VersionedPool { spec, version }))
     }
 
     async fn write_pool(
@@ -211,7 +250,14 @@ impl Store for KubeStore {
                 Err(e) => Err(store_error(&location, e)),
             };
         };
-        let ops = pool_patch(&base.spec, spec);
+        let as_read = {
+            let last_read = self.last_read.lock().unwrap_or_else(PoisonError::into_inner);
+            match last_read.get(name) {
+                Some((version, allocations)) if *version == base.version => allocations.clone(),
+                _ => Map::new(),
+            }
+        };
+        let ops = pool_patch(&base.spec, spec, &as_read);
         if ops.is_empty() {
             return Ok(base.version.clone());
         }
@@ -354,7 +400,7 @@ mod tests {
 
     #[test]
     fn an_unchanged_pool_needs_no_patch() {
-        assert!(pool_patch(&spec(&[("1", "a")]), &spec(&[("1", "a")])).is_empty());
+        assert!(pool_patch(&spec(&[("1", "a")]), &spec(&[("1", "a")]), &Map::new()).is_empty());
     }
 
     #[test]
@@ -366,7 +412,7 @@ mod tests {
         let b2 = allocation_value(&allocation("b2"));
         let c = allocation_value(&allocation("c"));
         assert_eq!(
-            ops_json(pool_patch(&base, &next)),
+            ops_json(pool_patch(&base, &next, &Map::new())),
             serde_json::json!([
                 {"op": "test", "path": "/spec/allocations/1", "value": a},
                 {"op": "remove", "path": "/spec/allocations/1"},
@@ -409,7 +455,7 @@ mod tests {
         #[test]
         fn the_patch_turns_base_into_spec(base in arb_spec(), spec in arb_spec()) {
             let mut stored = doc(&base);
-            apply_as_kubernetes(&mut stored, pool_patch(&base, &spec)).unwrap();
+            apply_as_kubernetes(&mut stored, pool_patch(&base, &spec, &Map::new())).unwrap();
             prop_assert_eq!(stored, doc(&spec));
         }
 
@@ -421,7 +467,7 @@ mod tests {
             spec in arb_spec(),
             other_key in "[0-9]{1,3}",
         ) {
-            let ops = pool_patch(&base, &spec);
+            let ops = pool_patch(&base, &spec, &Map::new());
             let touched = base.allocations.get(&other_key) != spec.allocations.get(&other_key);
             let mut concurrent = base.clone();
             let changed_to = allocation("z");
@@ -436,9 +482,17 @@ mod tests {
     }
 
     #[test]
+    fn tests_use_the_allocation_as_read() {
+        let as_read = serde_json::json!({"1": {"id": "a", "podref": "ns/a", "ifname": "eth0", "node": null}});
+        let Value::Object(as_read) = as_read else { unreachable!() };
+        let ops = ops_json(pool_patch(&spec(&[("1", "a")]), &spec(&[]), &as_read));
+        assert_eq!(ops[0]["value"], as_read["1"]);
+    }
+
+    #[test]
     fn odd_keys_are_escaped_as_json_pointers() {
         assert_eq!(allocation_path("a/b~c").as_str(), "/spec/allocations/a~1b~0c");
-        let ops = pool_patch(&spec(&[]), &spec(&[("x/y", "a")]));
+        let ops = pool_patch(&spec(&[]), &spec(&[("x/y", "a")]), &Map::new());
         assert_eq!(ops_json(ops)[1]["path"], "/spec/allocations/x~1y");
     }
 }
