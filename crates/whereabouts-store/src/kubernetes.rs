@@ -72,9 +72,12 @@ pub struct KubeStore {
     pools_as_read: Api<DynamicObject>,
     reservations: Api<OverlappingRangeIPReservation>,
     namespace: String,
-    /// Per pool, the allocations of the last read as JSON, and the version read.
-    last_read: Mutex<HashMap<String, (Version, Map<String, Value>)>>,
+    /// Per pool, the allocations of the last read as JSON.
+    last_read: Mutex<HashMap<String, AllocationsAsRead>>,
 }
+
+/// A pool's allocations as JSON, and the version they were read at.
+type AllocationsAsRead = (Version, Map<String, Value>);
 
 impl std::fmt::Debug for KubeStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -1,0 +1,412 @@
+//! [`TestCluster`]: one test, two targets. A test written against it runs on a [`FakeApiServer`] by
+//! default and on a real cluster when `WHEREABOUTS_TEST_KUBECONFIG` names a kubeconfig, each time in
+//! a fresh namespace with the CRDs installed.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::time::Instant;
+
+use crate::fake::FakeApiServer;
+
+/// The environment variable naming a real cluster's kubeconfig.
+pub const KUBECONFIG_ENV: &str = "WHEREABOUTS_TEST_KUBECONFIG";
+
+/// The NetworkAttachmentDefinition CRD (Multus's), installed along with the whereabouts CRDs.
+const NETWORK_ATTACHMENT_DEFINITION_CRD: &str =
+    include_str!("crds/k8s.cni.cncf.io_network-attachment-definitions.yaml");
+
+/// How long a CRD may take to be served on a real cluster.
+const CRD_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The connect, read and write timeouts of the clients made here.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A namespace with the CRDs installed, on a real cluster or on a fake one.
+pub struct TestCluster {
+    client: kube::Client,
+    namespace: String,
+    kubeconfig_path: PathBuf,
+    fake: Option<FakeApiServer>,
+    cleaned_up: bool,
+    /// Holds the kubeconfig file; removed on drop.
+    _directory: TempDir,
+}
+
+impl std::fmt::Debug for TestCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestCluster")
+            .field("namespace", &self.namespace)
+            .field("kubeconfig_path", &self.kubeconfig_path)
+            .field("fake", &self.fake)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `wb-test-` and eight random lowercase letters and digits.
+fn random_namespace() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let suffix: String = (0..8).map(|_| char::from(ALPHABET[fastrand::usize(..ALPHABET.len())])).collect();
+    format!("wb-test-{suffix}")
+}
+
+/// `<workspace>/deploy/crds`.
+fn workspace_crd_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/crds")
+}
+
+/// Points the kubeconfig's current context at `namespace`, and makes relative file references
+/// absolute (relative to `base`, the directory of the original file) since the result is written
+/// elsewhere.
+fn retarget_kubeconfig(kubeconfig: &mut Value, namespace: &str, base: Option<&Path>) -> Result<(), String> {
+    let current = kubeconfig.get("current-context").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let context = kubeconfig
+        .get_mut("contexts")
+        .and_then(Value::as_array_mut)
+        .and_then(|contexts| {
+            contexts.iter_mut().find(|c| c.get("name").and_then(Value::as_str) == Some(&current))
+        })
+        .and_then(|named| named.get_mut("context"))
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| format!("the kubeconfig has no current context (current-context: {current:?})"))?;
+    context.insert("namespace".to_owned(), Value::from(namespace));
+    let Some(base) = base else { return Ok(()) };
+    for (list, entry, keys) in [
+        ("clusters", "cluster", &["certificate-authority"][..]),
+        ("users", "user", &["client-certificate", "client-key", "tokenFile"][..]),
+    ] {
+        let entries = kubeconfig.get_mut(list).and_then(Value::as_array_mut).into_iter().flatten();
+        for named in entries.filter_map(|named| named.get_mut(entry)).filter_map(Value::as_object_mut) {
+            for key in keys {
+                if let Some(Value::String(file)) = named.get_mut(*key)
+                    && Path::new(file.as_str()).is_relative()
+                {
+                    *file = base.join(file.as_str()).to_string_lossy().into_owned();
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A client from a kubeconfig file, with 10 s connect, read and write timeouts. (A watch without
+/// bookmarks that stays quiet for longer than the read timeout ends with a timeout error.)
+async fn client_from(kubeconfig_path: &Path) -> Result<kube::Client, String> {
+    let kubeconfig =
+        Kubeconfig::read_from(kubeconfig_path).map_err(|e| format!("reading the kubeconfig: {e}"))?;
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| format!("loading the kubeconfig: {e}"))?;
+    config.connect_timeout = Some(CLIENT_TIMEOUT);
+    config.read_timeout = Some(CLIENT_TIMEOUT);
+    config.write_timeout = Some(CLIENT_TIMEOUT);
+    // Count the read timeout from each request, not from when a pooled connection went idle.
+    config.reset_reader_on_write = true;
+    kube::Client::try_from(config).map_err(|e| format!("making the client: {e}"))
+}
+
+/// Every CustomResourceDefinition document in the `*.yaml` files of `directory` (none if it does
+/// not exist), after the NetworkAttachmentDefinition CRD.
+fn read_crds(directory: &Path) -> Result<Vec<CustomResourceDefinition>, String> {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(directory) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| {
+                path.extension().is_some_and(|extension| extension == "yaml" || extension == "yml")
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    files.sort();
+    let mut texts = vec![("(built in)".to_owned(), NETWORK_ATTACHMENT_DEFINITION_CRD.to_owned())];
+    for file in files {
+        let text = std::fs::read_to_string(&file).map_err(|e| format!("reading {}: {e}", file.display()))?;
+        texts.push((file.display().to_string(), text));
+    }
+    let mut crds = Vec::new();
+    for (origin, text) in texts {
+        let documents: Vec<Value> =
+            serde_saphyr::from_multiple(&text).map_err(|e| format!("parsing {origin}: {e}"))?;
+        for document in documents {
+            if document.get("kind").and_then(Value::as_str) == Some("CustomResourceDefinition") {
+                crds.push(
+                    serde_json::from_value(document)
+                        .map_err(|e| format!("decoding a CRD of {origin}: {e}"))?,
+                );
+            }
+        }
+    }
+    Ok(crds)
+}
+
+fn is_status(error: &kube::Error, code: u16) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == code)
+}
+
+/// Creates the CRD, or replaces the one that exists (retrying on write conflicts with others).
+async fn install_crd(
+    api: &Api<CustomResourceDefinition>,
+    crd: &CustomResourceDefinition,
+) -> Result<(), String> {
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    let failed = |e: kube::Error| format!("installing CRD {name}: {e}");
+    for _ in 0..10 {
+        match api.create(&PostParams::default(), crd).await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_status(&e, 409) => {
+                let existing = api.get(&name).await.map_err(failed)?;
+                let mut updated = crd.clone();
+                updated.metadata.resource_version = existing.metadata.resource_version;
+                match api.replace(&name, &PostParams::default(), &updated).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) if is_status(&e, 409) => continue,
+                    Err(e) => return Err(failed(e)),
+                }
+            }
+            Err(e) => return Err(failed(e)),
+        }
+    }
+    Err(format!("installing CRD {name}: it kept changing under us"))
+}
+
+/// Whether the CRD is Established and a LIST of each of its served versions succeeds.
+async fn crd_served(client: &kube::Client, crd: &CustomResourceDefinition, namespace: &str) -> bool {
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    let established = Api::<CustomResourceDefinition>::all(client.clone())
+        .get(&name)
+        .await
+        .ok()
+        .and_then(|stored| stored.status?.conditions)
+        .is_some_and(|conditions| conditions.iter().any(|c| c.type_ == "Established" && c.status == "True"));
+    if !established {
+        return false;
+    }
+    for version in crd.spec.versions.iter().filter(|version| version.served) {
+        let resource = ApiResource {
+            group: crd.spec.group.clone(),
+            version: version.name.clone(),
+            api_version: format!("{}/{}", crd.spec.group, version.name),
+            kind: crd.spec.names.kind.clone(),
+            plural: crd.spec.names.plural.clone(),
+        };
+        let api: Api<DynamicObject> = if crd.spec.scope == "Namespaced" {
+            Api::namespaced_with(client.clone(), namespace, &resource)
+        } else {
+            Api::all_with(client.clone(), &resource)
+        };
+        if api.list(&ListParams::default().limit(1)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Installs the CRDs and waits until each is served.
+async fn install_crds(client: &kube::Client, crd_dir: &Path, namespace: &str) -> Result<(), String> {
+    let api = Api::<CustomResourceDefinition>::all(client.clone());
+    let crds = read_crds(crd_dir)?;
+    for crd in &crds {
+        install_crd(&api, crd).await?;
+    }
+    let deadline = Instant::now() + CRD_READY_TIMEOUT;
+    for crd in &crds {
+        while !crd_served(client, crd, namespace).await {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "CRD {} is not served after {CRD_READY_TIMEOUT:?}",
+                    crd.metadata.name.clone().unwrap_or_default()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+async fn delete_namespace(client: &kube::Client, namespace: &str) -> Result<(), kube::Error> {
+    match Api::<Namespace>::all(client.clone()).delete(namespace, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_status(&e, 404) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+impl TestCluster {
+    /// Starts a test cluster with the workspace's CRDs (`deploy/crds/*.yaml`, a missing directory
+    /// meaning none) and the NetworkAttachmentDefinition CRD.
+    ///
+    /// # Panics
+    ///
+    /// When the cluster cannot be set up (test support: the test cannot go on).
+    pub async fn start() -> TestCluster {
+        TestCluster::start_with_crds(&workspace_crd_dir()).await
+    }
+
+    /// Like [`TestCluster::start`], with the CRDs of the `*.yaml` files in `crd_dir` (multi-document
+    /// files allowed; documents of other kinds are skipped).
+    ///
+    /// # Panics
+    ///
+    /// When the cluster cannot be set up.
+    pub async fn start_with_crds(crd_dir: &Path) -> TestCluster {
+        match TestCluster::try_start(crd_dir).await {
+            Ok(cluster) => cluster,
+            Err(e) => panic!("starting the test cluster: {e}"),
+        }
+    }
+
+    async fn try_start(crd_dir: &Path) -> Result<TestCluster, String> {
+        let (mut kubeconfig, base, fake) =
+            match std::env::var_os(KUBECONFIG_ENV).filter(|path| !path.is_empty()) {
+                Some(path) => {
+                    let path = PathBuf::from(path);
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+                    let kubeconfig: Value = serde_saphyr::from_str(&text)
+                        .map_err(|e| format!("parsing {}: {e}", path.display()))?;
+                    let base =
+                        std::path::absolute(&path).ok().and_then(|path| path.parent().map(Path::to_path_buf));
+                    (kubeconfig, base, None)
+                }
+                None => {
+                    let fake = FakeApiServer::start();
+                    let kubeconfig: Value = serde_json::from_str(&fake.kubeconfig("default"))
+                        .map_err(|e| format!("the fake's kubeconfig: {e}"))?;
+                    (kubeconfig, None, Some(fake))
+                }
+            };
+        let namespace = random_namespace();
+        retarget_kubeconfig(&mut kubeconfig, &namespace, base.as_deref())?;
+        let directory = tempfile::tempdir().map_err(|e| format!("making a temporary directory: {e}"))?;
+        let kubeconfig_path = directory.path().join("kubeconfig.json");
+        let text =
+            serde_json::to_string_pretty(&kubeconfig).map_err(|e| format!("writing the kubeconfig: {e}"))?;
+        std::fs::write(&kubeconfig_path, text)
+            .map_err(|e| format!("writing {}: {e}", kubeconfig_path.display()))?;
+        let client = client_from(&kubeconfig_path).await?;
+        let labels = [("app.kubernetes.io/created-by".to_owned(), "whereabouts-kube-testing".to_owned())];
+        let object = Namespace {
+            metadata: ObjectMeta {
+                name: Some(namespace.clone()),
+                labels: Some(labels.into()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &object)
+            .await
+            .map_err(|e| format!("creating namespace {namespace}: {e}"))?;
+        let cluster = TestCluster {
+            client,
+            namespace,
+            kubeconfig_path,
+            fake,
+            cleaned_up: false,
+            _directory: directory,
+        };
+        install_crds(&cluster.client, crd_dir, &cluster.namespace).await?;
+        Ok(cluster)
+    }
+
+    /// A client whose default namespace is the test namespace, with 10 s connect, read and write
+    /// timeouts (kube's default retries of 429/503/504 included). A watch that stays quiet for longer
+    /// than the read timeout ends in an error: ask for bookmarks (kube's default), which the fake
+    /// sends every second of silence (a real server only about once a minute).
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// A kubeconfig (JSON) whose current context's namespace is the test namespace.
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig_path
+    }
+
+    /// The fake server, or None on a real cluster.
+    pub fn fake(&self) -> Option<&FakeApiServer> {
+        self.fake.as_ref()
+    }
+
+    pub fn is_real(&self) -> bool {
+        self.fake.is_none()
+    }
+
+    /// Deletes the test namespace (real cluster; the CRDs stay) or stops the fake.
+    pub async fn cleanup(mut self) {
+        self.cleaned_up = true;
+        if self.is_real()
+            && let Err(e) = delete_namespace(&self.client, &self.namespace).await
+        {
+            tracing::warn!(namespace = %self.namespace, error = %e, "could not delete the test namespace");
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    /// Best effort: deletes the test namespace of a real cluster that was not cleaned up, from a
+    /// short-lived thread with its own runtime (no ambient runtime needed); a fake stops by itself.
+    fn drop(&mut self) {
+        if self.cleaned_up || !self.is_real() {
+            return;
+        }
+        let (path, namespace) = (self.kubeconfig_path.clone(), self.namespace.clone());
+        let worker = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            runtime.block_on(async {
+                let deletion = async {
+                    if let Ok(client) = client_from(&path).await {
+                        let _ = delete_namespace(&client, &namespace).await;
+                    }
+                };
+                let _ = tokio::time::timeout(CLIENT_TIMEOUT, deletion).await;
+            });
+        });
+        let _ = worker.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn retargeting_sets_the_namespace_and_absolutises_files() {
+        let mut kubeconfig = json!({
+            "current-context": "b",
+            "contexts": [{"name": "a", "context": {}}, {"name": "b", "context": {"namespace": "x"}}],
+            "clusters": [{"name": "c", "cluster": {"certificate-authority": "ca.pem", "server": "https://h"}}],
+            "users": [{"name": "u", "user": {"client-key": "/abs/key.pem", "client-certificate": "c.pem"}}],
+        });
+        retarget_kubeconfig(&mut kubeconfig, "wb-test-1", Some(Path::new("/base"))).expect("retargeted");
+        assert_eq!(kubeconfig["contexts"][1]["context"]["namespace"], "wb-test-1");
+        assert_eq!(kubeconfig["contexts"][0]["context"], json!({}));
+        assert_eq!(kubeconfig["clusters"][0]["cluster"]["certificate-authority"], "/base/ca.pem");
+        assert_eq!(kubeconfig["users"][0]["user"]["client-key"], "/abs/key.pem");
+        assert_eq!(kubeconfig["users"][0]["user"]["client-certificate"], "/base/c.pem");
+        assert!(retarget_kubeconfig(&mut json!({"current-context": "z"}), "n", None).is_err());
+        let namespace = random_namespace();
+        assert!(namespace.len() == 16 && namespace.starts_with("wb-test-"));
+    }
+
+    #[test]
+    fn the_network_attachment_definition_crd_is_read_first() {
+        let crds = read_crds(Path::new("/nonexistent")).expect("read");
+        assert_eq!(crds.len(), 1);
+        assert_eq!(crds[0].spec.names.kind, "NetworkAttachmentDefinition");
+    }
+}

@@ -1,0 +1,314 @@
+//! An in-process fake Kubernetes API server that a real `kube::Client` talks to over plain HTTP on
+//! 127.0.0.1, honouring the real kube-apiserver protocol closely enough that a test passing on it
+//! also passes on a real cluster.
+//!
+//! # What is modelled
+//!
+//! * Objects stored generically (JSON) for the built-in types (core/v1 namespaces, pods, nodes,
+//!   events, configmaps, secrets, serviceaccounts; coordination.k8s.io/v1 leases; events.k8s.io/v1
+//!   events; apiextensions.k8s.io/v1 customresourcedefinitions) and for every type a stored CRD
+//!   defines (served from the moment the CRD is created; unserved, with all their objects, when it is
+//!   deleted).
+//! * One global resourceVersion counter (like etcd's revision), uid, creationTimestamp, generation,
+//!   generateName, name validation, `dryRun=All`.
+//! * GET, LIST (label and field selectors), WATCH (from a resourceVersion, from "0", bookmarks,
+//!   `sendInitialEvents`, `timeoutSeconds`, 410 `Expired` after [`FakeApiServer::compact`] or once
+//!   more than 100 000 events, or about 1 GiB of objects, were recorded since), POST, PUT
+//!   (optimistic concurrency, 422 for custom resources without a resourceVersion), PATCH (JSON
+//!   patch, merge patch, strategic merge patch as a merge patch, server-side apply as
+//!   create-or-merge), DELETE (preconditions, finalizers, graceful pod deletion, namespace
+//!   termination in the background) and DELETE collection.
+//! * The `status` subresource (pods, nodes, namespaces, CRDs, custom resources declaring it).
+//! * Structural schemas of custom resources: pruning, defaults, nulls, validation (see `schema`).
+//! * Failures as `Status` objects with the real reasons and messages.
+//! * Writes to one object are serialised and spend [`FakeOptions::write_latency`] each, while writes
+//!   to different objects proceed in parallel (as with etcd).
+//!
+//! # What is not
+//!
+//! Authentication and authorisation (any token is accepted), admission webhooks, managedFields and
+//! server-side apply ownership (apply conflicts never happen, fields dropped from an applied
+//! configuration are not removed), strategic-merge-patch list semantics (lists are replaced), pod spec
+//! immutability and the many per-type validations of built-in objects, the garbage collector
+//! (ownerReferences), field-label restrictions of field selectors, LIST paging (`limit` and
+//! `continue` are ignored: everything comes in one page), `resourceVersionMatch`, protobuf, CRD
+//! conversion webhooks, CEL validation rules.
+
+mod admission;
+mod crd;
+mod discovery;
+mod error;
+mod locks;
+mod patch;
+mod path;
+mod resource;
+mod schema;
+mod select;
+mod store;
+mod verbs;
+mod watch;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State as AxumState};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::serve::ListenerExt;
+use serde_json::json;
+use tokio::net::TcpSocket;
+use tokio::sync::{oneshot, watch as signal};
+
+use error::ApiError;
+use locks::ObjectLocks;
+use store::State;
+
+/// Options of a [`FakeApiServer`].
+#[derive(Debug, Clone, Default)]
+pub struct FakeOptions {
+    /// Added to every mutating request (POST/PUT/PATCH/DELETE) while holding that object's write path,
+    /// to model a real API server's etcd round trip (writes to one object are serialised, as in etcd).
+    pub write_latency: Duration,
+}
+
+/// Request counters of a [`FakeApiServer`] (since it started or [`FakeApiServer::reset_stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Every HTTP request, including discovery, watches and refused ones.
+    pub requests: u64,
+    /// Mutating requests (POST, PUT, PATCH, DELETE), whatever their outcome.
+    pub writes: u64,
+    /// Answers 409 (Conflict and AlreadyExists).
+    pub conflicts: u64,
+    /// Answers 422 (Invalid).
+    pub invalid: u64,
+    /// Answers 404 (NotFound).
+    pub not_found: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    writes: AtomicU64,
+    conflicts: AtomicU64,
+    invalid: AtomicU64,
+    not_found: AtomicU64,
+}
+
+/// What the request handlers share.
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    locks: ObjectLocks,
+    options: FakeOptions,
+    counters: Counters,
+    /// True while the server answers every request with 503.
+    unavailable: signal::Sender<bool>,
+    /// `127.0.0.1:<port>`.
+    address: String,
+}
+
+impl Shared {
+    fn new(options: FakeOptions, address: String) -> Shared {
+        let mut state = State::new();
+        if let Some(namespaces) = state.resolve("", "v1", "namespaces") {
+            for name in ["default", "kube-system"] {
+                let namespace = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+                let namespace = admission::prepare_create(&namespaces, namespace)
+                    .expect("the initial namespaces are valid");
+                state.put(&namespaces, namespace);
+            }
+        }
+        Shared {
+            state: Mutex::new(state),
+            locks: ObjectLocks::default(),
+            options,
+            counters: Counters::default(),
+            unavailable: signal::Sender::new(false),
+            address,
+        }
+    }
+
+    /// The state, held only for in-memory work (never across an await).
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The one handler: every path is parsed by hand (see `path`).
+async fn handle(AxumState(shared): AxumState<Arc<Shared>>, request: Request) -> Response {
+    let counters = &shared.counters;
+    counters.requests.fetch_add(1, Ordering::Relaxed);
+    if matches!(*request.method(), Method::POST | Method::PUT | Method::PATCH | Method::DELETE) {
+        counters.writes.fetch_add(1, Ordering::Relaxed);
+    }
+    tracing::trace!(method = %request.method(), uri = %request.uri(), "request");
+    let response = if *shared.unavailable.borrow() {
+        ApiError::unavailable().into_response()
+    } else {
+        verbs::dispatch(&shared, request).await.unwrap_or_else(IntoResponse::into_response)
+    };
+    let counter = match response.status() {
+        StatusCode::CONFLICT => Some(&counters.conflicts),
+        StatusCode::UNPROCESSABLE_ENTITY => Some(&counters.invalid),
+        StatusCode::NOT_FOUND => Some(&counters.not_found),
+        _ => None,
+    };
+    if let Some(counter) = counter {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    response
+}
+
+/// A running fake API server. It serves on its own OS thread (with its own two-worker tokio
+/// runtime), so it works from sync code, from any test runtime and from benchmarks. Dropping it
+/// stops the server: connections and watches end.
+pub struct FakeApiServer {
+    shared: Arc<Shared>,
+    url: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for FakeApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeApiServer")
+            .field("url", &self.url)
+            .field("options", &self.shared.options)
+            .finish()
+    }
+}
+
+impl FakeApiServer {
+    /// Starts a server with default options; see [`FakeApiServer::start_with`].
+    pub fn start() -> FakeApiServer {
+        FakeApiServer::start_with(FakeOptions::default())
+    }
+
+    /// Starts a server on an ephemeral port of 127.0.0.1; returns once it is listening. Namespaces
+    /// `default` and `kube-system` exist.
+    ///
+    /// # Panics
+    ///
+    /// If no socket or thread can be had (test support: there is nothing sensible to carry on with).
+    pub fn start_with(options: FakeOptions) -> FakeApiServer {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("fake-kube-apiserver")
+            .enable_all()
+            .build()
+            .expect("building the fake API server's runtime");
+        // A long accept queue: many plugin processes may connect at once.
+        let listener = {
+            let _runtime = runtime.enter();
+            let socket = TcpSocket::new_v4().expect("a socket");
+            socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("binding 127.0.0.1:0");
+            socket.listen(4096).expect("listening")
+        };
+        let address = listener.local_addr().expect("the listener's address").to_string();
+        let shared = Arc::new(Shared::new(options, address.clone()));
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let app = Router::new().fallback(handle).with_state(shared.clone());
+        let thread = std::thread::Builder::new()
+            .name("fake-kube-apiserver".to_owned())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = listener.tap_io(|stream| {
+                        // Small request/answer exchanges: no Nagle delays.
+                        let _ = stream.set_nodelay(true);
+                    });
+                    tokio::select! {
+                        result = axum::serve(listener, app) => {
+                            if let Err(error) = result {
+                                tracing::error!(%error, "the fake API server stopped");
+                            }
+                        }
+                        _ = stopped => {}
+                    }
+                });
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })
+            .expect("spawning the fake API server's thread");
+        FakeApiServer {
+            shared,
+            url: format!("http://{address}"),
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// A kubeconfig (JSON, which is valid YAML) with one cluster, user and context pointing at this
+    /// server, the context's namespace set to `namespace`, and a dummy bearer token.
+    pub fn kubeconfig(&self, namespace: &str) -> String {
+        let kubeconfig = json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake", "user": {"token": "fake-token"}}],
+            "contexts": [{
+                "name": "fake",
+                "context": {"cluster": "fake", "user": "fake", "namespace": namespace},
+            }],
+            "current-context": "fake",
+            "preferences": {},
+        });
+        serde_json::to_string_pretty(&kubeconfig).unwrap_or_default()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let counters = &self.shared.counters;
+        Stats {
+            requests: counters.requests.load(Ordering::Relaxed),
+            writes: counters.writes.load(Ordering::Relaxed),
+            conflicts: counters.conflicts.load(Ordering::Relaxed),
+            invalid: counters.invalid.load(Ordering::Relaxed),
+            not_found: counters.not_found.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn reset_stats(&self) {
+        let counters = &self.shared.counters;
+        for counter in [
+            &counters.requests,
+            &counters.writes,
+            &counters.conflicts,
+            &counters.invalid,
+            &counters.not_found,
+        ] {
+            counter.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// While true every request answers 503 ServiceUnavailable (a Status object) and open watches
+    /// end; models an API server restart. (kube's default client retries 503s with backoff, up to
+    /// 15 times, so its requests wait for the server to come back rather than fail.)
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.shared.unavailable.send_replace(unavailable);
+    }
+
+    /// Forgets the watch history up to the current resourceVersion, as an etcd compaction does: a
+    /// watch from an older resourceVersion then gets an ERROR event with a 410 `Expired` Status.
+    pub fn compact(&self) {
+        self.shared.state().compact();
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

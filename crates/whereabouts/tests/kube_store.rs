@@ -1,0 +1,1153 @@
+//! The Kubernetes store, written once and run against two API servers: the in-process fake of
+//! `whereabouts-kube-testing` by default, a real cluster when `WHEREABOUTS_TEST_KUBECONFIG` names a
+//! kubeconfig (every test then works in a fresh namespace of its own).
+//!
+//! * The CRDs: served, upstream's objects accepted and read back unchanged, our additive fields kept,
+//!   unknown fields pruned.
+//! * [`KubeStore`] itself: create-if-absent, the key-level compare-and-swap of pool writes (a stale
+//!   write conflicts exactly when it touches a key someone else changed), reservations with one owner.
+//! * Compatibility with pools upstream wrote: undecodable keys skipped and kept, unsigned offsets from
+//!   the literal `spec.range` IP (IPv6 offsets of 2^63 and above included), upstream's object names.
+//! * The plugin binary end to end: what ADD and DEL store, all-or-nothing multi-range ADDs,
+//!   overlapping ranges of one network, refusals, an unreachable or failing API server.
+//!
+//! Tests that need the fake (its counters, or making it fail) say so and pass on a real cluster.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::task::JoinSet;
+use whereabouts_core::pool::{Allocation, Pool, PoolSpec, SkippedKey};
+use whereabouts_k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
+use whereabouts_k8s::k8s_openapi::api::coordination::v1::Lease;
+use whereabouts_k8s::kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
+use whereabouts_k8s::kube::{Resource, ResourceExt};
+use whereabouts_kube_testing::TestCluster;
+use whereabouts_store::kubernetes::KubeStore;
+use whereabouts_store::{Reservation, ReserveOutcome, Store, StoreError};
+
+/// The CNI network name (`name` of the network configuration).
+const NETWORK: &str = "kube-net";
+/// The namespace of the pods the plugin allocates for: not where the objects go.
+const POD_NAMESPACE: &str = "apps";
+const NODE: &str = "node-a";
+
+const INVALID_ENV: u64 = 4;
+const TRY_AGAIN: u64 = 11;
+const INTERNAL: u64 = 999;
+
+/// How long one plugin run may take before the test gives up on it (the plugin's own deadline is 60 s).
+const PLUGIN_LIMIT: Duration = Duration::from_secs(90);
+
+// ---------------------------------------------------------------------------------------------
+// Objects as the API server holds them
+
+fn pools_api(cluster: &TestCluster) -> Api<IPPool> {
+    Api::namespaced(cluster.client(), cluster.namespace())
+}
+
+fn reservations_api(cluster: &TestCluster) -> Api<OverlappingRangeIPReservation> {
+    Api::namespaced(cluster.client(), cluster.namespace())
+}
+
+fn store(cluster: &TestCluster) -> KubeStore {
+    KubeStore::new(cluster.client(), cluster.namespace())
+}
+
+/// Objects of kind `K` as untyped JSON in `namespace`, to see exactly what is stored.
+fn raw_api<K: Resource<DynamicType = ()>>(
+    cluster: &TestCluster,
+    namespace: &str,
+) -> (Api<DynamicObject>, ApiResource) {
+    let resource = ApiResource::erase::<K>(&());
+    (Api::namespaced_with(cluster.client(), namespace, &resource), resource)
+}
+
+/// Creates an object of kind `K` from raw JSON (`spec`, maybe `status`) in the test namespace; its
+/// stored body without metadata.
+async fn create_raw<K: Resource<DynamicType = ()>>(cluster: &TestCluster, name: &str, body: Value) -> Value {
+    let (api, resource) = raw_api::<K>(cluster, cluster.namespace());
+    let object = DynamicObject::new(name, &resource).data(body);
+    let created = api
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap_or_else(|e| panic!("create {} {name}: {e}", resource.kind));
+    created.data
+}
+
+/// The stored `spec` of an object of kind `K` in `namespace`, as JSON.
+async fn raw_spec_in<K: Resource<DynamicType = ()>>(
+    cluster: &TestCluster,
+    namespace: &str,
+    name: &str,
+) -> Option<Value> {
+    let (api, resource) = raw_api::<K>(cluster, namespace);
+    let found = api.get_opt(name).await.unwrap_or_else(|e| panic!("get {} {name}: {e}", resource.kind));
+    found.map(|object| object.data["spec"].clone())
+}
+
+async fn raw_spec<K: Resource<DynamicType = ()>>(cluster: &TestCluster, name: &str) -> Option<Value> {
+    raw_spec_in::<K>(cluster, cluster.namespace(), name).await
+}
+
+/// The allocations of a pool as stored, by key; empty when the pool does not exist.
+async fn stored_allocations(cluster: &TestCluster, pool: &str) -> BTreeMap<String, Value> {
+    let spec = raw_spec::<IPPool>(cluster, pool).await.unwrap_or(Value::Null);
+    match &spec["allocations"] {
+        Value::Object(map) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+async fn stored_keys(cluster: &TestCluster, pool: &str) -> Vec<String> {
+    stored_allocations(cluster, pool).await.into_keys().collect()
+}
+
+/// Every reservation in the test namespace: name → its stored spec.
+async fn stored_reservations(cluster: &TestCluster) -> BTreeMap<String, Value> {
+    let (api, _) = raw_api::<OverlappingRangeIPReservation>(cluster, cluster.namespace());
+    let list = api.list(&ListParams::default()).await.expect("list reservations");
+    list.items.into_iter().map(|o| (o.name_any(), o.data["spec"].clone())).collect()
+}
+
+async fn stored_reservation_names(cluster: &TestCluster) -> Vec<String> {
+    stored_reservations(cluster).await.into_keys().collect()
+}
+
+/// An allocation for pod `pod` (sandbox `<pod>-c1`, interface `net1`) as the store tests write it.
+fn entry(pod: &str) -> Allocation {
+    Allocation {
+        container_id: format!("{pod}-c1"),
+        pod_ref: format!("{POD_NAMESPACE}/{pod}"),
+        ifname: "net1".into(),
+        node: None,
+        cni_network: None,
+    }
+}
+
+fn spec(range: &str, entries: &[(&str, &str)]) -> PoolSpec {
+    PoolSpec {
+        range: range.into(),
+        allocations: entries.iter().map(|(key, pod)| (key.to_string(), entry(pod))).collect(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running the plugin
+
+/// One attachment: pod, sandbox and interface.
+#[derive(Debug, Clone)]
+struct Pod {
+    name: String,
+    container: String,
+}
+
+impl Pod {
+    fn new(name: &str) -> Self {
+        Pod { name: name.into(), container: format!("{name}-sandbox") }
+    }
+
+    /// The same pod and interface in another sandbox.
+    fn sandbox(&self, n: u32) -> Self {
+        Pod { name: self.name.clone(), container: format!("{}-sandbox-{n}", self.name) }
+    }
+
+    fn pod_ref(&self) -> String {
+        format!("{POD_NAMESPACE}/{}", self.name)
+    }
+
+    fn cni_args(&self) -> String {
+        format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={POD_NAMESPACE};K8S_POD_NAME={}", self.name)
+    }
+
+    /// The pool entry the plugin writes for this pod.
+    fn stored_entry(&self, cni_network: &str) -> Value {
+        json!({
+            "id": self.container, "podref": self.pod_ref(), "ifname": "net1",
+            "node": NODE, "network": cni_network,
+        })
+    }
+
+    /// The reservation the plugin writes for this pod.
+    fn stored_reservation(&self) -> Value {
+        json!({ "podref": self.pod_ref(), "ifname": "net1", "containerid": self.container })
+    }
+}
+
+/// A network configuration named `name` whose `ipam` uses the kubeconfig at `kubeconfig`, with
+/// `ipam` keys added.
+fn netconf_at(kubeconfig: &Path, name: &str, ipam: Value) -> Value {
+    let mut full = json!({
+        "type": "whereabouts",
+        "datastore": "kubernetes",
+        "kubernetes": { "kubeconfig": kubeconfig },
+        "log_level": "error",
+    });
+    if let Value::Object(extra) = ipam {
+        for (key, value) in extra {
+            full[key] = value;
+        }
+    }
+    json!({ "cniVersion": "1.0.0", "name": name, "type": "macvlan", "ipam": full })
+}
+
+/// The network configuration [`NETWORK`] on the test cluster.
+fn netconf(cluster: &TestCluster, ipam: Value) -> Value {
+    netconf_at(cluster.kubeconfig_path(), NETWORK, ipam)
+}
+
+#[derive(Debug)]
+enum Outcome {
+    /// Exit 0: the parsed stdout, `Null` when it printed nothing.
+    Success(Value),
+    /// Exit 1 with a CNI error object.
+    Failed { code: u64, msg: String },
+}
+
+impl Outcome {
+    #[track_caller]
+    fn addresses(self, what: &str) -> Vec<String> {
+        match self {
+            Outcome::Success(result) => addresses_of(&result),
+            other => panic!("{what}: expected success, got {other:?}"),
+        }
+    }
+
+    #[track_caller]
+    fn failure(self, what: &str) -> (u64, String) {
+        match self {
+            Outcome::Failed { code, msg } => (code, msg),
+            other => panic!("{what}: expected an error, got {other:?}"),
+        }
+    }
+}
+
+/// The addresses of an ADD result, in order.
+#[track_caller]
+fn addresses_of(result: &Value) -> Vec<String> {
+    let ips = result["ips"].as_array().unwrap_or_else(|| panic!("no ips in {result}"));
+    ips.iter().map(|ip| ip["address"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+/// Runs the plugin once with `cni_args`.
+async fn run_plugin(command: &str, pod: &Pod, cni_args: &str, netconf: &Value) -> Outcome {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_whereabouts"))
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", &pod.container)
+        .env("CNI_NETNS", format!("/var/run/netns/{}", pod.container))
+        .env("CNI_IFNAME", "net1")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env("CNI_ARGS", cni_args)
+        .env("NODENAME", NODE)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the plugin");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(netconf.to_string().as_bytes()).await.expect("write stdin");
+    drop(stdin);
+    let output = tokio::time::timeout(PLUGIN_LIMIT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{command} {}: still running after {PLUGIN_LIMIT:?}", pod.container))
+        .expect("wait for the plugin");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let parsed = || -> Value {
+        serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!("{command} {}: stdout is not JSON ({e}): {stdout:?}; {stderr}", pod.container)
+        })
+    };
+    match output.status.code() {
+        Some(0) if stdout.is_empty() => Outcome::Success(Value::Null),
+        Some(0) => Outcome::Success(parsed()),
+        Some(1) => {
+            let reply = parsed();
+            let code = reply["code"].as_u64().unwrap_or_else(|| panic!("error without a code: {reply}"));
+            Outcome::Failed { code, msg: reply["msg"].as_str().unwrap_or_default().to_string() }
+        }
+        _ => panic!(
+            "{command} {}: exited {}; stdout {stdout:?}; stderr {stderr}",
+            pod.container, output.status
+        ),
+    }
+}
+
+async fn cni(command: &str, pod: &Pod, netconf: &Value) -> Outcome {
+    run_plugin(command, pod, &pod.cni_args(), netconf).await
+}
+
+/// ADD that must succeed: its addresses.
+async fn add(pod: &Pod, netconf: &Value) -> Vec<String> {
+    cni("ADD", pod, netconf).await.addresses(&format!("ADD {}", pod.name))
+}
+
+/// Starts an ADD for `pod` in `running`.
+fn spawn_add(running: &mut JoinSet<(Outcome, Pod)>, pod: Pod, netconf: &Value) {
+    let netconf = netconf.clone();
+    running.spawn(async move { (cni("ADD", &pod, &netconf).await, pod) });
+}
+
+/// DEL that must succeed and print nothing.
+async fn del(pod: &Pod, netconf: &Value) {
+    match cni("DEL", pod, netconf).await {
+        Outcome::Success(Value::Null) => {}
+        other => panic!("DEL {}: expected silent success, got {other:?}", pod.name),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. The CRDs
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_three_crds_are_served_in_the_namespace() {
+    let cluster = TestCluster::start().await;
+    let params = ListParams::default();
+    let pools = pools_api(&cluster).list(&params).await.expect("list IPPools");
+    assert!(pools.items.is_empty(), "a fresh namespace holds no pool");
+    let reservations = reservations_api(&cluster).list(&params).await.expect("list ORIPs");
+    assert!(reservations.items.is_empty());
+    let slices: Api<NodeSlicePool> = Api::namespaced(cluster.client(), cluster.namespace());
+    assert!(slices.list(&params).await.expect("list NodeSlicePools").items.is_empty());
+
+    // Upstream's controller writes a NodeSlicePool's status through the main resource: without a
+    // status subresource it is stored with the object.
+    let body = json!({
+        "spec": { "range": "192.0.2.0/24", "sliceSize": "/26" },
+        "status": { "allocations": [
+            { "nodeName": NODE, "sliceRange": "192.0.2.0/26" },
+            { "nodeName": "", "sliceRange": "192.0.2.64/26" },
+        ] },
+    });
+    let stored = create_raw::<NodeSlicePool>(&cluster, "slices", body.clone()).await;
+    assert_eq!(stored, body);
+    let typed = slices.get("slices").await.expect("typed read");
+    let status = typed.status.expect("status kept");
+    assert_eq!(status.allocations[0].node_name, NODE);
+    assert_eq!(status.allocations[1].slice_range, "192.0.2.64/26");
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_as_upstream_writes_it_reads_back_unchanged() {
+    let cluster = TestCluster::start().await;
+    let spec = json!({
+        "range": "192.0.2.0/24",
+        "allocations": {
+            "5": { "id": "c", "podref": "ns/p", "ifname": "net1" },
+            // Before v0.8 upstream wrote no ifname; `id` and `podref` are always there, maybe empty.
+            "6": { "id": "d", "podref": "" },
+        },
+    });
+    let created = create_raw::<IPPool>(&cluster, "192.0.2.0-24", json!({ "spec": spec })).await;
+    assert_eq!(created, json!({ "spec": spec }), "accepted as is");
+    assert_eq!(raw_spec::<IPPool>(&cluster, "192.0.2.0-24").await, Some(spec));
+
+    let read = store(&cluster).read_pool("192.0.2.0-24").await.expect("read").expect("the pool exists");
+    let expected = PoolSpec {
+        range: "192.0.2.0/24".into(),
+        allocations: BTreeMap::from([
+            (
+                "5".into(),
+                Allocation {
+                    container_id: "c".into(),
+                    pod_ref: "ns/p".into(),
+                    ifname: "net1".into(),
+                    node: None,
+                    cni_network: None,
+                },
+            ),
+            (
+                "6".into(),
+                Allocation {
+                    container_id: "d".into(),
+                    pod_ref: String::new(),
+                    ifname: String::new(),
+                    node: None,
+                    cni_network: None,
+                },
+            ),
+        ]),
+    };
+    assert_eq!(read.spec, expected);
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn additive_fields_survive_and_unknown_fields_are_pruned() {
+    let cluster = TestCluster::start().await;
+    let body = json!({
+        "spec": {
+            "range": "192.0.2.0/24",
+            "allocations": {
+                "1": { "id": "a", "podref": "ns/a", "ifname": "net1", "node": "n1", "network": "blue",
+                       "colour": "red" },
+            },
+            "owner": "someone",
+        },
+        "extra": true,
+    });
+    let kept = json!({
+        "range": "192.0.2.0/24",
+        "allocations": { "1": { "id": "a", "podref": "ns/a", "ifname": "net1", "node": "n1", "network": "blue" } },
+    });
+    let created = create_raw::<IPPool>(&cluster, "192.0.2.0-24", body).await;
+    assert_eq!(created, json!({ "spec": kept }), "unknown fields pruned on create");
+    assert_eq!(raw_spec::<IPPool>(&cluster, "192.0.2.0-24").await, Some(kept));
+    let read = store(&cluster).read_pool("192.0.2.0-24").await.expect("read").expect("exists");
+    let allocation = &read.spec.allocations["1"];
+    assert_eq!(allocation.node.as_deref(), Some("n1"));
+    assert_eq!(allocation.cni_network.as_deref(), Some("blue"));
+
+    // The ORIP's `containerid` is in upstream's schema (never written by upstream): kept.
+    let body = json!({ "spec": { "podref": "ns/a", "ifname": "net1", "containerid": "a", "pod": "x" } });
+    let created = create_raw::<OverlappingRangeIPReservation>(&cluster, "192.0.2.1", body).await;
+    let kept = json!({ "podref": "ns/a", "ifname": "net1", "containerid": "a" });
+    assert_eq!(created, json!({ "spec": kept }));
+    let holder = store(&cluster).read_reservation("192.0.2.1").await.expect("read");
+    assert_eq!(
+        holder,
+        Some(Reservation { pod_ref: "ns/a".into(), ifname: "net1".into(), container_id: "a".into() })
+    );
+    cluster.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. The store's paths
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_pool_reads_as_none_and_is_created_once() {
+    let cluster = TestCluster::start().await;
+    let store = store(&cluster);
+    let name = "192.0.2.0-24";
+    assert_eq!(store.read_pool(name).await, Ok(None));
+    let first = spec("192.0.2.0/24", &[("1", "a")]);
+    let version = store.write_pool(name, &first, None, None).await.expect("create");
+    let read = store.read_pool(name).await.expect("read").expect("created");
+    assert_eq!(read.spec, first);
+    assert_eq!(read.version, version);
+    assert_eq!(raw_spec::<IPPool>(&cluster, name).await, Some(serde_json::to_value(&first).expect("json")));
+
+    // A second create is a lost race, and changes nothing.
+    let second = spec("192.0.2.0/24", &[("2", "b")]);
+    assert_eq!(store.write_pool(name, &second, None, None).await, Err(StoreError::Conflict));
+    assert_eq!(store.read_pool(name).await.expect("read"), Some(read));
+    assert_eq!(store.list_pools().await.expect("list"), vec![name.to_string()]);
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_write_conflicts_on_a_key_someone_else_changed() {
+    let cluster = TestCluster::start().await;
+    let store = store(&cluster);
+    let name = "192.0.2.0-24";
+    let range = "192.0.2.0/24";
+    store.write_pool(name, &spec(range, &[("1", "a")]), None, None).await.expect("create");
+    let stale = store.read_pool(name).await.expect("read").expect("exists");
+
+    // Someone else takes .2 and gives .1 a new sandbox.
+    let mut theirs = spec(range, &[("1", "a"), ("2", "b")]);
+    theirs.allocations.get_mut("1").expect("1").container_id = "a-c2".into();
+    let written = store.write_pool(name, &theirs, Some(&stale), None).await.expect("their write");
+    assert_ne!(written, stale.version);
+
+    // From the stale read: taking .2, rewriting .1, releasing .1 all lose.
+    let take_same = spec(range, &[("1", "a"), ("2", "c")]);
+    assert_eq!(store.write_pool(name, &take_same, Some(&stale), None).await, Err(StoreError::Conflict));
+    let mut rewrite = spec(range, &[("1", "a")]);
+    rewrite.allocations.get_mut("1").expect("1").ifname = "net2".into();
+    assert_eq!(store.write_pool(name, &rewrite, Some(&stale), None).await, Err(StoreError::Conflict));
+    let release = spec(range, &[]);
+    assert_eq!(store.write_pool(name, &release, Some(&stale), None).await, Err(StoreError::Conflict));
+    assert_eq!(store.read_pool(name).await.expect("read").expect("exists").spec, theirs, "nothing of ours");
+
+    // From a fresh read the release goes through, and only removes what was read.
+    let fresh = store.read_pool(name).await.expect("read").expect("exists");
+    let mut released = theirs.clone();
+    released.allocations.remove("1");
+    store.write_pool(name, &released, Some(&fresh), None).await.expect("release");
+    assert_eq!(stored_keys(&cluster, name).await, ["2"]);
+    cluster.cleanup().await;
+}
+
+/// The designed behaviour of the store (see its module): a write compares only the keys it changes,
+/// so two writers that read the same version and take different addresses both succeed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_write_of_other_keys_succeeds_and_keeps_both() {
+    let cluster = TestCluster::start().await;
+    let store = store(&cluster);
+    let name = "192.0.2.0-24";
+    let range = "192.0.2.0/24";
+    store.write_pool(name, &spec(range, &[("1", "a")]), None, None).await.expect("create");
+    let stale = store.read_pool(name).await.expect("read").expect("exists");
+
+    let theirs = spec(range, &[("1", "a"), ("2", "b")]);
+    store.write_pool(name, &theirs, Some(&stale), None).await.expect("their write");
+    let ours = spec(range, &[("1", "a"), ("3", "c")]);
+    store.write_pool(name, &ours, Some(&stale), None).await.expect("ours, on other keys");
+    assert_eq!(
+        store.read_pool(name).await.expect("read").expect("exists").spec,
+        spec(range, &[("1", "a"), ("2", "b"), ("3", "c")])
+    );
+
+    // Releasing .1, still what the stale read saw, goes through too and leaves the rest.
+    store.write_pool(name, &spec(range, &[]), Some(&stale), None).await.expect("release .1");
+    assert_eq!(stored_keys(&cluster, name).await, ["2", "3"]);
+
+    // Writing back what was read is no write at all.
+    let now = store.read_pool(name).await.expect("read").expect("exists");
+    let unchanged = store.write_pool(name, &now.spec, Some(&now), None).await.expect("no-op");
+    assert_eq!(unchanged, now.version);
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_to_a_pool_deleted_since_it_was_read_conflicts() {
+    let cluster = TestCluster::start().await;
+    let store = store(&cluster);
+    let name = "192.0.2.0-24";
+    store.write_pool(name, &spec("192.0.2.0/24", &[("1", "a")]), None, None).await.expect("create");
+    let read = store.read_pool(name).await.expect("read").expect("exists");
+    pools_api(&cluster).delete(name, &DeleteParams::default()).await.expect("delete the pool");
+    let next = spec("192.0.2.0/24", &[("1", "a"), ("2", "b")]);
+    assert_eq!(store.write_pool(name, &next, Some(&read), None).await, Err(StoreError::Conflict));
+    assert_eq!(store.read_pool(name).await, Ok(None), "not recreated by a patch");
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reservation_has_one_owner() {
+    let cluster = TestCluster::start().await;
+    let store = store(&cluster);
+    let name = "192.0.2.7";
+    let owner = Reservation { pod_ref: "apps/a".into(), ifname: "net1".into(), container_id: "a-c1".into() };
+    let other = Reservation { pod_ref: "apps/b".into(), ifname: "net1".into(), container_id: "b-c1".into() };
+    let new_sandbox = Reservation { container_id: "a-c2".into(), ..owner.clone() };
+
+    assert_eq!(store.read_reservation(name).await, Ok(None));
+    assert_eq!(store.create_reservation(name, &owner).await, Ok(ReserveOutcome::Reserved));
+    assert_eq!(
+        raw_spec::<OverlappingRangeIPReservation>(&cluster, name).await,
+        Some(json!({ "podref": "apps/a", "ifname": "net1", "containerid": "a-c1" }))
+    );
+    let version = reservations_api(&cluster).get(name).await.expect("get").resource_version();
+
+    // Again by its owner: nothing to write.
+    assert_eq!(store.create_reservation(name, &owner).await, Ok(ReserveOutcome::Reserved));
+    assert_eq!(reservations_api(&cluster).get(name).await.expect("get").resource_version(), version);
+
+    assert_eq!(store.create_reservation(name, &other).await, Ok(ReserveOutcome::HeldBy(owner.clone())));
+    assert_eq!(store.read_reservation(name).await, Ok(Some(owner.clone())));
+
+    // The same pod and interface in a new sandbox takes it over.
+    assert_eq!(store.create_reservation(name, &new_sandbox).await, Ok(ReserveOutcome::Reserved));
+    assert_eq!(store.read_reservation(name).await, Ok(Some(new_sandbox.clone())));
+
+    // Deletes by another pod, or by the old sandbox, leave it.
+    store.delete_reservation(name, &other).await.expect("delete by another pod");
+    store.delete_reservation(name, &owner).await.expect("delete by the old sandbox");
+    assert_eq!(store.read_reservation(name).await, Ok(Some(new_sandbox.clone())));
+    assert_eq!(store.list_reservations().await, Ok(vec![(name.to_string(), new_sandbox.clone())]));
+
+    store.delete_reservation(name, &new_sandbox).await.expect("delete by its owner");
+    assert_eq!(store.read_reservation(name).await, Ok(None));
+    store.delete_reservation(name, &new_sandbox).await.expect("delete of an absent one");
+    assert_eq!(store.list_reservations().await, Ok(vec![]));
+    cluster.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Upstream's pools and names
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_upstream_cannot_decode_are_skipped_and_kept() {
+    let cluster = TestCluster::start().await;
+    let pool = "192.0.2.0-24";
+    let upstream = json!({
+        "1": { "id": "up-1", "podref": "apps/up" },
+        "abc": { "id": "odd-1", "podref": "apps/odd", "ifname": "net1" },
+        "-1": { "id": "odd-2", "podref": "apps/odd", "ifname": "net2" },
+        "18446744073709551616": { "id": "odd-3", "podref": "apps/odd", "ifname": "net3" },
+    });
+    create_raw::<IPPool>(
+        &cluster,
+        pool,
+        json!({ "spec": { "range": "192.0.2.0/24", "allocations": upstream } }),
+    )
+    .await;
+    let read = store(&cluster).read_pool(pool).await.expect("read").expect("exists");
+    let (decoded, skipped) =
+        Pool::from_spec(&read.spec, "192.0.2.0/24".parse().expect("cidr")).expect("decode");
+    assert_eq!(
+        skipped,
+        ["-1", "18446744073709551616", "abc"].map(|k| SkippedKey(k.to_string())),
+        "only the three odd keys are skipped"
+    );
+    assert_eq!(decoded.len(), 1);
+
+    let net = netconf(&cluster, json!({ "range": "192.0.2.0/24" }));
+    let ours = Pod::new("keys-ours");
+    assert_eq!(add(&ours, &net).await, ["192.0.2.2/24"], ".1 is upstream's, the odd keys hold nothing");
+    let mut expected: BTreeMap<String, Value> =
+        upstream.as_object().expect("object").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    expected.insert("2".into(), ours.stored_entry(NETWORK));
+    assert_eq!(stored_allocations(&cluster, pool).await, expected, "odd keys written back unchanged");
+
+    del(&ours, &net).await;
+    expected.remove("2");
+    assert_eq!(stored_allocations(&cluster, pool).await, expected);
+    cluster.cleanup().await;
+}
+
+/// Two keys for one address ("05" and "5", only ever written by hand): the second is kept aside like
+/// an undecodable key, and a write for another address changes neither.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_keys_for_one_address_both_survive_an_unrelated_write() {
+    let cluster = TestCluster::start().await;
+    let pool = "192.0.2.0-24";
+    let upstream = json!({
+        "05": { "id": "x-sandbox", "podref": "apps/x", "ifname": "net1" },
+        "5": { "id": "y-sandbox", "podref": "apps/y", "ifname": "net1" },
+    });
+    create_raw::<IPPool>(
+        &cluster,
+        pool,
+        json!({ "spec": { "range": "192.0.2.0/24", "allocations": upstream } }),
+    )
+    .await;
+    let net = netconf(&cluster, json!({ "range": "192.0.2.0/24" }));
+    let ours = Pod::new("dup-ours");
+    assert_eq!(add(&ours, &net).await, ["192.0.2.1/24"]);
+    let mut expected: BTreeMap<String, Value> =
+        upstream.as_object().expect("object").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    expected.insert("1".into(), ours.stored_entry(NETWORK));
+    assert_eq!(stored_allocations(&cluster, pool).await, expected);
+    cluster.cleanup().await;
+}
+
+/// Offsets are unsigned decimals from the literal `spec.range` IP, over the full width: upstream
+/// decodes them as signed 64-bit numbers and ignores those of 2^63 and above, handing their address
+/// out again.
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_offsets_of_2_63_and_above_are_stored_unsigned_and_never_handed_out_twice() {
+    let cluster = TestCluster::start().await;
+    let range = json!({ "range": "2001:db8:1::/64", "range_start": "2001:db8:1::ffff:ffff:ffff:fff0" });
+    let net = netconf(&cluster, range.clone());
+    // Without reservations only the pool's keys keep b off a's address.
+    let mut pool_only = range;
+    pool_only["enable_overlapping_ranges"] = json!(false);
+    let pool_only = netconf(&cluster, pool_only);
+    let pool = "2001-db8-1---64";
+    let (a, b, c) = (Pod::new("v6-a"), Pod::new("v6-b"), Pod::new("v6-c"));
+    assert_eq!(add(&a, &net).await, ["2001:db8:1:0:ffff:ffff:ffff:fff0/64"]);
+    assert_eq!(stored_keys(&cluster, pool).await, ["18446744073709551600"]);
+    assert_eq!(add(&b, &pool_only).await, ["2001:db8:1:0:ffff:ffff:ffff:fff1/64"], "fff0 is taken");
+    assert_eq!(stored_keys(&cluster, pool).await, ["18446744073709551600", "18446744073709551601"]);
+    assert_eq!(
+        add(&a, &pool_only).await,
+        ["2001:db8:1:0:ffff:ffff:ffff:fff0/64"],
+        "idempotent: the key is read"
+    );
+    assert_eq!(add(&c, &net).await, ["2001:db8:1:0:ffff:ffff:ffff:fff2/64"]);
+    assert_eq!(
+        stored_keys(&cluster, pool).await,
+        ["18446744073709551600", "18446744073709551601", "18446744073709551602"]
+    );
+    // A single zero group is not compressed (RFC 5952, as Go prints it).
+    assert_eq!(
+        stored_reservation_names(&cluster).await,
+        ["2001-db8-1-0-ffff-ffff-ffff-fff0", "2001-db8-1-0-ffff-ffff-ffff-fff2"]
+    );
+    assert_eq!(
+        raw_spec::<OverlappingRangeIPReservation>(&cluster, "2001-db8-1-0-ffff-ffff-ffff-fff2").await,
+        Some(c.stored_reservation())
+    );
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_with_host_bits_in_its_range_counts_offsets_from_that_ip() {
+    let cluster = TestCluster::start().await;
+    // Hand-made, as upstream accepts: the offset base is 192.0.2.16, not the network address.
+    let pool = "192.0.2.0-24";
+    create_raw::<IPPool>(
+        &cluster,
+        pool,
+        json!({ "spec": { "range": "192.0.2.16/24", "allocations": { "0": { "id": "x", "podref": "apps/x" } } } }),
+    )
+    .await;
+    let net = netconf(&cluster, json!({ "range": "192.0.2.0/24", "range_start": "192.0.2.16" }));
+    let pod = Pod::new("based");
+    assert_eq!(add(&pod, &net).await, ["192.0.2.17/24"], "key 0 is 192.0.2.16");
+    assert_eq!(stored_keys(&cluster, pool).await, ["0", "1"]);
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_network_name_prefixes_pool_and_reservation_names() {
+    let cluster = TestCluster::start().await;
+    let net = netconf(&cluster, json!({ "range": "203.0.113.0/24", "network_name": "blue" }));
+    let pod = Pod::new("named");
+    assert_eq!(add(&pod, &net).await, ["203.0.113.1/24"]);
+    assert_eq!(store(&cluster).list_pools().await, Ok(vec!["blue-203.0.113.0-24".to_string()]));
+    assert_eq!(stored_keys(&cluster, "blue-203.0.113.0-24").await, ["1"]);
+    assert_eq!(stored_reservation_names(&cluster).await, ["blue-203.0.113.1"]);
+    cluster.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. The plugin end to end
+
+#[tokio::test(flavor = "multi_thread")]
+async fn add_stores_entry_and_reservation_and_del_frees_both() {
+    let cluster = TestCluster::start().await;
+    let net = netconf(&cluster, json!({ "range": "192.0.2.0/24" }));
+    let pool = "192.0.2.0-24";
+    let (a, b) = (Pod::new("life-a"), Pod::new("life-b"));
+
+    let result = match cni("ADD", &a, &net).await {
+        Outcome::Success(result) => result,
+        other => panic!("ADD: {other:?}"),
+    };
+    assert_eq!(result, json!({ "cniVersion": "1.0.0", "ips": [{ "address": "192.0.2.1/24" }] }));
+    assert_eq!(
+        stored_allocations(&cluster, pool).await,
+        BTreeMap::from([("1".into(), a.stored_entry(NETWORK))])
+    );
+    assert_eq!(
+        raw_spec::<IPPool>(&cluster, pool).await.expect("pool")["range"],
+        "192.0.2.0/24",
+        "spec.range is the canonical network"
+    );
+    assert_eq!(
+        stored_reservations(&cluster).await,
+        BTreeMap::from([("192.0.2.1".into(), a.stored_reservation())])
+    );
+
+    assert_eq!(add(&b, &net).await, ["192.0.2.2/24"]);
+
+    // Again for the same attachment: the same address, and nothing written.
+    let pool_version = pools_api(&cluster).get(pool).await.expect("pool").resource_version();
+    let reservation_version =
+        reservations_api(&cluster).get("192.0.2.1").await.expect("orip").resource_version();
+    assert_eq!(add(&a, &net).await, ["192.0.2.1/24"]);
+    assert_eq!(pools_api(&cluster).get(pool).await.expect("pool").resource_version(), pool_version);
+    assert_eq!(
+        reservations_api(&cluster).get("192.0.2.1").await.expect("orip").resource_version(),
+        reservation_version
+    );
+
+    del(&a, &net).await;
+    assert_eq!(
+        stored_allocations(&cluster, pool).await,
+        BTreeMap::from([("2".into(), b.stored_entry(NETWORK))])
+    );
+    assert_eq!(stored_reservation_names(&cluster).await, ["192.0.2.2"]);
+    del(&a, &net).await;
+    // The freed address is the lowest free one again.
+    assert_eq!(add(&Pod::new("life-c"), &net).await, ["192.0.2.1/24"]);
+    cluster.cleanup().await;
+}
+
+/// A pod's new sandbox (same pod and interface, new container ID) keeps the address and takes over
+/// the entry and the reservation; the old sandbox's late DEL then leaves them alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_sandbox_of_a_pod_takes_over_its_address() {
+    let cluster = TestCluster::start().await;
+    let net = netconf(&cluster, json!({ "range": "192.0.2.0/24" }));
+    let pool = "192.0.2.0-24";
+    let old = Pod::new("moved");
+    let new = old.sandbox(2);
+    assert_eq!(add(&old, &net).await, ["192.0.2.1/24"]);
+    assert_eq!(add(&new, &net).await, ["192.0.2.1/24"]);
+    let entry = BTreeMap::from([("1".to_string(), new.stored_entry(NETWORK))]);
+    assert_eq!(stored_allocations(&cluster, pool).await, entry);
+    let reservation = BTreeMap::from([("192.0.2.1".to_string(), new.stored_reservation())]);
+    assert_eq!(stored_reservations(&cluster).await, reservation);
+
+    del(&old, &net).await;
+    assert_eq!(stored_allocations(&cluster, pool).await, entry, "the old sandbox's DEL frees nothing");
+    assert_eq!(stored_reservations(&cluster).await, reservation);
+    del(&new, &net).await;
+    assert_eq!(stored_keys(&cluster, pool).await, Vec::<String>::new());
+    assert_eq!(stored_reservation_names(&cluster).await, Vec::<String>::new());
+    cluster.cleanup().await;
+}
+
+/// Upstream's e2e "reclaim": an entry and a reservation upstream wrote (no `containerid`) for a pod
+/// go back to that pod in its new sandbox, which then owns both.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_allocation_is_reclaimed_by_its_pod_in_a_new_sandbox() {
+    let cluster = TestCluster::start().await;
+    let pool = "192.0.2.0-24";
+    let pod = Pod::new("reclaim");
+    let upstream_entry = json!({ "id": "upstream-sandbox", "podref": pod.pod_ref(), "ifname": "net1" });
+    create_raw::<IPPool>(
+        &cluster,
+        pool,
+        json!({ "spec": { "range": "192.0.2.0/24", "allocations": { "7": upstream_entry } } }),
+    )
+    .await;
+    let upstream_reservation = json!({ "podref": pod.pod_ref(), "ifname": "net1" });
+    create_raw::<OverlappingRangeIPReservation>(
+        &cluster,
+        "192.0.2.7",
+        json!({ "spec": upstream_reservation }),
+    )
+    .await;
+
+    let net = netconf(&cluster, json!({ "range": "192.0.2.0/24" }));
+    assert_eq!(add(&pod, &net).await, ["192.0.2.7/24"]);
+    assert_eq!(
+        stored_allocations(&cluster, pool).await,
+        BTreeMap::from([("7".to_string(), pod.stored_entry(NETWORK))])
+    );
+    assert_eq!(
+        stored_reservations(&cluster).await,
+        BTreeMap::from([("192.0.2.7".to_string(), pod.stored_reservation())])
+    );
+    del(&pod, &net).await;
+    assert_eq!(stored_keys(&cluster, pool).await, Vec::<String>::new());
+    assert_eq!(stored_reservation_names(&cluster).await, Vec::<String>::new());
+    cluster.cleanup().await;
+}
+
+/// The CRD declares `node` and `network` nullable, so the API server keeps an explicit `null` that
+/// another writer (kubectl, a Go client without `omitempty`) stores. Such an entry must still be
+/// released.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_entry_stored_with_null_optional_fields_is_released() {
+    let cluster = TestCluster::start().await;
+    let pool = "192.0.2.0-24";
+    let pod = Pod::new("nulled");
+    let entry = json!({
+        "id": pod.container, "podref": pod.pod_ref(), "ifname": "net1", "node": null, "network": null,
+    });
+    let stored = create_raw::<IPPool>(
+        &cluster,
+        pool,
+        json!({ "spec": { "range": "192.0.2.0/24", "allocations": { "1": entry } } }),
+    )
+    .await;
+    assert_eq!(stored["spec"]["allocations"]["1"], entry, "nullable fields keep their null");
+    let net = netconf(&cluster, json!({ "range": "192.0.2.0/24", "enable_overlapping_ranges": false }));
+    del(&pod, &net).await;
+    assert_eq!(stored_keys(&cluster, pool).await, Vec::<String>::new());
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_multi_range_add_is_all_or_nothing() {
+    let cluster = TestCluster::start().await;
+    let net = netconf(
+        &cluster,
+        json!({ "ipRanges": [{ "range": "192.0.2.0/24" }, { "range": "2001:db8:2::/126" }] }),
+    );
+    let (v4, v6) = ("192.0.2.0-24", "2001-db8-2---126");
+    let (a, b, c) = (Pod::new("dual-a"), Pod::new("dual-b"), Pod::new("dual-c"));
+    assert_eq!(add(&a, &net).await, ["192.0.2.1/24", "2001:db8:2::1/126"]);
+    assert_eq!(add(&b, &net).await, ["192.0.2.2/24", "2001:db8:2::2/126"]);
+
+    // The IPv6 range is full: the IPv4 address taken for c is given back.
+    let (code, msg) = cni("ADD", &c, &net).await.failure("ADD with the second range full");
+    assert_eq!(code, INTERNAL, "{msg}");
+    assert_eq!(
+        msg,
+        "pool 2001-db8-2---126: no free address in range 2001:db8:2::1 - 2001:db8:2::2 in 2001:db8:2::/126 excluding []"
+    );
+    assert_eq!(stored_keys(&cluster, v4).await, ["1", "2"]);
+    assert_eq!(stored_keys(&cluster, v6).await, ["1", "2"]);
+    assert_eq!(
+        stored_reservation_names(&cluster).await,
+        ["192.0.2.1", "192.0.2.2", "2001-db8-2--1", "2001-db8-2--2"]
+    );
+
+    del(&b, &net).await;
+    assert_eq!(stored_keys(&cluster, v4).await, ["1"]);
+    assert_eq!(stored_keys(&cluster, v6).await, ["1"]);
+    assert_eq!(add(&c, &net).await, ["192.0.2.2/24", "2001:db8:2::2/126"]);
+    assert_eq!(stored_reservation_names(&cluster).await.len(), 4);
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overlapping_ranges_of_one_network_never_share_an_address() {
+    let cluster = TestCluster::start().await;
+    let kubeconfig = cluster.kubeconfig_path();
+    let whole =
+        netconf_at(kubeconfig, "ovl-whole", json!({ "range": "198.51.100.0/24", "network_name": "ovl" }));
+    let half =
+        netconf_at(kubeconfig, "ovl-half", json!({ "range": "198.51.100.0/25", "network_name": "ovl" }));
+    let (whole_pool, half_pool) = ("ovl-198.51.100.0-24", "ovl-198.51.100.0-25");
+    let pods: Vec<Pod> = ["ovl-a", "ovl-b", "ovl-c", "ovl-d", "ovl-e"].map(Pod::new).into();
+
+    assert_eq!(add(&pods[0], &whole).await, ["198.51.100.1/24"]);
+    assert_eq!(add(&pods[1], &half).await, ["198.51.100.2/25"], ".1 is reserved by the /24");
+    assert_eq!(stored_keys(&cluster, half_pool).await, ["2"], "no entry left behind for .1");
+    assert_eq!(add(&pods[2], &whole).await, ["198.51.100.3/24"], ".2 is reserved by the /25");
+    assert_eq!(stored_keys(&cluster, whole_pool).await, ["1", "3"]);
+    assert_eq!(add(&pods[3], &half).await, ["198.51.100.4/25"]);
+    assert_eq!(stored_keys(&cluster, half_pool).await, ["2", "4"]);
+
+    // Freed in the /24, .1 goes to the next pod of the /25.
+    del(&pods[0], &whole).await;
+    assert_eq!(add(&pods[4], &half).await, ["198.51.100.1/25"]);
+    assert_eq!(stored_keys(&cluster, whole_pool).await, ["3"]);
+    assert_eq!(stored_keys(&cluster, half_pool).await, ["1", "2", "4"]);
+    let reservations = stored_reservations(&cluster).await;
+    let holders: BTreeMap<&str, &str> = reservations
+        .iter()
+        .map(|(name, spec)| (name.as_str(), spec["podref"].as_str().unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        holders,
+        BTreeMap::from([
+            ("ovl-198.51.100.1", "apps/ovl-e"),
+            ("ovl-198.51.100.2", "apps/ovl-b"),
+            ("ovl-198.51.100.3", "apps/ovl-c"),
+            ("ovl-198.51.100.4", "apps/ovl-d"),
+        ])
+    );
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn add_without_a_pod_name_is_refused() {
+    let cluster = TestCluster::start().await;
+    let net = netconf(&cluster, json!({ "range": "192.0.2.0/24" }));
+    let pod = Pod::new("nameless");
+    let outcome =
+        run_plugin("ADD", &pod, &format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={POD_NAMESPACE}"), &net).await;
+    let (code, msg) = outcome.failure("ADD without K8S_POD_NAME");
+    assert_eq!(code, INVALID_ENV);
+    assert_eq!(msg, "CNI_ARGS has no K8S_POD_NAME: the kubernetes datastore allocates for pods only");
+    assert_eq!(store(&cluster).list_pools().await, Ok(vec![]), "nothing written");
+    cluster.cleanup().await;
+}
+
+/// Needs no cluster: nothing listens on 127.0.0.1:1.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_api_server_is_try_again_later() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+         clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\n\
+         users: [{name: u, user: {token: t}}]\n\
+         contexts: [{name: c, context: {cluster: c, user: u, namespace: wb-away}}]\n",
+    )
+    .expect("write kubeconfig");
+    let net = netconf_at(&kubeconfig, NETWORK, json!({ "range": "192.0.2.0/24" }));
+    let started = Instant::now();
+    let (code, msg) = cni("ADD", &Pod::new("away"), &net).await.failure("ADD with the API server away");
+    let elapsed = started.elapsed();
+    assert_eq!(code, TRY_AGAIN, "{msg}");
+    assert!(msg.starts_with("pool 192.0.2.0-24: store unavailable: IPPool wb-away/192.0.2.0-24: "), "{msg}");
+    // The engine retries an unavailable store for 8 s; far below the plugin's 60 s deadline.
+    assert!(elapsed < Duration::from_secs(20), "answered after {elapsed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_adds_on_one_pool_gets_distinct_compact_addresses() {
+    let cluster = TestCluster::start().await;
+    let net = netconf(&cluster, json!({ "range": "192.0.2.0/24" }));
+    let pods: Vec<Pod> = (0..16).map(|i| Pod::new(&format!("burst-{i}"))).collect();
+    let mut running = JoinSet::new();
+    for pod in pods {
+        spawn_add(&mut running, pod, &net);
+    }
+    let mut answered = BTreeMap::new();
+    while let Some(joined) = running.join_next().await {
+        let (outcome, pod) = joined.expect("join");
+        let address = outcome.addresses(&format!("ADD {}", pod.name));
+        assert_eq!(address.len(), 1);
+        let key = address[0]
+            .strip_prefix("192.0.2.")
+            .and_then(|rest| rest.strip_suffix("/24"))
+            .unwrap_or_else(|| panic!("{address:?}"))
+            .to_string();
+        assert!(answered.insert(key, pod.stored_entry(NETWORK)).is_none(), "{address:?} handed out twice");
+    }
+    assert_eq!(stored_allocations(&cluster, "192.0.2.0-24").await, answered);
+    let highest = answered.keys().filter_map(|k| k.parse::<u32>().ok()).max().unwrap_or_default();
+    assert!(highest <= 16 + 64, "spread past the lowest 64 free addresses: .{highest}");
+    let reserved: BTreeSet<String> = stored_reservation_names(&cluster).await.into_iter().collect();
+    let expected: BTreeSet<String> = answered.keys().map(|k| format!("192.0.2.{k}")).collect();
+    assert_eq!(reserved, expected);
+    cluster.cleanup().await;
+}
+
+/// An ADD on an empty pool is two writes (the pool, created with its entry, then the reservation): no
+/// Lease, no separate create of an empty pool.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_add_on_a_quiet_pool_is_two_writes() {
+    let cluster = TestCluster::start().await;
+    if cluster.is_real() {
+        eprintln!("kube_store: skipped: counts requests of the fake API server");
+        cluster.cleanup().await;
+        return;
+    }
+    let fake = cluster.fake().expect("the fake API server");
+    let net = netconf(&cluster, json!({ "range": "192.0.2.0/24" }));
+    let before = fake.stats();
+    assert_eq!(add(&Pod::new("quiet-a"), &net).await, ["192.0.2.1/24"]);
+    let after = fake.stats();
+    assert_eq!(after.writes - before.writes, 2, "{before:?} → {after:?}");
+    assert_eq!(after.conflicts - before.conflicts, 0, "{before:?} → {after:?}");
+    // The second ADD on the existing pool: one patch, one reservation.
+    assert_eq!(add(&Pod::new("quiet-b"), &net).await, ["192.0.2.2/24"]);
+    let last = fake.stats();
+    assert_eq!(last.writes - after.writes, 2, "{after:?} → {last:?}");
+    cluster.cleanup().await;
+}
+
+/// ADDs racing an API server outage (every request answered 503) longer than the engine's retry
+/// window for an unavailable store: every ADD that answered success holds its addresses in the pools
+/// and their reservations, every failure is "try again later", and once the runtime has sent DEL for
+/// the failed ones nothing else is held.
+#[tokio::test(flavor = "multi_thread")]
+async fn adds_during_an_outage_never_answer_an_unstored_address() {
+    let cluster = TestCluster::start().await;
+    if cluster.is_real() {
+        eprintln!("kube_store: skipped: needs the fake API server to fail on demand");
+        cluster.cleanup().await;
+        return;
+    }
+    let fake = cluster.fake().expect("the fake API server");
+    let net =
+        netconf(&cluster, json!({ "range": "192.0.2.0/24", "ipRanges": [{ "range": "2001:db8:3::/64" }] }));
+    let mut running = JoinSet::new();
+    for i in 0..8 {
+        spawn_add(&mut running, Pod::new(&format!("outage-early-{i}")), &net);
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    fake.set_unavailable(true);
+    for i in 0..4 {
+        spawn_add(&mut running, Pod::new(&format!("outage-late-{i}")), &net);
+    }
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    fake.set_unavailable(false);
+
+    let mut held: BTreeMap<String, Pod> = BTreeMap::new();
+    let mut failed = Vec::new();
+    while let Some(joined) = running.join_next().await {
+        let (outcome, pod) = joined.expect("join");
+        match outcome {
+            Outcome::Success(result) => {
+                let addresses = addresses_of(&result);
+                assert_eq!(addresses.len(), 2, "{addresses:?}");
+                for address in addresses {
+                    assert!(held.insert(address.clone(), pod.clone()).is_none(), "{address} answered twice");
+                }
+            }
+            Outcome::Failed { code, msg } => {
+                assert_eq!(code, TRY_AGAIN, "{}: {msg}", pod.name);
+                failed.push(pod);
+            }
+        }
+    }
+    eprintln!("kube_store: {} ADDs succeeded, {} failed around the outage", held.len() / 2, failed.len());
+    // The runtime answers a failed ADD with a DEL.
+    for pod in &failed {
+        del(pod, &net).await;
+    }
+
+    let store = store(&cluster);
+    let mut stored = BTreeMap::new();
+    for (pool, network) in [("192.0.2.0-24", "192.0.2.0/24"), ("2001-db8-3---64", "2001:db8:3::/64")] {
+        let Some(read) = store.read_pool(pool).await.expect("read") else { continue };
+        let (decoded, skipped) = Pool::from_spec(&read.spec, network.parse().expect("cidr")).expect("decode");
+        assert!(skipped.is_empty());
+        let prefix = network.split('/').nth(1).unwrap_or_default();
+        for (ip, allocation) in decoded.iter() {
+            stored.insert(format!("{ip}/{prefix}"), allocation.container_id.clone());
+        }
+    }
+    let answered: BTreeMap<String, String> =
+        held.iter().map(|(address, pod)| (address.clone(), pod.container.clone())).collect();
+    assert_eq!(stored, answered, "the pools hold exactly what ADD answered");
+    let reserved: BTreeSet<String> = stored_reservation_names(&cluster).await.into_iter().collect();
+    let expected: BTreeSet<String> =
+        held.keys().map(|address| address.split('/').next().unwrap_or_default().replace(':', "-")).collect();
+    assert_eq!(reserved, expected, "the reservations are exactly those of the answered addresses");
+
+    // Back in service.
+    assert_eq!(add(&Pod::new("outage-after"), &net).await.len(), 2);
+    cluster.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. The namespace
+
+#[tokio::test(flavor = "multi_thread")]
+async fn objects_land_in_the_kubeconfig_context_namespace() {
+    let cluster = TestCluster::start().await;
+    let connected = KubeStore::connect(cluster.kubeconfig_path()).await.expect("connect");
+    assert_eq!(connected.namespace(), cluster.namespace());
+
+    // A network name of its own, so that objects of a real whereabouts in kube-system cannot match.
+    let network_name = format!("nsprobe-{:08x}", fastrand::u32(..));
+    let net = netconf(&cluster, json!({ "range": "192.0.2.0/24", "network_name": network_name }));
+    let pod = Pod::new("where");
+    assert_eq!(add(&pod, &net).await, ["192.0.2.1/24"]);
+    let pool = format!("{network_name}-192.0.2.0-24");
+    let reservation = format!("{network_name}-192.0.2.1");
+    assert!(raw_spec::<IPPool>(&cluster, &pool).await.is_some(), "pool in the test namespace");
+    assert_eq!(
+        raw_spec::<OverlappingRangeIPReservation>(&cluster, &reservation).await,
+        Some(pod.stored_reservation())
+    );
+    // No Lease either: upstream serialises through one named `whereabouts`; we take none.
+    let leases: Api<Lease> = Api::namespaced(cluster.client(), cluster.namespace());
+    let names: Vec<String> = leases
+        .list(&ListParams::default())
+        .await
+        .expect("list leases")
+        .items
+        .iter()
+        .map(|l| l.name_any())
+        .collect();
+    assert_eq!(names, Vec::<String>::new());
+    for elsewhere in ["kube-system", POD_NAMESPACE] {
+        assert_eq!(raw_spec_in::<IPPool>(&cluster, elsewhere, &pool).await, None, "pool in {elsewhere}");
+        assert_eq!(
+            raw_spec_in::<OverlappingRangeIPReservation>(&cluster, elsewhere, &reservation).await,
+            None,
+            "reservation in {elsewhere}"
+        );
+    }
+    cluster.cleanup().await;
+}
+
+/// An API server that answers 503 (restarting, overloaded) is "try again later" naming the pool
+/// within the engine's retry window for an unavailable store (8 s), as an unreachable one is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_api_server_is_try_again_later_within_the_retry_window() {
+    let cluster = TestCluster::start().await;
+    if cluster.is_real() {
+        eprintln!("kube_store: skipped: needs the fake API server to fail on demand");
+        cluster.cleanup().await;
+        return;
+    }
+    let net = netconf(&cluster, json!({ "range": "192.0.2.0/24" }));
+    cluster.fake().expect("the fake API server").set_unavailable(true);
+    let started = Instant::now();
+    let outcome = cni("ADD", &Pod::new("refused"), &net).await;
+    let elapsed = started.elapsed();
+    cluster.fake().expect("the fake API server").set_unavailable(false);
+    let (code, msg) = outcome.failure("ADD while the API server answers 503");
+    assert_eq!(code, TRY_AGAIN, "{msg}");
+    let prefix =
+        format!("pool 192.0.2.0-24: store unavailable: IPPool {}/192.0.2.0-24: ", cluster.namespace());
+    assert!(msg.starts_with(&prefix), "{msg}");
+    assert!(elapsed < Duration::from_secs(20), "answered after {elapsed:?}");
+    assert_eq!(store(&cluster).list_pools().await, Ok(vec![]));
+    cluster.cleanup().await;
+}
