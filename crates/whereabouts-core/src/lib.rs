@@ -10,5 +10,6 @@ pub mod error;
 pub mod interval;
 pub mod pool;
 pub mod range;
+pub mod slice;
 
 pub use error::ConfigError;

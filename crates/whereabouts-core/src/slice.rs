@@ -1,0 +1,279 @@
+//! Node slices (upstream's "fast IPAM"): a network's range cut into equal CIDR blocks, each node
+//! allocating only inside the block assigned to it, so that a node's allocations need no coordination
+//! with other nodes.
+//!
+//! Unlike upstream, slicing works for IPv6 as well as IPv4, honours `range_start`, `range_end` and
+//! `exclude` (a slice without any candidate left is never assigned, and inside a slice the range's
+//! bounds and exclusions still apply), and never lists every slice of a huge range: slices are found on
+//! demand, lowest first.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use thiserror::Error;
+
+use crate::addr::{Family, from_u128, net_bounds, to_u128};
+use crate::allocate::lowest_free;
+use crate::interval::IntervalSet;
+use crate::pool::Pool;
+use crate::range::IpRange;
+
+/// Why a slice size cannot be used; the message names the key and the value.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SliceError {
+    /// Not a prefix length.
+    #[error("invalid node_slice_size {0:?}: expected a prefix length such as \"/28\"")]
+    NotAPrefix(String),
+    /// Larger slices than the range itself.
+    #[error("invalid node_slice_size \"/{size}\": slices cannot be larger than the range {range}")]
+    LargerThanRange {
+        /// The slice prefix length.
+        size: u8,
+        /// The range.
+        range: IpNet,
+    },
+    /// Slices too small to hold an address besides their own network and broadcast addresses.
+    #[error("invalid node_slice_size \"/{size}\": a slice needs at least two host bits")]
+    TooSmall {
+        /// The slice prefix length.
+        size: u8,
+    },
+}
+
+/// Parses `node_slice_size` as upstream writes it (`"/28"`, or `"28"`).
+pub fn parse_slice_size(text: &str) -> Result<u8, SliceError> {
+    let digits = text.trim().strip_prefix('/').unwrap_or(text.trim());
+    digits
+        .parse::<u8>()
+        .ok()
+        .filter(|_| !digits.is_empty())
+        .ok_or_else(|| SliceError::NotAPrefix(text.into()))
+}
+
+/// A range cut into slices of one prefix length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slicing {
+    range: IpRange,
+    size: u8,
+}
+
+impl Slicing {
+    /// Slices of prefix length `size` over `range`.
+    pub fn new(range: IpRange, size: u8) -> Result<Self, SliceError> {
+        let network = range.network();
+        if size < network.prefix_len() {
+            return Err(SliceError::LargerThanRange { size, range: network });
+        }
+        if u32::from(range.family().bits()) < u32::from(size) + 2 {
+            return Err(SliceError::TooSmall { size });
+        }
+        Ok(Slicing { range, size })
+    }
+
+    /// The prefix length of every slice.
+    pub fn size(&self) -> u8 {
+        self.size
+    }
+
+    /// The sliced range.
+    pub fn range(&self) -> &IpRange {
+        &self.range
+    }
+
+    fn slice_bits(&self) -> u32 {
+        u32::from(self.range.family().bits() - self.size)
+    }
+
+    /// The slice containing `addr`.
+    fn slice_of(&self, addr: u128) -> IpNet {
+        let start = (addr >> self.slice_bits()) << self.slice_bits();
+        IpNet::new(from_u128(self.range.family(), start), self.size).unwrap_or(self.range.network())
+    }
+
+    /// Whether `slice` is one of this slicing's slices.
+    pub fn is_slice(&self, slice: &IpNet) -> bool {
+        slice.prefix_len() == self.size
+            && slice.trunc() == *slice
+            && Family::of(slice.addr()) == self.range.family()
+            && self.range.network().contains(slice)
+    }
+
+    /// The range a node allocates from inside `slice`: the slice's usable addresses (its own network and
+    /// broadcast addresses excluded, as upstream), within the range's `range_start`..`range_end`, minus
+    /// the range's excluded blocks. `None` when nothing is left.
+    pub fn slice_range(&self, slice: &IpNet) -> Option<IpRange> {
+        if !self.is_slice(slice) {
+            return None;
+        }
+        let (slice_first, slice_last) = net_bounds(slice);
+        let first = (slice_first + 1).max(self.range.first());
+        let last = (slice_last - 1).min(self.range.last());
+        if first > last {
+            return None;
+        }
+        let family = self.range.family();
+        let excludes: Vec<IpNet> =
+            self.range.exclude().iter().copied().filter(|e| overlaps(e, slice)).collect();
+        let range =
+            IpRange::new(*slice, Some(from_u128(family, first)), Some(from_u128(family, last)), excludes)
+                .ok()?;
+        let empty = Pool::new(*slice);
+        lowest_free(&range, &empty, None, &IntervalSet::new()).map(|_| range)
+    }
+
+    /// Slices with at least one candidate, lowest first, skipping any in `skip`.
+    pub fn usable_slices<'a>(
+        &'a self,
+        skip: impl Fn(&IpNet) -> bool + 'a,
+    ) -> impl Iterator<Item = IpNet> + 'a {
+        let step = 1u128 << self.slice_bits();
+        let mut next = Some(self.slice_of(self.range.first()));
+        std::iter::from_fn(move || {
+            loop {
+                let slice = next?;
+                let (start, end) = net_bounds(&slice);
+                if start > self.range.last() {
+                    return None;
+                }
+                // A slice inside one excluded block: jump past the block instead of trying each slice.
+                let after = match self.range.excluded().run_containing(start) {
+                    Some(run) if *run.end() >= end => run.end().checked_add(1).map(|a| self.slice_of(a)),
+                    _ => start.checked_add(step).map(|a| self.slice_of(a)),
+                };
+                next = after.filter(|s| to_u128(s.addr()) > start);
+                if !skip(&slice) && self.slice_range(&slice).is_some() {
+                    return Some(slice);
+                }
+            }
+        })
+    }
+
+    /// The slice an address belongs to, if the address lies in the range.
+    pub fn slice_containing(&self, ip: IpAddr) -> Option<IpNet> {
+        (Family::of(ip) == self.range.family() && self.range.contains(ip)).then(|| self.slice_of(to_u128(ip)))
+    }
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(b) || b.contains(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn range(cidr: &str, start: Option<&str>, end: Option<&str>, exclude: &[&str]) -> IpRange {
+        IpRange::new(
+            cidr.parse().unwrap(),
+            start.map(|s| s.parse().unwrap()),
+            end.map(|s| s.parse().unwrap()),
+            exclude.iter().map(|e| e.parse().unwrap()).collect(),
+        )
+        .unwrap()
+    }
+
+    fn slices(slicing: &Slicing, n: usize) -> Vec<String> {
+        slicing.usable_slices(|_| false).take(n).map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn sizes_parse_as_upstream_writes_them() {
+        assert_eq!(parse_slice_size("/28"), Ok(28));
+        assert_eq!(parse_slice_size("28"), Ok(28));
+        assert_eq!(parse_slice_size("/x"), Err(SliceError::NotAPrefix("/x".into())));
+        assert_eq!(parse_slice_size("/"), Err(SliceError::NotAPrefix("/".into())));
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        let r = range("10.0.0.0/16", None, None, &[]);
+        assert!(matches!(Slicing::new(r.clone(), 15), Err(SliceError::LargerThanRange { size: 15, .. })));
+        assert_eq!(Slicing::new(r, 31), Err(SliceError::TooSmall { size: 31 }));
+    }
+
+    #[test]
+    fn ipv4_slices_in_order() {
+        let s = Slicing::new(range("10.0.0.0/24", None, None, &[]), 26).unwrap();
+        assert_eq!(slices(&s, 10), ["10.0.0.0/26", "10.0.0.64/26", "10.0.0.128/26", "10.0.0.192/26"]);
+        let slice_range = s.slice_range(&"10.0.0.64/26".parse().unwrap()).unwrap();
+        assert_eq!(slice_range.describe(), "10.0.0.65 - 10.0.0.126 in 10.0.0.64/26 excluding []");
+    }
+
+    #[test]
+    fn ipv6_slices_of_a_slash_64() {
+        let s = Slicing::new(range("2001:db8::/64", None, None, &[]), 80).unwrap();
+        assert_eq!(slices(&s, 3), ["2001:db8::/80", "2001:db8:0:0:1::/80", "2001:db8:0:0:2::/80"]);
+    }
+
+    #[test]
+    fn range_start_end_and_exclude_are_honoured() {
+        let s =
+            Slicing::new(range("10.0.0.0/24", Some("10.0.0.70"), Some("10.0.0.200"), &["10.0.0.128/26"]), 26)
+                .unwrap();
+        // The first slice lies below range_start, the third is wholly excluded.
+        assert_eq!(slices(&s, 10), ["10.0.0.64/26", "10.0.0.192/26"]);
+        let second = s.slice_range(&"10.0.0.64/26".parse().unwrap()).unwrap();
+        assert_eq!(second.describe(), "10.0.0.70 - 10.0.0.126 in 10.0.0.64/26 excluding []");
+        let last = s.slice_range(&"10.0.0.192/26".parse().unwrap()).unwrap();
+        assert_eq!(last.describe(), "10.0.0.193 - 10.0.0.200 in 10.0.0.192/26 excluding []");
+        assert_eq!(s.slice_range(&"10.0.0.128/26".parse().unwrap()), None);
+        assert_eq!(s.slice_range(&"10.0.1.0/26".parse().unwrap()), None, "outside the range");
+    }
+
+    #[test]
+    fn a_huge_excluded_block_is_jumped_over() {
+        let s = Slicing::new(range("2001:db8::/48", None, None, &["2001:db8::/49"]), 112).unwrap();
+        assert_eq!(slices(&s, 1), ["2001:db8:0:8000::/112"]);
+    }
+
+    #[test]
+    fn taken_slices_are_skipped() {
+        let s = Slicing::new(range("10.0.0.0/24", None, None, &[]), 26).unwrap();
+        let taken: IpNet = "10.0.0.0/26".parse().unwrap();
+        let free: Vec<IpNet> = s.usable_slices(|slice| *slice == taken).take(1).collect();
+        assert_eq!(free, ["10.0.0.64/26".parse::<IpNet>().unwrap()]);
+    }
+
+    proptest! {
+        /// Every address a slice's range offers is a candidate of the whole range, slices never overlap,
+        /// and every candidate of the range lies in exactly one usable slice.
+        #[test]
+        fn slices_partition_the_candidates(
+            start in 0u32..256, len in 0u32..256, size in 24u8..31,
+            exclude in proptest::option::of((0u32..256, 26u8..33)),
+        ) {
+            let base = u32::from(std::net::Ipv4Addr::new(10, 9, 0, 0));
+            let at = |o: u32| IpAddr::from(std::net::Ipv4Addr::from(base + o.min(255)));
+            let excludes: Vec<IpNet> = exclude
+                .map(|(o, p)| IpNet::new(at(o), p).unwrap().trunc())
+                .into_iter()
+                .collect();
+            let Ok(r) = IpRange::new("10.9.0.0/24".parse().unwrap(), Some(at(start)), Some(at(start + len)), excludes)
+            else { return Ok(()) };
+            let s = Slicing::new(r.clone(), size).unwrap();
+            let usable: Vec<IpNet> = s.usable_slices(|_| false).collect();
+            for (i, a) in usable.iter().enumerate() {
+                for b in &usable[i + 1..] {
+                    prop_assert!(!overlaps(a, b));
+                }
+                let sr = s.slice_range(a).unwrap();
+                for addr in sr.first()..=sr.last() {
+                    if !sr.excluded().contains(addr) {
+                        prop_assert!(addr >= r.first() && addr <= r.last() && !r.excluded().contains(addr));
+                    }
+                }
+            }
+            for addr in r.first()..=r.last() {
+                if r.excluded().contains(addr) {
+                    continue;
+                }
+                let (slice_first, slice_last) = net_bounds(&s.slice_of(addr));
+                if addr == slice_first || addr == slice_last {
+                    continue; // a slice's own network and broadcast addresses are not used, as upstream
+                }
+                prop_assert!(usable.contains(&s.slice_of(addr)), "{addr} has no usable slice");
+            }
+        }
+    }
+}
