@@ -226,7 +226,8 @@ async fn dispatch(
         Command::Status => CniError::new(codes::NOT_AVAILABLE, e.msg),
         _ => e,
     };
-    let store = open_store(&config.datastore).await.map_err(not_available)?;
+    let node = node_name(&env, &config, host);
+    let store = open_store(&config.datastore, node.as_deref()).await.map_err(not_available)?;
     let ipam = Ipam::new(&store);
 
     match env.command {
@@ -243,7 +244,7 @@ async fn dispatch(
                 container_id: env.container_id.clone(),
                 pod_ref: args.pod_ref(),
                 ifname: env.ifname.clone(),
-                node: node_name(&env, &config, host),
+                node: node.clone(),
                 cni_network: Some(netconf.name.clone()),
             };
             tracing::debug!("ADD {} {} pod {:?}", env.container_id, env.ifname, owner.pod_ref);
@@ -264,7 +265,7 @@ async fn dispatch(
             check(&ipam, &config, &env, prev).await.map(|()| None)
         }
         Command::Gc => {
-            let Some(node) = node_name(&env, &config, host) else {
+            let Some(node) = node else {
                 return Err(CniError::new(
                     codes::INVALID_CONFIG,
                     "GC needs the node name (NODENAME or /etc/hostname)",
@@ -374,13 +375,13 @@ fn requested_ips(netconf: &NetConf) -> Result<Vec<(&'static str, String)>, CniEr
 
 /// Opens the configured store. A store that cannot be reached fails the call: there is never a
 /// fallback to another store, which could hand out an address another node holds.
-async fn open_store(datastore: &Datastore) -> Result<AnyStore, CniError> {
+async fn open_store(datastore: &Datastore, node: Option<&str>) -> Result<AnyStore, CniError> {
     match datastore {
         Datastore::File { dir } => Ok(AnyStore::File(FileStore::open(dir)?)),
         #[cfg(feature = "kubernetes")]
         Datastore::Kubernetes { kubeconfig } => KubeStore::connect(std::path::Path::new(kubeconfig))
             .await
-            .map(|store| AnyStore::Kubernetes(Box::new(store)))
+            .map(|store| AnyStore::Kubernetes(Box::new(store.with_node(node.unwrap_or_default()))))
             .map_err(|e| CniError::new(codes::INVALID_CONFIG, e.to_string())),
         #[cfg(not(feature = "kubernetes"))]
         Datastore::Kubernetes { .. } => Err(CniError::new(

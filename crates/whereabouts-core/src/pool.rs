@@ -90,7 +90,7 @@ impl Reservation {
 }
 
 /// The identity a CNI call allocates for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
     /// `CNI_CONTAINERID`.
     pub container_id: String,

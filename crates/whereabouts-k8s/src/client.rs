@@ -41,6 +41,8 @@ pub struct Connection {
     pub client: Client,
     /// The kubeconfig context's namespace, or [`DEFAULT_NAMESPACE`].
     pub namespace: String,
+    /// The API server's URL.
+    pub server: String,
 }
 
 impl std::fmt::Debug for Connection {
@@ -87,8 +89,9 @@ pub async fn connect(path: &Path, timeouts: Timeouts) -> Result<Connection, Conn
     // kube retries 429/503/504 inside one request (up to 15 times); the callers retry with their own
     // bounds and need to see the failure to apply them.
     config.default_retry = false;
+    let server = config.cluster_url.to_string();
     let client = Client::try_from(config).map_err(|e| failed(e.to_string()))?;
-    Ok(Connection { client, namespace })
+    Ok(Connection { client, namespace, server })
 }
 
 #[cfg(test)]

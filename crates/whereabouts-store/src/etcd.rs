@@ -31,7 +31,7 @@ use tonic::Code;
 use whereabouts_core::config::EtcdConfig;
 use whereabouts_core::pool::PoolSpec;
 
-use crate::lock::lock;
+use crate::lock::{node_local_lock, queue_path};
 use crate::{PoolLock, Reservation, ReserveOutcome, Store, StoreError, Version, VersionedPool};
 
 /// How long establishing the connection may take.
@@ -65,8 +65,7 @@ pub enum EtcdConnectError {
     },
 }
 
-/// Where the node-local writer queue's lock files live (tmpfs; emptied at boot, which is fine).
-pub const DEFAULT_LOCK_DIR: &str = "/run/whereabouts/locks";
+pub use crate::lock::DEFAULT_LOCK_DIR;
 
 /// The etcd store.
 ///
@@ -406,18 +405,11 @@ impl EtcdStore {
 
 impl Store for EtcdStore {
     async fn lock_pool(&self, name: &str) -> Result<Option<PoolLock>, StoreError> {
-        // Without a usable lock directory writers just race in compare-and-swap, as across nodes.
-        if std::fs::create_dir_all(&self.lock_dir).is_err() {
-            return Ok(None);
-        }
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (self.cluster_key, name).hash(&mut hasher);
-        let path = self.lock_dir.join(format!("etcd-{:016x}.lock", hasher.finish()));
-        match lock(&path).await {
-            Ok(guard) => Ok(Some(PoolLock::new(path.display().to_string(), guard))),
-            Err(StoreError::Io(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
+        node_local_lock(&self.lock_dir, "etcd", (self.cluster_key, name)).await
+    }
+
+    fn queue_dir(&self, name: &str) -> Option<std::path::PathBuf> {
+        Some(queue_path(&self.lock_dir, "etcd", (self.cluster_key, name)).with_extension("queue"))
     }
 
     async fn read_pool(&self, name: &str) -> Result<Option<VersionedPool>, StoreError> {

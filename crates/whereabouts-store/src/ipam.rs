@@ -20,6 +20,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,7 @@ use whereabouts_core::interval::IntervalSet;
 use whereabouts_core::pool::{Allocation, Owner, Pool, PoolError};
 use whereabouts_core::range::{pool_name, reservation_name};
 
+use crate::queue::Announced;
 use crate::{Reservation, ReserveOutcome, Store, StoreError, VersionedPool};
 
 /// Why an IPAM operation failed; every variant names the pool or reservation involved.
@@ -359,9 +361,21 @@ impl<'s, S: Store> Ipam<'s, S> {
         let name = pool_name(&config.network_name, None, &network);
         let wanted = owner.allocation();
         let mut blocked = IntervalSet::new();
+        // ADDs without a requested address announce themselves in the node's writer queue, so that
+        // whoever holds it allocates for them in the same write (see `crate::queue`).
+        let announced = match managed.requested {
+            None => self.store.queue_dir(&name).and_then(|dir| {
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                (&name, managed.range.describe(), config.gateway).hash(&mut hasher);
+                Announced::write(&dir, hasher.finish(), owner)
+            }),
+            Some(_) => None,
+        };
         for _ in 0..self.retry.attempts {
+            let mut served = Vec::new();
             let (assignment, ip) = self
                 .update_pool(&name, network, |pool, conflicts| {
+                    served.clear();
                     // After lost races, spread over the lowest few free addresses (see `Spread`).
                     let spread = Spread::after_conflicts(owner, conflicts);
                     let assignment = assign_spread(
@@ -383,9 +397,27 @@ impl<'s, S: Store> Ipam<'s, S> {
                         existing => existing,
                     };
                     let ip = apply(pool, first_step, owner);
-                    Ok(Change { value: (assignment, ip), changed: !unchanged })
+                    // Then the ADDs waiting behind us that hold nothing here yet; one that cannot be
+                    // served (the range is full for it) allocates for itself when its turn comes.
+                    for waiting in announced.iter().flat_map(Announced::others) {
+                        if !pool.owned(&waiting.owner).is_empty() {
+                            continue;
+                        }
+                        let none = IntervalSet::new();
+                        let gateway = config.gateway;
+                        if let Ok(new) =
+                            assign_spread(&managed.range, pool, &waiting.owner, None, gateway, &none, spread)
+                        {
+                            apply(pool, new, &waiting.owner);
+                            served.push(waiting.path);
+                        }
+                    }
+                    Ok(Change { value: (assignment, ip), changed: !unchanged || !served.is_empty() })
                 })
                 .await?;
+            for path in &served {
+                let _ = std::fs::remove_file(path);
+            }
             let allocated = AllocatedIp { ip, network };
             let is_new = matches!(assignment, Assignment::New { .. });
             let moved_from = match assignment {

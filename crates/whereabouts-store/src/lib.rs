@@ -18,6 +18,7 @@ pub mod ipam;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 mod lock;
+mod queue;
 
 /// An opaque version of a stored pool (a resourceVersion, a mod_revision, a counter).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -110,6 +111,14 @@ pub trait Store: Send + Sync {
         std::future::ready(Ok(None))
     }
 
+    /// Where ADDs waiting in this node's writer queue of a pool announce themselves, so that the writer
+    /// holding the [`Store::lock_pool`] lock allocates for them in its own write (see [`queue`]). Only
+    /// stores with a node-local writer queue whose writes are round trips have one.
+    fn queue_dir(&self, name: &str) -> Option<std::path::PathBuf> {
+        let _ = name;
+        None
+    }
+
     /// Replaces the pool read as `base` with `spec` if it has not changed since (its version is still
     /// `base.version`); with `None`, creates it if it does not exist. Fails with [`StoreError::Conflict`]
     /// otherwise. A store may narrow the compare to the allocations that differ between `base` and
@@ -188,6 +197,16 @@ impl Store for AnyStore {
 
     async fn lock_pool(&self, name: &str) -> Result<Option<PoolLock>, StoreError> {
         delegate!(self, s => s.lock_pool(name))
+    }
+
+    fn queue_dir(&self, name: &str) -> Option<std::path::PathBuf> {
+        match self {
+            AnyStore::File(s) => s.queue_dir(name),
+            #[cfg(feature = "etcd")]
+            AnyStore::Etcd(s) => s.queue_dir(name),
+            #[cfg(feature = "kubernetes")]
+            AnyStore::Kubernetes(s) => s.queue_dir(name),
+        }
     }
 
     async fn write_pool(

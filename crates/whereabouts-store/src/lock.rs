@@ -1,10 +1,15 @@
 //! Exclusive advisory locks on files (flock), with a bounded wait.
 
 use std::fs::{File, OpenOptions, TryLockError};
+use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::time::Duration;
 
-use crate::StoreError;
+use crate::{PoolLock, StoreError};
+
+/// Where the node-local writer queues of the distributed stores keep their lock files (tmpfs; emptied
+/// at boot, which is fine).
+pub const DEFAULT_LOCK_DIR: &str = "/run/whereabouts/locks";
 
 /// How long a writer waits for a lock before answering "try again later".
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,4 +48,32 @@ pub(crate) async fn lock(path: &Path) -> Result<LockGuard, StoreError> {
         Ok(Err(join)) => Err(StoreError::Io(format!("{}: {join}", path.display()))),
         Err(_) => Err(StoreError::Unavailable(format!("timed out waiting for lock {}", path.display()))),
     }
+}
+
+/// A node-local writer queue on one pool of a distributed store: writers of the pool on this node take
+/// turns instead of losing compare-and-swap races to each other. `key` identifies the store and pool
+/// (and whatever else must not share a queue). It is an optimisation only: without a usable lock
+/// directory writers just race in compare-and-swap, as they do across nodes.
+pub(crate) async fn node_local_lock(
+    dir: &Path,
+    kind: &str,
+    key: impl Hash,
+) -> Result<Option<PoolLock>, StoreError> {
+    if std::fs::create_dir_all(dir).is_err() {
+        return Ok(None);
+    }
+    let path = queue_path(dir, kind, key).with_extension("lock");
+    match lock(&path).await {
+        Ok(guard) => Ok(Some(PoolLock::new(path.display().to_string(), guard))),
+        Err(StoreError::Io(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The node-local writer queue of `key`, without its extension: `.lock` for the lock file, `.queue`
+/// for the directory of announced ADDs (see [`crate::queue`]).
+pub(crate) fn queue_path(dir: &Path, kind: &str, key: impl Hash) -> std::path::PathBuf {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    dir.join(format!("{kind}-{:016x}", hasher.finish()))
 }

@@ -55,7 +55,7 @@ fn reservations_api(cluster: &TestCluster) -> Api<OverlappingRangeIPReservation>
 }
 
 fn store(cluster: &TestCluster) -> KubeStore {
-    KubeStore::new(cluster.client(), cluster.namespace())
+    KubeStore::new(cluster.client(), cluster.namespace(), "test-cluster")
 }
 
 /// Objects of kind `K` as untyped JSON in `namespace`, to see exactly what is stored.

@@ -740,8 +740,11 @@ fn pod_grace_period(pod: &Value, options: &DeleteOptions) -> i64 {
 }
 
 impl Shared {
-    /// Runs one write: takes the object's write path (if any), spends the modelled latency, then
-    /// computes and commits the change under the state lock.
+    /// Runs one write: takes the object's write path (if any), computes and commits the change under
+    /// the state lock, then, if something was stored, spends the modelled storage latency before
+    /// answering and releasing the write path. A refused write (a failed JSON Patch `test`, a stale
+    /// resourceVersion) costs no storage round trip, as on a real server, which checks against the
+    /// object it holds before it writes to etcd.
     async fn write<T>(
         &self,
         lock: Option<LockKey>,
@@ -751,9 +754,15 @@ impl Shared {
             Some(key) => Some(self.locks.lock(key).await),
             None => None,
         };
-        if !self.options.write_latency.is_zero() {
+        let (result, stored) = {
+            let mut state = self.state();
+            let before = state.resource_version();
+            let result = change(&mut state);
+            (result, state.resource_version() != before)
+        };
+        if stored && !self.options.write_latency.is_zero() {
             tokio::time::sleep(self.options.write_latency).await;
         }
-        change(&mut self.state())
+        result
     }
 }
