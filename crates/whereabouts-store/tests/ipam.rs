@@ -622,6 +622,8 @@ struct Flaky {
     reservations_down: Option<&'static str>,
     /// Pool reads still to answer "unavailable" (an etcd election, say).
     reads_unavailable: AtomicUsize,
+    /// The writer queue's announcement directory, as the distributed stores have one.
+    queue: Option<std::path::PathBuf>,
 }
 
 impl Flaky {
@@ -632,7 +634,13 @@ impl Flaky {
             writes: AtomicUsize::new(0),
             reservations_down,
             reads_unavailable: AtomicUsize::new(0),
+            queue: None,
         }
+    }
+
+    fn with_queue(mut self, dir: std::path::PathBuf) -> Self {
+        self.queue = Some(dir);
+        self
     }
 
     fn writes(&self) -> usize {
@@ -641,6 +649,14 @@ impl Flaky {
 }
 
 impl Store for Flaky {
+    fn queue_dir(&self, _name: &str) -> Option<std::path::PathBuf> {
+        self.queue.clone()
+    }
+
+    async fn lock_pool(&self, name: &str) -> Result<Option<PoolLock>, StoreError> {
+        self.inner.lock_pool(name).await
+    }
+
     async fn read_pool(&self, name: &str) -> Result<Option<VersionedPool>, StoreError> {
         if self
             .reads_unavailable
@@ -1035,4 +1051,47 @@ async fn a_briefly_unavailable_store_is_retried() {
         Ipam::new(&store).with_retry(briefly_patient()).allocate(&single("192.0.2.0/24"), &owner(2)).await;
     assert!(matches!(err, Err(IpamError::Store { source: StoreError::Unavailable(_), .. })), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+/// ADDs that wait in a pool's writer queue are served by the writer at its head, in one write: with the
+/// pool's lock held while 20 ADDs announce themselves, releasing it gives 20 distinct lowest addresses
+/// for exactly one pool write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adds_waiting_in_the_writer_queue_are_served_in_one_write() {
+    let (dir, inner) = file_store();
+    let queue = dir.path().join("queue");
+    let store = Arc::new(Flaky::new(inner, 0, None).with_queue(queue.clone()));
+    let config = single("192.0.2.0/24");
+    let name = pool_of(&config, 0);
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.path().join(format!("pools/{name}.lock")))
+        .unwrap();
+    lock_file.lock().unwrap();
+    let adds: Vec<_> = (0..20)
+        .map(|i| {
+            let (store, config) = (store.clone(), config.clone());
+            tokio::spawn(async move {
+                Ipam::new(&*store).with_retry(quick_retry(10)).allocate(&config, &owner(i)).await.unwrap()
+            })
+        })
+        .collect();
+    let announced = || std::fs::read_dir(&queue).map(|d| d.count()).unwrap_or(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while announced() < 20 {
+        assert!(std::time::Instant::now() < deadline, "only {} ADDs announced themselves", announced());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    lock_file.unlock().unwrap();
+    let mut got = HashSet::new();
+    for add in adds {
+        got.extend(just_ips(&add.await.unwrap()));
+    }
+    let expected: HashSet<IpAddr> = (1..=20).map(|i| ip(&format!("192.0.2.{i}"))).collect();
+    assert_eq!(got, expected);
+    assert_eq!(store.writes(), 1, "one write served every waiting ADD");
+    assert_eq!(allocations(&*store, &name).await.len(), 20);
+    assert_eq!(announced(), 0, "served announcements are removed");
 }
