@@ -41,6 +41,14 @@ pub struct Allocation {
 }
 
 impl Allocation {
+    /// Whether two records name the same holder: container, pod and interface. The additive fields
+    /// (`node`, `network`) are left out: a cluster still on upstream's CRDs prunes them, so a record
+    /// read back may lack them.
+    pub fn same_holder(&self, other: &Allocation) -> bool {
+        (&self.container_id, &self.pod_ref, &self.ifname)
+            == (&other.container_id, &other.pod_ref, &other.ifname)
+    }
+
     /// Whether this allocation belongs to `owner` for the purpose of idempotent ADD.
     pub fn is_owned_by(&self, owner: &Owner) -> bool {
         self.ifname == owner.ifname

@@ -317,7 +317,9 @@ impl<'s, S: Store> Ipam<'s, S> {
                     // Exactly what this call wrote: a new sandbox of the same pod may have taken over since.
                     let wanted = owner.allocation();
                     for taken in done.iter().filter(|t| t.is_new) {
-                        if let Err(undo) = self.release_if(config, taken.allocated, |a| *a == wanted).await {
+                        if let Err(undo) =
+                            self.release_if(config, taken.allocated, |a| a.same_holder(&wanted)).await
+                        {
                             tracing::error!("releasing {} after a failed ADD: {undo}", taken.allocated.ip);
                         }
                     }
@@ -363,7 +365,7 @@ impl<'s, S: Store> Ipam<'s, S> {
         let mut blocked = IntervalSet::new();
         // ADDs without a requested address announce themselves in the node's writer queue, so that
         // whoever holds it allocates for them in the same write (see `crate::queue`).
-        let announced = match managed.requested {
+        let mut announced = match managed.requested {
             None => self.store.queue_dir(&name).and_then(|dir| {
                 let mut hasher = std::collections::hash_map::DefaultHasher::new();
                 (&name, managed.range.describe(), config.gateway).hash(&mut hasher);
@@ -372,10 +374,8 @@ impl<'s, S: Store> Ipam<'s, S> {
             Some(_) => None,
         };
         for _ in 0..self.retry.attempts {
-            let mut served = Vec::new();
             let (assignment, ip) = self
                 .update_pool(&name, network, |pool, conflicts| {
-                    served.clear();
                     // After lost races, spread over the lowest few free addresses (see `Spread`).
                     let spread = Spread::after_conflicts(owner, conflicts);
                     let assignment = assign_spread(
@@ -389,7 +389,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                     )
                     .map_err(|source| IpamError::Alloc { pool: name.clone(), source })?;
                     let unchanged =
-                        matches!(assignment, Assignment::Existing(a) if pool.get(a) == Some(&wanted));
+                        matches!(assignment, Assignment::Existing(a) if pool.get(a).is_some_and(|a| a.same_holder(&wanted)));
                     // A move to a requested address keeps the old address until the new one is
                     // reserved, so a failed move leaves the owner as it was.
                     let first_step = match assignment {
@@ -399,27 +399,30 @@ impl<'s, S: Store> Ipam<'s, S> {
                     let ip = apply(pool, first_step, owner);
                     // Then the ADDs waiting behind us that hold nothing here yet; one that cannot be
                     // served (the range is full for it) allocates for itself when its turn comes.
+                    // Their announcements go now, while we hold the queue: one whose entry this write
+                    // then fails to store finds nothing and allocates for itself.
+                    let mut served = 0;
                     for waiting in announced.iter().flat_map(Announced::others) {
                         if !pool.owned(&waiting.owner).is_empty() {
                             continue;
                         }
-                        let none = IntervalSet::new();
+                        // Addresses we know an overlapping range reserved are skipped for them too.
                         let gateway = config.gateway;
                         if let Ok(new) =
-                            assign_spread(&managed.range, pool, &waiting.owner, None, gateway, &none, spread)
+                            assign_spread(&managed.range, pool, &waiting.owner, None, gateway, &blocked, spread)
                         {
                             apply(pool, new, &waiting.owner);
-                            served.push(waiting.path);
+                            let _ = std::fs::remove_file(&waiting.path);
+                            served += 1;
                         }
                     }
-                    Ok(Change { value: (assignment, ip), changed: !unchanged || !served.is_empty() })
+                    Ok(Change { value: (assignment, ip), changed: !unchanged || served > 0 })
                 })
                 .await?;
-            for path in &served {
-                let _ = std::fs::remove_file(path);
-            }
             let allocated = AllocatedIp { ip, network };
-            let is_new = matches!(assignment, Assignment::New { .. });
+            // An entry the head of the writer queue made for us is ours to undo like one we made.
+            let served = announced.as_ref().is_some_and(Announced::was_served);
+            let is_new = matches!(assignment, Assignment::New { .. }) || served;
             let moved_from = match assignment {
                 Assignment::New { replaces, .. } => replaces.map(|old| from_u128(Family::of(ip), old)),
                 Assignment::Existing(_) => None,
@@ -447,7 +450,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                         let undone =
                             match self.delete_reservation(&config.network_name, ip, &reservation).await {
                                 Ok(()) => self
-                                    .remove_if(&name, network, to_u128(ip), |a| *a == wanted)
+                                    .remove_if(&name, network, to_u128(ip), |a| a.same_holder(&wanted))
                                     .await
                                     .map(drop),
                                 Err(e) => Err(e),
@@ -468,7 +471,10 @@ impl<'s, S: Store> Ipam<'s, S> {
                         "{ip} of pool {name} is reserved by {} in an overlapping range, skipping it",
                         holder.pod_ref
                     );
-                    self.remove_if(&name, network, to_u128(ip), |a| *a == wanted).await?;
+                    self.remove_if(&name, network, to_u128(ip), |a| a.same_holder(&wanted)).await?;
+                    // Allocate for ourselves from now on: a head serving us would not know what we
+                    // just learned about this address.
+                    announced = None;
                     blocked.insert(to_u128(ip));
                     self.skip_reserved(config, managed, owner, &reservation, &mut blocked).await?;
                 }

@@ -121,12 +121,6 @@ impl KubeStore {
         self
     }
 
-    /// Keeps the node-local writer queue's lock files in `dir` instead of [`DEFAULT_LOCK_DIR`].
-    pub fn with_lock_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.lock_dir = dir.into();
-        self
-    }
-
     /// The store the kubeconfig at `path` points to, in its current context's namespace.
     pub async fn connect(path: &Path) -> Result<Self, ConnectError> {
         let connection = connect(path, Timeouts::REQUESTS).await?;
@@ -178,6 +172,11 @@ fn store_error(location: &str, error: kube::Error) -> StoreError {
     }
 }
 
+/// A reservation that kept changing between our read and our precondition.
+fn churned(location: &str) -> StoreError {
+    StoreError::Unavailable(format!("{location}: changed {RESERVATION_ROUNDS} times while being read"))
+}
+
 fn version_of(meta: &ObjectMeta) -> Version {
     Version(meta.resource_version.clone().unwrap_or_default())
 }
@@ -196,21 +195,14 @@ fn allocation_value(allocation: &Allocation) -> Value {
     serde_json::to_value(allocation).unwrap_or(Value::Null)
 }
 
-/// The patch that turns `base` into `spec`, each change guarded by a `test` of the value it replaces:
-/// the allocation's JSON in `as_read` when it is there, else as it serialises. Empty when nothing
-/// changed.
+/// The patch that turns `base`'s allocations into `spec`'s, each change guarded by a `test` of the
+/// value it replaces: the allocation's JSON in `as_read` when it is there, else as it serialises. Empty
+/// when nothing changed. Every patch also tests `spec.range` (never rewritten): keys are offsets from
+/// it, so a pool deleted and created again with another range must not take our keys.
 pub fn pool_patch(base: &PoolSpec, spec: &PoolSpec, as_read: &Map<String, Value>) -> Vec<PatchOperation> {
     let read =
         |key: &str, old: &Allocation| as_read.get(key).cloned().unwrap_or_else(|| allocation_value(old));
     let mut ops = Vec::new();
-    if base.range != spec.range {
-        let path = PointerBuf::from_tokens(["spec", "range"]);
-        ops.push(test_op(path.clone(), Value::String(base.range.clone())));
-        ops.push(PatchOperation::Replace(ReplaceOperation {
-            path,
-            value: Value::String(spec.range.clone()),
-        }));
-    }
     for (key, old) in &base.allocations {
         let path = allocation_path(key);
         match spec.allocations.get(key) {
@@ -232,6 +224,10 @@ pub fn pool_patch(base: &PoolSpec, spec: &PoolSpec, as_read: &Map<String, Value>
             ops.push(test_op(path.clone(), Value::Null));
             ops.push(PatchOperation::Add(AddOperation { path, value: allocation_value(new) }));
         }
+    }
+    if !ops.is_empty() {
+        let range = PointerBuf::from_tokens(["spec", "range"]);
+        ops.insert(0, test_op(range, Value::String(base.range.clone())));
     }
     ops
 }
@@ -298,7 +294,10 @@ impl Store for KubeStore {
         if ops.is_empty() {
             return Ok(base.version.clone());
         }
-        match self.pools.patch(name, &PatchParams::default(), &Patch::Json::<()>(JsonPatch(ops))).await {
+        // Answered as JSON: only the new resourceVersion is read, so another writer's odd entry cannot
+        // turn a write that landed into an error.
+        let patch = Patch::Json::<()>(JsonPatch(ops));
+        match self.pools_as_read.patch(name, &PatchParams::default(), &patch).await {
             Ok(patched) => Ok(version_of(&patched.metadata)),
             // A failed `test` (someone changed an allocation we change), or the pool was deleted since it
             // was read: the next read sees which.
@@ -343,9 +342,7 @@ impl Store for KubeStore {
                 Err(e) => return Err(store_error(&location, e)),
             }
         }
-        Err(StoreError::Unavailable(format!(
-            "{location}: changed {RESERVATION_ROUNDS} times while being read"
-        )))
+        Err(churned(&location))
     }
 
     async fn read_reservation(&self, name: &str) -> Result<Option<Reservation>, StoreError> {
@@ -382,9 +379,7 @@ impl Store for KubeStore {
                 Err(e) => return Err(store_error(&location, e)),
             }
         }
-        Err(StoreError::Unavailable(format!(
-            "{location}: changed {RESERVATION_ROUNDS} times while being read"
-        )))
+        Err(churned(&location))
     }
 
     async fn list_pools(&self) -> Result<Vec<String>, StoreError> {
@@ -451,6 +446,7 @@ mod tests {
         assert_eq!(
             ops_json(pool_patch(&base, &next, &Map::new())),
             serde_json::json!([
+                {"op": "test", "path": "/spec/range", "value": "10.0.0.0/24"},
                 {"op": "test", "path": "/spec/allocations/1", "value": a},
                 {"op": "remove", "path": "/spec/allocations/1"},
                 {"op": "test", "path": "/spec/allocations/2", "value": b},
@@ -523,13 +519,13 @@ mod tests {
         let as_read = serde_json::json!({"1": {"id": "a", "podref": "ns/a", "ifname": "eth0", "node": null}});
         let Value::Object(as_read) = as_read else { unreachable!() };
         let ops = ops_json(pool_patch(&spec(&[("1", "a")]), &spec(&[]), &as_read));
-        assert_eq!(ops[0]["value"], as_read["1"]);
+        assert_eq!(ops[1]["value"], as_read["1"]);
     }
 
     #[test]
     fn odd_keys_are_escaped_as_json_pointers() {
         assert_eq!(allocation_path("a/b~c").as_str(), "/spec/allocations/a~1b~0c");
         let ops = pool_patch(&spec(&[]), &spec(&[("x/y", "a")]), &Map::new());
-        assert_eq!(ops_json(ops)[1]["path"], "/spec/allocations/x~1y");
+        assert_eq!(ops_json(ops)[2]["path"], "/spec/allocations/x~1y");
     }
 }

@@ -9,10 +9,12 @@
 //! the pool, finds its allocation already there (ADD is idempotent on the owner) and writes nothing.
 //!
 //! Safety rests on what it always did: the write is one compare-and-swap, and an allocation made for
-//! another process is exactly the record that process would have written itself. Only announcements of
-//! live processes are served (a process killed while waiting leaves a file that is removed, not
-//! served), and only those with the same batch key: the same pool, candidate interval, exclusions and
-//! gateway, and no requested address.
+//! another process is exactly the record that process would have written itself; a served process
+//! treats the entry as one it made (it undoes it if its ADD fails). Only announcements with the same
+//! batch key are served (the same pool, candidate interval, exclusions and gateway, no requested
+//! address), and only those of processes still running: the file of a process killed while waiting is
+//! removed once seen. A process killed just after that check is served anyway; its entry is then
+//! released by the runtime's DEL after the failed ADD, or taken over by the pod's next sandbox.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -84,6 +86,13 @@ impl Announced {
         }
         found.sort_by_key(|(modified, _)| *modified);
         found.into_iter().map(|(_, a)| a).collect()
+    }
+}
+
+impl Announced {
+    /// Whether the head of the queue served this announcement (and removed it).
+    pub fn was_served(&self) -> bool {
+        !self.path.exists()
     }
 }
 

@@ -624,6 +624,9 @@ struct Flaky {
     reads_unavailable: AtomicUsize,
     /// The writer queue's announcement directory, as the distributed stores have one.
     queue: Option<std::path::PathBuf>,
+    /// Drops the additive fields (`node`, `network`) from written pools, as an API server still serving
+    /// upstream's CRDs prunes them.
+    prune_additive: bool,
 }
 
 impl Flaky {
@@ -635,7 +638,13 @@ impl Flaky {
             reservations_down,
             reads_unavailable: AtomicUsize::new(0),
             queue: None,
+            prune_additive: false,
         }
+    }
+
+    fn pruning_additive_fields(mut self) -> Self {
+        self.prune_additive = true;
+        self
     }
 
     fn with_queue(mut self, dir: std::path::PathBuf) -> Self {
@@ -681,7 +690,13 @@ impl Store for Flaky {
         if conflict.is_ok() {
             return Err(StoreError::Conflict);
         }
-        self.inner.write_pool(name, spec, base, lock).await
+        let mut spec = spec.clone();
+        if self.prune_additive {
+            for allocation in spec.allocations.values_mut() {
+                (allocation.node, allocation.cni_network) = (None, None);
+            }
+        }
+        self.inner.write_pool(name, &spec, base, lock).await
     }
 
     async fn create_reservation(
@@ -1094,4 +1109,22 @@ async fn adds_waiting_in_the_writer_queue_are_served_in_one_write() {
     assert_eq!(store.writes(), 1, "one write served every waiting ADD");
     assert_eq!(allocations(&*store, &name).await.len(), 20);
     assert_eq!(announced(), 0, "served announcements are removed");
+}
+
+/// On a cluster still serving upstream's CRDs the additive fields are pruned from what is stored: a
+/// reservation found held in an overlapping range still removes our entry (matched on container, pod
+/// and interface, not on the whole record) and the next address is taken, instead of retrying the same
+/// one until the contention bound.
+#[tokio::test]
+async fn pruned_additive_fields_do_not_keep_a_rolled_back_entry() {
+    let (_dir, inner) = file_store();
+    let store = Flaky::new(inner, 0, None).pruning_additive_fields();
+    let ipam = Ipam::new(&store).with_retry(quick_retry(10));
+    let (wide, narrow) = (single("10.9.0.0/24"), single("10.9.0.0/25"));
+    let first = owner_on(1, Some("node-a"), Some("net"));
+    let second = owner_on(2, Some("node-a"), Some("net"));
+    assert_eq!(alloc(&ipam, &wide, &first).await, ips(&["10.9.0.1"]));
+    assert_eq!(alloc(&ipam, &narrow, &second).await, ips(&["10.9.0.2"]));
+    let held: Vec<IpAddr> = allocations(&store, &pool_of(&narrow, 0)).await.into_keys().collect();
+    assert_eq!(held, ips(&["10.9.0.2"]));
 }
