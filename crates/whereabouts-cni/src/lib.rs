@@ -30,6 +30,7 @@ pub mod env;
 pub mod error;
 pub mod logging;
 pub mod result;
+pub mod slices;
 pub mod version;
 
 use env::{CniEnv, Command, is_valid_name};
@@ -213,13 +214,10 @@ async fn dispatch(
         Purpose::Allocate => parse_cni_args(&env.args)?,
         Purpose::Release => parse_cni_args(&env.args).unwrap_or_default(),
     };
-    let config = load_config(&netconf, &args, purpose, host)?;
+    let mut config = load_config(&netconf, &args, purpose, host)?;
     host.init_logging(&config.log);
     if let Some(warning) = &config.log.warning {
         tracing::error!("{warning}");
-    }
-    if config.node_slice_size.is_some() {
-        return Err(CniError::new(codes::UNSUPPORTED_FIELD, "node_slice_size needs the Kubernetes store"));
     }
     // STATUS reports every way of not being able to serve ADD as "not available".
     let not_available = |e: CniError| match env.command {
@@ -227,7 +225,9 @@ async fn dispatch(
         _ => e,
     };
     let node = node_name(&env, &config, host);
+    let node_slices = slices::prepare(&config, purpose, node.as_deref()).map_err(not_available)?;
     let store = open_store(&config.datastore, node.as_deref()).await.map_err(not_available)?;
+    slices::apply(node_slices, &mut config, &store, &netconf.name, purpose).await.map_err(not_available)?;
     let ipam = Ipam::new(&store);
 
     match env.command {
@@ -430,7 +430,7 @@ async fn check<S: whereabouts_store::Store>(
     let statics: Vec<IpAddr> = config.addresses.iter().map(|a| a.address.addr()).collect();
     let held = ipam.held(config, &env.container_id, &env.ifname).await?;
     for (managed, held) in config.ranges.iter().zip(held) {
-        let network = managed.range.network();
+        let network = managed.network;
         let Some(ip) = held else {
             return Err(CniError::new(
                 codes::INTERNAL,

@@ -668,11 +668,53 @@ async fn wrongly_typed_config_values_are_code_6() {
     assert!(msg.starts_with("ipam: JSON parsing error"), "{msg}");
 }
 
+/// Node slices need the Kubernetes store (code 2 with any other), a valid `node_slice_size` and the
+/// node name (code 7, before the store is contacted); STATUS says "not available" for all of these, and
+/// the DEL after any of these refused ADDs succeeds. The slices themselves: `kube_node_slices.rs`.
 #[tokio::test]
-async fn node_slices_are_an_unsupported_field() {
+async fn node_slices_need_the_kubernetes_store_a_valid_size_and_the_node_name() {
     let fx = Fx::new();
-    let slices = fx.conf("1.0.0").ipam("node_slice_size", json!("/28"));
-    failure_code(&fx.run(&Env::add("c1"), &slices).await, "1.0.0", 2);
+    let on_file = fx.conf("1.1.0").ipam("node_slice_size", json!("/28"));
+    let on_etcd = on_file.clone().ipam("datastore", json!("etcd")).ipam("etcd_host", json!("127.0.0.1:1"));
+    for conf in [&on_file, &on_etcd] {
+        let msg = failure_code(&fx.run(&Env::add("c1").node("n1"), conf).await, "1.1.0", 2);
+        assert!(msg.contains("node_slice_size") && msg.contains("kubernetes datastore"), "{msg}");
+        failure_code(&fx.run(&Env::status(), conf).await, "1.1.0", 50);
+    }
+    fx.del(&on_file, "c1").await;
+
+    // An API server nobody answers for (port 1 on loopback): what is refused is refused before.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+         clusters: [{name: c, cluster: {server: 'http://127.0.0.1:1'}}]\n\
+         users: [{name: u, user: {token: t}}]\n\
+         contexts: [{name: c, context: {cluster: c, user: u, namespace: wb}}]\n",
+    )
+    .expect("write kubeconfig");
+    let on_kube = fx
+        .conf("1.1.0")
+        .ipam("datastore", json!("kubernetes"))
+        .ipam("kubernetes", json!({ "kubeconfig": kubeconfig }))
+        .ipam("configuration_path", json!("/etc/cni/net.d/whereabouts.d"))
+        .ipam("node_slice_size", json!("/28"));
+    let msg = failure_code(&fx.run(&Env::add("c1").pod("p1"), &on_kube).await, "1.1.0", 7);
+    assert!(msg.contains("NODENAME") && msg.contains("/etc/cni/net.d/whereabouts.d/nodename"), "{msg}");
+    failure_code(&fx.run(&Env::status(), &on_kube).await, "1.1.0", 50);
+    fx.del(&on_kube, "c1").await;
+
+    let too_large = on_kube.clone().ipam("node_slice_size", json!("/16"));
+    let msg = failure_code(&fx.run(&Env::add("c1").pod("p1").node("n1"), &too_large).await, "1.1.0", 7);
+    assert!(msg.starts_with("invalid node_slice_size \"/16\""), "{msg}");
+    silent(&fx.run(&Env::del("c1").node("n1"), &too_large).await);
+
+    // With everything in place the NodeSlicePool is read; nobody answers: try again later, naming it.
+    let msg = failure_code(&fx.run(&Env::add("c1").pod("p1").node("n1"), &on_kube).await, "1.1.0", 11);
+    assert!(msg.contains("NodeSlicePool wb/net"), "{msg}");
+    let msg = failure_code(&fx.run(&Env::del("c1").node("n1"), &on_kube).await, "1.1.0", 11);
+    assert!(msg.contains("NodeSlicePool wb/net"), "{msg}");
 }
 
 /// The Kubernetes store: an unreadable kubeconfig is a configuration error naming the key and path, an

@@ -18,7 +18,8 @@ use serde_json::{Map, Value};
 use crate::addr::{Family, parse_cidr_sloppy, parse_cidr_strict, parse_ip_sloppy};
 use crate::cni_args::CniArgs;
 use crate::error::ConfigError;
-use crate::range::{IpRange, RangeProblem};
+use crate::range::{IpRange, RangeProblem, pool_name};
+use crate::slice::{SliceError, Slicing, parse_slice_size};
 
 /// Where the embedded file store keeps its pools unless `file_store_dir` says otherwise.
 pub const DEFAULT_FILE_STORE_DIR: &str = "/var/lib/cni/whereabouts";
@@ -169,14 +170,63 @@ pub struct StaticAddress {
     pub gateway: Option<IpAddr>,
 }
 
+/// The pool a range's allocations are stored in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolTarget {
+    /// Its name (upstream's `IPPoolName`).
+    pub name: String,
+    /// The network its `spec.range` holds: offsets count from its address.
+    pub network: IpNet,
+}
+
 /// One range to allocate from, with the address this call asked for in it (if any).
+///
+/// A range is allocated cluster-wide, in the pool named after it, or, with `node_slice_size`, only
+/// inside the slice of it assigned to this node ([`ManagedRange::in_node_slice`]), in that node's
+/// pool of the slice. Either way the CNI result carries the configured range's prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManagedRange {
-    /// The range.
+    /// The addresses allocation picks from: the configured range, or the node's slice of it.
     pub range: IpRange,
     /// An address requested through `runtimeConfig.ips`, `args.cni.ips` or `CNI_ARGS` `IP=` that lies
     /// in this range's candidate interval: it is allocated (reserved) instead of the lowest free one.
     pub requested: Option<IpAddr>,
+    /// Where the allocations are stored.
+    pub pool: PoolTarget,
+    /// The configured range's network, whose prefix the CNI result carries (also when sliced, as
+    /// upstream since commit f2102bfc).
+    pub network: IpNet,
+}
+
+impl ManagedRange {
+    /// A range allocated cluster-wide, in the pool named after it (`[network_name-]<range>`).
+    pub fn new(range: IpRange, requested: Option<IpAddr>, network_name: &str) -> Self {
+        let network = range.network();
+        let pool = PoolTarget { name: pool_name(network_name, None, &network), network };
+        ManagedRange { range, requested, pool, network }
+    }
+
+    /// This range narrowed to `slice`, the slice of it assigned to node `node`, where `inside` is what
+    /// the slice offers ([`Slicing::check_assigned`]): allocation picks from `inside`, in the pool
+    /// `[network_name-]<node>-<slice>` whose `spec.range` is the slice, and the result keeps this range's
+    /// prefix. A requested address must lie among the slice's candidates.
+    pub fn in_node_slice(
+        &self,
+        network_name: &str,
+        node: &str,
+        slice: IpNet,
+        inside: IpRange,
+    ) -> Result<ManagedRange, ConfigError> {
+        if let Some(ip) = self.requested.filter(|ip| !inside.in_interval(*ip)) {
+            return Err(ConfigError::invalid(
+                "requested address",
+                ip.to_string(),
+                format!("lies outside {}, the slice of node {node}", inside.describe()),
+            ));
+        }
+        let pool = PoolTarget { name: pool_name(network_name, Some(node), &slice), network: slice };
+        Ok(ManagedRange { range: inside, requested: self.requested, pool, network: self.network })
+    }
 }
 
 /// Where allocations are stored.
@@ -276,6 +326,27 @@ pub struct IpamConfig {
     pub datastore: Datastore,
     /// Logging.
     pub log: LogSettings,
+}
+
+impl IpamConfig {
+    /// `node_slice_size` as a slicing of the first range (the only one upstream's controller slices);
+    /// `None` without `node_slice_size`. Errors name `node_slice_size`.
+    pub fn node_slicing(&self) -> Result<Option<Slicing>, ConfigError> {
+        let Some(written) = &self.node_slice_size else { return Ok(None) };
+        let invalid = |reason: String| ConfigError::invalid("node_slice_size", written, reason);
+        let first = self.ranges.first().ok_or_else(|| invalid("there is no range to slice".into()))?;
+        let size = parse_slice_size(written)
+            .map_err(|_| invalid("expected a prefix length such as \"/28\"".into()))?;
+        Slicing::new(first.range.clone(), size).map(Some).map_err(|e| {
+            invalid(match e {
+                SliceError::LargerThanRange { range, .. } => {
+                    format!("slices cannot be larger than the range {range}")
+                }
+                SliceError::TooSmall { .. } => "a slice needs at least two host bits".into(),
+                SliceError::NotAPrefix(_) => "expected a prefix length such as \"/28\"".into(),
+            })
+        })
+    }
 }
 
 /// The flat file as read by the shell.
@@ -637,13 +708,13 @@ fn release_view(raw: RawIpam, enable_overlapping_ranges: bool) -> Result<IpamCon
     let ranges = match network_name {
         // No pool can have been written under an invalid name.
         Err(_) => Vec::new(),
-        Ok(_) => written
+        Ok(ref name) => written
             .filter_map(|range| {
                 let cidr = range.split_once('-').map_or(range.as_str(), |(_, cidr)| cidr);
                 let network = parse_cidr_sloppy(cidr)?;
                 IpRange::new(network, None, None, Vec::new()).ok()
             })
-            .map(|range| ManagedRange { range, requested: None })
+            .map(|range| ManagedRange::new(range, None, name))
             .collect(),
     };
     Ok(IpamConfig {
@@ -823,7 +894,7 @@ fn validate(
         ranges: ranges
             .into_iter()
             .zip(requested)
-            .map(|(range, requested)| ManagedRange { range, requested })
+            .map(|(range, requested)| ManagedRange::new(range, requested, &network_name))
             .collect(),
         gateway,
         routes,

@@ -40,6 +40,46 @@ pub enum SliceError {
     },
 }
 
+/// Why a node cannot allocate from what a NodeSlicePool says about it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AssignedSliceError {
+    /// The NodeSlicePool was cut from another range or into slices of another size than configured.
+    #[error(
+        "it slices range {range:?} into slices of {size:?}, but the configuration slices {configured} into /{configured_size}"
+    )]
+    Mismatch {
+        /// Its `spec.range`.
+        range: String,
+        /// Its `spec.sliceSize`.
+        size: String,
+        /// The configured (first) range.
+        configured: IpNet,
+        /// `node_slice_size`.
+        configured_size: u8,
+    },
+    /// No slice is assigned to the node (yet).
+    #[error("it assigns no slice to the node (yet)")]
+    Unassigned,
+    /// The slice assigned to the node is not one of the slicing's slices.
+    #[error("the node's sliceRange {slice:?} is not a /{size} slice of {range}")]
+    NotASlice {
+        /// The `sliceRange` as stored.
+        slice: String,
+        /// `node_slice_size`.
+        size: u8,
+        /// The sliced range.
+        range: IpNet,
+    },
+    /// The slice holds no candidate: it lies outside `range_start`..`range_end` or is excluded.
+    #[error("the node's slice {slice} holds no address of range {range}")]
+    Unusable {
+        /// The slice.
+        slice: IpNet,
+        /// The range's candidates, described.
+        range: String,
+    },
+}
+
 /// Parses `node_slice_size` as upstream writes it (`"/28"`, or `"28"`).
 pub fn parse_slice_size(text: &str) -> Result<u8, SliceError> {
     let digits = text.trim().strip_prefix('/').unwrap_or(text.trim());
@@ -82,6 +122,39 @@ impl Slicing {
 
     fn slice_bits(&self) -> u32 {
         u32::from(self.range.family().bits() - self.size)
+    }
+
+    /// Checks what a NodeSlicePool says against this slicing: it must have been cut from this range
+    /// (`range`, its `spec.range`) into slices of this size (`size`, its `spec.sliceSize`), and the
+    /// node's `sliceRange` (`assigned`; `None` when the node has none) must be one of the slices and
+    /// hold at least one candidate. The slice and the range a node allocates from inside it.
+    pub fn check_assigned(
+        &self,
+        range: &str,
+        size: &str,
+        assigned: Option<&str>,
+    ) -> Result<(IpNet, IpRange), AssignedSliceError> {
+        let configured = self.range.network();
+        let same_range = range.trim().parse::<IpNet>().is_ok_and(|r| r.trunc() == configured);
+        if !same_range || parse_slice_size(size) != Ok(self.size) {
+            return Err(AssignedSliceError::Mismatch {
+                range: range.into(),
+                size: size.into(),
+                configured,
+                configured_size: self.size,
+            });
+        }
+        let assigned = assigned.ok_or(AssignedSliceError::Unassigned)?;
+        let not_a_slice =
+            || AssignedSliceError::NotASlice { slice: assigned.into(), size: self.size, range: configured };
+        let slice = assigned.trim().parse::<IpNet>().map_err(|_| not_a_slice())?;
+        if !self.is_slice(&slice) {
+            return Err(not_a_slice());
+        }
+        match self.slice_range(&slice) {
+            Some(inside) => Ok((slice, inside)),
+            None => Err(AssignedSliceError::Unusable { slice, range: self.range.describe() }),
+        }
     }
 
     /// The slice containing `addr`.
@@ -233,6 +306,45 @@ mod tests {
         let taken: IpNet = "10.0.0.0/26".parse().unwrap();
         let free: Vec<IpNet> = s.usable_slices(|slice| *slice == taken).take(1).collect();
         assert_eq!(free, ["10.0.0.64/26".parse::<IpNet>().unwrap()]);
+    }
+
+    #[test]
+    fn an_assigned_slice_is_checked_against_the_configuration() {
+        let s = Slicing::new(range("10.0.0.0/24", Some("10.0.0.70"), None, &["10.0.0.128/26"]), 26).unwrap();
+        let (slice, inside) = s.check_assigned("10.0.0.0/24", "/26", Some("10.0.0.64/26")).unwrap();
+        assert_eq!(slice.to_string(), "10.0.0.64/26");
+        assert_eq!(inside.describe(), "10.0.0.70 - 10.0.0.126 in 10.0.0.64/26 excluding []");
+        // The size may be written without its slash, as upstream's controller accepts it.
+        assert!(s.check_assigned("10.0.0.0/24", "26", Some("10.0.0.64/26")).is_ok());
+        for (range, size) in
+            [("10.0.0.0/23", "/26"), ("10.0.0.0/24", "/27"), ("x", "/26"), ("10.0.0.0/24", "")]
+        {
+            assert!(
+                matches!(
+                    s.check_assigned(range, size, Some("10.0.0.64/26")),
+                    Err(AssignedSliceError::Mismatch { .. })
+                ),
+                "{range} {size}"
+            );
+        }
+        assert_eq!(s.check_assigned("10.0.0.0/24", "/26", None), Err(AssignedSliceError::Unassigned));
+        for bad in ["10.0.0.64/27", "10.0.0.65/26", "10.0.1.0/26", "fd00::/122", "nonsense", ""] {
+            assert_eq!(
+                s.check_assigned("10.0.0.0/24", "/26", Some(bad)),
+                Err(AssignedSliceError::NotASlice {
+                    slice: bad.into(),
+                    size: 26,
+                    range: "10.0.0.0/24".parse().unwrap()
+                }),
+            );
+        }
+        // Below range_start, and wholly excluded: upstream's controller assigns them, we cannot use them.
+        for unusable in ["10.0.0.0/26", "10.0.0.128/26"] {
+            assert!(matches!(
+                s.check_assigned("10.0.0.0/24", "/26", Some(unusable)),
+                Err(AssignedSliceError::Unusable { .. })
+            ));
+        }
     }
 
     proptest! {

@@ -2,8 +2,9 @@
 //! (shared/upstream-behaviour.md §1.1-1.5) and the validation whereabouts-rs adds on top of it.
 //!
 //! Sections: Go-style key decoding, `type`, range syntaxes and normalisation, refusals (key and value),
-//! flat-file merge, when the flat file is optional, requested addresses, `cniVersion`, logging, and
-//! property tests (no panics on arbitrary input, every valid range lies strictly inside its network).
+//! flat-file merge, when the flat file is optional, requested addresses, `cniVersion`, logging, pools and
+//! node slices, and property tests (no panics on arbitrary input, every valid range lies strictly inside
+//! its network).
 
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -1141,6 +1142,79 @@ fn log_level_and_file() {
 fn unknown_log_level_warning_keeps_the_value_as_written() {
     let log = ok(load(&ipam(json!({"log_level": "LOUD"})))).log;
     assert_eq!(log.warning.as_deref(), Some("Whereabouts logging: cannot set logging level to LOUD"));
+}
+
+// === 9b. pools and node slices ===
+
+#[test]
+fn every_range_names_its_cluster_wide_pool_and_keeps_its_prefix() {
+    let cfg = ok(load(&ipam(json!({
+        "network_name": "blue", "range": "10.0.0.0/24", "ipRanges": [{"range": "fd00::/64"}],
+    }))));
+    let pools: Vec<(&str, String, String)> = cfg
+        .ranges
+        .iter()
+        .map(|r| (r.pool.name.as_str(), r.pool.network.to_string(), r.network.to_string()))
+        .collect();
+    assert_eq!(
+        pools,
+        [
+            ("blue-10.0.0.0-24", "10.0.0.0/24".into(), "10.0.0.0/24".into()),
+            ("blue-fd00---64", "fd00::/64".into(), "fd00::/64".into()),
+        ]
+    );
+    // DEL finds the same pools.
+    let release = CallContext { purpose: Purpose::Release, ..ctx() };
+    let cfg =
+        ok(config::load(&ipam(json!({"range": "10.0.0.0/24", "network_name": "blue"})), None, &release));
+    assert_eq!(cfg.ranges[0].pool.name, "blue-10.0.0.0-24");
+}
+
+#[test]
+fn node_slice_size_slices_the_first_range() {
+    let cfg = ok(load(&ipam(json!({"range": "10.0.0.0/24", "ipRanges": [{"range": "fd00::/64"}]}))));
+    assert_eq!(cfg.node_slicing(), Ok(None));
+    let cfg = ok(load(&ipam(json!({
+        "range": "10.0.0.0/24", "ipRanges": [{"range": "fd00::/64"}], "node_slice_size": "/26",
+    }))));
+    let slicing = cfg.node_slicing().expect("valid").expect("sliced");
+    assert_eq!((slicing.range().network(), slicing.size()), (net("10.0.0.0/24"), 26));
+    for (size, range) in [("/x", "10.0.0.0/24"), ("/23", "10.0.0.0/24"), ("/31", "10.0.0.0/24"), ("26", "")] {
+        let mut extra = json!({"node_slice_size": size, "addresses": [{"address": "192.0.2.1/24"}]});
+        if !range.is_empty() {
+            extra["range"] = json!(range);
+        }
+        let cfg = ok(load(&ipam(extra)));
+        assert_invalid(size, cfg.node_slicing().map(|_| cfg.clone()), "node_slice_size", size);
+    }
+}
+
+#[test]
+fn a_range_narrowed_to_a_node_slice() {
+    let with_request = call("1.0.0", &[("runtimeConfig.ips", "10.0.0.70")], "");
+    let conf = ipam(json!({"range": "10.0.0.0/24", "exclude": ["10.0.0.64/30"], "node_slice_size": "/26",
+                           "network_name": "blue"}));
+    let cfg = ok(config::load(&conf, None, &with_request));
+    let slicing = cfg.node_slicing().expect("valid").expect("sliced");
+    let (slice, inside) = slicing.check_assigned("10.0.0.0/24", "/26", Some("10.0.0.64/26")).expect("usable");
+    let sliced = cfg.ranges[0].in_node_slice(&cfg.network_name, "node-a", slice, inside).expect("fits");
+    assert_eq!(sliced.pool.name, "blue-node-a-10.0.0.64-26");
+    assert_eq!(sliced.pool.network, net("10.0.0.64/26"));
+    assert_eq!(sliced.network, net("10.0.0.0/24"), "the result keeps the whole range's prefix");
+    assert_eq!(summary(&sliced.range), "10.0.0.64/26 10.0.0.65-10.0.0.126");
+    assert_eq!(sliced.range.exclude(), [net("10.0.0.64/30")]);
+    assert_eq!(sliced.requested, Some(ip("10.0.0.70")));
+
+    // Without network_name, and a requested address in another node's slice.
+    let conf = ipam(json!({"range": "10.0.0.0/24", "node_slice_size": "/26"}));
+    let cfg = ok(config::load(&conf, None, &call("1.0.0", &[("runtimeConfig.ips", "10.0.0.5")], "")));
+    let slicing = cfg.node_slicing().expect("valid").expect("sliced");
+    let (slice, inside) = slicing.check_assigned("10.0.0.0/24", "/26", Some("10.0.0.64/26")).expect("usable");
+    let refused = cfg.ranges[0].in_node_slice("", "node-a", slice, inside.clone());
+    assert_invalid("requested elsewhere", refused.map(|_| cfg.clone()), "requested address", "10.0.0.5");
+    let cfg = ok(config::load(&conf, None, &ctx()));
+    let sliced = cfg.ranges[0].in_node_slice("", "node-a", slice, inside).expect("fits");
+    assert_eq!(sliced.pool.name, "node-a-10.0.0.64-26");
 }
 
 // === 10. property tests ===

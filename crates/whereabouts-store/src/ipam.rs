@@ -8,6 +8,10 @@
 //! addresses a write changes (the Kubernetes store) stop colliding; without contention it is always the
 //! lowest free address.
 //!
+//! Every range says which pool holds its allocations ([`ManagedRange::pool`]): the pool named after the
+//! range, or with node slices this node's pool of its slice. The engine reads and writes only that pool
+//! and hands addresses out with the configured range's prefix ([`AllocatedIp::network`]).
+//!
 //! Order of writes, chosen so that a process killed between two writes never leaves state that
 //! nothing will find again:
 //! * ADD writes the pool entry first, then the cluster-wide reservation. An address counts as handed out
@@ -28,10 +32,10 @@ use ipnet::IpNet;
 use thiserror::Error;
 use whereabouts_core::addr::{Family, from_u128, to_u128};
 use whereabouts_core::allocate::{AllocError, Assignment, Spread, apply, assign, assign_spread, lowest_free};
-use whereabouts_core::config::{IpamConfig, ManagedRange};
+use whereabouts_core::config::{IpamConfig, ManagedRange, PoolTarget};
 use whereabouts_core::interval::IntervalSet;
 use whereabouts_core::pool::{Allocation, Owner, Pool, PoolError};
-use whereabouts_core::range::{pool_name, reservation_name};
+use whereabouts_core::range::reservation_name;
 
 use crate::queue::Announced;
 use crate::{Reservation, ReserveOutcome, Store, StoreError, VersionedPool};
@@ -115,13 +119,16 @@ impl RetryPolicy {
 pub struct AllocatedIp {
     /// The address.
     pub ip: IpAddr,
-    /// The range's network (its prefix is the result's prefix).
+    /// The configured range's network (its prefix is the result's prefix), also when the address
+    /// comes from a node's slice of it.
     pub network: IpNet,
 }
 
 /// What one range gave an ADD.
 #[derive(Debug, Clone, Copy)]
-struct Taken {
+struct Taken<'c> {
+    /// The range, whose pool holds the address.
+    managed: &'c ManagedRange,
     allocated: AllocatedIp,
     /// Not held by the owner before this call (so a failed ADD releases it).
     is_new: bool,
@@ -283,15 +290,14 @@ impl<'s, S: Store> Ipam<'s, S> {
     async fn release_entry(
         &self,
         config: &IpamConfig,
-        network: IpNet,
+        pool: &PoolTarget,
         ip: IpAddr,
         allocation: &Allocation,
     ) -> Result<bool, IpamError> {
         if config.enable_overlapping_ranges {
             self.delete_reservation(&config.network_name, ip, &reservation_of(allocation)).await?;
         }
-        let name = pool_name(&config.network_name, None, &network);
-        self.remove_if(&name, network, to_u128(ip), |a| a == allocation).await
+        self.remove_if(&pool.name, pool.network, to_u128(ip), |a| a == allocation).await
     }
 
     async fn delete_reservation(
@@ -309,7 +315,7 @@ impl<'s, S: Store> Ipam<'s, S> {
     /// call newly took in earlier ranges are released before the error is returned, and addresses the
     /// owner is moving away from (to a requested one) are only released once every range succeeded.
     pub async fn allocate(&self, config: &IpamConfig, owner: &Owner) -> Result<Vec<AllocatedIp>, IpamError> {
-        let mut done: Vec<Taken> = Vec::with_capacity(config.ranges.len());
+        let mut done: Vec<Taken<'_>> = Vec::with_capacity(config.ranges.len());
         for managed in &config.ranges {
             match self.allocate_in_range(config, managed, owner).await {
                 Ok(taken) => done.push(taken),
@@ -317,8 +323,8 @@ impl<'s, S: Store> Ipam<'s, S> {
                     // Exactly what this call wrote: a new sandbox of the same pod may have taken over since.
                     let wanted = owner.allocation();
                     for taken in done.iter().filter(|t| t.is_new) {
-                        if let Err(undo) =
-                            self.release_if(config, taken.allocated, |a| a.same_holder(&wanted)).await
+                        let (pool, ip) = (&taken.managed.pool, taken.allocated.ip);
+                        if let Err(undo) = self.release_if(config, pool, ip, |a| a.same_holder(&wanted)).await
                         {
                             tracing::error!("releasing {} after a failed ADD: {undo}", taken.allocated.ip);
                         }
@@ -329,8 +335,7 @@ impl<'s, S: Store> Ipam<'s, S> {
         }
         for taken in &done {
             if let Some(old) = taken.moved_from {
-                let old = AllocatedIp { ip: old, network: taken.allocated.network };
-                self.release_if(config, old, |a| a.is_owned_by(owner)).await?;
+                self.release_if(config, &taken.managed.pool, old, |a| a.is_owned_by(owner)).await?;
             }
         }
         Ok(done.into_iter().map(|t| t.allocated).collect())
@@ -340,27 +345,27 @@ impl<'s, S: Store> Ipam<'s, S> {
     async fn release_if(
         &self,
         config: &IpamConfig,
-        taken: AllocatedIp,
+        target: &PoolTarget,
+        ip: IpAddr,
         matches: impl Fn(&Allocation) -> bool,
     ) -> Result<(), IpamError> {
-        let name = pool_name(&config.network_name, None, &taken.network);
-        let addr = to_u128(taken.ip);
-        let held = self.inspect(&name, taken.network, |pool| pool.get(addr).cloned()).await?;
+        let addr = to_u128(ip);
+        let held = self.inspect(&target.name, target.network, |pool| pool.get(addr).cloned()).await?;
         if let Some(allocation) = held.filter(|a| matches(a)) {
-            self.release_entry(config, taken.network, taken.ip, &allocation).await?;
+            self.release_entry(config, target, ip, &allocation).await?;
         }
         Ok(())
     }
 
     /// Allocates in one range, leaving an address the owner moves away from in place.
-    async fn allocate_in_range(
+    async fn allocate_in_range<'c>(
         &self,
         config: &IpamConfig,
-        managed: &ManagedRange,
+        managed: &'c ManagedRange,
         owner: &Owner,
-    ) -> Result<Taken, IpamError> {
-        let network = managed.range.network();
-        let name = pool_name(&config.network_name, None, &network);
+    ) -> Result<Taken<'c>, IpamError> {
+        let PoolTarget { name, network } = &managed.pool;
+        let (name, network) = (name.clone(), *network);
         let wanted = owner.allocation();
         let mut blocked = IntervalSet::new();
         // ADDs without a requested address announce themselves in the node's writer queue, so that
@@ -419,7 +424,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                     Ok(Change { value: (assignment, ip), changed: !unchanged || served > 0 })
                 })
                 .await?;
-            let allocated = AllocatedIp { ip, network };
+            let allocated = AllocatedIp { ip, network: managed.network };
             // An entry the head of the writer queue made for us is ours to undo like one we made.
             let served = announced.as_ref().is_some_and(Announced::was_served);
             let is_new = matches!(assignment, Assignment::New { .. }) || served;
@@ -427,7 +432,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                 Assignment::New { replaces, .. } => replaces.map(|old| from_u128(Family::of(ip), old)),
                 Assignment::Existing(_) => None,
             };
-            let taken = Taken { allocated, is_new, moved_from };
+            let taken = Taken { managed, allocated, is_new, moved_from };
             if !config.enable_overlapping_ranges {
                 return Ok(taken);
             }
@@ -493,9 +498,8 @@ impl<'s, S: Store> Ipam<'s, S> {
         reservation: &Reservation,
         blocked: &mut IntervalSet,
     ) -> Result<(), IpamError> {
-        let network = managed.range.network();
-        let name = pool_name(&config.network_name, None, &network);
-        let (pool, _) = self.load_pool(&name, network).await?;
+        let PoolTarget { name, network } = &managed.pool;
+        let (pool, _) = self.load_pool(name, *network).await?;
         loop {
             let assignment = assign(&managed.range, &pool, owner, managed.requested, config.gateway, blocked)
                 .map_err(|source| IpamError::Alloc { pool: name.clone(), source })?;
@@ -523,12 +527,11 @@ impl<'s, S: Store> Ipam<'s, S> {
         let mut released = Vec::new();
         let mut first_error = None;
         for managed in &config.ranges {
-            let network = managed.range.network();
-            let name = pool_name(&config.network_name, None, &network);
+            let target = &managed.pool;
             let outcome = async {
                 // Normally one; more after a crash mid-move to a requested address.
                 let held: Vec<(IpAddr, Allocation)> = self
-                    .inspect(&name, network, |pool| {
+                    .inspect(&target.name, target.network, |pool| {
                         pool.container_addresses(container_id, ifname)
                             .into_iter()
                             .filter_map(|addr| {
@@ -538,7 +541,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                     })
                     .await?;
                 for (ip, allocation) in held {
-                    if self.release_entry(config, network, ip, &allocation).await? {
+                    if self.release_entry(config, target, ip, &allocation).await? {
                         released.push(ip);
                     }
                 }
@@ -560,10 +563,9 @@ impl<'s, S: Store> Ipam<'s, S> {
     ) -> Result<Vec<Option<IpAddr>>, IpamError> {
         let mut out = Vec::with_capacity(config.ranges.len());
         for managed in &config.ranges {
-            let network = managed.range.network();
-            let name = pool_name(&config.network_name, None, &network);
+            let PoolTarget { name, network } = &managed.pool;
             let held = self
-                .inspect(&name, network, |pool| {
+                .inspect(name, *network, |pool| {
                     pool.container_addresses(container_id, ifname)
                         .first()
                         .map(|addr| from_u128(pool.family(), *addr))
@@ -585,10 +587,9 @@ impl<'s, S: Store> Ipam<'s, S> {
     ) -> Result<Vec<IpAddr>, IpamError> {
         let mut released = Vec::new();
         for managed in &config.ranges {
-            let network = managed.range.network();
-            let name = pool_name(&config.network_name, None, &network);
+            let target = &managed.pool;
             let stale: Vec<(IpAddr, Allocation)> = self
-                .inspect(&name, network, |pool| {
+                .inspect(&target.name, target.network, |pool| {
                     pool.iter()
                         .filter(|(_, a)| {
                             a.node.as_deref() == Some(node)
@@ -600,7 +601,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                 })
                 .await?;
             for (ip, allocation) in stale {
-                if self.release_entry(config, network, ip, &allocation).await? {
+                if self.release_entry(config, target, ip, &allocation).await? {
                     released.push(ip);
                 }
             }
@@ -612,15 +613,14 @@ impl<'s, S: Store> Ipam<'s, S> {
     pub async fn exhausted_pools(&self, config: &IpamConfig) -> Result<Vec<String>, IpamError> {
         let mut exhausted = Vec::new();
         for managed in &config.ranges {
-            let network = managed.range.network();
-            let name = pool_name(&config.network_name, None, &network);
+            let PoolTarget { name, network } = &managed.pool;
             let free = self
-                .inspect(&name, network, |pool| {
+                .inspect(name, *network, |pool| {
                     lowest_free(&managed.range, pool, config.gateway, &IntervalSet::new())
                 })
                 .await?;
             if free.is_none() {
-                exhausted.push(name);
+                exhausted.push(name.clone());
             }
         }
         Ok(exhausted)

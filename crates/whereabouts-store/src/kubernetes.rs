@@ -4,6 +4,8 @@
 //! * A pool is an `IPPool` named as upstream names it, its allocations keyed by the decimal offset from
 //!   the IP written in `spec.range`. Pools we create are complete objects; upstream reads them as its own.
 //! * A reservation is an `OverlappingRangeIPReservation` named after the address.
+//! * A `NodeSlicePool` (which node allocates in which slice of a range) is written by the controller and
+//!   only read here ([`KubeStore::node_slice`]); a node's pool of its slice is an ordinary `IPPool`.
 //!
 //! # No cluster-wide lock: every change is a compare-and-swap on the keys it changes
 //!
@@ -61,7 +63,7 @@ use serde_json::{Map, Value};
 use whereabouts_core::pool::{Allocation, PoolSpec};
 use whereabouts_k8s::client::{ConnectError, Timeouts, connect};
 use whereabouts_k8s::crd::{
-    IPPool, IPPoolSpec, OverlappingRangeIPReservation, OverlappingRangeIPReservationSpec,
+    IPPool, IPPoolSpec, NodeSlicePool, OverlappingRangeIPReservation, OverlappingRangeIPReservationSpec,
 };
 use whereabouts_k8s::kube;
 
@@ -78,6 +80,8 @@ pub struct KubeStore {
     /// The same objects, read as JSON: a pool write tests allocations as they were read.
     pools_as_read: Api<DynamicObject>,
     reservations: Api<OverlappingRangeIPReservation>,
+    /// Read only: the controller writes them.
+    node_slice_pools: Api<NodeSlicePool>,
     namespace: String,
     /// Per pool, the allocations of the last read as JSON.
     last_read: Mutex<HashMap<String, AllocationsAsRead>>,
@@ -107,7 +111,8 @@ impl KubeStore {
                 namespace,
                 &ApiResource::erase::<IPPool>(&()),
             ),
-            reservations: Api::namespaced(client, namespace),
+            reservations: Api::namespaced(client.clone(), namespace),
+            node_slice_pools: Api::namespaced(client, namespace),
             namespace: namespace.to_string(),
             last_read: Mutex::new(HashMap::new()),
             lock_dir: DEFAULT_LOCK_DIR.into(),
@@ -139,6 +144,43 @@ impl KubeStore {
     fn reservation_location(&self, name: &str) -> String {
         format!("OverlappingRangeIPReservation {}/{name}", self.namespace)
     }
+
+    /// `NodeSlicePool <namespace>/<name>`, as errors name it.
+    pub fn node_slice_pool_location(&self, name: &str) -> String {
+        format!("NodeSlicePool {}/{name}", self.namespace)
+    }
+
+    /// What the NodeSlicePool `name` says about node `node` (upstream's plugin reads the same object:
+    /// `status.allocations[].sliceRange` of the first entry whose `nodeName` is the node); `None` when
+    /// the NodeSlicePool does not exist.
+    pub async fn node_slice(
+        &self,
+        name: &str,
+        node: &str,
+    ) -> Result<Option<NodeSliceAssignment>, StoreError> {
+        let location = self.node_slice_pool_location(name);
+        let Some(pool) = self.node_slice_pools.get_opt(name).await.map_err(|e| store_error(&location, e))?
+        else {
+            return Ok(None);
+        };
+        let slice = pool
+            .status
+            .iter()
+            .flat_map(|status| &status.allocations)
+            .find_map(|a| (!node.is_empty() && a.node_name == node).then(|| a.slice_range.clone()));
+        Ok(Some(NodeSliceAssignment { range: pool.spec.range, slice_size: pool.spec.slice_size, slice }))
+    }
+}
+
+/// What a NodeSlicePool says about one node, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSliceAssignment {
+    /// `spec.range`: the whole range it slices.
+    pub range: String,
+    /// `spec.sliceSize`.
+    pub slice_size: String,
+    /// The node's `sliceRange`, when a slice is assigned to it.
+    pub slice: Option<String>,
 }
 
 /// The HTTP status of an API error, if the server answered.

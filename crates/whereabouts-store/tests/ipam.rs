@@ -881,6 +881,95 @@ async fn exhausted_pools_are_reported_by_name() {
     assert_eq!(ipam.exhausted_pools(&with_gateway).await.unwrap(), ["203.0.113.0-30"]);
 }
 
+// === 9b. node slices ===
+
+/// `config`'s first range narrowed to node `node`'s slice `slice`, as the CNI shell does it.
+fn in_slice(mut config: IpamConfig, node: &str, slice: &str) -> IpamConfig {
+    let slicing = config.node_slicing().unwrap().expect("node_slice_size is set");
+    let network = slicing.range().network().to_string();
+    let size = format!("/{}", slicing.size());
+    let (slice, inside) = slicing.check_assigned(&network, &size, Some(slice)).unwrap();
+    config.ranges[0] = config.ranges[0].in_node_slice(&config.network_name, node, slice, inside).unwrap();
+    config
+}
+
+/// Every engine path works in the node's pool of its slice: keys are offsets from the slice, the result
+/// keeps the whole range's prefix, the gateway is honoured, and the second range is not sliced.
+#[tokio::test]
+async fn a_node_slice_is_allocated_released_and_reported_in_its_own_pool() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let sliced = cfg(json!({
+        "range": "10.0.0.0/24", "gateway": "10.0.0.5", "node_slice_size": "/30", "network_name": "blue",
+        "ipRanges": [{ "range": "2001:db8::/64" }],
+    }));
+    let config = in_slice(sliced.clone(), "n1", "10.0.0.4/30");
+    let pool = "blue-n1-10.0.0.4-30";
+    let a = owner_on(1, Some("n1"), Some("net"));
+    let allocated = ipam.allocate(&config, &a).await.unwrap();
+    assert_eq!(
+        allocated,
+        [
+            AllocatedIp { ip: ip("10.0.0.6"), network: "10.0.0.0/24".parse().unwrap() },
+            AllocatedIp { ip: ip("2001:db8::1"), network: "2001:db8::/64".parse().unwrap() },
+        ]
+    );
+    let stored = store.read_pool(pool).await.unwrap().expect("the slice's pool");
+    assert_eq!(stored.spec.range, "10.0.0.4/30");
+    assert_eq!(stored.spec.allocations.keys().collect::<Vec<_>>(), ["2"], "offset from the slice");
+    let mut pools = store.list_pools().await.unwrap();
+    pools.sort();
+    assert_eq!(pools, ["blue-2001-db8---64", pool], "no pool of the whole IPv4 range");
+    assert_eq!(reservations(&store).await, reserved_by(&[("blue-10.0.0.6", &a), ("blue-2001-db8--1", &a)]));
+    assert_eq!(
+        ipam.held(&config, "c1", "eth0").await.unwrap(),
+        [Some(ip("10.0.0.6")), Some(ip("2001:db8::1"))]
+    );
+
+    // The slice's only other address is the gateway: it is full.
+    let full = ipam.allocate(&config, &owner(2)).await;
+    assert!(matches!(&full, Err(IpamError::Alloc { pool: p, .. }) if p == pool), "{full:?}");
+    assert!(allocations(&store, "blue-2001-db8---64").await.len() == 1, "the IPv6 address was rolled back");
+    assert_eq!(ipam.exhausted_pools(&config).await.unwrap(), [pool]);
+
+    // Another node's slice is another pool.
+    let other = in_slice(sliced, "n2", "10.0.0.8/30");
+    assert_eq!(alloc(&ipam, &other, &owner(3)).await, ips(&["10.0.0.9", "2001:db8::2"]));
+    assert_eq!(
+        allocations(&store, "blue-n2-10.0.0.8-30").await.keys().collect::<Vec<_>>(),
+        [&ip("10.0.0.9")]
+    );
+
+    // GC and DEL find the address in the slice's pool.
+    let released = ipam.collect_garbage(&config, "n1", "net", &HashSet::new()).await.unwrap();
+    assert_eq!(released, ips(&["10.0.0.6", "2001:db8::1"]));
+    assert!(allocations(&store, pool).await.is_empty());
+    assert!(ipam.exhausted_pools(&config).await.unwrap().is_empty());
+    assert_eq!(alloc(&ipam, &config, &owner(4)).await, ips(&["10.0.0.6", "2001:db8::1"]));
+    assert_eq!(ipam.release(&config, "c4", "eth0").await.unwrap(), ips(&["10.0.0.6", "2001:db8::1"]));
+    assert!(allocations(&store, pool).await.is_empty());
+    assert_eq!(
+        reservations(&store).await,
+        reserved_by(&[("blue-10.0.0.9", &owner(3)), ("blue-2001-db8--2", &owner(3))])
+    );
+}
+
+/// A move to a requested address inside the slice releases the old one from the slice's pool.
+#[tokio::test]
+async fn a_move_inside_a_node_slice_releases_the_old_address_from_its_pool() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let base = json!({ "range": "10.0.0.0/24", "node_slice_size": "/28" });
+    let config = in_slice(cfg(base.clone()), "n1", "10.0.0.16/28");
+    assert_eq!(alloc(&ipam, &config, &owner(1)).await, ips(&["10.0.0.17"]));
+    let call =
+        CallContext { requested_ips: vec![("runtimeConfig.ips", "10.0.0.20".into())], ..Default::default() };
+    let moving = in_slice(config_with(base, &call), "n1", "10.0.0.16/28");
+    assert_eq!(alloc(&ipam, &moving, &owner(1)).await, ips(&["10.0.0.20"]));
+    assert_eq!(allocations(&store, "n1-10.0.0.16-28").await.keys().collect::<Vec<_>>(), [&ip("10.0.0.20")]);
+    assert_eq!(reservations(&store).await, reserved_by(&[("10.0.0.20", &owner(1))]));
+}
+
 // === 10. concurrency ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
