@@ -12,6 +12,7 @@
 pub mod binaries;
 pub mod cluster;
 pub mod fake;
+pub mod plugin;
 pub mod upstream;
 
 pub use cluster::TestCluster;

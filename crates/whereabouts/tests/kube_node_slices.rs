@@ -9,11 +9,8 @@
 //! prefix and the cluster-wide reservations (ORIPs) are written as usual.
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
-use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
 use whereabouts_k8s::crd::{
     IPPool, NodeSliceAllocation, NodeSlicePool, NodeSlicePoolSpec, NodeSlicePoolStatus,
     OverlappingRangeIPReservation,
@@ -21,6 +18,7 @@ use whereabouts_k8s::crd::{
 use whereabouts_k8s::kube::ResourceExt;
 use whereabouts_k8s::kube::api::{Api, DeleteParams, ListParams, PostParams};
 use whereabouts_kube_testing::TestCluster;
+use whereabouts_kube_testing::plugin::{Call, Outcome};
 
 /// The CNI network name (`name` of the network configuration).
 const NETWORK: &str = "slice-net";
@@ -32,9 +30,6 @@ const NODE_B: &str = "node-b";
 const INVALID_CONFIG: u64 = 7;
 const TRY_AGAIN: u64 = 11;
 const NOT_AVAILABLE: u64 = 50;
-
-/// How long one plugin run may take before the test gives up on it (the plugin's own deadline is 60 s).
-const PLUGIN_LIMIT: Duration = Duration::from_secs(90);
 
 // ---------------------------------------------------------------------------------------------
 // NodeSlicePools, as the controller writes them
@@ -152,74 +147,12 @@ fn netconf(cluster: &TestCluster, ipam: Value) -> Value {
     json!({ "cniVersion": "1.1.0", "name": NETWORK, "type": "macvlan", "ipam": full })
 }
 
-#[derive(Debug)]
-enum Outcome {
-    /// Exit 0: the parsed stdout, `Null` when it printed nothing.
-    Success(Value),
-    /// Exit 1 with a CNI error object.
-    Failed { code: u64, msg: String },
-}
-
-impl Outcome {
-    #[track_caller]
-    fn failure(self, what: &str) -> (u64, String) {
-        match self {
-            Outcome::Failed { code, msg } => (code, msg),
-            other => panic!("{what}: expected an error, got {other:?}"),
-        }
-    }
-
-    #[track_caller]
-    fn silent(self, what: &str) {
-        match self {
-            Outcome::Success(Value::Null) => {}
-            other => panic!("{what}: expected a silent success, got {other:?}"),
-        }
-    }
-}
-
 /// Runs the plugin once for `pod` on its node.
 async fn cni(command: &str, pod: &Pod, netconf: &Value) -> Outcome {
     let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={POD_NAMESPACE};K8S_POD_NAME={}", pod.name);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_whereabouts"))
-        .env_clear()
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", pod.container())
-        .env("CNI_NETNS", format!("/var/run/netns/{}", pod.container()))
-        .env("CNI_IFNAME", "net1")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env("CNI_ARGS", args)
-        .env("NODENAME", &pod.node)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the plugin");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(netconf.to_string().as_bytes()).await.expect("write stdin");
-    drop(stdin);
-    let output = tokio::time::timeout(PLUGIN_LIMIT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("{command} {}: still running after {PLUGIN_LIMIT:?}", pod.name))
-        .expect("wait for the plugin");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let parsed = || -> Value {
-        serde_json::from_str(&stdout).unwrap_or_else(|e| {
-            panic!("{command} {}: stdout is not JSON ({e}): {stdout:?}; {stderr}", pod.name)
-        })
-    };
-    match output.status.code() {
-        Some(0) if stdout.is_empty() => Outcome::Success(Value::Null),
-        Some(0) => Outcome::Success(parsed()),
-        Some(1) => {
-            let reply = parsed();
-            let code = reply["code"].as_u64().unwrap_or_else(|| panic!("error without a code: {reply}"));
-            Outcome::Failed { code, msg: reply["msg"].as_str().unwrap_or_default().to_string() }
-        }
-        _ => panic!("{command} {}: exited {}; stdout {stdout:?}; stderr {stderr}", pod.name, output.status),
-    }
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_whereabouts"));
+    let container = pod.container();
+    Call { binary, command, container: &container, cni_args: &args, node: &pod.node }.run(netconf).await
 }
 
 /// ADD that must succeed: the whole result.

@@ -15,11 +15,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
 use whereabouts_core::pool::{Allocation, Pool, PoolSpec, SkippedKey};
 use whereabouts_k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
@@ -27,6 +25,7 @@ use whereabouts_k8s::k8s_openapi::api::coordination::v1::Lease;
 use whereabouts_k8s::kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
 use whereabouts_k8s::kube::{Resource, ResourceExt};
 use whereabouts_kube_testing::TestCluster;
+use whereabouts_kube_testing::plugin::{Call, Outcome, addresses_of};
 use whereabouts_store::kubernetes::KubeStore;
 use whereabouts_store::{Reservation, ReserveOutcome, Store, StoreError};
 
@@ -39,9 +38,6 @@ const NODE: &str = "node-a";
 const INVALID_ENV: u64 = 4;
 const TRY_AGAIN: u64 = 11;
 const INTERNAL: u64 = 999;
-
-/// How long one plugin run may take before the test gives up on it (the plugin's own deadline is 60 s).
-const PLUGIN_LIMIT: Duration = Duration::from_secs(90);
 
 // ---------------------------------------------------------------------------------------------
 // Objects as the API server holds them
@@ -200,87 +196,14 @@ fn netconf(cluster: &TestCluster, ipam: Value) -> Value {
     netconf_at(cluster.kubeconfig_path(), NETWORK, ipam)
 }
 
-#[derive(Debug)]
-enum Outcome {
-    /// Exit 0: the parsed stdout, `Null` when it printed nothing.
-    Success(Value),
-    /// Exit 1 with a CNI error object.
-    Failed { code: u64, msg: String },
-}
-
-impl Outcome {
-    #[track_caller]
-    fn addresses(self, what: &str) -> Vec<String> {
-        match self {
-            Outcome::Success(result) => addresses_of(&result),
-            other => panic!("{what}: expected success, got {other:?}"),
-        }
-    }
-
-    #[track_caller]
-    fn failure(self, what: &str) -> (u64, String) {
-        match self {
-            Outcome::Failed { code, msg } => (code, msg),
-            other => panic!("{what}: expected an error, got {other:?}"),
-        }
-    }
-}
-
-/// The addresses of an ADD result, in order.
-#[track_caller]
-fn addresses_of(result: &Value) -> Vec<String> {
-    let ips = result["ips"].as_array().unwrap_or_else(|| panic!("no ips in {result}"));
-    ips.iter().map(|ip| ip["address"].as_str().unwrap_or_default().to_string()).collect()
+async fn cni(command: &str, pod: &Pod, netconf: &Value) -> Outcome {
+    run_plugin(command, pod, &pod.cni_args(), netconf).await
 }
 
 /// Runs the plugin once with `cni_args`.
 async fn run_plugin(command: &str, pod: &Pod, cni_args: &str, netconf: &Value) -> Outcome {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_whereabouts"))
-        .env_clear()
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", &pod.container)
-        .env("CNI_NETNS", format!("/var/run/netns/{}", pod.container))
-        .env("CNI_IFNAME", "net1")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env("CNI_ARGS", cni_args)
-        .env("NODENAME", NODE)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the plugin");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(netconf.to_string().as_bytes()).await.expect("write stdin");
-    drop(stdin);
-    let output = tokio::time::timeout(PLUGIN_LIMIT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("{command} {}: still running after {PLUGIN_LIMIT:?}", pod.container))
-        .expect("wait for the plugin");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let parsed = || -> Value {
-        serde_json::from_str(&stdout).unwrap_or_else(|e| {
-            panic!("{command} {}: stdout is not JSON ({e}): {stdout:?}; {stderr}", pod.container)
-        })
-    };
-    match output.status.code() {
-        Some(0) if stdout.is_empty() => Outcome::Success(Value::Null),
-        Some(0) => Outcome::Success(parsed()),
-        Some(1) => {
-            let reply = parsed();
-            let code = reply["code"].as_u64().unwrap_or_else(|| panic!("error without a code: {reply}"));
-            Outcome::Failed { code, msg: reply["msg"].as_str().unwrap_or_default().to_string() }
-        }
-        _ => panic!(
-            "{command} {}: exited {}; stdout {stdout:?}; stderr {stderr}",
-            pod.container, output.status
-        ),
-    }
-}
-
-async fn cni(command: &str, pod: &Pod, netconf: &Value) -> Outcome {
-    run_plugin(command, pod, &pod.cni_args(), netconf).await
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_whereabouts"));
+    Call { binary, command, container: &pod.container, cni_args, node: NODE }.run(netconf).await
 }
 
 /// ADD that must succeed: its addresses.
