@@ -685,15 +685,7 @@ async fn node_slices_need_the_kubernetes_store_a_valid_size_and_the_node_name() 
 
     // An API server nobody answers for (port 1 on loopback): what is refused is refused before.
     let dir = tempfile::tempdir().expect("temp dir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
-         clusters: [{name: c, cluster: {server: 'http://127.0.0.1:1'}}]\n\
-         users: [{name: u, user: {token: t}}]\n\
-         contexts: [{name: c, context: {cluster: c, user: u, namespace: wb}}]\n",
-    )
-    .expect("write kubeconfig");
+    let kubeconfig = unreachable_kubeconfig(dir.path());
     let on_kube = fx
         .conf("1.1.0")
         .ipam("datastore", json!("kubernetes"))
@@ -717,6 +709,21 @@ async fn node_slices_need_the_kubernetes_store_a_valid_size_and_the_node_name() 
     assert!(msg.contains("NodeSlicePool wb/net"), "{msg}");
 }
 
+/// A kubeconfig for an API server nobody answers for (port 1 on loopback refuses connections), in
+/// namespace `wb`.
+fn unreachable_kubeconfig(dir: &std::path::Path) -> std::path::PathBuf {
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+         clusters: [{name: c, cluster: {server: 'http://127.0.0.1:1'}}]\n\
+         users: [{name: u, user: {token: t}}]\n\
+         contexts: [{name: c, context: {cluster: c, user: u, namespace: wb}}]\n",
+    )
+    .expect("write kubeconfig");
+    kubeconfig
+}
+
 /// The Kubernetes store: an unreadable kubeconfig is a configuration error naming the key and path, an
 /// API server nobody answers for is "try again later" naming the pool, and an ADD without a pod is
 /// refused (the controller would free its address at once). Port 1 on loopback refuses connections.
@@ -734,15 +741,7 @@ async fn kubernetes_store_errors_name_what_is_wrong() {
     );
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
-         clusters: [{name: c, cluster: {server: 'http://127.0.0.1:1'}}]\n\
-         users: [{name: u, user: {token: t}}]\n\
-         contexts: [{name: c, context: {cluster: c, user: u, namespace: wb}}]\n",
-    )
-    .expect("write kubeconfig");
+    let kubeconfig = unreachable_kubeconfig(dir.path());
     let unreachable = fx
         .conf("1.0.0")
         .ipam("datastore", json!("kubernetes"))

@@ -325,12 +325,10 @@ impl Store for KubeStore {
                 Err(e) => Err(store_error(&location, e)),
             };
         };
-        let as_read = {
-            let last_read = self.last_read.lock().unwrap_or_else(PoisonError::into_inner);
-            match last_read.get(name) {
-                Some((version, allocations)) if *version == base.version => allocations.clone(),
-                _ => Map::new(),
-            }
+        // Taken, not copied: a write that loses its race is followed by a fresh read.
+        let as_read = match self.last_read.lock().unwrap_or_else(PoisonError::into_inner).remove(name) {
+            Some((version, allocations)) if version == base.version => allocations,
+            _ => Map::new(),
         };
         let ops = pool_patch(&base.spec, spec, &as_read);
         if ops.is_empty() {

@@ -907,16 +907,23 @@ async fn a_burst_of_adds_on_one_pool_gets_distinct_compact_addresses() {
     cluster.cleanup().await;
 }
 
+/// A cluster for a test that needs the fake API server itself (its counters, failures on demand); on a
+/// real cluster the test is skipped, saying `why`.
+async fn fake_cluster(why: &str) -> Option<TestCluster> {
+    let cluster = TestCluster::start().await;
+    if cluster.is_real() {
+        eprintln!("kube_store: skipped: {why}");
+        cluster.cleanup().await;
+        return None;
+    }
+    Some(cluster)
+}
+
 /// An ADD on an empty pool is two writes (the pool, created with its entry, then the reservation): no
 /// Lease, no separate create of an empty pool.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_add_on_a_quiet_pool_is_two_writes() {
-    let cluster = TestCluster::start().await;
-    if cluster.is_real() {
-        eprintln!("kube_store: skipped: counts requests of the fake API server");
-        cluster.cleanup().await;
-        return;
-    }
+    let Some(cluster) = fake_cluster("counts requests of the fake API server").await else { return };
     let fake = cluster.fake().expect("the fake API server");
     let net = netconf(&cluster, json!({ "range": "192.0.2.0/24" }));
     let before = fake.stats();
@@ -937,12 +944,7 @@ async fn an_add_on_a_quiet_pool_is_two_writes() {
 /// the failed ones nothing else is held.
 #[tokio::test(flavor = "multi_thread")]
 async fn adds_during_an_outage_never_answer_an_unstored_address() {
-    let cluster = TestCluster::start().await;
-    if cluster.is_real() {
-        eprintln!("kube_store: skipped: needs the fake API server to fail on demand");
-        cluster.cleanup().await;
-        return;
-    }
+    let Some(cluster) = fake_cluster("needs the fake API server to fail on demand").await else { return };
     let fake = cluster.fake().expect("the fake API server");
     let net =
         netconf(&cluster, json!({ "range": "192.0.2.0/24", "ipRanges": [{ "range": "2001:db8:3::/64" }] }));
@@ -1053,12 +1055,7 @@ async fn objects_land_in_the_kubeconfig_context_namespace() {
 /// within the engine's retry window for an unavailable store (8 s), as an unreachable one is.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_api_server_is_try_again_later_within_the_retry_window() {
-    let cluster = TestCluster::start().await;
-    if cluster.is_real() {
-        eprintln!("kube_store: skipped: needs the fake API server to fail on demand");
-        cluster.cleanup().await;
-        return;
-    }
+    let Some(cluster) = fake_cluster("needs the fake API server to fail on demand").await else { return };
     let net = netconf(&cluster, json!({ "range": "192.0.2.0/24" }));
     cluster.fake().expect("the fake API server").set_unavailable(true);
     let started = Instant::now();
