@@ -246,6 +246,7 @@ async fn dispatch(
                 ifname: env.ifname.clone(),
                 node: node.clone(),
                 cni_network: Some(netconf.name.clone()),
+                pod_uid: args.pod_uid(),
             };
             tracing::debug!("ADD {} {} pod {:?}", env.container_id, env.ifname, owner.pod_ref);
             let allocated = ipam.allocate(&config, &owner).await?;

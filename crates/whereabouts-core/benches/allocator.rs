@@ -21,6 +21,7 @@ fn owner(n: usize) -> Owner {
         ifname: "net1".into(),
         node: Some("node-1".into()),
         cni_network: Some("bench".into()),
+        pod_uid: None,
     }
 }
 

@@ -261,6 +261,7 @@ mod tests {
             ifname: "eth0".into(),
             node: Some("node-a".into()),
             cni_network: Some("net".into()),
+            pod_uid: None,
         }
     }
     fn take(r: &IpRange, pool: &mut Pool, n: usize) -> IpAddr {

@@ -14,6 +14,8 @@ pub struct CniArgs {
     pub pod_name: String,
     /// `K8S_POD_NAMESPACE`.
     pub pod_namespace: String,
+    /// `K8S_POD_UID` (Multus and the container runtimes pass it): which pod of that name the call is for.
+    pub pod_uid: String,
     /// `IP=`: requested addresses (comma-separated CIDRs).
     pub ips: Vec<IpNet>,
     /// `GATEWAY=`: gateways for the requested addresses (comma-separated IPs).
@@ -44,6 +46,11 @@ impl CniArgs {
     /// `<namespace>/<name>`, or `None` without a pod name (containers outside Kubernetes).
     pub fn pod_ref(&self) -> Option<String> {
         (!self.pod_name.is_empty()).then(|| format!("{}/{}", self.pod_namespace, self.pod_name))
+    }
+
+    /// The pod's uid, when the runtime passed one.
+    pub fn pod_uid(&self) -> Option<String> {
+        (!self.pod_uid.is_empty()).then(|| self.pod_uid.clone())
     }
 }
 
@@ -81,6 +88,7 @@ pub fn parse_cni_args(input: &str) -> Result<CniArgs, CniArgsError> {
             "IgnoreUnknown" | "K8S_POD_INFRA_CONTAINER_ID" => {}
             "K8S_POD_NAME" => args.pod_name = value.to_string(),
             "K8S_POD_NAMESPACE" => args.pod_namespace = value.to_string(),
+            "K8S_POD_UID" => args.pod_uid = value.to_string(),
             "IP" => {
                 args.ips = split_list(value)
                     .map(|item| parse_cidr_sloppy(item).ok_or_else(|| CniArgsError::BadIp(item.to_string())))
@@ -118,6 +126,8 @@ mod tests {
             parse_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;K8S_POD_UID=abc")
                 .unwrap();
         assert_eq!(args.pod_ref().as_deref(), Some("default/web-0"));
+        assert_eq!(args.pod_uid().as_deref(), Some("abc"));
+        assert_eq!(parse_cni_args("K8S_POD_NAME=a").unwrap().pod_uid(), None);
     }
 
     #[test]

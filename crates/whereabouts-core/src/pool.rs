@@ -38,11 +38,15 @@ pub struct Allocation {
     /// one network leave another network's allocations in a shared pool alone.
     #[serde(rename = "network", default, skip_serializing_if = "Option::is_none")]
     pub cni_network: Option<String>,
+    /// The uid of the pod it was allocated to (additive; upstream ignores it). It tells the pod that
+    /// holds the address from a newer pod of the same name, so the controller never has to guess.
+    #[serde(rename = "poduid", default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 }
 
 impl Allocation {
     /// Whether two records name the same holder: container, pod and interface. The additive fields
-    /// (`node`, `network`) are left out: a cluster still on upstream's CRDs prunes them, so a record
+    /// (`node`, `network`, `poduid`) are left out: a cluster still on upstream's CRDs prunes them, so a record
     /// read back may lack them.
     pub fn same_holder(&self, other: &Allocation) -> bool {
         (&self.container_id, &self.pod_ref, &self.ifname)
@@ -110,6 +114,8 @@ pub struct Owner {
     pub node: Option<String>,
     /// The CNI network name (the configuration's `name`; not whereabouts' `network_name`).
     pub cni_network: Option<String>,
+    /// `K8S_POD_UID` from `CNI_ARGS`.
+    pub pod_uid: Option<String>,
 }
 
 impl Owner {
@@ -121,6 +127,7 @@ impl Owner {
             ifname: self.ifname.clone(),
             node: self.node.clone(),
             cni_network: self.cni_network.clone(),
+            pod_uid: self.pod_uid.clone(),
         }
     }
 }
@@ -440,6 +447,7 @@ mod tests {
             ifname: "eth0".into(),
             node: None,
             cni_network: None,
+            pod_uid: None,
         }
     }
 
@@ -539,6 +547,7 @@ mod tests {
             ifname: "eth0".into(),
             node: None,
             cni_network: None,
+            pod_uid: None,
         };
         assert!(alloc("a").is_owned_by(&k8s), "a new container of the same pod owns it");
         let plain = Owner { container_id: "c1".into(), pod_ref: None, ..k8s.clone() };
@@ -586,7 +595,7 @@ mod tests {
                         prop_assert_eq!(pool.container_addresses(&id, &ifname).first().copied(), scan);
                         for pod_ref in [Some(format!("ns/c{who}")), None] {
                             let owner = Owner {
-                                container_id: id.clone(), pod_ref, ifname: ifname.clone(), node: None, cni_network: None,
+                                container_id: id.clone(), pod_ref, ifname: ifname.clone(), node: None, cni_network: None, pod_uid: None,
                             };
                             let scan = pool.allocations.iter().find(|(_, a)| a.is_owned_by(&owner)).map(|(x, _)| *x);
                             prop_assert_eq!(pool.owned(&owner).first().copied(), scan);

@@ -60,6 +60,7 @@ fn allocation(container: &str, pod_ref: &str) -> Allocation {
         ifname: "net1".to_string(),
         node: None,
         cni_network: None,
+        pod_uid: None,
     }
 }
 

@@ -369,6 +369,7 @@ mod tests {
                                     ifname: String::new(),
                                     node: None,
                                     cni_network: None,
+                                    pod_uid: None,
                                 },
                             );
                             match store.write_pool("p", &s, current.as_ref(), None).await {

@@ -453,6 +453,7 @@ mod tests {
             ifname: "eth0".into(),
             node: None,
             cni_network: None,
+            pod_uid: None,
         }
     }
 

@@ -113,6 +113,7 @@ mod tests {
             ifname: "net1".into(),
             node: Some("node-a".into()),
             cni_network: Some("net".into()),
+            pod_uid: None,
         }
     }
 

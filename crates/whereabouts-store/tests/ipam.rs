@@ -71,6 +71,7 @@ fn owner(n: usize) -> Owner {
         ifname: "eth0".into(),
         node: None,
         cni_network: None,
+        pod_uid: None,
     }
 }
 
@@ -82,6 +83,7 @@ fn bare_owner(container_id: &str) -> Owner {
         ifname: "eth0".into(),
         node: None,
         cni_network: None,
+        pod_uid: None,
     }
 }
 

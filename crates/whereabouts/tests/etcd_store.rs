@@ -1445,6 +1445,7 @@ fn engines_on_different_nodes_never_duplicate() {
                         ifname: "eth0".into(),
                         node: Some(format!("node-{node}")),
                         cni_network: Some(NETWORK.into()),
+                        pod_uid: None,
                     };
                     let allocated = ipam.allocate(&config, &owner).await.expect("allocate");
                     let addresses =

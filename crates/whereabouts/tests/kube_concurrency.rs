@@ -816,6 +816,7 @@ fn the_checks_catch_every_kind_of_damage() {
         ifname: IFNAME.into(),
         node: None,
         cni_network: None,
+        pod_uid: None,
     };
     let caught = async |damage: &str, needle: &str| {
         let problems = store_problems(&cluster, &network, &ledger).await;

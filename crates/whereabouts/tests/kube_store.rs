@@ -122,6 +122,7 @@ fn entry(pod: &str) -> Allocation {
         ifname: "net1".into(),
         node: None,
         cni_network: None,
+        pod_uid: None,
     }
 }
 
@@ -284,6 +285,7 @@ async fn a_pool_as_upstream_writes_it_reads_back_unchanged() {
                     ifname: "net1".into(),
                     node: None,
                     cni_network: None,
+                    pod_uid: None,
                 },
             ),
             (
@@ -294,6 +296,7 @@ async fn a_pool_as_upstream_writes_it_reads_back_unchanged() {
                     ifname: String::new(),
                     node: None,
                     cni_network: None,
+                    pod_uid: None,
                 },
             ),
         ]),

@@ -67,7 +67,7 @@ pub(crate) fn decode(spec: &PoolSpec) -> Result<Decoded, UpstreamError> {
 
 /// An allocation as upstream's `IPAllocation` struct holds it: fields it does not know are gone.
 fn go_view(allocation: &Allocation) -> Allocation {
-    Allocation { node: None, cni_network: None, ..allocation.clone() }
+    Allocation { node: None, cni_network: None, pod_uid: None, ..allocation.clone() }
 }
 
 /// `toAllocationMap`: the list (dummies excluded) as stored allocations, keyed by unsigned decimal
@@ -88,6 +88,7 @@ fn encode(decoded: &Decoded, list: &[Reservation]) -> Result<BTreeMap<String, Al
             ifname: r.ifname.clone(),
             node: None,
             cni_network: None,
+            pod_uid: None,
         };
         allocations.insert(key, allocation);
     }
@@ -355,6 +356,7 @@ mod tests {
             ifname: "net1".into(),
             node: None,
             cni_network: None,
+            pod_uid: None,
         }
     }
 

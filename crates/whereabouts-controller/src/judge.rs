@@ -1,0 +1,217 @@
+//! Whether an allocation still belongs to a live pod: the one decision every release by the controller
+//! rests on, pure so that it can be tested exhaustively.
+//!
+//! Upstream's reconciler freed an address whenever the pod's `network-status` annotation did not list
+//! it, including pods still starting whose annotation Multus had not written yet, and the address was
+//! handed out twice (upstream issues #162, #176, #207). Here an address is released only on evidence
+//! that its pod is gone:
+//!
+//! * no pod of that namespace and name exists;
+//! * a pod of that name exists but it is not the pod the address was allocated to: the allocation
+//!   records the pod's uid (`poduid`, written by this plugin from `K8S_POD_UID`) and the uids differ;
+//! * the pod has finished (phase `Succeeded` or `Failed`): its sandbox is torn down;
+//! * for allocations without a recorded uid (written by upstream, or by a runtime that does not pass
+//!   `K8S_POD_UID`): the pod is running (not `Pending`), its `network-status` is written, and it does
+//!   not list the address. Without a uid this is the only evidence there is; a pod whose status is not
+//!   written yet, or which is still `Pending` (a new sandbox may be taking the address over), keeps it.
+//!
+//! A pod being deleted (with a `deletionTimestamp`) keeps its addresses until it is gone: its
+//! containers may still be running through their grace period.
+//!
+//! A release is still a compare-and-swap on the allocation as it was read, so an allocation that changed
+//! since (a new sandbox of the pod took it over) is never released on the strength of an old reading.
+
+use std::net::IpAddr;
+
+use whereabouts_core::pool::Allocation;
+
+use crate::metrics::ReleaseReason;
+use crate::network_status::NetworkStatus;
+
+/// What the controller knows of a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodView {
+    /// `metadata.uid`.
+    pub uid: String,
+    /// `status.phase`, or `Pending` when absent.
+    pub phase: String,
+    /// Its `network-status` annotation, when it is written and readable.
+    pub network_status: Option<NetworkStatus>,
+}
+
+impl PodView {
+    /// Whether the pod has finished for good: its sandbox is gone.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase.as_str(), "Succeeded" | "Failed")
+    }
+}
+
+/// Why an allocation is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepReason {
+    /// It has no pod reference: a container outside Kubernetes, which only its DEL releases.
+    NotAPod,
+    /// The pod it was allocated to (same uid) still exists and has not finished.
+    PodLive,
+    /// The pod's network-status annotation is not written yet (or unreadable): it may be starting.
+    StatusNotWritten,
+    /// The pod is `Pending`: a new sandbox may be taking the address over.
+    PodPending,
+    /// The pod's network-status lists the address.
+    Listed,
+}
+
+/// The decision on one allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Leave it.
+    Keep(KeepReason),
+    /// Release it.
+    Release(ReleaseReason),
+}
+
+/// Decides whether `allocation` of `ip` is still held by its pod, where `pod` is the pod now found
+/// under its `podref` (`None` when there is none).
+pub fn judge(allocation: &Allocation, ip: IpAddr, pod: Option<&PodView>) -> Verdict {
+    if allocation.pod_ref.is_empty() {
+        return Verdict::Keep(KeepReason::NotAPod);
+    }
+    let Some(pod) = pod else { return Verdict::Release(ReleaseReason::PodGone) };
+    match allocation.pod_uid.as_deref() {
+        Some(uid) if uid != pod.uid => return Verdict::Release(ReleaseReason::PodReplaced),
+        _ => {}
+    }
+    if pod.is_finished() {
+        return Verdict::Release(ReleaseReason::PodFinished);
+    }
+    if allocation.pod_uid.is_some() {
+        return Verdict::Keep(KeepReason::PodLive);
+    }
+    let Some(status) = &pod.network_status else { return Verdict::Keep(KeepReason::StatusNotWritten) };
+    if status.lists(ip) {
+        Verdict::Keep(KeepReason::Listed)
+    } else if pod.phase == "Pending" {
+        Verdict::Keep(KeepReason::PodPending)
+    } else {
+        Verdict::Release(ReleaseReason::NotInNetworkStatus)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::network_status::NetworkStatus;
+
+    const IP: &str = "192.0.2.10";
+
+    fn ip() -> IpAddr {
+        IP.parse().unwrap()
+    }
+
+    fn allocation(uid: Option<&str>) -> Allocation {
+        Allocation {
+            container_id: "sandbox".into(),
+            pod_ref: "default/web-0".into(),
+            ifname: "net1".into(),
+            node: None,
+            cni_network: None,
+            pod_uid: uid.map(Into::into),
+        }
+    }
+
+    fn status(listed: &[&str]) -> NetworkStatus {
+        let ips: Vec<_> = listed.iter().map(|s| format!("\"{s}\"")).collect();
+        NetworkStatus::parse(&format!(
+            r#"[{{"name":"cbr0","ips":["10.244.0.5"],"default":true}},
+                {{"name":"default/macvlan","interface":"net1","ips":[{}]}}]"#,
+            ips.join(",")
+        ))
+        .unwrap()
+    }
+
+    fn pod(uid: &str, phase: &str, network_status: Option<NetworkStatus>) -> PodView {
+        PodView { uid: uid.into(), phase: phase.into(), network_status }
+    }
+
+    #[test]
+    fn a_gone_pod_releases() {
+        assert_eq!(judge(&allocation(Some("u1")), ip(), None), Verdict::Release(ReleaseReason::PodGone));
+        assert_eq!(judge(&allocation(None), ip(), None), Verdict::Release(ReleaseReason::PodGone));
+    }
+
+    #[test]
+    fn a_recreated_pod_of_the_same_name_is_not_the_holder() {
+        let newer = pod("u2", "Running", Some(status(&[IP])));
+        assert_eq!(judge(&allocation(Some("u1")), ip(), Some(&newer)), Verdict::Release(ReleaseReason::PodReplaced));
+        // The new pod's own allocation is kept, whatever its status says yet.
+        let starting = pod("u2", "Pending", None);
+        assert_eq!(judge(&allocation(Some("u2")), ip(), Some(&starting)), Verdict::Keep(KeepReason::PodLive));
+    }
+
+    #[test]
+    fn a_starting_pod_is_never_released() {
+        // The bug of upstream issues #162/#176/#207: the annotation is not written yet.
+        for phase in ["Pending", "Running"] {
+            assert_eq!(
+                judge(&allocation(None), ip(), Some(&pod("u1", phase, None))),
+                Verdict::Keep(KeepReason::StatusNotWritten)
+            );
+        }
+        assert_eq!(
+            judge(&allocation(None), ip(), Some(&pod("u1", "Pending", Some(status(&[]))))),
+            Verdict::Keep(KeepReason::PodPending)
+        );
+    }
+
+    #[test]
+    fn a_finished_pod_releases() {
+        for phase in ["Succeeded", "Failed"] {
+            assert_eq!(
+                judge(&allocation(Some("u1")), ip(), Some(&pod("u1", phase, Some(status(&[IP]))))),
+                Verdict::Release(ReleaseReason::PodFinished)
+            );
+        }
+    }
+
+    #[test]
+    fn without_a_uid_the_network_status_decides_for_a_running_pod() {
+        let running = |listed: &[&str]| pod("u1", "Running", Some(status(listed)));
+        assert_eq!(judge(&allocation(None), ip(), Some(&running(&[IP]))), Verdict::Keep(KeepReason::Listed));
+        assert_eq!(
+            judge(&allocation(None), ip(), Some(&running(&["192.0.2.11"]))),
+            Verdict::Release(ReleaseReason::NotInNetworkStatus)
+        );
+        // The default network's addresses are not whereabouts' and do not count.
+        assert_eq!(
+            judge(&allocation(None), "10.244.0.5".parse().unwrap(), Some(&running(&[]))),
+            Verdict::Release(ReleaseReason::NotInNetworkStatus)
+        );
+    }
+
+    #[test]
+    fn containers_outside_kubernetes_are_left_to_their_del() {
+        let bare = Allocation { pod_ref: String::new(), ..allocation(None) };
+        assert_eq!(judge(&bare, ip(), None), Verdict::Keep(KeepReason::NotAPod));
+    }
+
+    proptest! {
+        /// The safety property: an allocation whose recorded uid is the live, unfinished pod's is kept,
+        /// and so is any allocation of a live pod whose network-status is not written yet.
+        #[test]
+        fn a_live_holder_always_keeps_its_address(
+            phase in prop::sample::select(vec!["Pending", "Running", "Unknown", ""]),
+            recorded in any::<bool>(),
+            listed in any::<bool>(),
+            written in any::<bool>(),
+        ) {
+            let status = written.then(|| status(if listed { &[IP] } else { &[] }));
+            let live = pod("u1", phase, status);
+            let verdict = judge(&allocation(recorded.then_some("u1")), ip(), Some(&live));
+            if recorded || !written || listed {
+                prop_assert!(matches!(verdict, Verdict::Keep(_)), "{verdict:?}");
+            }
+        }
+    }
+}

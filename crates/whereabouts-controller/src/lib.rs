@@ -1,0 +1,39 @@
+//! The whereabouts controller: everything that keeps the stored state true over time, beside the CNI
+//! plugin that writes it.
+//!
+//! * [`cleanup`]: releases the addresses of deleted pods within seconds (upstream's ip-control-loop).
+//! * [`reconcile`]: finds and releases leaked allocations and orphaned reservations, on a cron
+//!   schedule or once (upstream's ip-reconciler).
+//! * [`schedule`]: where the reconciler's cron expression comes from, and its reloading.
+//! * [`judge`]: the single, pure decision whether an allocation still belongs to a live pod.
+//! * [`metrics`]: the Prometheus registry.
+//!
+//! Every release is a compare-and-swap through the store's IPAM engine, so the controller, the plugins
+//! and several controller processes can all act at once without ever freeing an address that was
+//! reassigned in between.
+
+pub mod judge;
+pub mod metrics;
+pub mod network_status;
+
+use std::sync::Arc;
+
+/// What every part of the controller works with.
+#[derive(Clone)]
+pub struct Context {
+    /// The API server.
+    pub client: kube::Client,
+    /// Where the IPPools, reservations, NodeSlicePools and the leader Lease live
+    /// (`WHEREABOUTS_NAMESPACE`).
+    pub namespace: String,
+    /// The metrics registry.
+    pub metrics: Arc<metrics::Metrics>,
+    /// Log what would be released (or written) instead of doing it.
+    pub dry_run: bool,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("namespace", &self.namespace).field("dry_run", &self.dry_run).finish()
+    }
+}
