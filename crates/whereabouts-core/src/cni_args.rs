@@ -88,7 +88,8 @@ pub fn parse_cni_args(input: &str) -> Result<CniArgs, CniArgsError> {
             "IgnoreUnknown" | "K8S_POD_INFRA_CONTAINER_ID" => {}
             "K8S_POD_NAME" => args.pod_name = value.to_string(),
             "K8S_POD_NAMESPACE" => args.pod_namespace = value.to_string(),
-            "K8S_POD_UID" => args.pod_uid = value.to_string(),
+            // Not one of upstream's args: still refused without IgnoreUnknown, as there.
+            "K8S_POD_UID" if ignore_unknown => args.pod_uid = value.to_string(),
             "IP" => {
                 args.ips = split_list(value)
                     .map(|item| parse_cidr_sloppy(item).ok_or_else(|| CniArgsError::BadIp(item.to_string())))
