@@ -12,9 +12,14 @@
 //! and several controller processes can all act at once without ever freeing an address that was
 //! reassigned in between.
 
+pub mod cleanup;
+pub mod index;
 pub mod judge;
 pub mod metrics;
 pub mod network_status;
+pub mod pools;
+pub mod reconcile;
+pub mod schedule;
 
 use std::sync::Arc;
 

@@ -13,6 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use whereabouts_store::ipam::EngineEvent;
 
 /// The content type of [`Metrics::encode`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -230,6 +231,14 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+
+    /// Counts what the IPAM engine went through on this controller's behalf.
+    pub fn observe_engine(&self, event: EngineEvent) {
+        match event {
+            EngineEvent::Conflict => self.cas_conflicts.inc(),
+            EngineEvent::Unavailable => self.store_retries.inc(),
+        };
     }
 
     /// Counts one release by this controller.

@@ -142,11 +142,37 @@ struct Change<T> {
     changed: bool,
 }
 
+/// Something the engine went through that a long-running caller may want to count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineEvent {
+    /// A pool write lost a compare-and-swap race and is retried.
+    Conflict,
+    /// A store call failed as unavailable and is retried.
+    Unavailable,
+}
+
+/// An allocation to release as the controller found it ([`Ipam::release_found`]).
+#[derive(Debug, Clone)]
+pub struct FoundAllocation<'a> {
+    /// Its address.
+    pub ip: IpAddr,
+    /// Its record as read.
+    pub allocation: &'a Allocation,
+    /// The names of the reservations of its address it holds.
+    pub reservations: Vec<String>,
+}
+
 /// The engine over one store.
-#[derive(Debug)]
 pub struct Ipam<'s, S> {
     store: &'s S,
     retry: RetryPolicy,
+    observer: Option<&'s (dyn Fn(EngineEvent) + Sync)>,
+}
+
+impl<S> std::fmt::Debug for Ipam<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ipam").field("retry", &self.retry).finish_non_exhaustive()
+    }
 }
 
 fn reservation_of(allocation: &Allocation) -> Reservation {
@@ -160,7 +186,19 @@ fn reservation_of(allocation: &Allocation) -> Reservation {
 impl<'s, S: Store> Ipam<'s, S> {
     /// An engine with the default retry policy.
     pub fn new(store: &'s S) -> Self {
-        Ipam { store, retry: RetryPolicy::default() }
+        Ipam { store, retry: RetryPolicy::default(), observer: None }
+    }
+
+    /// Tells `observer` of every retried conflict and unavailable store (the controller counts them).
+    pub fn with_observer(mut self, observer: &'s (dyn Fn(EngineEvent) + Sync)) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    fn observe(&self, event: EngineEvent) {
+        if let Some(observer) = self.observer {
+            observer(event);
+        }
     }
 
     /// Replaces the retry policy.
@@ -182,6 +220,7 @@ impl<'s, S: Store> Ipam<'s, S> {
             match call().await {
                 Err(StoreError::Unavailable(reason)) if started.elapsed() < self.retry.unavailable_window => {
                     tracing::debug!("{}: store unavailable ({reason}), retrying", object());
+                    self.observe(EngineEvent::Unavailable);
                     tokio::time::sleep(wait.mul_f64(0.5 + fastrand::f64())).await;
                     wait = (wait * 2).min(Duration::from_secs(1));
                 }
@@ -244,6 +283,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                 Ok(_) => return Ok(value),
                 Err(StoreError::Conflict) if started.elapsed() < self.retry.deadline => {
                     tracing::debug!("pool {name}: conflict on attempt {attempt}, retrying");
+                    self.observe(EngineEvent::Conflict);
                     tokio::time::sleep(self.retry.backoff(attempt)).await;
                 }
                 Err(StoreError::Conflict) => {
@@ -552,6 +592,45 @@ impl<'s, S: Store> Ipam<'s, S> {
             }
         }
         first_error.map_or(Ok(released), Err)
+    }
+
+    /// Releases allocations of one pool found by looking at the stored state (the controller's way),
+    /// in one pool write: for each, the reservations it names that still belong to its holder (see
+    /// [`Reservation::deletable_by`]), then its pool entry if that is still exactly the record given.
+    /// The pool write is a compare-and-swap on those records, so an allocation that changed since it
+    /// was read (a new sandbox of the pod took it over) is left alone. Returns the addresses whose
+    /// pool entries were removed.
+    pub async fn release_found(
+        &self,
+        target: &PoolTarget,
+        found: &[FoundAllocation<'_>],
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        for entry in found {
+            let holder = reservation_of(entry.allocation);
+            for name in &entry.reservations {
+                self.patiently(|| format!("reservation {name}"), || self.store.delete_reservation(name, &holder))
+                    .await?;
+            }
+        }
+        self.update_pool(&target.name, target.network, |pool, _| {
+            let mut removed = Vec::new();
+            for entry in found {
+                let addr = to_u128(entry.ip);
+                if pool.get(addr) == Some(entry.allocation) {
+                    pool.remove(addr);
+                    removed.push(entry.ip);
+                }
+            }
+            let changed = !removed.is_empty();
+            Ok(Change { value: removed, changed })
+        })
+        .await
+    }
+
+    /// Deletes the reservation `name` if it still belongs to `holder` (an orphan found by the
+    /// controller: no pool entry is behind it).
+    pub async fn release_reservation(&self, name: &str, holder: &Reservation) -> Result<(), IpamError> {
+        self.patiently(|| format!("reservation {name}"), || self.store.delete_reservation(name, holder)).await
     }
 
     /// The address (`container_id`, `ifname`) holds in each range, in range order (for CHECK).

@@ -1,0 +1,433 @@
+//! Pod-deletion cleanup (upstream's ip-control-loop): when a pod is deleted, or finishes, the addresses
+//! it still holds are released within seconds, in every pool and with their reservations.
+//!
+//! Normally the runtime's CNI DEL has released them already; this is for the pods whose DEL never ran
+//! (a node that died, a force-deleted pod, a runtime that lost track). Where upstream maps a deleted
+//! pod to pools through its `network-status` annotation and the NetworkAttachmentDefinitions (and so
+//! never finds node-slice pools, whereabouts further down a conflist, or pods Multus did not annotate),
+//! the controller keeps an index of what every pod holds in every pool ([`PoolIndex`]) and looks the
+//! pod up there. Every address found is judged against the pod that now exists under that name
+//! ([`judge`](crate::judge)) — a StatefulSet's recreated pod keeps what it took over — and released with
+//! a compare-and-swap on the record as read.
+//!
+//! Work is batched: all pods waiting when a worker pass starts are looked up together and their
+//! releases go out as one write per pool, so a thousand deletions at once cost a handful of writes per
+//! pool rather than a thousand. A pass that fails is retried with backoff, five times, then given up
+//! with a Warning event on the pod (the scheduled reconciler will find what is left).
+//!
+//! Pods deleted while the watch was down (no delete event) are noticed when the watch lists again.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use kube::api::Api;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::Notify;
+use whereabouts_core::config::PoolTarget;
+use whereabouts_store::ipam::{FoundAllocation, Ipam};
+use whereabouts_store::kubernetes::KubeStore;
+
+use crate::Context;
+use crate::index::PoolIndex;
+use crate::judge::{PodView, Verdict, judge};
+use crate::metrics::{ReleaseReason, Source};
+use crate::network_status::{ANNOTATION, NetworkStatus};
+use crate::pools::{Found, reservations_of};
+
+/// How many times a pod's cleanup is tried before it is given up.
+const ATTEMPTS: u32 = 5;
+/// The most pods one worker pass takes.
+const BATCH: usize = 512;
+/// Concurrent pod lookups and pool writes within a pass.
+const PARALLEL: usize = 16;
+
+/// The reporting component of the controller's Events.
+pub const COMPONENT: &str = "whereabouts-controller";
+
+/// A pod whose addresses are to be released.
+#[derive(Debug, Clone)]
+struct Gone {
+    namespace: String,
+    name: String,
+    uid: String,
+    /// Its last network-status, to name networks in Events.
+    network_status: Option<NetworkStatus>,
+    attempts: u32,
+    not_before: Instant,
+}
+
+impl Gone {
+    fn of(pod: &Pod) -> Option<Gone> {
+        Some(Gone {
+            namespace: pod.metadata.namespace.clone()?,
+            name: pod.metadata.name.clone()?,
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            network_status: network_status(pod),
+            attempts: 0,
+            not_before: Instant::now(),
+        })
+    }
+
+    fn pod_ref(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    fn reference(&self) -> ObjectReference {
+        ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(self.namespace.clone()),
+            name: Some(self.name.clone()),
+            uid: Some(self.uid.clone()).filter(|uid| !uid.is_empty()),
+            ..ObjectReference::default()
+        }
+    }
+}
+
+/// A pod's `network-status`, when written and readable.
+pub fn network_status(pod: &Pod) -> Option<NetworkStatus> {
+    let value = pod.metadata.annotations.as_ref()?.get(ANNOTATION)?;
+    match NetworkStatus::parse(value) {
+        Ok(status) => Some(status),
+        Err(e) => {
+            let name = pod.metadata.name.as_deref().unwrap_or("");
+            tracing::warn!("pod {name}: unreadable {ANNOTATION} annotation ({e}); treated as not written");
+            None
+        }
+    }
+}
+
+/// What the controller knows of a pod now.
+pub fn pod_view(pod: &Pod) -> PodView {
+    PodView {
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        phase: pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_else(|| "Pending".into()),
+        network_status: network_status(pod),
+    }
+}
+
+/// The queue of pods to clean up: deduplicated by pod uid, in arrival order.
+#[derive(Debug, Default)]
+struct Queue {
+    waiting: Mutex<VecDeque<Gone>>,
+    wake: Notify,
+}
+
+impl Queue {
+    fn push(&self, gone: Gone, metrics: &crate::metrics::Metrics) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        if !waiting.iter().any(|w| w.uid == gone.uid && w.pod_ref() == gone.pod_ref()) {
+            waiting.push_back(gone);
+        }
+        metrics.queue_depth.set(i64::try_from(waiting.len()).unwrap_or(i64::MAX));
+        self.wake.notify_one();
+    }
+
+    /// Sets the queue-depth gauge to the pods still waiting (after a pass).
+    fn settle(&self, metrics: &crate::metrics::Metrics) {
+        let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        metrics.queue_depth.set(i64::try_from(waiting.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Up to [`BATCH`] pods that are due, and when the next of the others is.
+    fn take_due(&self, metrics: &crate::metrics::Metrics) -> (Vec<Gone>, Option<Instant>) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let (mut due, mut later) = (Vec::new(), VecDeque::new());
+        while let Some(gone) = waiting.pop_front() {
+            if gone.not_before <= now && due.len() < BATCH { due.push(gone) } else { later.push_back(gone) }
+        }
+        let next = later.iter().map(|g| g.not_before).min();
+        *waiting = later;
+        metrics.queue_depth.set(i64::try_from(waiting.len() + due.len()).unwrap_or(i64::MAX));
+        (due, next)
+    }
+}
+
+/// Runs the cleanup of pods on `node` (every node when `None`) until dropped.
+pub async fn run(ctx: Context, index: PoolIndex, node: Option<String>) {
+    let queue = Arc::new(Queue::default());
+    let recorder = Recorder::new(
+        ctx.client.clone(),
+        Reporter { controller: COMPONENT.into(), instance: node.clone().or_else(|| hostname()) },
+    );
+    tokio::join!(watch_pods(&ctx, &queue, node.as_deref()), work(&ctx, &index, &queue, &recorder));
+}
+
+fn hostname() -> Option<String> {
+    std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty())
+}
+
+/// Feeds the queue with deleted and finished pods.
+async fn watch_pods(ctx: &Context, queue: &Queue, node: Option<&str>) {
+    let api: Api<Pod> = Api::all(ctx.client.clone());
+    let mut config = watcher::Config::default();
+    if let Some(node) = node {
+        config = config.fields(&format!("spec.nodeName={node}"));
+    }
+    // Pods by namespace/name: their uid and whether they had finished.
+    let mut known: HashMap<(String, String), (String, bool)> = HashMap::new();
+    let mut relisted: Option<HashMap<(String, String), (String, bool)>> = None;
+    let mut last: HashMap<(String, String), Pod> = HashMap::new();
+    let mut events = Box::pin(watcher(api, config).default_backoff());
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(e) => {
+                tracing::warn!("watching pods: {e}");
+                continue;
+            }
+        };
+        match event {
+            watcher::Event::Init => relisted = Some(HashMap::new()),
+            watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => {
+                let Some(gone) = Gone::of(&pod) else { continue };
+                let key = (gone.namespace.clone(), gone.name.clone());
+                let finished = pod_view(&pod).is_finished();
+                let was_finished = known.get(&key).is_some_and(|(uid, f)| *uid == gone.uid && *f);
+                if finished && !was_finished {
+                    queue.push(gone.clone(), &ctx.metrics);
+                }
+                if let Some(seen) = &mut relisted {
+                    seen.insert(key.clone(), (gone.uid.clone(), finished));
+                }
+                known.insert(key.clone(), (gone.uid, finished));
+                last.insert(key, pod);
+            }
+            watcher::Event::Delete(pod) => {
+                let Some(gone) = Gone::of(&pod) else { continue };
+                let key = (gone.namespace.clone(), gone.name.clone());
+                known.remove(&key);
+                last.remove(&key);
+                queue.push(gone, &ctx.metrics);
+            }
+            watcher::Event::InitDone => {
+                let seen = relisted.take().unwrap_or_default();
+                for key in known.keys().filter(|key| !seen.contains_key(*key)) {
+                    if let Some(gone) = last.get(key).and_then(Gone::of) {
+                        queue.push(gone, &ctx.metrics);
+                    }
+                }
+                last.retain(|key, _| seen.contains_key(key));
+                known = seen;
+            }
+        }
+    }
+}
+
+/// Works the queue off in batches, once the index is complete.
+async fn work(ctx: &Context, index: &PoolIndex, queue: &Queue, recorder: &Recorder) {
+    let mut synced = index.synced();
+    if synced.wait_for(|synced| *synced).await.is_err() {
+        return;
+    }
+    let store = KubeStore::new(ctx.client.clone(), &ctx.namespace, COMPONENT);
+    loop {
+        let (due, next) = queue.take_due(&ctx.metrics);
+        if due.is_empty() {
+            let sleep = next.map_or(Duration::from_secs(3600), |at| at.saturating_duration_since(Instant::now()));
+            let _ = tokio::time::timeout(sleep, queue.wake.notified()).await;
+            continue;
+        }
+        let failures = pass(ctx, index, &store, recorder, due).await;
+        queue.settle(&ctx.metrics);
+        for failed in failures {
+            if failed.attempts + 1 >= ATTEMPTS {
+                let note = format!("failed to garbage collect addresses for pod {}", failed.pod_ref());
+                tracing::error!("{note}; giving up (the reconciler will find what is left)");
+                publish(recorder, &failed, EventType::Warning, "IPAddressGarbageCollectionFailed", note).await;
+            } else {
+                let attempts = failed.attempts + 1;
+                let backoff = Duration::from_millis(250 << attempts);
+                queue.push(Gone { attempts, not_before: Instant::now() + backoff, ..failed }, &ctx.metrics);
+            }
+        }
+    }
+}
+
+/// One release decided in a pass.
+struct Release {
+    pod: usize,
+    found: Found,
+    reason: ReleaseReason,
+    reservations: Vec<String>,
+}
+
+/// Cleans up a batch of pods; returns those whose cleanup failed.
+async fn pass(ctx: &Context, index: &PoolIndex, store: &KubeStore, recorder: &Recorder, due: Vec<Gone>) -> Vec<Gone> {
+    // What each pod holds, from the index; pods holding nothing need no lookup.
+    let holdings: Vec<(Gone, Vec<Found>)> = {
+        let contents = index.read();
+        due.into_iter()
+            .map(|gone| {
+                let held = contents.held_by(&gone.pod_ref());
+                (gone, held)
+            })
+            .filter(|(_, held)| !held.is_empty())
+            .collect()
+    };
+    // The pods now found under those names.
+    let lookups = futures::stream::iter(holdings.iter().map(|(gone, _)| async move {
+        Api::<Pod>::namespaced(ctx.client.clone(), &gone.namespace).get_opt(&gone.name).await
+    }))
+    .buffered(PARALLEL)
+    .collect::<Vec<_>>()
+    .await;
+    let mut failed = vec![false; holdings.len()];
+    let mut releases: BTreeMap<String, (PoolTarget, Vec<Release>)> = BTreeMap::new();
+    {
+        let contents = index.read();
+        for (i, ((gone, held), lookup)) in holdings.iter().zip(lookups).enumerate() {
+            let now = match lookup {
+                Ok(pod) => pod.as_ref().map(pod_view),
+                Err(e) => {
+                    tracing::warn!("looking up pod {}: {e}", gone.pod_ref());
+                    failed[i] = true;
+                    continue;
+                }
+            };
+            for found in held {
+                let Verdict::Release(reason) = judge(&found.allocation, found.ip, now.as_ref()) else { continue };
+                let reservations = reservations_of(found, contents.reservations.iter());
+                let entry = releases.entry(found.pool.name.clone()).or_insert_with(|| (found.pool.clone(), Vec::new()));
+                entry.1.push(Release { pod: i, found: found.clone(), reason, reservations });
+            }
+        }
+    }
+    let observe = |event| ctx.metrics.observe_engine(event);
+    let ipam = Ipam::new(store).with_observer(&observe);
+    let results = futures::stream::iter(releases.values().map(|(target, batch)| {
+        let ipam = &ipam;
+        async move {
+            if ctx.dry_run {
+                for r in batch {
+                    tracing::info!(
+                        "dry run: would release {} in pool {} held by {} ({})",
+                        r.found.ip,
+                        target.name,
+                        r.found.allocation.pod_ref,
+                        r.reason.as_str()
+                    );
+                }
+                return (batch, Ok(Vec::new()));
+            }
+            let found: Vec<FoundAllocation<'_>> = batch
+                .iter()
+                .map(|r| FoundAllocation {
+                    ip: r.found.ip,
+                    allocation: &r.found.allocation,
+                    reservations: r.reservations.clone(),
+                })
+                .collect();
+            (batch, ipam.release_found(target, &found).await)
+        }
+    }))
+    .buffer_unordered(PARALLEL)
+    .collect::<Vec<_>>()
+    .await;
+    let mut released: Vec<Vec<(IpAddr, String)>> = vec![Vec::new(); holdings.len()];
+    for (batch, result) in results {
+        match result {
+            Ok(ips) => {
+                for r in batch.iter().filter(|r| ips.contains(&r.found.ip)) {
+                    ctx.metrics.released(Source::PodCleanup, r.reason);
+                    tracing::info!(
+                        "released {} in pool {} held by {} ({})",
+                        r.found.ip,
+                        r.found.pool.name,
+                        r.found.allocation.pod_ref,
+                        r.reason.as_str()
+                    );
+                    released[r.pod].push((r.found.ip, r.found.pool.name.clone()));
+                }
+            }
+            Err(e) => {
+                tracing::warn!("releasing in pool {}: {e}", batch.first().map_or("", |r| r.found.pool.name.as_str()));
+                for r in batch {
+                    failed[r.pod] = true;
+                }
+            }
+        }
+    }
+    let events = holdings.iter().zip(&released).flat_map(|((gone, _), ips)| {
+        ips.iter().map(move |(ip, pool)| {
+            let network = gone
+                .network_status
+                .as_ref()
+                .and_then(|s| s.network_of(*ip))
+                .map_or_else(|| format!("pool {pool}"), |n| n.rsplit('/').next().unwrap_or(n).to_string());
+            let note = format!("successful cleanup of IP address [{ip}] from network {network}");
+            publish(recorder, gone, EventType::Normal, "IPAddressGarbageCollected", note)
+        })
+    });
+    futures::stream::iter(events).buffer_unordered(PARALLEL).collect::<Vec<()>>().await;
+    holdings.into_iter().zip(failed).filter(|(_, failed)| *failed).map(|((gone, _), _)| gone).collect()
+}
+
+/// Publishes an Event on a pod; a failure is only logged (Events are best effort).
+async fn publish(recorder: &Recorder, pod: &Gone, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "ReleaseAddresses".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &pod.reference()).await {
+        tracing::debug!("publishing an event on pod {}: {e}", pod.pod_ref());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::PodStatus;
+    use kube::api::ObjectMeta;
+
+    use super::*;
+
+    #[test]
+    fn pod_view_reads_phase_and_annotation() {
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                uid: Some("u1".into()),
+                annotations: Some([(ANNOTATION.to_string(), r#"[{"name":"ns/n","ips":["192.0.2.1"]}]"#.into())].into()),
+                ..ObjectMeta::default()
+            },
+            status: Some(PodStatus { phase: Some("Running".into()), ..PodStatus::default() }),
+            ..Pod::default()
+        };
+        let view = pod_view(&pod);
+        assert_eq!((view.uid.as_str(), view.phase.as_str()), ("u1", "Running"));
+        assert!(view.network_status.unwrap().lists("192.0.2.1".parse().unwrap()));
+        let bare = pod_view(&Pod::default());
+        assert_eq!((bare.phase.as_str(), bare.network_status), ("Pending", None));
+    }
+
+    #[test]
+    fn the_queue_deduplicates_and_defers() {
+        let metrics = crate::metrics::Metrics::new();
+        let queue = Queue::default();
+        let gone = |name: &str, uid: &str, delay: u64| Gone {
+            namespace: "ns".into(),
+            name: name.into(),
+            uid: uid.into(),
+            network_status: None,
+            attempts: 0,
+            not_before: Instant::now() + Duration::from_secs(delay),
+        };
+        queue.push(gone("a", "u1", 0), &metrics);
+        queue.push(gone("a", "u1", 0), &metrics);
+        queue.push(gone("a", "u2", 0), &metrics);
+        queue.push(gone("b", "u3", 60), &metrics);
+        let (due, next) = queue.take_due(&metrics);
+        assert_eq!(due.iter().map(|g| g.uid.as_str()).collect::<Vec<_>>(), ["u1", "u2"]);
+        assert!(next.is_some());
+        assert_eq!(metrics.queue_depth.get(), 3, "taken pods count until their pass ends");
+    }
+}

@@ -1,0 +1,173 @@
+//! Stored pools and reservations as the controller reads them: every allocation with the pool it is
+//! in, and the reservations that belong to it.
+
+use std::net::IpAddr;
+
+use kube::api::DynamicObject;
+use serde::de::DeserializeOwned;
+
+use whereabouts_core::addr::parse_cidr_strict;
+use whereabouts_core::config::PoolTarget;
+use whereabouts_core::pool::{Allocation, Pool};
+use whereabouts_core::range::{IpRange, reservation_name};
+use whereabouts_k8s::crd::IPPool;
+use whereabouts_store::Reservation;
+
+/// One allocation as found in a stored pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// The pool it is in.
+    pub pool: PoolTarget,
+    /// The address.
+    pub ip: IpAddr,
+    /// Its record, as read (a release is a compare-and-swap on exactly this).
+    pub allocation: Allocation,
+}
+
+/// Why a stored pool could not be read.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("IPPool {pool}: {reason}")]
+pub struct UnreadablePool {
+    /// The pool.
+    pub pool: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Every allocation of a stored pool, in address order. Keys that are not addresses are skipped, as
+/// the plugin skips them (and keeps them).
+pub fn allocations(pool: &IPPool) -> Result<Vec<Found>, UnreadablePool> {
+    let name = pool.metadata.name.clone().unwrap_or_default();
+    let unreadable = |reason: String| UnreadablePool { pool: name.clone(), reason };
+    let network = parse_cidr_strict(&pool.spec.pool.range)
+        .ok_or_else(|| unreadable(format!("spec.range {:?} is not a CIDR", pool.spec.pool.range)))?;
+    let (decoded, _skipped) = Pool::from_spec(&pool.spec.pool, network).map_err(|e| unreadable(e.to_string()))?;
+    let target = PoolTarget { name: name.clone(), network };
+    Ok(decoded
+        .iter()
+        .map(|(ip, allocation)| Found { pool: target.clone(), ip, allocation: allocation.clone() })
+        .collect())
+}
+
+/// How many addresses a pool's `spec.range` spans (the network and broadcast addresses left out, as
+/// allocation leaves them out); `None` when the range is unreadable.
+pub fn capacity(pool: &IPPool) -> Option<f64> {
+    let network = parse_cidr_strict(&pool.spec.pool.range)?;
+    let range = IpRange::new(network.trunc(), None, None, Vec::new()).ok()?;
+    // Precision is of no concern: a gauge of a /64's size is an estimate either way.
+    #[allow(clippy::cast_precision_loss)]
+    Some((range.last() - range.first() + 1) as f64)
+}
+
+/// The holder a reservation of `allocation`'s address records.
+pub fn holder(allocation: &Allocation) -> Reservation {
+    Reservation {
+        pod_ref: allocation.pod_ref.clone(),
+        ifname: allocation.ifname.clone(),
+        container_id: allocation.container_id.clone(),
+    }
+}
+
+/// Whether the reservation called `name` is one of `ip`: `[network_name-]<ip>`. The controller does
+/// not know which network a pool belongs to, so it matches the address part of the name.
+pub fn names_address(name: &str, ip: IpAddr) -> bool {
+    let address = reservation_name("", ip);
+    name.strip_suffix(address.as_str()).is_some_and(|prefix| prefix.is_empty() || prefix.ends_with('-'))
+}
+
+/// The reservations, among `reservations`, of `found`'s address held by its holder.
+pub fn reservations_of<'r>(
+    found: &Found,
+    reservations: impl IntoIterator<Item = (&'r String, &'r Reservation)>,
+) -> Vec<String> {
+    let holder = holder(&found.allocation);
+    reservations
+        .into_iter()
+        .filter(|(name, reservation)| names_address(name, found.ip) && reservation.same_owner(&holder))
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// Decodes one object read as raw JSON; one that does not decode is skipped with a warning (so one
+/// odd object, such as an IPPool without `spec`, which the CRD allows, cannot fail a whole listing).
+pub fn decode<K: DeserializeOwned>(kind: &str, object: DynamicObject) -> Option<(String, K)> {
+    let name = object.metadata.name.clone().unwrap_or_default();
+    match serde_json::to_value(&object).and_then(serde_json::from_value::<K>) {
+        Ok(typed) => Some((name, typed)),
+        Err(e) => {
+            tracing::warn!("{kind} {name} is unreadable ({e}); skipped");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use whereabouts_core::pool::PoolSpec;
+    use whereabouts_k8s::crd::IPPoolSpec;
+
+    use super::*;
+
+    fn stored(name: &str, range: &str, keys: &[(&str, &str)]) -> IPPool {
+        let allocations = keys
+            .iter()
+            .map(|(key, pod)| {
+                let allocation = Allocation {
+                    container_id: format!("c-{pod}"),
+                    pod_ref: format!("ns/{pod}"),
+                    ifname: "net1".into(),
+                    node: None,
+                    cni_network: None,
+                    pod_uid: None,
+                };
+                (key.to_string(), allocation)
+            })
+            .collect();
+        IPPool::new(name, IPPoolSpec { pool: PoolSpec { range: range.into(), allocations } })
+    }
+
+    #[test]
+    fn finds_allocations_with_their_pool() {
+        let pool = stored("net-192.0.2.0-24", "192.0.2.0/24", &[("5", "a"), ("x", "b"), ("1", "c")]);
+        let found = allocations(&pool).unwrap();
+        let ips: Vec<String> = found.iter().map(|f| f.ip.to_string()).collect();
+        assert_eq!(ips, ["192.0.2.1", "192.0.2.5"], "the undecodable key is skipped");
+        assert_eq!(found[0].pool.name, "net-192.0.2.0-24");
+        assert_eq!(found[0].allocation.pod_ref, "ns/c");
+        assert!(allocations(&stored("bad", "nope", &[])).is_err());
+    }
+
+    #[test]
+    fn capacity_leaves_out_network_and_broadcast() {
+        assert_eq!(capacity(&stored("p", "192.0.2.0/24", &[])), Some(254.0));
+        assert_eq!(capacity(&stored("p", "2001:db8::/64", &[])), Some(2f64.powi(64) - 1.0));
+        assert_eq!(capacity(&stored("p", "junk", &[])), None);
+    }
+
+    #[test]
+    fn matches_reservation_names_by_address() {
+        let v4: IpAddr = "192.0.2.5".parse().unwrap();
+        assert!(names_address("192.0.2.5", v4));
+        assert!(names_address("blue-net-192.0.2.5", v4));
+        assert!(!names_address("192.0.2.55", v4));
+        assert!(!names_address("1192.0.2.5", v4));
+        let v6: IpAddr = "2001:db8::".parse().unwrap();
+        assert!(names_address("net-2001-db8--0", v6));
+        assert!(!names_address("net-2001-db8--10", v6));
+    }
+
+    #[test]
+    fn reservations_belong_to_the_holder_only() {
+        let pool = stored("p", "192.0.2.0/24", &[("5", "a")]);
+        let found = &allocations(&pool).unwrap()[0];
+        let ours = holder(&found.allocation);
+        let theirs = Reservation { pod_ref: "ns/other".into(), ..ours.clone() };
+        let reservations = [
+            ("net-192.0.2.5".to_string(), ours.clone()),
+            ("other-192.0.2.5".to_string(), theirs),
+            ("net-192.0.2.6".to_string(), ours),
+        ];
+        let names = reservations_of(found, reservations.iter().map(|(n, r)| (n, r)));
+        assert_eq!(names, ["net-192.0.2.5"]);
+    }
+}

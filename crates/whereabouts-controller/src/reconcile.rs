@@ -1,0 +1,222 @@
+//! One reconciliation (upstream's ip-reconciler): releases every allocation whose pod is gone, has
+//! finished, or was replaced, and every reservation no pool entry stands behind.
+//!
+//! Order of reads, each a consistent LIST: reservations, then pools, then pods. An ADD writes its pool
+//! entry before its reservation, so a reservation listed first has its pool entry in the later pool
+//! listing unless it was released in between (and a release deletes the reservation first); and a pool
+//! entry listed before the pods has its pod in the pod listing if the pod exists (upstream commit
+//! 47e5b17d fixed duplicate addresses by listing pools before pods). What the listings say is then
+//! judged ([`judge`](crate::judge)) and released with compare-and-swaps on the records as read, so a
+//! change since the listings is never overwritten.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ApiResource, DynamicObject, ListParams};
+use serde::de::DeserializeOwned;
+use whereabouts_core::config::PoolTarget;
+use whereabouts_k8s::crd::{IPPool, OverlappingRangeIPReservation};
+use whereabouts_store::Reservation;
+use whereabouts_store::ipam::{FoundAllocation, Ipam, IpamError};
+use whereabouts_store::kubernetes::KubeStore;
+
+use crate::Context;
+use crate::cleanup::{COMPONENT, pod_view};
+use crate::judge::{PodView, Verdict, judge};
+use crate::metrics::{ReleaseReason, RunLabels, RunResult, Source};
+use crate::pools::{Found, allocations, decode, holder, names_address, reservations_of};
+
+/// Concurrent pool writes.
+const PARALLEL: usize = 8;
+
+/// Why a reconciliation failed. The next scheduled run tries again.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// A listing failed.
+    #[error("listing {what}: {source}")]
+    List {
+        /// What was listed.
+        what: &'static str,
+        /// Why.
+        source: kube::Error,
+    },
+    /// Some releases failed (the others went through).
+    #[error("could not release everything: {}", .0.join("; "))]
+    Release(Vec<String>),
+}
+
+/// One address released (or, in a dry run, to be released).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    /// The address.
+    pub ip: IpAddr,
+    /// Its pool.
+    pub pool: String,
+    /// The pod it was held for.
+    pub pod_ref: String,
+    /// Why.
+    pub reason: ReleaseReason,
+}
+
+/// What a reconciliation did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Allocations released.
+    pub released: Vec<Released>,
+    /// Orphaned reservations deleted.
+    pub orphan_reservations: Vec<String>,
+    /// Pools that could not be read (their allocations were left alone, and orphaned reservations were
+    /// not collected: their pool entries might be in them).
+    pub unreadable_pools: Vec<String>,
+}
+
+/// Runs one reconciliation of `ctx.namespace`'s pools against the pods of every namespace, counting it
+/// in the metrics.
+pub async fn reconcile_once(ctx: &Context) -> Result<Report, ReconcileError> {
+    let outcome = reconcile(ctx).await;
+    let result = if outcome.is_ok() { RunResult::Success } else { RunResult::Error };
+    ctx.metrics.reconciler_runs.get_or_create(&RunLabels { result }).inc();
+    if outcome.is_ok() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        ctx.metrics.reconciler_last_success.set(now.as_secs_f64());
+    }
+    outcome
+}
+
+async fn reconcile(ctx: &Context) -> Result<Report, ReconcileError> {
+    let reservations: BTreeMap<String, Reservation> = list::<OverlappingRangeIPReservation>(ctx, "reservations")
+        .await?
+        .into_iter()
+        .map(|(name, orip)| (name, orip.spec.holder))
+        .collect();
+    let mut report = Report::default();
+    let mut found: Vec<Found> = Vec::new();
+    for (name, pool) in list::<IPPool>(ctx, "IPPools").await? {
+        match allocations(&pool) {
+            Ok(pool_allocations) => found.extend(pool_allocations),
+            Err(e) => {
+                tracing::warn!("{e}; left alone");
+                report.unreadable_pools.push(name);
+            }
+        }
+    }
+    let pods: HashMap<String, PodView> = Api::<Pod>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| ReconcileError::List { what: "pods", source })?
+        .items
+        .iter()
+        .filter_map(|pod| {
+            let pod_ref = format!("{}/{}", pod.metadata.namespace.as_deref()?, pod.metadata.name.as_deref()?);
+            Some((pod_ref, pod_view(pod)))
+        })
+        .collect();
+
+    let mut by_pool: BTreeMap<String, (PoolTarget, Vec<(Found, ReleaseReason, Vec<String>)>)> = BTreeMap::new();
+    for entry in &found {
+        if let Verdict::Release(reason) = judge(&entry.allocation, entry.ip, pods.get(&entry.allocation.pod_ref)) {
+            let names = reservations_of(entry, reservations.iter());
+            let pool = by_pool.entry(entry.pool.name.clone()).or_insert_with(|| (entry.pool.clone(), Vec::new()));
+            pool.1.push((entry.clone(), reason, names));
+        }
+    }
+    let orphans: Vec<(&String, &Reservation)> = if report.unreadable_pools.is_empty() {
+        reservations
+            .iter()
+            .filter(|(name, reserved)| {
+                !found.iter().any(|f| names_address(name, f.ip) && holder(&f.allocation).same_owner(reserved))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+
+    let store = KubeStore::new(ctx.client.clone(), &ctx.namespace, COMPONENT);
+    let observe = |event| ctx.metrics.observe_engine(event);
+    let ipam = Ipam::new(&store).with_observer(&observe);
+    let mut errors = Vec::new();
+    let results = futures::stream::iter(by_pool.values().map(|(target, batch)| {
+        let ipam = &ipam;
+        async move { (target, batch, release(ctx, ipam, target, batch).await) }
+    }))
+    .buffer_unordered(PARALLEL)
+    .collect::<Vec<_>>()
+    .await;
+    for (target, batch, result) in results {
+        match result {
+            Ok(ips) => {
+                for (entry, reason, _) in batch.iter().filter(|(entry, ..)| ips.contains(&entry.ip)) {
+                    if !ctx.dry_run {
+                        ctx.metrics.released(Source::Reconciler, *reason);
+                    }
+                    report.released.push(Released {
+                        ip: entry.ip,
+                        pool: target.name.clone(),
+                        pod_ref: entry.allocation.pod_ref.clone(),
+                        reason: *reason,
+                    });
+                }
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    for (name, reserved) in orphans {
+        let verb = if ctx.dry_run { "dry run: would delete" } else { "deleting" };
+        tracing::info!("{verb} orphaned reservation {name} of {} (no pool entry holds it)", reserved.pod_ref);
+        if !ctx.dry_run {
+            if let Err(e) = ipam.release_reservation(name, reserved).await {
+                errors.push(e.to_string());
+                continue;
+            }
+            ctx.metrics.released(Source::Reconciler, ReleaseReason::OrphanReservation);
+        }
+        report.orphan_reservations.push(name.clone());
+    }
+    report.released.sort_by(|a, b| (&a.pool, a.ip).cmp(&(&b.pool, b.ip)));
+    if errors.is_empty() { Ok(report) } else { Err(ReconcileError::Release(errors)) }
+}
+
+/// Releases one pool's orphans (or, in a dry run, logs them); returns the addresses released.
+async fn release(
+    ctx: &Context,
+    ipam: &Ipam<'_, KubeStore>,
+    target: &PoolTarget,
+    batch: &[(Found, ReleaseReason, Vec<String>)],
+) -> Result<Vec<IpAddr>, IpamError> {
+    for (entry, reason, _) in batch {
+        let verb = if ctx.dry_run { "dry run: would release" } else { "releasing" };
+        tracing::info!(
+            "{verb} {} in pool {} held by {} ({})",
+            entry.ip,
+            target.name,
+            entry.allocation.pod_ref,
+            reason.as_str()
+        );
+    }
+    if ctx.dry_run {
+        return Ok(batch.iter().map(|(entry, ..)| entry.ip).collect());
+    }
+    let found: Vec<FoundAllocation<'_>> = batch
+        .iter()
+        .map(|(entry, _, reservations)| FoundAllocation {
+            ip: entry.ip,
+            allocation: &entry.allocation,
+            reservations: reservations.clone(),
+        })
+        .collect();
+    ipam.release_found(target, &found).await
+}
+
+/// Every object of a kind in `ctx.namespace`, decoded one by one (an undecodable one is skipped with a
+/// warning rather than failing the listing).
+async fn list<K: DeserializeOwned + kube::Resource<DynamicType = ()>>(
+    ctx: &Context,
+    what: &'static str,
+) -> Result<Vec<(String, K)>, ReconcileError> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), &ctx.namespace, &ApiResource::erase::<K>(&()));
+    let listed = api.list(&ListParams::default()).await.map_err(|source| ReconcileError::List { what, source })?;
+    Ok(listed.items.into_iter().filter_map(|object| decode(what, object)).collect())
+}
