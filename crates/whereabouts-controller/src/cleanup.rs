@@ -45,6 +45,8 @@ const ATTEMPTS: u32 = 5;
 const BATCH: usize = 512;
 /// Concurrent pod lookups and pool writes within a pass.
 const PARALLEL: usize = 16;
+/// How long a pod found holding nothing waits for its second look.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// The reporting component of the controller's Events.
 pub const COMPONENT: &str = "whereabouts-controller";
@@ -170,10 +172,10 @@ async fn watch_pods(ctx: &Context, queue: &Queue, node: Option<&str>) {
     if let Some(node) = node {
         config = config.fields(&format!("spec.nodeName={node}"));
     }
-    // Pods by namespace/name: their uid and whether they had finished.
-    let mut known: HashMap<(String, String), (String, bool)> = HashMap::new();
-    let mut relisted: Option<HashMap<(String, String), (String, bool)>> = None;
-    let mut last: HashMap<(String, String), Pod> = HashMap::new();
+    // What is known of each pod (by namespace/name), and whether it had finished: only what a cleanup
+    // needs, not the whole object.
+    let mut known: HashMap<(String, String), (Gone, bool)> = HashMap::new();
+    let mut relisted: Option<HashMap<(String, String), (Gone, bool)>> = None;
     let mut events = Box::pin(watcher(api, config).default_backoff());
     while let Some(event) = events.next().await {
         let event = match event {
@@ -189,31 +191,28 @@ async fn watch_pods(ctx: &Context, queue: &Queue, node: Option<&str>) {
                 let Some(gone) = Gone::of(&pod) else { continue };
                 let key = (gone.namespace.clone(), gone.name.clone());
                 let finished = pod_view(&pod).is_finished();
-                let was_finished = known.get(&key).is_some_and(|(uid, f)| *uid == gone.uid && *f);
+                let was_finished = known.get(&key).is_some_and(|(old, f)| old.uid == gone.uid && *f);
                 if finished && !was_finished {
                     queue.push(gone.clone(), &ctx.metrics);
                 }
                 if let Some(seen) = &mut relisted {
-                    seen.insert(key.clone(), (gone.uid.clone(), finished));
+                    seen.insert(key.clone(), (gone.clone(), finished));
                 }
-                known.insert(key.clone(), (gone.uid, finished));
-                last.insert(key, pod);
+                known.insert(key, (gone, finished));
             }
             watcher::Event::Delete(pod) => {
                 let Some(gone) = Gone::of(&pod) else { continue };
-                let key = (gone.namespace.clone(), gone.name.clone());
-                known.remove(&key);
-                last.remove(&key);
+                known.remove(&(gone.namespace.clone(), gone.name.clone()));
                 queue.push(gone, &ctx.metrics);
             }
             watcher::Event::InitDone => {
+                // Pods deleted while the watch was down get no delete event.
                 let seen = relisted.take().unwrap_or_default();
-                for key in known.keys().filter(|key| !seen.contains_key(*key)) {
-                    if let Some(gone) = last.get(key).and_then(Gone::of) {
-                        queue.push(gone, &ctx.metrics);
+                for (key, (gone, _)) in &known {
+                    if !seen.contains_key(key) {
+                        queue.push(gone.clone(), &ctx.metrics);
                     }
                 }
-                last.retain(|key, _| seen.contains_key(key));
                 known = seen;
             }
         }
@@ -234,7 +233,10 @@ async fn work(ctx: &Context, index: &PoolIndex, queue: &Queue, recorder: &Record
             let _ = tokio::time::timeout(sleep, queue.wake.notified()).await;
             continue;
         }
-        let failures = pass(ctx, index, &store, recorder, due).await;
+        let Outcome { failures, settle } = pass(ctx, index, &store, recorder, due).await;
+        for gone in settle {
+            queue.push(gone, &ctx.metrics);
+        }
         queue.settle(&ctx.metrics);
         for failed in failures {
             if failed.attempts + 1 >= ATTEMPTS {
@@ -258,17 +260,25 @@ struct Release {
     reservations: Vec<String>,
 }
 
-/// Cleans up a batch of pods; returns those whose cleanup failed.
-async fn pass(ctx: &Context, index: &PoolIndex, store: &KubeStore, recorder: &Recorder, due: Vec<Gone>) -> Vec<Gone> {
-    // What each pod holds, from the index; pods holding nothing need no lookup.
+/// Cleans up a batch of pods.
+async fn pass(ctx: &Context, index: &PoolIndex, store: &KubeStore, recorder: &Recorder, due: Vec<Gone>) -> Outcome {
+    // What each pod holds, from the index; pods holding nothing need no lookup. The pool watch may
+    // still be behind the pod watch, so a pod found holding nothing is looked at once more a second
+    // later before it is dropped.
+    let mut settle = Vec::new();
     let holdings: Vec<(Gone, Vec<Found>)> = {
         let contents = index.read();
         due.into_iter()
-            .map(|gone| {
+            .filter_map(|gone| {
                 let held = contents.held_by(&gone.pod_ref());
-                (gone, held)
+                if held.is_empty() {
+                    if gone.attempts == 0 {
+                        settle.push(Gone { attempts: ATTEMPTS, not_before: Instant::now() + SETTLE, ..gone });
+                    }
+                    return None;
+                }
+                Some((gone, held))
             })
-            .filter(|(_, held)| !held.is_empty())
             .collect()
     };
     // The pods now found under those names.
@@ -366,7 +376,16 @@ async fn pass(ctx: &Context, index: &PoolIndex, store: &KubeStore, recorder: &Re
         })
     });
     futures::stream::iter(events).buffer_unordered(PARALLEL).collect::<Vec<()>>().await;
-    holdings.into_iter().zip(failed).filter(|(_, failed)| *failed).map(|((gone, _), _)| gone).collect()
+    let failures = holdings.into_iter().zip(failed).filter(|(_, failed)| *failed).map(|((gone, _), _)| gone);
+    Outcome { failures: failures.collect(), settle }
+}
+
+/// What a pass leaves to do.
+struct Outcome {
+    /// Pods whose cleanup failed: retried with backoff.
+    failures: Vec<Gone>,
+    /// Pods found holding nothing on their first look: looked at once more.
+    settle: Vec<Gone>,
 }
 
 /// Publishes an Event on a pod; a failure is only logged (Events are best effort).

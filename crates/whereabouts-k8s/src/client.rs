@@ -32,6 +32,14 @@ impl Timeouts {
         read: Duration::from_secs(10),
         write: Duration::from_secs(10),
     };
+
+    /// For the controller, whose watches stay open: long enough between two bytes of a watch for a
+    /// real API server's bookmarks (about one a minute) to keep it alive.
+    pub const WATCHES: Timeouts = Timeouts {
+        connect: Duration::from_secs(10),
+        read: Duration::from_secs(300),
+        write: Duration::from_secs(30),
+    };
 }
 
 /// A client and the namespace of the whereabouts objects.
@@ -74,8 +82,14 @@ pub fn context_namespace(kubeconfig: &Kubeconfig) -> Result<String, String> {
 }
 
 /// Reads the kubeconfig at `path` and builds a client with `timeouts` on every request. No request is
-/// sent; an unreachable server shows on the first call.
+/// sent; an unreachable server shows on the first call. kube's retries of 429/503/504 inside one
+/// request (up to 15 times) are off: the callers retry with their own bounds and need to see the
+/// failure to apply them.
 pub async fn connect(path: &Path, timeouts: Timeouts) -> Result<Connection, ConnectError> {
+    from_kubeconfig(path, timeouts, false).await
+}
+
+async fn from_kubeconfig(path: &Path, timeouts: Timeouts, retries: bool) -> Result<Connection, ConnectError> {
     let failed = |reason: String| ConnectError { path: path.display().to_string(), reason };
     let kubeconfig = Kubeconfig::read_from(path).map_err(|e| failed(e.to_string()))?;
     let namespace = context_namespace(&kubeconfig).map_err(failed)?;
@@ -83,15 +97,40 @@ pub async fn connect(path: &Path, timeouts: Timeouts) -> Result<Connection, Conn
         .await
         .map_err(|e| failed(e.to_string()))?;
     config.default_namespace.clone_from(&namespace);
-    config.connect_timeout = Some(timeouts.connect);
-    config.read_timeout = Some(timeouts.read);
-    config.write_timeout = Some(timeouts.write);
-    // kube retries 429/503/504 inside one request (up to 15 times); the callers retry with their own
-    // bounds and need to see the failure to apply them.
-    config.default_retry = false;
+    apply_timeouts(&mut config, timeouts);
+    config.default_retry = retries;
     let server = config.cluster_url.to_string();
     let client = Client::try_from(config).map_err(|e| failed(e.to_string()))?;
     Ok(Connection { client, namespace, server })
+}
+
+/// The controller's connection: the kubeconfig at `path`, or the pod's service account when `None`
+/// (in-cluster), with [`Timeouts::WATCHES`] and kube's own retries on (a controller has no caller
+/// waiting). The namespace of the whereabouts objects is `namespace` when given
+/// (`WHEREABOUTS_NAMESPACE`), else the kubeconfig context's, else [`DEFAULT_NAMESPACE`] (as upstream's
+/// controllers).
+pub async fn connect_controller(path: Option<&Path>, namespace: Option<&str>) -> Result<Connection, ConnectError> {
+    let mut connection = match path {
+        Some(path) => from_kubeconfig(path, Timeouts::WATCHES, true).await?,
+        None => {
+            let failed = |reason: String| ConnectError { path: "(in-cluster service account)".into(), reason };
+            let mut config = Config::incluster().map_err(|e| failed(e.to_string()))?;
+            apply_timeouts(&mut config, Timeouts::WATCHES);
+            let server = config.cluster_url.to_string();
+            let client = Client::try_from(config).map_err(|e| failed(e.to_string()))?;
+            Connection { client, namespace: DEFAULT_NAMESPACE.to_string(), server }
+        }
+    };
+    if let Some(namespace) = namespace.filter(|n| !n.is_empty()) {
+        connection.namespace = namespace.to_string();
+    }
+    Ok(connection)
+}
+
+fn apply_timeouts(config: &mut Config, timeouts: Timeouts) {
+    config.connect_timeout = Some(timeouts.connect);
+    config.read_timeout = Some(timeouts.read);
+    config.write_timeout = Some(timeouts.write);
 }
 
 #[cfg(test)]

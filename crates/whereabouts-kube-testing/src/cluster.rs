@@ -13,7 +13,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 use tokio::time::Instant;
 
-use crate::fake::FakeApiServer;
+use crate::fake::{FakeApiServer, FakeOptions};
 
 /// The environment variable naming a real cluster's kubeconfig.
 pub const KUBECONFIG_ENV: &str = "WHEREABOUTS_TEST_KUBECONFIG";
@@ -256,13 +256,25 @@ impl TestCluster {
     ///
     /// When the cluster cannot be set up.
     pub async fn start_with_crds(crd_dir: &Path) -> TestCluster {
-        match TestCluster::try_start(crd_dir).await {
+        match TestCluster::try_start(crd_dir, FakeOptions::default()).await {
             Ok(cluster) => cluster,
             Err(e) => panic!("starting the test cluster: {e}"),
         }
     }
 
-    async fn try_start(crd_dir: &Path) -> Result<TestCluster, String> {
+    /// Like [`TestCluster::start`], on a fake API server with `options` (a real cluster is what it is).
+    ///
+    /// # Panics
+    ///
+    /// When the cluster cannot be set up.
+    pub async fn start_with_options(options: FakeOptions) -> TestCluster {
+        match TestCluster::try_start(&workspace_crd_dir(), options).await {
+            Ok(cluster) => cluster,
+            Err(e) => panic!("starting the test cluster: {e}"),
+        }
+    }
+
+    async fn try_start(crd_dir: &Path, options: FakeOptions) -> Result<TestCluster, String> {
         let (mut kubeconfig, base, fake) =
             match std::env::var_os(KUBECONFIG_ENV).filter(|path| !path.is_empty()) {
                 Some(path) => {
@@ -276,7 +288,7 @@ impl TestCluster {
                     (kubeconfig, base, None)
                 }
                 None => {
-                    let fake = FakeApiServer::start();
+                    let fake = FakeApiServer::start_with(options);
                     let kubeconfig: Value = serde_json::from_str(&fake.kubeconfig("default"))
                         .map_err(|e| format!("the fake's kubeconfig: {e}"))?;
                     (kubeconfig, None, Some(fake))

@@ -1,20 +1,34 @@
 //! `whereabouts`: the CNI IPAM plugin when `CNI_COMMAND` is set (the runtime execs it that way),
-//! otherwise the operator CLI.
+//! otherwise the controller and the operator commands.
+
+mod controller;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use whereabouts_cni::error::{CniError, codes};
 use whereabouts_cni::version::{LATEST, SUPPORTED_VERSIONS};
 use whereabouts_cni::{FsHost, Reply};
 
 /// A cluster-wide IPAM plugin for CNI. Invoked with CNI_COMMAND set it speaks the CNI protocol on
-/// stdin/stdout; the operator subcommands come here.
+/// stdin/stdout; otherwise it runs one of the commands below.
 #[derive(Debug, Parser)]
 #[command(name = "whereabouts", version, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the controller: cleanup after deleted pods, the scheduled reconciler, node slices.
+    Controller(controller::ControllerArgs),
+    /// Run one reconciliation and exit (for a CronJob): releases leaked addresses and orphaned
+    /// reservations. Exits 1 if anything failed; the next run tries again.
+    Reconcile(controller::ReconcileArgs),
+}
 
 fn error_reply(code: u32, msg: String) -> Reply {
     Reply { stdout: CniError::new(code, msg).to_json(LATEST).to_string(), exit_code: 1 }
@@ -47,13 +61,18 @@ fn main() -> ExitCode {
         let _ = out.write_all(reply.stdout.as_bytes()).and_then(|()| out.flush());
         return ExitCode::from(u8::try_from(reply.exit_code).unwrap_or(1));
     }
-    Cli::parse();
-    eprintln!(
-        "whereabouts {} {}/{}",
-        env!("CARGO_PKG_VERSION"),
-        std::env::consts::OS,
-        std::env::consts::ARCH
-    );
-    eprintln!("CNI protocol versions supported: {}", SUPPORTED_VERSIONS.join(", "));
-    ExitCode::SUCCESS
+    match Cli::parse().command {
+        Some(Command::Controller(args)) => controller::controller(args),
+        Some(Command::Reconcile(args)) => controller::reconcile(args),
+        None => {
+            eprintln!(
+                "whereabouts {} {}/{}",
+                env!("CARGO_PKG_VERSION"),
+                std::env::consts::OS,
+                std::env::consts::ARCH
+            );
+            eprintln!("CNI protocol versions supported: {}", SUPPORTED_VERSIONS.join(", "));
+            ExitCode::SUCCESS
+        }
+    }
 }

@@ -1,0 +1,603 @@
+//! The controller (`whereabouts controller`, `whereabouts reconcile`) as processes, against the
+//! in-process fake API server by default or the cluster named by `WHEREABOUTS_TEST_KUBECONFIG` (each
+//! test in a fresh namespace).
+//!
+//! The tests act out what the rest of a cluster does: they create Pods and Nodes as objects, run the
+//! real plugin binary for the ADDs a runtime would make (with the pod's uid in `CNI_ARGS`, as Multus
+//! passes it), write the `network-status` annotation as Multus would, set pod phases as a kubelet
+//! would, and delete pods without the runtime's DEL (a node that died, a force delete): what is left
+//! is the controller's to release.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
+use k8s_openapi::api::coordination::v1::Lease;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use whereabouts_core::pool::Allocation;
+use whereabouts_k8s::crd::{IPPool, OverlappingRangeIPReservation, OverlappingRangeIPReservationSpec};
+use whereabouts_k8s::kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use whereabouts_kube_testing::TestCluster;
+use whereabouts_kube_testing::plugin::Call;
+use whereabouts_store::Reservation;
+
+const NETWORK: &str = "ctl-net";
+const RANGE: &str = "192.0.2.0/24";
+const POOL: &str = "192.0.2.0-24";
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_whereabouts"))
+}
+
+fn netconf(cluster: &TestCluster) -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": NETWORK,
+        "type": "macvlan",
+        "ipam": {
+            "type": "whereabouts",
+            "range": RANGE,
+            "datastore": "kubernetes",
+            "kubernetes": { "kubeconfig": cluster.kubeconfig_path() },
+            "log_level": "error",
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// acting as the scheduler, the kubelet and Multus
+
+fn pods(cluster: &TestCluster) -> Api<Pod> {
+    Api::namespaced(cluster.client(), cluster.namespace())
+}
+
+/// A node name unique to this test (Nodes are cluster-wide on a real cluster).
+fn node_name(cluster: &TestCluster, node: &str) -> String {
+    format!("{}-{node}", cluster.namespace())
+}
+
+async fn create_node(cluster: &TestCluster, name: &str) {
+    let node = Node { metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() }, ..Node::default() };
+    Api::<Node>::all(cluster.client()).create(&PostParams::default(), &node).await.expect("create node");
+}
+
+async fn delete_node(cluster: &TestCluster, name: &str) {
+    let _ = Api::<Node>::all(cluster.client()).delete(name, &DeleteParams::default()).await;
+}
+
+/// Creates a pod bound to `node`; returns its uid.
+async fn create_pod(cluster: &TestCluster, name: &str, node: &str) -> String {
+    let pod = Pod {
+        metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            containers: vec![Container { name: "app".into(), image: Some("pause".into()), ..Container::default() }],
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
+    };
+    let created = pods(cluster).create(&PostParams::default(), &pod).await.expect("create pod");
+    created.metadata.uid.expect("a uid")
+}
+
+async fn set_phase(cluster: &TestCluster, name: &str, phase: &str) {
+    let patch = json!({ "status": { "phase": phase } });
+    pods(cluster).patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("set phase");
+}
+
+/// Writes the `network-status` annotation as Multus does after the ADDs.
+async fn annotate(cluster: &TestCluster, name: &str, ips: &[&str]) {
+    let status = json!([
+        { "name": "cbr0", "interface": "eth0", "ips": ["10.244.0.9"], "default": true },
+        { "name": format!("{}/{NETWORK}", cluster.namespace()), "interface": "net1", "ips": ips },
+    ]);
+    let patch = json!({ "metadata": { "annotations": { "k8s.v1.cni.cncf.io/network-status": status.to_string() } } });
+    pods(cluster).patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("annotate pod");
+}
+
+/// Deletes a pod at once, as after a force delete or once a kubelet confirmed it (no CNI DEL).
+async fn delete_pod(cluster: &TestCluster, name: &str) {
+    pods(cluster).delete(name, &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() })
+        .await
+        .expect("delete pod");
+}
+
+/// The plugin's ADD for a pod, as the runtime makes it; the address it got.
+async fn add(cluster: &TestCluster, pod: &str, uid: &str, container: &str, node: &str) -> String {
+    let cni_args = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={pod};K8S_POD_UID={uid}",
+        cluster.namespace()
+    );
+    let call = Call { binary: binary(), command: "ADD", container, cni_args: &cni_args, node };
+    let addresses = call.run(&netconf(cluster)).await.addresses(&format!("ADD {pod}"));
+    addresses[0].split('/').next().expect("an address").to_string()
+}
+
+/// The pool's allocations by address.
+async fn held(cluster: &TestCluster) -> Vec<(String, Allocation)> {
+    let api: Api<IPPool> = Api::namespaced(cluster.client(), cluster.namespace());
+    let Some(pool) = api.get_opt(&format!("{NETWORK}-{POOL}")).await.expect("read the pool") else {
+        return Vec::new();
+    };
+    let base: std::net::Ipv4Addr = "192.0.2.0".parse().unwrap();
+    let mut out: Vec<(String, Allocation)> = pool
+        .spec
+        .pool
+        .allocations
+        .into_iter()
+        .map(|(offset, a)| {
+            let ip = std::net::Ipv4Addr::from(u32::from(base) + offset.parse::<u32>().unwrap());
+            (ip.to_string(), a)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+async fn held_ips(cluster: &TestCluster) -> Vec<String> {
+    held(cluster).await.into_iter().map(|(ip, _)| ip).collect()
+}
+
+/// Polls `check` until it holds or `limit` passes; says whether it held.
+async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return true;
+        }
+        if started.elapsed() > limit {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the controller process
+
+struct Controller {
+    child: tokio::process::Child,
+    address: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Controller {
+    /// Starts `whereabouts controller` on the test cluster with `args`, serving metrics on a free
+    /// loopback port; waits until it says where.
+    async fn start(cluster: &TestCluster, args: &[&str]) -> Controller {
+        let mut child = tokio::process::Command::new(binary())
+            .arg("controller")
+            .args(["--kubeconfig", &cluster.kubeconfig_path().display().to_string()])
+            .args(["--namespace", cluster.namespace(), "--metrics-address", "127.0.0.1:0"])
+            .args(["--log-level", "debug", "--cron-file", "/nonexistent/cron-schedule/config"])
+            .args(args)
+            .env_remove("WHEREABOUTS_RECONCILER_CRON")
+            .env_remove("NODENAME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the controller");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (found, address) = tokio::sync::oneshot::channel();
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut found = Some(found);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.split("/readyz on ").nth(1) {
+                    if let (Some(found), Ok(address)) = (found.take(), rest.trim().parse::<SocketAddr>()) {
+                        let _ = found.send(address);
+                    }
+                }
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let address = tokio::time::timeout(Duration::from_secs(30), address)
+            .await
+            .unwrap_or_else(|_| panic!("the controller did not start: {}", log.lock().unwrap()))
+            .unwrap_or_else(|_| panic!("the controller exited: {}", log.lock().unwrap()));
+        Controller { child, address, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// GET `path` on the metrics server: (status, body).
+    async fn get(&self, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(self.address).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status");
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (status, body)
+    }
+
+    async fn ready(&self) -> bool {
+        self.get("/readyz").await.0 == 200
+    }
+
+    /// The value of the metric line starting with `series` (name and labels), if present.
+    async fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = self.get("/metrics").await;
+        body.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM, as Kubernetes stops a pod; the exit status.
+    async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running");
+        // kill(1) rather than libc::kill: the workspace forbids unsafe code, tests included.
+        let _ = tokio::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("the controller stops on SIGTERM")
+            .expect("wait")
+    }
+}
+
+/// A controller without election or node slices, ready to act.
+async fn single_controller(cluster: &TestCluster) -> Controller {
+    let controller = Controller::start(cluster, &["--no-leader-election", "--no-node-slices"]).await;
+    assert!(
+        eventually(Duration::from_secs(20), || controller.ready()).await,
+        "never ready: {}",
+        controller.log()
+    );
+    controller
+}
+
+/// `whereabouts reconcile` once: (exit code, stdout).
+async fn reconcile(cluster: &TestCluster, extra: &[&str]) -> (i32, String) {
+    let output = tokio::process::Command::new(binary())
+        .arg("reconcile")
+        .args(["--kubeconfig", &cluster.kubeconfig_path().display().to_string()])
+        .args(["--namespace", cluster.namespace()])
+        .args(extra)
+        .output()
+        .await
+        .expect("run reconcile");
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let code = output.status.code().unwrap_or(-1);
+    assert!(
+        code == 0,
+        "reconcile failed ({code}): {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (code, stdout)
+}
+
+// ---------------------------------------------------------------------------------------------
+// pod-deletion cleanup
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_pod_is_released_within_seconds_with_an_event() {
+    let cluster = TestCluster::start().await;
+    let node = node_name(&cluster, "a");
+    let controller = single_controller(&cluster).await;
+    let uid = create_pod(&cluster, "web-0", &node).await;
+    let ip = add(&cluster, "web-0", &uid, "sandbox-1", &node).await;
+    annotate(&cluster, "web-0", &[&ip]).await;
+    let kept_uid = create_pod(&cluster, "web-1", &node).await;
+    let kept = add(&cluster, "web-1", &kept_uid, "sandbox-2", &node).await;
+    let stored = held(&cluster).await;
+    assert_eq!(stored[0].1.pod_uid.as_deref(), Some(uid.as_str()), "the plugin records the pod's uid");
+
+    let deleted = Instant::now();
+    delete_pod(&cluster, "web-0").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async { held_ips(&cluster).await == [kept.clone()] }).await,
+        "{ip} still held: {:?}\n{}",
+        held_ips(&cluster).await,
+        controller.log()
+    );
+    println!("released {:?} after the delete", deleted.elapsed());
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(cluster.client(), cluster.namespace());
+    let found = eventually(Duration::from_secs(10), || async {
+        let list = events.list(&Default::default()).await.expect("list events");
+        list.items.iter().any(|e| {
+            e.reason.as_deref() == Some("IPAddressGarbageCollected")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web-0")
+                && e.note.as_deref().is_some_and(|n| n.contains(&format!("[{ip}]")) && n.contains(NETWORK))
+        })
+    })
+    .await;
+    assert!(found, "no IPAddressGarbageCollected event naming {ip}");
+    let reservations: Api<OverlappingRangeIPReservation> = Api::namespaced(cluster.client(), cluster.namespace());
+    assert!(reservations.get_opt(&format!("{NETWORK}-{ip}")).await.unwrap().is_none(), "its reservation too");
+    assert!(reservations.get_opt(&format!("{NETWORK}-{kept}")).await.unwrap().is_some());
+    controller.kill().await;
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_pod_keeps_the_address_it_took_over() {
+    let cluster = TestCluster::start().await;
+    let node = node_name(&cluster, "a");
+    let controller = single_controller(&cluster).await;
+    let old_uid = create_pod(&cluster, "db-0", &node).await;
+    let ip = add(&cluster, "db-0", &old_uid, "sandbox-old", &node).await;
+    // The StatefulSet controller deletes and recreates db-0; the new pod's sandbox ADD takes the
+    // address over (same pod name and interface) before the controller hears of the deletion.
+    delete_pod(&cluster, "db-0").await;
+    let new_uid = create_pod(&cluster, "db-0", &node).await;
+    assert_ne!(old_uid, new_uid);
+    let again = add(&cluster, "db-0", &new_uid, "sandbox-new", &node).await;
+    assert_eq!(again, ip, "a new sandbox of the same pod name takes its address over");
+    // Give the controller time to act on the deletion of the old pod; the address must stay.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stored = held(&cluster).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].1.pod_uid.as_deref(), Some(new_uid.as_str()));
+    assert_eq!(stored[0].1.container_id, "sandbox-new");
+    let (_, out) = reconcile(&cluster, &[]).await;
+    assert!(out.contains("released 0 addresses"), "{out}");
+    assert_eq!(held_ips(&cluster).await, [ip]);
+    controller.kill().await;
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_pod_is_released() {
+    let cluster = TestCluster::start().await;
+    let node = node_name(&cluster, "a");
+    let controller = single_controller(&cluster).await;
+    let uid = create_pod(&cluster, "job-1", &node).await;
+    let ip = add(&cluster, "job-1", &uid, "sandbox-job", &node).await;
+    annotate(&cluster, "job-1", &[&ip]).await;
+    set_phase(&cluster, "job-1", "Running").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(held_ips(&cluster).await, [ip.clone()], "a running pod keeps its address");
+    set_phase(&cluster, "job-1", "Succeeded").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async { held_ips(&cluster).await.is_empty() }).await,
+        "{}",
+        controller.log()
+    );
+    controller.kill().await;
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_node_mode_cleans_up_only_its_node() {
+    let cluster = TestCluster::start().await;
+    let (mine, other) = (node_name(&cluster, "mine"), node_name(&cluster, "other"));
+    create_node(&cluster, &mine).await;
+    let controller = Controller::start(&cluster, &["--mode", "node", "--node", &mine]).await;
+    assert!(eventually(Duration::from_secs(20), || controller.ready()).await, "{}", controller.log());
+    let here = create_pod(&cluster, "here", &mine).await;
+    let there = create_pod(&cluster, "there", &other).await;
+    let _ = add(&cluster, "here", &here, "sandbox-here", &mine).await;
+    let left = add(&cluster, "there", &there, "sandbox-there", &other).await;
+    delete_pod(&cluster, "there").await;
+    delete_pod(&cluster, "here").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async { held_ips(&cluster).await == [left.clone()] }).await,
+        "{:?}\n{}",
+        held_ips(&cluster).await,
+        controller.log()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(held_ips(&cluster).await, [left], "another node's pod is that node's controller's");
+    // A node that does not exist is refused at start, as upstream.
+    let output = tokio::process::Command::new(binary())
+        .args(["controller", "--mode", "node", "--node", "no-such-node", "--metrics-address", ""])
+        .args(["--kubeconfig", &cluster.kubeconfig_path().display().to_string()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no-such-node"));
+    controller.kill().await;
+    delete_node(&cluster, &mine).await;
+    cluster.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// reconciliation
+
+/// An allocation the way upstream's plugin writes it: no uid, no node, no network.
+fn upstream_record(cluster: &TestCluster, pod: &str, container: &str) -> Value {
+    json!({ "id": container, "podref": format!("{}/{pod}", cluster.namespace()), "ifname": "net1" })
+}
+
+async fn write_pool(cluster: &TestCluster, allocations: Value) {
+    let api: Api<IPPool> = Api::namespaced(cluster.client(), cluster.namespace());
+    let pool: IPPool = serde_json::from_value(json!({
+        "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+        "kind": "IPPool",
+        "metadata": { "name": format!("{NETWORK}-{POOL}") },
+        "spec": { "range": RANGE, "allocations": allocations },
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &pool).await.expect("create the pool");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_never_releases_a_starting_pod_and_dry_run_changes_nothing() {
+    let cluster = TestCluster::start().await;
+    let node = node_name(&cluster, "a");
+    // Upstream-written records (no uid), so only the pods' state can decide.
+    for pod in ["starting", "pending", "running-listed", "running-unlisted"] {
+        create_pod(&cluster, pod, &node).await;
+    }
+    write_pool(
+        &cluster,
+        json!({
+            "1": upstream_record(&cluster, "starting", "c1"),         // no network-status yet
+            "2": upstream_record(&cluster, "pending", "c2"),          // Pending, status lists another IP
+            "3": upstream_record(&cluster, "running-listed", "c3"),   // listed
+            "4": upstream_record(&cluster, "running-unlisted", "c4"), // running, status lists another IP
+            "5": upstream_record(&cluster, "gone", "c5"),             // no such pod
+        }),
+    )
+    .await;
+    annotate(&cluster, "pending", &["192.0.2.99"]).await;
+    annotate(&cluster, "running-listed", &["192.0.2.3"]).await;
+    annotate(&cluster, "running-unlisted", &["192.0.2.98"]).await;
+    set_phase(&cluster, "starting", "Running").await;
+    set_phase(&cluster, "running-listed", "Running").await;
+    set_phase(&cluster, "running-unlisted", "Running").await;
+    // An orphaned reservation (nothing in any pool), and one a pool entry stands behind.
+    let reservations: Api<OverlappingRangeIPReservation> = Api::namespaced(cluster.client(), cluster.namespace());
+    for (name, pod) in [("other-net-192.0.2.200", "vanished"), (&*format!("{NETWORK}-192.0.2.3"), "running-listed")]
+    {
+        let holder = Reservation {
+            pod_ref: format!("{}/{pod}", cluster.namespace()),
+            ifname: "net1".into(),
+            container_id: if pod == "vanished" { "cx".into() } else { "c3".into() },
+        };
+        let orip = OverlappingRangeIPReservation::new(name, OverlappingRangeIPReservationSpec { holder });
+        reservations.create(&PostParams::default(), &orip).await.expect("create reservation");
+    }
+
+    let before = held_ips(&cluster).await;
+    let (_, out) = reconcile(&cluster, &["--dry-run"]).await;
+    assert!(out.contains("would release 192.0.2.4 ") && out.contains("would release 192.0.2.5 "), "{out}");
+    assert!(out.contains("would release orphaned reservation other-net-192.0.2.200"), "{out}");
+    assert!(out.contains("would release 2 addresses and 1 orphaned reservations"), "{out}");
+    assert_eq!(held_ips(&cluster).await, before, "dry run changes nothing");
+    assert!(reservations.get_opt("other-net-192.0.2.200").await.unwrap().is_some());
+
+    let (_, out) = reconcile(&cluster, &[]).await;
+    assert!(out.contains("released 2 addresses and 1 orphaned reservations"), "{out}");
+    assert!(out.contains("(pod ") && out.contains("not_in_network_status") && out.contains("pod_gone"), "{out}");
+    assert_eq!(held_ips(&cluster).await, ["192.0.2.1", "192.0.2.2", "192.0.2.3"]);
+    assert!(reservations.get_opt("other-net-192.0.2.200").await.unwrap().is_none());
+    assert!(reservations.get_opt(&format!("{NETWORK}-192.0.2.3")).await.unwrap().is_some());
+    let (_, out) = reconcile(&cluster, &[]).await;
+    assert!(out.contains("released 0 addresses and 0 orphaned reservations"), "idempotent: {out}");
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduled_reconciler_follows_its_cron_file() {
+    let cluster = TestCluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cron = dir.path().join("config");
+    std::fs::write(&cron, "0 0 1 1 *").unwrap();
+    let controller = Controller::start(
+        &cluster,
+        &["--no-leader-election", "--no-node-slices", "--schedule-reload", "200ms", "--cron-file", &cron.display().to_string()],
+    )
+    .await;
+    write_pool(&cluster, json!({ "7": upstream_record(&cluster, "never-existed", "c7") })).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(held_ips(&cluster).await, ["192.0.2.7"], "not due yet (and no pod was deleted)");
+    // Every second, with the optional seconds field.
+    std::fs::write(&cron, "* * * * * *").unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async { held_ips(&cluster).await.is_empty() }).await,
+        "{}",
+        controller.log()
+    );
+    assert!(controller.log().contains("reconciler schedule changed"), "{}", controller.log());
+    assert!(controller.metric("whereabouts_reconciler_runs_total{result=\"success\"}").await.unwrap_or(0.0) >= 1.0);
+    controller.kill().await;
+    cluster.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// leadership, metrics, health
+
+async fn lease_holder(cluster: &TestCluster) -> Option<String> {
+    let leases: Api<Lease> = Api::namespaced(cluster.client(), cluster.namespace());
+    let lease = leases.get_opt("whereabouts-controller").await.ok()??;
+    lease.spec?.holder_identity.filter(|h| !h.is_empty())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_and_a_standby_takes_over_when_it_dies() {
+    let cluster = TestCluster::start().await;
+    let node = node_name(&cluster, "a");
+    let timing = ["--lease-duration", "3s", "--renew-deadline", "2s", "--retry-period", "500ms", "--no-node-slices"];
+    let first = Controller::start(&cluster, &[&timing[..], &["--identity", "first"]].concat()).await;
+    assert!(
+        eventually(Duration::from_secs(15), || async { lease_holder(&cluster).await.is_some() }).await,
+        "nobody leads: {}",
+        first.log()
+    );
+    let second = Controller::start(&cluster, &[&timing[..], &["--identity", "second"]].concat()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let holder = lease_holder(&cluster).await.expect("a holder");
+    assert!(holder.starts_with("first_"), "{holder}");
+    assert_eq!(first.metric("whereabouts_leader").await, Some(1.0));
+    assert_eq!(second.metric("whereabouts_leader").await, Some(0.0));
+
+    // The leader dies without handing over: the standby waits out the lease, then leads and works.
+    first.kill().await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            lease_holder(&cluster).await.is_some_and(|h| h.starts_with("second_"))
+        })
+        .await,
+        "no takeover: {}",
+        second.log()
+    );
+    let uid = create_pod(&cluster, "after-failover", &node).await;
+    add(&cluster, "after-failover", &uid, "sandbox-f", &node).await;
+    delete_pod(&cluster, "after-failover").await;
+    assert!(
+        eventually(Duration::from_secs(15), || async { held_ips(&cluster).await.is_empty() }).await,
+        "the new leader does not clean up: {}",
+        second.log()
+    );
+    // A leader stopped by SIGTERM hands the Lease back.
+    let status = second.terminate().await;
+    assert!(status.success(), "{status}");
+    assert_eq!(lease_holder(&cluster).await, None, "the Lease is released on shutdown");
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_match_the_pools_and_health_answers() {
+    let cluster = TestCluster::start().await;
+    let node = node_name(&cluster, "a");
+    let controller = single_controller(&cluster).await;
+    assert_eq!(controller.get("/healthz").await.0, 200);
+    let mut uids = Vec::new();
+    for i in 0..3 {
+        let name = format!("m-{i}");
+        let uid = create_pod(&cluster, &name, &node).await;
+        add(&cluster, &name, &uid, &format!("sandbox-m{i}"), &node).await;
+        uids.push(uid);
+    }
+    let series = format!("whereabouts_pool_allocated_addresses{{pool=\"{NETWORK}-{POOL}\"}}");
+    assert!(
+        eventually(Duration::from_secs(10), || async { controller.metric(&series).await == Some(3.0) }).await,
+        "{}",
+        controller.get("/metrics").await.1
+    );
+    let capacity = format!("whereabouts_pool_capacity_addresses{{pool=\"{NETWORK}-{POOL}\"}}");
+    assert_eq!(controller.metric(&capacity).await, Some(254.0));
+    delete_pod(&cluster, "m-1").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async { controller.metric(&series).await == Some(2.0) }).await,
+        "{}",
+        controller.get("/metrics").await.1
+    );
+    assert_eq!(held(&cluster).await.len(), 2);
+    let released = "whereabouts_controller_releases_total{source=\"pod_cleanup\",reason=\"pod_gone\"}";
+    assert_eq!(controller.metric(released).await, Some(1.0));
+    let (status, body) = controller.get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    assert_eq!(controller.get("/nope").await.0, 404);
+    controller.kill().await;
+    cluster.cleanup().await;
+}
