@@ -228,7 +228,7 @@ async fn reconcile_with(
                 network.winner().slicing.size(),
             );
             tracing::warn!(nad = %loser.key(), "node slices: {why}");
-            publish(recorder, loser, "ConflictingNodeSlices", why).await;
+            publish(ctx, recorder, loser, "ConflictingNodeSlices", why).await;
             summary.overruled.push(loser.key());
         }
     }
@@ -253,7 +253,7 @@ async fn reconcile_with(
                         assignment.unassigned.join(", ")
                     );
                     tracing::warn!(pool = %name, "node slices: {why}");
-                    publish(recorder, network.winner(), "NoFreeNodeSlice", why).await;
+                    publish(ctx, recorder, network.winner(), "NoFreeNodeSlice", why).await;
                     summary.unassigned.insert(name.clone(), assignment.unassigned);
                 }
             }
@@ -457,8 +457,12 @@ fn record_gauges(ctx: &Context, name: &str, assignment: &SliceAssignment) {
     }
 }
 
-/// Publishes a Warning Event about a NAD; failing to is only logged.
-async fn publish(recorder: &Recorder, nad: &SlicedNad, reason: &str, note: String) {
+/// Publishes a Warning Event about a NAD (not in a dry run, which writes nothing); failing to is only
+/// logged.
+async fn publish(ctx: &Context, recorder: &Recorder, nad: &SlicedNad, reason: &str, note: String) {
+    if ctx.dry_run {
+        return;
+    }
     let event = Event {
         type_: EventType::Warning,
         reason: reason.into(),
