@@ -7,6 +7,9 @@
 //! * [`schedule`]: where the reconciler's cron expression comes from, and its reloading.
 //! * [`judge`]: the single, pure decision whether an allocation still belongs to a live pod.
 //! * [`metrics`]: the Prometheus registry.
+//! * [`nad`]: the whereabouts configuration of a NetworkAttachmentDefinition.
+//! * [`nodeslice`]: assigns each node a slice of every network with `node_slice_size` (upstream's
+//!   node-slice controller).
 //!
 //! Every release is a compare-and-swap through the store's IPAM engine, so the controller, the plugins
 //! and several controller processes can all act at once without ever freeing an address that was
@@ -16,7 +19,9 @@ pub mod cleanup;
 pub mod index;
 pub mod judge;
 pub mod metrics;
+pub mod nad;
 pub mod network_status;
+pub mod nodeslice;
 pub mod pools;
 pub mod reconcile;
 pub mod schedule;

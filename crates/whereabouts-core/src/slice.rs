@@ -6,7 +6,11 @@
 //! `exclude` (a slice without any candidate left is never assigned, and inside a slice the range's
 //! bounds and exclusions still apply), and never lists every slice of a huge range: slices are found on
 //! demand, lowest first.
+//!
+//! [`assign_slices`] is the controller's decision of which node holds which slice, kept pure so that its
+//! safety rules (nobody takes a slice whose previous node's pool still holds addresses) are tested here.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -227,6 +231,143 @@ impl Slicing {
     }
 }
 
+/// The most slices a NodeSlicePool lists: the first this many usable slices. A NodeSlicePool is one
+/// object, limited in size by etcd (1.5 MiB), while an IPv6 range may hold 2^56 slices; 5000 is the
+/// largest cluster Kubernetes supports, so every node can still get a slice.
+pub const MAX_LISTED_SLICES: usize = 5000;
+
+/// The slices of a NodeSlicePool and who holds them, as the controller writes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceAssignment {
+    /// One entry per listed slice, ascending: the slice and the node holding it (`None`: free). A node
+    /// that no longer exists still holds its slice while its pool of the slice has allocations.
+    pub slices: Vec<(IpNet, Option<String>)>,
+    /// Existing nodes that got no slice (sorted): there are not enough usable slices.
+    pub unassigned: Vec<String>,
+}
+
+impl SliceAssignment {
+    /// The slice held by `node`.
+    pub fn slice_of(&self, node: &str) -> Option<IpNet> {
+        self.slices.iter().find(|(_, n)| n.as_deref() == Some(node)).map(|(slice, _)| *slice)
+    }
+}
+
+/// Assigns the slices of `slicing` (its first [`MAX_LISTED_SLICES`] usable ones) to `nodes`, starting
+/// from `previous`, the (slice, node) pairs a NodeSlicePool holds now (possibly cut from another range
+/// or into another size). `busy(node, slice)` says whether the node's pool of a previous slice still
+/// holds allocations.
+///
+/// * A node keeps the slice it has; nodes joining never move others.
+/// * Joining nodes, in name order, get the lowest free slice; those left over are
+///   [`SliceAssignment::unassigned`].
+/// * A departed node's slice is freed only once its pool of the slice is empty: the plugin of a node
+///   that took it over would allocate in that node's own pool, blind to the addresses still in use.
+/// * After re-slicing, a new slice overlapping a busy previous slice can only go to that previous
+///   slice's node, for the same reason; a node gets a new slice overlapping its previous one if it can.
+pub fn assign_slices(
+    slicing: &Slicing,
+    previous: &[(IpNet, String)],
+    nodes: &BTreeSet<String>,
+    busy: impl Fn(&str, &IpNet) -> bool,
+) -> SliceAssignment {
+    let listed: Vec<IpNet> = slicing.usable_slices(|_| false).take(MAX_LISTED_SLICES).collect();
+    let previous: Vec<(IpNet, &str)> =
+        previous.iter().filter(|(_, node)| !node.is_empty()).map(|(s, n)| (*s, n.as_str())).collect();
+    let mut table = Table { holder: vec![None; listed.len()], reserve: vec![Reserve::Anyone; listed.len()] };
+    for (old, node) in previous.iter().filter(|(old, node)| busy(node, old)) {
+        for (i, slice) in listed.iter().enumerate() {
+            if overlaps(slice, old) {
+                table.reserve[i] = table.reserve[i].and(node);
+            }
+        }
+    }
+    let mut holding: BTreeSet<&str> = BTreeSet::new();
+
+    // A live node keeps its slice; a departed one too while its pool of the slice is busy (the slice is
+    // then reserved to it).
+    for (old, node) in &previous {
+        let Ok(i) = listed.binary_search(old) else { continue };
+        let keeps = nodes.contains(*node) || table.reserve[i] == Reserve::Only((*node).to_string());
+        if keeps && !holding.contains(node) && table.take(i, node) {
+            holding.insert(node);
+        }
+    }
+    // After re-slicing: a live node takes a new slice containing its previous one, else one overlapping
+    // it, if one is free.
+    for (old, node) in &previous {
+        if !nodes.contains(*node) || holding.contains(node) {
+            continue;
+        }
+        let containing = (0..listed.len()).find(|&i| listed[i].contains(old) && table.may_take(i, node));
+        let overlapping =
+            || (0..listed.len()).find(|&i| overlaps(&listed[i], old) && table.may_take(i, node));
+        if let Some(i) = containing.or_else(overlapping) {
+            table.take(i, node);
+            holding.insert(node);
+        }
+    }
+    // Everyone else, in name order, takes the lowest free slice.
+    let mut unassigned = Vec::new();
+    for node in nodes.iter().filter(|n| !holding.contains(n.as_str())) {
+        match (0..listed.len()).find(|&i| table.may_take(i, node)) {
+            Some(i) => {
+                table.take(i, node);
+            }
+            None => unassigned.push(node.clone()),
+        }
+    }
+    SliceAssignment { slices: listed.into_iter().zip(table.holder).collect(), unassigned }
+}
+
+/// The slices being assigned, by position: their holders and who may take them.
+struct Table {
+    holder: Vec<Option<String>>,
+    reserve: Vec<Reserve>,
+}
+
+impl Table {
+    fn may_take(&self, i: usize, node: &str) -> bool {
+        self.holder[i].is_none() && self.reserve[i].allows(node)
+    }
+
+    /// Gives slice `i` to `node` if it may take it.
+    fn take(&mut self, i: usize, node: &str) -> bool {
+        let may = self.may_take(i, node);
+        if may {
+            self.holder[i] = Some(node.to_string());
+        }
+        may
+    }
+}
+
+/// Who may take a slice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reserve {
+    Anyone,
+    Only(String),
+    Nobody,
+}
+
+impl Reserve {
+    /// Also reserved to `node`.
+    fn and(&self, node: &str) -> Reserve {
+        match self {
+            Reserve::Anyone => Reserve::Only(node.to_string()),
+            Reserve::Only(n) if n == node => self.clone(),
+            _ => Reserve::Nobody,
+        }
+    }
+
+    fn allows(&self, node: &str) -> bool {
+        match self {
+            Reserve::Anyone => true,
+            Reserve::Only(n) => n == node,
+            Reserve::Nobody => false,
+        }
+    }
+}
+
 fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(b) || b.contains(a)
 }
@@ -344,6 +485,216 @@ mod tests {
                 s.check_assigned("10.0.0.0/24", "/26", Some(unusable)),
                 Err(AssignedSliceError::Unusable { .. })
             ));
+        }
+    }
+
+    fn net(text: &str) -> IpNet {
+        text.parse().unwrap()
+    }
+
+    fn node_set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    fn held(assignment: &SliceAssignment) -> Vec<(String, String)> {
+        let holders = assignment.slices.iter().filter_map(|(s, n)| n.clone().map(|n| (s.to_string(), n)));
+        holders.collect()
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(IpNet, String)> {
+        list.iter().map(|(s, n)| (net(s), n.to_string())).collect()
+    }
+
+    fn quarter() -> Slicing {
+        Slicing::new(range("10.0.0.0/24", None, None, &[]), 26).unwrap()
+    }
+
+    fn pair(slice: &str, node: &str) -> (String, String) {
+        (slice.to_string(), node.to_string())
+    }
+
+    #[test]
+    fn joining_nodes_take_the_lowest_free_slices_in_name_order() {
+        let a = assign_slices(&quarter(), &[], &node_set(&["n3", "n1", "n2"]), |_, _| false);
+        assert_eq!(
+            held(&a),
+            [pair("10.0.0.0/26", "n1"), pair("10.0.0.64/26", "n2"), pair("10.0.0.128/26", "n3")]
+        );
+        assert_eq!(a.slices.len(), 4);
+        assert_eq!(a.slices[3], (net("10.0.0.192/26"), None));
+        assert!(a.unassigned.is_empty());
+        assert_eq!(a.slice_of("n2"), Some(net("10.0.0.64/26")));
+
+        let full = assign_slices(&quarter(), &[], &node_set(&["a", "b", "c", "d", "e", "f"]), |_, _| false);
+        assert_eq!(full.unassigned, ["e", "f"]);
+    }
+
+    #[test]
+    fn nodes_keep_their_slices_when_others_join() {
+        let previous = pairs(&[("10.0.0.128/26", "m")]);
+        let a = assign_slices(&quarter(), &previous, &node_set(&["a", "m", "z"]), |_, _| false);
+        assert_eq!(
+            held(&a),
+            [pair("10.0.0.0/26", "a"), pair("10.0.0.64/26", "z"), pair("10.0.0.128/26", "m")]
+        );
+    }
+
+    #[test]
+    fn a_departed_nodes_slice_is_freed_only_once_its_pool_is_empty() {
+        let previous =
+            pairs(&[("10.0.0.0/26", "gone-busy"), ("10.0.0.64/26", "gone-idle"), ("10.0.0.128/26", "b")]);
+        let busy = |node: &str, slice: &IpNet| node == "gone-busy" && *slice == net("10.0.0.0/26");
+        let a = assign_slices(&quarter(), &previous, &node_set(&["b", "c", "d"]), busy);
+        assert_eq!(
+            held(&a),
+            [
+                pair("10.0.0.0/26", "gone-busy"),
+                pair("10.0.0.64/26", "c"),
+                pair("10.0.0.128/26", "b"),
+                pair("10.0.0.192/26", "d"),
+            ]
+        );
+        // Once emptied, the slice is free for the next node.
+        let previous: Vec<(IpNet, String)> =
+            a.slices.iter().filter_map(|(s, n)| n.clone().map(|n| (*s, n))).collect();
+        let b = assign_slices(&quarter(), &previous, &node_set(&["b", "c", "d", "e"]), |_, _| false);
+        assert_eq!(b.slice_of("e"), Some(net("10.0.0.0/26")));
+        assert_eq!(b.slice_of("gone-busy"), None);
+    }
+
+    #[test]
+    fn reslicing_keeps_busy_addresses_with_their_node() {
+        // /26 → /27: "a" (busy) keeps the lower half of its old slice and the upper half is reserved to
+        // it; "b" (idle) moves into a /27 of its old slice; "c" gets the lowest slice nobody reserved
+        // (the other half of b's idle slice), never the busy slice of the departed node.
+        let smaller = Slicing::new(range("10.0.0.0/24", None, None, &[]), 27).unwrap();
+        let previous = pairs(&[("10.0.0.0/26", "a"), ("10.0.0.64/26", "b"), ("10.0.0.128/26", "gone")]);
+        let busy = |node: &str, _: &IpNet| node == "a" || node == "gone";
+        let r = assign_slices(&smaller, &previous, &node_set(&["a", "b", "c"]), busy);
+        assert_eq!(
+            held(&r),
+            [pair("10.0.0.0/27", "a"), pair("10.0.0.64/27", "b"), pair("10.0.0.96/27", "c")]
+        );
+
+        // /27 → /26: two busy /27s of different nodes in one /26: nobody gets it.
+        let previous = pairs(&[("10.0.0.0/27", "a"), ("10.0.0.32/27", "b"), ("10.0.0.64/27", "c")]);
+        let r = assign_slices(&quarter(), &previous, &node_set(&["a", "b", "c"]), |n, _| n != "c");
+        assert_eq!(
+            held(&r),
+            [pair("10.0.0.64/26", "c"), pair("10.0.0.128/26", "a"), pair("10.0.0.192/26", "b")]
+        );
+
+        // A moved range: the old slices do not overlap the new ones at all.
+        let moved = Slicing::new(range("10.0.1.0/24", None, None, &[]), 26).unwrap();
+        let r = assign_slices(&moved, &pairs(&[("10.0.0.0/26", "b")]), &node_set(&["a", "b"]), |_, _| true);
+        assert_eq!(held(&r), [pair("10.0.1.0/26", "a"), pair("10.0.1.64/26", "b")]);
+    }
+
+    #[test]
+    fn only_usable_slices_are_offered() {
+        let s = Slicing::new(range("10.0.0.0/24", Some("10.0.0.70"), None, &["10.0.0.128/26"]), 26).unwrap();
+        let a = assign_slices(&s, &[], &node_set(&["a", "b", "c"]), |_, _| false);
+        assert_eq!(held(&a), [pair("10.0.0.64/26", "a"), pair("10.0.0.192/26", "b")]);
+        assert_eq!(a.unassigned, ["c"]);
+        assert_eq!(a.slices.len(), 2);
+    }
+
+    #[test]
+    fn ipv6_slices_are_assigned() {
+        let s = Slicing::new(range("2001:db8::/112", None, None, &[]), 120).unwrap();
+        let a = assign_slices(&s, &[], &node_set(&["a", "b"]), |_, _| false);
+        assert_eq!(held(&a), [pair("2001:db8::/120", "a"), pair("2001:db8::100/120", "b")]);
+        assert_eq!(a.slices.len(), 256);
+        let huge = Slicing::new(range("2001:db8::/64", None, None, &[]), 120).unwrap();
+        assert_eq!(
+            assign_slices(&huge, &[], &node_set(&["a"]), |_, _| false).slices.len(),
+            MAX_LISTED_SLICES
+        );
+    }
+
+    /// A valid previous assignment: distinct slices of one /24 cut into `/size`, distinct nodes.
+    fn previous_strategy() -> impl Strategy<Value = (u8, Vec<(IpNet, String)>)> {
+        (25u8..29)
+            .prop_flat_map(|size| {
+                let count = 1usize << (size - 24);
+                (Just(size), proptest::collection::vec(proptest::option::of(0usize..8), count))
+            })
+            .prop_map(|(size, holders)| {
+                let mut seen = BTreeSet::new();
+                let slices = Slicing::new(range("10.0.0.0/24", None, None, &[]), size).unwrap();
+                let listed: Vec<IpNet> = slices.usable_slices(|_| false).collect();
+                let previous = listed
+                    .into_iter()
+                    .zip(holders)
+                    .filter_map(|(slice, n)| n.filter(|n| seen.insert(*n)).map(|n| (slice, format!("n{n}"))))
+                    .collect();
+                (size, previous)
+            })
+    }
+
+    proptest! {
+        /// Nobody holds two slices, only live nodes and busy departed ones hold slices, busy previous
+        /// slices are only ever overlapped by their own node's, an unassigned node could not take any
+        /// free slice, and an unchanged layout keeps every live node where it was.
+        #[test]
+        fn assignments_are_safe_and_stable(
+            (old_size, previous) in previous_strategy(),
+            new_size in 25u8..29,
+            live in proptest::collection::btree_set(0usize..10, 0..10),
+            busy_nodes in proptest::collection::btree_set(0usize..8, 0..8),
+            start in proptest::option::of(0u8..128),
+        ) {
+            let nodes: BTreeSet<String> = live.iter().map(|n| format!("n{n}")).collect();
+            let busy_set: BTreeSet<String> = busy_nodes.iter().map(|n| format!("n{n}")).collect();
+            let busy = |node: &str, _: &IpNet| busy_set.contains(node);
+            let start = start.map(|o| format!("10.0.0.{o}"));
+            let slicing = Slicing::new(range("10.0.0.0/24", start.as_deref(), None, &[]), new_size).unwrap();
+            let r = assign_slices(&slicing, &previous, &nodes, busy);
+
+            let holders: Vec<&str> = r.slices.iter().filter_map(|(_, n)| n.as_deref()).collect();
+            let distinct: BTreeSet<&str> = holders.iter().copied().collect();
+            prop_assert_eq!(distinct.len(), holders.len(), "a node holds two slices: {:?}", r);
+            let usable: Vec<IpNet> = slicing.usable_slices(|_| false).collect();
+            prop_assert_eq!(&r.slices.iter().map(|(s, _)| *s).collect::<Vec<_>>(), &usable);
+            for (slice, holder) in &r.slices {
+                let Some(holder) = holder else { continue };
+                if !nodes.contains(holder) {
+                    prop_assert!(busy_set.contains(holder), "{holder} left with an idle pool: {:?}", r);
+                    prop_assert!(previous.contains(&(*slice, holder.clone())), "{holder} moved after leaving");
+                }
+            }
+            for (old, node) in previous.iter().filter(|(_, n)| busy_set.contains(n)) {
+                for (slice, holder) in r.slices.iter().filter(|(s, _)| overlaps(s, old)) {
+                    prop_assert!(
+                        holder.is_none() || holder.as_ref() == Some(node),
+                        "{slice} overlaps {node}'s busy {old} but went to {holder:?}"
+                    );
+                }
+            }
+            for node in &r.unassigned {
+                prop_assert!(nodes.contains(node) && !holders.contains(&node.as_str()));
+                for (slice, _) in r.slices.iter().filter(|(_, h)| h.is_none()) {
+                    let reserved_elsewhere = previous
+                        .iter()
+                        .any(|(old, n)| n != node && busy_set.contains(n) && overlaps(old, slice));
+                    prop_assert!(reserved_elsewhere, "{node} got nothing though {slice} is free: {:?}", r);
+                }
+            }
+            prop_assert_eq!(holders.iter().filter(|h| nodes.contains(**h)).count() + r.unassigned.len(), nodes.len());
+            if old_size == new_size {
+                for (old, node) in previous.iter().filter(|(old, n)| nodes.contains(n) && usable.contains(old)) {
+                    prop_assert_eq!(r.slice_of(node), Some(*old), "{} moved", node);
+                }
+            }
+
+            // Nodes joining move nobody.
+            let kept: Vec<(IpNet, String)> = r.slices.iter().filter_map(|(s, n)| n.clone().map(|n| (*s, n))).collect();
+            let mut more = nodes.clone();
+            more.extend(["a-new", "z-new"].map(String::from));
+            let again = assign_slices(&slicing, &kept, &more, busy);
+            for (slice, node) in kept.iter().filter(|(_, n)| nodes.contains(n)) {
+                prop_assert_eq!(again.slice_of(node), Some(*slice), "{} moved when nodes joined", node);
+            }
         }
     }
 

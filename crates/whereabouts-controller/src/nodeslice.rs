@@ -1,0 +1,555 @@
+//! The node-slice controller: keeps one NodeSlicePool per whereabouts network with `node_slice_size`,
+//! assigning each node a slice of the network's first range ([`whereabouts_core::slice::assign_slices`]).
+//!
+//! Every reconcile looks at the whole picture (NetworkAttachmentDefinitions of every namespace, Nodes,
+//! the NodeSlicePools and IPPools of the whereabouts namespace) and writes each NodeSlicePool that is not
+//! as it should be, by compare-and-swap. [`run`] reconciles on every change, debounced, and every minute.
+//!
+//! Differences from upstream's controller, on purpose:
+//! * NADs of one network that disagree (first range, slice size) do not block every network: the oldest
+//!   wins and the others get a Warning Event.
+//! * A departed node's slice is freed only once its pool of the slice is empty, and re-slicing never
+//!   hands a busy slice's addresses to another node (upstream frees and reshuffles at once, which can
+//!   give one address to two pods).
+//! * IPv6 works; nodes left without a slice get a Warning Event.
+//! * Owner references only name NADs of the whereabouts namespace (they cannot cross namespaces: the
+//!   garbage collector would delete the pool); NodeSlicePools are also labelled as managed here, and
+//!   deleted by this controller when no NAD wants them any more.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams, Preconditions};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use thiserror::Error;
+use whereabouts_core::range::pool_name;
+use whereabouts_core::slice::{SliceAssignment, Slicing, assign_slices};
+use whereabouts_k8s::crd::{
+    IPPool, NodeSliceAllocation, NodeSlicePool, NodeSlicePoolSpec, NodeSlicePoolStatus,
+};
+
+use crate::Context;
+use crate::metrics::{SliceLabels, SliceState};
+use crate::nad::{FlatFile, NadConfig};
+
+/// The name the controller reports Events under.
+pub const COMPONENT: &str = "whereabouts-controller";
+
+/// The label marking NodeSlicePools this controller manages (with its value [`COMPONENT`]).
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+
+const NAD_API_VERSION: &str = "k8s.cni.cncf.io/v1";
+const NAD_KIND: &str = "NetworkAttachmentDefinition";
+
+/// Compare-and-swap attempts per NodeSlicePool and reconcile.
+const WRITE_ATTEMPTS: usize = 5;
+
+/// How long [`run`] gathers changes before reconciling, so a burst of node joins is one reconcile.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// How often [`run`] reconciles without any change seen.
+const RESYNC: Duration = Duration::from_secs(60);
+
+/// The longest wait before [`run`] retries a failed reconcile.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The NetworkAttachmentDefinition resource (Multus's CRD), for dynamic access.
+pub fn nad_resource() -> ApiResource {
+    ApiResource {
+        group: "k8s.cni.cncf.io".into(),
+        version: "v1".into(),
+        api_version: NAD_API_VERSION.into(),
+        kind: NAD_KIND.into(),
+        plural: "network-attachment-definitions".into(),
+    }
+}
+
+/// Why a reconcile failed.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// Listing one of the inputs failed: nothing was decided.
+    #[error("listing {what}: {source}")]
+    List {
+        /// What was listed.
+        what: &'static str,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Reading, writing or deleting a NodeSlicePool failed.
+    #[error("NodeSlicePool {name}: {source}")]
+    Write {
+        /// The NodeSlicePool.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Every compare-and-swap attempt lost a race.
+    #[error("NodeSlicePool {name}: still conflicting after {WRITE_ATTEMPTS} attempts")]
+    Contended {
+        /// The NodeSlicePool.
+        name: String,
+    },
+}
+
+/// What a reconcile did (or, in a dry run, would have done).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// NodeSlicePools created or updated.
+    pub written: Vec<String>,
+    /// NodeSlicePools that were already right.
+    pub unchanged: Vec<String>,
+    /// NodeSlicePools deleted, no NAD wanting them any more.
+    pub deleted: Vec<String>,
+    /// Nodes that got no slice, by NodeSlicePool.
+    pub unassigned: BTreeMap<String, Vec<String>>,
+    /// NADs (`<namespace>/<name>`) overruled by an older NAD of the same network that slices otherwise.
+    pub overruled: Vec<String>,
+    /// What could not be handled (a NAD's configuration, a NodeSlicePool's write), with why; the rest
+    /// was.
+    pub failed: Vec<String>,
+}
+
+/// One whereabouts NAD with node slices.
+struct SlicedNad {
+    namespace: String,
+    name: String,
+    uid: String,
+    config: NadConfig,
+    slicing: Slicing,
+}
+
+impl SlicedNad {
+    fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    fn reference(&self) -> ObjectReference {
+        ObjectReference {
+            api_version: Some(NAD_API_VERSION.into()),
+            kind: Some(NAD_KIND.into()),
+            namespace: Some(self.namespace.clone()),
+            name: Some(self.name.clone()),
+            uid: Some(self.uid.clone()),
+            ..ObjectReference::default()
+        }
+    }
+
+    fn owner_reference(&self, controller: bool) -> OwnerReference {
+        OwnerReference {
+            api_version: NAD_API_VERSION.into(),
+            kind: NAD_KIND.into(),
+            name: self.name.clone(),
+            uid: self.uid.clone(),
+            controller: controller.then_some(true),
+            block_owner_deletion: controller.then_some(true),
+        }
+    }
+}
+
+/// The NADs of one NodeSlicePool, oldest first, and those of them that slice as the oldest does.
+struct Network {
+    nads: Vec<SlicedNad>,
+}
+
+impl Network {
+    fn winner(&self) -> &SlicedNad {
+        &self.nads[0]
+    }
+
+    fn agreeing(&self) -> impl Iterator<Item = &SlicedNad> {
+        self.nads.iter().filter(|n| n.slicing == self.winner().slicing)
+    }
+}
+
+/// Reconciles every NodeSlicePool once (see the module documentation); `flat_file` is merged into every
+/// NAD's configuration.
+pub async fn reconcile_all(ctx: &Context, flat_file: Option<&FlatFile>) -> Result<Summary, Error> {
+    let recorder = Recorder::new(ctx.client.clone(), reporter());
+    reconcile_with(ctx, flat_file, &recorder).await
+}
+
+fn reporter() -> Reporter {
+    Reporter { controller: COMPONENT.into(), instance: std::env::var("POD_NAME").ok() }
+}
+
+async fn reconcile_with(
+    ctx: &Context,
+    flat: Option<&FlatFile>,
+    recorder: &Recorder,
+) -> Result<Summary, Error> {
+    let list = |what| move |source| Error::List { what, source };
+    let nads = Api::<DynamicObject>::all_with(ctx.client.clone(), &nad_resource())
+        .list(&ListParams::default())
+        .await
+        .map_err(list("NetworkAttachmentDefinitions"))?;
+    let nodes: BTreeSet<String> = Api::<Node>::all(ctx.client.clone())
+        .list_metadata(&ListParams::default())
+        .await
+        .map_err(list("Nodes"))?
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    let slice_pools: Api<NodeSlicePool> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let existing: BTreeMap<String, NodeSlicePool> = slice_pools
+        .list(&ListParams::default())
+        .await
+        .map_err(list("NodeSlicePools"))?
+        .items
+        .into_iter()
+        .map(|p| (p.name_any(), p))
+        .collect();
+    let busy_pools: BTreeSet<String> = Api::<IPPool>::namespaced(ctx.client.clone(), &ctx.namespace)
+        .list(&ListParams::default())
+        .await
+        .map_err(list("IPPools"))?
+        .items
+        .into_iter()
+        .filter(|p| !p.spec.pool.allocations.is_empty())
+        .map(|p| p.name_any())
+        .collect();
+
+    let mut summary = Summary::default();
+    let networks = group(nads.items, flat, &mut summary);
+    for network in networks.values() {
+        for loser in network.nads.iter().filter(|n| n.slicing != network.winner().slicing) {
+            let why = format!(
+                "it slices {} into /{} while the older NetworkAttachmentDefinition {} of the same network \
+                 slices {} into /{}: the older one is used",
+                loser.slicing.range().describe(),
+                loser.slicing.size(),
+                network.winner().key(),
+                network.winner().slicing.range().describe(),
+                network.winner().slicing.size(),
+            );
+            tracing::warn!(nad = %loser.key(), "node slices: {why}");
+            publish(ctx, recorder, loser, "ConflictingNodeSlices", why).await;
+            summary.overruled.push(loser.key());
+        }
+    }
+    for (name, network) in &networks {
+        let busy = |node: &str, slice: &ipnet::IpNet| {
+            network
+                .agreeing()
+                .any(|n| busy_pools.contains(&pool_name(&n.config.ipam.network_name, Some(node), slice)))
+        };
+        match write_pool(ctx, &slice_pools, name, network, &nodes, existing.get(name).cloned(), busy).await {
+            Ok((written, assignment)) => {
+                record_gauges(ctx, name, &assignment);
+                if written {
+                    summary.written.push(name.clone())
+                } else {
+                    summary.unchanged.push(name.clone())
+                }
+                if !assignment.unassigned.is_empty() {
+                    let why = format!(
+                        "no free slice of {} for node(s) {}",
+                        network.winner().slicing.range().describe(),
+                        assignment.unassigned.join(", ")
+                    );
+                    tracing::warn!(pool = %name, "node slices: {why}");
+                    publish(ctx, recorder, network.winner(), "NoFreeNodeSlice", why).await;
+                    summary.unassigned.insert(name.clone(), assignment.unassigned);
+                }
+            }
+            Err(e) => {
+                tracing::warn!("node slices: {e}");
+                summary.failed.push(e.to_string());
+            }
+        }
+    }
+    // A NAD that could not be loaded may still want its NodeSlicePool: delete nothing this time.
+    if summary.failed.is_empty() {
+        for (name, pool) in
+            existing.iter().filter(|(name, pool)| !networks.contains_key(*name) && managed(pool))
+        {
+            match delete_pool(ctx, &slice_pools, name, pool).await {
+                Ok(true) => summary.deleted.push(name.clone()),
+                Ok(false) => {}
+                Err(e) => summary.failed.push(e.to_string()),
+            }
+        }
+    }
+    Ok(summary)
+}
+
+/// The whereabouts NADs with node slices, by NodeSlicePool name, oldest first; NADs that cannot be
+/// loaded are logged and listed in `summary.failed`.
+fn group(
+    nads: Vec<DynamicObject>,
+    flat: Option<&FlatFile>,
+    summary: &mut Summary,
+) -> BTreeMap<String, Network> {
+    let mut loaded: Vec<(Option<k8s_openapi::jiff::Timestamp>, SlicedNad)> = Vec::new();
+    for nad in nads {
+        let (namespace, name) = (nad.namespace().unwrap_or_default(), nad.name_any());
+        let key = format!("{namespace}/{name}");
+        let text = nad.data.get("spec").and_then(|s| s.get("config")).and_then(|c| c.as_str());
+        let sliced = crate::nad::load(&key, text, flat).map_err(|e| e.to_string()).and_then(|config| {
+            let Some(config) = config else { return Ok(None) };
+            let slicing =
+                config.ipam.node_slicing().map_err(|e| format!("NetworkAttachmentDefinition {key}: {e}"))?;
+            Ok(slicing.map(|slicing| (config, slicing)))
+        });
+        match sliced {
+            Ok(Some((config, slicing))) => {
+                let created = nad.metadata.creation_timestamp.as_ref().map(|t| t.0);
+                let uid = nad.uid().unwrap_or_default();
+                loaded.push((created, SlicedNad { namespace, name, uid, config, slicing }));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!("node slices: {e}");
+                summary.failed.push(e);
+            }
+        }
+    }
+    loaded.sort_by(|(a, x), (b, y)| (a, &x.namespace, &x.name).cmp(&(b, &y.namespace, &y.name)));
+    let mut networks: BTreeMap<String, Network> = BTreeMap::new();
+    for (_, nad) in loaded {
+        let name = nad.config.slice_pool_name().to_string();
+        networks.entry(name).or_insert_with(|| Network { nads: Vec::new() }).nads.push(nad);
+    }
+    networks
+}
+
+/// Whether this controller manages a NodeSlicePool: labelled so, or owned by a NAD (as upstream's are).
+fn managed(pool: &NodeSlicePool) -> bool {
+    pool.labels().get(MANAGED_BY).is_some_and(|v| v == COMPONENT)
+        || pool.owner_references().iter().any(|o| o.kind == NAD_KIND && o.api_version == NAD_API_VERSION)
+}
+
+/// The NodeSlicePool `name` as `network` wants it, given the one stored (`current`, `None` if absent).
+fn desired(
+    ctx: &Context,
+    name: &str,
+    network: &Network,
+    nodes: &BTreeSet<String>,
+    current: Option<&NodeSlicePool>,
+    busy: impl Fn(&str, &ipnet::IpNet) -> bool,
+) -> (NodeSlicePool, SliceAssignment) {
+    let winner = network.winner();
+    let previous: Vec<(ipnet::IpNet, String)> = current
+        .and_then(|p| p.status.as_ref())
+        .map(|s| s.allocations.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter(|a| !a.node_name.is_empty())
+        .filter_map(|a| a.slice_range.trim().parse().ok().map(|slice| (slice, a.node_name.clone())))
+        .collect();
+    let assignment = assign_slices(&winner.slicing, &previous, nodes, busy);
+    let spec = NodeSlicePoolSpec {
+        range: winner.slicing.range().network().to_string(),
+        slice_size: winner.config.ipam.node_slice_size.clone().unwrap_or_default(),
+    };
+    let mut pool = current.cloned().unwrap_or_else(|| NodeSlicePool::new(name, spec.clone()));
+    pool.spec = spec;
+    pool.status = Some(NodeSlicePoolStatus {
+        allocations: assignment
+            .slices
+            .iter()
+            .map(|(slice, node)| NodeSliceAllocation {
+                node_name: node.clone().unwrap_or_default(),
+                slice_range: slice.to_string(),
+            })
+            .collect(),
+    });
+    let meta = pool.meta_mut();
+    meta.namespace = Some(ctx.namespace.clone());
+    meta.labels.get_or_insert_default().insert(MANAGED_BY.into(), COMPONENT.into());
+    // Foreign owners stay; NAD owners are the agreeing NADs of this namespace, the oldest the controller.
+    let mut owners: Vec<OwnerReference> =
+        meta.owner_references.take().unwrap_or_default().into_iter().filter(|o| o.kind != NAD_KIND).collect();
+    let local = network.agreeing().filter(|n| n.namespace == ctx.namespace);
+    owners.extend(local.enumerate().map(|(i, nad)| nad.owner_reference(i == 0 && nad.uid == winner.uid)));
+    meta.owner_references = (!owners.is_empty()).then_some(owners);
+    (pool, assignment)
+}
+
+/// Brings the NodeSlicePool `name` to what `network` wants, by compare-and-swap. Whether it was (or
+/// would have been) written, and the assignment.
+async fn write_pool(
+    ctx: &Context,
+    api: &Api<NodeSlicePool>,
+    name: &str,
+    network: &Network,
+    nodes: &BTreeSet<String>,
+    mut current: Option<NodeSlicePool>,
+    busy: impl Fn(&str, &ipnet::IpNet) -> bool,
+) -> Result<(bool, SliceAssignment), Error> {
+    let failed = |source| Error::Write { name: name.to_string(), source };
+    for attempt in 0..WRITE_ATTEMPTS {
+        if attempt > 0 {
+            current = api.get_opt(name).await.map_err(failed)?;
+        }
+        let (pool, assignment) = desired(ctx, name, network, nodes, current.as_ref(), &busy);
+        if current.as_ref() == Some(&pool) {
+            return Ok((false, assignment));
+        }
+        if ctx.dry_run {
+            let held: Vec<String> = pool
+                .status
+                .iter()
+                .flat_map(|s| &s.allocations)
+                .map(|a| format!("{}={}", a.slice_range, a.node_name))
+                .collect();
+            tracing::info!(pool = %name, "dry run: would write NodeSlicePool {name}: {}", held.join(" "));
+            return Ok((true, assignment));
+        }
+        let written = match &current {
+            None => api.create(&PostParams::default(), &pool).await,
+            Some(_) => api.replace(name, &PostParams::default(), &pool).await,
+        };
+        match written {
+            Ok(_) => {
+                tracing::info!(pool = %name, "wrote NodeSlicePool {name}");
+                return Ok((true, assignment));
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                ctx.metrics.cas_conflicts.inc();
+                tracing::debug!(pool = %name, "NodeSlicePool {name} changed meanwhile: {status:?}");
+            }
+            Err(e) => return Err(failed(e)),
+        }
+    }
+    Err(Error::Contended { name: name.to_string() })
+}
+
+/// Deletes a NodeSlicePool no NAD wants, unless it changed since it was read. Whether it was (or would
+/// have been) deleted.
+async fn delete_pool(
+    ctx: &Context,
+    api: &Api<NodeSlicePool>,
+    name: &str,
+    pool: &NodeSlicePool,
+) -> Result<bool, Error> {
+    if ctx.dry_run {
+        tracing::info!(pool = %name, "dry run: would delete NodeSlicePool {name}: no NetworkAttachmentDefinition uses it");
+        return Ok(true);
+    }
+    let preconditions = Preconditions { resource_version: pool.resource_version(), uid: pool.uid() };
+    let params = DeleteParams { preconditions: Some(preconditions), ..DeleteParams::default() };
+    match api.delete(name, &params).await {
+        Ok(_) => {
+            tracing::info!(pool = %name, "deleted NodeSlicePool {name}: no NetworkAttachmentDefinition uses it");
+            for state in [SliceState::Assigned, SliceState::Free] {
+                ctx.metrics.node_slices.remove(&SliceLabels { pool: name.to_string(), state });
+            }
+            Ok(true)
+        }
+        // Changed or gone meanwhile: the next reconcile looks again.
+        Err(kube::Error::Api(status)) if status.code == 409 || status.code == 404 => Ok(false),
+        Err(e) => Err(Error::Write { name: name.to_string(), source: e }),
+    }
+}
+
+fn record_gauges(ctx: &Context, name: &str, assignment: &SliceAssignment) {
+    let assigned = assignment.slices.iter().filter(|(_, n)| n.is_some()).count();
+    let free = assignment.slices.len() - assigned;
+    for (state, count) in [(SliceState::Assigned, assigned), (SliceState::Free, free)] {
+        let gauge = ctx.metrics.node_slices.get_or_create(&SliceLabels { pool: name.to_string(), state });
+        gauge.set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+}
+
+/// Publishes a Warning Event about a NAD (not in a dry run, which writes nothing); failing to is only
+/// logged.
+async fn publish(ctx: &Context, recorder: &Recorder, nad: &SlicedNad, reason: &str, note: String) {
+    if ctx.dry_run {
+        return;
+    }
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "AssignNodeSlices".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &nad.reference()).await {
+        tracing::warn!(nad = %nad.key(), "could not publish a {reason} event: {e}");
+    }
+}
+
+/// Reconciles on every change of a NAD, Node, NodeSlicePool or IPPool (debounced) and every minute,
+/// retrying failures with a growing delay. Returns only if every watch ends, which they do not.
+pub async fn run(ctx: Context, flat_file: Option<FlatFile>) -> Result<(), Error> {
+    let recorder = Recorder::new(ctx.client.clone(), reporter());
+    let client = ctx.client.clone();
+    let mut changes = futures::stream::select_all([
+        changes(NAD_KIND, Api::<DynamicObject>::all_with(client.clone(), &nad_resource())),
+        changes("Node", Api::<Node>::all(client.clone())),
+        changes("NodeSlicePool", Api::<NodeSlicePool>::namespaced(client.clone(), &ctx.namespace)),
+        changes("IPPool", Api::<IPPool>::namespaced(client, &ctx.namespace)),
+    ]);
+    let mut resync = tokio::time::interval(RESYNC);
+    let mut backoff = Duration::ZERO;
+    let mut dirty = true;
+    loop {
+        if dirty {
+            // Gather the rest of a burst (and wait out the backoff) before looking.
+            let wait = tokio::time::sleep(DEBOUNCE.max(backoff));
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    _ = &mut wait => break,
+                    change = changes.next() => if change.is_none() { return Ok(()) },
+                }
+            }
+            dirty = false;
+            match reconcile_with(&ctx, flat_file.as_ref(), &recorder).await {
+                Ok(summary) if summary.failed.is_empty() => {
+                    backoff = Duration::ZERO;
+                    tracing::debug!(?summary, "node slices reconciled");
+                }
+                Ok(summary) => {
+                    backoff = next_backoff(backoff);
+                    dirty = true;
+                    tracing::warn!(failed = ?summary.failed, "node slices partly reconciled; retrying in {backoff:?}");
+                }
+                Err(e) => {
+                    backoff = next_backoff(backoff);
+                    dirty = true;
+                    tracing::warn!("node slices not reconciled: {e}; retrying in {backoff:?}");
+                }
+            }
+            continue;
+        }
+        tokio::select! {
+            change = changes.next() => match change {
+                Some(()) => dirty = true,
+                None => return Ok(()),
+            },
+            _ = resync.tick() => dirty = true,
+        }
+    }
+}
+
+fn next_backoff(previous: Duration) -> Duration {
+    (previous * 2).clamp(Duration::from_millis(500), MAX_BACKOFF)
+}
+
+/// One item per change seen by a watch of `api`, the `kind`s (errors are logged; the watcher retries
+/// with backoff).
+fn changes<K>(kind: &'static str, api: Api<K>) -> futures::stream::BoxStream<'static, ()>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .filter_map(move |event| {
+            let seen = match event {
+                Ok(_) => Some(()),
+                Err(e) => {
+                    tracing::warn!("watching {kind}: {e}");
+                    None
+                }
+            };
+            std::future::ready(seen)
+        })
+        .boxed()
+}

@@ -1,0 +1,351 @@
+//! The node-slice controller against the in-process fake API server, or the cluster named by
+//! `WHEREABOUTS_TEST_KUBECONFIG` (each test in a fresh namespace, which is also the whereabouts
+//! namespace). Nodes are cluster-wide: their names start with the test namespace, and a real cluster's
+//! own nodes may take slices too, so the tests only assert on their own nodes, and relative to each other.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::events::v1::Event;
+use serde_json::{Value, json};
+use whereabouts_controller::Context;
+use whereabouts_controller::metrics::{Metrics, SliceLabels, SliceState};
+use whereabouts_controller::nad::FlatFile;
+use whereabouts_controller::nodeslice::{self, nad_resource};
+use whereabouts_core::range::pool_name;
+use whereabouts_k8s::crd::{IPPool, NodeSlicePool};
+use whereabouts_k8s::kube::api::{Api, DeleteParams, DynamicObject, ListParams, ObjectMeta, PostParams};
+use whereabouts_kube_testing::TestCluster;
+
+struct Fixture {
+    cluster: TestCluster,
+    ctx: Context,
+    nodes: Vec<String>,
+}
+
+/// The flat file names the store, as on a node; the NADs carry the rest.
+fn flat() -> FlatFile {
+    FlatFile {
+        path: "/host/etc/cni/net.d/whereabouts.d/whereabouts.conf".into(),
+        content: br#"{"datastore": "kubernetes", "kubernetes": {"kubeconfig": "/etc/kubeconfig"}}"#.to_vec(),
+    }
+}
+
+impl Fixture {
+    async fn start() -> Fixture {
+        let cluster = TestCluster::start().await;
+        let ctx = Context {
+            client: cluster.client(),
+            namespace: cluster.namespace().to_string(),
+            metrics: Arc::new(Metrics::new()),
+            dry_run: false,
+        };
+        Fixture { cluster, ctx, nodes: Vec::new() }
+    }
+
+    fn ns(&self) -> &str {
+        self.cluster.namespace()
+    }
+
+    /// A name unique to this test (cluster-wide objects, NodeSlicePools).
+    fn unique(&self, name: &str) -> String {
+        format!("{}-{name}", self.ns())
+    }
+
+    async fn add_node(&mut self, name: &str) -> String {
+        let name = self.unique(name);
+        let node = Node {
+            metadata: ObjectMeta { name: Some(name.clone()), ..ObjectMeta::default() },
+            ..Node::default()
+        };
+        Api::<Node>::all(self.cluster.client())
+            .create(&PostParams::default(), &node)
+            .await
+            .expect("node created");
+        self.nodes.push(name.clone());
+        name
+    }
+
+    async fn remove_node(&mut self, name: &str) {
+        Api::<Node>::all(self.cluster.client())
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("node deleted");
+        self.nodes.retain(|n| n != name);
+    }
+
+    async fn add_nad(&self, name: &str, config: Value) {
+        let nad: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+            "metadata": {"name": name, "namespace": self.ns()},
+            "spec": {"config": config.to_string()},
+        }))
+        .expect("a NAD");
+        Api::<DynamicObject>::namespaced_with(self.cluster.client(), self.ns(), &nad_resource())
+            .create(&PostParams::default(), &nad)
+            .await
+            .expect("NAD created");
+    }
+
+    async fn reconcile(&self) -> nodeslice::Summary {
+        let summary = nodeslice::reconcile_all(&self.ctx, Some(&flat())).await.expect("reconciled");
+        assert!(summary.failed.is_empty(), "{summary:?}");
+        summary
+    }
+
+    /// The NodeSlicePool's (slice, node) entries, in order; `None` if it does not exist.
+    async fn slices(&self, pool: &str) -> Option<Vec<(String, String)>> {
+        let api: Api<NodeSlicePool> = Api::namespaced(self.cluster.client(), self.ns());
+        let found = api.get_opt(pool).await.expect("get NodeSlicePool")?;
+        let allocations = found.status.map(|s| s.allocations).unwrap_or_default();
+        Some(allocations.into_iter().map(|a| (a.slice_range, a.node_name)).collect())
+    }
+
+    async fn slice_of(&self, pool: &str, node: &str) -> Option<String> {
+        let slices = self.slices(pool).await.expect("the NodeSlicePool exists");
+        slices.into_iter().find(|(_, n)| n == node).map(|(s, _)| s)
+    }
+
+    async fn set_pool(&self, name: &str, range: &str, allocations: Value) {
+        let api: Api<IPPool> = Api::namespaced(self.cluster.client(), self.ns());
+        let mut pool: IPPool = serde_json::from_value(json!({
+            "apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "IPPool",
+            "metadata": {"name": name}, "spec": {"range": range, "allocations": allocations},
+        }))
+        .expect("an IPPool");
+        match api.get_opt(name).await.expect("get IPPool") {
+            Some(old) => {
+                pool.metadata.resource_version = old.metadata.resource_version;
+                api.replace(name, &PostParams::default(), &pool).await.expect("IPPool replaced");
+            }
+            None => {
+                api.create(&PostParams::default(), &pool).await.expect("IPPool created");
+            }
+        }
+    }
+
+    async fn warnings(&self) -> Vec<(String, String, String)> {
+        let events: Api<Event> = Api::namespaced(self.cluster.client(), self.ns());
+        let list = events.list(&ListParams::default()).await.expect("events listed");
+        list.items
+            .into_iter()
+            .filter(|e| e.type_.as_deref() == Some("Warning"))
+            .map(|e| {
+                let regarding = e.regarding.and_then(|r| r.name).unwrap_or_default();
+                (regarding, e.reason.unwrap_or_default(), e.note.unwrap_or_default())
+            })
+            .collect()
+    }
+
+    async fn cleanup(self) {
+        for node in &self.nodes {
+            let _ = Api::<Node>::all(self.cluster.client()).delete(node, &DeleteParams::default()).await;
+        }
+        self.cluster.cleanup().await;
+    }
+}
+
+fn macvlan(name: &str, ipam: Value) -> Value {
+    let mut ipam = ipam;
+    ipam["type"] = json!("whereabouts");
+    json!({"cniVersion": "0.3.1", "name": name, "type": "macvlan", "master": "eth0", "ipam": ipam})
+}
+
+fn overlap(a: &str, b: &str) -> bool {
+    let (a, b): (ipnet::IpNet, ipnet::IpNet) = (a.parse().expect("a CIDR"), b.parse().expect("a CIDR"));
+    a.contains(&b) || b.contains(&a)
+}
+
+#[tokio::test]
+async fn slices_follow_nodes_and_a_busy_slice_waits_for_its_pool_to_empty() {
+    let mut f = Fixture::start().await;
+    let net = f.unique("net");
+    f.add_nad("net", macvlan(&net, json!({"range": "192.0.2.0/24", "node_slice_size": "/27"}))).await;
+    let (a, b, c) = (f.add_node("a").await, f.add_node("b").await, f.add_node("c").await);
+    let summary = f.reconcile().await;
+    assert!(summary.written.contains(&net), "{summary:?}");
+
+    let all = f.slices(&net).await.expect("created");
+    assert_eq!(all.len(), 8, "{all:?}");
+    let mine: Vec<String> =
+        [&a, &b, &c].iter().map(|n| all.iter().find(|(_, h)| h == *n).expect("assigned").0.clone()).collect();
+    assert!(!overlap(&mine[0], &mine[1]) && !overlap(&mine[0], &mine[2]) && !overlap(&mine[1], &mine[2]));
+    let pool: NodeSlicePool = Api::namespaced(f.cluster.client(), f.ns()).get(&net).await.expect("get");
+    assert_eq!((pool.spec.range.as_str(), pool.spec.slice_size.as_str()), ("192.0.2.0/24", "/27"));
+    let owners = pool.metadata.owner_references.expect("owned");
+    assert_eq!((owners[0].name.as_str(), owners[0].controller), ("net", Some(true)));
+    let labels = SliceLabels { pool: net.clone(), state: SliceState::Assigned };
+    assert!(f.ctx.metrics.node_slices.get_or_create(&labels).get() >= 3);
+    // Nothing changed: nothing written.
+    assert!(f.reconcile().await.unchanged.contains(&net));
+
+    // b leaves while its pool of its slice holds an address: the slice stays b's.
+    let slice_b = mine[1].clone();
+    let b_pool = pool_name("", Some(&b), &slice_b.parse().expect("a CIDR"));
+    f.set_pool(&b_pool, &slice_b, json!({"1": {"id": "c1", "podref": "apps/p1"}})).await;
+    f.remove_node(&b).await;
+    let d = f.add_node("d").await;
+    f.reconcile().await;
+    assert_eq!(f.slice_of(&net, &b).await, Some(slice_b.clone()), "freed while busy");
+    let slice_d = f.slice_of(&net, &d).await.expect("d got a slice");
+    assert_ne!(slice_d, slice_b);
+
+    // Emptied: freed; the next node to join takes it (the lowest free), and nobody else moves.
+    f.set_pool(&b_pool, &slice_b, json!({})).await;
+    f.reconcile().await;
+    assert_eq!(f.slice_of(&net, &b).await, None, "still held after its pool emptied");
+    let e = f.add_node("e").await;
+    f.reconcile().await;
+    assert_eq!(f.slice_of(&net, &e).await, Some(slice_b));
+    assert_eq!(f.slice_of(&net, &a).await, Some(mine[0].clone()));
+    assert_eq!(f.slice_of(&net, &c).await, Some(mine[2].clone()));
+    assert_eq!(f.slice_of(&net, &d).await, Some(slice_d));
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn ipv6_and_the_candidate_interval() {
+    let mut f = Fixture::start().await;
+    let (v6, v4) = (f.unique("v6"), f.unique("v4"));
+    f.add_nad("v6", macvlan(&v6, json!({"range": "2001:db8::/112", "node_slice_size": "/120"}))).await;
+    let ipam = json!({"range": "198.51.100.0/24", "range_start": "198.51.100.70", "exclude": ["198.51.100.128/26"],
+        "node_slice_size": "/26"});
+    f.add_nad("v4", macvlan(&v4, ipam)).await;
+    let (a, b) = (f.add_node("a").await, f.add_node("b").await);
+    f.reconcile().await;
+
+    let slices = f.slices(&v6).await.expect("created");
+    assert_eq!(slices.len(), 256);
+    let (sa, sb) = (f.slice_of(&v6, &a).await.expect("a"), f.slice_of(&v6, &b).await.expect("b"));
+    assert!(sa.ends_with("/120") && sb.ends_with("/120") && !overlap(&sa, &sb), "{sa} {sb}");
+
+    // The slice below range_start and the excluded one are not offered.
+    let offered: Vec<String> = f.slices(&v4).await.expect("created").into_iter().map(|(s, _)| s).collect();
+    assert_eq!(offered, ["198.51.100.64/26", "198.51.100.192/26"]);
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_oldest_nad_of_a_network_wins_and_others_are_not_blocked() {
+    let mut f = Fixture::start().await;
+    let (shared, other) = (f.unique("shared"), f.unique("other"));
+    // Named so that name order would pick the wrong one: only age decides.
+    f.add_nad(
+        "z-old",
+        macvlan("x", json!({"range": "203.0.113.0/24", "node_slice_size": "/26", "network_name": shared})),
+    )
+    .await;
+    // creationTimestamp has one-second resolution.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    f.add_nad(
+        "a-new",
+        macvlan("y", json!({"range": "203.0.113.0/24", "node_slice_size": "/27", "network_name": shared})),
+    )
+    .await;
+    f.add_nad("unrelated", macvlan(&other, json!({"range": "10.10.0.0/24", "node_slice_size": "/28"}))).await;
+    f.add_node("a").await;
+    let summary = f.reconcile().await;
+    assert_eq!(summary.overruled, [format!("{}/a-new", f.ns())]);
+
+    let pool: NodeSlicePool = Api::namespaced(f.cluster.client(), f.ns()).get(&shared).await.expect("get");
+    assert_eq!(pool.spec.slice_size, "/26");
+    let owners: Vec<(String, Option<bool>)> = pool
+        .metadata
+        .owner_references
+        .unwrap_or_default()
+        .into_iter()
+        .map(|o| (o.name, o.controller))
+        .collect();
+    assert_eq!(owners, [("z-old".to_string(), Some(true))]);
+    assert!(f.slices(&other).await.is_some(), "the unrelated network is not blocked");
+    let warnings = f.warnings().await;
+    assert!(
+        warnings.iter().any(|(about, reason, note)| about == "a-new"
+            && reason == "ConflictingNodeSlices"
+            && note.contains("z-old")),
+        "{warnings:?}"
+    );
+    assert!(!warnings.iter().any(|(about, _, _)| about == "z-old"), "{warnings:?}");
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_conflist_with_whereabouts_second_and_its_pool_goes_with_it() {
+    let mut f = Fixture::start().await;
+    let list = f.unique("list");
+    let config = json!({"cniVersion": "1.0.0", "name": list, "plugins": [
+        {"type": "tuning"},
+        {"type": "macvlan", "ipam": {"type": "whereabouts", "range": "10.20.0.0/24", "node_slice_size": "/28"}},
+    ]});
+    f.add_nad("list", config).await;
+    let a = f.add_node("a").await;
+    f.reconcile().await;
+    assert!(f.slice_of(&list, &a).await.is_some(), "named after the list");
+
+    Api::<DynamicObject>::namespaced_with(f.cluster.client(), f.ns(), &nad_resource())
+        .delete("list", &DeleteParams::default())
+        .await
+        .expect("NAD deleted");
+    let summary = f.reconcile().await;
+    assert_eq!(summary.deleted, std::slice::from_ref(&list));
+    assert!(f.slices(&list).await.is_none());
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_dry_run_writes_nothing() {
+    let mut f = Fixture::start().await;
+    let net = f.unique("net");
+    f.add_nad("net", macvlan(&net, json!({"range": "192.0.2.0/24", "node_slice_size": "/26"}))).await;
+    for n in ["a", "b", "c", "d", "e"] {
+        f.add_node(n).await;
+    }
+    f.ctx.dry_run = true;
+    let summary = f.reconcile().await;
+    assert!(summary.written.contains(&net), "{summary:?}");
+    assert!(f.slices(&net).await.is_none(), "written in a dry run");
+    assert!(f.warnings().await.is_empty() || f.cluster.is_real());
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn nodes_beyond_the_slices_get_a_warning() {
+    let mut f = Fixture::start().await;
+    let net = f.unique("net");
+    f.add_nad("net", macvlan(&net, json!({"range": "192.0.2.0/24", "node_slice_size": "/25"}))).await;
+    for n in ["a", "b", "c"] {
+        f.add_node(n).await;
+    }
+    let summary = f.reconcile().await;
+    let unassigned = summary.unassigned.get(&net).expect("someone left out");
+    assert!(unassigned.contains(&f.unique("c")), "{unassigned:?}");
+    let warnings = f.warnings().await;
+    assert!(
+        warnings.iter().any(|(about, reason, _)| about == "net" && reason == "NoFreeNodeSlice"),
+        "{warnings:?}"
+    );
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_run_loop_reacts_to_a_node_joining() {
+    let mut f = Fixture::start().await;
+    let net = f.unique("net");
+    f.add_nad("net", macvlan(&net, json!({"range": "192.0.2.0/24", "node_slice_size": "/28"}))).await;
+    let task = tokio::spawn(nodeslice::run(f.ctx.clone(), Some(flat())));
+    for name in ["a", "b"] {
+        let node = f.add_node(name).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if f.slices(&net).await.is_some() && f.slice_of(&net, &node).await.is_some() {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{node} got no slice in time");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(!task.is_finished(), "the loop ended: {:?}", task.await);
+    task.abort();
+    f.cleanup().await;
+}
