@@ -125,7 +125,9 @@ async fn cluster_parts(ctx: &Context, index: &PoolIndex, options: &Options) {
     };
     let slices = async {
         let Some(flat_file) = &options.node_slices else { return std::future::pending().await };
-        nodeslice::run(ctx.clone(), flat_file.clone()).await;
+        if let Err(e) = nodeslice::run(ctx.clone(), flat_file.clone()).await {
+            tracing::error!("the node-slice controller stopped: {e}");
+        }
     };
     tokio::join!(cleanup::run(ctx.clone(), index.clone(), None), reconciler, slices);
 }

@@ -109,11 +109,15 @@ async fn from_kubeconfig(path: &Path, timeouts: Timeouts, retries: bool) -> Resu
 /// waiting). The namespace of the whereabouts objects is `namespace` when given
 /// (`WHEREABOUTS_NAMESPACE`), else the kubeconfig context's, else [`DEFAULT_NAMESPACE`] (as upstream's
 /// controllers).
-pub async fn connect_controller(path: Option<&Path>, namespace: Option<&str>) -> Result<Connection, ConnectError> {
+pub async fn connect_controller(
+    path: Option<&Path>,
+    namespace: Option<&str>,
+) -> Result<Connection, ConnectError> {
     let mut connection = match path {
         Some(path) => from_kubeconfig(path, Timeouts::WATCHES, true).await?,
         None => {
-            let failed = |reason: String| ConnectError { path: "(in-cluster service account)".into(), reason };
+            let failed =
+                |reason: String| ConnectError { path: "(in-cluster service account)".into(), reason };
             let mut config = Config::incluster().map_err(|e| failed(e.to_string()))?;
             apply_timeouts(&mut config, Timeouts::WATCHES);
             let server = config.cluster_url.to_string();

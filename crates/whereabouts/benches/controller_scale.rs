@@ -76,7 +76,8 @@ fn node(n: usize) -> String {
 async fn create_objects(cluster: &TestCluster, slices: bool) -> Vec<(String, String, usize)> {
     let client = cluster.client();
     for n in 0..NODES {
-        let object = Node { metadata: ObjectMeta { name: Some(node(n)), ..ObjectMeta::default() }, ..Node::default() };
+        let object =
+            Node { metadata: ObjectMeta { name: Some(node(n)), ..ObjectMeta::default() }, ..Node::default() };
         let _ = Api::<Node>::all(client.clone()).create(&PostParams::default(), &object).await;
     }
     let nad = ApiResource {
@@ -140,7 +141,8 @@ async fn wait_for_slices(client: &Client, namespace: &str) {
     let started = Instant::now();
     loop {
         if let Ok(Some(pool)) = api.get_opt(NETWORK).await {
-            let assigned = pool.status.map_or(0, |s| s.allocations.iter().filter(|a| !a.node_name.is_empty()).count());
+            let assigned =
+                pool.status.map_or(0, |s| s.allocations.iter().filter(|a| !a.node_name.is_empty()).count());
             if assigned == NODES {
                 return;
             }
@@ -151,7 +153,11 @@ async fn wait_for_slices(client: &Client, namespace: &str) {
 }
 
 /// One ADD: how long it took and the address (or the failure).
-fn add(cluster: &TestCluster, config: &str, pod: &(String, String, usize)) -> (Duration, Result<IpAddr, String>) {
+fn add(
+    cluster: &TestCluster,
+    config: &str,
+    pod: &(String, String, usize),
+) -> (Duration, Result<IpAddr, String>) {
     let (name, uid, n) = pod;
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_whereabouts"))
@@ -163,7 +169,10 @@ fn add(cluster: &TestCluster, config: &str, pod: &(String, String, usize)) -> (D
         .env("CNI_PATH", "/opt/cni/bin")
         .env(
             "CNI_ARGS",
-            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={name};K8S_POD_UID={uid}", cluster.namespace()),
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={name};K8S_POD_UID={uid}",
+                cluster.namespace()
+            ),
         )
         .env("NODENAME", node(*n))
         .stdin(Stdio::piped())
@@ -264,7 +273,9 @@ async fn measure(label: &'static str, slices: bool) -> Row {
     futures::stream::iter(pods.iter().map(|(name, _, _)| {
         let api = api.clone();
         async move {
-            let _ = api.delete(name, &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() }).await;
+            let _ = api
+                .delete(name, &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() })
+                .await;
         }
     }))
     .buffer_unordered(64)
@@ -307,7 +318,9 @@ fn ms(d: Duration) -> String {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let pods = NODES * PODS_PER_NODE;
-    println!("{pods} pods on {NODES} nodes ({PER_NODE} ADDs at a time per node), {WRITE_LATENCY:?} per stored write");
+    println!(
+        "{pods} pods on {NODES} nodes ({PER_NODE} ADDs at a time per node), {WRITE_LATENCY:?} per stored write"
+    );
     let baseline = measure("without node slices (baseline)", false).await;
     let sliced = measure("node slices /24", true).await;
     println!(

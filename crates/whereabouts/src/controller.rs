@@ -129,13 +129,15 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 async fn context(connection: &Connection) -> Result<Context, ExitCode> {
-    let connected =
-        whereabouts_k8s::client::connect_controller(connection.kubeconfig.as_deref(), connection.namespace.as_deref())
-            .await
-            .map_err(|e| {
-                tracing::error!("{e}");
-                ExitCode::FAILURE
-            })?;
+    let connected = whereabouts_k8s::client::connect_controller(
+        connection.kubeconfig.as_deref(),
+        connection.namespace.as_deref(),
+    )
+    .await
+    .map_err(|e| {
+        tracing::error!("{e}");
+        ExitCode::FAILURE
+    })?;
     Ok(Context {
         client: connected.client,
         namespace: connected.namespace,
@@ -238,9 +240,8 @@ pub fn controller(args: ControllerArgs) -> ExitCode {
                 Err(code) => return code,
             }
         };
-        let reconciler = (!args.no_reconciler).then(|| {
-            (Sources { file: args.cron_file.clone(), ..Sources::standard() }, args.schedule_reload)
-        });
+        let reconciler = (!args.no_reconciler)
+            .then(|| (Sources { file: args.cron_file.clone(), ..Sources::standard() }, args.schedule_reload));
         let listener = if args.metrics_address.trim().is_empty() {
             None
         } else {
@@ -275,7 +276,14 @@ pub fn reconcile(args: ReconcileArgs) -> ExitCode {
                 let verb = if ctx.dry_run { "would release" } else { "released" };
                 let mut out = std::io::stdout().lock();
                 for r in &report.released {
-                    let _ = writeln!(out, "{verb} {} in pool {} (pod {}, {})", r.ip, r.pool, r.pod_ref, r.reason.as_str());
+                    let _ = writeln!(
+                        out,
+                        "{verb} {} in pool {} (pod {}, {})",
+                        r.ip,
+                        r.pool,
+                        r.pod_ref,
+                        r.reason.as_str()
+                    );
                 }
                 for name in &report.orphan_reservations {
                     let _ = writeln!(out, "{verb} orphaned reservation {name}");

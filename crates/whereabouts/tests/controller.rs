@@ -14,8 +14,8 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use whereabouts_core::pool::Allocation;
@@ -61,7 +61,8 @@ fn node_name(cluster: &TestCluster, node: &str) -> String {
 }
 
 async fn create_node(cluster: &TestCluster, name: &str) {
-    let node = Node { metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() }, ..Node::default() };
+    let node =
+        Node { metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() }, ..Node::default() };
     Api::<Node>::all(cluster.client()).create(&PostParams::default(), &node).await.expect("create node");
 }
 
@@ -75,7 +76,11 @@ async fn create_pod(cluster: &TestCluster, name: &str, node: &str) -> String {
         metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
         spec: Some(PodSpec {
             node_name: Some(node.into()),
-            containers: vec![Container { name: "app".into(), image: Some("pause".into()), ..Container::default() }],
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("pause".into()),
+                ..Container::default()
+            }],
             ..PodSpec::default()
         }),
         ..Pod::default()
@@ -86,7 +91,10 @@ async fn create_pod(cluster: &TestCluster, name: &str, node: &str) -> String {
 
 async fn set_phase(cluster: &TestCluster, name: &str, phase: &str) {
     let patch = json!({ "status": { "phase": phase } });
-    pods(cluster).patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("set phase");
+    pods(cluster)
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("set phase");
 }
 
 /// Writes the `network-status` annotation as Multus does after the ADDs.
@@ -95,13 +103,15 @@ async fn annotate(cluster: &TestCluster, name: &str, ips: &[&str]) {
         { "name": "cbr0", "interface": "eth0", "ips": ["10.244.0.9"], "default": true },
         { "name": format!("{}/{NETWORK}", cluster.namespace()), "interface": "net1", "ips": ips },
     ]);
-    let patch = json!({ "metadata": { "annotations": { "k8s.v1.cni.cncf.io/network-status": status.to_string() } } });
+    let patch =
+        json!({ "metadata": { "annotations": { "k8s.v1.cni.cncf.io/network-status": status.to_string() } } });
     pods(cluster).patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("annotate pod");
 }
 
 /// Deletes a pod at once, as after a force delete or once a kubelet confirmed it (no CNI DEL).
 async fn delete_pod(cluster: &TestCluster, name: &str) {
-    pods(cluster).delete(name, &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() })
+    pods(cluster)
+        .delete(name, &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() })
         .await
         .expect("delete pod");
 }
@@ -274,11 +284,7 @@ async fn reconcile(cluster: &TestCluster, extra: &[&str]) -> (i32, String) {
         .expect("run reconcile");
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     let code = output.status.code().unwrap_or(-1);
-    assert!(
-        code == 0,
-        "reconcile failed ({code}): {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(code == 0, "reconcile failed ({code}): {stdout}{}", String::from_utf8_lossy(&output.stderr));
     (code, stdout)
 }
 
@@ -307,7 +313,8 @@ async fn a_deleted_pod_is_released_within_seconds_with_an_event() {
         controller.log()
     );
     println!("released {:?} after the delete", deleted.elapsed());
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(cluster.client(), cluster.namespace());
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(cluster.client(), cluster.namespace());
     let found = eventually(Duration::from_secs(10), || async {
         let list = events.list(&Default::default()).await.expect("list events");
         list.items.iter().any(|e| {
@@ -318,7 +325,8 @@ async fn a_deleted_pod_is_released_within_seconds_with_an_event() {
     })
     .await;
     assert!(found, "no IPAddressGarbageCollected event naming {ip}");
-    let reservations: Api<OverlappingRangeIPReservation> = Api::namespaced(cluster.client(), cluster.namespace());
+    let reservations: Api<OverlappingRangeIPReservation> =
+        Api::namespaced(cluster.client(), cluster.namespace());
     assert!(reservations.get_opt(&format!("{NETWORK}-{ip}")).await.unwrap().is_none(), "its reservation too");
     assert!(reservations.get_opt(&format!("{NETWORK}-{kept}")).await.unwrap().is_some());
     controller.kill().await;
@@ -454,8 +462,10 @@ async fn the_reconciler_never_releases_a_starting_pod_and_dry_run_changes_nothin
     set_phase(&cluster, "running-listed", "Running").await;
     set_phase(&cluster, "running-unlisted", "Running").await;
     // An orphaned reservation (nothing in any pool), and one a pool entry stands behind.
-    let reservations: Api<OverlappingRangeIPReservation> = Api::namespaced(cluster.client(), cluster.namespace());
-    for (name, pod) in [("other-net-192.0.2.200", "vanished"), (&*format!("{NETWORK}-192.0.2.3"), "running-listed")]
+    let reservations: Api<OverlappingRangeIPReservation> =
+        Api::namespaced(cluster.client(), cluster.namespace());
+    for (name, pod) in
+        [("other-net-192.0.2.200", "vanished"), (&*format!("{NETWORK}-192.0.2.3"), "running-listed")]
     {
         let holder = Reservation {
             pod_ref: format!("{}/{pod}", cluster.namespace()),
@@ -476,7 +486,10 @@ async fn the_reconciler_never_releases_a_starting_pod_and_dry_run_changes_nothin
 
     let (_, out) = reconcile(&cluster, &[]).await;
     assert!(out.contains("released 2 addresses and 1 orphaned reservations"), "{out}");
-    assert!(out.contains("(pod ") && out.contains("not_in_network_status") && out.contains("pod_gone"), "{out}");
+    assert!(
+        out.contains("(pod ") && out.contains("not_in_network_status") && out.contains("pod_gone"),
+        "{out}"
+    );
     assert_eq!(held_ips(&cluster).await, ["192.0.2.1", "192.0.2.2", "192.0.2.3"]);
     assert!(reservations.get_opt("other-net-192.0.2.200").await.unwrap().is_none());
     assert!(reservations.get_opt(&format!("{NETWORK}-192.0.2.3")).await.unwrap().is_some());
@@ -493,7 +506,14 @@ async fn the_scheduled_reconciler_follows_its_cron_file() {
     std::fs::write(&cron, "0 0 1 1 *").unwrap();
     let controller = Controller::start(
         &cluster,
-        &["--no-leader-election", "--no-node-slices", "--schedule-reload", "200ms", "--cron-file", &cron.display().to_string()],
+        &[
+            "--no-leader-election",
+            "--no-node-slices",
+            "--schedule-reload",
+            "200ms",
+            "--cron-file",
+            &cron.display().to_string(),
+        ],
     )
     .await;
     write_pool(&cluster, json!({ "7": upstream_record(&cluster, "never-existed", "c7") })).await;
@@ -507,7 +527,10 @@ async fn the_scheduled_reconciler_follows_its_cron_file() {
         controller.log()
     );
     assert!(controller.log().contains("reconciler schedule changed"), "{}", controller.log());
-    assert!(controller.metric("whereabouts_reconciler_runs_total{result=\"success\"}").await.unwrap_or(0.0) >= 1.0);
+    assert!(
+        controller.metric("whereabouts_reconciler_runs_total{result=\"success\"}").await.unwrap_or(0.0)
+            >= 1.0
+    );
     controller.kill().await;
     cluster.cleanup().await;
 }
@@ -525,7 +548,8 @@ async fn lease_holder(cluster: &TestCluster) -> Option<String> {
 async fn one_leader_and_a_standby_takes_over_when_it_dies() {
     let cluster = TestCluster::start().await;
     let node = node_name(&cluster, "a");
-    let timing = ["--lease-duration", "3s", "--renew-deadline", "2s", "--retry-period", "500ms", "--no-node-slices"];
+    let timing =
+        ["--lease-duration", "3s", "--renew-deadline", "2s", "--retry-period", "500ms", "--no-node-slices"];
     let first = Controller::start(&cluster, &[&timing[..], &["--identity", "first"]].concat()).await;
     assert!(
         eventually(Duration::from_secs(15), || async { lease_holder(&cluster).await.is_some() }).await,
