@@ -230,7 +230,8 @@ async fn work(ctx: &Context, index: &PoolIndex, queue: &Queue, recorder: &Record
     loop {
         let (due, next) = queue.take_due(&ctx.metrics);
         if due.is_empty() {
-            let sleep = next.map_or(Duration::from_secs(3600), |at| at.saturating_duration_since(Instant::now()));
+            let sleep =
+                next.map_or(Duration::from_secs(3600), |at| at.saturating_duration_since(Instant::now()));
             let _ = tokio::time::timeout(sleep, queue.wake.notified()).await;
             continue;
         }
@@ -240,7 +241,8 @@ async fn work(ctx: &Context, index: &PoolIndex, queue: &Queue, recorder: &Record
             if failed.attempts + 1 >= ATTEMPTS {
                 let note = format!("failed to garbage collect addresses for pod {}", failed.pod_ref());
                 tracing::error!("{note}; giving up (the reconciler will find what is left)");
-                publish(recorder, &failed, EventType::Warning, "IPAddressGarbageCollectionFailed", note).await;
+                publish(recorder, &failed, EventType::Warning, "IPAddressGarbageCollectionFailed", note)
+                    .await;
             } else {
                 let attempts = failed.attempts + 1;
                 let backoff = Duration::from_millis(250 << attempts);
@@ -259,7 +261,13 @@ struct Release {
 }
 
 /// Cleans up a batch of pods; returns those whose cleanup failed.
-async fn pass(ctx: &Context, index: &PoolIndex, store: &KubeStore, recorder: &Recorder, due: Vec<Gone>) -> Vec<Gone> {
+async fn pass(
+    ctx: &Context,
+    index: &PoolIndex,
+    store: &KubeStore,
+    recorder: &Recorder,
+    due: Vec<Gone>,
+) -> Vec<Gone> {
     // What each pod holds, from the index; pods holding nothing need no lookup.
     let holdings: Vec<(Gone, Vec<Found>)> = {
         let contents = index.read();
@@ -292,9 +300,13 @@ async fn pass(ctx: &Context, index: &PoolIndex, store: &KubeStore, recorder: &Re
                 }
             };
             for found in held {
-                let Verdict::Release(reason) = judge(&found.allocation, found.ip, now.as_ref()) else { continue };
+                let Verdict::Release(reason) = judge(&found.allocation, found.ip, now.as_ref()) else {
+                    continue;
+                };
                 let reservations = reservations_of(found, contents.reservations.iter());
-                let entry = releases.entry(found.pool.name.clone()).or_insert_with(|| (found.pool.clone(), Vec::new()));
+                let entry = releases
+                    .entry(found.pool.name.clone())
+                    .or_insert_with(|| (found.pool.clone(), Vec::new()));
                 entry.1.push(Release { pod: i, found: found.clone(), reason, reservations });
             }
         }
@@ -347,7 +359,10 @@ async fn pass(ctx: &Context, index: &PoolIndex, store: &KubeStore, recorder: &Re
                 }
             }
             Err(e) => {
-                tracing::warn!("releasing in pool {}: {e}", batch.first().map_or("", |r| r.found.pool.name.as_str()));
+                tracing::warn!(
+                    "releasing in pool {}: {e}",
+                    batch.first().map_or("", |r| r.found.pool.name.as_str())
+                );
                 for r in batch {
                     failed[r.pod] = true;
                 }
@@ -396,7 +411,9 @@ mod tests {
             metadata: ObjectMeta {
                 name: Some("web".into()),
                 uid: Some("u1".into()),
-                annotations: Some([(ANNOTATION.to_string(), r#"[{"name":"ns/n","ips":["192.0.2.1"]}]"#.into())].into()),
+                annotations: Some(
+                    [(ANNOTATION.to_string(), r#"[{"name":"ns/n","ips":["192.0.2.1"]}]"#.into())].into(),
+                ),
                 ..ObjectMeta::default()
             },
             status: Some(PodStatus { phase: Some("Running".into()), ..PodStatus::default() }),

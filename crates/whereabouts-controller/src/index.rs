@@ -106,8 +106,10 @@ impl PoolIndex {
         let (mut pools_listed, mut reservations_listed) = (false, false);
         let mut pools_relist: Option<HashSet<String>> = None;
         let mut reservations_relist: Option<HashSet<String>> = None;
-        let mut changes =
-            Box::pin(futures::stream::select(pools.map(Either::Pools), reservations.map(Either::Reservations)));
+        let mut changes = Box::pin(futures::stream::select(
+            pools.map(Either::Pools),
+            reservations.map(Either::Reservations),
+        ));
         while let Some(change) = changes.next().await {
             let mut contents = self.read();
             match change {

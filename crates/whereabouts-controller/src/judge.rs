@@ -144,7 +144,10 @@ mod tests {
     #[test]
     fn a_recreated_pod_of_the_same_name_is_not_the_holder() {
         let newer = pod("u2", "Running", Some(status(&[IP])));
-        assert_eq!(judge(&allocation(Some("u1")), ip(), Some(&newer)), Verdict::Release(ReleaseReason::PodReplaced));
+        assert_eq!(
+            judge(&allocation(Some("u1")), ip(), Some(&newer)),
+            Verdict::Release(ReleaseReason::PodReplaced)
+        );
         // The new pod's own allocation is kept, whatever its status says yet.
         let starting = pod("u2", "Pending", None);
         assert_eq!(judge(&allocation(Some("u2")), ip(), Some(&starting)), Verdict::Keep(KeepReason::PodLive));

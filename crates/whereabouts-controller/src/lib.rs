@@ -7,14 +7,18 @@
 //! * [`schedule`]: where the reconciler's cron expression comes from, and its reloading.
 //! * [`judge`]: the single, pure decision whether an allocation still belongs to a live pod.
 //! * [`metrics`]: the Prometheus registry.
+//! * [`http`]: the HTTP server of `/metrics`, `/healthz` and `/readyz`.
+//! * [`leader`]: leader election on a Lease, so that one replica of several does the releasing.
 //!
 //! Every release is a compare-and-swap through the store's IPAM engine, so the controller, the plugins
 //! and several controller processes can all act at once without ever freeing an address that was
 //! reassigned in between.
 
 pub mod cleanup;
+pub mod http;
 pub mod index;
 pub mod judge;
+pub mod leader;
 pub mod metrics;
 pub mod network_status;
 pub mod pools;

@@ -193,7 +193,11 @@ impl Metrics {
             "Allocations seen appearing in the pool",
             metrics.allocations.clone(),
         );
-        registry.register("pool_releases", "Allocations seen disappearing from the pool", metrics.releases.clone());
+        registry.register(
+            "pool_releases",
+            "Allocations seen disappearing from the pool",
+            metrics.releases.clone(),
+        );
         registry.register(
             "controller_releases",
             "Addresses released by this controller",
@@ -260,7 +264,9 @@ mod tests {
         let text = metrics.encode();
         assert!(text.contains("whereabouts_pool_allocated_addresses{pool=\"10.0.0.0-24\"} 3"), "{text}");
         assert!(
-            text.contains("whereabouts_controller_releases_total{source=\"reconciler\",reason=\"pod_gone\"} 1"),
+            text.contains(
+                "whereabouts_controller_releases_total{source=\"reconciler\",reason=\"pod_gone\"} 1"
+            ),
             "{text}"
         );
         assert!(text.contains("whereabouts_cas_conflicts_total 2"), "{text}");

@@ -41,7 +41,8 @@ pub fn allocations(pool: &IPPool) -> Result<Vec<Found>, UnreadablePool> {
     let unreadable = |reason: String| UnreadablePool { pool: name.clone(), reason };
     let network = parse_cidr_strict(&pool.spec.pool.range)
         .ok_or_else(|| unreadable(format!("spec.range {:?} is not a CIDR", pool.spec.pool.range)))?;
-    let (decoded, _skipped) = Pool::from_spec(&pool.spec.pool, network).map_err(|e| unreadable(e.to_string()))?;
+    let (decoded, _skipped) =
+        Pool::from_spec(&pool.spec.pool, network).map_err(|e| unreadable(e.to_string()))?;
     let target = PoolTarget { name: name.clone(), network };
     Ok(decoded
         .iter()

@@ -86,11 +86,12 @@ pub async fn reconcile_once(ctx: &Context) -> Result<Report, ReconcileError> {
 }
 
 async fn reconcile(ctx: &Context) -> Result<Report, ReconcileError> {
-    let reservations: BTreeMap<String, Reservation> = list::<OverlappingRangeIPReservation>(ctx, "reservations")
-        .await?
-        .into_iter()
-        .map(|(name, orip)| (name, orip.spec.holder))
-        .collect();
+    let reservations: BTreeMap<String, Reservation> =
+        list::<OverlappingRangeIPReservation>(ctx, "reservations")
+            .await?
+            .into_iter()
+            .map(|(name, orip)| (name, orip.spec.holder))
+            .collect();
     let mut report = Report::default();
     let mut found: Vec<Found> = Vec::new();
     for (name, pool) in list::<IPPool>(ctx, "IPPools").await? {
@@ -114,11 +115,15 @@ async fn reconcile(ctx: &Context) -> Result<Report, ReconcileError> {
         })
         .collect();
 
-    let mut by_pool: BTreeMap<String, (PoolTarget, Vec<(Found, ReleaseReason, Vec<String>)>)> = BTreeMap::new();
+    let mut by_pool: BTreeMap<String, (PoolTarget, Vec<(Found, ReleaseReason, Vec<String>)>)> =
+        BTreeMap::new();
     for entry in &found {
-        if let Verdict::Release(reason) = judge(&entry.allocation, entry.ip, pods.get(&entry.allocation.pod_ref)) {
+        if let Verdict::Release(reason) =
+            judge(&entry.allocation, entry.ip, pods.get(&entry.allocation.pod_ref))
+        {
             let names = reservations_of(entry, reservations.iter());
-            let pool = by_pool.entry(entry.pool.name.clone()).or_insert_with(|| (entry.pool.clone(), Vec::new()));
+            let pool =
+                by_pool.entry(entry.pool.name.clone()).or_insert_with(|| (entry.pool.clone(), Vec::new()));
             pool.1.push((entry.clone(), reason, names));
         }
     }
@@ -217,6 +222,7 @@ async fn list<K: DeserializeOwned + kube::Resource<DynamicType = ()>>(
 ) -> Result<Vec<(String, K)>, ReconcileError> {
     let api: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), &ctx.namespace, &ApiResource::erase::<K>(&()));
-    let listed = api.list(&ListParams::default()).await.map_err(|source| ReconcileError::List { what, source })?;
+    let listed =
+        api.list(&ListParams::default()).await.map_err(|source| ReconcileError::List { what, source })?;
     Ok(listed.items.into_iter().filter_map(|object| decode(what, object)).collect())
 }

@@ -184,7 +184,8 @@ where
 fn initial(sources: &Sources) -> Schedule {
     let schedule = sources.resolve().unwrap_or_else(|e| {
         tracing::error!("{e}; using {DEFAULT_EXPRESSION:?} until it is fixed");
-        Schedule::parse(DEFAULT_EXPRESSION, "the default").unwrap_or_else(|_| unreachable!("the default parses"))
+        Schedule::parse(DEFAULT_EXPRESSION, "the default")
+            .unwrap_or_else(|_| unreachable!("the default parses"))
     });
     tracing::info!("reconciler schedule {:?} (from {})", schedule.expression, schedule.source_name);
     schedule
@@ -233,7 +234,8 @@ mod tests {
         assert_eq!(sources.expression(), ("*/3 * * * *".into(), file.display().to_string()));
         let without_env = Sources { env: None, file: dir.path().join("absent"), ..sources.clone() };
         assert_eq!(without_env.expression().0, DEFAULT_EXPRESSION);
-        std::fs::write(&flat, r#"{"datastore":"kubernetes","Reconciler_Cron_Expression":"0 1 * * *"}"#).unwrap();
+        std::fs::write(&flat, r#"{"datastore":"kubernetes","Reconciler_Cron_Expression":"0 1 * * *"}"#)
+            .unwrap();
         assert_eq!(without_env.expression().0, "0 1 * * *");
     }
 

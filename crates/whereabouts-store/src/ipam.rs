@@ -608,8 +608,11 @@ impl<'s, S: Store> Ipam<'s, S> {
         for entry in found {
             let holder = reservation_of(entry.allocation);
             for name in &entry.reservations {
-                self.patiently(|| format!("reservation {name}"), || self.store.delete_reservation(name, &holder))
-                    .await?;
+                self.patiently(
+                    || format!("reservation {name}"),
+                    || self.store.delete_reservation(name, &holder),
+                )
+                .await?;
             }
         }
         self.update_pool(&target.name, target.network, |pool, _| {
