@@ -115,8 +115,9 @@ async fn reconcile(ctx: &Context) -> Result<Report, ReconcileError> {
         })
         .collect();
 
-    let mut by_pool: BTreeMap<String, (PoolTarget, Vec<(Found, ReleaseReason, Vec<String>)>)> =
-        BTreeMap::new();
+    // Per pool: the allocations to release, each with why and the reservations that name it.
+    type Releases = (PoolTarget, Vec<(Found, ReleaseReason, Vec<String>)>);
+    let mut by_pool: BTreeMap<String, Releases> = BTreeMap::new();
     for entry in &found {
         if let Verdict::Release(reason) =
             judge(&entry.allocation, entry.ip, pods.get(&entry.allocation.pod_ref))
