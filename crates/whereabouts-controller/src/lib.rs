@@ -6,18 +6,24 @@
 //!   schedule or once (upstream's ip-reconciler).
 //! * [`schedule`]: where the reconciler's cron expression comes from, and its reloading.
 //! * [`judge`]: the single, pure decision whether an allocation still belongs to a live pod.
+//! * [`controller`]: the process: which parts run where, leadership, health, shutdown.
 //! * [`metrics`]: the Prometheus registry.
 //! * [`nad`]: the whereabouts configuration of a NetworkAttachmentDefinition.
 //! * [`nodeslice`]: assigns each node a slice of every network with `node_slice_size` (upstream's
 //!   node-slice controller).
+//! * [`http`]: the HTTP server of `/metrics`, `/healthz` and `/readyz`.
+//! * [`leader`]: leader election on a Lease, so that one replica of several does the releasing.
 //!
 //! Every release is a compare-and-swap through the store's IPAM engine, so the controller, the plugins
 //! and several controller processes can all act at once without ever freeing an address that was
 //! reassigned in between.
 
 pub mod cleanup;
+pub mod controller;
+pub mod http;
 pub mod index;
 pub mod judge;
+pub mod leader;
 pub mod metrics;
 pub mod nad;
 pub mod network_status;
