@@ -17,7 +17,7 @@
 //!
 //! Pods deleted while the watch was down (no delete event) are noticed when the watch lists again.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -28,16 +28,14 @@ use kube::api::Api;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::Notify;
-use whereabouts_core::config::PoolTarget;
-use whereabouts_store::ipam::{FoundAllocation, Ipam};
-use whereabouts_store::kubernetes::KubeStore;
 
 use crate::Context;
 use crate::index::PoolIndex;
 use crate::judge::{PodView, Verdict, judge};
-use crate::metrics::{ReleaseReason, Source};
+use crate::metrics::Source;
 use crate::network_status::{ANNOTATION, NetworkStatus};
 use crate::pools::{Found, reservations_of};
+use crate::release::{Plan, Release};
 
 /// How many times a pod's cleanup is tried before it is given up.
 const ATTEMPTS: u32 = 5;
@@ -156,7 +154,7 @@ pub async fn run(ctx: Context, index: PoolIndex, node: Option<String>) {
     let queue = Arc::new(Queue::default());
     let recorder = Recorder::new(
         ctx.client.clone(),
-        Reporter { controller: COMPONENT.into(), instance: node.clone().or_else(|| hostname()) },
+        Reporter { controller: COMPONENT.into(), instance: node.clone().or_else(hostname) },
     );
     tokio::join!(watch_pods(&ctx, &queue, node.as_deref()), work(&ctx, &index, &queue, &recorder));
 }
@@ -225,7 +223,6 @@ async fn work(ctx: &Context, index: &PoolIndex, queue: &Queue, recorder: &Record
     if synced.wait_for(|synced| *synced).await.is_err() {
         return;
     }
-    let store = KubeStore::new(ctx.client.clone(), &ctx.namespace, COMPONENT);
     loop {
         let (due, next) = queue.take_due(&ctx.metrics);
         if due.is_empty() {
@@ -234,7 +231,7 @@ async fn work(ctx: &Context, index: &PoolIndex, queue: &Queue, recorder: &Record
             let _ = tokio::time::timeout(sleep, queue.wake.notified()).await;
             continue;
         }
-        let Outcome { failures, settle } = pass(ctx, index, &store, recorder, due).await;
+        let Outcome { failures, settle } = pass(ctx, index, recorder, due).await;
         for gone in settle {
             queue.push(gone, &ctx.metrics);
         }
@@ -254,22 +251,8 @@ async fn work(ctx: &Context, index: &PoolIndex, queue: &Queue, recorder: &Record
     }
 }
 
-/// One release decided in a pass.
-struct Release {
-    pod: usize,
-    found: Found,
-    reason: ReleaseReason,
-    reservations: Vec<String>,
-}
-
 /// Cleans up a batch of pods.
-async fn pass(
-    ctx: &Context,
-    index: &PoolIndex,
-    store: &KubeStore,
-    recorder: &Recorder,
-    due: Vec<Gone>,
-) -> Outcome {
+async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Gone>) -> Outcome {
     // What each pod holds, from the index; pods holding nothing need no lookup. The pool watch may
     // still be behind the pod watch, so a pod found holding nothing is looked at once more a second
     // later before it is dropped.
@@ -297,7 +280,7 @@ async fn pass(
     .collect::<Vec<_>>()
     .await;
     let mut failed = vec![false; holdings.len()];
-    let mut releases: BTreeMap<String, (PoolTarget, Vec<Release>)> = BTreeMap::new();
+    let mut plan = Plan::default();
     {
         let contents = index.read();
         for (i, ((gone, held), lookup)) in holdings.iter().zip(lookups).enumerate() {
@@ -310,62 +293,22 @@ async fn pass(
                 }
             };
             for found in held {
-                let Verdict::Release(reason) = judge(&found.allocation, found.ip, now.as_ref()) else {
-                    continue;
-                };
-                let reservations = reservations_of(found, contents.reservations.iter());
-                let entry = releases
-                    .entry(found.pool.name.clone())
-                    .or_insert_with(|| (found.pool.clone(), Vec::new()));
-                entry.1.push(Release { pod: i, found: found.clone(), reason, reservations });
+                if let Verdict::Release(reason) = judge(&found.allocation, found.ip, now.as_ref()) {
+                    let reservations = reservations_of(found, contents.reservations.iter());
+                    plan.add(Release { found: found.clone(), reason, reservations, tag: i });
+                }
             }
         }
     }
-    let observe = |event| ctx.metrics.observe_engine(event);
-    let ipam = Ipam::new(store).with_observer(&observe);
-    let results = futures::stream::iter(releases.values().map(|(target, batch)| {
-        let ipam = &ipam;
-        async move {
-            if ctx.dry_run {
-                for r in batch {
-                    tracing::info!(
-                        "dry run: would release {} in pool {} held by {} ({})",
-                        r.found.ip,
-                        target.name,
-                        r.found.allocation.pod_ref,
-                        r.reason.as_str()
-                    );
-                }
-                return (batch, Ok(Vec::new()));
-            }
-            let found: Vec<FoundAllocation<'_>> = batch
-                .iter()
-                .map(|r| FoundAllocation {
-                    ip: r.found.ip,
-                    allocation: &r.found.allocation,
-                    reservations: r.reservations.clone(),
-                })
-                .collect();
-            (batch, ipam.release_found(target, &found).await)
-        }
-    }))
-    .buffer_unordered(PARALLEL)
-    .collect::<Vec<_>>()
-    .await;
+    let results = plan.execute(ctx).await;
     let mut released: Vec<Vec<(IpAddr, String)>> = vec![Vec::new(); holdings.len()];
     for (batch, result) in results {
         match result {
+            Ok(_) if ctx.dry_run => {}
             Ok(ips) => {
                 for r in batch.iter().filter(|r| ips.contains(&r.found.ip)) {
                     ctx.metrics.released(Source::PodCleanup, r.reason);
-                    tracing::info!(
-                        "released {} in pool {} held by {} ({})",
-                        r.found.ip,
-                        r.found.pool.name,
-                        r.found.allocation.pod_ref,
-                        r.reason.as_str()
-                    );
-                    released[r.pod].push((r.found.ip, r.found.pool.name.clone()));
+                    released[r.tag].push((r.found.ip, r.found.pool.name.clone()));
                 }
             }
             Err(e) => {
@@ -374,7 +317,7 @@ async fn pass(
                     batch.first().map_or("", |r| r.found.pool.name.as_str())
                 );
                 for r in batch {
-                    failed[r.pod] = true;
+                    failed[r.tag] = true;
                 }
             }
         }

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::index::PoolIndex;
-use crate::leader::{LeaseConfig, Leadership};
+use crate::leader::{Leadership, LeaseConfig};
 use crate::nad::FlatFile;
 use crate::schedule::Sources;
 use crate::{Context, cleanup, http, leader, nodeslice, reconcile, schedule};
@@ -38,10 +38,10 @@ pub struct Options {
 }
 
 /// Runs until `shutdown` resolves; a leader then hands its Lease back.
-pub async fn run(ctx: Context, options: Options, shutdown: impl Future<Output = ()> + Send + 'static) {
+pub async fn run(ctx: Context, mut options: Options, shutdown: impl Future<Output = ()> + Send + 'static) {
     let index = PoolIndex::default();
     let (stop, stopped) = watch::channel(false);
-    let server = options.listener.map(|listener| {
+    let server = options.listener.take().map(|listener| {
         let (metrics, ready, mut stopped) = (ctx.metrics.clone(), index.synced(), stopped.clone());
         let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!("serving /metrics, /healthz and /readyz on {local}");
@@ -56,7 +56,11 @@ pub async fn run(ctx: Context, options: Options, shutdown: impl Future<Output = 
     });
     let leadership = match (&options.node, &options.election) {
         (None, Some(config)) => {
-            tracing::info!("cluster mode: electing a leader on Lease {}/{}", config.namespace, config.name);
+            tracing::info!(
+                "cluster mode: electing a leader on Lease {}/{}",
+                config.namespace(),
+                config.name()
+            );
             Some(leader::spawn(ctx.client.clone(), config.clone(), ctx.metrics.clone()))
         }
         _ => None,

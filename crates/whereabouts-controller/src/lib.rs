@@ -30,6 +30,7 @@ pub mod network_status;
 pub mod nodeslice;
 pub mod pools;
 pub mod reconcile;
+pub mod release;
 pub mod schedule;
 
 use std::sync::Arc;

@@ -12,14 +12,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use serde::de::DeserializeOwned;
-use whereabouts_core::config::PoolTarget;
 use whereabouts_k8s::crd::{IPPool, OverlappingRangeIPReservation};
 use whereabouts_store::Reservation;
-use whereabouts_store::ipam::{FoundAllocation, Ipam, IpamError};
+use whereabouts_store::ipam::Ipam;
 use whereabouts_store::kubernetes::KubeStore;
 
 use crate::Context;
@@ -27,9 +25,7 @@ use crate::cleanup::{COMPONENT, pod_view};
 use crate::judge::{PodView, Verdict, judge};
 use crate::metrics::{ReleaseReason, RunLabels, RunResult, Source};
 use crate::pools::{Found, allocations, decode, holder, names_address, reservations_of};
-
-/// Concurrent pool writes.
-const PARALLEL: usize = 8;
+use crate::release::{Plan, Release};
 
 /// Why a reconciliation failed. The next scheduled run tries again.
 #[derive(Debug, thiserror::Error)]
@@ -115,16 +111,13 @@ async fn reconcile(ctx: &Context) -> Result<Report, ReconcileError> {
         })
         .collect();
 
-    let mut by_pool: BTreeMap<String, (PoolTarget, Vec<(Found, ReleaseReason, Vec<String>)>)> =
-        BTreeMap::new();
+    let mut plan = Plan::default();
     for entry in &found {
         if let Verdict::Release(reason) =
             judge(&entry.allocation, entry.ip, pods.get(&entry.allocation.pod_ref))
         {
-            let names = reservations_of(entry, reservations.iter());
-            let pool =
-                by_pool.entry(entry.pool.name.clone()).or_insert_with(|| (entry.pool.clone(), Vec::new()));
-            pool.1.push((entry.clone(), reason, names));
+            let reservations = reservations_of(entry, reservations.iter());
+            plan.add(Release { found: entry.clone(), reason, reservations, tag: () });
         }
     }
     let orphans: Vec<(&String, &Reservation)> = if report.unreadable_pools.is_empty() {
@@ -138,35 +131,28 @@ async fn reconcile(ctx: &Context) -> Result<Report, ReconcileError> {
         Vec::new()
     };
 
-    let store = KubeStore::new(ctx.client.clone(), &ctx.namespace, COMPONENT);
-    let observe = |event| ctx.metrics.observe_engine(event);
-    let ipam = Ipam::new(&store).with_observer(&observe);
     let mut errors = Vec::new();
-    let results = futures::stream::iter(by_pool.values().map(|(target, batch)| {
-        let ipam = &ipam;
-        async move { (target, batch, release(ctx, ipam, target, batch).await) }
-    }))
-    .buffer_unordered(PARALLEL)
-    .collect::<Vec<_>>()
-    .await;
-    for (target, batch, result) in results {
+    for (batch, result) in plan.execute(ctx).await {
         match result {
             Ok(ips) => {
-                for (entry, reason, _) in batch.iter().filter(|(entry, ..)| ips.contains(&entry.ip)) {
+                for r in batch.iter().filter(|r| ips.contains(&r.found.ip)) {
                     if !ctx.dry_run {
-                        ctx.metrics.released(Source::Reconciler, *reason);
+                        ctx.metrics.released(Source::Reconciler, r.reason);
                     }
                     report.released.push(Released {
-                        ip: entry.ip,
-                        pool: target.name.clone(),
-                        pod_ref: entry.allocation.pod_ref.clone(),
-                        reason: *reason,
+                        ip: r.found.ip,
+                        pool: r.found.pool.name.clone(),
+                        pod_ref: r.found.allocation.pod_ref.clone(),
+                        reason: r.reason,
                     });
                 }
             }
             Err(e) => errors.push(e.to_string()),
         }
     }
+    let store = KubeStore::new(ctx.client.clone(), &ctx.namespace, COMPONENT);
+    let observe = |event| ctx.metrics.observe_engine(event);
+    let ipam = Ipam::new(&store).with_observer(&observe);
     for (name, reserved) in orphans {
         let verb = if ctx.dry_run { "dry run: would delete" } else { "deleting" };
         tracing::info!("{verb} orphaned reservation {name} of {} (no pool entry holds it)", reserved.pod_ref);
@@ -181,37 +167,6 @@ async fn reconcile(ctx: &Context) -> Result<Report, ReconcileError> {
     }
     report.released.sort_by(|a, b| (&a.pool, a.ip).cmp(&(&b.pool, b.ip)));
     if errors.is_empty() { Ok(report) } else { Err(ReconcileError::Release(errors)) }
-}
-
-/// Releases one pool's orphans (or, in a dry run, logs them); returns the addresses released.
-async fn release(
-    ctx: &Context,
-    ipam: &Ipam<'_, KubeStore>,
-    target: &PoolTarget,
-    batch: &[(Found, ReleaseReason, Vec<String>)],
-) -> Result<Vec<IpAddr>, IpamError> {
-    for (entry, reason, _) in batch {
-        let verb = if ctx.dry_run { "dry run: would release" } else { "releasing" };
-        tracing::info!(
-            "{verb} {} in pool {} held by {} ({})",
-            entry.ip,
-            target.name,
-            entry.allocation.pod_ref,
-            reason.as_str()
-        );
-    }
-    if ctx.dry_run {
-        return Ok(batch.iter().map(|(entry, ..)| entry.ip).collect());
-    }
-    let found: Vec<FoundAllocation<'_>> = batch
-        .iter()
-        .map(|(entry, _, reservations)| FoundAllocation {
-            ip: entry.ip,
-            allocation: &entry.allocation,
-            reservations: reservations.clone(),
-        })
-        .collect();
-    ipam.release_found(target, &found).await
 }
 
 /// Every object of a kind in `ctx.namespace`, decoded one by one (an undecodable one is skipped with a

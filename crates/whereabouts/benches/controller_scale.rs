@@ -228,11 +228,11 @@ async fn measure(label: &'static str, slices: bool) -> Row {
         (0..NODES).map(|n| pods.iter().filter(|p| p.2 == n).collect()).collect();
     let results = Mutex::new(Vec::new());
     let started = Instant::now();
+    let queues: Vec<Mutex<_>> = by_node.iter().map(|node_pods| Mutex::new(node_pods.iter())).collect();
     std::thread::scope(|scope| {
-        for node_pods in &by_node {
-            let queue = Mutex::new(node_pods.iter());
+        for queue in &queues {
             for _ in 0..PER_NODE {
-                let (queue, results, config, cluster) = (&queue, &results, &config, &cluster);
+                let (results, config, cluster) = (&results, &config, &cluster);
                 scope.spawn(move || {
                     loop {
                         let next = queue.lock().expect("queue").next().copied();

@@ -215,15 +215,11 @@ pub fn controller(args: ControllerArgs) -> ExitCode {
                 .clone()
                 .or_else(|| std::env::var("HOSTNAME").ok())
                 .unwrap_or_else(|| "whereabouts-controller".into());
-            let config = LeaseConfig::new(
-                &args.lease_name,
-                &ctx.namespace,
-                // A restarted pod keeps its name: the suffix tells its new process from the old one.
-                &format!("{identity}_{:08x}", fastrand::u32(..)),
-                args.lease_duration,
-                args.renew_deadline,
-                args.retry_period,
-            );
+            // A restarted pod keeps its name: the suffix tells its new process from the old one.
+            let identity = format!("{identity}_{:08x}", fastrand::u32(..));
+            let config = LeaseConfig::new(&args.lease_name, &ctx.namespace, identity).and_then(|config| {
+                config.with_timings(args.lease_duration, args.renew_deadline, args.retry_period)
+            });
             match config {
                 Ok(config) => Some(config),
                 Err(e) => {

@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the controller: cleanup after deleted pods, the scheduled reconciler, node slices.
-    Controller(controller::ControllerArgs),
+    Controller(Box<controller::ControllerArgs>),
     /// Run one reconciliation and exit (for a CronJob): releases leaked addresses and orphaned
     /// reservations. Exits 1 if anything failed; the next run tries again.
     Reconcile(controller::ReconcileArgs),
@@ -62,7 +62,7 @@ fn main() -> ExitCode {
         return ExitCode::from(u8::try_from(reply.exit_code).unwrap_or(1));
     }
     match Cli::parse().command {
-        Some(Command::Controller(args)) => controller::controller(args),
+        Some(Command::Controller(args)) => controller::controller(*args),
         Some(Command::Reconcile(args)) => controller::reconcile(args),
         None => {
             eprintln!(

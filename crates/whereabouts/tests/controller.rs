@@ -133,14 +133,15 @@ async fn held(cluster: &TestCluster) -> Vec<(String, Allocation)> {
     let Some(pool) = api.get_opt(&format!("{NETWORK}-{POOL}")).await.expect("read the pool") else {
         return Vec::new();
     };
-    let base: std::net::Ipv4Addr = "192.0.2.0".parse().unwrap();
+    let base: std::net::Ipv4Addr = "192.0.2.0".parse().expect("an address");
     let mut out: Vec<(String, Allocation)> = pool
         .spec
         .pool
         .allocations
         .into_iter()
         .map(|(offset, a)| {
-            let ip = std::net::Ipv4Addr::from(u32::from(base) + offset.parse::<u32>().unwrap());
+            let ip =
+                std::net::Ipv4Addr::from(u32::from(base) + offset.parse::<u32>().expect("a decimal offset"));
             (ip.to_string(), a)
         })
         .collect();
@@ -204,23 +205,23 @@ impl Controller {
         tokio::spawn(async move {
             let mut found = Some(found);
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(rest) = line.split("/readyz on ").nth(1) {
-                    if let (Some(found), Ok(address)) = (found.take(), rest.trim().parse::<SocketAddr>()) {
-                        let _ = found.send(address);
-                    }
+                if let Some(rest) = line.split("/readyz on ").nth(1)
+                    && let (Some(found), Ok(address)) = (found.take(), rest.trim().parse::<SocketAddr>())
+                {
+                    let _ = found.send(address);
                 }
-                sink.lock().unwrap().push_str(&(line + "\n"));
+                sink.lock().expect("the log").push_str(&(line + "\n"));
             }
         });
         let address = tokio::time::timeout(Duration::from_secs(30), address)
             .await
-            .unwrap_or_else(|_| panic!("the controller did not start: {}", log.lock().unwrap()))
-            .unwrap_or_else(|_| panic!("the controller exited: {}", log.lock().unwrap()));
+            .unwrap_or_else(|_| panic!("the controller did not start: {}", log.lock().expect("the log")))
+            .unwrap_or_else(|_| panic!("the controller exited: {}", log.lock().expect("the log")));
         Controller { child, address, log }
     }
 
     fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.log.lock().expect("the log").clone()
     }
 
     /// GET `path` on the metrics server: (status, body).
@@ -370,7 +371,7 @@ async fn a_finished_pod_is_released() {
     annotate(&cluster, "job-1", &[&ip]).await;
     set_phase(&cluster, "job-1", "Running").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(held_ips(&cluster).await, [ip.clone()], "a running pod keeps its address");
+    assert_eq!(held_ips(&cluster).await, std::slice::from_ref(&ip), "a running pod keeps its address");
     set_phase(&cluster, "job-1", "Succeeded").await;
     assert!(
         eventually(Duration::from_secs(10), || async { held_ips(&cluster).await.is_empty() }).await,
@@ -432,7 +433,7 @@ async fn write_pool(cluster: &TestCluster, allocations: Value) {
         "metadata": { "name": format!("{NETWORK}-{POOL}") },
         "spec": { "range": RANGE, "allocations": allocations },
     }))
-    .unwrap();
+    .expect("an IPPool");
     api.create(&PostParams::default(), &pool).await.expect("create the pool");
 }
 
