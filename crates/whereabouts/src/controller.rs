@@ -11,6 +11,7 @@ use clap::{Args, ValueEnum};
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use tracing::level_filters::LevelFilter;
+use tracing_subscriber::filter::Targets;
 use whereabouts_controller::leader::LeaseConfig;
 use whereabouts_controller::metrics::Metrics;
 use whereabouts_controller::nad::FlatFile;
@@ -111,14 +112,22 @@ pub struct ReconcileArgs {
     connection: Connection,
 }
 
+/// Logs to stderr: ours at `level`, the libraries' (kube, hyper, tower) warnings and errors only, so
+/// that debug logging shows what the controller does rather than every HTTP request.
 fn init_logging(level: Level) {
-    let max = match level {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let ours = match level {
         Level::Debug => LevelFilter::DEBUG,
         Level::Info => LevelFilter::INFO,
         Level::Warn => LevelFilter::WARN,
         Level::Error => LevelFilter::ERROR,
     };
-    let _ = tracing_subscriber::fmt().with_max_level(max).with_writer(std::io::stderr).try_init();
+    let filter = Targets::new().with_default(ours.min(LevelFilter::WARN)).with_target("whereabouts", ours);
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .try_init();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {

@@ -27,6 +27,7 @@ use whereabouts_store::Reservation;
 
 const NETWORK: &str = "ctl-net";
 const RANGE: &str = "192.0.2.0/24";
+/// The pool's name: the range's, as the configuration sets no `network_name`.
 const POOL: &str = "192.0.2.0-24";
 
 fn binary() -> &'static Path {
@@ -130,7 +131,7 @@ async fn add(cluster: &TestCluster, pod: &str, uid: &str, container: &str, node:
 /// The pool's allocations by address.
 async fn held(cluster: &TestCluster) -> Vec<(String, Allocation)> {
     let api: Api<IPPool> = Api::namespaced(cluster.client(), cluster.namespace());
-    let Some(pool) = api.get_opt(&format!("{NETWORK}-{POOL}")).await.expect("read the pool") else {
+    let Some(pool) = api.get_opt(POOL).await.expect("read the pool") else {
         return Vec::new();
     };
     let base: std::net::Ipv4Addr = "192.0.2.0".parse().expect("an address");
@@ -184,11 +185,15 @@ impl Controller {
     /// Starts `whereabouts controller` on the test cluster with `args`, serving metrics on a free
     /// loopback port; waits until it says where.
     async fn start(cluster: &TestCluster, args: &[&str]) -> Controller {
+        // No schedule file unless the test gives one: the default schedule is not due during a test.
+        let cron: &[&str] =
+            if args.contains(&"--cron-file") { &[] } else { &["--cron-file", "/nonexistent/config"] };
         let mut child = tokio::process::Command::new(binary())
             .arg("controller")
+            .args(cron)
             .args(["--kubeconfig", &cluster.kubeconfig_path().display().to_string()])
             .args(["--namespace", cluster.namespace(), "--metrics-address", "127.0.0.1:0"])
-            .args(["--log-level", "debug", "--cron-file", "/nonexistent/cron-schedule/config"])
+            .args(["--log-level", "debug"])
             .args(args)
             .env_remove("WHEREABOUTS_RECONCILER_CRON")
             .env_remove("NODENAME")
@@ -328,8 +333,8 @@ async fn a_deleted_pod_is_released_within_seconds_with_an_event() {
     assert!(found, "no IPAddressGarbageCollected event naming {ip}");
     let reservations: Api<OverlappingRangeIPReservation> =
         Api::namespaced(cluster.client(), cluster.namespace());
-    assert!(reservations.get_opt(&format!("{NETWORK}-{ip}")).await.unwrap().is_none(), "its reservation too");
-    assert!(reservations.get_opt(&format!("{NETWORK}-{kept}")).await.unwrap().is_some());
+    assert!(reservations.get_opt(&ip).await.unwrap().is_none(), "its reservation too");
+    assert!(reservations.get_opt(&kept).await.unwrap().is_some());
     controller.kill().await;
     cluster.cleanup().await;
 }
@@ -430,7 +435,7 @@ async fn write_pool(cluster: &TestCluster, allocations: Value) {
     let pool: IPPool = serde_json::from_value(json!({
         "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
         "kind": "IPPool",
-        "metadata": { "name": format!("{NETWORK}-{POOL}") },
+        "metadata": { "name": POOL },
         "spec": { "range": RANGE, "allocations": allocations },
     }))
     .expect("an IPPool");
@@ -465,9 +470,7 @@ async fn the_reconciler_never_releases_a_starting_pod_and_dry_run_changes_nothin
     // An orphaned reservation (nothing in any pool), and one a pool entry stands behind.
     let reservations: Api<OverlappingRangeIPReservation> =
         Api::namespaced(cluster.client(), cluster.namespace());
-    for (name, pod) in
-        [("other-net-192.0.2.200", "vanished"), (&*format!("{NETWORK}-192.0.2.3"), "running-listed")]
-    {
+    for (name, pod) in [("other-net-192.0.2.200", "vanished"), ("192.0.2.3", "running-listed")] {
         let holder = Reservation {
             pod_ref: format!("{}/{pod}", cluster.namespace()),
             ifname: "net1".into(),
@@ -493,7 +496,7 @@ async fn the_reconciler_never_releases_a_starting_pod_and_dry_run_changes_nothin
     );
     assert_eq!(held_ips(&cluster).await, ["192.0.2.1", "192.0.2.2", "192.0.2.3"]);
     assert!(reservations.get_opt("other-net-192.0.2.200").await.unwrap().is_none());
-    assert!(reservations.get_opt(&format!("{NETWORK}-192.0.2.3")).await.unwrap().is_some());
+    assert!(reservations.get_opt("192.0.2.3").await.unwrap().is_some());
     let (_, out) = reconcile(&cluster, &[]).await;
     assert!(out.contains("released 0 addresses and 0 orphaned reservations"), "idempotent: {out}");
     cluster.cleanup().await;
@@ -602,13 +605,13 @@ async fn metrics_match_the_pools_and_health_answers() {
         add(&cluster, &name, &uid, &format!("sandbox-m{i}"), &node).await;
         uids.push(uid);
     }
-    let series = format!("whereabouts_pool_allocated_addresses{{pool=\"{NETWORK}-{POOL}\"}}");
+    let series = format!("whereabouts_pool_allocated_addresses{{pool=\"{POOL}\"}}");
     assert!(
         eventually(Duration::from_secs(10), || async { controller.metric(&series).await == Some(3.0) }).await,
         "{}",
         controller.get("/metrics").await.1
     );
-    let capacity = format!("whereabouts_pool_capacity_addresses{{pool=\"{NETWORK}-{POOL}\"}}");
+    let capacity = format!("whereabouts_pool_capacity_addresses{{pool=\"{POOL}\"}}");
     assert_eq!(controller.metric(&capacity).await, Some(254.0));
     delete_pod(&cluster, "m-1").await;
     assert!(
