@@ -28,7 +28,7 @@ use whereabouts_core::addr::parse_cidr_strict;
 use whereabouts_core::pool::Pool;
 use whereabouts_k8s::crd::{IPPool, NodeSlicePool};
 use whereabouts_k8s::k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
-use whereabouts_k8s::kube::api::{ApiResource, DeleteParams, DynamicObject, ObjectMeta, PostParams};
+use whereabouts_k8s::kube::api::{DeleteParams, DynamicObject, ObjectMeta, PostParams};
 use whereabouts_k8s::kube::{Api, Client};
 use whereabouts_kube_testing::{FakeOptions, TestCluster};
 
@@ -80,13 +80,7 @@ async fn create_objects(cluster: &TestCluster, slices: bool) -> Vec<(String, Str
             Node { metadata: ObjectMeta { name: Some(node(n)), ..ObjectMeta::default() }, ..Node::default() };
         let _ = Api::<Node>::all(client.clone()).create(&PostParams::default(), &object).await;
     }
-    let nad = ApiResource {
-        group: "k8s.cni.cncf.io".into(),
-        version: "v1".into(),
-        api_version: "k8s.cni.cncf.io/v1".into(),
-        kind: "NetworkAttachmentDefinition".into(),
-        plural: "network-attachment-definitions".into(),
-    };
+    let nad = whereabouts_controller::nodeslice::nad_resource();
     let config = netconf(cluster.kubeconfig_path(), slices).to_string();
     let object: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "k8s.cni.cncf.io/v1",

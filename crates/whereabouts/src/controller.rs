@@ -34,6 +34,16 @@ pub struct Connection {
     /// Log level.
     #[arg(long, env = "WHEREABOUTS_LOG_LEVEL", value_enum, default_value_t = Level::Info)]
     log_level: Level,
+    /// Log lines as text or as JSON objects (one per line, with the fields of each event).
+    #[arg(long, env = "WHEREABOUTS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// Log line formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Log levels.
@@ -114,7 +124,7 @@ pub struct ReconcileArgs {
 
 /// Logs to stderr: ours at `level`, the libraries' (kube, hyper, tower) warnings and errors only, so
 /// that debug logging shows what the controller does rather than every HTTP request.
-fn init_logging(level: Level) {
+fn init_logging(level: Level, format: LogFormat) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let ours = match level {
@@ -124,10 +134,11 @@ fn init_logging(level: Level) {
         Level::Error => LevelFilter::ERROR,
     };
     let filter = Targets::new().with_default(ours.min(LevelFilter::WARN)).with_target("whereabouts", ours);
-    let _ = tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .with(filter)
-        .try_init();
+    let text = (format == LogFormat::Text).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer().json().with_current_span(false).with_writer(std::io::stderr)
+    });
+    let _ = tracing_subscriber::registry().with(text).with(json).with(filter).try_init();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
@@ -191,7 +202,7 @@ async fn terminated() {
 
 /// Runs the controller until SIGTERM or SIGINT (exit 0); 1 when it cannot start.
 pub fn controller(args: ControllerArgs) -> ExitCode {
-    init_logging(args.connection.log_level);
+    init_logging(args.connection.log_level, args.connection.log_format);
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(code) => return code,
@@ -266,7 +277,7 @@ pub fn controller(args: ControllerArgs) -> ExitCode {
 
 /// Runs one reconciliation: prints what it released on stdout; exit 0, or 1 when anything failed.
 pub fn reconcile(args: ReconcileArgs) -> ExitCode {
-    init_logging(args.connection.log_level);
+    init_logging(args.connection.log_level, args.connection.log_format);
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(code) => return code,

@@ -629,3 +629,133 @@ async fn metrics_match_the_pools_and_health_answers() {
     controller.kill().await;
     cluster.cleanup().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// node slices, end to end
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_get_ipv6_slices_and_their_plugins_allocate_inside_them() {
+    use whereabouts_k8s::crd::NodeSlicePool;
+    use whereabouts_k8s::kube::api::DynamicObject;
+
+    let cluster = TestCluster::start().await;
+    let (a, b, c) = (node_name(&cluster, "a"), node_name(&cluster, "b"), node_name(&cluster, "c"));
+    for node in [&a, &b] {
+        create_node(&cluster, node).await;
+    }
+    // range_start leaves the first /120 slice without a candidate: it is never offered.
+    let ipam = json!({
+        "type": "whereabouts",
+        "range": "2001:db8:5::/112",
+        "range_start": "2001:db8:5::100",
+        "node_slice_size": "/120",
+        "network_name": "v6net",
+        "datastore": "kubernetes",
+        "kubernetes": { "kubeconfig": cluster.kubeconfig_path() },
+        "log_level": "error",
+    });
+    let config = json!({ "cniVersion": "1.0.0", "name": "v6", "type": "macvlan", "ipam": ipam });
+    let nad: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "k8s.cni.cncf.io/v1",
+        "kind": "NetworkAttachmentDefinition",
+        "metadata": { "name": "v6", "namespace": cluster.namespace() },
+        "spec": { "config": config.to_string() },
+    }))
+    .expect("a NAD");
+    let nads: Api<DynamicObject> = Api::namespaced_with(
+        cluster.client(),
+        cluster.namespace(),
+        &whereabouts_controller::nodeslice::nad_resource(),
+    );
+    nads.create(&PostParams::default(), &nad).await.expect("create the NAD");
+    let controller = Controller::start(&cluster, &["--no-leader-election"]).await;
+    let slices: Api<NodeSlicePool> = Api::namespaced(cluster.client(), cluster.namespace());
+    let slice_of = |node: String| {
+        let slices = slices.clone();
+        async move {
+            let pool = slices.get_opt("v6net").await.ok()??;
+            let found = pool.status?.allocations.into_iter().find(|s| s.node_name == node)?;
+            Some(found.slice_range.parse::<ipnet::Ipv6Net>().expect("a slice"))
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(15), || async { slice_of(b.clone()).await.is_some() }).await,
+        "no slices: {}",
+        controller.log()
+    );
+    let (slice_a, slice_b) = (slice_of(a.clone()).await.expect("a's"), slice_of(b.clone()).await.expect("b's"));
+    assert_ne!(slice_a, slice_b);
+    for slice in [slice_a, slice_b] {
+        assert_ne!(slice.network(), "2001:db8:5::".parse::<std::net::Ipv6Addr>().unwrap(), "range_start honoured");
+    }
+
+    let mut addresses = Vec::new();
+    for (node, slice) in [(&a, slice_a), (&b, slice_b)] {
+        let pod = format!("p-{}", &node[node.len() - 1..]);
+        let uid = create_pod(&cluster, &pod, node).await;
+        let cni_args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={pod};K8S_POD_UID={uid}",
+            cluster.namespace()
+        );
+        let call = Call { binary: binary(), command: "ADD", container: &pod, cni_args: &cni_args, node };
+        let got = call.run(&config).await.addresses(&format!("ADD {pod}"));
+        let ip: ipnet::Ipv6Net = got[0].parse().expect("an IPv6 address");
+        assert_eq!(ip.prefix_len(), 112, "the result keeps the range's prefix");
+        assert!(slice.contains(&ip.addr()), "{ip} outside {node}'s slice {slice}");
+        addresses.push((pod, ip.addr(), slice));
+    }
+
+    // A node joining gets a slice of its own, and nobody moves.
+    create_node(&cluster, &c).await;
+    assert!(
+        eventually(Duration::from_secs(15), || async { slice_of(c.clone()).await.is_some() }).await,
+        "{}",
+        controller.log()
+    );
+    let slice_c = slice_of(c.clone()).await.expect("c's");
+    assert!(![slice_a, slice_b].contains(&slice_c));
+    assert_eq!(slice_of(a.clone()).await, Some(slice_a));
+
+    // A pod on b deleted without DEL: the controller releases it from b's pool of its slice (upstream's
+    // cleanup never looks in node-slice pools).
+    let pools: Api<IPPool> = Api::namespaced(cluster.client(), cluster.namespace());
+    let pool_b = whereabouts_core::range::pool_name("v6net", Some(&b), &ipnet::IpNet::V6(slice_b));
+    assert_eq!(pools.get(&pool_b).await.expect("b's pool").spec.pool.allocations.len(), 1);
+    delete_pod(&cluster, &addresses[1].0).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            pools.get(&pool_b).await.is_ok_and(|p| p.spec.pool.allocations.is_empty())
+        })
+        .await,
+        "{}",
+        controller.log()
+    );
+    controller.kill().await;
+    for node in [&a, &b, &c] {
+        delete_node(&cluster, node).await;
+    }
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_can_be_json_lines() {
+    let cluster = TestCluster::start().await;
+    write_pool(&cluster, json!({ "9": upstream_record(&cluster, "gone", "c9") })).await;
+    let output = tokio::process::Command::new(binary())
+        .args(["reconcile", "--dry-run", "--log-format", "json"])
+        .args(["--kubeconfig", &cluster.kubeconfig_path().display().to_string()])
+        .args(["--namespace", cluster.namespace()])
+        .output()
+        .await
+        .expect("run reconcile");
+    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<Value> =
+        stderr.lines().map(|line| serde_json::from_str(line).expect("every line is JSON")).collect();
+    assert!(
+        lines.iter().any(|line| line["level"] == "INFO"
+            && line["fields"]["message"].as_str().is_some_and(|m| m.contains("would release 192.0.2.9"))),
+        "{stderr}"
+    );
+    cluster.cleanup().await;
+}
