@@ -156,7 +156,7 @@ pub async fn run(ctx: Context, index: PoolIndex, node: Option<String>) {
     let queue = Arc::new(Queue::default());
     let recorder = Recorder::new(
         ctx.client.clone(),
-        Reporter { controller: COMPONENT.into(), instance: node.clone().or_else(|| hostname()) },
+        Reporter { controller: COMPONENT.into(), instance: node.clone().or_else(hostname) },
     );
     tokio::join!(watch_pods(&ctx, &queue, node.as_deref()), work(&ctx, &index, &queue, &recorder));
 }

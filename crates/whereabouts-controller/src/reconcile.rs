@@ -115,8 +115,9 @@ async fn reconcile(ctx: &Context) -> Result<Report, ReconcileError> {
         })
         .collect();
 
-    let mut by_pool: BTreeMap<String, (PoolTarget, Vec<(Found, ReleaseReason, Vec<String>)>)> =
-        BTreeMap::new();
+    // Per pool name: the pool, and each allocation to release from it with why.
+    type Releases = (PoolTarget, Vec<(Found, ReleaseReason, Vec<String>)>);
+    let mut by_pool: BTreeMap<String, Releases> = BTreeMap::new();
     for entry in &found {
         if let Verdict::Release(reason) =
             judge(&entry.allocation, entry.ip, pods.get(&entry.allocation.pod_ref))

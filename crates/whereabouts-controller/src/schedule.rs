@@ -111,10 +111,10 @@ impl Sources {
 
     /// The expression of the first source that sets one, and that source's name.
     pub fn expression(&self) -> (String, String) {
-        if let Ok(text) = std::fs::read_to_string(&self.file) {
-            if !text.trim().is_empty() {
-                return (text.trim().to_string(), self.file.display().to_string());
-            }
+        if let Ok(text) = std::fs::read_to_string(&self.file)
+            && !text.trim().is_empty()
+        {
+            return (text.trim().to_string(), self.file.display().to_string());
         }
         if let Some(value) = self.env.as_deref().map(str::trim).filter(|v| !v.is_empty()) {
             return (value.to_string(), ENV.to_string());
