@@ -10,7 +10,8 @@
 //!   wins and the others get a Warning Event.
 //! * A departed node's slice is freed only once its pool of the slice is empty, and re-slicing never
 //!   hands a busy slice's addresses to another node (upstream frees and reshuffles at once, which can
-//!   give one address to two pods).
+//!   give one address to two pods). The per-node IPPools holding allocations count too, whatever the
+//!   NodeSlicePool says: one deleted, lost or recreated with its NAD keeps each busy slice with its node.
 //! * IPv6 works; nodes left without a slice get a Warning Event.
 //! * Owner references only name NADs of the whereabouts namespace (they cannot cross namespaces: the
 //!   garbage collector would delete the pool); NodeSlicePools are also labelled as managed here, and
@@ -28,7 +29,9 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use thiserror::Error;
 use whereabouts_core::range::pool_name;
-use whereabouts_core::slice::{SliceAssignment, Slicing, assign_slices};
+use whereabouts_core::slice::{
+    SliceAssignment, Slicing, assign_slices, holders_from_pools, parse_slice_size,
+};
 use whereabouts_k8s::crd::{
     IPPool, NodeSliceAllocation, NodeSlicePool, NodeSlicePoolSpec, NodeSlicePoolStatus,
 };
@@ -204,14 +207,15 @@ async fn reconcile_with(
         .into_iter()
         .map(|p| (p.name_any(), p))
         .collect();
-    let busy_pools: BTreeSet<String> = Api::<IPPool>::namespaced(ctx.client.clone(), &ctx.namespace)
+    // The IPPools holding allocations, by name, with their `spec.range`.
+    let busy_pools: BTreeMap<String, String> = Api::<IPPool>::namespaced(ctx.client.clone(), &ctx.namespace)
         .list(&ListParams::default())
         .await
         .map_err(list("IPPools"))?
         .items
         .into_iter()
         .filter(|p| !p.spec.pool.allocations.is_empty())
-        .map(|p| p.name_any())
+        .map(|p| (p.name_any(), p.spec.pool.range.clone()))
         .collect();
 
     let mut summary = Summary::default();
@@ -233,12 +237,8 @@ async fn reconcile_with(
         }
     }
     for (name, network) in &networks {
-        let busy = |node: &str, slice: &ipnet::IpNet| {
-            network
-                .agreeing()
-                .any(|n| busy_pools.contains(&pool_name(&n.config.ipam.network_name, Some(node), slice)))
-        };
-        match write_pool(ctx, &slice_pools, name, network, &nodes, existing.get(name).cloned(), busy).await {
+        let current = existing.get(name).cloned();
+        match write_pool(ctx, &slice_pools, name, network, &nodes, current, &busy_pools).await {
             Ok((written, assignment)) => {
                 record_gauges(ctx, name, &assignment);
                 if written {
@@ -324,17 +324,23 @@ fn managed(pool: &NodeSlicePool) -> bool {
         || pool.owner_references().iter().any(|o| o.kind == NAD_KIND && o.api_version == NAD_API_VERSION)
 }
 
-/// The NodeSlicePool `name` as `network` wants it, given the one stored (`current`, `None` if absent).
+/// The NodeSlicePool `name` as `network` wants it, given the one stored (`current`, `None` if absent)
+/// and the IPPools holding allocations (`busy_pools`, name → `spec.range`).
+///
+/// The previous assignment is what `current`'s status says, and also every (node, slice) a per-node
+/// IPPool holding allocations tells of, of the configured layout or of `current`'s: a NodeSlicePool
+/// deleted, lost or recreated with its NAD has forgotten them, and a node that took such a slice over
+/// would allocate addresses still in use. Those pools are busy, so their slices stay with their node.
 fn desired(
     ctx: &Context,
     name: &str,
     network: &Network,
     nodes: &BTreeSet<String>,
     current: Option<&NodeSlicePool>,
-    busy: impl Fn(&str, &ipnet::IpNet) -> bool,
+    busy_pools: &BTreeMap<String, String>,
 ) -> (NodeSlicePool, SliceAssignment) {
     let winner = network.winner();
-    let previous: Vec<(ipnet::IpNet, String)> = current
+    let mut previous: Vec<(ipnet::IpNet, String)> = current
         .and_then(|p| p.status.as_ref())
         .map(|s| s.allocations.as_slice())
         .unwrap_or_default()
@@ -342,6 +348,28 @@ fn desired(
         .filter(|a| !a.node_name.is_empty())
         .filter_map(|a| a.slice_range.trim().parse().ok().map(|slice| (slice, a.node_name.clone())))
         .collect();
+    let mut layouts = vec![(winner.slicing.range().network(), winner.slicing.size())];
+    let stored_layout = current.and_then(|p| {
+        let network = p.spec.range.trim().parse::<ipnet::IpNet>().ok()?;
+        Some((network, parse_slice_size(&p.spec.slice_size).ok()?))
+    });
+    layouts.extend(stored_layout);
+    // The NADs of one NodeSlicePool may name their pools differently: `network_name` set, or empty
+    // with the CNI network name as the NodeSlicePool's name.
+    let prefixes: BTreeSet<&str> = network.agreeing().map(|n| n.config.ipam.network_name.as_str()).collect();
+    let mut listed: BTreeSet<(ipnet::IpNet, String)> = previous.iter().cloned().collect();
+    for prefix in &prefixes {
+        let pools = busy_pools.iter().map(|(name, range)| (name.as_str(), range.as_str()));
+        for pair in holders_from_pools(prefix, &layouts, pools) {
+            if listed.insert(pair.clone()) {
+                previous.push(pair);
+            }
+        }
+    }
+    // A node's pool of a slice is busy when it holds allocations.
+    let busy = |node: &str, slice: &ipnet::IpNet| {
+        prefixes.iter().any(|prefix| busy_pools.contains_key(&pool_name(prefix, Some(node), slice)))
+    };
     let assignment = assign_slices(&winner.slicing, &previous, nodes, busy);
     let spec = NodeSlicePoolSpec {
         range: winner.slicing.range().network().to_string(),
@@ -380,14 +408,14 @@ async fn write_pool(
     network: &Network,
     nodes: &BTreeSet<String>,
     mut current: Option<NodeSlicePool>,
-    busy: impl Fn(&str, &ipnet::IpNet) -> bool,
+    busy_pools: &BTreeMap<String, String>,
 ) -> Result<(bool, SliceAssignment), Error> {
     let failed = |source| Error::Write { name: name.to_string(), source };
     for attempt in 0..WRITE_ATTEMPTS {
         if attempt > 0 {
             current = api.get_opt(name).await.map_err(failed)?;
         }
-        let (pool, assignment) = desired(ctx, name, network, nodes, current.as_ref(), &busy);
+        let (pool, assignment) = desired(ctx, name, network, nodes, current.as_ref(), busy_pools);
         if current.as_ref() == Some(&pool) {
             return Ok((false, assignment));
         }

@@ -349,3 +349,128 @@ async fn the_run_loop_reacts_to_a_node_joining() {
     task.abort();
     f.cleanup().await;
 }
+
+/// The slice's holder in the NodeSlicePool (`""` when free); `None` when the slice is not listed.
+async fn holder_of(f: &Fixture, pool: &str, slice: &str) -> Option<String> {
+    let slices = f.slices(pool).await.expect("the NodeSlicePool exists");
+    slices.into_iter().find(|(s, _)| s == slice).map(|(_, n)| n)
+}
+
+/// A non-empty per-node IPPool and no NodeSlicePool yet (deleted, lost, or its NAD recreated): the
+/// node keeps that slice, though name order would have given it to another node, and nobody else gets
+/// it. Here with a `network_name`, so the pool's name carries it as a prefix.
+#[tokio::test]
+async fn a_busy_per_node_pool_keeps_its_slice_with_its_node_when_no_node_slice_pool_exists() {
+    let mut f = Fixture::start().await;
+    let net = f.unique("net");
+    let (a, x) = (f.add_node("a").await, f.add_node("x").await);
+    let slice = "192.0.2.0/27";
+    let x_pool = pool_name(&net, Some(&x), &slice.parse().expect("a CIDR"));
+    f.set_pool(&x_pool, slice, json!({"1": {"id": "c1", "podref": "apps/p1"}})).await;
+    let ipam = json!({"range": "192.0.2.0/24", "node_slice_size": "/27", "network_name": net});
+    f.add_nad("net", macvlan("whatever", ipam)).await;
+    f.reconcile().await;
+
+    assert_eq!(f.slice_of(&net, &x).await.as_deref(), Some(slice));
+    assert_eq!(holder_of(&f, &net, slice).await, Some(x.clone()), "one entry per slice: x's alone");
+    let slice_a = f.slice_of(&net, &a).await.expect("a got a slice");
+    assert!(!overlap(&slice_a, slice), "{slice_a}");
+    // Stable: the next reconcile (now with the NodeSlicePool) changes nothing.
+    assert!(f.reconcile().await.unchanged.contains(&net));
+
+    // The NAD deleted (so is its NodeSlicePool) and recreated: x still gets its busy slice back.
+    Api::<DynamicObject>::namespaced_with(f.cluster.client(), f.ns(), &nad_resource())
+        .delete("net", &DeleteParams::default())
+        .await
+        .expect("NAD deleted");
+    assert_eq!(f.reconcile().await.deleted, std::slice::from_ref(&net));
+    let b = f.add_node("b").await;
+    let ipam = json!({"range": "192.0.2.0/24", "node_slice_size": "/27", "network_name": net});
+    f.add_nad("net", macvlan("whatever", ipam)).await;
+    f.reconcile().await;
+    assert_eq!(f.slice_of(&net, &x).await.as_deref(), Some(slice));
+    for other in [&a, &b] {
+        let theirs = f.slice_of(&net, other).await.expect("a slice");
+        assert!(!overlap(&theirs, slice), "{other} got {theirs}");
+    }
+    f.cleanup().await;
+}
+
+/// The same with the pool's node gone: its slice stays with it (departed but busy) and no other node
+/// gets it; once its pool is empty, it is free. Without a `network_name`, the pool's name is
+/// `<node>-<slice>`.
+#[tokio::test]
+async fn a_busy_pool_of_a_departed_node_keeps_its_slice_and_an_empty_one_does_not() {
+    let mut f = Fixture::start().await;
+    let (busy_net, idle_net) = (f.unique("busy"), f.unique("idle"));
+    let x = f.unique("x"); // never a Node
+    let (a, b) = (f.add_node("a").await, f.add_node("b").await);
+    let (busy_slice, idle_slice) = ("198.51.100.0/27", "203.0.113.0/27");
+    let busy_pool = pool_name("", Some(&x), &busy_slice.parse().expect("a CIDR"));
+    let idle_pool = pool_name("", Some(&x), &idle_slice.parse().expect("a CIDR"));
+    f.set_pool(&busy_pool, busy_slice, json!({"1": {"id": "c1", "podref": "apps/p1"}})).await;
+    f.set_pool(&idle_pool, idle_slice, json!({})).await;
+    // Two NADs of the busy network, naming their pools differently: the older one (it wins) by its
+    // network_name, the other by nothing (its CNI name names the NodeSlicePool), as x's pool is named.
+    let named = json!({"range": "198.51.100.0/24", "node_slice_size": "/27", "network_name": busy_net});
+    f.add_nad("a-named", macvlan("another-cni-name", named)).await;
+    f.add_nad("busy", macvlan(&busy_net, json!({"range": "198.51.100.0/24", "node_slice_size": "/27"})))
+        .await;
+    f.add_nad("idle", macvlan(&idle_net, json!({"range": "203.0.113.0/24", "node_slice_size": "/27"}))).await;
+    let summary = f.reconcile().await;
+    assert!(summary.overruled.is_empty(), "{summary:?}");
+
+    assert_eq!(holder_of(&f, &busy_net, busy_slice).await, Some(x.clone()), "departed but busy");
+    for node in [&a, &b] {
+        let theirs = f.slice_of(&busy_net, node).await.expect("a slice");
+        assert!(!overlap(&theirs, busy_slice), "{node} got {theirs}");
+    }
+    assert_eq!(f.slice_of(&idle_net, &x).await, None, "an empty pool holds nothing");
+    if !f.cluster.is_real() {
+        // Only a and b: the lowest slice goes to a, in name order.
+        assert_eq!(f.slice_of(&idle_net, &a).await.as_deref(), Some(idle_slice));
+    }
+
+    // Emptied: freed.
+    f.set_pool(&busy_pool, busy_slice, json!({})).await;
+    f.reconcile().await;
+    assert_eq!(f.slice_of(&busy_net, &x).await, None, "still held after its pool emptied");
+    f.cleanup().await;
+}
+
+/// A NodeSlicePool of the old layout (/26) whose status names nobody, a busy /26 pool of node x, and the
+/// NAD now slicing into /27: x takes a /27 of its old slice and no other node gets the other half.
+#[tokio::test]
+async fn a_busy_pool_of_the_old_layout_keeps_its_addresses_with_its_node() {
+    let mut f = Fixture::start().await;
+    let net = f.unique("net");
+    let (a, b, x) = (f.add_node("a").await, f.add_node("b").await, f.add_node("x").await);
+    let old: NodeSlicePool = serde_json::from_value(json!({
+        "apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "NodeSlicePool",
+        "metadata": {"name": net, "namespace": f.ns()},
+        "spec": {"range": "192.0.2.0/24", "sliceSize": "/26"},
+        "status": {"allocations": []},
+    }))
+    .expect("a NodeSlicePool");
+    Api::<NodeSlicePool>::namespaced(f.cluster.client(), f.ns())
+        .create(&PostParams::default(), &old)
+        .await
+        .expect("NodeSlicePool created");
+    let old_slice = "192.0.2.0/26";
+    let x_pool = pool_name("", Some(&x), &old_slice.parse().expect("a CIDR"));
+    f.set_pool(&x_pool, old_slice, json!({"1": {"id": "c1", "podref": "apps/p1"}})).await;
+    f.add_nad("net", macvlan(&net, json!({"range": "192.0.2.0/24", "node_slice_size": "/27"}))).await;
+    f.reconcile().await;
+
+    let slice_x = f.slice_of(&net, &x).await.expect("x got a slice");
+    assert!(overlap(&slice_x, old_slice), "{slice_x}");
+    for half in ["192.0.2.0/27", "192.0.2.32/27"] {
+        let holder = holder_of(&f, &net, half).await.expect("listed");
+        assert!(holder.is_empty() || holder == x, "{half} went to {holder}");
+    }
+    for node in [&a, &b] {
+        let theirs = f.slice_of(&net, node).await.expect("a slice");
+        assert!(!overlap(&theirs, old_slice), "{node} got {theirs}");
+    }
+    f.cleanup().await;
+}

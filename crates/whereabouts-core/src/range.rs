@@ -162,6 +162,16 @@ pub fn pool_name(network_name: &str, node: Option<&str>, cidr: &IpNet) -> String
     name
 }
 
+/// The node of the per-node IPPool `name` of `cidr` in the network `network_name`: the inverse of
+/// [`pool_name`] with a node, given the known prefix (`network_name-`, if set) and the known suffix
+/// (`-` and the normalised CIDR). `None` when `name` is not such a name (or names no node).
+pub fn pool_node<'a>(network_name: &str, name: &'a str, cidr: &IpNet) -> Option<&'a str> {
+    let rest =
+        if network_name.is_empty() { name } else { name.strip_prefix(network_name)?.strip_prefix('-')? };
+    let node = rest.strip_suffix(normalize_range(cidr).as_str())?.strip_suffix('-')?;
+    (!node.is_empty()).then_some(node)
+}
+
 /// The name of the cluster-wide reservation of one address (upstream `NormalizeIP` for ORIPs):
 /// `2001::3` → `2001--3`, `fd00::` → `fd00--0`, prefixed with `network_name-` when set.
 pub fn reservation_name(network_name: &str, ip: IpAddr) -> String {
@@ -252,6 +262,30 @@ mod tests {
         assert_eq!(pool_name("", None, &net("abcd::/64")), "abcd---64");
         assert_eq!(pool_name("", None, &net("fd00:0:0:10::/64")), "fd00-0-0-10---64");
         assert_eq!(pool_name("", None, &net("2001:db8:480:603d::/64")), "2001-db8-480-603d---64");
+    }
+
+    #[test]
+    fn per_node_pool_names_give_back_their_node() {
+        for (network, node, cidr) in [
+            ("", "worker-1", "10.0.0.64/26"),
+            ("net", "worker-1", "10.0.0.64/26"),
+            ("net-a", "n", "2001:db8::/120"),
+            ("", "a-b-c", "fd00::/120"),
+        ] {
+            let name = pool_name(network, Some(node), &net(cidr));
+            assert_eq!(pool_node(network, &name, &net(cidr)), Some(node), "{name}");
+        }
+        let slice = net("10.0.0.64/26");
+        // The whole-range pool names no node; another network's prefix or another CIDR do not match.
+        assert_eq!(pool_node("", &pool_name("", None, &slice), &slice), None);
+        assert_eq!(pool_node("net", &pool_name("net", None, &slice), &slice), None);
+        assert_eq!(pool_node("net", "other-w-10.0.0.64-26", &slice), None);
+        assert_eq!(pool_node("net", "netw-10.0.0.64-26", &slice), None);
+        assert_eq!(pool_node("net", "net-w-10.0.0.0-26", &slice), None);
+        assert_eq!(pool_node("", "w10.0.0.64-26", &slice), None);
+        // Without a network name, another network's pool reads as a node named with its prefix: the
+        // names alone cannot tell them apart (the controller then errs on the side of busy).
+        assert_eq!(pool_node("", "net-w-10.0.0.64-26", &slice), Some("net-w"));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::addr::{Family, from_u128, net_bounds, to_u128};
 use crate::allocate::lowest_free;
 use crate::interval::IntervalSet;
 use crate::pool::Pool;
-use crate::range::IpRange;
+use crate::range::{IpRange, pool_node};
 
 /// Why a slice size cannot be used; the message names the key and the value.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -169,10 +169,7 @@ impl Slicing {
 
     /// Whether `slice` is one of this slicing's slices.
     pub fn is_slice(&self, slice: &IpNet) -> bool {
-        slice.prefix_len() == self.size
-            && slice.trunc() == *slice
-            && Family::of(slice.addr()) == self.range.family()
-            && self.range.network().contains(slice)
+        is_slice_of(&self.range.network(), self.size, slice)
     }
 
     /// The range a node allocates from inside `slice`: the slice's usable addresses (its own network and
@@ -229,6 +226,40 @@ impl Slicing {
     pub fn slice_containing(&self, ip: IpAddr) -> Option<IpNet> {
         (Family::of(ip) == self.range.family() && self.range.contains(ip)).then(|| self.slice_of(to_u128(ip)))
     }
+}
+
+/// Whether `slice` is one of the slices of prefix length `size` of `network`.
+pub fn is_slice_of(network: &IpNet, size: u8, slice: &IpNet) -> bool {
+    slice.prefix_len() == size
+        && slice.trunc() == *slice
+        && Family::of(slice.addr()) == Family::of(network.addr())
+        && network.contains(slice)
+}
+
+/// The (slice, node) pairs the per-node IPPools themselves tell of, for when a NodeSlicePool's status
+/// cannot be trusted to name them all (it was deleted, lost, or its NAD deleted and recreated).
+///
+/// `pools` are the (name, `spec.range`) of the IPPools that hold allocations. A pool counts when its
+/// `spec.range` is a slice of one of `layouts` (a network and a slice size: the configured slicing, the
+/// one the NodeSlicePool holds) and its name is `[network_name-]<node>-<normalised slice>`
+/// ([`crate::range::pool_name`]); the node is what lies between. Sorted, without duplicates; they are
+/// meant to join `previous` in [`assign_slices`], and are busy.
+pub fn holders_from_pools<'a>(
+    network_name: &str,
+    layouts: &[(IpNet, u8)],
+    pools: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Vec<(IpNet, String)> {
+    let mut found = BTreeSet::new();
+    for (name, range) in pools {
+        let Ok(slice) = range.trim().parse::<IpNet>() else { continue };
+        if !layouts.iter().any(|(network, size)| is_slice_of(&network.trunc(), *size, &slice)) {
+            continue;
+        }
+        if let Some(node) = pool_node(network_name, name, &slice) {
+            found.insert((slice, node.to_string()));
+        }
+    }
+    found.into_iter().collect()
 }
 
 /// The most slices a NodeSlicePool lists: the first this many usable slices. A NodeSlicePool is one
@@ -588,6 +619,59 @@ mod tests {
         let moved = Slicing::new(range("10.0.1.0/24", None, None, &[]), 26).unwrap();
         let r = assign_slices(&moved, &pairs(&[("10.0.0.0/26", "b")]), &node_set(&["a", "b"]), |_, _| true);
         assert_eq!(held(&r), [pair("10.0.1.0/26", "a"), pair("10.0.1.64/26", "b")]);
+    }
+
+    #[test]
+    fn per_node_pools_tell_who_holds_which_slice() {
+        let new = (net("10.0.0.0/24"), 27);
+        let old = (net("10.0.0.0/24"), 26);
+        let pools = [
+            ("net-x-10.0.0.64-27", "10.0.0.64/27"),    // the configured layout
+            ("net-y-10.0.0.128-26", " 10.0.0.128/26"), // the NodeSlicePool's (old) layout
+            ("net-x-10.0.0.64-27", "10.0.0.64/27"),    // listed twice: once
+            ("net-10.0.0.0-24", "10.0.0.0/24"),        // the whole range's pool: no node
+            ("net-z-10.0.0.0-28", "10.0.0.0/28"),      // a slice of neither layout
+            ("net-z-10.0.1.0-27", "10.0.1.0/27"),      // outside the range
+            ("other-z-10.0.0.0-27", "10.0.0.0/27"),    // another network's
+            ("net-z-10.0.0.32-27", "10.0.0.0/27"),     // named for another slice than its range
+            ("net-z-10.0.0.1-27", "10.0.0.1/27"),      // not a slice's own address
+            ("net-z-x", "nonsense"),
+        ];
+        assert_eq!(
+            holders_from_pools("net", &[new, old], pools),
+            pairs(&[("10.0.0.64/27", "x"), ("10.0.0.128/26", "y")])
+        );
+        assert_eq!(holders_from_pools("net", &[new], pools), pairs(&[("10.0.0.64/27", "x")]));
+        let v6 = [("w-2001-db8--100-120", "2001:db8::100/120")];
+        assert_eq!(
+            holders_from_pools("", &[(net("2001:db8::/112"), 120)], v6),
+            pairs(&[("2001:db8::100/120", "w")])
+        );
+    }
+
+    #[test]
+    fn recovered_holders_keep_their_busy_slices() {
+        // No NodeSlicePool status at all: x (live) keeps the slice its busy pool is in, though name order
+        // would give it to "a"; gone (departed) keeps its busy one; nobody else gets either.
+        let recovered = pairs(&[("10.0.0.0/26", "x"), ("10.0.0.128/26", "gone")]);
+        let r = assign_slices(&quarter(), &recovered, &node_set(&["a", "b", "x"]), |_, _| true);
+        assert_eq!(
+            held(&r),
+            [
+                pair("10.0.0.0/26", "x"),
+                pair("10.0.0.64/26", "a"),
+                pair("10.0.0.128/26", "gone"),
+                pair("10.0.0.192/26", "b")
+            ]
+        );
+        // A busy pool of the old /26 layout: x takes the /27 holding its old slice's start and the other
+        // half is reserved to it; a departed node's old /26 is kept from everyone.
+        let smaller = Slicing::new(range("10.0.0.0/24", None, None, &[]), 27).unwrap();
+        let r = assign_slices(&smaller, &recovered, &node_set(&["a", "b", "x"]), |_, _| true);
+        assert_eq!(
+            held(&r),
+            [pair("10.0.0.0/27", "x"), pair("10.0.0.64/27", "a"), pair("10.0.0.96/27", "b")]
+        );
     }
 
     #[test]
