@@ -134,7 +134,8 @@ fn init_logging(level: Level, format: LogFormat) {
         Level::Error => LevelFilter::ERROR,
     };
     let filter = Targets::new().with_default(ours.min(LevelFilter::WARN)).with_target("whereabouts", ours);
-    let text = (format == LogFormat::Text).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    let text =
+        (format == LogFormat::Text).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
     let json = (format == LogFormat::Json).then(|| {
         tracing_subscriber::fmt::layer().json().with_current_span(false).with_writer(std::io::stderr)
     });

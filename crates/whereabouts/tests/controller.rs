@@ -683,10 +683,15 @@ async fn nodes_get_ipv6_slices_and_their_plugins_allocate_inside_them() {
         "no slices: {}",
         controller.log()
     );
-    let (slice_a, slice_b) = (slice_of(a.clone()).await.expect("a's"), slice_of(b.clone()).await.expect("b's"));
+    let (slice_a, slice_b) =
+        (slice_of(a.clone()).await.expect("a's"), slice_of(b.clone()).await.expect("b's"));
     assert_ne!(slice_a, slice_b);
     for slice in [slice_a, slice_b] {
-        assert_ne!(slice.network(), "2001:db8:5::".parse::<std::net::Ipv6Addr>().unwrap(), "range_start honoured");
+        assert_ne!(
+            slice.network(),
+            "2001:db8:5::".parse::<std::net::Ipv6Addr>().unwrap(),
+            "range_start honoured"
+        );
     }
 
     let mut addresses = Vec::new();
