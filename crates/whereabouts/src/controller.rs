@@ -142,10 +142,25 @@ fn init_logging(level: Level, format: LogFormat) {
     let _ = tracing_subscriber::registry().with(text).with(json).with(filter).try_init();
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
-        tracing::error!("starting the runtime: {e}");
-        ExitCode::FAILURE
+/// Sets up logging, a runtime and the connection, then runs `command` to its exit code.
+fn run_connected<F, Fut>(connection: &Connection, command: F) -> ExitCode
+where
+    F: FnOnce(Context) -> Fut,
+    Fut: Future<Output = ExitCode>,
+{
+    init_logging(connection.log_level, connection.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!("starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match context(connection).await {
+            Ok(ctx) => command(ctx).await,
+            Err(code) => code,
+        }
     })
 }
 
@@ -203,16 +218,7 @@ async fn terminated() {
 
 /// Runs the controller until SIGTERM or SIGINT (exit 0); 1 when it cannot start.
 pub fn controller(args: ControllerArgs) -> ExitCode {
-    init_logging(args.connection.log_level, args.connection.log_format);
-    let runtime = match runtime() {
-        Ok(runtime) => runtime,
-        Err(code) => return code,
-    };
-    runtime.block_on(async {
-        let ctx = match context(&args.connection).await {
-            Ok(ctx) => ctx,
-            Err(code) => return code,
-        };
+    run_connected(&args.connection, |ctx| async {
         let node = match (args.mode, args.node.as_deref().map(str::trim).filter(|n| !n.is_empty())) {
             (Mode::Node, None) => {
                 tracing::error!("--mode node needs the node's name: set NODENAME or --node");
@@ -278,16 +284,7 @@ pub fn controller(args: ControllerArgs) -> ExitCode {
 
 /// Runs one reconciliation: prints what it released on stdout; exit 0, or 1 when anything failed.
 pub fn reconcile(args: ReconcileArgs) -> ExitCode {
-    init_logging(args.connection.log_level, args.connection.log_format);
-    let runtime = match runtime() {
-        Ok(runtime) => runtime,
-        Err(code) => return code,
-    };
-    runtime.block_on(async {
-        let ctx = match context(&args.connection).await {
-            Ok(ctx) => ctx,
-            Err(code) => return code,
-        };
+    run_connected(&args.connection, |ctx| async move {
         match reconcile::reconcile_once(&ctx).await {
             Ok(report) => {
                 let verb = if ctx.dry_run { "would release" } else { "released" };
