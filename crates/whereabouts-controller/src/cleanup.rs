@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 
 use crate::Context;
 use crate::index::PoolIndex;
-use crate::judge::{PodView, Verdict, judge};
+use crate::judge::{FINISHED_GRACE, KeepReason, PodView, Verdict, judge};
 use crate::metrics::Source;
 use crate::network_status::{ANNOTATION, NetworkStatus};
 use crate::pools::{Found, reservations_of};
@@ -58,6 +58,8 @@ struct Gone {
     /// Its last network-status, to name networks in Events.
     network_status: Option<NetworkStatus>,
     attempts: u32,
+    /// Whether it was already found holding nothing once (see [`SETTLE`]).
+    settled: bool,
     not_before: Instant,
 }
 
@@ -69,6 +71,7 @@ impl Gone {
             uid: pod.metadata.uid.clone().unwrap_or_default(),
             network_status: network_status(pod),
             attempts: 0,
+            settled: false,
             not_before: Instant::now(),
         })
     }
@@ -104,12 +107,29 @@ pub fn network_status(pod: &Pod) -> Option<NetworkStatus> {
 
 /// What the controller knows of a pod now.
 pub fn pod_view(pod: &Pod) -> PodView {
+    let status = pod.status.as_ref();
+    let stopped = status
+        .into_iter()
+        .flat_map(|s| s.container_statuses.iter().flatten().chain(s.init_container_statuses.iter().flatten()))
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.finished_at.as_ref())
+        .map(|time| time.0)
+        .max();
+    let now = k8s_openapi::jiff::Timestamp::now();
     PodView {
         uid: pod.metadata.uid.clone().unwrap_or_default(),
-        phase: pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_else(|| "Pending".into()),
+        kubelet_uid: pod.metadata.annotations.as_ref().and_then(|a| a.get(MIRROR_ANNOTATION)).cloned(),
+        phase: status.and_then(|s| s.phase.clone()).unwrap_or_else(|| "Pending".into()),
+        // A stop time ahead of this clock (skew) counts as just now.
+        stopped_ago: stopped.map(|at| {
+            let ago = now.duration_since(at);
+            if ago.is_negative() { Duration::ZERO } else { ago.unsigned_abs() }
+        }),
         network_status: network_status(pod),
     }
 }
+
+/// The annotation of a static pod's mirror pod naming the uid the kubelet (and the runtime) knows it by.
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// The queue of pods to clean up: deduplicated by pod uid, in arrival order.
 #[derive(Debug, Default)]
@@ -156,7 +176,7 @@ pub async fn run(ctx: Context, index: PoolIndex, node: Option<String>) {
         ctx.client.clone(),
         Reporter { controller: COMPONENT.into(), instance: node.clone().or_else(hostname) },
     );
-    tokio::join!(watch_pods(&ctx, &queue, node.as_deref()), work(&ctx, &index, &queue, &recorder));
+    tokio::join!(watch_pods(&ctx, &index, &queue, node.as_deref()), work(&ctx, &index, &queue, &recorder));
 }
 
 fn hostname() -> Option<String> {
@@ -164,7 +184,11 @@ fn hostname() -> Option<String> {
 }
 
 /// Feeds the queue with deleted and finished pods.
-async fn watch_pods(ctx: &Context, queue: &Queue, node: Option<&str>) {
+///
+/// Pods deleted while no watch ran (the controller was down, or was not the leader) get no delete
+/// event: once the first listing is complete and the index is too, every pod the pools name that the
+/// listing does not hold is queued (in node mode, those whose allocations record this node).
+async fn watch_pods(ctx: &Context, index: &PoolIndex, queue: &Queue, node: Option<&str>) {
     let api: Api<Pod> = Api::all(ctx.client.clone());
     let mut config = watcher::Config::default();
     if let Some(node) = node {
@@ -174,6 +198,7 @@ async fn watch_pods(ctx: &Context, queue: &Queue, node: Option<&str>) {
     // needs, not the whole object.
     let mut known: HashMap<(String, String), (Gone, bool)> = HashMap::new();
     let mut relisted: Option<HashMap<(String, String), (Gone, bool)>> = None;
+    let mut swept = false;
     let mut events = Box::pin(watcher(api, config).default_backoff());
     while let Some(event) = events.next().await {
         let event = match event {
@@ -188,10 +213,13 @@ async fn watch_pods(ctx: &Context, queue: &Queue, node: Option<&str>) {
             watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => {
                 let Some(gone) = Gone::of(&pod) else { continue };
                 let key = (gone.namespace.clone(), gone.name.clone());
-                let finished = pod_view(&pod).is_finished();
-                let was_finished = known.get(&key).is_some_and(|(old, f)| old.uid == gone.uid && *f);
-                if finished && !was_finished {
-                    queue.push(gone.clone(), &ctx.metrics);
+                let finished = pod_view(&pod).phase_is_final();
+                match known.get(&key) {
+                    // The same name, another pod: the one known was deleted meanwhile.
+                    Some((old, _)) if old.uid != gone.uid => queue.push(old.clone(), &ctx.metrics),
+                    Some((_, true)) => {}
+                    _ if finished => queue.push(gone.clone(), &ctx.metrics),
+                    _ => {}
                 }
                 if let Some(seen) = &mut relisted {
                     seen.insert(key.clone(), (gone.clone(), finished));
@@ -204,16 +232,57 @@ async fn watch_pods(ctx: &Context, queue: &Queue, node: Option<&str>) {
                 queue.push(gone, &ctx.metrics);
             }
             watcher::Event::InitDone => {
-                // Pods deleted while the watch was down get no delete event.
                 let seen = relisted.take().unwrap_or_default();
                 for (key, (gone, _)) in &known {
-                    if !seen.contains_key(key) {
+                    if seen.get(key).is_none_or(|(now, _)| now.uid != gone.uid) {
                         queue.push(gone.clone(), &ctx.metrics);
                     }
                 }
                 known = seen;
+                if !swept {
+                    swept = true;
+                    sweep(ctx, index, queue, node, &known).await;
+                }
             }
         }
+    }
+}
+
+/// Queues every pod the pools name that the first listing does not hold.
+async fn sweep(
+    ctx: &Context,
+    index: &PoolIndex,
+    queue: &Queue,
+    node: Option<&str>,
+    listed: &HashMap<(String, String), (Gone, bool)>,
+) {
+    let mut synced = index.synced();
+    if synced.wait_for(|synced| *synced).await.is_err() {
+        return;
+    }
+    let missing: Vec<Gone> = index
+        .read()
+        .pod_refs(node)
+        .into_iter()
+        .filter_map(|pod_ref| {
+            let (namespace, name) = pod_ref.split_once('/')?;
+            let key = (namespace.to_string(), name.to_string());
+            (!listed.contains_key(&key)).then(|| Gone {
+                namespace: key.0,
+                name: key.1,
+                uid: String::new(),
+                network_status: None,
+                attempts: 0,
+                settled: true,
+                not_before: Instant::now(),
+            })
+        })
+        .collect();
+    if !missing.is_empty() {
+        tracing::info!("{} pods hold addresses but no longer exist here; releasing", missing.len());
+    }
+    for gone in missing {
+        queue.push(gone, &ctx.metrics);
     }
 }
 
@@ -263,8 +332,8 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
             .filter_map(|gone| {
                 let held = contents.held_by(&gone.pod_ref());
                 if held.is_empty() {
-                    if gone.attempts == 0 {
-                        settle.push(Gone { attempts: ATTEMPTS, not_before: Instant::now() + SETTLE, ..gone });
+                    if !gone.settled {
+                        settle.push(Gone { settled: true, not_before: Instant::now() + SETTLE, ..gone });
                     }
                     return None;
                 }
@@ -280,6 +349,7 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
     .collect::<Vec<_>>()
     .await;
     let mut failed = vec![false; holdings.len()];
+    let mut finishing = vec![false; holdings.len()];
     let mut plan = Plan::default();
     {
         let contents = index.read();
@@ -293,9 +363,19 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
                 }
             };
             for found in held {
-                if let Verdict::Release(reason) = judge(&found.allocation, found.ip, now.as_ref()) {
-                    let reservations = reservations_of(found, contents.reservations.iter());
-                    plan.add(Release { found: found.clone(), reason, reservations, tag: i });
+                match judge(&found.allocation, found.ip, now.as_ref()) {
+                    Verdict::Release(reason) => {
+                        let reservations = reservations_of(found, contents.reservations.iter());
+                        plan.add(Release { found: found.clone(), reason, reservations, tag: i });
+                    }
+                    // The kubelet reports the phase before it tears the sandbox down: look again
+                    // once the grace is over.
+                    Verdict::Keep(KeepReason::Finishing) if !finishing[i] => {
+                        finishing[i] = true;
+                        let later = Instant::now() + FINISHED_GRACE;
+                        settle.push(Gone { not_before: later, ..gone.clone() });
+                    }
+                    Verdict::Keep(_) => {}
                 }
             }
         }
@@ -398,6 +478,7 @@ mod tests {
             uid: uid.into(),
             network_status: None,
             attempts: 0,
+            settled: false,
             not_before: Instant::now() + Duration::from_secs(delay),
         };
         queue.push(gone("a", "u1", 0), &metrics);

@@ -45,9 +45,19 @@ impl Contents {
             .collect()
     }
 
-    /// How many allocations the index holds in all.
-    pub fn allocation_count(&self) -> usize {
-        self.pools.values().map(Vec::len).sum()
+    /// The pod references holding allocations; with `node`, only those with an allocation recorded as
+    /// made on that node.
+    pub fn pod_refs(&self, node: Option<&str>) -> Vec<String> {
+        self.by_pod
+            .keys()
+            .filter(|pod_ref| !pod_ref.is_empty())
+            .filter(|pod_ref| {
+                node.is_none_or(|node| {
+                    self.held_by(pod_ref).iter().any(|found| found.allocation.node.as_deref() == Some(node))
+                })
+            })
+            .cloned()
+            .collect()
     }
 
     fn set_pool(&mut self, name: &str, found: Vec<Found>) {

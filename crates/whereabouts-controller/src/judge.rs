@@ -22,27 +22,48 @@
 //! since (a new sandbox of the pod took it over) is never released on the strength of an old reading.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use whereabouts_core::pool::Allocation;
 
 use crate::metrics::ReleaseReason;
 use crate::network_status::NetworkStatus;
 
+/// How long after its last container stopped a finished pod keeps its addresses: the kubelet reports
+/// the phase before it tears the sandbox down (and the CNI DEL runs), and retries a failed teardown.
+pub const FINISHED_GRACE: Duration = Duration::from_secs(30);
+
 /// What the controller knows of a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodView {
     /// `metadata.uid`.
     pub uid: String,
+    /// For a static pod, the uid the kubelet knows it by (its `kubernetes.io/config.mirror`
+    /// annotation): the one the runtime passes as `K8S_POD_UID`, unlike the mirror pod's own uid.
+    pub kubelet_uid: Option<String>,
     /// `status.phase`, or `Pending` when absent.
     pub phase: String,
+    /// How long ago its last container stopped, when its status says.
+    pub stopped_ago: Option<Duration>,
     /// Its `network-status` annotation, when it is written and readable.
     pub network_status: Option<NetworkStatus>,
 }
 
 impl PodView {
-    /// Whether the pod has finished for good: its sandbox is gone.
+    /// Whether the pod has finished for good: phase `Succeeded` or `Failed`, and its containers
+    /// stopped at least [`FINISHED_GRACE`] ago (or when is not known), so its sandbox is gone.
     pub fn is_finished(&self) -> bool {
+        self.phase_is_final() && self.stopped_ago.is_none_or(|ago| ago >= FINISHED_GRACE)
+    }
+
+    /// Whether the pod's phase is `Succeeded` or `Failed` (whether or not its sandbox is gone yet).
+    pub fn phase_is_final(&self) -> bool {
         matches!(self.phase.as_str(), "Succeeded" | "Failed")
+    }
+
+    /// Whether `uid`, as the runtime passed it, names this pod.
+    fn is(&self, uid: &str) -> bool {
+        uid == self.uid || self.kubelet_uid.as_deref() == Some(uid)
     }
 }
 
@@ -57,6 +78,9 @@ pub enum KeepReason {
     StatusNotWritten,
     /// The pod is `Pending`: a new sandbox may be taking the address over.
     PodPending,
+    /// The pod has finished, but its containers stopped less than [`FINISHED_GRACE`] ago: its sandbox
+    /// may still be up.
+    Finishing,
     /// The pod's network-status lists the address.
     Listed,
 }
@@ -77,12 +101,14 @@ pub fn judge(allocation: &Allocation, ip: IpAddr, pod: Option<&PodView>) -> Verd
         return Verdict::Keep(KeepReason::NotAPod);
     }
     let Some(pod) = pod else { return Verdict::Release(ReleaseReason::PodGone) };
-    match allocation.pod_uid.as_deref() {
-        Some(uid) if uid != pod.uid => return Verdict::Release(ReleaseReason::PodReplaced),
-        _ => {}
+    if allocation.pod_uid.as_deref().is_some_and(|uid| !pod.is(uid)) {
+        return Verdict::Release(ReleaseReason::PodReplaced);
     }
     if pod.is_finished() {
         return Verdict::Release(ReleaseReason::PodFinished);
+    }
+    if pod.phase_is_final() {
+        return Verdict::Keep(KeepReason::Finishing);
     }
     if allocation.pod_uid.is_some() {
         return Verdict::Keep(KeepReason::PodLive);
@@ -132,7 +158,38 @@ mod tests {
     }
 
     fn pod(uid: &str, phase: &str, network_status: Option<NetworkStatus>) -> PodView {
-        PodView { uid: uid.into(), phase: phase.into(), network_status }
+        PodView { uid: uid.into(), kubelet_uid: None, phase: phase.into(), stopped_ago: None, network_status }
+    }
+
+    #[test]
+    fn a_static_pod_is_known_by_its_kubelet_uid() {
+        // The runtime passes the kubelet's uid (a hash of the manifest); the mirror pod has another.
+        let mirror =
+            PodView { kubelet_uid: Some("config-hash".into()), ..pod("mirror-uid", "Running", None) };
+        assert_eq!(
+            judge(&allocation(Some("config-hash")), ip(), Some(&mirror)),
+            Verdict::Keep(KeepReason::PodLive)
+        );
+        assert_eq!(
+            judge(&allocation(Some("mirror-uid")), ip(), Some(&mirror)),
+            Verdict::Keep(KeepReason::PodLive)
+        );
+        assert_eq!(
+            judge(&allocation(Some("older-hash")), ip(), Some(&mirror)),
+            Verdict::Release(ReleaseReason::PodReplaced)
+        );
+    }
+
+    #[test]
+    fn a_pod_that_just_finished_keeps_its_address_until_its_sandbox_is_gone() {
+        let just = PodView { stopped_ago: Some(Duration::from_secs(2)), ..pod("u1", "Succeeded", None) };
+        assert_eq!(judge(&allocation(Some("u1")), ip(), Some(&just)), Verdict::Keep(KeepReason::Finishing));
+        assert_eq!(judge(&allocation(None), ip(), Some(&just)), Verdict::Keep(KeepReason::Finishing));
+        let long = PodView { stopped_ago: Some(FINISHED_GRACE), ..just };
+        assert_eq!(
+            judge(&allocation(Some("u1")), ip(), Some(&long)),
+            Verdict::Release(ReleaseReason::PodFinished)
+        );
     }
 
     #[test]
@@ -204,15 +261,25 @@ mod tests {
         /// and so is any allocation of a live pod whose network-status is not written yet.
         #[test]
         fn a_live_holder_always_keeps_its_address(
-            phase in prop::sample::select(vec!["Pending", "Running", "Unknown", ""]),
+            phase in prop::sample::select(vec!["Pending", "Running", "Unknown", "", "Succeeded", "Failed"]),
             recorded in any::<bool>(),
             listed in any::<bool>(),
             written in any::<bool>(),
+            mirror in any::<bool>(),
+            stopped_secs in 0u64..29,
         ) {
             let status = written.then(|| status(if listed { &[IP] } else { &[] }));
-            let live = pod("u1", phase, status);
-            let verdict = judge(&allocation(recorded.then_some("u1")), ip(), Some(&live));
-            if recorded || !written || listed {
+            // A static pod's allocation records the kubelet's uid, not the mirror pod's.
+            let (uid, kubelet_uid) = if mirror { ("hash", Some("hash".to_string())) } else { ("u1", None) };
+            let live = PodView {
+                uid: if mirror { "mirror".into() } else { "u1".into() },
+                kubelet_uid,
+                phase: phase.into(),
+                stopped_ago: Some(Duration::from_secs(stopped_secs)),
+                network_status: status,
+            };
+            let verdict = judge(&allocation(recorded.then_some(uid)), ip(), Some(&live));
+            if recorded || !written || listed || (phase == "Pending") {
                 prop_assert!(matches!(verdict, Verdict::Keep(_)), "{verdict:?}");
             }
         }

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use whereabouts_core::addr::parse_cidr_strict;
 use whereabouts_core::config::PoolTarget;
 use whereabouts_core::pool::{Allocation, Pool};
-use whereabouts_core::range::{IpRange, reservation_name};
+use whereabouts_core::range::{IpRange, normalize_range, reservation_name};
 use whereabouts_k8s::crd::IPPool;
 use whereabouts_store::Reservation;
 
@@ -69,22 +69,46 @@ pub fn holder(allocation: &Allocation) -> Reservation {
     }
 }
 
-/// Whether the reservation called `name` is one of `ip`: `[network_name-]<ip>`. The controller does
-/// not know which network a pool belongs to, so it matches the address part of the name.
+/// Whether the reservation called `name` could be one of `ip`: `[network_name-]<ip>`, for any network
+/// name. Loose on purpose: it decides which reservations a pool entry stands behind, where a false match
+/// only keeps a reservation longer (IPv6 names are ambiguous: `net-fd00-1--5` reads as `fd00:1::5` of
+/// network `net` or as `1::5` of network `net-fd00`).
 pub fn names_address(name: &str, ip: IpAddr) -> bool {
     let address = reservation_name("", ip);
     name.strip_suffix(address.as_str()).is_some_and(|prefix| prefix.is_empty() || prefix.ends_with('-'))
 }
 
-/// The reservations, among `reservations`, of `found`'s address held by its holder.
+/// The names the reservation of `found`'s address has, exactly: `[network_name-]<ip>`, where the network
+/// name is what the pool's name (`[network_name-][node-]<range>`) has before its range, less the node
+/// the allocation records. Empty for a pool whose name does not end with its range.
+pub fn reservation_names(found: &Found) -> Vec<String> {
+    let range = normalize_range(&found.pool.network.trunc());
+    let Some(prefix) = found.pool.name.strip_suffix(range.as_str()) else { return Vec::new() };
+    let Some(network_name) = prefix.strip_suffix('-').or(prefix.is_empty().then_some("")) else {
+        return Vec::new();
+    };
+    let mut networks = vec![network_name];
+    if let Some(node) = found.allocation.node.as_deref().filter(|node| !node.is_empty()) {
+        if network_name == node {
+            networks.push("");
+        } else if let Some(network) = network_name.strip_suffix(node).and_then(|n| n.strip_suffix('-')) {
+            networks.push(network);
+        }
+    }
+    networks.into_iter().map(|network| reservation_name(network, found.ip)).collect()
+}
+
+/// The reservations, among `reservations`, of `found`'s address held by its holder (by exact name,
+/// see [`reservation_names`]): what releasing it deletes.
 pub fn reservations_of<'r>(
     found: &Found,
     reservations: impl IntoIterator<Item = (&'r String, &'r Reservation)>,
 ) -> Vec<String> {
     let holder = holder(&found.allocation);
+    let names = reservation_names(found);
     reservations
         .into_iter()
-        .filter(|(name, reservation)| names_address(name, found.ip) && reservation.same_owner(&holder))
+        .filter(|(name, reservation)| names.contains(name) && reservation.same_owner(&holder))
         .map(|(name, _)| name.clone())
         .collect()
 }
@@ -165,10 +189,44 @@ mod tests {
         let theirs = Reservation { pod_ref: "ns/other".into(), ..ours.clone() };
         let reservations = [
             ("net-192.0.2.5".to_string(), ours.clone()),
+            ("192.0.2.5".to_string(), ours.clone()),
             ("other-192.0.2.5".to_string(), theirs),
             ("net-192.0.2.6".to_string(), ours),
         ];
-        let names = reservations_of(found, reservations.iter().map(|(n, r)| (n, r)));
-        assert_eq!(names, ["net-192.0.2.5"]);
+        // The pool "p" has no network name before its range... and is not named after it: nothing.
+        assert!(reservations_of(found, reservations.iter().map(|(n, r)| (n, r))).is_empty());
+        let pool = stored("192.0.2.0-24", "192.0.2.0/24", &[("5", "a")]);
+        let found = &allocations(&pool).unwrap()[0];
+        assert_eq!(reservations_of(found, reservations.iter().map(|(n, r)| (n, r))), ["192.0.2.5"]);
+        let pool = stored("net-192.0.2.0-24", "192.0.2.0/24", &[("5", "a")]);
+        let found = &allocations(&pool).unwrap()[0];
+        assert_eq!(reservations_of(found, reservations.iter().map(|(n, r)| (n, r))), ["net-192.0.2.5"]);
+    }
+
+    #[test]
+    fn reservation_names_come_from_the_pool_name() {
+        use whereabouts_core::range::pool_name;
+        let found = |pool: &str, range: &str, ip: &str, node: Option<&str>| {
+            let allocation = Allocation {
+                container_id: "c".into(),
+                pod_ref: "ns/p".into(),
+                ifname: "net1".into(),
+                node: node.map(Into::into),
+                cni_network: None,
+                pod_uid: None,
+            };
+            let network = parse_cidr_strict(range).unwrap();
+            Found { pool: PoolTarget { name: pool.into(), network }, ip: ip.parse().unwrap(), allocation }
+        };
+        // The IPv6 case a suffix match gets wrong: 1::5 of "net" is not fd00:1::5's reservation.
+        let v6 = found(&pool_name("net", None, &"1::/64".parse().unwrap()), "1::/64", "1::5", None);
+        assert_eq!(reservation_names(&v6), ["net-1--5"]);
+        assert!(!reservation_names(&v6).contains(&"net-fd00-1--5".to_string()));
+        // A node-slice pool: the node the allocation records is not part of the network name.
+        let sliced = found("net-node-1-10.0.0.16-28", "10.0.0.16/28", "10.0.0.17", Some("node-1"));
+        assert_eq!(reservation_names(&sliced), ["net-node-1-10.0.0.17", "net-10.0.0.17"]);
+        let bare = found("node-1-10.0.0.16-28", "10.0.0.16/28", "10.0.0.17", Some("node-1"));
+        assert_eq!(reservation_names(&bare), ["node-1-10.0.0.17", "10.0.0.17"]);
+        assert!(reservation_names(&found("odd", "10.0.0.0/24", "10.0.0.1", None)).is_empty());
     }
 }

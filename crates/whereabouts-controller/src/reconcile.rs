@@ -85,12 +85,15 @@ async fn reconcile(ctx: &Context) -> Result<Report, ReconcileError> {
     let reservations: BTreeMap<String, Reservation> =
         list::<OverlappingRangeIPReservation>(ctx, "reservations")
             .await?
+            .0
             .into_iter()
             .map(|(name, orip)| (name, orip.spec.holder))
             .collect();
-    let mut report = Report::default();
+    let (pools, undecodable) = list::<IPPool>(ctx, "IPPools").await?;
+    // Reservations whose entries an unreadable pool holds would look orphaned: see `unreadable_pools`.
+    let mut report = Report { unreadable_pools: undecodable, ..Report::default() };
     let mut found: Vec<Found> = Vec::new();
-    for (name, pool) in list::<IPPool>(ctx, "IPPools").await? {
+    for (name, pool) in pools {
         match allocations(&pool) {
             Ok(pool_allocations) => found.extend(pool_allocations),
             Err(e) => {
@@ -171,13 +174,22 @@ async fn reconcile(ctx: &Context) -> Result<Report, ReconcileError> {
 
 /// Every object of a kind in `ctx.namespace`, decoded one by one (an undecodable one is skipped with a
 /// warning rather than failing the listing).
+/// Objects that do not decode are left out, with their names in the second list.
 async fn list<K: DeserializeOwned + kube::Resource<DynamicType = ()>>(
     ctx: &Context,
     what: &'static str,
-) -> Result<Vec<(String, K)>, ReconcileError> {
+) -> Result<(Vec<(String, K)>, Vec<String>), ReconcileError> {
     let api: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), &ctx.namespace, &ApiResource::erase::<K>(&()));
     let listed =
         api.list(&ListParams::default()).await.map_err(|source| ReconcileError::List { what, source })?;
-    Ok(listed.items.into_iter().filter_map(|object| decode(what, object)).collect())
+    let (mut decoded, mut undecodable) = (Vec::new(), Vec::new());
+    for object in listed.items {
+        let name = object.metadata.name.clone().unwrap_or_default();
+        match decode(what, object) {
+            Some(typed) => decoded.push(typed),
+            None => undecodable.push(name),
+        }
+    }
+    Ok((decoded, undecodable))
 }

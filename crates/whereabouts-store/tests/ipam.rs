@@ -1219,3 +1219,36 @@ async fn pruned_additive_fields_do_not_keep_a_rolled_back_entry() {
     let held: Vec<IpAddr> = allocations(&store, &pool_of(&narrow, 0)).await.into_keys().collect();
     assert_eq!(held, ips(&["10.9.0.2"]));
 }
+
+/// The controller's release is a compare-and-swap on the record as it read it: a pod's new sandbox that
+/// took the address over in between keeps it, and so does its reservation.
+#[tokio::test]
+async fn a_found_allocation_taken_over_since_it_was_read_is_not_released() {
+    use whereabouts_store::ipam::FoundAllocation;
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = single("192.0.2.0/29");
+    let target = config.ranges[0].pool.clone();
+    let name = pool_of(&config, 0);
+    alloc(&ipam, &config, &owner(1)).await;
+    alloc(&ipam, &config, &owner(2)).await;
+    let read = store.read_pool(&name).await.unwrap().unwrap().spec.allocations;
+    let (first, second) = (read["1"].clone(), read["2"].clone());
+    let reservation = reservation_name("", ip("192.0.2.1"));
+
+    // The controller read the pool; then the pod of the first address got a new sandbox.
+    let resandboxed = Owner { container_id: "c1-new".into(), ..owner(1) };
+    assert_eq!(alloc(&ipam, &config, &resandboxed).await, ips(&["192.0.2.1"]));
+    let stale = [
+        FoundAllocation { ip: ip("192.0.2.1"), allocation: &first, reservations: vec![reservation.clone()] },
+        FoundAllocation { ip: ip("192.0.2.2"), allocation: &second, reservations: Vec::new() },
+    ];
+    assert_eq!(ipam.release_found(&target, &stale).await.unwrap(), ips(&["192.0.2.2"]));
+    let after = store.read_pool(&name).await.unwrap().unwrap().spec.allocations;
+    assert_eq!(after.len(), 1);
+    assert_eq!(after["1"].container_id, "c1-new");
+    assert!(
+        store.read_reservation(&reservation).await.unwrap().is_some(),
+        "the new sandbox's reservation stays"
+    );
+}
