@@ -320,8 +320,9 @@ fn write_kubeconfig(settings: &Settings, credentials: &Credentials) -> Result<()
 
 // === Credentials ===
 
-/// The token and CA as last read; `None` for a file that does not exist.
-#[derive(Debug, Hash)]
+/// The token and CA as last read; `None` for a file that does not exist. No `Debug`: it holds the
+/// token.
+#[derive(Hash)]
 struct Credentials {
     token: Option<String>,
     ca: Option<Vec<u8>>,

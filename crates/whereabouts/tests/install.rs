@@ -4,7 +4,7 @@
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -356,15 +356,34 @@ fn a_rotated_token_or_ca_is_written_into_the_kubeconfig_until_sigterm() {
     });
     assert_eq!(names(&node.conf("")), ["nodename", "whereabouts.conf", "whereabouts.kubeconfig"]);
 
-    let killed = Command::new("kill").arg("-TERM").arg(running.0.id().to_string()).status().unwrap();
+    assert_eq!(terminate(&mut running).code(), Some(0));
+}
+
+#[test]
+fn a_token_that_appears_later_gets_its_kubeconfig() {
+    let node = Node::new();
+    fs::remove_file(node.path("serviceaccount/token")).expect("remove token");
+    let mut running =
+        Running(node.command(&["--interval", "50ms"]).stderr(Stdio::inherit()).spawn().expect("spawn"));
+    eventually("the binary", || node.installed_binary().exists());
+    assert!(!node.conf("whereabouts.kubeconfig").exists());
+    fs::write(node.path("serviceaccount/token"), "late-token").expect("token");
+    eventually("the kubeconfig", || node.conf("whereabouts.kubeconfig").exists());
+    assert_eq!(node.kubeconfig()["users"][0]["user"]["token"], "late-token");
+    assert_eq!(terminate(&mut running).code(), Some(0));
+}
+
+/// Sends SIGTERM (with kill(1): no unsafe code here) and waits for the exit.
+fn terminate(running: &mut Running) -> ExitStatus {
+    let pid = running.0.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
     assert!(killed.success());
     let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = running.0.try_wait().unwrap() {
-            break status;
+    loop {
+        if let Some(status) = running.0.try_wait().expect("try_wait") {
+            return status;
         }
         assert!(Instant::now() < deadline, "still running after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(status.code(), Some(0));
+    }
 }
