@@ -41,14 +41,14 @@ pub struct Connection {
 
 /// Log line formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
+pub(crate) enum LogFormat {
     Text,
     Json,
 }
 
 /// Log levels.
 #[derive(Debug, Clone, Copy, ValueEnum)]
-enum Level {
+pub(crate) enum Level {
     Debug,
     Info,
     Warn,
@@ -124,7 +124,7 @@ pub struct ReconcileArgs {
 
 /// Logs to stderr: ours at `level`, the libraries' (kube, hyper, tower) warnings and errors only, so
 /// that debug logging shows what the controller does rather than every HTTP request.
-fn init_logging(level: Level, format: LogFormat) {
+pub(crate) fn init_logging(level: Level, format: LogFormat) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let ours = match level {

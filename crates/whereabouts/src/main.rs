@@ -2,6 +2,7 @@
 //! otherwise the controller and the operator commands.
 
 mod controller;
+mod install;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -28,6 +29,10 @@ enum Command {
     /// Run one reconciliation and exit (for a CronJob): releases leaked addresses and orphaned
     /// reservations. Exits 1 if anything failed; the next run tries again.
     Reconcile(controller::ReconcileArgs),
+    /// Install the plugin on this node (the DaemonSet's entrypoint): the binary into the CNI bin
+    /// directory, whereabouts.d/{whereabouts.conf,whereabouts.kubeconfig,nodename}; then keep the
+    /// kubeconfig current as the service account token rotates.
+    Install(Box<install::InstallArgs>),
 }
 
 fn error_reply(code: u32, msg: String) -> Reply {
@@ -64,6 +69,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Some(Command::Controller(args)) => controller::controller(*args),
         Some(Command::Reconcile(args)) => controller::reconcile(args),
+        Some(Command::Install(args)) => install::install(*args),
         None => {
             eprintln!(
                 "whereabouts {} {}/{}",
