@@ -1,6 +1,7 @@
 //! `whereabouts`: the CNI IPAM plugin when `CNI_COMMAND` is set (the runtime execs it that way),
 //! otherwise the controller and the operator commands.
 
+mod cli;
 mod controller;
 
 use std::collections::HashMap;
@@ -28,6 +29,16 @@ enum Command {
     /// Run one reconciliation and exit (for a CronJob): releases leaked addresses and orphaned
     /// reservations. Exits 1 if anything failed; the next run tries again.
     Reconcile(controller::ReconcileArgs),
+    /// List every pool: range, size, addresses used and free.
+    Pools(cli::pools::PoolsArgs),
+    /// Show who holds each address of a pool.
+    Ips(cli::ips::IpsArgs),
+    /// Find allocations whose pod is gone (as the controller judges them); --release frees them.
+    Leaks(cli::leaks::LeaksArgs),
+    /// Release one address of a pool (and its reservation).
+    Release(cli::release::ReleaseArgs),
+    /// Check that pools and reservations agree; exit 1 on problems.
+    Check(cli::check::CheckArgs),
 }
 
 fn error_reply(code: u32, msg: String) -> Reply {
@@ -64,6 +75,11 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Some(Command::Controller(args)) => controller::controller(*args),
         Some(Command::Reconcile(args)) => controller::reconcile(args),
+        Some(Command::Pools(args)) => cli::main(cli::pools::run(args)),
+        Some(Command::Ips(args)) => cli::main(cli::ips::run(args)),
+        Some(Command::Leaks(args)) => cli::main(cli::leaks::run(args)),
+        Some(Command::Release(args)) => cli::main(cli::release::run(args)),
+        Some(Command::Check(args)) => cli::main(cli::check::run(args)),
         None => {
             eprintln!(
                 "whereabouts {} {}/{}",
