@@ -331,7 +331,7 @@ fn load_config(
 }
 
 /// The first flat file that exists; one that exists but cannot be read is an error (upstream too).
-fn find_flat_file(inline: &InlineIpam, host: &impl Host) -> Result<Option<(String, Vec<u8>)>, CniError> {
+pub fn find_flat_file(inline: &InlineIpam, host: &impl Host) -> Result<Option<(String, Vec<u8>)>, CniError> {
     for path in inline.flat_file_candidates() {
         match host.read_file(&path) {
             Ok(content) => return Ok(Some((path, content))),
@@ -376,7 +376,7 @@ fn requested_ips(netconf: &NetConf) -> Result<Vec<(&'static str, String)>, CniEr
 
 /// Opens the configured store. A store that cannot be reached fails the call: there is never a
 /// fallback to another store, which could hand out an address another node holds.
-async fn open_store(datastore: &Datastore, node: Option<&str>) -> Result<AnyStore, CniError> {
+pub async fn open_store(datastore: &Datastore, node: Option<&str>) -> Result<AnyStore, CniError> {
     match datastore {
         Datastore::File { dir } => Ok(AnyStore::File(FileStore::open(dir)?)),
         #[cfg(feature = "kubernetes")]

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 
 use whereabouts_core::addr::parse_cidr_strict;
 use whereabouts_core::config::PoolTarget;
-use whereabouts_core::pool::{Allocation, Pool};
+use whereabouts_core::pool::{Allocation, Pool, PoolSpec};
 use whereabouts_core::range::{IpRange, normalize_range, reservation_name};
 use whereabouts_k8s::crd::IPPool;
 use whereabouts_store::Reservation;
@@ -38,26 +38,48 @@ pub struct UnreadablePool {
 /// the plugin skips them (and keeps them).
 pub fn allocations(pool: &IPPool) -> Result<Vec<Found>, UnreadablePool> {
     let name = pool.metadata.name.clone().unwrap_or_default();
-    let unreadable = |reason: String| UnreadablePool { pool: name.clone(), reason };
-    let network = parse_cidr_strict(&pool.spec.pool.range)
-        .ok_or_else(|| unreadable(format!("spec.range {:?} is not a CIDR", pool.spec.pool.range)))?;
-    let (decoded, _skipped) =
-        Pool::from_spec(&pool.spec.pool, network).map_err(|e| unreadable(e.to_string()))?;
-    let target = PoolTarget { name: name.clone(), network };
-    Ok(decoded
+    Ok(decode_spec(&name, &pool.spec.pool)?.found)
+}
+
+/// A stored pool's spec, decoded (from whichever store it was read).
+#[derive(Debug, Clone)]
+pub struct DecodedPool {
+    /// The pool.
+    pub target: PoolTarget,
+    /// Its allocations, in address order.
+    pub found: Vec<Found>,
+    /// Allocation keys that are not addresses of the pool's family (kept as they are by every writer).
+    pub skipped: Vec<String>,
+}
+
+/// Decodes the spec of the pool called `name`.
+pub fn decode_spec(name: &str, spec: &PoolSpec) -> Result<DecodedPool, UnreadablePool> {
+    let unreadable = |reason: String| UnreadablePool { pool: name.to_string(), reason };
+    let network = parse_cidr_strict(&spec.range)
+        .ok_or_else(|| unreadable(format!("spec.range {:?} is not a CIDR", spec.range)))?;
+    let (decoded, skipped) = Pool::from_spec(spec, network).map_err(|e| unreadable(e.to_string()))?;
+    let target = PoolTarget { name: name.to_string(), network };
+    let found = decoded
         .iter()
         .map(|(ip, allocation)| Found { pool: target.clone(), ip, allocation: allocation.clone() })
-        .collect())
+        .collect();
+    Ok(DecodedPool { target, found, skipped: skipped.into_iter().map(|key| key.0).collect() })
 }
 
 /// How many addresses a pool's `spec.range` spans (the network and broadcast addresses left out, as
 /// allocation leaves them out); `None` when the range is unreadable.
 pub fn capacity(pool: &IPPool) -> Option<f64> {
-    let network = parse_cidr_strict(&pool.spec.pool.range)?;
-    let range = IpRange::new(network.trunc(), None, None, Vec::new()).ok()?;
     // Precision is of no concern: a gauge of a /64's size is an estimate either way.
     #[allow(clippy::cast_precision_loss)]
-    Some((range.last() - range.first() + 1) as f64)
+    range_capacity(&pool.spec.pool.range).map(|n| n as f64)
+}
+
+/// How many addresses the CIDR `range` spans, the network and broadcast addresses left out; `None`
+/// when it is not a CIDR.
+pub fn range_capacity(range: &str) -> Option<u128> {
+    let network = parse_cidr_strict(range)?;
+    let range = IpRange::new(network.trunc(), None, None, Vec::new()).ok()?;
+    Some(range.last() - range.first() + 1)
 }
 
 /// The holder a reservation of `allocation`'s address records.
@@ -128,7 +150,6 @@ pub fn decode<K: DeserializeOwned>(kind: &str, object: DynamicObject) -> Option<
 
 #[cfg(test)]
 mod tests {
-    use whereabouts_core::pool::PoolSpec;
     use whereabouts_k8s::crd::IPPoolSpec;
 
     use super::*;

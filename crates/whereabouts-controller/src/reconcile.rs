@@ -68,6 +68,59 @@ pub struct Report {
     pub unreadable_pools: Vec<String>,
 }
 
+/// What the listings say is to be released: the whole decision of a reconciliation, without I/O, so
+/// that `whereabouts leaks` decides exactly as the controller does.
+#[derive(Debug, Default)]
+pub struct Leaks {
+    /// The allocations whose pod is gone ([`judge`]), with their holders' reservations, by pool.
+    pub plan: Plan<()>,
+    /// Reservations no pool entry of the same holder stands behind.
+    pub orphans: Vec<(String, Reservation)>,
+}
+
+/// Judges every allocation `found` in the pools against the pod now under its name in `pods` (by
+/// `namespace/name`), and finds the reservations no allocation stands behind. Orphaned reservations
+/// are only collected when `all_pools_read`: an unreadable pool may hold their entries. The listings
+/// must have been made in this order: reservations, pools, pods (see the module).
+pub fn leaks(
+    found: &[Found],
+    reservations: &BTreeMap<String, Reservation>,
+    pods: &HashMap<String, PodView>,
+    all_pools_read: bool,
+) -> Leaks {
+    let mut plan = Plan::default();
+    for entry in found {
+        if let Verdict::Release(reason) =
+            judge(&entry.allocation, entry.ip, pods.get(&entry.allocation.pod_ref))
+        {
+            let reservations = reservations_of(entry, reservations.iter());
+            plan.add(Release { found: entry.clone(), reason, reservations, tag: () });
+        }
+    }
+    let orphans = if all_pools_read {
+        reservations
+            .iter()
+            .filter(|(name, reserved)| {
+                !found.iter().any(|f| names_address(name, f.ip) && holder(&f.allocation).same_owner(reserved))
+            })
+            .map(|(name, reserved)| (name.clone(), reserved.clone()))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Leaks { plan, orphans }
+}
+
+/// What the controller knows of each listed pod, by `namespace/name`.
+pub fn pod_views(pods: &[Pod]) -> HashMap<String, PodView> {
+    pods.iter()
+        .filter_map(|pod| {
+            let pod_ref = format!("{}/{}", pod.metadata.namespace.as_deref()?, pod.metadata.name.as_deref()?);
+            Some((pod_ref, pod_view(pod)))
+        })
+        .collect()
+}
+
 /// Runs one reconciliation of `ctx.namespace`'s pools against the pods of every namespace, counting it
 /// in the metrics.
 pub async fn reconcile_once(ctx: &Context) -> Result<Report, ReconcileError> {
@@ -102,37 +155,14 @@ async fn reconcile(ctx: &Context) -> Result<Report, ReconcileError> {
             }
         }
     }
-    let pods: HashMap<String, PodView> = Api::<Pod>::all(ctx.client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(|source| ReconcileError::List { what: "pods", source })?
-        .items
-        .iter()
-        .filter_map(|pod| {
-            let pod_ref = format!("{}/{}", pod.metadata.namespace.as_deref()?, pod.metadata.name.as_deref()?);
-            Some((pod_ref, pod_view(pod)))
-        })
-        .collect();
-
-    let mut plan = Plan::default();
-    for entry in &found {
-        if let Verdict::Release(reason) =
-            judge(&entry.allocation, entry.ip, pods.get(&entry.allocation.pod_ref))
-        {
-            let reservations = reservations_of(entry, reservations.iter());
-            plan.add(Release { found: entry.clone(), reason, reservations, tag: () });
-        }
-    }
-    let orphans: Vec<(&String, &Reservation)> = if report.unreadable_pools.is_empty() {
-        reservations
-            .iter()
-            .filter(|(name, reserved)| {
-                !found.iter().any(|f| names_address(name, f.ip) && holder(&f.allocation).same_owner(reserved))
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let pods = pod_views(
+        &Api::<Pod>::all(ctx.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(|source| ReconcileError::List { what: "pods", source })?
+            .items,
+    );
+    let Leaks { plan, orphans } = leaks(&found, &reservations, &pods, report.unreadable_pools.is_empty());
 
     let mut errors = Vec::new();
     for (batch, result) in plan.execute(ctx).await {
@@ -156,7 +186,7 @@ async fn reconcile(ctx: &Context) -> Result<Report, ReconcileError> {
     let store = KubeStore::new(ctx.client.clone(), &ctx.namespace, COMPONENT);
     let observe = |event| ctx.metrics.observe_engine(event);
     let ipam = Ipam::new(&store).with_observer(&observe);
-    for (name, reserved) in orphans {
+    for (name, reserved) in &orphans {
         let verb = if ctx.dry_run { "dry run: would delete" } else { "deleting" };
         tracing::info!("{verb} orphaned reservation {name} of {} (no pool entry holds it)", reserved.pod_ref);
         if !ctx.dry_run {
@@ -172,9 +202,8 @@ async fn reconcile(ctx: &Context) -> Result<Report, ReconcileError> {
     if errors.is_empty() { Ok(report) } else { Err(ReconcileError::Release(errors)) }
 }
 
-/// Every object of a kind in `ctx.namespace`, decoded one by one (an undecodable one is skipped with a
-/// warning rather than failing the listing).
-/// Objects that do not decode are left out, with their names in the second list.
+/// Every object of a kind in `ctx.namespace`, decoded one by one: one that does not decode is left out
+/// (with a warning, and its name in the second list) rather than failing the listing.
 async fn list<K: DeserializeOwned + kube::Resource<DynamicType = ()>>(
     ctx: &Context,
     what: &'static str,

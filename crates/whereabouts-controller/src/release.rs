@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use futures::StreamExt;
 use whereabouts_core::config::PoolTarget;
+use whereabouts_store::Store;
 use whereabouts_store::ipam::{FoundAllocation, Ipam, IpamError};
 use whereabouts_store::kubernetes::KubeStore;
 
@@ -52,6 +53,16 @@ impl<T: Sync> Plan<T> {
         self.by_pool.entry(pool.name.clone()).or_insert_with(|| (pool, Vec::new())).1.push(release);
     }
 
+    /// The releases of each pool, pools in name order.
+    pub fn batches(&self) -> impl ExactSizeIterator<Item = (&PoolTarget, &[Release<T>])> {
+        self.by_pool.values().map(|(target, batch)| (target, batch.as_slice()))
+    }
+
+    /// Whether nothing is to be released.
+    pub fn is_empty(&self) -> bool {
+        self.by_pool.is_empty()
+    }
+
     /// Carries the plan out (in a dry run, logs it), each pool's outcome apart.
     pub async fn execute(&self, ctx: &Context) -> Vec<Outcome<'_, T>> {
         let store = KubeStore::new(ctx.client.clone(), &ctx.namespace, COMPONENT);
@@ -86,6 +97,17 @@ async fn release<T>(
     if ctx.dry_run {
         return Ok(batch.iter().map(|r| r.found.ip).collect());
     }
+    release_batch(ipam, target, batch).await
+}
+
+/// Releases one pool's batch through any store: the reservations of each address its holder has,
+/// then one compare-and-swap write of the pool removing the allocations still exactly as read.
+/// Returns the addresses released.
+pub async fn release_batch<S: Store, T>(
+    ipam: &Ipam<'_, S>,
+    target: &PoolTarget,
+    batch: &[Release<T>],
+) -> Result<Vec<IpAddr>, IpamError> {
     let found: Vec<FoundAllocation<'_>> = batch
         .iter()
         .map(|r| FoundAllocation {

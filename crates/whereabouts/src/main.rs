@@ -1,6 +1,7 @@
 //! `whereabouts`: the CNI IPAM plugin when `CNI_COMMAND` is set (the runtime execs it that way),
 //! otherwise the controller and the operator commands.
 
+mod cli;
 mod controller;
 mod install;
 
@@ -33,6 +34,16 @@ enum Command {
     /// directory, whereabouts.d/{whereabouts.conf,whereabouts.kubeconfig,nodename}; then keep the
     /// kubeconfig current as the service account token rotates.
     Install(Box<install::InstallArgs>),
+    /// List every pool: range, size, addresses used and free.
+    Pools(cli::pools::PoolsArgs),
+    /// Show who holds each address of a pool.
+    Ips(cli::ips::IpsArgs),
+    /// Find allocations whose pod is gone (as the controller judges them); --release frees them.
+    Leaks(cli::leaks::LeaksArgs),
+    /// Release one address of a pool (and its reservation).
+    Release(cli::release::ReleaseArgs),
+    /// Check that pools and reservations agree; exit 1 on problems.
+    Check(cli::check::CheckArgs),
 }
 
 fn error_reply(code: u32, msg: String) -> Reply {
@@ -70,6 +81,11 @@ fn main() -> ExitCode {
         Some(Command::Controller(args)) => controller::controller(*args),
         Some(Command::Reconcile(args)) => controller::reconcile(args),
         Some(Command::Install(args)) => install::install(*args),
+        Some(Command::Pools(args)) => cli::main(cli::pools::run(args)),
+        Some(Command::Ips(args)) => cli::main(cli::ips::run(args)),
+        Some(Command::Leaks(args)) => cli::main(cli::leaks::run(args)),
+        Some(Command::Release(args)) => cli::main(cli::release::run(args)),
+        Some(Command::Check(args)) => cli::main(cli::check::run(args)),
         None => {
             eprintln!(
                 "whereabouts {} {}/{}",

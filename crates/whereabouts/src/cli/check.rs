@@ -1,0 +1,258 @@
+//! `whereabouts check`: whether the stored pools and reservations agree with each other.
+//!
+//! * every reservation has a pool entry of the same holder (a reservation left behind blocks its
+//!   address in every overlapping range);
+//! * with `enable_overlapping_ranges`, every pool entry has a reservation of the same holder (without
+//!   one, an overlapping range may hand the address out again);
+//! * no address is held in two pools of the same network (the pool name before its range) by
+//!   different holders;
+//! * every allocation key decodes to an address inside its pool's range, and every pool decodes.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use clap::Args;
+use serde::Serialize;
+use whereabouts_controller::pools::{Found, holder, names_address};
+use whereabouts_core::range::normalize_range;
+use whereabouts_store::{Reservation, Store};
+
+use super::output::{Format, OutputArgs, Table, print, print_json};
+use super::store::{StoreArgs, open, read_pools};
+use super::{CliError, Outcome};
+
+/// `whereabouts check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Allocations need no reservation (the networks set `enable_overlapping_ranges` false; with
+    /// --config, its value is used).
+    #[arg(long)]
+    no_overlapping_ranges: bool,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+/// Kinds of problems.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Kind {
+    /// A pool that cannot be decoded at all.
+    UnreadablePool,
+    /// An allocation key that is not an address of the pool.
+    UndecodableKey,
+    /// An allocation outside its pool's range.
+    OutsideRange,
+    /// A reservation with no pool entry at its address.
+    OrphanReservation,
+    /// A reservation whose address is held in the pools by someone else.
+    HolderMismatch,
+    /// A pool entry without a reservation of its address.
+    MissingReservation,
+    /// An address held in two pools of one network by different holders.
+    DuplicateAddress,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::UnreadablePool => "unreadable-pool",
+            Kind::UndecodableKey => "undecodable-key",
+            Kind::OutsideRange => "outside-range",
+            Kind::OrphanReservation => "orphan-reservation",
+            Kind::HolderMismatch => "holder-mismatch",
+            Kind::MissingReservation => "missing-reservation",
+            Kind::DuplicateAddress => "duplicate-address",
+        }
+    }
+}
+
+/// One problem found.
+#[derive(Debug, Serialize)]
+struct Problem {
+    kind: Kind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ip: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reservation: Option<String>,
+    detail: String,
+}
+
+/// The report.
+#[derive(Debug, Serialize)]
+struct Report {
+    pools: usize,
+    allocations: usize,
+    reservations: usize,
+    problems: Vec<Problem>,
+}
+
+fn describe(r: &Reservation) -> String {
+    let pod = if r.pod_ref.is_empty() { format!("container {}", r.container_id) } else { r.pod_ref.clone() };
+    if r.ifname.is_empty() { pod } else { format!("{pod} {}", r.ifname) }
+}
+
+/// The network part of a pool's name: the name before `-<normalised range>`.
+fn scope(found: &Found) -> &str {
+    let range = normalize_range(&found.pool.network.trunc());
+    let name = found.pool.name.as_str();
+    if name == range {
+        ""
+    } else {
+        name.strip_suffix(range.as_str()).map_or(name, |p| p.trim_end_matches('-'))
+    }
+}
+
+/// Checks the store; exit 1 when anything is wrong.
+pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
+    let opened = open(&args.store).await?;
+    let overlapping = opened.overlapping && !args.no_overlapping_ranges;
+    let reservations: BTreeMap<String, Reservation> =
+        opened.store.list_reservations().await?.into_iter().collect();
+    let pools = read_pools(&opened.store).await?;
+    let mut problems = Vec::new();
+    let mut found: Vec<Found> = Vec::new();
+    let pool_count = pools.len();
+    for pool in pools {
+        match pool.decoded {
+            Ok(decoded) => {
+                for key in decoded.skipped {
+                    problems.push(Problem {
+                        kind: Kind::UndecodableKey,
+                        pool: Some(pool.name.clone()),
+                        ip: None,
+                        reservation: None,
+                        detail: format!("allocation key {key:?} is not an address of range {}", pool.range),
+                    });
+                }
+                for f in &decoded.found {
+                    if !f.pool.network.trunc().contains(&f.ip) {
+                        problems.push(Problem {
+                            kind: Kind::OutsideRange,
+                            pool: Some(pool.name.clone()),
+                            ip: Some(f.ip),
+                            reservation: None,
+                            detail: format!(
+                                "held by {} outside range {}",
+                                describe(&holder(&f.allocation)),
+                                pool.range
+                            ),
+                        });
+                    }
+                }
+                found.extend(decoded.found);
+            }
+            Err(e) => problems.push(Problem {
+                kind: Kind::UnreadablePool,
+                pool: Some(pool.name),
+                ip: None,
+                reservation: None,
+                detail: e.reason,
+            }),
+        }
+    }
+
+    let mut by_ip: BTreeMap<IpAddr, Vec<&Found>> = BTreeMap::new();
+    for f in &found {
+        by_ip.entry(f.ip).or_default().push(f);
+    }
+    for (name, reserved) in &reservations {
+        let at: Vec<&Found> = by_ip
+            .iter()
+            .filter(|(ip, _)| names_address(name, **ip))
+            .flat_map(|(_, f)| f.iter().copied())
+            .collect();
+        if at.iter().any(|f| holder(&f.allocation).same_owner(reserved)) {
+            continue;
+        }
+        let (kind, detail, pool, ip) = match at.first() {
+            None => (
+                Kind::OrphanReservation,
+                format!("held by {}; no pool entry holds its address", describe(reserved)),
+                None,
+                None,
+            ),
+            Some(f) => (
+                Kind::HolderMismatch,
+                format!(
+                    "held by {}, but the pool entry is {}'s",
+                    describe(reserved),
+                    describe(&holder(&f.allocation))
+                ),
+                Some(f.pool.name.clone()),
+                Some(f.ip),
+            ),
+        };
+        problems.push(Problem { kind, pool, ip, reservation: Some(name.clone()), detail });
+    }
+    if overlapping {
+        for f in &found {
+            if !reservations.keys().any(|name| names_address(name, f.ip)) {
+                problems.push(Problem {
+                    kind: Kind::MissingReservation,
+                    pool: Some(f.pool.name.clone()),
+                    ip: Some(f.ip),
+                    reservation: None,
+                    detail: format!("held by {} without a reservation", describe(&holder(&f.allocation))),
+                });
+            }
+        }
+    }
+    for (ip, holders) in &by_ip {
+        for (i, a) in holders.iter().enumerate() {
+            for b in &holders[i + 1..] {
+                if a.pool.name != b.pool.name
+                    && scope(a) == scope(b)
+                    && !a.allocation.same_holder(&b.allocation)
+                {
+                    problems.push(Problem {
+                        kind: Kind::DuplicateAddress,
+                        pool: Some(a.pool.name.clone()),
+                        ip: Some(*ip),
+                        reservation: None,
+                        detail: format!(
+                            "held by {} here and by {} in pool {}",
+                            describe(&holder(&a.allocation)),
+                            describe(&holder(&b.allocation)),
+                            b.pool.name
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
+    let report =
+        Report { pools: pool_count, allocations: found.len(), reservations: reservations.len(), problems };
+    match args.output.output {
+        Format::Json => print_json(&report)?,
+        Format::Table => {
+            let mut text = String::new();
+            if !report.problems.is_empty() {
+                let mut table = Table::new(&["PROBLEM", "POOL", "IP", "RESERVATION", "DETAIL"]);
+                for p in &report.problems {
+                    table.row(vec![
+                        p.kind.as_str().to_string(),
+                        p.pool.clone().unwrap_or_else(|| "-".into()),
+                        p.ip.map_or_else(|| "-".into(), |ip| ip.to_string()),
+                        p.reservation.clone().unwrap_or_else(|| "-".into()),
+                        p.detail.clone(),
+                    ]);
+                }
+                text.push_str(&table.render());
+            }
+            text.push_str(&format!(
+                "{} problems in {} pools, {} allocations, {} reservations\n",
+                report.problems.len(),
+                report.pools,
+                report.allocations,
+                report.reservations
+            ));
+            print(&text)?;
+        }
+    }
+    Ok(if report.problems.is_empty() { Outcome::Clean } else { Outcome::Problems })
+}
