@@ -1,0 +1,39 @@
+//! Support for the tests of `deploy/`: reading multi-document YAML, holding every document against the
+//! Kubernetes type its `kind` names, and rendering the Helm chart without helm.
+//!
+//! The chart is rendered with [`gtmpl`] (Go's text/template for Rust). Helm adds sprig's functions to
+//! text/template; gtmpl has only Go's own, so the few sprig functions the chart uses are implemented
+//! here ([`helm`]) with sprig's semantics. The chart must keep to what this renderer supports: Go
+//! template actions, the functions in [`helm::FUNCTIONS`], `define`/`template` (not `include`), and
+//! no `range` over maps (gtmpl ranges over maps in hash order, Go in key order).
+
+pub mod helm;
+pub mod kinds;
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+/// The workspace's root directory.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Every non-empty document of a YAML stream, as JSON values.
+///
+/// # Errors
+/// When the text is not YAML.
+pub fn documents(text: &str) -> Result<Vec<Value>, String> {
+    let documents: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| e.to_string())?;
+    Ok(documents.into_iter().filter(|document| !document.is_null()).collect())
+}
+
+/// `(kind, namespace, name)` of a manifest, for messages and lookups.
+pub fn identity(document: &Value) -> (String, String, String) {
+    let text = |value: &Value| value.as_str().unwrap_or_default().to_owned();
+    (
+        text(&document["kind"]),
+        text(&document["metadata"]["namespace"]),
+        text(&document["metadata"]["name"]),
+    )
+}
