@@ -37,3 +37,45 @@ pub fn identity(document: &Value) -> (String, String, String) {
         text(&document["metadata"]["name"]),
     )
 }
+
+/// `deploy/`.
+pub fn deploy_dir() -> PathBuf {
+    workspace_root().join("deploy")
+}
+
+/// `deploy/helm/whereabouts`.
+pub fn chart_dir() -> PathBuf {
+    deploy_dir().join("helm/whereabouts")
+}
+
+/// The documents of `deploy/whereabouts.yaml`.
+///
+/// # Panics
+/// When it cannot be read or parsed (test support).
+pub fn plain_manifests() -> Vec<Value> {
+    let path = deploy_dir().join("whereabouts.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    documents(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The chart rendered with `values` over its defaults, as documents.
+///
+/// # Panics
+/// When it does not render or parse (test support).
+pub fn rendered_chart(values: Option<&Value>) -> Vec<Value> {
+    let text = helm::render(&chart_dir(), values).unwrap_or_else(|e| panic!("rendering the chart: {e}"));
+    documents(&text).unwrap_or_else(|e| panic!("the rendered chart is not YAML: {e}\n{text}"))
+}
+
+/// The one document of `kind` named `name`.
+///
+/// # Panics
+/// When there is none or more than one.
+pub fn find<'a>(documents: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    let found: Vec<&Value> = documents
+        .iter()
+        .filter(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .collect();
+    assert_eq!(found.len(), 1, "one {kind} {name}, found {}", found.len());
+    found[0]
+}
