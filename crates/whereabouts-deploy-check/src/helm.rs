@@ -30,7 +30,8 @@ pub fn render(dir: &Path, values: Option<&Value>) -> Result<String, String> {
     let read = |name: &str| {
         std::fs::read_to_string(dir.join(name)).map_err(|e| format!("{}: {e}", dir.join(name).display()))
     };
-    let chart: Value = serde_saphyr::from_str(&read("Chart.yaml")?).map_err(|e| format!("Chart.yaml: {e}"))?;
+    let chart: Value =
+        serde_saphyr::from_str(&read("Chart.yaml")?).map_err(|e| format!("Chart.yaml: {e}"))?;
     let mut merged: Value =
         serde_saphyr::from_str(&read("values.yaml")?).map_err(|e| format!("values.yaml: {e}"))?;
     if let Some(values) = values {
@@ -106,7 +107,9 @@ fn to_tmpl(value: &Value) -> Tmpl {
         },
         Value::String(s) => Tmpl::String(s.clone()),
         Value::Array(a) => Tmpl::Array(a.iter().map(to_tmpl).collect()),
-        Value::Object(o) => Tmpl::Map(o.iter().map(|(k, v)| (k.clone(), to_tmpl(v))).collect::<HashMap<_, _>>()),
+        Value::Object(o) => {
+            Tmpl::Map(o.iter().map(|(k, v)| (k.clone(), to_tmpl(v))).collect::<HashMap<_, _>>())
+        }
     }
 }
 
@@ -298,7 +301,10 @@ mod tests {
             "empty": "",
             "nested": [["a", 1]],
         });
-        let out = run("x:{{ toYaml .sel | nindent 2 }}\ny:{{ toYaml .tol | nindent 2 }}\nz:{{ toYaml .res | nindent 2 }}\n", values.clone());
+        let out = run(
+            "x:{{ toYaml .sel | nindent 2 }}\ny:{{ toYaml .tol | nindent 2 }}\nz:{{ toYaml .res | nindent 2 }}\n",
+            values.clone(),
+        );
         assert_eq!(
             out,
             "x:\n  a: \"true\"\n  kubernetes.io/os: linux\ny:\n  - effect: NoSchedule\n    operator: Exists\n  - key: k\nz:\n  limits: {}\n  requests:\n    cpu: 100m\n    memory: 100Mi\n"
@@ -307,8 +313,17 @@ mod tests {
         assert_eq!(parsed["x"], values["sel"]);
         assert_eq!(parsed["y"], values["tol"]);
         assert_eq!(toyaml_of(&values["nested"]), "- - a\n  - 1");
-        assert_eq!(run("{{ .cron | quote }} {{ quote .empty 1 }}", values.clone()), "\"*/5 * * * *\" \"\" \"1\"");
-        assert_eq!(run("{{ .empty | default \"d\" }} {{ .missing | default \"m\" }} {{ .cron | default \"d\" }}", values.clone()), "d m */5 * * * *");
+        assert_eq!(
+            run("{{ .cron | quote }} {{ quote .empty 1 }}", values.clone()),
+            "\"*/5 * * * *\" \"\" \"1\""
+        );
+        assert_eq!(
+            run(
+                "{{ .empty | default \"d\" }} {{ .missing | default \"m\" }} {{ .cron | default \"d\" }}",
+                values.clone()
+            ),
+            "d m */5 * * * *"
+        );
         assert_eq!(run("{{ \"a\\nb\" | indent 3 }}", values), "   a\n   b");
     }
 

@@ -86,7 +86,8 @@ mod tests {
 
     #[test]
     fn misspelt_fields_and_unknown_kinds_are_refused() {
-        let good = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"k": "v"}});
+        let good =
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"k": "v"}});
         assert_eq!(check(&good), Ok(()));
         let typo = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a", "lables": {}}});
         assert!(check(&typo).unwrap_err().contains(".metadata.lables"));

@@ -31,11 +31,7 @@ pub fn documents(text: &str) -> Result<Vec<Value>, String> {
 /// `(kind, namespace, name)` of a manifest, for messages and lookups.
 pub fn identity(document: &Value) -> (String, String, String) {
     let text = |value: &Value| value.as_str().unwrap_or_default().to_owned();
-    (
-        text(&document["kind"]),
-        text(&document["metadata"]["namespace"]),
-        text(&document["metadata"]["name"]),
-    )
+    (text(&document["kind"]), text(&document["metadata"]["namespace"]), text(&document["metadata"]["name"]))
 }
 
 /// `deploy/`.
@@ -72,10 +68,8 @@ pub fn rendered_chart(values: Option<&Value>) -> Vec<Value> {
 /// # Panics
 /// When there is none or more than one.
 pub fn find<'a>(documents: &'a [Value], kind: &str, name: &str) -> &'a Value {
-    let found: Vec<&Value> = documents
-        .iter()
-        .filter(|d| d["kind"] == kind && d["metadata"]["name"] == name)
-        .collect();
+    let found: Vec<&Value> =
+        documents.iter().filter(|d| d["kind"] == kind && d["metadata"]["name"] == name).collect();
     assert_eq!(found.len(), 1, "one {kind} {name}, found {}", found.len());
     found[0]
 }

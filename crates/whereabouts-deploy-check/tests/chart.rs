@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
-use whereabouts_deploy_check::{chart_dir, deploy_dir, documents, find, identity, kinds, plain_manifests, rendered_chart};
+use whereabouts_deploy_check::{
+    chart_dir, deploy_dir, documents, find, identity, kinds, plain_manifests, rendered_chart,
+};
 
 fn by_identity(docs: &[Value]) -> BTreeMap<(String, String, String), Value> {
     let mut map = BTreeMap::new();
@@ -37,7 +39,12 @@ fn container<'a>(doc: &'a Value, name: &str) -> &'a Value {
 }
 
 fn command(container: &Value) -> Vec<String> {
-    container["command"].as_array().expect("a command").iter().filter_map(|a| a.as_str().map(str::to_owned)).collect()
+    container["command"]
+        .as_array()
+        .expect("a command")
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect()
 }
 
 #[test]

@@ -108,7 +108,10 @@ fn names_namespace_labels_and_selectors_are_upstreams() {
     assert_eq!(daemonset["metadata"]["labels"], json!({"tier": "node", "app": "whereabouts"}));
     let deployment = find(&docs, "Deployment", "whereabouts-controller");
     assert_eq!(deployment["spec"]["selector"], json!({"matchLabels": {"app": "whereabouts-controller"}}));
-    assert_eq!(deployment["spec"]["template"]["metadata"]["labels"], json!({"app": "whereabouts-controller"}));
+    assert_eq!(
+        deployment["spec"]["template"]["metadata"]["labels"],
+        json!({"app": "whereabouts-controller"})
+    );
     for (at, spec) in pod_specs(&docs) {
         assert_eq!(spec["serviceAccountName"], "whereabouts", "{at}");
     }
@@ -130,10 +133,23 @@ fn field_ref(container: &Value, name: &str) -> Value {
 
 fn probes_on_metrics(container: &Value) {
     let name = &container["name"];
-    assert_eq!(container["ports"], json!([{"name": "metrics", "containerPort": 9445, "protocol": "TCP"}]), "{name}");
-    assert_eq!(container["readinessProbe"]["httpGet"], json!({"path": "/readyz", "port": "metrics"}), "{name}");
-    assert_eq!(container["livenessProbe"]["httpGet"], json!({"path": "/healthz", "port": "metrics"}), "{name}");
-    let command: Vec<&str> = container["command"].as_array().expect("a command").iter().filter_map(Value::as_str).collect();
+    assert_eq!(
+        container["ports"],
+        json!([{"name": "metrics", "containerPort": 9445, "protocol": "TCP"}]),
+        "{name}"
+    );
+    assert_eq!(
+        container["readinessProbe"]["httpGet"],
+        json!({"path": "/readyz", "port": "metrics"}),
+        "{name}"
+    );
+    assert_eq!(
+        container["livenessProbe"]["httpGet"],
+        json!({"path": "/healthz", "port": "metrics"}),
+        "{name}"
+    );
+    let command: Vec<&str> =
+        container["command"].as_array().expect("a command").iter().filter_map(Value::as_str).collect();
     assert!(command.contains(&"--metrics-address=0.0.0.0:9445"), "{name}: {command:?}");
 }
 
@@ -191,7 +207,9 @@ fn the_controller_deployment_is_leader_elected_and_non_root() {
     assert_eq!(containers.len(), 1);
     let controller = &containers[0];
     assert_eq!(controller["command"][1], "controller");
-    assert!(!controller["command"].as_array().expect("a command").iter().any(|a| a == "--no-leader-election"));
+    assert!(
+        !controller["command"].as_array().expect("a command").iter().any(|a| a == "--no-leader-election")
+    );
     assert_eq!(field_ref(controller, "POD_NAME"), "metadata.name");
     assert_eq!(field_ref(controller, "WHEREABOUTS_NAMESPACE"), "metadata.namespace");
     assert_eq!(

@@ -148,7 +148,14 @@ impl Components {
         json!({ "cniVersion": "1.0.0", "name": "rbac-net", "type": "macvlan", "ipam": ipam })
     }
 
-    async fn plugin(&self, command: &str, (pod, container): (&str, &str), uid: &str, node: &str, netconf: &Value) {
+    async fn plugin(
+        &self,
+        command: &str,
+        (pod, container): (&str, &str),
+        uid: &str,
+        node: &str,
+        netconf: &Value,
+    ) {
         let cni_args = format!(
             "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={pod};K8S_POD_UID={uid}",
             self.namespace
@@ -187,7 +194,11 @@ async fn create_pod(cluster: &TestCluster, name: &str, node: &str) -> String {
         metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
         spec: Some(PodSpec {
             node_name: Some(node.into()),
-            containers: vec![Container { name: "app".into(), image: Some("pause".into()), ..Container::default() }],
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("pause".into()),
+                ..Container::default()
+            }],
             ..PodSpec::default()
         }),
         ..Pod::default()
@@ -221,10 +232,7 @@ async fn allocations(cluster: &TestCluster) -> usize {
         &custom("whereabouts.cni.cncf.io", "v1alpha1", "IPPool", "ippools"),
     );
     let list = pools.list(&Default::default()).await.expect("list pools");
-    list.items
-        .iter()
-        .map(|p| p.data["spec"]["allocations"].as_object().map_or(0, serde_json::Map::len))
-        .sum()
+    list.items.iter().map(|p| p.data["spec"]["allocations"].as_object().map_or(0, serde_json::Map::len)).sum()
 }
 
 /// Everything the components do in a cluster's life, as the cluster would see it.
@@ -235,7 +243,10 @@ async fn act_out(cluster: &TestCluster, components: &Components) {
     let create_node = |name: String| {
         let nodes = nodes.clone();
         async move {
-            let object = Node { metadata: ObjectMeta { name: Some(name), ..ObjectMeta::default() }, ..Node::default() };
+            let object = Node {
+                metadata: ObjectMeta { name: Some(name), ..ObjectMeta::default() },
+                ..Node::default()
+            };
             nodes.create(&PostParams::default(), &object).await.expect("create node");
         }
     };
@@ -271,7 +282,11 @@ async fn act_out(cluster: &TestCluster, components: &Components) {
         let slices = slices.clone();
         async move {
             let Ok(Some(pool)) = slices.get_opt("slicenet").await else { return false };
-            pool.data["status"]["allocations"].as_array().into_iter().flatten().any(|s| s["nodeName"] == node.as_str())
+            pool.data["status"]["allocations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|s| s["nodeName"] == node.as_str())
         }
     };
     eventually("the node's slice", || has_slice(node.clone())).await;
@@ -309,7 +324,10 @@ async fn act_out(cluster: &TestCluster, components: &Components) {
 
     // The NetworkAttachmentDefinition goes: so does its NodeSlicePool.
     nads.delete("slicenet", &DeleteParams::default()).await.expect("delete the NAD");
-    eventually("the NodeSlicePool's deletion", || async { matches!(slices.get_opt("slicenet").await, Ok(None)) }).await;
+    eventually("the NodeSlicePool's deletion", || async {
+        matches!(slices.get_opt("slicenet").await, Ok(None))
+    })
+    .await;
 
     terminate(per_node).await;
     // SIGTERM: the leader hands its Lease back.
@@ -345,7 +363,8 @@ async fn the_cluster_role_grants_what_the_components_call_and_no_more() {
     eprintln!("used by the components: {used:#?}");
     let rules = role_with_notes();
 
-    let refused: Vec<&Access> = used.iter().filter(|a| !rules.iter().any(|(rule, _)| grants(rule, a))).collect();
+    let refused: Vec<&Access> =
+        used.iter().filter(|a| !rules.iter().any(|(rule, _)| grants(rule, a))).collect();
     assert!(refused.is_empty(), "called but not granted by whereabouts-cni: {refused:#?}");
 
     let mut unused = Vec::new();
@@ -379,4 +398,3 @@ fn the_role_check_sees_comments_and_wildcards() {
     assert!(!grants(&rule, &("list".into(), String::new(), "pods".into())));
     assert!(!grants(&rule, &("get".into(), "apps".into(), "pods".into())));
 }
-

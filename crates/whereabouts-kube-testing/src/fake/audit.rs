@@ -102,6 +102,9 @@ mod tests {
         log.record(&method, &Uri::from_static(uri), &headers);
     }
 
+    /// user, verb, resource, subresource, namespace, count.
+    type Row = (String, String, String, Option<String>, Option<String>, u64);
+
     #[test]
     fn verbs_and_resources_as_rbac_sees_them() {
         let mut log = RequestLog::default();
@@ -114,13 +117,20 @@ mod tests {
         record(&mut log, Method::PUT, "/apis/x.io/v1/namespaces/a/things/t", Some("t"));
         record(&mut log, Method::GET, "/apis/x.io/v1", Some("t"));
         record(&mut log, Method::GET, "/version", Some("t"));
-        let seen: Vec<(String, String, String, Option<String>, Option<String>, u64)> = log
+        let seen: Vec<Row> = log
             .requests()
             .into_iter()
             .map(|r| (r.user, r.verb, r.resource, r.subresource, r.namespace, r.count))
             .collect();
         let row = |user: &str, verb: &str, resource: &str, sub: Option<&str>, ns: Option<&str>, count| {
-            (user.to_owned(), verb.to_owned(), resource.to_owned(), sub.map(str::to_owned), ns.map(str::to_owned), count)
+            (
+                user.to_owned(),
+                verb.to_owned(),
+                resource.to_owned(),
+                sub.map(str::to_owned),
+                ns.map(str::to_owned),
+                count,
+            )
         };
         assert_eq!(
             seen,
