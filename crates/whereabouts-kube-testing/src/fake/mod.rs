@@ -21,6 +21,8 @@
 //! * The `status` subresource (pods, nodes, namespaces, CRDs, custom resources declaring it).
 //! * Structural schemas of custom resources: pruning, defaults, nulls, validation (see `schema`).
 //! * Failures as `Status` objects with the real reasons and messages.
+//! * A request log ([`FakeApiServer::requests`]): each distinct (bearer token, verb, group, resource,
+//!   namespace) asked for, in RBAC's terms, so tests can hold ClusterRoles against what components call.
 //! * Writes to one object are serialised and spend [`FakeOptions::write_latency`] each, while writes
 //!   to different objects proceed in parallel (as with etcd).
 //!
