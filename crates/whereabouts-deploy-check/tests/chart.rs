@@ -39,7 +39,7 @@ fn container<'a>(doc: &'a Value, name: &str) -> &'a Value {
 }
 
 fn command(container: &Value) -> Vec<String> {
-    container["command"]
+    container["args"]
         .as_array()
         .expect("a command")
         .iter()
@@ -133,13 +133,14 @@ fn the_reconciler_as_a_cronjob() {
     assert_eq!(cronjob["spec"]["jobTemplate"]["spec"]["backoffLimit"], 0);
     assert_eq!(cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["restartPolicy"], "Never");
     let reconciler = container(cronjob, "whereabouts-reconciler");
-    assert_eq!(command(reconciler)[..2], ["/whereabouts", "reconcile"]);
+    assert_eq!(reconciler["command"], json!(["/whereabouts"]));
+    assert_eq!(command(reconciler)[0], "reconcile");
     // Tanzu sets the requests; the limits are the chart's.
     assert_eq!(
         reconciler["resources"],
         json!({"requests": {"cpu": "25m", "memory": "32Mi"}, "limits": {"cpu": "100m", "memory": "200Mi"}})
     );
-    let controller = container(find(&docs, "Deployment", "whereabouts-controller"), "whereabouts-controller");
+    let controller = container(find(&docs, "Deployment", "whereabouts-controller"), "whereabouts");
     assert!(command(controller).contains(&"--no-reconciler".to_owned()));
 
     // Without a schedule: the Tanzu package's default.
@@ -180,7 +181,7 @@ fn image_log_level_node_slices_metrics_and_scheduling_values() {
     let spec = &deployment["spec"]["template"]["spec"];
     assert!(spec.get("nodeSelector").is_none());
     assert_eq!(spec["tolerations"][0]["key"], "infra");
-    let controller = container(deployment, "whereabouts-controller");
+    let controller = container(deployment, "whereabouts");
     let args = command(controller);
     for flag in ["--log-level=debug", "--no-node-slices", "--metrics-address="] {
         assert!(args.contains(&flag.to_owned()), "{flag} in {args:?}");
@@ -188,7 +189,7 @@ fn image_log_level_node_slices_metrics_and_scheduling_values() {
     assert!(controller.get("readinessProbe").is_none() && controller.get("ports").is_none());
 
     let docs = rendered_chart(Some(&json!({"metrics": {"port": 9555}})));
-    let controller = container(find(&docs, "Deployment", "whereabouts-controller"), "whereabouts-controller");
+    let controller = container(find(&docs, "Deployment", "whereabouts-controller"), "whereabouts");
     assert!(command(controller).contains(&"--metrics-address=0.0.0.0:9555".to_owned()));
     assert_eq!(controller["ports"][0]["containerPort"], 9555);
 }

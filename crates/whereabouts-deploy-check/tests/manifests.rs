@@ -148,9 +148,9 @@ fn probes_on_metrics(container: &Value) {
         json!({"path": "/healthz", "port": "metrics"}),
         "{name}"
     );
-    let command: Vec<&str> =
-        container["command"].as_array().expect("a command").iter().filter_map(Value::as_str).collect();
-    assert!(command.contains(&"--metrics-address=0.0.0.0:9445"), "{name}: {command:?}");
+    let args: Vec<&str> =
+        container["args"].as_array().expect("args").iter().filter_map(Value::as_str).collect();
+    assert!(args.contains(&"--metrics-address=0.0.0.0:9445"), "{name}: {args:?}");
 }
 
 #[test]
@@ -173,9 +173,9 @@ fn the_daemonset_installs_on_the_host_and_cleans_up_its_node() {
         {"name": "cni-net-dir", "mountPath": "/host/etc/cni/net.d"},
     ]);
     let init = &spec["initContainers"][0];
-    assert_eq!(init["command"], json!([BINARY, "install", "--once"]));
+    assert_eq!(init["args"], json!(["install", "--once"]));
     let install = &spec["containers"][0];
-    assert_eq!(install["command"], json!([BINARY, "install"]));
+    assert_eq!(install["args"], json!(["install"]));
     for container in [init, install] {
         assert_eq!(container["volumeMounts"], mounts);
         assert_eq!(field_ref(container, "NODENAME"), "spec.nodeName");
@@ -183,8 +183,8 @@ fn the_daemonset_installs_on_the_host_and_cleans_up_its_node() {
         assert_eq!(container["securityContext"], json!({"runAsUser": 0, "privileged": true}));
     }
     let controller = &spec["containers"][1];
-    assert_eq!(controller["command"][1], "controller");
-    assert!(controller["command"].as_array().expect("a command").contains(&json!("--mode=node")));
+    assert_eq!(controller["args"][0], "controller");
+    assert!(controller["args"].as_array().expect("args").contains(&json!("--mode=node")));
     assert_eq!(field_ref(controller, "NODENAME"), "spec.nodeName");
     assert_eq!(field_ref(controller, "WHEREABOUTS_NAMESPACE"), "metadata.namespace");
     assert_eq!(
@@ -206,10 +206,10 @@ fn the_controller_deployment_is_leader_elected_and_non_root() {
     let containers = spec["containers"].as_array().expect("containers");
     assert_eq!(containers.len(), 1);
     let controller = &containers[0];
-    assert_eq!(controller["command"][1], "controller");
-    assert!(
-        !controller["command"].as_array().expect("a command").iter().any(|a| a == "--no-leader-election")
-    );
+    // Upstream's container name: applied over upstream's Deployment, ours replaces its container.
+    assert_eq!(controller["name"], "whereabouts");
+    assert_eq!(controller["args"][0], "controller");
+    assert!(!controller["args"].as_array().expect("args").iter().any(|a| a == "--no-leader-election"));
     assert_eq!(field_ref(controller, "POD_NAME"), "metadata.name");
     assert_eq!(field_ref(controller, "WHEREABOUTS_NAMESPACE"), "metadata.namespace");
     assert_eq!(
@@ -231,9 +231,10 @@ fn workloads_run_the_released_image_and_only_installers_are_privileged() {
     assert_eq!(all.len(), 4);
     for (at, container) in &all {
         assert_eq!(container["image"], format!("{IMAGE_REPOSITORY}:{}", env!("CARGO_PKG_VERSION")), "{at}");
-        assert_eq!(container["command"][0], BINARY, "{at}");
+        // Both set: nothing of upstream's command line (`/bin/sh -c ...`) survives a merge.
+        assert_eq!(container["command"], json!([BINARY]), "{at}");
         let privileged = container["securityContext"]["privileged"] == true;
-        let installs = container["command"][1] == "install";
+        let installs = container["args"][0] == "install";
         assert_eq!(privileged, installs, "{at}: privileged only to write the host's directories");
         if !installs {
             assert_eq!(container["securityContext"]["allowPrivilegeEscalation"], false, "{at}");
@@ -263,11 +264,10 @@ fn every_container_command_is_accepted_by_the_binary() {
         "logLevel": "debug",
     }))));
     for (at, container) in containers(&docs) {
-        let args: Vec<String> = container["command"]
+        let args: Vec<String> = container["args"]
             .as_array()
-            .expect("a command")
+            .expect("args")
             .iter()
-            .skip(1)
             .map(|a| a.as_str().expect("string arguments").to_owned())
             .collect();
         let output = Command::new(&binary).args(&args).arg("--help").env_clear().output().expect("runs");
