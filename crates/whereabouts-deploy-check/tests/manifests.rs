@@ -246,7 +246,7 @@ fn workloads_run_the_released_image_and_only_installers_are_privileged() {
 fn the_dockerfile_builds_the_binary_the_manifests_run() {
     let dockerfile = std::fs::read_to_string(deploy_dir().join("../Dockerfile")).expect("a Dockerfile");
     assert!(dockerfile.contains("cargo build --release --locked -p whereabouts"), "{dockerfile}");
-    assert!(dockerfile.contains(&format!("COPY --from=build /src/target/release/whereabouts {BINARY}")));
+    assert!(dockerfile.contains(&format!("COPY --from=build /whereabouts {BINARY}")));
     assert!(dockerfile.contains(&format!("ENTRYPOINT [\"{BINARY}\"]")));
     assert!(dockerfile.contains("protobuf-compiler"));
 }
