@@ -16,4 +16,4 @@ pub mod plugin;
 pub mod upstream;
 
 pub use cluster::TestCluster;
-pub use fake::{FakeApiServer, FakeOptions, Stats};
+pub use fake::{FakeApiServer, FakeOptions, RecordedRequest, Stats};

@@ -21,6 +21,8 @@
 //! * The `status` subresource (pods, nodes, namespaces, CRDs, custom resources declaring it).
 //! * Structural schemas of custom resources: pruning, defaults, nulls, validation (see `schema`).
 //! * Failures as `Status` objects with the real reasons and messages.
+//! * A request log ([`FakeApiServer::requests`]): each distinct (bearer token, verb, group, resource,
+//!   namespace) asked for, in RBAC's terms, so tests can hold ClusterRoles against what components call.
 //! * Writes to one object are serialised and spend [`FakeOptions::write_latency`] each, while writes
 //!   to different objects proceed in parallel (as with etcd).
 //!
@@ -35,6 +37,7 @@
 //! conversion webhooks, CEL validation rules.
 
 mod admission;
+mod audit;
 mod crd;
 mod discovery;
 mod error;
@@ -63,6 +66,8 @@ use serde_json::json;
 use tokio::net::TcpSocket;
 use tokio::sync::{oneshot, watch as signal};
 
+pub use audit::RecordedRequest;
+use audit::RequestLog;
 use error::ApiError;
 use locks::ObjectLocks;
 use store::State;
@@ -106,6 +111,8 @@ struct Shared {
     locks: ObjectLocks,
     options: FakeOptions,
     counters: Counters,
+    /// What was asked, by whom (see [`FakeApiServer::requests`]).
+    log: Mutex<RequestLog>,
     /// True while the server answers every request with 503.
     unavailable: signal::Sender<bool>,
     /// `127.0.0.1:<port>`.
@@ -128,6 +135,7 @@ impl Shared {
             locks: ObjectLocks::default(),
             options,
             counters: Counters::default(),
+            log: Mutex::new(RequestLog::default()),
             unavailable: signal::Sender::new(false),
             address,
         }
@@ -147,6 +155,11 @@ async fn handle(AxumState(shared): AxumState<Arc<Shared>>, request: Request) -> 
         counters.writes.fetch_add(1, Ordering::Relaxed);
     }
     tracing::trace!(method = %request.method(), uri = %request.uri(), "request");
+    shared.log.lock().unwrap_or_else(PoisonError::into_inner).record(
+        request.method(),
+        request.uri(),
+        request.headers(),
+    );
     let response = if *shared.unavailable.borrow() {
         ApiError::unavailable().into_response()
     } else {
@@ -293,7 +306,17 @@ impl FakeApiServer {
         }
     }
 
+    /// Every distinct resource request since the server started or [`FakeApiServer::reset_stats`]:
+    /// bearer token, authorisation verb, group, version, resource, subresource, namespace, with a
+    /// count, in the order first seen. Refused requests (404, 409, 503) count too, as a real API
+    /// server authorises a request before it looks at the object.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared.log.lock().unwrap_or_else(PoisonError::into_inner).requests()
+    }
+
+    /// Clears the counters of [`FakeApiServer::stats`] and the log of [`FakeApiServer::requests`].
     pub fn reset_stats(&self) {
+        self.shared.log.lock().unwrap_or_else(PoisonError::into_inner).clear();
         let counters = &self.shared.counters;
         for counter in [
             &counters.requests,

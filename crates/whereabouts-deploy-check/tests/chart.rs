@@ -1,0 +1,202 @@
+//! The Helm chart `deploy/helm/whereabouts`, rendered here without helm (see the crate's docs): with
+//! its defaults it makes exactly `deploy/whereabouts.yaml`; its values (the Tanzu package's names
+//! among them) change what they say; its `crds/` are `deploy/crds/`.
+//!
+//! `crds/` is a copy: `WHEREABOUTS_UPDATE_CRDS=1 cargo test -p whereabouts-deploy-check --test chart`
+//! refreshes it (after `-p whereabouts-k8s --test crds` regenerated deploy/crds).
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+use whereabouts_deploy_check::{
+    chart_dir, deploy_dir, documents, find, identity, kinds, plain_manifests, rendered_chart,
+};
+
+fn by_identity(docs: &[Value]) -> BTreeMap<(String, String, String), Value> {
+    let mut map = BTreeMap::new();
+    for doc in docs {
+        assert!(map.insert(identity(doc), doc.clone()).is_none(), "twice: {:?}", identity(doc));
+    }
+    map
+}
+
+fn tanzu_values() -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tanzu-values.yaml");
+    serde_saphyr::from_str(&std::fs::read_to_string(path).expect("readable")).expect("YAML")
+}
+
+fn container<'a>(doc: &'a Value, name: &str) -> &'a Value {
+    let spec = match doc["kind"].as_str() {
+        Some("CronJob") => &doc["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+        _ => &doc["spec"]["template"]["spec"],
+    };
+    spec["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn command(container: &Value) -> Vec<String> {
+    container["args"]
+        .as_array()
+        .expect("a command")
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn crds_are_a_copy_of_deploy_crds() {
+    let source = deploy_dir().join("crds");
+    let copy = chart_dir().join("crds");
+    let update = std::env::var_os("WHEREABOUTS_UPDATE_CRDS").is_some();
+    let names = |dir: &std::path::Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|entries| entries.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    if update {
+        let _ = std::fs::remove_dir_all(&copy);
+        std::fs::create_dir_all(&copy).expect("mkdir");
+        for name in names(&source) {
+            std::fs::copy(source.join(&name), copy.join(&name)).expect("copy");
+        }
+    }
+    let hint = "refresh with WHEREABOUTS_UPDATE_CRDS=1 cargo test -p whereabouts-deploy-check --test chart";
+    assert_eq!(names(&source), names(&copy), "{hint}");
+    for name in names(&source) {
+        let a = std::fs::read(source.join(&name)).expect("readable");
+        let b = std::fs::read(copy.join(&name)).expect("readable");
+        assert!(a == b, "{name} differs; {hint}");
+    }
+    assert_eq!(names(&source).len(), 3);
+}
+
+#[test]
+fn the_defaults_render_deploy_whereabouts_yaml() {
+    let rendered = by_identity(&rendered_chart(None));
+    let plain = by_identity(&plain_manifests());
+    assert_eq!(rendered.keys().collect::<Vec<_>>(), plain.keys().collect::<Vec<_>>());
+    for (id, doc) in &plain {
+        assert_eq!(&rendered[id], doc, "{id:?} differs between the chart and deploy/whereabouts.yaml");
+    }
+}
+
+#[test]
+fn the_chart_yaml_names_the_workspace_version() {
+    let chart: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).expect("readable"))
+            .expect("YAML");
+    assert_eq!(chart["name"], "whereabouts");
+    assert_eq!(chart["apiVersion"], "v2");
+    assert_eq!(chart["appVersion"], env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn tanzu_values_set_namespace_resources_and_schedule() {
+    let values = tanzu_values();
+    let docs = rendered_chart(Some(&values));
+    for doc in &docs {
+        kinds::check(doc).unwrap_or_else(|e| panic!("{:?}: {e}", identity(doc)));
+        let (kind, namespace, _) = identity(doc);
+        if !kind.starts_with("Cluster") {
+            assert_eq!(namespace, "tanzu-system-networking", "{:?}", identity(doc));
+        }
+    }
+    let binding = find(&docs, "ClusterRoleBinding", "whereabouts");
+    assert_eq!(binding["subjects"][0]["namespace"], "tanzu-system-networking");
+    let daemonset = find(&docs, "DaemonSet", "whereabouts");
+    assert_eq!(
+        container(daemonset, "whereabouts-controller")["resources"],
+        json!({"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "200m", "memory": "256Mi"}})
+    );
+    // Controller mode (the default): the schedule goes to the ConfigMap the controller reads.
+    let config = find(&docs, "ConfigMap", "whereabouts-config");
+    assert_eq!(config["data"]["cron-expression"], "*/10 * * * *");
+    assert!(!docs.iter().any(|d| d["kind"] == "CronJob"));
+}
+
+#[test]
+fn the_reconciler_as_a_cronjob() {
+    let mut values = tanzu_values();
+    values["ip_reconciler"]["mode"] = json!("cronjob");
+    let docs = rendered_chart(Some(&values));
+    let cronjob = find(&docs, "CronJob", "whereabouts-reconciler");
+    kinds::check(cronjob).expect("a CronJob");
+    assert_eq!(cronjob["metadata"]["namespace"], "tanzu-system-networking");
+    assert_eq!(cronjob["spec"]["schedule"], "*/10 * * * *");
+    assert_eq!(cronjob["spec"]["concurrencyPolicy"], "Forbid");
+    assert_eq!(cronjob["spec"]["jobTemplate"]["spec"]["backoffLimit"], 0);
+    assert_eq!(cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["restartPolicy"], "Never");
+    let reconciler = container(cronjob, "whereabouts-reconciler");
+    assert_eq!(reconciler["command"], json!(["/whereabouts"]));
+    assert_eq!(command(reconciler)[0], "reconcile");
+    // Tanzu sets the requests; the limits are the chart's.
+    assert_eq!(
+        reconciler["resources"],
+        json!({"requests": {"cpu": "25m", "memory": "32Mi"}, "limits": {"cpu": "100m", "memory": "200Mi"}})
+    );
+    let controller = container(find(&docs, "Deployment", "whereabouts-controller"), "whereabouts");
+    assert!(command(controller).contains(&"--no-reconciler".to_owned()));
+
+    // Without a schedule: the Tanzu package's default.
+    let docs = rendered_chart(Some(&json!({"ip_reconciler": {"mode": "cronjob"}})));
+    assert_eq!(find(&docs, "CronJob", "whereabouts-reconciler")["spec"]["schedule"], "*/5 * * * *");
+    assert_eq!(find(&docs, "ConfigMap", "whereabouts-config")["data"]["cron-expression"], "30 4 * * *");
+}
+
+#[test]
+fn image_log_level_node_slices_metrics_and_scheduling_values() {
+    let docs = rendered_chart(Some(&json!({
+        "image": {"repository": "registry.example/wa", "tag": "v9", "pullPolicy": "Always"},
+        "imagePullSecrets": [{"name": "pull"}],
+        "logLevel": "debug",
+        "nodeSlices": {"enabled": false},
+        "metrics": {"enabled": false},
+        "nodeController": {"enabled": false},
+        "whereabouts": {"nodeSelector": {"pool": "cni"}, "tolerations": [{"operator": "Exists"}], "priorityClassName": "system-node-critical"},
+        "controller": {"replicas": 3, "nodeSelector": null, "tolerations": [{"key": "infra", "operator": "Exists", "effect": "NoSchedule"}]},
+    })));
+    for doc in &docs {
+        kinds::check(doc).unwrap_or_else(|e| panic!("{:?}: {e}", identity(doc)));
+    }
+    let daemonset = find(&docs, "DaemonSet", "whereabouts");
+    let spec = &daemonset["spec"]["template"]["spec"];
+    // Helm merges maps of the user's values into the chart's.
+    assert_eq!(spec["nodeSelector"], json!({"kubernetes.io/os": "linux", "pool": "cni"}));
+    assert_eq!(spec["tolerations"], json!([{"operator": "Exists"}]));
+    assert_eq!(spec["priorityClassName"], "system-node-critical");
+    assert_eq!(spec["imagePullSecrets"], json!([{"name": "pull"}]));
+    assert_eq!(spec["containers"].as_array().map(Vec::len), Some(1), "no node controller");
+    let install = container(daemonset, "whereabouts");
+    assert_eq!(install["image"], "registry.example/wa:v9");
+    assert_eq!(install["imagePullPolicy"], "Always");
+
+    let deployment = find(&docs, "Deployment", "whereabouts-controller");
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    let spec = &deployment["spec"]["template"]["spec"];
+    assert!(spec.get("nodeSelector").is_none());
+    assert_eq!(spec["tolerations"][0]["key"], "infra");
+    let controller = container(deployment, "whereabouts");
+    let args = command(controller);
+    for flag in ["--log-level=debug", "--no-node-slices", "--metrics-address="] {
+        assert!(args.contains(&flag.to_owned()), "{flag} in {args:?}");
+    }
+    assert!(controller.get("readinessProbe").is_none() && controller.get("ports").is_none());
+
+    let docs = rendered_chart(Some(&json!({"metrics": {"port": 9555}})));
+    let controller = container(find(&docs, "Deployment", "whereabouts-controller"), "whereabouts");
+    assert!(command(controller).contains(&"--metrics-address=0.0.0.0:9555".to_owned()));
+    assert_eq!(controller["ports"][0]["containerPort"], 9555);
+}
+
+#[test]
+fn rendered_documents_parse_as_yaml_streams() {
+    let text = whereabouts_deploy_check::helm::render(&chart_dir(), None).expect("renders");
+    assert!(!text.contains("<no value>"), "{text}");
+    assert_eq!(documents(&text).expect("YAML").len(), 6);
+}
