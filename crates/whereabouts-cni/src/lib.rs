@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::ErrorKind;
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -22,7 +22,7 @@ use whereabouts_store::AnyStore;
 #[cfg(feature = "etcd")]
 use whereabouts_store::etcd::{EtcdConnectError, EtcdStore};
 use whereabouts_store::file::FileStore;
-use whereabouts_store::ipam::Ipam;
+use whereabouts_store::ipam::{Ipam, ROLLBACK_GRACE, RetryPolicy};
 #[cfg(feature = "kubernetes")]
 use whereabouts_store::kubernetes::KubeStore;
 
@@ -128,9 +128,12 @@ struct Attachment {
 }
 
 /// The longest one CNI call may take, whatever the store does (a cluster store whose every member
-/// stopped answering, say): well below the runtime's own timeout, so the caller gets a CNI error to
-/// act on rather than a killed plugin.
-pub const CALL_DEADLINE: Duration = Duration::from_secs(60);
+/// stopped answering, say): the engine's one budget for the call, in which every wait (the node's
+/// writer queue, lost races, a store restarting) ends and then gives its error, plus the time a failed
+/// ADD has to release what it took, plus a margin. Below the kubelet's two-minute runtime request
+/// timeout, so the caller gets a CNI error to act on rather than a killed plugin.
+pub const CALL_DEADLINE: Duration =
+    RetryPolicy::DEFAULT_BUDGET.saturating_add(ROLLBACK_GRACE).saturating_add(Duration::from_secs(5));
 
 /// Runs one CNI call. Never panics on any input; every failure is a CNI error object.
 pub async fn run(vars: &HashMap<String, String>, stdin: &[u8], host: &impl Host) -> Reply {
@@ -224,11 +227,12 @@ async fn dispatch(
         Command::Status => CniError::new(codes::NOT_AVAILABLE, e.msg),
         _ => e,
     };
+    let deadline = Instant::now() + RetryPolicy::DEFAULT_BUDGET;
     let node = node_name(&env, &config, host);
     let node_slices = slices::prepare(&config, purpose, node.as_deref()).map_err(not_available)?;
-    let store = open_store(&config.datastore, node.as_deref()).await.map_err(not_available)?;
+    let store = open_store(&config.datastore, node.as_deref(), deadline).await.map_err(not_available)?;
     slices::apply(node_slices, &mut config, &store, &netconf.name, purpose).await.map_err(not_available)?;
-    let ipam = Ipam::new(&store);
+    let ipam = Ipam::new(&store).with_deadline(deadline);
 
     match env.command {
         Command::Add => {
@@ -376,7 +380,13 @@ fn requested_ips(netconf: &NetConf) -> Result<Vec<(&'static str, String)>, CniEr
 
 /// Opens the configured store. A store that cannot be reached fails the call: there is never a
 /// fallback to another store, which could hand out an address another node holds.
-pub async fn open_store(datastore: &Datastore, node: Option<&str>) -> Result<AnyStore, CniError> {
+///
+/// An etcd cluster that cannot be reached (a member restarting) is tried again until `deadline`.
+pub async fn open_store(
+    datastore: &Datastore,
+    node: Option<&str>,
+    deadline: Instant,
+) -> Result<AnyStore, CniError> {
     match datastore {
         Datastore::File { dir } => Ok(AnyStore::File(FileStore::open(dir)?)),
         #[cfg(feature = "kubernetes")]
@@ -391,13 +401,24 @@ pub async fn open_store(datastore: &Datastore, node: Option<&str>) -> Result<Any
         )),
         #[cfg(feature = "etcd")]
         Datastore::Etcd(settings) => {
-            EtcdStore::connect(settings).await.map(|store| AnyStore::Etcd(Box::new(store))).map_err(|e| {
-                let code = match e {
-                    EtcdConnectError::Invalid { .. } => codes::INVALID_CONFIG,
-                    EtcdConnectError::Unreachable { .. } => codes::TRY_AGAIN,
-                };
-                CniError::new(code, e.to_string())
-            })
+            let mut pause = Duration::from_millis(100);
+            loop {
+                match EtcdStore::connect(settings).await {
+                    Ok(store) => return Ok(AnyStore::Etcd(Box::new(store))),
+                    Err(e @ EtcdConnectError::Unreachable { .. }) if Instant::now() + pause < deadline => {
+                        tracing::debug!("{e}; trying again");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                    }
+                    Err(e) => {
+                        let code = match e {
+                            EtcdConnectError::Invalid { .. } => codes::INVALID_CONFIG,
+                            EtcdConnectError::Unreachable { .. } => codes::TRY_AGAIN,
+                        };
+                        return Err(CniError::new(code, e.to_string()));
+                    }
+                }
+            }
         }
         #[cfg(not(feature = "etcd"))]
         Datastore::Etcd(_) => Err(CniError::new(

@@ -110,54 +110,80 @@ fn free_from(
     None
 }
 
-/// How a new address is chosen among the free ones: the lowest, or, after lost races, one of the
-/// lowest few picked by a hash of the owner, so that writers racing on one pool stop colliding on the
-/// same address while allocation stays compact and deterministic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Spread {
-    /// How many of the lowest free addresses are eligible (1: the lowest only).
-    pub width: u32,
-    /// Picks among them.
-    pub seed: u64,
+/// Where a writer's new addresses start among the free ones of a range.
+///
+/// A writer alone on a pool takes the lowest free addresses, in order: compact and predictable. But
+/// writers on several nodes that write one pool at the same moment, each for a batch of the ADDs queued
+/// on its node, would all take the same lowest free addresses, and on a store that compares the keys a
+/// write changes (the Kubernetes store) all but one would lose the compare-and-swap, again and again.
+///
+/// So a writer that is racing (it lost a race on this pool, or its node did recently) takes a *lane*:
+/// the free addresses, counted from the lowest, are cut into consecutive blocks of [`Lane::WIDTH`], and
+/// the writer's batch takes consecutive free addresses from the start of block
+/// `hash(writer, round) % lanes`. Writers in different lanes never pick the same address; two that
+/// hashed into one lane collide once more and move on to `round + 1`, with more lanes. Addresses stay
+/// within the lowest `lanes x WIDTH` free ones (fewer free addresses than that: the count wraps), and
+/// a lane is a pure function of the writer, the round and the pool as read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Lane {
+    /// How many of the lowest free addresses to pass over before the batch starts.
+    pub skip: u64,
 }
 
-impl Spread {
-    /// Always the lowest free address.
-    pub const LOWEST: Spread = Spread { width: 1, seed: 0 };
-    /// The widest spread.
-    pub const MAX_WIDTH: u32 = 64;
+impl Lane {
+    /// Not racing: the lowest free address.
+    pub const LOWEST: Lane = Lane { skip: 0 };
+    /// Free addresses per lane: room for a node's batch without spilling into the next lane.
+    pub const WIDTH: u64 = 16;
 
-    /// The spread for `owner` after `conflicts` lost races: the lowest free address at first, then
-    /// 4, 16 and at most 64 candidates.
-    pub fn after_conflicts(owner: &Owner, conflicts: u32) -> Spread {
-        if conflicts == 0 {
-            return Spread::LOWEST;
+    /// How many lanes there are in `round`: 32 at the first, 128 from the second on (at most 2048
+    /// addresses passed over).
+    pub fn count(round: u32) -> u64 {
+        match round {
+            0 => 1,
+            1 => 32,
+            _ => 128,
+        }
+    }
+
+    /// The lane of `writer` (its node) in `round` (0: not racing, the lowest free address).
+    pub fn of(writer: &str, round: u32) -> Lane {
+        if round == 0 {
+            return Lane::LOWEST;
         }
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (&owner.pod_ref, &owner.container_id, &owner.ifname, conflicts).hash(&mut hasher);
-        Spread { width: 1 << (2 * conflicts).min(Self::MAX_WIDTH.ilog2()), seed: hasher.finish() }
+        (writer, round).hash(&mut hasher);
+        Lane { skip: hasher.finish() % Lane::count(round) * Lane::WIDTH }
     }
 }
 
-/// The free address `spread` picks: the `seed % n`-th lowest of the `n <= width` lowest free ones.
-pub fn spread_free(
+/// The first free address of `lane`: the `lane.skip`-th free address counted from the lowest (0: the
+/// lowest), or, when the range has only `n <= lane.skip` free addresses, the `lane.skip % n`-th. `None`
+/// when no address is free.
+pub fn lane_start(
     range: &IpRange,
     pool: &Pool,
     gateway: Option<IpAddr>,
     blocked: &IntervalSet,
-    spread: Spread,
+    lane: Lane,
 ) -> Option<u128> {
-    let mut eligible = Vec::with_capacity(spread.width as usize);
-    let mut next = lowest_free(range, pool, gateway, blocked);
-    while let Some(addr) = next {
-        eligible.push(addr);
-        if eligible.len() >= spread.width as usize {
-            break;
+    let lowest = lowest_free(range, pool, gateway, blocked)?;
+    let mut passed = 0u64;
+    let mut at = lowest;
+    while passed < lane.skip {
+        match at.checked_add(1).and_then(|from| free_from(range, pool, gateway, blocked, from)) {
+            Some(next) => {
+                at = next;
+                passed += 1;
+            }
+            None => {
+                // Fewer free addresses than the lane passes over: count again from the lowest.
+                let wrapped = lane.skip % (passed + 1);
+                return lane_start(range, pool, gateway, blocked, Lane { skip: wrapped });
+            }
         }
-        next = addr.checked_add(1).and_then(|from| free_from(range, pool, gateway, blocked, from));
     }
-    let count = eligible.len() as u64;
-    (count > 0).then(|| eligible[(spread.seed % count) as usize])
+    Some(at)
 }
 
 /// Chooses the address `owner` gets from `range` (without changing the pool; see [`apply`]).
@@ -174,25 +200,27 @@ pub fn assign(
     gateway: Option<IpAddr>,
     blocked: &IntervalSet,
 ) -> Result<Assignment, AllocError> {
-    assign_spread(range, pool, owner, requested, gateway, blocked, Spread::LOWEST)
+    assign_from(range, pool, owner, requested, gateway, blocked, range.first())
 }
 
-/// [`assign`], with a new address chosen by `spread` instead of the lowest free one.
-pub fn assign_spread(
+/// [`assign`], with a new address taken at or above `start` (a [`lane_start`], or the address after
+/// the previous one of a batch), or the lowest free one when none is free there.
+pub fn assign_from(
     range: &IpRange,
     pool: &Pool,
     owner: &Owner,
     requested: Option<IpAddr>,
     gateway: Option<IpAddr>,
     blocked: &IntervalSet,
-    spread: Spread,
+    start: u128,
 ) -> Result<Assignment, AllocError> {
     let owned = pool.owned(owner);
     let Some(ip) = requested else {
         if let Some(addr) = owned.first() {
             return Ok(Assignment::Existing(*addr));
         }
-        return spread_free(range, pool, gateway, blocked, spread)
+        return free_from(range, pool, gateway, blocked, start)
+            .or_else(|| lowest_free(range, pool, gateway, blocked))
             .map(|addr| Assignment::New { addr, replaces: None })
             .ok_or_else(|| AllocError::Exhausted(range.describe()));
     };
@@ -437,27 +465,58 @@ mod tests {
     }
 
     #[test]
-    fn spread_starts_at_the_lowest_and_widens_per_conflict() {
-        let o = owner(1);
-        assert_eq!(Spread::after_conflicts(&o, 0), Spread::LOWEST);
-        let widths: Vec<u32> = (1..6).map(|c| Spread::after_conflicts(&o, c).width).collect();
-        assert_eq!(widths, [4, 16, 64, 64, 64]);
-        // Deterministic per owner, different between owners.
-        assert_eq!(Spread::after_conflicts(&o, 2), Spread::after_conflicts(&o, 2));
-        assert_ne!(Spread::after_conflicts(&o, 2).seed, Spread::after_conflicts(&owner(2), 2).seed);
+    fn lanes_start_at_the_lowest_and_multiply_per_round() {
+        assert_eq!(Lane::of("node-a", 0), Lane::LOWEST);
+        for round in 1..4 {
+            let lane = Lane::of("node-a", round);
+            assert_eq!(lane, Lane::of("node-a", round), "deterministic");
+            assert_eq!(lane.skip % Lane::WIDTH, 0);
+            assert!(lane.skip < Lane::count(round) * Lane::WIDTH);
+        }
+        let lanes: std::collections::HashSet<u64> =
+            (0..20).map(|n| Lane::of(&format!("node-{n}"), 2).skip).collect();
+        assert!(lanes.len() > 15, "20 nodes over 128 lanes mostly differ: {lanes:?}");
     }
 
     #[test]
-    fn racing_owners_spread_over_distinct_addresses() {
-        let r = range("10.0.0.0/24", None, None, &[]);
+    fn batches_of_racing_nodes_land_in_disjoint_runs() {
+        // Ten nodes read the same pool and each takes a batch of ten from its lane: as long as their
+        // lanes differ, no address is picked twice.
+        let r = range("10.0.0.0/16", None, None, &[]);
+        let mut pool = Pool::new(r.network());
+        for n in 0..7 {
+            take(&r, &mut pool, 1000 + n);
+        }
+        let mut picked = std::collections::HashMap::new();
+        let mut lanes = std::collections::HashSet::new();
+        for node in 0..10 {
+            let lane = Lane::of(&format!("node-{node}"), 1);
+            if !lanes.insert(lane) {
+                continue;
+            }
+            let mut batch = pool.clone();
+            let start = lane_start(&r, &batch, None, &IntervalSet::new(), lane).unwrap();
+            for i in 0..10 {
+                let o = owner(node * 100 + i);
+                let a = assign_from(&r, &batch, &o, None, None, &IntervalSet::new(), start).unwrap();
+                let addr = to_u128(apply(&mut batch, a, &o));
+                assert_eq!(picked.insert(addr, node), None, "{addr} picked twice");
+            }
+        }
+        assert!(lanes.len() > 5, "{lanes:?}");
+    }
+
+    #[test]
+    fn a_lane_past_the_free_addresses_wraps() {
+        let r = range("10.0.0.0/29", None, None, &[]);
         let pool = Pool::new(r.network());
-        let picks: std::collections::HashSet<u128> = (0..32)
-            .map(|i| spread_free(&r, &pool, None, &IntervalSet::new(), Spread::after_conflicts(&owner(i), 3)))
-            .map(|a| a.unwrap())
-            .collect();
-        // 32 owners over 64 candidates: far fewer collisions than all on the lowest address.
-        assert!(picks.len() > 16, "{picks:?}");
-        assert!(picks.iter().all(|a| *a <= to_u128(ip("10.0.0.64"))));
+        // Six free addresses, .1 to .6: the 8th free one wraps to the 8 % 6 = 2nd, .3.
+        let start = lane_start(&r, &pool, None, &IntervalSet::new(), Lane { skip: 8 });
+        assert_eq!(start, Some(to_u128(ip("10.0.0.3"))));
+        let full = range("10.0.0.0/30", Some("10.0.0.1"), Some("10.0.0.1"), &[]);
+        let mut pool = Pool::new(full.network());
+        take(&full, &mut pool, 1);
+        assert_eq!(lane_start(&full, &pool, None, &IntervalSet::new(), Lane { skip: 16 }), None);
     }
 
     /// The naive model: walk every candidate in order.
@@ -481,8 +540,7 @@ mod tests {
             taken in proptest::collection::vec(0u128..1024, 0..300),
             blocked in proptest::collection::vec(0u128..1024, 0..5),
             gw in proptest::option::of(0u128..1024),
-            spread_width in 1u32..70,
-            seed in any::<u64>(),
+            skip in 0u64..400,
         ) {
             let (base, bits, prefix) = if v6 {
                 (to_u128(ip("2001:db8::")), 128u8, prefix + 96)
@@ -504,25 +562,22 @@ mod tests {
             let gw = gw.map(|g| from_u128(family, base + g % size));
             let fast = lowest_free(&r, &pool, gw, &blocked);
             prop_assert_eq!(fast, naive_lowest(&r, &pool, gw, &blocked));
-            // A spread pick is one of the `width` lowest free candidates of the naive walk, and the
-            // lowest one when the width is 1.
-            let spread = Spread { width: spread_width, seed };
-            let picked = spread_free(&r, &pool, gw, &blocked, spread);
+            // A lane starts at the `skip % n`-th of the n free candidates of the naive walk, the lowest
+            // one with no skip.
+            let started = lane_start(&r, &pool, gw, &blocked, Lane { skip });
             let naive_free: Vec<u128> = (r.first()..=r.last())
-                .filter(|a| naive_lowest(&r, &pool, gw, &blocked).is_some_and(|low| *a >= low))
                 .filter(|a| {
                     pool.get(*a).is_none() && !r.excluded().contains(*a) && !blocked.contains(*a)
                         && gw.map(to_u128) != Some(*a) && !(r.family() == Family::V4 && a & 0xff == 0)
+                        && *a >= pool.base()
                 })
-                .take(spread_width as usize)
                 .collect();
-            prop_assert_eq!(picked.is_some(), fast.is_some());
-            if let Some(p) = picked {
-                prop_assert!(naive_free.contains(&p), "{p} not among {naive_free:?}");
-                prop_assert_eq!(p, naive_free[(seed % naive_free.len() as u64) as usize]);
+            prop_assert_eq!(started.is_some(), fast.is_some());
+            if let Some(p) = started {
+                prop_assert_eq!(p, naive_free[(skip % naive_free.len() as u64) as usize]);
             }
-            if spread_width == 1 {
-                prop_assert_eq!(picked, fast);
+            if skip == 0 {
+                prop_assert_eq!(started, fast);
             }
             if let Some(addr) = fast {
                 // Inside the interval, never network/broadcast, never excluded, reserved or the gateway.

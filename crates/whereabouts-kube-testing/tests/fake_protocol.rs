@@ -1029,12 +1029,18 @@ async fn concurrent_writers_testing_the_resource_version_retry_until_they_succee
 
 /// A server whose writes take 1 ms, so that concurrent writers overlap.
 fn server_with_write_latency() -> FakeApiServer {
-    FakeApiServer::start_with(FakeOptions { write_latency: Duration::from_millis(1) })
+    FakeApiServer::start_with(FakeOptions {
+        write_latency: Duration::from_millis(1),
+        ..FakeOptions::default()
+    })
 }
 
 #[tokio::test]
 async fn write_latency_serialises_writes_to_one_object_only() {
-    let server = FakeApiServer::start_with(FakeOptions { write_latency: Duration::from_millis(200) });
+    let server = FakeApiServer::start_with(FakeOptions {
+        write_latency: Duration::from_millis(200),
+        ..FakeOptions::default()
+    });
     let client = client_for(&server).await;
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
     for name in ["a", "b", "c", "d"] {

@@ -20,7 +20,7 @@
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient, TlsOptions, Txn,
@@ -404,8 +404,8 @@ impl EtcdStore {
 }
 
 impl Store for EtcdStore {
-    async fn lock_pool(&self, name: &str) -> Result<Option<PoolLock>, StoreError> {
-        node_local_lock(&self.lock_dir, "etcd", (self.cluster_key, name)).await
+    async fn lock_pool(&self, name: &str, deadline: Instant) -> Result<Option<PoolLock>, StoreError> {
+        node_local_lock(&self.lock_dir, "etcd", (self.cluster_key, name), deadline).await
     }
 
     fn queue_dir(&self, name: &str) -> Option<std::path::PathBuf> {

@@ -14,11 +14,12 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use whereabouts_core::pool::{Allocation, PoolSpec};
 
-use crate::lock::lock;
+use crate::lock::{lock, one_write_deadline};
 use crate::{PoolLock, Reservation, ReserveOutcome, Store, StoreError, Version, VersionedPool};
 
 /// The file store rooted at a directory.
@@ -146,9 +147,9 @@ impl Store for FileStore {
         }))
     }
 
-    async fn lock_pool(&self, name: &str) -> Result<Option<PoolLock>, StoreError> {
+    async fn lock_pool(&self, name: &str, deadline: Instant) -> Result<Option<PoolLock>, StoreError> {
         let path = self.pool_lock_path(name)?;
-        let guard = lock(&path).await?;
+        let guard = lock(&path, deadline).await?;
         Ok(Some(PoolLock::new(path.display().to_string(), guard)))
     }
 
@@ -163,7 +164,7 @@ impl Store for FileStore {
         let lock_path = self.pool_lock_path(name)?;
         let _guard = match held {
             Some(held) if held.key() == lock_path.display().to_string() => None,
-            _ => Some(lock(&lock_path).await?),
+            _ => Some(lock(&lock_path, one_write_deadline()).await?),
         };
         let current = read_optional(&path)?
             .map(|bytes| serde_json::from_slice::<PoolFileVersion>(&bytes).map_err(|e| corrupt(&path, e)))
@@ -205,7 +206,7 @@ impl Store for FileStore {
                     Some(holder) if holder.same_owner(owner) => {
                         // Take it over under the lock deletes hold, so a concurrent delete by the old
                         // container cannot interleave.
-                        let _guard = lock(&self.reservations.join(".lock")).await?;
+                        let _guard = lock(&self.reservations.join(".lock"), one_write_deadline()).await?;
                         match Self::read_reservation_file(&path)? {
                             Some(holder) if holder.same_owner(owner) => {
                                 let temp = Self::write_temp(&self.reservations, &content)?;
@@ -231,7 +232,7 @@ impl Store for FileStore {
 
     async fn delete_reservation(&self, name: &str, owner: &Reservation) -> Result<(), StoreError> {
         let path = self.reservation_path(name)?;
-        let _guard = lock(&self.reservations.join(".lock")).await?;
+        let _guard = lock(&self.reservations.join(".lock"), one_write_deadline()).await?;
         match Self::read_reservation_file(&path)? {
             Some(holder) if holder.deletable_by(owner) => {
                 fs::remove_file(&path).map_err(|e| io_error(&path, e))?;

@@ -1,12 +1,27 @@
 //! The IPAM engine: the core's allocation policy applied to a [`Store`] with compare-and-swap retries.
 //!
 //! Every change to a pool is read → compute (pure core) → write-if-unchanged. A lost race is retried
-//! from a fresh read after a jittered exponential backoff, within a bound of attempts and time; past
-//! the bound the caller gets [`IpamError::Contention`] naming the pool (CNI code 11, try again later).
-//! A retried ADD picks among the lowest few free addresses by a hash of its owner
-//! ([`Spread`]) rather than the lowest one, so that writers of a busy pool whose store compares only the
-//! addresses a write changes (the Kubernetes store) stop colliding; without contention it is always the
-//! lowest free address.
+//! from a fresh read after a jittered exponential backoff.
+//!
+//! # One deadline per operation
+//!
+//! Each operation (an ADD, a DEL, a controller's release) has one budget ([`RetryPolicy::budget`]) and
+//! every wait inside it ends at the same deadline: the node-local writer queue, lost races, a store
+//! that is unavailable (an API server or etcd member restarting). A busy node is not an outage, so
+//! nothing gives up on a shorter clock of its own. Past the deadline the caller gets
+//! [`IpamError::Contention`] or the store's error (CNI code 11, try again later), and an ADD that
+//! failed leaves nothing stored: what it took is released within a short grace
+//! ([`ROLLBACK_GRACE`]) after the deadline, also an entry that the head of the writer queue stored for
+//! it.
+//!
+//! # Allocation order under contention
+//!
+//! Without contention an ADD gets the lowest free address. Writers on different nodes that write one
+//! pool at once would all pick the same lowest free addresses; a writer that lost a race, or whose node
+//! lost one on this pool within the last seconds, takes its node's lane instead
+//! ([`whereabouts_core::allocate::Lane`]): its whole batch takes consecutive free addresses from a
+//! block chosen by a hash of its node, so that concurrent nodes' batches land side by side instead of
+//! on top of each other.
 //!
 //! Every range says which pool holds its allocations ([`ManagedRange::pool`]): the pool named after the
 //! range, or with node slices this node's pool of its slice. The engine reads and writes only that pool
@@ -31,13 +46,15 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use thiserror::Error;
 use whereabouts_core::addr::{Family, from_u128, to_u128};
-use whereabouts_core::allocate::{AllocError, Assignment, Spread, apply, assign, assign_spread, lowest_free};
+use whereabouts_core::allocate::{
+    AllocError, Assignment, Lane, apply, assign, assign_from, lane_start, lowest_free,
+};
 use whereabouts_core::config::{IpamConfig, ManagedRange, PoolTarget};
 use whereabouts_core::interval::IntervalSet;
 use whereabouts_core::pool::{Allocation, Owner, Pool, PoolError};
 use whereabouts_core::range::reservation_name;
 
-use crate::queue::Announced;
+use crate::queue::{Announced, mark_contended, recently_contended};
 use crate::{Reservation, ReserveOutcome, Store, StoreError, VersionedPool};
 
 /// Why an IPAM operation failed; every variant names the pool or reservation involved.
@@ -77,31 +94,35 @@ pub enum IpamError {
     },
 }
 
-/// Bounds of the compare-and-swap retry loop.
+/// How long after an operation's deadline a failed ADD may still spend releasing what it took.
+pub const ROLLBACK_GRACE: Duration = Duration::from_secs(15);
+
+/// The retry budget of one operation.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
-    /// Most writes tried per pool update.
-    pub attempts: u32,
-    /// The first backoff ceiling; it doubles per conflict.
+    /// The longest one operation (all its pools, queues, races and store outages together) may take
+    /// before it gives up; a failed ADD's rollback may take [`ROLLBACK_GRACE`] more. Retrying an
+    /// unavailable store is safe: every write is a compare-and-swap or idempotent, so a write that did
+    /// land is found by the next read.
+    pub budget: Duration,
+    /// The first backoff ceiling after a lost race; it doubles per race lost.
     pub first_backoff: Duration,
     /// The largest backoff ceiling.
     pub max_backoff: Duration,
-    /// The longest one pool update may take; far below the kubelet's CNI timeout.
-    pub deadline: Duration,
-    /// How long calls failing with [`StoreError::Unavailable`] (an etcd leader election, a member
-    /// restarting) are retried before the error is returned. Retrying is safe: every write is a
-    /// compare-and-swap or idempotent, so a write that did land is found by the next read.
-    pub unavailable_window: Duration,
+}
+
+impl RetryPolicy {
+    /// The budget of a CNI call: well inside the kubelet's two-minute runtime request timeout, with
+    /// room for the rollback grace, and far beyond an API server or etcd restart (seconds).
+    pub const DEFAULT_BUDGET: Duration = Duration::from_secs(90);
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
-            attempts: 500,
+            budget: Self::DEFAULT_BUDGET,
             first_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(50),
-            deadline: Duration::from_secs(30),
-            unavailable_window: Duration::from_secs(8),
         }
     }
 }
@@ -166,6 +187,9 @@ pub struct FoundAllocation<'a> {
 pub struct Ipam<'s, S> {
     store: &'s S,
     retry: RetryPolicy,
+    /// The deadline of every operation, when the caller set one (a CNI call); else each operation
+    /// gets [`RetryPolicy::budget`] from its start.
+    deadline: Option<Instant>,
     observer: Option<&'s (dyn Fn(EngineEvent) + Sync)>,
 }
 
@@ -173,6 +197,11 @@ impl<S> std::fmt::Debug for Ipam<'_, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ipam").field("retry", &self.retry).finish_non_exhaustive()
     }
+}
+
+/// Until when a failed ADD that reached `deadline` may still release what it took.
+fn rollback_deadline(deadline: Instant) -> Instant {
+    deadline.max(Instant::now()) + ROLLBACK_GRACE
 }
 
 fn reservation_of(allocation: &Allocation) -> Reservation {
@@ -186,7 +215,7 @@ fn reservation_of(allocation: &Allocation) -> Reservation {
 impl<'s, S: Store> Ipam<'s, S> {
     /// An engine with the default retry policy.
     pub fn new(store: &'s S) -> Self {
-        Ipam { store, retry: RetryPolicy::default(), observer: None }
+        Ipam { store, retry: RetryPolicy::default(), deadline: None, observer: None }
     }
 
     /// Tells `observer` of every retried conflict and unavailable store (the controller counts them).
@@ -207,21 +236,33 @@ impl<'s, S: Store> Ipam<'s, S> {
         self
     }
 
-    /// Runs a store call, retrying it while it fails with [`StoreError::Unavailable`] within
-    /// [`RetryPolicy::unavailable_window`].
+    /// Ends every operation at `deadline` (a CNI call's, which opening the store already counted
+    /// against), instead of [`RetryPolicy::budget`] after its start.
+    pub fn with_deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// The deadline of an operation starting now.
+    fn deadline(&self) -> Instant {
+        self.deadline.unwrap_or_else(|| Instant::now() + self.retry.budget)
+    }
+
+    /// Runs a store call, retrying it while it fails with [`StoreError::Unavailable`] until `deadline`.
     async fn patiently<T, F: Future<Output = Result<T, StoreError>>>(
         &self,
+        deadline: Instant,
         object: impl Fn() -> String,
         mut call: impl FnMut() -> F,
     ) -> Result<T, IpamError> {
-        let started = Instant::now();
         let mut wait = Duration::from_millis(50);
         loop {
             match call().await {
-                Err(StoreError::Unavailable(reason)) if started.elapsed() < self.retry.unavailable_window => {
+                Err(StoreError::Unavailable(reason)) if Instant::now() < deadline => {
                     tracing::debug!("{}: store unavailable ({reason}), retrying", object());
                     self.observe(EngineEvent::Unavailable);
-                    tokio::time::sleep(wait.mul_f64(0.5 + fastrand::f64())).await;
+                    let pause = wait.mul_f64(0.5 + fastrand::f64());
+                    tokio::time::sleep_until(deadline.min(Instant::now() + pause).into()).await;
                     wait = (wait * 2).min(Duration::from_secs(1));
                 }
                 result => return result.map_err(|source| IpamError::Store { object: object(), source }),
@@ -232,10 +273,12 @@ impl<'s, S: Store> Ipam<'s, S> {
     /// Reads and decodes a pool (an empty one when it does not exist yet).
     async fn load_pool(
         &self,
+        deadline: Instant,
         name: &str,
         network: IpNet,
     ) -> Result<(Pool, Option<VersionedPool>), IpamError> {
-        let stored = self.patiently(|| format!("pool {name}"), || self.store.read_pool(name)).await?;
+        let stored =
+            self.patiently(deadline, || format!("pool {name}"), || self.store.read_pool(name)).await?;
         let Some(stored) = stored else { return Ok((Pool::new(network), None)) };
         let (pool, skipped) = Pool::from_spec(&stored.spec, network)
             .map_err(|source| IpamError::Pool { pool: name.to_string(), source })?;
@@ -245,22 +288,23 @@ impl<'s, S: Store> Ipam<'s, S> {
         Ok((pool, Some(stored)))
     }
 
-    /// The compare-and-swap loop every pool change goes through; `change` also gets the number of races
-    /// lost so far.
+    /// The compare-and-swap loop every pool change goes through, until `deadline`; `change` also gets
+    /// the number of races lost so far.
     async fn update_pool<T>(
         &self,
+        deadline: Instant,
         name: &str,
         network: IpNet,
         mut change: impl FnMut(&mut Pool, u32) -> Result<Change<T>, IpamError>,
     ) -> Result<T, IpamError> {
-        let started = Instant::now();
         let lock = self
             .store
-            .lock_pool(name)
+            .lock_pool(name, deadline)
             .await
             .map_err(|source| IpamError::Store { object: format!("pool {name}"), source })?;
-        for attempt in 0..self.retry.attempts {
-            let (mut pool, base) = self.load_pool(name, network).await?;
+        let mut attempt = 0;
+        loop {
+            let (mut pool, base) = self.load_pool(deadline, name, network).await?;
             let Change { value, changed } = change(&mut pool, attempt)?;
             if !changed {
                 return Ok(value);
@@ -268,6 +312,7 @@ impl<'s, S: Store> Ipam<'s, S> {
             let spec = pool.to_spec();
             let written = self
                 .patiently(
+                    deadline,
                     || format!("pool {name}"),
                     || async {
                         // A write that failed as unavailable may still have landed: it then conflicts here,
@@ -281,10 +326,15 @@ impl<'s, S: Store> Ipam<'s, S> {
                 .await?;
             match written {
                 Ok(_) => return Ok(value),
-                Err(StoreError::Conflict) if started.elapsed() < self.retry.deadline => {
+                Err(StoreError::Conflict) if Instant::now() < deadline => {
                     tracing::debug!("pool {name}: conflict on attempt {attempt}, retrying");
                     self.observe(EngineEvent::Conflict);
-                    tokio::time::sleep(self.retry.backoff(attempt)).await;
+                    if let Some(queue) = self.store.queue_dir(name) {
+                        mark_contended(&queue);
+                    }
+                    let pause = self.retry.backoff(attempt);
+                    tokio::time::sleep_until(deadline.min(Instant::now() + pause).into()).await;
+                    attempt += 1;
                 }
                 Err(StoreError::Conflict) => {
                     return Err(IpamError::Contention { pool: name.to_string(), attempts: attempt + 1 });
@@ -292,29 +342,30 @@ impl<'s, S: Store> Ipam<'s, S> {
                 Err(source) => return Err(IpamError::Store { object: format!("pool {name}"), source }),
             }
         }
-        Err(IpamError::Contention { pool: name.to_string(), attempts: self.retry.attempts })
     }
 
     /// Reads a pool without changing it.
     async fn inspect<T>(
         &self,
+        deadline: Instant,
         name: &str,
         network: IpNet,
         f: impl FnOnce(&Pool) -> T,
     ) -> Result<T, IpamError> {
-        let (pool, _) = self.load_pool(name, network).await?;
+        let (pool, _) = self.load_pool(deadline, name, network).await?;
         Ok(f(&pool))
     }
 
     /// Removes `addr` from a pool if its holder still passes `still_held`; says whether it did.
     async fn remove_if(
         &self,
+        deadline: Instant,
         name: &str,
         network: IpNet,
         addr: u128,
         still_held: impl Fn(&Allocation) -> bool,
     ) -> Result<bool, IpamError> {
-        self.update_pool(name, network, |pool, _| {
+        self.update_pool(deadline, name, network, |pool, _| {
             let held = pool.get(addr).is_some_and(&still_held);
             if held {
                 pool.remove(addr);
@@ -329,43 +380,52 @@ impl<'s, S: Store> Ipam<'s, S> {
     /// finds through the pool and finishes; the other order would leave a reservation nothing finds.
     async fn release_entry(
         &self,
+        deadline: Instant,
         config: &IpamConfig,
         pool: &PoolTarget,
         ip: IpAddr,
         allocation: &Allocation,
     ) -> Result<bool, IpamError> {
         if config.enable_overlapping_ranges {
-            self.delete_reservation(&config.network_name, ip, &reservation_of(allocation)).await?;
+            self.delete_reservation(deadline, &config.network_name, ip, &reservation_of(allocation)).await?;
         }
-        self.remove_if(&pool.name, pool.network, to_u128(ip), |a| a == allocation).await
+        self.remove_if(deadline, &pool.name, pool.network, to_u128(ip), |a| a == allocation).await
     }
 
     async fn delete_reservation(
         &self,
+        deadline: Instant,
         network_name: &str,
         ip: IpAddr,
         holder: &Reservation,
     ) -> Result<(), IpamError> {
         let name = reservation_name(network_name, ip);
-        self.patiently(|| format!("reservation {name}"), || self.store.delete_reservation(&name, holder))
-            .await
+        self.patiently(
+            deadline,
+            || format!("reservation {name}"),
+            || self.store.delete_reservation(&name, holder),
+        )
+        .await
     }
 
     /// One address from every range for `owner`, all or nothing: when a range fails, the addresses this
     /// call newly took in earlier ranges are released before the error is returned, and addresses the
     /// owner is moving away from (to a requested one) are only released once every range succeeded.
     pub async fn allocate(&self, config: &IpamConfig, owner: &Owner) -> Result<Vec<AllocatedIp>, IpamError> {
+        let deadline = self.deadline();
         let mut done: Vec<Taken<'_>> = Vec::with_capacity(config.ranges.len());
         for managed in &config.ranges {
-            match self.allocate_in_range(config, managed, owner).await {
+            match self.allocate_in_range(deadline, config, managed, owner).await {
                 Ok(taken) => done.push(taken),
                 Err(e) => {
                     // Exactly what this call wrote: a new sandbox of the same pod may have taken over since.
                     let wanted = owner.allocation();
+                    let rollback = rollback_deadline(deadline);
                     for taken in done.iter().filter(|t| t.is_new) {
                         let (pool, ip) = (&taken.managed.pool, taken.allocated.ip);
-                        if let Err(undo) = self.release_if(config, pool, ip, |a| a.same_holder(&wanted)).await
-                        {
+                        let undone =
+                            self.release_if(rollback, config, pool, ip, |a| a.same_holder(&wanted)).await;
+                        if let Err(undo) = undone {
                             tracing::error!("releasing {} after a failed ADD: {undo}", taken.allocated.ip);
                         }
                     }
@@ -375,7 +435,7 @@ impl<'s, S: Store> Ipam<'s, S> {
         }
         for taken in &done {
             if let Some(old) = taken.moved_from {
-                self.release_if(config, &taken.managed.pool, old, |a| a.is_owned_by(owner)).await?;
+                self.release_if(deadline, config, &taken.managed.pool, old, |a| a.is_owned_by(owner)).await?;
             }
         }
         Ok(done.into_iter().map(|t| t.allocated).collect())
@@ -384,53 +444,99 @@ impl<'s, S: Store> Ipam<'s, S> {
     /// Releases an address (and its reservation) if its holder passes `matches`.
     async fn release_if(
         &self,
+        deadline: Instant,
         config: &IpamConfig,
         target: &PoolTarget,
         ip: IpAddr,
         matches: impl Fn(&Allocation) -> bool,
     ) -> Result<(), IpamError> {
         let addr = to_u128(ip);
-        let held = self.inspect(&target.name, target.network, |pool| pool.get(addr).cloned()).await?;
+        let held =
+            self.inspect(deadline, &target.name, target.network, |pool| pool.get(addr).cloned()).await?;
         if let Some(allocation) = held.filter(|a| matches(a)) {
-            self.release_entry(config, target, ip, &allocation).await?;
+            self.release_entry(deadline, config, target, ip, &allocation).await?;
         }
         Ok(())
     }
 
-    /// Allocates in one range, leaving an address the owner moves away from in place.
+    /// Allocates in one range, leaving an address the owner moves away from in place. An ADD without a
+    /// requested address announces itself in the node's writer queue, so that whoever holds the queue
+    /// allocates for it in the same write (see [`crate::queue`]); when the ADD fails after such a head
+    /// claimed it, the entry stored for it is released, so that a failed ADD leaves nothing behind.
     async fn allocate_in_range<'c>(
         &self,
+        deadline: Instant,
         config: &IpamConfig,
         managed: &'c ManagedRange,
         owner: &Owner,
     ) -> Result<Taken<'c>, IpamError> {
         let PoolTarget { name, network } = &managed.pool;
-        let (name, network) = (name.clone(), *network);
-        let wanted = owner.allocation();
-        let mut blocked = IntervalSet::new();
-        // ADDs without a requested address announce themselves in the node's writer queue, so that
-        // whoever holds it allocates for them in the same write (see `crate::queue`).
         let mut announced = match managed.requested {
-            None => self.store.queue_dir(&name).and_then(|dir| {
+            None => self.store.queue_dir(name).and_then(|dir| {
                 let mut hasher = std::collections::hash_map::DefaultHasher::new();
-                (&name, managed.range.describe(), config.gateway).hash(&mut hasher);
+                (name, managed.range.describe(), config.gateway).hash(&mut hasher);
                 Announced::write(&dir, hasher.finish(), owner)
             }),
             Some(_) => None,
         };
-        for _ in 0..self.retry.attempts {
+        let taken = self.take_in_range(deadline, config, managed, owner, &mut announced).await;
+        if taken.is_err() && announced.is_some_and(|a| !a.withdraw()) {
+            // A head claimed us, and may have stored an entry for us or still be writing it. It
+            // writes while holding the queue, which the update below waits for.
+            let wanted = owner.allocation();
+            let undone = self
+                .update_pool(rollback_deadline(deadline), name, *network, |pool, _| {
+                    let mine: Vec<u128> = pool
+                        .owned(owner)
+                        .into_iter()
+                        .filter(|addr| pool.get(*addr).is_some_and(|a| a.same_holder(&wanted)))
+                        .collect();
+                    for addr in &mine {
+                        pool.remove(*addr);
+                    }
+                    Ok(Change { value: (), changed: !mine.is_empty() })
+                })
+                .await;
+            if let Err(undo) = undone {
+                tracing::error!("pool {name}: releasing what was allocated for a failed ADD: {undo}");
+            }
+        }
+        taken
+    }
+
+    /// [`Ipam::allocate_in_range`] until the address is stored (and reserved); `announced` is this
+    /// ADD's place in the writer queue, dropped once serving it would no longer be right.
+    async fn take_in_range<'c>(
+        &self,
+        deadline: Instant,
+        config: &IpamConfig,
+        managed: &'c ManagedRange,
+        owner: &Owner,
+        announced: &mut Option<Announced>,
+    ) -> Result<Taken<'c>, IpamError> {
+        let PoolTarget { name, network } = &managed.pool;
+        let (name, network) = (name.clone(), *network);
+        let wanted = owner.allocation();
+        let mut blocked = IntervalSet::new();
+        // The lane is this node's: its queue's head allocates for the whole node (see `Lane`).
+        let writer = owner.node.as_deref().or(owner.pod_ref.as_deref()).unwrap_or(&owner.container_id);
+        let contended = self.store.queue_dir(&name).is_some_and(|queue| recently_contended(&queue));
+        loop {
+            // Announcements claimed by this write stay claimed when it is retried.
+            let mut claimed: Vec<Owner> = Vec::new();
             let (assignment, ip) = self
-                .update_pool(&name, network, |pool, conflicts| {
-                    // After lost races, spread over the lowest few free addresses (see `Spread`).
-                    let spread = Spread::after_conflicts(owner, conflicts);
-                    let assignment = assign_spread(
+                .update_pool(deadline, &name, network, |pool, conflicts| {
+                    let lane = Lane::of(writer, conflicts + u32::from(contended));
+                    let start = lane_start(&managed.range, pool, config.gateway, &blocked, lane)
+                        .unwrap_or(managed.range.first());
+                    let assignment = assign_from(
                         &managed.range,
                         pool,
                         owner,
                         managed.requested,
                         config.gateway,
                         &blocked,
-                        spread,
+                        start,
                     )
                     .map_err(|source| IpamError::Alloc { pool: name.clone(), source })?;
                     let unchanged =
@@ -442,22 +548,25 @@ impl<'s, S: Store> Ipam<'s, S> {
                         existing => existing,
                     };
                     let ip = apply(pool, first_step, owner);
-                    // Then the ADDs waiting behind us that hold nothing here yet; one that cannot be
-                    // served (the range is full for it) allocates for itself when its turn comes.
-                    // Their announcements go now, while we hold the queue: one whose entry this write
-                    // then fails to store finds nothing and allocates for itself.
-                    let mut served = 0;
+                    // Then the ADDs waiting behind us, on from our lane's start; one that holds
+                    // something here already, or cannot be served (the range is full for it),
+                    // allocates for itself when its turn comes. Addresses we know an overlapping range
+                    // reserved are skipped for them too.
                     for waiting in announced.iter().flat_map(Announced::others) {
-                        if !pool.owned(&waiting.owner).is_empty() {
+                        if waiting.claim() {
+                            claimed.push(waiting.owner);
+                        }
+                    }
+                    let mut served = 0;
+                    for waiting in &claimed {
+                        if !pool.owned(waiting).is_empty() {
                             continue;
                         }
-                        // Addresses we know an overlapping range reserved are skipped for them too.
                         let gateway = config.gateway;
                         if let Ok(new) =
-                            assign_spread(&managed.range, pool, &waiting.owner, None, gateway, &blocked, spread)
+                            assign_from(&managed.range, pool, waiting, None, gateway, &blocked, start)
                         {
-                            apply(pool, new, &waiting.owner);
-                            let _ = std::fs::remove_file(&waiting.path);
+                            apply(pool, new, waiting);
                             served += 1;
                         }
                     }
@@ -480,6 +589,7 @@ impl<'s, S: Store> Ipam<'s, S> {
             let reservation_key = reservation_name(&config.network_name, ip);
             let created = self
                 .patiently(
+                    deadline,
                     || format!("reservation {reservation_key}"),
                     || self.store.create_reservation(&reservation_key, &reservation),
                 )
@@ -492,14 +602,17 @@ impl<'s, S: Store> Ipam<'s, S> {
                     // so that what is left is a pool entry the runtime's DEL finds, never a
                     // reservation nothing finds.
                     if is_new {
-                        let undone =
-                            match self.delete_reservation(&config.network_name, ip, &reservation).await {
-                                Ok(()) => self
-                                    .remove_if(&name, network, to_u128(ip), |a| a.same_holder(&wanted))
-                                    .await
-                                    .map(drop),
-                                Err(e) => Err(e),
-                            };
+                        let rollback = rollback_deadline(deadline);
+                        let undone = match self
+                            .delete_reservation(rollback, &config.network_name, ip, &reservation)
+                            .await
+                        {
+                            Ok(()) => self
+                                .remove_if(rollback, &name, network, to_u128(ip), |a| a.same_holder(&wanted))
+                                .await
+                                .map(drop),
+                            Err(e) => Err(e),
+                        };
                         if let Err(undo) = undone {
                             tracing::error!("releasing {ip} after a failed reservation: {undo}");
                         }
@@ -516,22 +629,22 @@ impl<'s, S: Store> Ipam<'s, S> {
                         "{ip} of pool {name} is reserved by {} in an overlapping range, skipping it",
                         holder.pod_ref
                     );
-                    self.remove_if(&name, network, to_u128(ip), |a| a.same_holder(&wanted)).await?;
+                    self.remove_if(deadline, &name, network, to_u128(ip), |a| a.same_holder(&wanted)).await?;
                     // Allocate for ourselves from now on: a head serving us would not know what we
                     // just learned about this address.
-                    announced = None;
+                    *announced = None;
                     blocked.insert(to_u128(ip));
-                    self.skip_reserved(config, managed, owner, &reservation, &mut blocked).await?;
+                    self.skip_reserved(deadline, config, managed, owner, &reservation, &mut blocked).await?;
                 }
             }
         }
-        Err(IpamError::Contention { pool: name, attempts: self.retry.attempts })
     }
 
     /// After a lost reservation, finds the next candidates that overlapping ranges already reserved by
     /// reading reservations, instead of writing the pool once for each of them.
     async fn skip_reserved(
         &self,
+        deadline: Instant,
         config: &IpamConfig,
         managed: &ManagedRange,
         owner: &Owner,
@@ -539,14 +652,15 @@ impl<'s, S: Store> Ipam<'s, S> {
         blocked: &mut IntervalSet,
     ) -> Result<(), IpamError> {
         let PoolTarget { name, network } = &managed.pool;
-        let (pool, _) = self.load_pool(name, *network).await?;
+        let (pool, _) = self.load_pool(deadline, name, *network).await?;
         loop {
             let assignment = assign(&managed.range, &pool, owner, managed.requested, config.gateway, blocked)
                 .map_err(|source| IpamError::Alloc { pool: name.clone(), source })?;
             let Assignment::New { addr, .. } = assignment else { return Ok(()) };
             let key = reservation_name(&config.network_name, from_u128(pool.family(), addr));
-            let holder =
-                self.patiently(|| format!("reservation {key}"), || self.store.read_reservation(&key)).await?;
+            let holder = self
+                .patiently(deadline, || format!("reservation {key}"), || self.store.read_reservation(&key))
+                .await?;
             match holder {
                 Some(holder) if !holder.same_owner(reservation) => {
                     blocked.insert(addr);
@@ -564,6 +678,7 @@ impl<'s, S: Store> Ipam<'s, S> {
         container_id: &str,
         ifname: &str,
     ) -> Result<Vec<IpAddr>, IpamError> {
+        let deadline = self.deadline();
         let mut released = Vec::new();
         let mut first_error = None;
         for managed in &config.ranges {
@@ -571,7 +686,7 @@ impl<'s, S: Store> Ipam<'s, S> {
             let outcome = async {
                 // Normally one; more after a crash mid-move to a requested address.
                 let held: Vec<(IpAddr, Allocation)> = self
-                    .inspect(&target.name, target.network, |pool| {
+                    .inspect(deadline, &target.name, target.network, |pool| {
                         pool.container_addresses(container_id, ifname)
                             .into_iter()
                             .filter_map(|addr| {
@@ -581,7 +696,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                     })
                     .await?;
                 for (ip, allocation) in held {
-                    if self.release_entry(config, target, ip, &allocation).await? {
+                    if self.release_entry(deadline, config, target, ip, &allocation).await? {
                         released.push(ip);
                     }
                 }
@@ -605,17 +720,19 @@ impl<'s, S: Store> Ipam<'s, S> {
         target: &PoolTarget,
         found: &[FoundAllocation<'_>],
     ) -> Result<Vec<IpAddr>, IpamError> {
+        let deadline = self.deadline();
         for entry in found {
             let holder = reservation_of(entry.allocation);
             for name in &entry.reservations {
                 self.patiently(
+                    deadline,
                     || format!("reservation {name}"),
                     || self.store.delete_reservation(name, &holder),
                 )
                 .await?;
             }
         }
-        self.update_pool(&target.name, target.network, |pool, _| {
+        self.update_pool(deadline, &target.name, target.network, |pool, _| {
             let mut removed = Vec::new();
             for entry in found {
                 let addr = to_u128(entry.ip);
@@ -633,7 +750,12 @@ impl<'s, S: Store> Ipam<'s, S> {
     /// Deletes the reservation `name` if it still belongs to `holder` (an orphan found by the
     /// controller: no pool entry is behind it).
     pub async fn release_reservation(&self, name: &str, holder: &Reservation) -> Result<(), IpamError> {
-        self.patiently(|| format!("reservation {name}"), || self.store.delete_reservation(name, holder)).await
+        self.patiently(
+            self.deadline(),
+            || format!("reservation {name}"),
+            || self.store.delete_reservation(name, holder),
+        )
+        .await
     }
 
     /// The address (`container_id`, `ifname`) holds in each range, in range order (for CHECK).
@@ -643,11 +765,12 @@ impl<'s, S: Store> Ipam<'s, S> {
         container_id: &str,
         ifname: &str,
     ) -> Result<Vec<Option<IpAddr>>, IpamError> {
+        let deadline = self.deadline();
         let mut out = Vec::with_capacity(config.ranges.len());
         for managed in &config.ranges {
             let PoolTarget { name, network } = &managed.pool;
             let held = self
-                .inspect(name, *network, |pool| {
+                .inspect(deadline, name, *network, |pool| {
                     pool.container_addresses(container_id, ifname)
                         .first()
                         .map(|addr| from_u128(pool.family(), *addr))
@@ -667,11 +790,12 @@ impl<'s, S: Store> Ipam<'s, S> {
         cni_network: &str,
         valid: &HashSet<(String, String)>,
     ) -> Result<Vec<IpAddr>, IpamError> {
+        let deadline = self.deadline();
         let mut released = Vec::new();
         for managed in &config.ranges {
             let target = &managed.pool;
             let stale: Vec<(IpAddr, Allocation)> = self
-                .inspect(&target.name, target.network, |pool| {
+                .inspect(deadline, &target.name, target.network, |pool| {
                     pool.iter()
                         .filter(|(_, a)| {
                             a.node.as_deref() == Some(node)
@@ -683,7 +807,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                 })
                 .await?;
             for (ip, allocation) in stale {
-                if self.release_entry(config, target, ip, &allocation).await? {
+                if self.release_entry(deadline, config, target, ip, &allocation).await? {
                     released.push(ip);
                 }
             }
@@ -693,11 +817,12 @@ impl<'s, S: Store> Ipam<'s, S> {
 
     /// The pools (by name) in which no address is left (for STATUS).
     pub async fn exhausted_pools(&self, config: &IpamConfig) -> Result<Vec<String>, IpamError> {
+        let deadline = self.deadline();
         let mut exhausted = Vec::new();
         for managed in &config.ranges {
             let PoolTarget { name, network } = &managed.pool;
             let free = self
-                .inspect(name, *network, |pool| {
+                .inspect(deadline, name, *network, |pool| {
                     lowest_free(&managed.range, pool, config.gateway, &IntervalSet::new())
                 })
                 .await?;

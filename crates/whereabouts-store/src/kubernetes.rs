@@ -22,11 +22,20 @@
 //! race, retried from a fresh read. Two writers taking different addresses both succeed; two taking the
 //! same address cannot both succeed.
 //!
-//! That alone would leave every writer of a burst racing for the same lowest free address. The engine
-//! therefore spreads a writer that lost a race over the lowest few free addresses by a hash of its pod
-//! ([`whereabouts_core::allocate::Spread`]): allocation stays compact (within the lowest 64 free
-//! addresses at worst) and deterministic for a given pool state, and with no contention it is exactly
-//! upstream's lowest-free order.
+//! That alone would leave the writers of different nodes racing for the same lowest free addresses.
+//! The engine therefore moves a node that lost a race into its lane of the free addresses
+//! ([`whereabouts_core::allocate::Lane`]); with no contention it is exactly upstream's lowest-free
+//! order.
+//!
+//! # What a write costs the API server
+//!
+//! The API server applies every write to the whole object and serialises the writes of one object, so
+//! a pool's throughput is set by how many allocations each write carries and by the object's size. On
+//! every write the server also recomputes `metadata.managedFields`, which for an object changed by JSON
+//! patches lists every allocation key again: as large as the spec itself, and the larger part of a
+//! write's cost on a big pool (measured on kube-apiserver v1.31 with 1000 allocations: 280 ms per
+//! write with them, 110 ms without). Nothing applies IPPools server-side, so each pool patch also sets
+//! `managedFields` to `[{}]`, the API's documented way to clear them; upstream ignores the field.
 //!
 //! Mixed with upstream during a rolling upgrade, the two implementations still serialise on the pool
 //! object: each of our patches changes the resourceVersion, so an upstream writer that read the pool
@@ -49,6 +58,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{
@@ -275,8 +285,8 @@ pub fn pool_patch(base: &PoolSpec, spec: &PoolSpec, as_read: &Map<String, Value>
 }
 
 impl Store for KubeStore {
-    async fn lock_pool(&self, name: &str) -> Result<Option<crate::PoolLock>, StoreError> {
-        node_local_lock(&self.lock_dir, "kubernetes", (&self.queue_key, name)).await
+    async fn lock_pool(&self, name: &str, deadline: Instant) -> Result<Option<crate::PoolLock>, StoreError> {
+        node_local_lock(&self.lock_dir, "kubernetes", (&self.queue_key, name), deadline).await
     }
 
     fn queue_dir(&self, name: &str) -> Option<PathBuf> {
@@ -330,10 +340,14 @@ impl Store for KubeStore {
             Some((version, allocations)) if version == base.version => allocations,
             _ => Map::new(),
         };
-        let ops = pool_patch(&base.spec, spec, &as_read);
+        let mut ops = pool_patch(&base.spec, spec, &as_read);
         if ops.is_empty() {
             return Ok(base.version.clone());
         }
+        ops.push(PatchOperation::Add(AddOperation {
+            path: PointerBuf::from_tokens(["metadata", "managedFields"]),
+            value: serde_json::json!([{}]),
+        }));
         // Answered as JSON: only the new resourceVersion is read, so another writer's odd entry cannot
         // turn a write that landed into an error.
         let patch = Patch::Json::<()>(JsonPatch(ops));

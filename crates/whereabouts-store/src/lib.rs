@@ -6,6 +6,7 @@
 //! no allocation rules: [`ipam`] drives them with the core's policy and retries conflicts.
 
 use std::future::Future;
+use std::time::Instant;
 
 use thiserror::Error;
 use whereabouts_core::pool::PoolSpec;
@@ -105,9 +106,13 @@ pub trait Store: Send + Sync {
     /// Serialises the writers of one pool where the backend can do so cheaply (the file store's flock),
     /// so that many processes on one pool queue up instead of losing compare-and-swap races over and
     /// over. Distributed stores keep this default (no lock) and rely on compare-and-swap alone; either
-    /// way every write stays a compare-and-swap.
-    fn lock_pool(&self, name: &str) -> impl Future<Output = Result<Option<PoolLock>, StoreError>> + Send {
-        let _ = name;
+    /// way every write stays a compare-and-swap. Waits for the lock until `deadline` at most.
+    fn lock_pool(
+        &self,
+        name: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Option<PoolLock>, StoreError>> + Send {
+        let _ = (name, deadline);
         std::future::ready(Ok(None))
     }
 
@@ -195,8 +200,8 @@ impl Store for AnyStore {
         delegate!(self, s => s.read_pool(name))
     }
 
-    async fn lock_pool(&self, name: &str) -> Result<Option<PoolLock>, StoreError> {
-        delegate!(self, s => s.lock_pool(name))
+    async fn lock_pool(&self, name: &str, deadline: Instant) -> Result<Option<PoolLock>, StoreError> {
+        delegate!(self, s => s.lock_pool(name, deadline))
     }
 
     fn queue_dir(&self, name: &str) -> Option<std::path::PathBuf> {

@@ -1,9 +1,9 @@
-//! Exclusive advisory locks on files (flock), with a bounded wait.
+//! Exclusive advisory locks on files (flock), waited for until the caller's deadline.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::{PoolLock, StoreError};
 
@@ -11,8 +11,15 @@ use crate::{PoolLock, StoreError};
 /// at boot, which is fine).
 pub const DEFAULT_LOCK_DIR: &str = "/run/whereabouts/locks";
 
-/// How long a writer waits for a lock before answering "try again later".
-const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for a lock that is only ever held across one file write (the file store's
+/// reservation lock, its pool lock taken by a writer that holds no queue): a wait this long means a hung
+/// process, not a queue.
+const ONE_WRITE_HOLD: Duration = Duration::from_secs(60);
+
+/// The deadline for taking a lock held only across one file write.
+pub(crate) fn one_write_deadline() -> Instant {
+    Instant::now() + ONE_WRITE_HOLD
+}
 
 /// An exclusive flock on a lock file, released on drop (or by the kernel if the process dies).
 #[derive(Debug)]
@@ -28,9 +35,11 @@ fn io_error(path: &Path, e: std::io::Error) -> StoreError {
     StoreError::Io(format!("{}: {e}", path.display()))
 }
 
-/// Takes an exclusive flock, waiting at most [`LOCK_TIMEOUT`]. Waiting is a blocking `flock` on a
-/// blocking thread, so waiters queue in the kernel instead of polling.
-pub(crate) async fn lock(path: &Path) -> Result<LockGuard, StoreError> {
+/// Takes an exclusive flock, waiting until `deadline` at most: the holder is a process of this machine
+/// doing its write, and a process that dies lets go of its lock at once, so a long wait means a long
+/// queue (a busy node), not a lost lock, and is no reason to give up before the command's own deadline.
+/// Waiting is a blocking `flock` on a blocking thread, so waiters queue in the kernel instead of polling.
+pub(crate) async fn lock(path: &Path, deadline: Instant) -> Result<LockGuard, StoreError> {
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -43,7 +52,7 @@ pub(crate) async fn lock(path: &Path) -> Result<LockGuard, StoreError> {
         Err(TryLockError::Error(e)) => return Err(io_error(path, e)),
     }
     let waiting = tokio::task::spawn_blocking(move || file.lock().map(|()| LockGuard(file)));
-    match tokio::time::timeout(LOCK_TIMEOUT, waiting).await {
+    match tokio::time::timeout_at(deadline.into(), waiting).await {
         Ok(Ok(locked)) => locked.map_err(|e| io_error(path, e)),
         Ok(Err(join)) => Err(StoreError::Io(format!("{}: {join}", path.display()))),
         Err(_) => Err(StoreError::Unavailable(format!("timed out waiting for lock {}", path.display()))),
@@ -58,12 +67,13 @@ pub(crate) async fn node_local_lock(
     dir: &Path,
     kind: &str,
     key: impl Hash,
+    deadline: Instant,
 ) -> Result<Option<PoolLock>, StoreError> {
     if std::fs::create_dir_all(dir).is_err() {
         return Ok(None);
     }
     let path = queue_path(dir, kind, key).with_extension("lock");
-    match lock(&path).await {
+    match lock(&path, deadline).await {
         Ok(guard) => Ok(Some(PoolLock::new(path.display().to_string(), guard))),
         Err(StoreError::Io(_)) => Ok(None),
         Err(e) => Err(e),

@@ -15,9 +15,20 @@
 //! address), and only those of processes still running: the file of a process killed while waiting is
 //! removed once seen. A process killed just after that check is served anyway; its entry is then
 //! released by the runtime's DEL after the failed ADD, or taken over by the pod's next sandbox.
+//!
+//! Whoever removes an announcement file owns the outcome: the head removes it to *claim* it before it
+//! allocates for it ([`Announcement::claim`]), and a waiter that gives up removes it to *withdraw*
+//! ([`Announced::withdraw`]). Exactly one of them succeeds, so a waiter that withdrew is never served
+//! afterwards, and one that finds its file gone knows an entry may be (or be about to be) stored for
+//! it, and undoes it once the head has let go of the queue.
+//!
+//! The queue's directory also remembers, for a few seconds, that a write of this node lost a race to
+//! another node ([`mark_contended`]): the next head then starts in its lane
+//! ([`whereabouts_core::allocate::Lane`]) instead of first colliding on the lowest free address.
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use whereabouts_core::pool::Owner;
 
@@ -28,6 +39,14 @@ pub(crate) struct Announcement {
     pub path: PathBuf,
     /// Who to allocate for.
     pub owner: Owner,
+}
+
+impl Announcement {
+    /// Takes this announcement to serve it: true when it was still there, that is, its process has
+    /// neither withdrawn it nor been served by someone else.
+    pub fn claim(&self) -> bool {
+        fs::remove_file(&self.path).is_ok()
+    }
 }
 
 /// This process's announcement in a queue; removed on drop.
@@ -90,10 +109,48 @@ impl Announced {
 }
 
 impl Announced {
-    /// Whether the head of the queue served this announcement (and removed it).
+    /// Whether the head of the queue claimed this announcement to serve it (and removed it).
     pub fn was_served(&self) -> bool {
         !self.path.exists()
     }
+
+    /// Takes the announcement back, so that nobody serves it from now on: false when a head had
+    /// already claimed it, and may have stored (or be storing) an entry for this process.
+    pub fn withdraw(self) -> bool {
+        fs::remove_file(&self.path).is_ok()
+    }
+}
+
+/// How long a node remembers that one of its writes of a pool lost a race (to another node: this
+/// node's writers of a pool take turns). Long enough to span a burst, short enough that a lone writer
+/// is soon back at the lowest free address.
+const CONTENTION_MEMORY: Duration = Duration::from_secs(5);
+
+fn contention_marker(dir: &Path) -> PathBuf {
+    dir.join("contended")
+}
+
+/// Remembers in the queue's directory `dir` that a write of this node lost a race.
+pub(crate) fn mark_contended(dir: &Path) {
+    let marker = contention_marker(dir);
+    let touched = fs::create_dir_all(dir).and_then(|()| {
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&marker)?
+            .set_modified(SystemTime::now())
+    });
+    if let Err(e) = touched {
+        tracing::debug!("{}: {e}", marker.display());
+    }
+}
+
+/// Whether a write of this node lost a race on the queue's pool within [`CONTENTION_MEMORY`].
+pub(crate) fn recently_contended(dir: &Path) -> bool {
+    fs::metadata(contention_marker(dir))
+        .and_then(|m| m.modified())
+        .is_ok_and(|at| at.elapsed().is_ok_and(|age| age < CONTENTION_MEMORY))
 }
 
 impl Drop for Announced {
@@ -128,6 +185,34 @@ mod tests {
         assert!(other_key.others().is_empty());
         drop(second);
         assert!(first.others().is_empty(), "a dropped announcement is gone");
+    }
+
+    #[test]
+    fn a_claimed_announcement_cannot_be_withdrawn_and_a_withdrawn_one_cannot_be_claimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let head = Announced::write(dir.path(), 7, &owner(1)).unwrap();
+        let served = Announced::write(dir.path(), 7, &owner(2)).unwrap();
+        let [seen] = &head.others()[..] else { panic!() };
+        assert!(seen.claim());
+        assert!(served.was_served());
+        assert!(!served.withdraw(), "claimed first: the waiter must undo what may be stored for it");
+
+        let gone = Announced::write(dir.path(), 7, &owner(3)).unwrap();
+        let [seen] = &head.others()[..] else { panic!() };
+        assert!(gone.withdraw());
+        assert!(!seen.claim(), "withdrawn first: the head must not serve it");
+    }
+
+    #[test]
+    fn contention_is_remembered_for_a_few_seconds() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = dir.path().join("q.queue");
+        assert!(!recently_contended(&queue));
+        mark_contended(&queue);
+        assert!(recently_contended(&queue));
+        let old = SystemTime::now() - CONTENTION_MEMORY - Duration::from_secs(1);
+        fs::File::options().write(true).open(contention_marker(&queue)).unwrap().set_modified(old).unwrap();
+        assert!(!recently_contended(&queue));
     }
 
     #[test]

@@ -23,13 +23,18 @@
 //! * Failures as `Status` objects with the real reasons and messages.
 //! * A request log ([`FakeApiServer::requests`]): each distinct (bearer token, verb, group, resource,
 //!   namespace) asked for, in RBAC's terms, so tests can hold ClusterRoles against what components call.
-//! * Writes to one object are serialised and spend [`FakeOptions::write_latency`] each, while writes
-//!   to different objects proceed in parallel (as with etcd).
+//! * What requests cost ([`FakeOptions`]): a latency per request, and per stored write a latency that
+//!   grows with the object's size and with the size of the `managedFields` a real server would keep
+//!   for it. Writes to one object are serialised, while writes to different objects proceed in
+//!   parallel (as with etcd). [`FakeOptions::calibrated`] holds figures measured on a real server.
+//! * `metadata.managedFields` only as a cost: a write that sets them to `[{}]` clears them, as on a
+//!   real server; otherwise they are not stored, but a write is charged for the managed fields a real
+//!   server would have recomputed.
 //!
 //! # What is not
 //!
-//! Authentication and authorisation (any token is accepted), admission webhooks, managedFields and
-//! server-side apply ownership (apply conflicts never happen, fields dropped from an applied
+//! Authentication and authorisation (any token is accepted), admission webhooks, the content of
+//! managedFields and server-side apply ownership (apply conflicts never happen, fields dropped from an applied
 //! configuration are not removed), strategic-merge-patch list semantics (lists are replaced), pod spec
 //! immutability and the many per-type validations of built-in objects, the garbage collector
 //! (ownerReferences), field-label restrictions of field selectors, LIST paging (`limit` and
@@ -72,12 +77,46 @@ use error::ApiError;
 use locks::ObjectLocks;
 use store::State;
 
-/// Options of a [`FakeApiServer`].
+/// Options of a [`FakeApiServer`]: what its requests cost. The default costs nothing.
 #[derive(Debug, Clone, Default)]
 pub struct FakeOptions {
-    /// Added to every mutating request (POST/PUT/PATCH/DELETE) while holding that object's write path,
-    /// to model a real API server's etcd round trip (writes to one object are serialised, as in etcd).
+    /// Added to every request before it is handled (a real server's TLS, authentication,
+    /// authorisation and decoding).
+    pub request_latency: Duration,
+    /// Added to every stored write (POST/PUT/PATCH/DELETE) while holding that object's write path, to
+    /// model a real API server's etcd round trip (writes to one object are serialised, as in etcd).
     pub write_latency: Duration,
+    /// Added to a stored write per KiB of the object as stored (a real server decodes, validates,
+    /// converts and encodes the whole object on every write, and etcd stores all of it).
+    pub write_latency_per_kib: Duration,
+    /// Added to a stored write per KiB of the `managedFields` a real server keeps for the object
+    /// (about as large as its spec, unless the writes clear them), which it recomputes on every write.
+    pub managed_fields_latency_per_kib: Duration,
+}
+
+impl FakeOptions {
+    /// The costs of a real kube-apiserver (v1.31, over Debian's etcd 3.4 on loopback, 2 cores),
+    /// measured with JSON patches adding one allocation to IPPools of 0, 200 and 1000 allocations:
+    /// 9, 32 and 108 ms for objects of 2.4, 22 and 102 KiB whose managedFields were cleared, and 12, 53
+    /// and 281 ms for the same objects carrying their managedFields (1.5, 14 and 65 KiB); a GET of a
+    /// small object about 2 ms.
+    pub fn calibrated() -> FakeOptions {
+        FakeOptions {
+            request_latency: Duration::from_millis(2),
+            write_latency: Duration::from_millis(7),
+            write_latency_per_kib: Duration::from_micros(950),
+            managed_fields_latency_per_kib: Duration::from_micros(2800),
+        }
+    }
+
+    /// What one stored write of an object of `object_bytes`, with `managed_bytes` of managed fields,
+    /// costs.
+    fn stored_write_latency(&self, object_bytes: usize, managed_bytes: usize) -> Duration {
+        let kib = |bytes: usize| bytes as f64 / 1024.0;
+        self.write_latency
+            + self.write_latency_per_kib.mul_f64(kib(object_bytes))
+            + self.managed_fields_latency_per_kib.mul_f64(kib(managed_bytes))
+    }
 }
 
 /// Request counters of a [`FakeApiServer`] (since it started or [`FakeApiServer::reset_stats`]).
@@ -155,6 +194,9 @@ async fn handle(AxumState(shared): AxumState<Arc<Shared>>, request: Request) -> 
         counters.writes.fetch_add(1, Ordering::Relaxed);
     }
     tracing::trace!(method = %request.method(), uri = %request.uri(), "request");
+    if !shared.options.request_latency.is_zero() {
+        tokio::time::sleep(shared.options.request_latency).await;
+    }
     shared.log.lock().unwrap_or_else(PoisonError::into_inner).record(
         request.method(),
         request.uri(),

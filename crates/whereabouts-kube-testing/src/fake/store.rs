@@ -88,6 +88,8 @@ pub(crate) struct State {
     /// Events at or below this resourceVersion are forgotten (compacted).
     history_floor: u64,
     subscribers: Vec<Subscriber>,
+    /// The size of the last object stored, and of its managed fields (what its write costs).
+    last_stored: (usize, usize),
 }
 
 /// The `metadata` map of an object; objects always have one once admitted.
@@ -111,6 +113,7 @@ impl State {
             history_bytes: 0,
             history_floor: 0,
             subscribers: Vec::new(),
+            last_stored: (0, 0),
         };
         for rt in builtin_types() {
             state.register(rt);
@@ -132,6 +135,11 @@ impl State {
     }
 
     /// The current (latest) resourceVersion.
+    /// The size of the last object stored and of its managed fields (see [`State::put`]).
+    pub(crate) fn last_stored_size(&self) -> (usize, usize) {
+        self.last_stored
+    }
+
     pub(crate) fn resource_version(&self) -> u64 {
         self.resource_version
     }
@@ -164,13 +172,27 @@ impl State {
 
     /// Stores an admitted object (creating or replacing it) under a new resourceVersion, records
     /// and delivers its event, and returns what was stored. A stored CRD (re)registers its types.
+    ///
+    /// managedFields are not kept, only their size: a real server lists in them every field a write
+    /// set (for an object written by JSON or merge patches and updates, roughly as large as everything
+    /// but its metadata), unless the write sets them to `[{}]`, which clears them.
     pub(crate) fn put(&mut self, rt: &ResourceType, mut object: Value) -> Arc<Value> {
         let resource_version = self.next_resource_version();
+        let mut cleared = false;
         if let Some(metadata) = metadata_mut(&mut object) {
             metadata.insert("resourceVersion".to_owned(), Value::from(resource_version.to_string()));
+            cleared = metadata.shift_remove("managedFields").is_some_and(|m| m == serde_json::json!([{}]));
         }
         let namespace = metadata_str(&object, "namespace").to_owned();
         let name = metadata_str(&object, "name").to_owned();
+        let object_bytes = serde_json::to_vec(&object).map_or(0, |bytes| bytes.len());
+        let managed_bytes = if cleared {
+            0
+        } else {
+            let metadata = object.get("metadata").and_then(|m| serde_json::to_vec(m).ok());
+            object_bytes.saturating_sub(metadata.map_or(0, |bytes| bytes.len()))
+        };
+        self.last_stored = (object_bytes, managed_bytes);
         if rt.behaviour == Behaviour::CustomResourceDefinition {
             self.types.retain(|_, t| t.behaviour != (Behaviour::Custom { crd: name.clone() }));
             for served in crd::served_types(&object) {

@@ -758,10 +758,13 @@ impl Shared {
             let mut state = self.state();
             let before = state.resource_version();
             let result = change(&mut state);
-            (result, state.resource_version() != before)
+            (result, (state.resource_version() != before).then(|| state.last_stored_size()))
         };
-        if stored && !self.options.write_latency.is_zero() {
-            tokio::time::sleep(self.options.write_latency).await;
+        if let Some((object_bytes, managed_bytes)) = stored {
+            let latency = self.options.stored_write_latency(object_bytes, managed_bytes);
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
         }
         result
     }

@@ -113,9 +113,9 @@ pub async fn open(args: &StoreArgs) -> Result<Opened, CliError> {
                 }
                 _ => Kind::Etcd,
             };
-            let store = open_store(&other, None).await.map_err(|e| CliError::Open {
-                store: if kind == Kind::File { "file" } else { "etcd" },
-                reason: e.msg,
+            // An operator at a terminal wants the error at once rather than a wait for the store.
+            let store = open_store(&other, None, std::time::Instant::now()).await.map_err(|e| {
+                CliError::Open { store: if kind == Kind::File { "file" } else { "etcd" }, reason: e.msg }
             })?;
             let pods = match &args.kubeconfig {
                 Some(path) => Some(kube_connection(Some(path), None).await?.client),
