@@ -54,8 +54,8 @@ use whereabouts_core::interval::IntervalSet;
 use whereabouts_core::pool::{Allocation, Owner, Pool, PoolError};
 use whereabouts_core::range::reservation_name;
 
-use crate::queue::{Announced, mark_contended, recently_contended};
-use crate::{Reservation, ReserveOutcome, Store, StoreError, VersionedPool};
+use crate::queue::{Announced, Announcement, Request, mark_contended, recently_contended};
+use crate::{PoolLock, Reservation, ReserveOutcome, Store, StoreError, VersionedPool};
 
 /// Why an IPAM operation failed; every variant names the pool or reservation involved.
 #[derive(Debug, Error)]
@@ -155,6 +155,14 @@ struct Taken<'c> {
     is_new: bool,
     /// The owner's previous address in this range, released once the whole ADD succeeded.
     moved_from: Option<IpAddr>,
+}
+
+/// How a writer's wait in a pool's queue ended.
+enum Turn {
+    /// It holds the queue (`None` when the store has none).
+    Locked(Option<PoolLock>),
+    /// The head of the queue stored the request it announced.
+    Served,
 }
 
 /// The result of a pool update closure: a value, and whether the pool must be written.
@@ -295,13 +303,44 @@ impl<'s, S: Store> Ipam<'s, S> {
         deadline: Instant,
         name: &str,
         network: IpNet,
-        mut change: impl FnMut(&mut Pool, u32) -> Result<Change<T>, IpamError>,
+        change: impl FnMut(&mut Pool, u32) -> Result<Change<T>, IpamError>,
     ) -> Result<T, IpamError> {
-        let lock = self
-            .store
+        let lock = self.lock(deadline, name).await?;
+        self.update_locked(deadline, name, network, lock.as_ref(), change).await
+    }
+
+    /// Takes this node's writer queue of a pool (see [`Store::lock_pool`]).
+    async fn lock(&self, deadline: Instant, name: &str) -> Result<Option<PoolLock>, IpamError> {
+        self.store
             .lock_pool(name, deadline)
             .await
-            .map_err(|source| IpamError::Store { object: format!("pool {name}"), source })?;
+            .map_err(|source| IpamError::Store { object: format!("pool {name}"), source })
+    }
+
+    /// Waits for this writer's turn in the pool's queue, or, when it announced a request there, until
+    /// the head of the queue stored it, whichever comes first.
+    async fn wait_turn(
+        &self,
+        deadline: Instant,
+        name: &str,
+        announced: Option<&Announced>,
+    ) -> Result<Turn, IpamError> {
+        let Some(announced) = announced else { return self.lock(deadline, name).await.map(Turn::Locked) };
+        tokio::select! {
+            lock = self.lock(deadline, name) => lock.map(Turn::Locked),
+            () = announced.served() => Ok(Turn::Served),
+        }
+    }
+
+    /// [`Ipam::update_pool`] for a writer that holds the pool's queue (`lock`, if the store has one).
+    async fn update_locked<T>(
+        &self,
+        deadline: Instant,
+        name: &str,
+        network: IpNet,
+        lock: Option<&PoolLock>,
+        mut change: impl FnMut(&mut Pool, u32) -> Result<Change<T>, IpamError>,
+    ) -> Result<T, IpamError> {
         let mut attempt = 0;
         loop {
             let (mut pool, base) = self.load_pool(deadline, name, network).await?;
@@ -317,7 +356,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                     || async {
                         // A write that failed as unavailable may still have landed: it then conflicts here,
                         // and the re-read below finds it.
-                        match self.store.write_pool(name, &spec, base.as_ref(), lock.as_ref()).await {
+                        match self.store.write_pool(name, &spec, base.as_ref(), lock).await {
                             Err(StoreError::Conflict) => Ok(Err(StoreError::Conflict)),
                             other => other.map(Ok),
                         }
@@ -389,7 +428,59 @@ impl<'s, S: Store> Ipam<'s, S> {
         if config.enable_overlapping_ranges {
             self.delete_reservation(deadline, &config.network_name, ip, &reservation_of(allocation)).await?;
         }
-        self.remove_if(deadline, &pool.name, pool.network, to_u128(ip), |a| a == allocation).await
+        self.remove_entry(deadline, pool, to_u128(ip), allocation).await
+    }
+
+    /// Removes the pool entry of `addr` if it is still exactly `allocation`; says whether it was there.
+    /// The removal is announced in the node's writer queue, so that whoever holds it removes the
+    /// entries of every DEL waiting there in one write.
+    async fn remove_entry(
+        &self,
+        deadline: Instant,
+        target: &PoolTarget,
+        addr: u128,
+        allocation: &Allocation,
+    ) -> Result<bool, IpamError> {
+        let PoolTarget { name, network } = target;
+        let announced = self.store.queue_dir(name).and_then(|dir| {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            (name, "release").hash(&mut hasher);
+            let request = Request::Release { addr: addr.to_string(), allocation: allocation.clone() };
+            Announced::write(&dir, hasher.finish(), &request)
+        });
+        let lock = match self.wait_turn(deadline, name, announced.as_ref()).await? {
+            Turn::Locked(lock) => lock,
+            Turn::Served => {
+                let (pool, _) = self.load_pool(deadline, name, *network).await?;
+                if pool.get(addr) != Some(allocation) {
+                    return Ok(true);
+                }
+                // Back since? Then it is not what the head removed: queue up after all.
+                self.lock(deadline, name).await?
+            }
+        };
+        let mut claimed: Vec<Announcement> = Vec::new();
+        let removed = self
+            .update_locked(deadline, name, *network, lock.as_ref(), |pool, _| {
+                let held = pool.get(addr) == Some(allocation);
+                if held {
+                    pool.remove(addr);
+                }
+                claimed.extend(announced.iter().flat_map(Announced::others).filter(Announcement::claim));
+                let mut changed = held;
+                for waiting in &claimed {
+                    let Request::Release { addr, allocation } = &waiting.request else { continue };
+                    let Ok(addr) = addr.parse::<u128>() else { continue };
+                    if pool.get(addr) == Some(allocation) {
+                        pool.remove(addr);
+                        changed = true;
+                    }
+                }
+                Ok(Change { value: held, changed })
+            })
+            .await?;
+        claimed.iter().for_each(Announcement::done);
+        Ok(removed)
     }
 
     async fn delete_reservation(
@@ -475,7 +566,7 @@ impl<'s, S: Store> Ipam<'s, S> {
             None => self.store.queue_dir(name).and_then(|dir| {
                 let mut hasher = std::collections::hash_map::DefaultHasher::new();
                 (name, managed.range.describe(), config.gateway).hash(&mut hasher);
-                Announced::write(&dir, hasher.finish(), owner)
+                Announced::write(&dir, hasher.finish(), &Request::Allocate(owner.clone()))
             }),
             Some(_) => None,
         };
@@ -518,61 +609,45 @@ impl<'s, S: Store> Ipam<'s, S> {
         let (name, network) = (name.clone(), *network);
         let wanted = owner.allocation();
         let mut blocked = IntervalSet::new();
-        // The lane is this node's: its queue's head allocates for the whole node (see `Lane`).
-        let writer = owner.node.as_deref().or(owner.pod_ref.as_deref()).unwrap_or(&owner.container_id);
+        // A node that lost a race on this pool moments ago starts in its lane (see `Lane`).
         let contended = self.store.queue_dir(&name).is_some_and(|queue| recently_contended(&queue));
         loop {
-            // Announcements claimed by this write stay claimed when it is retried.
-            let mut claimed: Vec<Owner> = Vec::new();
-            let (assignment, ip) = self
-                .update_pool(deadline, &name, network, |pool, conflicts| {
-                    let lane = Lane::of(writer, conflicts + u32::from(contended));
-                    let start = lane_start(&managed.range, pool, config.gateway, &blocked, lane)
-                        .unwrap_or(managed.range.first());
-                    let assignment = assign_from(
-                        &managed.range,
-                        pool,
-                        owner,
-                        managed.requested,
-                        config.gateway,
-                        &blocked,
-                        start,
-                    )
-                    .map_err(|source| IpamError::Alloc { pool: name.clone(), source })?;
-                    let unchanged =
-                        matches!(assignment, Assignment::Existing(a) if pool.get(a).is_some_and(|a| a.same_holder(&wanted)));
-                    // A move to a requested address keeps the old address until the new one is
-                    // reserved, so a failed move leaves the owner as it was.
-                    let first_step = match assignment {
-                        Assignment::New { addr, .. } => Assignment::New { addr, replaces: None },
-                        existing => existing,
+            let lock = match self.wait_turn(deadline, &name, announced.as_ref()).await? {
+                Turn::Locked(lock) => Some(lock),
+                Turn::Served => None,
+            };
+            let found = match lock {
+                Some(_) => None,
+                None => {
+                    let (pool, _) = self.load_pool(deadline, &name, network).await?;
+                    let mine = pool
+                        .owned(owner)
+                        .into_iter()
+                        .find(|a| pool.get(*a).is_some_and(|a| a.same_holder(&wanted)));
+                    mine.map(|addr| (Assignment::Existing(addr), from_u128(pool.family(), addr)))
+                }
+            };
+            let (assignment, ip) = match (found, lock) {
+                (Some(found), _) => found,
+                (None, lock) => {
+                    // Not served after all (released since?): queue up.
+                    let lock = match lock {
+                        Some(lock) => lock,
+                        None => self.lock(deadline, &name).await?,
                     };
-                    let ip = apply(pool, first_step, owner);
-                    // Then the ADDs waiting behind us, on from our lane's start; one that holds
-                    // something here already, or cannot be served (the range is full for it),
-                    // allocates for itself when its turn comes. Addresses we know an overlapping range
-                    // reserved are skipped for them too.
-                    for waiting in announced.iter().flat_map(Announced::others) {
-                        if waiting.claim() {
-                            claimed.push(waiting.owner);
-                        }
-                    }
-                    let mut served = 0;
-                    for waiting in &claimed {
-                        if !pool.owned(waiting).is_empty() {
-                            continue;
-                        }
-                        let gateway = config.gateway;
-                        if let Ok(new) =
-                            assign_from(&managed.range, pool, waiting, None, gateway, &blocked, start)
-                        {
-                            apply(pool, new, waiting);
-                            served += 1;
-                        }
-                    }
-                    Ok(Change { value: (assignment, ip), changed: !unchanged || served > 0 })
-                })
-                .await?;
+                    self.allocate_locked(
+                        deadline,
+                        config,
+                        managed,
+                        owner,
+                        &blocked,
+                        announced.as_ref(),
+                        lock.as_ref(),
+                        contended,
+                    )
+                    .await?
+                }
+            };
             let allocated = AllocatedIp { ip, network: managed.network };
             // An entry the head of the writer queue made for us is ours to undo like one we made.
             let served = announced.as_ref().is_some_and(Announced::was_served);
@@ -638,6 +713,68 @@ impl<'s, S: Store> Ipam<'s, S> {
                 }
             }
         }
+    }
+
+    /// The one pool write of an ADD that holds the pool's queue: the owner's address, and addresses for
+    /// the ADDs announced behind it (told once the write is stored), from the owner's node's lane.
+    #[allow(clippy::too_many_arguments, reason = "one call site, every argument a distinct input")]
+    async fn allocate_locked(
+        &self,
+        deadline: Instant,
+        config: &IpamConfig,
+        managed: &ManagedRange,
+        owner: &Owner,
+        blocked: &IntervalSet,
+        announced: Option<&Announced>,
+        lock: Option<&PoolLock>,
+        contended: bool,
+    ) -> Result<(Assignment, IpAddr), IpamError> {
+        let PoolTarget { name, network } = &managed.pool;
+        let wanted = owner.allocation();
+        // The lane is this node's: its queue's head allocates for the whole node (see `Lane`).
+        let writer = owner.node.as_deref().or(owner.pod_ref.as_deref()).unwrap_or(&owner.container_id);
+        // Announcements claimed by this write stay claimed when it is retried.
+        let mut claimed: Vec<Announcement> = Vec::new();
+        let mut served: Vec<usize> = Vec::new();
+        let taken = self
+            .update_locked(deadline, name, *network, lock, |pool, conflicts| {
+                let lane = Lane::of(writer, conflicts + u32::from(contended));
+                let start = lane_start(&managed.range, pool, config.gateway, blocked, lane)
+                    .unwrap_or(managed.range.first());
+                let assignment =
+                    assign_from(&managed.range, pool, owner, managed.requested, config.gateway, blocked, start)
+                        .map_err(|source| IpamError::Alloc { pool: name.clone(), source })?;
+                let unchanged = matches!(assignment, Assignment::Existing(a) if pool.get(a).is_some_and(|a| a.same_holder(&wanted)));
+                // A move to a requested address keeps the old address until the new one is
+                // reserved, so a failed move leaves the owner as it was.
+                let first_step = match assignment {
+                    Assignment::New { addr, .. } => Assignment::New { addr, replaces: None },
+                    existing => existing,
+                };
+                let ip = apply(pool, first_step, owner);
+                // Then the ADDs waiting behind us, on from our lane's start; one that holds something
+                // here already, or cannot be served (the range is full for it), allocates for itself
+                // when its turn comes. Addresses we know an overlapping range reserved are skipped for
+                // them too.
+                claimed.extend(announced.into_iter().flat_map(Announced::others).filter(Announcement::claim));
+                served.clear();
+                for (index, waiting) in claimed.iter().enumerate() {
+                    let Request::Allocate(waiting) = &waiting.request else { continue };
+                    if !pool.owned(waiting).is_empty() {
+                        continue;
+                    }
+                    if let Ok(new) = assign_from(&managed.range, pool, waiting, None, config.gateway, blocked, start) {
+                        apply(pool, new, waiting);
+                        served.push(index);
+                    }
+                }
+                Ok(Change { value: (assignment, ip), changed: !unchanged || !served.is_empty() })
+            })
+            .await?;
+        for index in served {
+            claimed[index].done();
+        }
+        Ok(taken)
     }
 
     /// After a lost reservation, finds the next candidates that overlapping ranges already reserved by

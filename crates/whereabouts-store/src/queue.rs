@@ -1,12 +1,15 @@
-//! Batching the ADDs waiting in a node-local writer queue into one pool write.
+//! Batching the ADDs (and the DELs) waiting in a node-local writer queue into one pool write.
 //!
 //! On a distributed store every pool write is a round trip, and writes to one pool are serialised by
-//! the store (one object in etcd or the API server). When a burst of pods starts on a node, their
-//! plugin processes queue on the node-local lock ([`crate::Store::lock_pool`]) and would each write the
-//! pool in turn. Instead, a process announces its ADD in the queue's directory before it waits; the
-//! process holding the lock allocates for every compatible announcement it finds in the same write
-//! (flat combining), and removes the announcements it served. A waiter that gets the lock later reads
-//! the pool, finds its allocation already there (ADD is idempotent on the owner) and writes nothing.
+//! the store (one object in etcd or the API server), each costing time that grows with the pool's
+//! size. When a burst of pods starts (or stops) on a node, their plugin processes queue on the
+//! node-local lock ([`crate::Store::lock_pool`]) and would each write the pool in turn. Instead, a
+//! process announces its request in the queue's directory before it waits; the process holding the
+//! lock makes the change for every compatible announcement it finds in the same write (flat
+//! combining), and once that write is stored tells each served process so ([`Announcement::done`]).
+//! A served process then stops waiting for the lock: it reads the pool once, without the lock, finds
+//! its allocation there (or its released entry gone) and writes nothing. Served processes therefore
+//! leave the queue together instead of one by one.
 //!
 //! Safety rests on what it always did: the write is one compare-and-swap, and an allocation made for
 //! another process is exactly the record that process would have written itself; a served process
@@ -30,22 +33,55 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use whereabouts_core::pool::Owner;
+use serde::{Deserialize, Serialize};
+use whereabouts_core::pool::{Allocation, Owner};
 
-/// One announced ADD.
+/// What a waiting process asks the head of the queue to do for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Request {
+    /// Allocate an address for this owner (an ADD without a requested address).
+    Allocate(Owner),
+    /// Remove the entry of this address (a decimal offset as [`whereabouts_core::addr`] counts it) if
+    /// it is still exactly this allocation (a DEL whose reservation is already gone).
+    Release {
+        /// The address.
+        addr: String,
+        /// The entry as the DEL found it.
+        allocation: Allocation,
+    },
+}
+
+/// One announced request.
 #[derive(Debug)]
 pub(crate) struct Announcement {
-    /// The file; removed once served or when its process is gone.
+    /// The file; removed once claimed or when its process is gone.
     pub path: PathBuf,
-    /// Who to allocate for.
-    pub owner: Owner,
+    /// What to do.
+    pub request: Request,
 }
+
+/// The marker telling the process of the announcement at `path` that its request is stored.
+fn done_marker(path: &Path) -> PathBuf {
+    path.with_extension("done")
+}
+
+/// How often a waiting process looks for its done marker.
+const DONE_POLL: Duration = Duration::from_millis(3);
 
 impl Announcement {
     /// Takes this announcement to serve it: true when it was still there, that is, its process has
     /// neither withdrawn it nor been served by someone else.
     pub fn claim(&self) -> bool {
         fs::remove_file(&self.path).is_ok()
+    }
+
+    /// Tells the announcing process that its request is stored (once the write that served it is).
+    pub fn done(&self) {
+        let marker = done_marker(&self.path);
+        if let Err(e) = fs::write(&marker, b"") {
+            // It then learns it the slow way: its own turn at the lock.
+            tracing::debug!("{}: {e}", marker.display());
+        }
     }
 }
 
@@ -62,13 +98,13 @@ fn process_alive(pid: u32) -> bool {
 }
 
 impl Announced {
-    /// Announces an ADD for `owner` in `dir`, batchable with announcements of the same `batch_key`.
-    /// `None` when the directory cannot be written (the ADD then just does not batch).
-    pub fn write(dir: &Path, batch_key: u64, owner: &Owner) -> Option<Announced> {
+    /// Announces `request` in `dir`, batchable with announcements of the same `batch_key`. `None`
+    /// when the directory cannot be written (the request then just does not batch).
+    pub fn write(dir: &Path, batch_key: u64, request: &Request) -> Option<Announced> {
         fs::create_dir_all(dir).ok()?;
         let prefix = format!("{batch_key:016x}-");
         let path = dir.join(format!("{prefix}{}-{:016x}.json", std::process::id(), fastrand::u64(..)));
-        let content = serde_json::to_vec(owner).ok()?;
+        let content = serde_json::to_vec(request).ok()?;
         // Written under a temporary name and renamed, so a reader never sees half a file.
         let temp = path.with_extension("tmp");
         fs::write(&temp, content).ok()?;
@@ -76,16 +112,19 @@ impl Announced {
         Some(Announced { dir: dir.to_path_buf(), path, prefix })
     }
 
-    /// The other live processes' announcements with this batch key, oldest first. Announcements of
-    /// processes that are gone are removed.
+    /// The other live processes' announcements with this batch key, oldest first. Announcements and
+    /// done markers of processes that are gone are removed.
     pub fn others(&self) -> Vec<Announcement> {
         let Ok(entries) = fs::read_dir(&self.dir) else { return Vec::new() };
         let mut found: Vec<(std::time::SystemTime, Announcement)> = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
             let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-            let Some(rest) = name.strip_prefix(&self.prefix).and_then(|r| r.strip_suffix(".json")) else {
-                continue;
+            let Some(rest) = name.strip_prefix(&self.prefix) else { continue };
+            let (rest, marker) = match (rest.strip_suffix(".json"), rest.strip_suffix(".done")) {
+                (Some(rest), _) => (rest, false),
+                (None, Some(rest)) => (rest, true),
+                (None, None) => continue,
             };
             if path == self.path {
                 continue;
@@ -95,13 +134,16 @@ impl Announced {
                 let _ = fs::remove_file(&path);
                 continue;
             }
-            let Ok(owner) =
+            if marker {
+                continue;
+            }
+            let Ok(request) =
                 fs::read(&path).map_err(drop).and_then(|b| serde_json::from_slice(&b).map_err(drop))
             else {
                 continue;
             };
             let modified = entry.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
-            found.push((modified, Announcement { path, owner }));
+            found.push((modified, Announcement { path, request }));
         }
         found.sort_by_key(|(modified, _)| *modified);
         found.into_iter().map(|(_, a)| a).collect()
@@ -118,6 +160,14 @@ impl Announced {
     /// already claimed it, and may have stored (or be storing) an entry for this process.
     pub fn withdraw(self) -> bool {
         fs::remove_file(&self.path).is_ok()
+    }
+
+    /// Resolves once a head has stored this request ([`Announcement::done`]); never otherwise.
+    pub async fn served(&self) {
+        let marker = done_marker(&self.path);
+        while !marker.exists() {
+            tokio::time::sleep(DONE_POLL).await;
+        }
     }
 }
 
@@ -156,6 +206,7 @@ pub(crate) fn recently_contended(dir: &Path) -> bool {
 impl Drop for Announced {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
+        let _ = fs::remove_file(done_marker(&self.path));
     }
 }
 
@@ -174,30 +225,36 @@ mod tests {
         }
     }
 
+    fn allocate(n: u32) -> Request {
+        Request::Allocate(owner(n))
+    }
+
     #[test]
     fn announcements_of_one_batch_key_are_seen_by_the_others() {
         let dir = tempfile::tempdir().unwrap();
-        let first = Announced::write(dir.path(), 7, &owner(1)).unwrap();
-        let second = Announced::write(dir.path(), 7, &owner(2)).unwrap();
-        let other_key = Announced::write(dir.path(), 8, &owner(3)).unwrap();
-        let seen: Vec<Owner> = first.others().into_iter().map(|a| a.owner).collect();
-        assert_eq!(seen, [owner(2)]);
+        let first = Announced::write(dir.path(), 7, &allocate(1)).unwrap();
+        let second = Announced::write(dir.path(), 7, &allocate(2)).unwrap();
+        let other_key = Announced::write(dir.path(), 8, &allocate(3)).unwrap();
+        let seen: Vec<Request> = first.others().into_iter().map(|a| a.request).collect();
+        assert_eq!(seen, [allocate(2)]);
         assert!(other_key.others().is_empty());
         drop(second);
         assert!(first.others().is_empty(), "a dropped announcement is gone");
     }
 
-    #[test]
-    fn a_claimed_announcement_cannot_be_withdrawn_and_a_withdrawn_one_cannot_be_claimed() {
+    #[tokio::test]
+    async fn a_claimed_announcement_cannot_be_withdrawn_and_a_withdrawn_one_cannot_be_claimed() {
         let dir = tempfile::tempdir().unwrap();
-        let head = Announced::write(dir.path(), 7, &owner(1)).unwrap();
-        let served = Announced::write(dir.path(), 7, &owner(2)).unwrap();
+        let head = Announced::write(dir.path(), 7, &allocate(1)).unwrap();
+        let served = Announced::write(dir.path(), 7, &allocate(2)).unwrap();
         let [seen] = &head.others()[..] else { panic!() };
         assert!(seen.claim());
         assert!(served.was_served());
+        seen.done();
+        tokio::time::timeout(Duration::from_secs(5), served.served()).await.expect("told it was served");
         assert!(!served.withdraw(), "claimed first: the waiter must undo what may be stored for it");
 
-        let gone = Announced::write(dir.path(), 7, &owner(3)).unwrap();
+        let gone = Announced::write(dir.path(), 7, &allocate(3)).unwrap();
         let [seen] = &head.others()[..] else { panic!() };
         assert!(gone.withdraw());
         assert!(!seen.claim(), "withdrawn first: the head must not serve it");
@@ -218,10 +275,10 @@ mod tests {
     #[test]
     fn announcements_of_dead_processes_are_removed_not_served() {
         let dir = tempfile::tempdir().unwrap();
-        let mine = Announced::write(dir.path(), 7, &owner(1)).unwrap();
+        let mine = Announced::write(dir.path(), 7, &allocate(1)).unwrap();
         // No process has PID 0 in /proc.
         let stale = dir.path().join(format!("{:016x}-0-{:016x}.json", 7, 1));
-        fs::write(&stale, serde_json::to_vec(&owner(9)).unwrap()).unwrap();
+        fs::write(&stale, serde_json::to_vec(&allocate(9)).unwrap()).unwrap();
         assert!(mine.others().is_empty());
         assert!(!stale.exists());
     }

@@ -1204,6 +1204,54 @@ async fn adds_waiting_in_the_writer_queue_are_served_in_one_write() {
     assert_eq!(announced(), 0, "served announcements are removed");
 }
 
+/// An ADD waiting in the writer queue that reaches its deadline after the head claimed it, while the
+/// head is still writing an entry for it, fails and leaves nothing stored: it waits for the head to let
+/// go of the queue, then releases the entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_waiter_giving_up_after_being_claimed_leaves_nothing_stored() {
+    let (dir, inner) = file_store();
+    let queue = dir.path().join("queue");
+    let store = Arc::new(Flaky::new(inner, 0, None).with_queue(queue.clone()));
+    let config = single("192.0.2.0/24");
+    let name = pool_of(&config, 0);
+    // The test is the head of the queue: it holds the pool's lock.
+    let lock_path = dir.path().join(format!("pools/{name}.lock"));
+    let lock_file =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).unwrap();
+    lock_file.lock().unwrap();
+    let budget = Duration::from_millis(500);
+    let waiter = {
+        let (store, config) = (store.clone(), config.clone());
+        tokio::spawn(async move {
+            Ipam::new(&*store).with_retry(quick_retry(budget)).allocate(&config, &owner(1)).await
+        })
+    };
+    let announcement = loop {
+        let found = std::fs::read_dir(&queue).into_iter().flatten().flatten().map(|e| e.path());
+        if let Some(path) = found.into_iter().find(|p| p.extension().is_some_and(|e| e == "json")) {
+            break path;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    // Claim it, as a head does, and store its entry, past the waiter's deadline.
+    std::fs::remove_file(&announcement).unwrap();
+    tokio::time::sleep(budget + Duration::from_millis(200)).await;
+    let range: IpNet = "192.0.2.0/24".parse().unwrap();
+    let mut pool = Pool::new(range);
+    pool.insert(to_u128(ip("192.0.2.1")), owner(1).allocation());
+    let held = PoolLock::new(lock_path.display().to_string(), ());
+    store.inner.write_pool(&name, &pool.to_spec(), None, Some(&held)).await.unwrap();
+    assert!(!waiter.is_finished(), "the waiter waits for the head to finish before it rolls back");
+    assert_eq!(allocations(&*store, &name).await.len(), 1);
+    lock_file.unlock().unwrap();
+    let outcome = waiter.await.unwrap();
+    assert!(
+        matches!(outcome, Err(IpamError::Store { source: StoreError::Unavailable(_), .. })),
+        "{outcome:?}"
+    );
+    assert!(allocations(&*store, &name).await.is_empty(), "nothing stored for the failed ADD");
+}
+
 /// On a cluster still serving upstream's CRDs the additive fields are pruned from what is stored: a
 /// reservation found held in an overlapping range still removes our entry (matched on container, pod
 /// and interface, not on the whole record) and the next address is taken, instead of retrying the same
