@@ -157,12 +157,16 @@ struct Taken<'c> {
     moved_from: Option<IpAddr>,
 }
 
+/// The answers of a head to the DELs it served: their entry was there and is removed, or was gone.
+const REMOVED: &str = "removed";
+const ABSENT: &str = "absent";
+
 /// How a writer's wait in a pool's queue ended.
 enum Turn {
     /// It holds the queue (`None` when the store has none).
     Locked(Option<PoolLock>),
-    /// The head of the queue stored the request it announced.
-    Served,
+    /// The head of the queue stored the request it announced, and answered this.
+    Served(String),
 }
 
 /// The result of a pool update closure: a value, and whether the pool must be written.
@@ -306,11 +310,26 @@ impl<'s, S: Store> Ipam<'s, S> {
         change: impl FnMut(&mut Pool, u32) -> Result<Change<T>, IpamError>,
     ) -> Result<T, IpamError> {
         let lock = self.lock(deadline, name).await?;
-        self.update_locked(deadline, name, network, lock.as_ref(), change).await
+        let updated = self.update_locked(deadline, name, network, lock.as_ref(), change).await;
+        self.unlock(name, lock).await;
+        updated
     }
 
-    /// Takes this node's writer queue of a pool (see [`Store::lock_pool`]).
+    /// Ends this node's turn at a pool and lets go of its writer queue.
+    async fn unlock(&self, name: &str, lock: Option<PoolLock>) {
+        self.store.end_turn(name).await;
+        drop(lock);
+    }
+
+    /// Takes this node's writer queue of a pool (see [`Store::lock_pool`]), then this node's turn among
+    /// the nodes writing it ([`Store::take_turn`]).
     async fn lock(&self, deadline: Instant, name: &str) -> Result<Option<PoolLock>, IpamError> {
+        let lock = self.lock_queue(deadline, name).await?;
+        self.store.take_turn(name, deadline).await;
+        Ok(lock)
+    }
+
+    async fn lock_queue(&self, deadline: Instant, name: &str) -> Result<Option<PoolLock>, IpamError> {
         self.store
             .lock_pool(name, deadline)
             .await
@@ -326,10 +345,14 @@ impl<'s, S: Store> Ipam<'s, S> {
         announced: Option<&Announced>,
     ) -> Result<Turn, IpamError> {
         let Some(announced) = announced else { return self.lock(deadline, name).await.map(Turn::Locked) };
-        tokio::select! {
-            lock = self.lock(deadline, name) => lock.map(Turn::Locked),
-            () = announced.served() => Ok(Turn::Served),
-        }
+        // Only the wait for the queue races the head's answer; the turn (a request to the store, not
+        // to be abandoned half-way) is taken once the queue is ours.
+        let lock = tokio::select! {
+            lock = self.lock_queue(deadline, name) => lock?,
+            answer = announced.served() => return Ok(Turn::Served(answer)),
+        };
+        self.store.take_turn(name, deadline).await;
+        Ok(Turn::Locked(lock))
     }
 
     /// [`Ipam::update_pool`] for a writer that holds the pool's queue (`lock`, if the store has one).
@@ -450,16 +473,10 @@ impl<'s, S: Store> Ipam<'s, S> {
         });
         let lock = match self.wait_turn(deadline, name, announced.as_ref()).await? {
             Turn::Locked(lock) => lock,
-            Turn::Served => {
-                let (pool, _) = self.load_pool(deadline, name, *network).await?;
-                if pool.get(addr) != Some(allocation) {
-                    return Ok(true);
-                }
-                // Back since? Then it is not what the head removed: queue up after all.
-                self.lock(deadline, name).await?
-            }
+            Turn::Served(answer) => return Ok(answer == REMOVED),
         };
         let mut claimed: Vec<Announcement> = Vec::new();
+        let mut answers: Vec<&str> = Vec::new();
         let removed = self
             .update_locked(deadline, name, *network, lock.as_ref(), |pool, _| {
                 let held = pool.get(addr) == Some(allocation);
@@ -467,19 +484,24 @@ impl<'s, S: Store> Ipam<'s, S> {
                     pool.remove(addr);
                 }
                 claimed.extend(announced.iter().flat_map(Announced::others).filter(Announcement::claim));
-                let mut changed = held;
+                answers.clear();
                 for waiting in &claimed {
                     let Request::Release { addr, allocation } = &waiting.request else { continue };
-                    let Ok(addr) = addr.parse::<u128>() else { continue };
-                    if pool.get(addr) == Some(allocation) {
+                    let there = addr.parse::<u128>().ok().filter(|addr| pool.get(*addr) == Some(allocation));
+                    if let Some(addr) = there {
                         pool.remove(addr);
-                        changed = true;
                     }
+                    answers.push(if there.is_some() { REMOVED } else { ABSENT });
                 }
+                let changed = held || answers.contains(&REMOVED);
                 Ok(Change { value: held, changed })
             })
-            .await?;
-        claimed.iter().for_each(Announcement::done);
+            .await;
+        self.unlock(name, lock).await;
+        let removed = removed?;
+        for (waiting, answer) in claimed.iter().zip(answers) {
+            waiting.done(answer);
+        }
         Ok(removed)
     }
 
@@ -612,19 +634,13 @@ impl<'s, S: Store> Ipam<'s, S> {
         // A node that lost a race on this pool moments ago starts in its lane (see `Lane`).
         let contended = self.store.queue_dir(&name).is_some_and(|queue| recently_contended(&queue));
         loop {
-            let lock = match self.wait_turn(deadline, &name, announced.as_ref()).await? {
-                Turn::Locked(lock) => Some(lock),
-                Turn::Served => None,
-            };
-            let found = match lock {
-                Some(_) => None,
-                None => {
-                    let (pool, _) = self.load_pool(deadline, &name, network).await?;
-                    let mine = pool
-                        .owned(owner)
-                        .into_iter()
-                        .find(|a| pool.get(*a).is_some_and(|a| a.same_holder(&wanted)));
-                    mine.map(|addr| (Assignment::Existing(addr), from_u128(pool.family(), addr)))
+            let (lock, found) = match self.wait_turn(deadline, &name, announced.as_ref()).await? {
+                Turn::Locked(lock) => (Some(lock), None),
+                // The head's write that stored our entry succeeded: its answer is our address.
+                Turn::Served(answer) => {
+                    let addr = answer.parse::<u128>().ok();
+                    let family = Family::of(managed.network.addr());
+                    (None, addr.map(|addr| (Assignment::Existing(addr), from_u128(family, addr))))
                 }
             };
             let (assignment, ip) = match (found, lock) {
@@ -635,17 +651,20 @@ impl<'s, S: Store> Ipam<'s, S> {
                         Some(lock) => lock,
                         None => self.lock(deadline, &name).await?,
                     };
-                    self.allocate_locked(
-                        deadline,
-                        config,
-                        managed,
-                        owner,
-                        &blocked,
-                        announced.as_ref(),
-                        lock.as_ref(),
-                        contended,
-                    )
-                    .await?
+                    let allocated = self
+                        .allocate_locked(
+                            deadline,
+                            config,
+                            managed,
+                            owner,
+                            &blocked,
+                            announced.as_ref(),
+                            lock.as_ref(),
+                            contended,
+                        )
+                        .await;
+                    self.unlock(&name, lock).await;
+                    allocated?
                 }
             };
             let allocated = AllocatedIp { ip, network: managed.network };
@@ -735,7 +754,7 @@ impl<'s, S: Store> Ipam<'s, S> {
         let writer = owner.node.as_deref().or(owner.pod_ref.as_deref()).unwrap_or(&owner.container_id);
         // Announcements claimed by this write stay claimed when it is retried.
         let mut claimed: Vec<Announcement> = Vec::new();
-        let mut served: Vec<usize> = Vec::new();
+        let mut served: Vec<(usize, u128)> = Vec::new();
         let taken = self
             .update_locked(deadline, name, *network, lock, |pool, conflicts| {
                 let lane = Lane::of(writer, conflicts + u32::from(contended));
@@ -765,14 +784,14 @@ impl<'s, S: Store> Ipam<'s, S> {
                     }
                     if let Ok(new) = assign_from(&managed.range, pool, waiting, None, config.gateway, blocked, start) {
                         apply(pool, new, waiting);
-                        served.push(index);
+                        served.push((index, new.addr()));
                     }
                 }
                 Ok(Change { value: (assignment, ip), changed: !unchanged || !served.is_empty() })
             })
             .await?;
-        for index in served {
-            claimed[index].done();
+        for (index, addr) in served {
+            claimed[index].done(&addr.to_string());
         }
         Ok(taken)
     }

@@ -48,8 +48,9 @@
 //! Writers of one pool on one node queue on a node-local lock file ([`Store::lock_pool`]) instead of
 //! racing each other, and the writer at the head of the queue allocates for every ADD waiting behind
 //! it in one patch ([`crate::queue`]), so a burst of pods on a node costs the API server one write per
-//! batch rather than per pod; only writers on different nodes meet in compare-and-swap. The queue is
-//! an optimisation: correctness rests on the patches' tests alone.
+//! batch rather than per pod. The heads of different nodes' queues then take turns through a Lease per
+//! pool (see `pool_lease` for why). Queue and Lease are optimisations: correctness rests on the
+//! patches' tests alone.
 //!
 //! Reservations are created with a plain create (409 when they exist), taken over and deleted only under
 //! a resourceVersion precondition, so a reservation that changed hands since it was read is never
@@ -75,9 +76,11 @@ use whereabouts_k8s::client::{ConnectError, Timeouts, connect};
 use whereabouts_k8s::crd::{
     IPPool, IPPoolSpec, NodeSlicePool, OverlappingRangeIPReservation, OverlappingRangeIPReservationSpec,
 };
+use whereabouts_k8s::k8s_openapi::api::coordination::v1::Lease;
 use whereabouts_k8s::kube;
 
 use crate::lock::{DEFAULT_LOCK_DIR, node_local_lock, queue_path};
+use crate::pool_lease::{self, HeldLease};
 use crate::{Reservation, ReserveOutcome, Store, StoreError, Version, VersionedPool};
 
 /// Rounds of read-then-precondition on one reservation before giving up (each lost round means
@@ -92,6 +95,9 @@ pub struct KubeStore {
     reservations: Api<OverlappingRangeIPReservation>,
     /// Read only: the controller writes them.
     node_slice_pools: Api<NodeSlicePool>,
+    /// The pools' Leases, and those this process holds, by pool.
+    leases: Api<Lease>,
+    held_leases: Mutex<HashMap<String, HeldLease>>,
     namespace: String,
     /// Per pool, the allocations of the last read as JSON.
     last_read: Mutex<HashMap<String, AllocationsAsRead>>,
@@ -122,7 +128,9 @@ impl KubeStore {
                 &ApiResource::erase::<IPPool>(&()),
             ),
             reservations: Api::namespaced(client.clone(), namespace),
-            node_slice_pools: Api::namespaced(client, namespace),
+            node_slice_pools: Api::namespaced(client.clone(), namespace),
+            leases: Api::namespaced(client, namespace),
+            held_leases: Mutex::new(HashMap::new()),
             namespace: namespace.to_string(),
             last_read: Mutex::new(HashMap::new()),
             lock_dir: DEFAULT_LOCK_DIR.into(),
@@ -287,6 +295,20 @@ pub fn pool_patch(base: &PoolSpec, spec: &PoolSpec, as_read: &Map<String, Value>
 impl Store for KubeStore {
     async fn lock_pool(&self, name: &str, deadline: Instant) -> Result<Option<crate::PoolLock>, StoreError> {
         node_local_lock(&self.lock_dir, "kubernetes", (&self.queue_key, name), deadline).await
+    }
+
+    async fn take_turn(&self, name: &str, deadline: Instant) {
+        let holder = format!("{}/{}-{:08x}", self.queue_key.2, std::process::id(), fastrand::u32(..));
+        if let Some(held) = pool_lease::acquire(&self.leases, name, &holder, deadline).await {
+            self.held_leases.lock().unwrap_or_else(PoisonError::into_inner).insert(name.to_string(), held);
+        }
+    }
+
+    async fn end_turn(&self, name: &str) {
+        let held = self.held_leases.lock().unwrap_or_else(PoisonError::into_inner).remove(name);
+        if let Some(held) = held {
+            pool_lease::release(&self.leases, held).await;
+        }
     }
 
     fn queue_dir(&self, name: &str) -> Option<PathBuf> {

@@ -19,6 +19,8 @@ pub mod ipam;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 mod lock;
+#[cfg(feature = "kubernetes")]
+mod pool_lease;
 mod queue;
 
 /// An opaque version of a stored pool (a resourceVersion, a mod_revision, a counter).
@@ -116,6 +118,20 @@ pub trait Store: Send + Sync {
         std::future::ready(Ok(None))
     }
 
+    /// Waits, after [`Store::lock_pool`], for this node's turn among the nodes writing the pool, where
+    /// the store has such turns (the Kubernetes store's pool Lease), until `deadline` at most. Turns
+    /// are an optimisation: without one the write is still a compare-and-swap.
+    fn take_turn(&self, name: &str, deadline: Instant) -> impl Future<Output = ()> + Send {
+        let _ = (name, deadline);
+        std::future::ready(())
+    }
+
+    /// Ends the turn [`Store::take_turn`] took, before the lock is dropped.
+    fn end_turn(&self, name: &str) -> impl Future<Output = ()> + Send {
+        let _ = name;
+        std::future::ready(())
+    }
+
     /// Where ADDs waiting in this node's writer queue of a pool announce themselves, so that the writer
     /// holding the [`Store::lock_pool`] lock allocates for them in its own write (see [`queue`]). Only
     /// stores with a node-local writer queue whose writes are round trips have one.
@@ -202,6 +218,14 @@ impl Store for AnyStore {
 
     async fn lock_pool(&self, name: &str, deadline: Instant) -> Result<Option<PoolLock>, StoreError> {
         delegate!(self, s => s.lock_pool(name, deadline))
+    }
+
+    async fn take_turn(&self, name: &str, deadline: Instant) {
+        delegate!(self, s => s.take_turn(name, deadline))
+    }
+
+    async fn end_turn(&self, name: &str) {
+        delegate!(self, s => s.end_turn(name))
     }
 
     fn queue_dir(&self, name: &str) -> Option<std::path::PathBuf> {

@@ -75,10 +75,13 @@ impl Announcement {
         fs::remove_file(&self.path).is_ok()
     }
 
-    /// Tells the announcing process that its request is stored (once the write that served it is).
-    pub fn done(&self) {
+    /// Tells the announcing process that its request is stored (once the write that served it is),
+    /// with `answer`: the address allocated for it, or whether its entry was there to remove.
+    pub fn done(&self, answer: &str) {
         let marker = done_marker(&self.path);
-        if let Err(e) = fs::write(&marker, b"") {
+        // Renamed into place, so the waiter never reads half an answer.
+        let temp = self.path.with_extension("done.tmp");
+        if let Err(e) = fs::write(&temp, answer).and_then(|()| fs::rename(&temp, &marker)) {
             // It then learns it the slow way: its own turn at the lock.
             tracing::debug!("{}: {e}", marker.display());
         }
@@ -162,11 +165,15 @@ impl Announced {
         fs::remove_file(&self.path).is_ok()
     }
 
-    /// Resolves once a head has stored this request ([`Announcement::done`]); never otherwise.
-    pub async fn served(&self) {
+    /// Resolves, with the head's answer, once a head has stored this request
+    /// ([`Announcement::done`]); never otherwise.
+    pub async fn served(&self) -> String {
         let marker = done_marker(&self.path);
-        while !marker.exists() {
-            tokio::time::sleep(DONE_POLL).await;
+        loop {
+            match fs::read_to_string(&marker) {
+                Ok(answer) => return answer,
+                Err(_) => tokio::time::sleep(DONE_POLL).await,
+            }
         }
     }
 }
@@ -250,8 +257,9 @@ mod tests {
         let [seen] = &head.others()[..] else { panic!() };
         assert!(seen.claim());
         assert!(served.was_served());
-        seen.done();
-        tokio::time::timeout(Duration::from_secs(5), served.served()).await.expect("told it was served");
+        seen.done("42");
+        let answer = tokio::time::timeout(Duration::from_secs(5), served.served()).await;
+        assert_eq!(answer.expect("told it was served"), "42");
         assert!(!served.withdraw(), "claimed first: the waiter must undo what may be stored for it");
 
         let gone = Announced::write(dir.path(), 7, &allocate(3)).unwrap();

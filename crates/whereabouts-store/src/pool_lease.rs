@@ -1,0 +1,161 @@
+//! One writer at a time per pool across nodes: a Lease per IPPool, held by the head of a node's writer
+//! queue for one read-modify-write.
+//!
+//! The API server applies each write to the whole object, and when writes to one object overlap it
+//! applies, validates and tries to commit each of them again until it lands: N nodes writing one pool
+//! at once cost it about N times the work of each write, and on a big pool under load that work
+//! outgrows the machine (measured: 1000 ADDs from 20 nodes on one pool, 5 at a time per node, took
+//! 163 s and ended in 504s, the API server's two cores saturated by re-validation). With the Lease the
+//! heads of the nodes' queues take turns: each turn is one write carrying its node's whole batch, at
+//! the cost of two small writes (take and give back the Lease).
+//!
+//! The Lease is an optimisation, never a safety device: every pool write stays a compare-and-swap, so
+//! a writer that cannot have the Lease (no permission, the API server failing, the deadline near)
+//! writes without it, and a holder that died is taken over once its Lease was seen unchanged for
+//! [`LEASE_DURATION`] on the waiter's own clock (clocks of nodes may disagree). A holder never
+//! renews: one turn is a read and a write.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::Api;
+use kube::api::{ObjectMeta, PostParams};
+use whereabouts_k8s::{k8s_openapi, kube};
+
+/// How long a Lease seen unchanged is taken as held by a writer that died.
+const LEASE_DURATION: Duration = Duration::from_secs(2);
+/// The first and the longest pause between two looks at a busy Lease.
+const FIRST_POLL: Duration = Duration::from_millis(2);
+const LONGEST_POLL: Duration = Duration::from_millis(25);
+
+/// The Lease name of pool `pool`: `whereabouts-pool-<pool>` when that is a valid object name, else
+/// with a hash of the pool's name.
+pub(crate) fn lease_name(pool: &str) -> String {
+    let valid = pool.len() <= 200
+        && pool.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && pool.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && pool.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+    if valid {
+        format!("whereabouts-pool-{pool}")
+    } else {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        pool.hash(&mut hasher);
+        format!("whereabouts-pool-{:016x}", hasher.finish())
+    }
+}
+
+/// A pool's Lease as this process holds it.
+#[derive(Debug)]
+pub(crate) struct HeldLease {
+    lease: Lease,
+}
+
+/// Takes the Lease of pool `pool` for `holder`, waiting for its current holder until `deadline`.
+/// `None` when it could not be had (not permitted, an error, the deadline): the caller writes anyway.
+pub(crate) async fn acquire(
+    leases: &Api<Lease>,
+    pool: &str,
+    holder: &str,
+    deadline: Instant,
+) -> Option<HeldLease> {
+    let name = lease_name(pool);
+    // The version last seen and since when, on this clock.
+    let mut seen: Option<(String, Instant)> = None;
+    let mut pause = FIRST_POLL;
+    while Instant::now() < deadline {
+        let current = match leases.get_opt(&name).await {
+            Ok(current) => current,
+            Err(e) => {
+                tracing::debug!("Lease {name}: {e}; writing without it");
+                return None;
+            }
+        };
+        let Some(mut lease) = current else {
+            let lease = Lease {
+                metadata: ObjectMeta { name: Some(name.clone()), ..ObjectMeta::default() },
+                spec: Some(spec_for(holder)),
+            };
+            match leases.create(&PostParams::default(), &lease).await {
+                Ok(lease) => return Some(HeldLease { lease }),
+                Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                Err(e) => {
+                    tracing::debug!("Lease {name}: {e}; writing without it");
+                    return None;
+                }
+            }
+        };
+        let version = lease.metadata.resource_version.clone().unwrap_or_default();
+        let busy =
+            lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()).is_some_and(|h| !h.is_empty());
+        let expired = match &seen {
+            Some((seen_version, since)) if *seen_version == version => since.elapsed() >= LEASE_DURATION,
+            _ => {
+                seen = Some((version, Instant::now()));
+                false
+            }
+        };
+        if busy && !expired {
+            let wait =
+                pause.mul_f64(0.5 + fastrand::f64()).min(deadline.saturating_duration_since(Instant::now()));
+            tokio::time::sleep(wait).await;
+            pause = (pause * 2).min(LONGEST_POLL);
+            continue;
+        }
+        if expired {
+            tracing::debug!("Lease {name}: unchanged for {LEASE_DURATION:?}, taking it over");
+        }
+        lease.spec = Some(spec_for(holder));
+        // A replace carries the version read: it fails if anyone took the Lease in between.
+        match leases.replace(&name, &PostParams::default(), &lease).await {
+            Ok(lease) => return Some(HeldLease { lease }),
+            Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => {}
+            Err(e) => {
+                tracing::debug!("Lease {name}: {e}; writing without it");
+                return None;
+            }
+        }
+    }
+    None
+}
+
+/// Gives the Lease back (empties its holder), unless someone took it over since.
+pub(crate) async fn release(leases: &Api<Lease>, held: HeldLease) {
+    let HeldLease { mut lease } = held;
+    let name = lease.metadata.name.clone().unwrap_or_default();
+    if let Some(spec) = lease.spec.as_mut() {
+        spec.holder_identity = None;
+    }
+    if let Err(e) = leases.replace(&name, &PostParams::default(), &lease).await {
+        // Taken over after it seemed expired, or the server failing: the next writer waits out the
+        // Lease's duration at worst.
+        tracing::debug!("Lease {name}: giving it back: {e}");
+    }
+}
+
+fn spec_for(holder: &str) -> LeaseSpec {
+    let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+    LeaseSpec {
+        holder_identity: Some(holder.to_string()),
+        lease_duration_seconds: Some(LEASE_DURATION.as_secs() as i32),
+        acquire_time: Some(now.clone()),
+        renew_time: Some(now),
+        ..LeaseSpec::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_names_are_valid_object_names() {
+        assert_eq!(lease_name("net-10.0.0.0-24"), "whereabouts-pool-net-10.0.0.0-24");
+        for odd in ["Net_A-10.0.0.0-24", &"x".repeat(240), "-a", "a-"] {
+            let name = lease_name(odd);
+            assert!(name.starts_with("whereabouts-pool-") && name.len() == 33, "{name}");
+        }
+        assert_ne!(lease_name("A"), lease_name("B"));
+    }
+}
