@@ -16,7 +16,6 @@ use tokio::sync::watch;
 
 use crate::index::PoolIndex;
 use crate::leader::{Leadership, LeaseConfig};
-use crate::nad::FlatFile;
 use crate::schedule::Sources;
 use crate::{Context, cleanup, http, leader, nodeslice, reconcile, schedule};
 
@@ -30,9 +29,8 @@ pub struct Options {
     /// Cluster mode: the reconciler's schedule sources and how often they are re-read; `None` leaves
     /// reconciliation to a CronJob running `whereabouts reconcile`.
     pub reconciler: Option<(Sources, Duration)>,
-    /// Cluster mode: run the node-slice controller, with the flat file (if any) merged into
-    /// NetworkAttachmentDefinitions' configurations.
-    pub node_slices: Option<Option<FlatFile>>,
+    /// Cluster mode: run the node-slice controller with these settings.
+    pub node_slices: Option<nodeslice::Settings>,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`.
     pub listener: Option<TcpListener>,
 }
@@ -128,8 +126,8 @@ async fn cluster_parts(ctx: &Context, index: &PoolIndex, options: &Options) {
         .await;
     };
     let slices = async {
-        let Some(flat_file) = &options.node_slices else { return std::future::pending().await };
-        if let Err(e) = nodeslice::run(ctx.clone(), flat_file.clone()).await {
+        let Some(settings) = &options.node_slices else { return std::future::pending().await };
+        if let Err(e) = nodeslice::run(ctx.clone(), settings.clone()).await {
             tracing::error!("the node-slice controller stopped: {e}");
         }
     };

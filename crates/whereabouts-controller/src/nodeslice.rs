@@ -16,6 +16,8 @@
 //! * Owner references only name NADs of the whereabouts namespace (they cannot cross namespaces: the
 //!   garbage collector would delete the pool); NodeSlicePools are also labelled as managed here, and
 //!   deleted by this controller when no NAD wants them any more.
+//! * Label selectors ([`Settings`]) may narrow the Nodes that take slices (say, those with the secondary
+//!   interface: others would hold a slice they never use) and the NADs that are sliced.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -70,6 +72,28 @@ pub fn nad_resource() -> ApiResource {
         kind: NAD_KIND.into(),
         plural: "network-attachment-definitions".into(),
     }
+}
+
+/// What the node-slice controller works from, beside the [`Context`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Merged into every NAD's configuration.
+    pub flat_file: Option<FlatFile>,
+    /// A label selector of the Nodes that take slices; `None`: every Node. A node that stops matching
+    /// is treated as departed: its slice is freed once its pool of the slice is empty.
+    pub node_selector: Option<String>,
+    /// A label selector of the NetworkAttachmentDefinitions that are sliced; `None`: every one. The
+    /// NodeSlicePools that no selected NAD wants are deleted, as those of deleted NADs.
+    pub nad_selector: Option<String>,
+}
+
+/// A list or watch of what `selector` selects (everything when `None`).
+fn listing(selector: &Option<String>) -> ListParams {
+    ListParams { label_selector: selector.clone(), ..ListParams::default() }
+}
+
+fn watching(selector: &Option<String>) -> watcher::Config {
+    watcher::Config { label_selector: selector.clone(), ..watcher::Config::default() }
 }
 
 /// Why a reconcile failed.
@@ -169,29 +193,24 @@ impl Network {
     }
 }
 
-/// Reconciles every NodeSlicePool once (see the module documentation); `flat_file` is merged into every
-/// NAD's configuration.
-pub async fn reconcile_all(ctx: &Context, flat_file: Option<&FlatFile>) -> Result<Summary, Error> {
+/// Reconciles every NodeSlicePool once (see the module documentation).
+pub async fn reconcile_all(ctx: &Context, settings: &Settings) -> Result<Summary, Error> {
     let recorder = Recorder::new(ctx.client.clone(), reporter());
-    reconcile_with(ctx, flat_file, &recorder).await
+    reconcile_with(ctx, settings, &recorder).await
 }
 
 fn reporter() -> Reporter {
     Reporter { controller: COMPONENT.into(), instance: std::env::var("POD_NAME").ok() }
 }
 
-async fn reconcile_with(
-    ctx: &Context,
-    flat: Option<&FlatFile>,
-    recorder: &Recorder,
-) -> Result<Summary, Error> {
+async fn reconcile_with(ctx: &Context, settings: &Settings, recorder: &Recorder) -> Result<Summary, Error> {
     let list = |what| move |source| Error::List { what, source };
     let nads = Api::<DynamicObject>::all_with(ctx.client.clone(), &nad_resource())
-        .list(&ListParams::default())
+        .list(&listing(&settings.nad_selector))
         .await
         .map_err(list("NetworkAttachmentDefinitions"))?;
     let nodes: BTreeSet<String> = Api::<Node>::all(ctx.client.clone())
-        .list_metadata(&ListParams::default())
+        .list_metadata(&listing(&settings.node_selector))
         .await
         .map_err(list("Nodes"))?
         .items
@@ -219,7 +238,7 @@ async fn reconcile_with(
         .collect();
 
     let mut summary = Summary::default();
-    let networks = group(nads.items, flat, &mut summary);
+    let networks = group(nads.items, settings.flat_file.as_ref(), &mut summary);
     for network in networks.values() {
         for loser in network.nads.iter().filter(|n| n.slicing != network.winner().slicing) {
             let why = format!(
@@ -505,14 +524,16 @@ async fn publish(ctx: &Context, recorder: &Recorder, nad: &SlicedNad, reason: &s
 
 /// Reconciles on every change of a NAD, Node, NodeSlicePool or IPPool (debounced) and every minute,
 /// retrying failures with a growing delay. Returns only if every watch ends, which they do not.
-pub async fn run(ctx: Context, flat_file: Option<FlatFile>) -> Result<(), Error> {
+pub async fn run(ctx: Context, settings: Settings) -> Result<(), Error> {
     let recorder = Recorder::new(ctx.client.clone(), reporter());
     let client = ctx.client.clone();
+    let nads = Api::<DynamicObject>::all_with(client.clone(), &nad_resource());
+    let every = watcher::Config::default;
     let mut changes = futures::stream::select_all([
-        changes(NAD_KIND, Api::<DynamicObject>::all_with(client.clone(), &nad_resource())),
-        changes("Node", Api::<Node>::all(client.clone())),
-        changes("NodeSlicePool", Api::<NodeSlicePool>::namespaced(client.clone(), &ctx.namespace)),
-        changes("IPPool", Api::<IPPool>::namespaced(client, &ctx.namespace)),
+        changes(NAD_KIND, nads, watching(&settings.nad_selector)),
+        changes("Node", Api::<Node>::all(client.clone()), watching(&settings.node_selector)),
+        changes("NodeSlicePool", Api::<NodeSlicePool>::namespaced(client.clone(), &ctx.namespace), every()),
+        changes("IPPool", Api::<IPPool>::namespaced(client, &ctx.namespace), every()),
     ]);
     let mut resync = tokio::time::interval(RESYNC);
     let mut backoff = Duration::ZERO;
@@ -529,7 +550,7 @@ pub async fn run(ctx: Context, flat_file: Option<FlatFile>) -> Result<(), Error>
                 }
             }
             dirty = false;
-            match reconcile_with(&ctx, flat_file.as_ref(), &recorder).await {
+            match reconcile_with(&ctx, &settings, &recorder).await {
                 Ok(summary) if summary.failed.is_empty() => {
                     backoff = Duration::ZERO;
                     tracing::debug!(?summary, "node slices reconciled");
@@ -563,11 +584,15 @@ fn next_backoff(previous: Duration) -> Duration {
 
 /// One item per change seen by a watch of `api`, the `kind`s (errors are logged; the watcher retries
 /// with backoff).
-fn changes<K>(kind: &'static str, api: Api<K>) -> futures::stream::BoxStream<'static, ()>
+fn changes<K>(
+    kind: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+) -> futures::stream::BoxStream<'static, ()>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    watcher(api, watcher::Config::default())
+    watcher(api, config)
         .default_backoff()
         .filter_map(move |event| {
             let seen = match event {

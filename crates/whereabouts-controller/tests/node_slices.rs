@@ -1,27 +1,27 @@
 //! The node-slice controller against the in-process fake API server, or the cluster named by
 //! `WHEREABOUTS_TEST_KUBECONFIG` (each test in a fresh namespace, which is also the whereabouts
-//! namespace). Nodes are cluster-wide: their names start with the test namespace, and a real cluster's
-//! own nodes may take slices too, so the tests only assert on their own nodes, and relative to each other.
+//! namespace). Nodes and NADs are listed cluster-wide, and a real cluster is shared with other tests
+//! and what earlier runs left: each test's Nodes and NADs carry its label, and its controller selects
+//! them by it (the controller's node and NAD selectors), so it sees only its own.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::events::v1::Event;
 use serde_json::{Value, json};
 use whereabouts_controller::Context;
 use whereabouts_controller::metrics::{Metrics, SliceLabels, SliceState};
 use whereabouts_controller::nad::FlatFile;
-use whereabouts_controller::nodeslice::{self, nad_resource};
+use whereabouts_controller::nodeslice::{self, Settings, nad_resource};
 use whereabouts_core::range::pool_name;
 use whereabouts_k8s::crd::{IPPool, NodeSlicePool};
-use whereabouts_k8s::kube::api::{Api, DeleteParams, DynamicObject, ListParams, ObjectMeta, PostParams};
+use whereabouts_k8s::kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use whereabouts_kube_testing::TestCluster;
 
 struct Fixture {
     cluster: TestCluster,
     ctx: Context,
-    nodes: Vec<String>,
+    settings: Settings,
 }
 
 /// The flat file names the store, as on a node; the NADs carry the rest.
@@ -41,44 +41,31 @@ impl Fixture {
             metrics: Arc::new(Metrics::new()),
             dry_run: false,
         };
-        Fixture { cluster, ctx, nodes: Vec::new() }
+        let settings = Settings {
+            flat_file: Some(flat()),
+            node_selector: Some(cluster.selector()),
+            nad_selector: Some(cluster.selector()),
+        };
+        Fixture { cluster, ctx, settings }
     }
 
     fn ns(&self) -> &str {
         self.cluster.namespace()
     }
 
-    /// A name unique to this test (cluster-wide objects, NodeSlicePools).
+    /// A name unique to this test (NodeSlicePools).
     fn unique(&self, name: &str) -> String {
-        format!("{}-{name}", self.ns())
+        self.cluster.unique(name)
     }
 
-    async fn add_node(&mut self, name: &str) -> String {
-        let name = self.unique(name);
-        let node = Node {
-            metadata: ObjectMeta { name: Some(name.clone()), ..ObjectMeta::default() },
-            ..Node::default()
-        };
-        Api::<Node>::all(self.cluster.client())
-            .create(&PostParams::default(), &node)
-            .await
-            .expect("node created");
-        self.nodes.push(name.clone());
-        name
-    }
-
-    async fn remove_node(&mut self, name: &str) {
-        Api::<Node>::all(self.cluster.client())
-            .delete(name, &DeleteParams::default())
-            .await
-            .expect("node deleted");
-        self.nodes.retain(|n| n != name);
+    async fn add_node(&self, name: &str) -> String {
+        self.cluster.create_node(name).await
     }
 
     async fn add_nad(&self, name: &str, config: Value) {
         let nad: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
-            "metadata": {"name": name, "namespace": self.ns()},
+            "metadata": {"name": name, "namespace": self.ns(), "labels": self.cluster.labels()},
             "spec": {"config": config.to_string()},
         }))
         .expect("a NAD");
@@ -89,7 +76,7 @@ impl Fixture {
     }
 
     async fn reconcile(&self) -> nodeslice::Summary {
-        let summary = nodeslice::reconcile_all(&self.ctx, Some(&flat())).await.expect("reconciled");
+        let summary = nodeslice::reconcile_all(&self.ctx, &self.settings).await.expect("reconciled");
         assert!(summary.failed.is_empty(), "{summary:?}");
         summary
     }
@@ -139,9 +126,6 @@ impl Fixture {
     }
 
     async fn cleanup(self) {
-        for node in &self.nodes {
-            let _ = Api::<Node>::all(self.cluster.client()).delete(node, &DeleteParams::default()).await;
-        }
         self.cluster.cleanup().await;
     }
 }
@@ -159,12 +143,12 @@ fn overlap(a: &str, b: &str) -> bool {
 
 #[tokio::test]
 async fn slices_follow_nodes_and_a_busy_slice_waits_for_its_pool_to_empty() {
-    let mut f = Fixture::start().await;
+    let f = Fixture::start().await;
     let net = f.unique("net");
     f.add_nad("net", macvlan(&net, json!({"range": "192.0.2.0/24", "node_slice_size": "/27"}))).await;
     let (a, b, c) = (f.add_node("a").await, f.add_node("b").await, f.add_node("c").await);
     let summary = f.reconcile().await;
-    assert!(summary.written.contains(&net), "{summary:?}");
+    assert_eq!(summary.written, std::slice::from_ref(&net), "{summary:?}");
 
     let all = f.slices(&net).await.expect("created");
     assert_eq!(all.len(), 8, "{all:?}");
@@ -176,15 +160,15 @@ async fn slices_follow_nodes_and_a_busy_slice_waits_for_its_pool_to_empty() {
     let owners = pool.metadata.owner_references.expect("owned");
     assert_eq!((owners[0].name.as_str(), owners[0].controller), ("net", Some(true)));
     let labels = SliceLabels { pool: net.clone(), state: SliceState::Assigned };
-    assert!(f.ctx.metrics.node_slices.get_or_create(&labels).get() >= 3);
+    assert_eq!(f.ctx.metrics.node_slices.get_or_create(&labels).get(), 3);
     // Nothing changed: nothing written.
-    assert!(f.reconcile().await.unchanged.contains(&net));
+    assert_eq!(f.reconcile().await.unchanged, std::slice::from_ref(&net));
 
     // b leaves while its pool of its slice holds an address: the slice stays b's.
     let slice_b = mine[1].clone();
     let b_pool = pool_name("", Some(&b), &slice_b.parse().expect("a CIDR"));
     f.set_pool(&b_pool, &slice_b, json!({"1": {"id": "c1", "podref": "apps/p1"}})).await;
-    f.remove_node(&b).await;
+    f.cluster.delete_node(&b).await;
     let d = f.add_node("d").await;
     f.reconcile().await;
     assert_eq!(f.slice_of(&net, &b).await, Some(slice_b.clone()), "freed while busy");
@@ -206,7 +190,7 @@ async fn slices_follow_nodes_and_a_busy_slice_waits_for_its_pool_to_empty() {
 
 #[tokio::test]
 async fn ipv6_and_the_candidate_interval() {
-    let mut f = Fixture::start().await;
+    let f = Fixture::start().await;
     let (v6, v4) = (f.unique("v6"), f.unique("v4"));
     f.add_nad("v6", macvlan(&v6, json!({"range": "2001:db8::/112", "node_slice_size": "/120"}))).await;
     let ipam = json!({"range": "198.51.100.0/24", "range_start": "198.51.100.70", "exclude": ["198.51.100.128/26"],
@@ -228,7 +212,7 @@ async fn ipv6_and_the_candidate_interval() {
 
 #[tokio::test]
 async fn the_oldest_nad_of_a_network_wins_and_others_are_not_blocked() {
-    let mut f = Fixture::start().await;
+    let f = Fixture::start().await;
     let (shared, other) = (f.unique("shared"), f.unique("other"));
     // Named so that name order would pick the wrong one: only age decides.
     f.add_nad(
@@ -272,7 +256,7 @@ async fn the_oldest_nad_of_a_network_wins_and_others_are_not_blocked() {
 
 #[tokio::test]
 async fn a_conflist_with_whereabouts_second_and_its_pool_goes_with_it() {
-    let mut f = Fixture::start().await;
+    let f = Fixture::start().await;
     let list = f.unique("list");
     let config = json!({"cniVersion": "1.0.0", "name": list, "plugins": [
         {"type": "tuning"},
@@ -303,15 +287,15 @@ async fn a_dry_run_writes_nothing() {
     }
     f.ctx.dry_run = true;
     let summary = f.reconcile().await;
-    assert!(summary.written.contains(&net), "{summary:?}");
+    assert_eq!(summary.written, std::slice::from_ref(&net), "{summary:?}");
     assert!(f.slices(&net).await.is_none(), "written in a dry run");
-    assert!(f.warnings().await.is_empty() || f.cluster.is_real());
+    assert!(f.warnings().await.is_empty());
     f.cleanup().await;
 }
 
 #[tokio::test]
 async fn nodes_beyond_the_slices_get_a_warning() {
-    let mut f = Fixture::start().await;
+    let f = Fixture::start().await;
     let net = f.unique("net");
     f.add_nad("net", macvlan(&net, json!({"range": "192.0.2.0/24", "node_slice_size": "/25"}))).await;
     for n in ["a", "b", "c"] {
@@ -330,10 +314,10 @@ async fn nodes_beyond_the_slices_get_a_warning() {
 
 #[tokio::test]
 async fn the_run_loop_reacts_to_a_node_joining() {
-    let mut f = Fixture::start().await;
+    let f = Fixture::start().await;
     let net = f.unique("net");
     f.add_nad("net", macvlan(&net, json!({"range": "192.0.2.0/24", "node_slice_size": "/28"}))).await;
-    let task = tokio::spawn(nodeslice::run(f.ctx.clone(), Some(flat())));
+    let task = tokio::spawn(nodeslice::run(f.ctx.clone(), f.settings.clone()));
     for name in ["a", "b"] {
         let node = f.add_node(name).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -361,7 +345,7 @@ async fn holder_of(f: &Fixture, pool: &str, slice: &str) -> Option<String> {
 /// it. Here with a `network_name`, so the pool's name carries it as a prefix.
 #[tokio::test]
 async fn a_busy_per_node_pool_keeps_its_slice_with_its_node_when_no_node_slice_pool_exists() {
-    let mut f = Fixture::start().await;
+    let f = Fixture::start().await;
     let net = f.unique("net");
     let (a, x) = (f.add_node("a").await, f.add_node("x").await);
     let slice = "192.0.2.0/27";
@@ -401,7 +385,7 @@ async fn a_busy_per_node_pool_keeps_its_slice_with_its_node_when_no_node_slice_p
 /// `<node>-<slice>`.
 #[tokio::test]
 async fn a_busy_pool_of_a_departed_node_keeps_its_slice_and_an_empty_one_does_not() {
-    let mut f = Fixture::start().await;
+    let f = Fixture::start().await;
     let (busy_net, idle_net) = (f.unique("busy"), f.unique("idle"));
     let x = f.unique("x"); // never a Node
     let (a, b) = (f.add_node("a").await, f.add_node("b").await);
@@ -426,10 +410,8 @@ async fn a_busy_pool_of_a_departed_node_keeps_its_slice_and_an_empty_one_does_no
         assert!(!overlap(&theirs, busy_slice), "{node} got {theirs}");
     }
     assert_eq!(f.slice_of(&idle_net, &x).await, None, "an empty pool holds nothing");
-    if !f.cluster.is_real() {
-        // Only a and b: the lowest slice goes to a, in name order.
-        assert_eq!(f.slice_of(&idle_net, &a).await.as_deref(), Some(idle_slice));
-    }
+    // Only a and b: the lowest slice goes to a, in name order.
+    assert_eq!(f.slice_of(&idle_net, &a).await.as_deref(), Some(idle_slice));
 
     // Emptied: freed.
     f.set_pool(&busy_pool, busy_slice, json!({})).await;
@@ -442,7 +424,7 @@ async fn a_busy_pool_of_a_departed_node_keeps_its_slice_and_an_empty_one_does_no
 /// NAD now slicing into /27: x takes a /27 of its old slice and no other node gets the other half.
 #[tokio::test]
 async fn a_busy_pool_of_the_old_layout_keeps_its_addresses_with_its_node() {
-    let mut f = Fixture::start().await;
+    let f = Fixture::start().await;
     let net = f.unique("net");
     let (a, b, x) = (f.add_node("a").await, f.add_node("b").await, f.add_node("x").await);
     let old: NodeSlicePool = serde_json::from_value(json!({

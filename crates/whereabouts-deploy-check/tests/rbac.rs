@@ -15,9 +15,8 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule};
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ObjectMeta, PostParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, PostParams};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use whereabouts_deploy_check::{deploy_dir, documents, find};
@@ -189,31 +188,6 @@ where
     }
 }
 
-async fn create_pod(cluster: &TestCluster, name: &str, node: &str) -> String {
-    let pod = Pod {
-        metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
-        spec: Some(PodSpec {
-            node_name: Some(node.into()),
-            containers: vec![Container {
-                name: "app".into(),
-                image: Some("pause".into()),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
-        ..Pod::default()
-    };
-    let api: Api<Pod> = Api::namespaced(cluster.client(), cluster.namespace());
-    api.create(&PostParams::default(), &pod).await.expect("create pod").metadata.uid.expect("a uid")
-}
-
-async fn delete_pod(cluster: &TestCluster, name: &str) {
-    let api: Api<Pod> = Api::namespaced(cluster.client(), cluster.namespace());
-    api.delete(name, &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() })
-        .await
-        .expect("delete pod");
-}
-
 fn custom(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource {
         group: group.into(),
@@ -237,20 +211,7 @@ async fn allocations(cluster: &TestCluster) -> usize {
 
 /// Everything the components do in a cluster's life, as the cluster would see it.
 async fn act_out(cluster: &TestCluster, components: &Components) {
-    let node = format!("{}-n1", cluster.namespace());
-    let joining = format!("{}-n2", cluster.namespace());
-    let nodes: Api<Node> = Api::all(cluster.client());
-    let create_node = |name: String| {
-        let nodes = nodes.clone();
-        async move {
-            let object = Node {
-                metadata: ObjectMeta { name: Some(name), ..ObjectMeta::default() },
-                ..Node::default()
-            };
-            nodes.create(&PostParams::default(), &object).await.expect("create node");
-        }
-    };
-    create_node(node.clone()).await;
+    let node = cluster.create_node("n1").await;
 
     // A NetworkAttachmentDefinition with node slices.
     let sliced = components.netconf(json!({
@@ -291,25 +252,25 @@ async fn act_out(cluster: &TestCluster, components: &Components) {
     };
     eventually("the node's slice", || has_slice(node.clone())).await;
     // A node joins: the controller updates the NodeSlicePool.
-    create_node(joining.clone()).await;
+    let joining = cluster.create_node("n2").await;
     eventually("the joining node's slice", || has_slice(joining.clone())).await;
 
     // The plugin: plain range (pool and overlapping-range reservations), node slices, ADD and DEL.
     let plain = components.netconf(json!({ "range": "192.0.2.0/24" }));
-    let uid1 = create_pod(cluster, "p1", &node).await;
+    let uid1 = cluster.create_pod("p1", Some(&node)).await;
     components.plugin("ADD", ("p1", "p1"), &uid1, &node, &plain).await;
     // The same attachment from a new sandbox: the reservation is taken over.
     components.plugin("ADD", ("p1", "p1-again"), &uid1, &node, &plain).await;
-    let uid2 = create_pod(cluster, "p2", &node).await;
+    let uid2 = cluster.create_pod("p2", Some(&node)).await;
     components.plugin("ADD", ("p2", "p2"), &uid2, &node, &plain).await;
     components.plugin("DEL", ("p2", "p2"), &uid2, &node, &plain).await;
-    let uid3 = create_pod(cluster, "p3", &node).await;
+    let uid3 = cluster.create_pod("p3", Some(&node)).await;
     components.plugin("ADD", ("p3", "p3"), &uid3, &node, &sliced).await;
     assert_eq!(allocations(cluster).await, 2);
 
     // Pods deleted without DEL: the controllers release their addresses (and record Events).
-    delete_pod(cluster, "p1").await;
-    delete_pod(cluster, "p3").await;
+    cluster.delete_pod("p1").await;
+    cluster.delete_pod("p3").await;
     eventually("the controllers' cleanup", || async { allocations(cluster).await == 0 }).await;
 
     // The reconciler, as the CronJob runs it.
@@ -332,9 +293,6 @@ async fn act_out(cluster: &TestCluster, components: &Components) {
     terminate(per_node).await;
     // SIGTERM: the leader hands its Lease back.
     terminate(leader).await;
-    for name in [&node, &joining] {
-        let _ = nodes.delete(name, &DeleteParams::default()).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,14 +1,24 @@
 //! [`TestCluster`]: one test, two targets. A test written against it runs on a [`FakeApiServer`] by
 //! default and on a real cluster when `WHEREABOUTS_TEST_KUBECONFIG` names a kubeconfig, each time in
 //! a fresh namespace with the CRDs installed.
+//!
+//! A real cluster is shared: by tests running in parallel, and with whatever earlier runs left. So a
+//! test keeps to its namespace, and the cluster-scoped objects it makes (Nodes) carry its
+//! [`TEST_LABEL`] and names starting with its namespace, for the code under test to be pointed at
+//! them with a label selector ([`TestCluster::selector`]). Cleanup deletes what the test made, its
+//! Nodes and every object in its namespace, before the namespace itself: a cluster without a
+//! namespace controller (a bare API server) never empties a namespace being deleted.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Namespace;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::discovery::{Discovery, Scope, verbs};
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio::time::Instant;
@@ -22,11 +32,17 @@ pub const KUBECONFIG_ENV: &str = "WHEREABOUTS_TEST_KUBECONFIG";
 const NETWORK_ATTACHMENT_DEFINITION_CRD: &str =
     include_str!("crds/k8s.cni.cncf.io_network-attachment-definitions.yaml");
 
+/// The label every cluster-scoped object a test makes carries, with the test's namespace as its value.
+pub const TEST_LABEL: &str = "whereabouts-kube-testing/test";
+
 /// How long a CRD may take to be served on a real cluster.
 const CRD_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The connect, read and write timeouts of the clients made here.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long cleanup may take (discovery, then one delete request per resource type).
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A namespace with the CRDs installed, on a real cluster or on a fake one.
 pub struct TestCluster {
@@ -230,11 +246,66 @@ async fn install_crds(client: &kube::Client, crd_dir: &Path, namespace: &str) ->
     Ok(())
 }
 
-async fn delete_namespace(client: &kube::Client, namespace: &str) -> Result<(), kube::Error> {
+/// Deletes without grace (a pod bound to a node would otherwise wait for a kubelet that may not exist)
+/// and with background propagation (orphaning, the default of a few types, sets a finalizer that only
+/// a garbage collector removes).
+fn at_once() -> DeleteParams {
+    DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::background() }
+}
+
+/// Deletes what the test made: the Nodes with its label, every object of every deletable namespaced
+/// type in its namespace (found by discovery, as the namespace controller does), then the namespace.
+/// Failures are logged: cleanup goes on with the rest.
+async fn delete_test_objects(client: &kube::Client, namespace: &str) {
+    let warn = |what: &str, e: &dyn std::fmt::Display| {
+        tracing::warn!(namespace, error = %e, "cleanup: could not delete {what}");
+    };
+    let labelled = ListParams::default().labels(&format!("{TEST_LABEL}={namespace}"));
+    if let Err(e) = Api::<Node>::all(client.clone()).delete_collection(&at_once(), &labelled).await {
+        warn("the test's Nodes", &e);
+    }
+    match Discovery::new(client.clone()).run().await {
+        Ok(discovery) => {
+            let deletable = discovery.groups().flat_map(|group| group.recommended_resources()).filter(
+                |(_, capabilities)| {
+                    capabilities.scope == Scope::Namespaced
+                        && capabilities.supports_operation(verbs::DELETE_COLLECTION)
+                },
+            );
+            let deletions = deletable.map(|(resource, _)| async move {
+                let api = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &resource);
+                match api.delete_collection(&at_once(), &ListParams::default()).await {
+                    Ok(_) => {}
+                    Err(e) if is_status(&e, 404) || is_status(&e, 405) => {}
+                    Err(e) => warn(&resource.plural, &e),
+                }
+            });
+            futures::future::join_all(deletions).await;
+        }
+        Err(e) => warn("the namespace's objects (discovery failed)", &e),
+    }
     match Api::<Namespace>::all(client.clone()).delete(namespace, &DeleteParams::background()).await {
-        Ok(_) => Ok(()),
-        Err(e) if is_status(&e, 404) => Ok(()),
-        Err(e) => Err(e),
+        Ok(_) => {}
+        Err(e) if is_status(&e, 404) => {}
+        Err(e) => warn("the namespace", &e),
+    }
+}
+
+/// A pod of one container (`app`, image `pause`: the real server requires both), bound to `node`
+/// when given.
+fn pod_object(name: &str, node: Option<&str>) -> Pod {
+    Pod {
+        metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
+        spec: Some(PodSpec {
+            node_name: node.map(String::from),
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("pause".into()),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
     }
 }
 
@@ -316,6 +387,20 @@ impl TestCluster {
             .create(&PostParams::default(), &object)
             .await
             .map_err(|e| format!("creating namespace {namespace}: {e}"))?;
+        // Pods are refused until their service account exists, which a real cluster's controller
+        // manager makes a moment after the namespace (or never, on a bare API server).
+        let account = ServiceAccount {
+            metadata: ObjectMeta { name: Some("default".to_owned()), ..ObjectMeta::default() },
+            ..ServiceAccount::default()
+        };
+        match Api::<ServiceAccount>::namespaced(client.clone(), &namespace)
+            .create(&PostParams::default(), &account)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 409) => {}
+            Err(e) => return Err(format!("creating the default service account of {namespace}: {e}")),
+        }
         let cluster = TestCluster {
             client,
             namespace,
@@ -354,19 +439,103 @@ impl TestCluster {
         self.fake.is_none()
     }
 
-    /// Deletes the test namespace (real cluster; the CRDs stay) or stops the fake.
+    /// `<namespace>-<name>`: a name no other test uses, for cluster-scoped objects and for objects
+    /// named after a network.
+    pub fn unique(&self, name: &str) -> String {
+        format!("{}-{name}", self.namespace)
+    }
+
+    /// The test's label ([`TEST_LABEL`] with the namespace as its value), for the objects it makes.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([(TEST_LABEL.to_owned(), self.namespace.clone())])
+    }
+
+    /// The label selector of the objects carrying [`TestCluster::labels`].
+    pub fn selector(&self) -> String {
+        format!("{TEST_LABEL}={}", self.namespace)
+    }
+
+    /// Creates the Node [`TestCluster::unique`]`(name)`, with the test's label; returns its name.
+    /// Cleanup deletes it.
+    ///
+    /// # Panics
+    ///
+    /// When the Node cannot be created.
+    pub async fn create_node(&self, name: &str) -> String {
+        let name = self.unique(name);
+        let node = Node {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(self.labels()),
+                ..ObjectMeta::default()
+            },
+            ..Node::default()
+        };
+        if let Err(e) = Api::<Node>::all(self.client()).create(&PostParams::default(), &node).await {
+            panic!("creating Node {name}: {e}");
+        }
+        name
+    }
+
+    /// Deletes a Node (gone already is fine).
+    ///
+    /// # Panics
+    ///
+    /// When the deletion fails otherwise.
+    pub async fn delete_node(&self, name: &str) {
+        match Api::<Node>::all(self.client()).delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => panic!("deleting Node {name}: {e}"),
+        }
+    }
+
+    /// Creates a pod of the test namespace with one container, bound to `node` when given (as the
+    /// scheduler would); returns its uid.
+    ///
+    /// # Panics
+    ///
+    /// When the pod cannot be created.
+    pub async fn create_pod(&self, name: &str, node: Option<&str>) -> String {
+        let api: Api<Pod> = Api::namespaced(self.client(), &self.namespace);
+        match api.create(&PostParams::default(), &pod_object(name, node)).await {
+            Ok(created) => created.metadata.uid.unwrap_or_else(|| panic!("pod {name} has no uid")),
+            Err(e) => panic!("creating pod {name}: {e}"),
+        }
+    }
+
+    /// Deletes a pod at once, as after a force delete or once a kubelet confirmed it (no CNI DEL).
+    ///
+    /// # Panics
+    ///
+    /// When the deletion fails.
+    pub async fn delete_pod(&self, name: &str) {
+        let api: Api<Pod> = Api::namespaced(self.client(), &self.namespace);
+        if let Err(e) = api.delete(name, &at_once()).await {
+            panic!("deleting pod {name}: {e}");
+        }
+    }
+
+    /// Deletes what the test made (the CRDs stay): see the module documentation. Failures are logged.
+    pub async fn delete_test_objects(&self) {
+        if tokio::time::timeout(CLEANUP_TIMEOUT, delete_test_objects(&self.client, &self.namespace))
+            .await
+            .is_err()
+        {
+            tracing::warn!(namespace = %self.namespace, "cleanup did not finish in {CLEANUP_TIMEOUT:?}");
+        }
+    }
+
+    /// [`TestCluster::delete_test_objects`], then a fake stops; on a fake too, so that the cleanup a
+    /// real cluster relies on runs in every test run.
     pub async fn cleanup(mut self) {
         self.cleaned_up = true;
-        if self.is_real()
-            && let Err(e) = delete_namespace(&self.client, &self.namespace).await
-        {
-            tracing::warn!(namespace = %self.namespace, error = %e, "could not delete the test namespace");
-        }
+        self.delete_test_objects().await;
     }
 }
 
 impl Drop for TestCluster {
-    /// Best effort: deletes the test namespace of a real cluster that was not cleaned up, from a
+    /// Best effort: cleans up a real cluster after a test that did not (it panicked), from a
     /// short-lived thread with its own runtime (no ambient runtime needed); a fake stops by itself.
     fn drop(&mut self) {
         if self.cleaned_up || !self.is_real() {
@@ -380,10 +549,10 @@ impl Drop for TestCluster {
             runtime.block_on(async {
                 let deletion = async {
                     if let Ok(client) = client_from(&path).await {
-                        let _ = delete_namespace(&client, &namespace).await;
+                        delete_test_objects(&client, &namespace).await;
                     }
                 };
-                let _ = tokio::time::timeout(CLIENT_TIMEOUT, deletion).await;
+                let _ = tokio::time::timeout(CLEANUP_TIMEOUT, deletion).await;
             });
         });
         let _ = worker.join();

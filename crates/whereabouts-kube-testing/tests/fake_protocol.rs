@@ -281,6 +281,146 @@ async fn creates_refuse_duplicates_bad_names_and_missing_namespaces() {
     assert_eq!(server.stats(), Stats::default());
 }
 
+/// What the real server (v1.31) answers for built-in objects missing what it requires, recorded
+/// against it: status code, reason, message and causes.
+#[tokio::test]
+async fn built_in_objects_are_validated_as_the_real_server_does() {
+    let (_server, client) = start().await;
+    let post = |uri: &'static str, body: Value| {
+        let client = client.clone();
+        async move { raw(&client, "POST", uri, "application/json", &body.to_string()).await }
+    };
+    let pods = "/api/v1/namespaces/default/pods";
+    let (code, body) =
+        post(pods, json!({"metadata": {"name": "pod-0-0"}, "spec": {"containers": [{"name": "app"}]}})).await;
+    assert_eq!(
+        (code, &body),
+        (
+            422,
+            &json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": "Pod \"pod-0-0\" is invalid: spec.containers[0].image: Required value",
+                "reason": "Invalid",
+                "details": {"name": "pod-0-0", "kind": "Pod", "causes": [
+                    {"reason": "FieldValueRequired", "message": "Required value", "field": "spec.containers[0].image"},
+                ]},
+                "code": 422,
+            })
+        )
+    );
+    let message = |body: &Value| body["message"].as_str().unwrap_or_default().to_owned();
+    let two = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}, {"image": "x"}]}});
+    let (code, body) = post(pods, two).await;
+    assert_eq!(
+        (code, message(&body)),
+        (
+            422,
+            "Pod \"p\" is invalid: [spec.containers[0].image: Required value, spec.containers[1].name: \
+             Required value]"
+                .to_owned()
+        )
+    );
+    for (spec, expected) in [
+        (json!({}), "Pod \"p\" is invalid: spec.containers: Required value"),
+        (
+            json!({"containers": [{"name": "a", "image": "x"}, {"name": "a", "image": "x"}]}),
+            "Pod \"p\" is invalid: spec.containers[1].name: Duplicate value: \"a\"",
+        ),
+        (
+            json!({"nodeName": "What_ever", "containers": [{"name": "a", "image": "x"}]}),
+            "Pod \"p\" is invalid: spec.nodeName: Invalid value: \"What_ever\": a lowercase RFC 1123 subdomain",
+        ),
+    ] {
+        let (code, body) = post(pods, json!({"metadata": {"name": "p"}, "spec": spec})).await;
+        assert!(code == 422 && message(&body).starts_with(expected), "{body}");
+    }
+    let valid =
+        json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app", "image": "pause"}]}});
+    assert_eq!(post(pods, valid).await.0, 201);
+
+    let (code, body) =
+        post("/api/v1/nodes", json!({"metadata": {"name": "n", "labels": {"k": "v v"}}})).await;
+    assert!(
+        code == 422
+            && message(&body)
+                .starts_with("Node \"n\" is invalid: metadata.labels: Invalid value: \"v v\": a valid label"),
+        "{body}"
+    );
+    let labelled =
+        json!({"metadata": {"name": "n", "labels": {"whereabouts-kube-testing/test": "wb-test-1"}}});
+    assert_eq!(post("/api/v1/nodes", labelled).await.0, 201);
+
+    let events = "/apis/events.k8s.io/v1/namespaces/default/events";
+    let (code, body) = post(events, json!({"metadata": {"name": "e"}})).await;
+    assert_eq!(
+        (code, message(&body)),
+        (
+            422,
+            "Event \"e\" is invalid: [eventTime: Required value, type: Invalid value: \"\": has \
+             invalid value: ]"
+                .to_owned()
+        )
+    );
+    let timed =
+        json!({"metadata": {"name": "e"}, "eventTime": "2024-01-01T00:00:00.000000Z", "type": "Normal"});
+    let (code, body) = post(events, timed.clone()).await;
+    let fields: Vec<&str> = body["details"]["causes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|cause| cause["field"].as_str())
+        .collect();
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(
+        fields,
+        [
+            "reportingController",
+            "reportingController",
+            "reportingController",
+            "reportingInstance",
+            "action",
+            "reason"
+        ],
+        "{body}"
+    );
+    let mut complete = timed;
+    for (key, value) in
+        [("reportingController", "x/y"), ("reportingInstance", "i"), ("action", "A"), ("reason", "R")]
+    {
+        complete[key] = json!(value);
+    }
+    assert_eq!(post(events, complete).await.0, 201);
+    let core_event =
+        json!({"metadata": {"name": "c"}, "involvedObject": {"kind": "Pod", "namespace": "other"}});
+    let (code, body) = post("/api/v1/namespaces/default/events", core_event).await;
+    assert_eq!(
+        (code, message(&body)),
+        (422, "Event \"c\" is invalid: involvedObject.namespace: Invalid value: \"other\": does not match event.namespace".to_owned())
+    );
+
+    let lease =
+        json!({"metadata": {"name": "l"}, "spec": {"leaseDurationSeconds": 0, "leaseTransitions": -1}});
+    let (code, body) = post("/apis/coordination.k8s.io/v1/namespaces/default/leases", lease).await;
+    assert_eq!(
+        (code, message(&body)),
+        (
+            422,
+            "Lease.coordination.k8s.io \"l\" is invalid: [spec.leaseDurationSeconds: Invalid value: 0: must be \
+             greater than 0, spec.leaseTransitions: Invalid value: -1: must be greater than or equal to 0]"
+                .to_owned()
+        )
+    );
+    let map = json!({"metadata": {"name": "c"}, "data": {"a": "x", "a b": "y"}, "binaryData": {"a": "eA=="}});
+    let (code, body) = post("/api/v1/namespaces/default/configmaps", map).await;
+    let fields: Vec<&str> = body["details"]["causes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|cause| cause["field"].as_str())
+        .collect();
+    assert_eq!((code, fields), (422, vec!["data[a]", "data[a b]"]), "{body}");
+}
+
 #[tokio::test]
 async fn replace_needs_the_current_resource_version() {
     let (_server, client) = start().await;
@@ -1126,6 +1266,38 @@ async fn test_cluster_on_the_fake() {
 async fn reqwest_free_get(url: &str) -> bool {
     let address = url.trim_start_matches("http://").to_owned();
     tokio::net::TcpStream::connect(address).await.is_err()
+}
+
+/// A shared cluster keeps nothing of a test: its labelled Nodes and everything in its namespace are
+/// deleted, and nothing of anybody else.
+#[tokio::test]
+async fn test_cluster_cleanup_deletes_what_the_test_made_and_nothing_else() {
+    let cluster = TestCluster::start().await;
+    let node = cluster.create_node("a").await;
+    assert_eq!(node, cluster.unique("a"));
+    let nodes: Api<Node> = Api::all(cluster.client());
+    // A node the test did not make through the harness (unlabelled): not the test's to delete.
+    let unlabelled = cluster.unique("unlabelled");
+    let foreign: Node = from_json(json!({"metadata": {"name": unlabelled}}));
+    nodes.create(&PostParams::default(), &foreign).await.expect("created");
+    let uid = cluster.create_pod("p", Some(&node)).await;
+    assert!(!uid.is_empty());
+    let maps: Api<ConfigMap> = Api::namespaced(cluster.client(), cluster.namespace());
+    let map: ConfigMap = from_json(json!({"metadata": {"name": "m"}}));
+    maps.create(&PostParams::default(), &map).await.expect("created");
+    let selected = ListParams::default().labels(&cluster.selector());
+    assert_eq!(nodes.list(&selected).await.expect("listed").items.len(), 1);
+
+    cluster.delete_test_objects().await;
+    assert!(nodes.get_opt(&node).await.expect("read").is_none());
+    assert!(nodes.get_opt(&unlabelled).await.expect("read").is_some());
+    nodes.delete(&unlabelled, &DeleteParams::default()).await.expect("deleted");
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), cluster.namespace());
+    assert!(pods.get_opt("p").await.expect("read").is_none(), "deleted at once, though bound to a node");
+    assert!(maps.get_opt("m").await.expect("read").is_none());
+    let namespace = Api::<Namespace>::all(cluster.client()).get_opt(cluster.namespace()).await.expect("read");
+    assert!(namespace.is_none_or(|n| n.metadata.deletion_timestamp.is_some()));
+    cluster.cleanup().await;
 }
 
 #[tokio::test]

@@ -4,7 +4,8 @@
 //!
 //! Each configuration runs on a fresh fake API server with 5 ms per stored write (modelling etcd's
 //! round trip; writes to one object queue behind each other), or in a fresh namespace of the cluster
-//! named by `WHEREABOUTS_TEST_KUBECONFIG`. The controller is the real `whereabouts controller` process;
+//! named by `WHEREABOUTS_TEST_KUBECONFIG` (whose Nodes and NAD carry the run's label, which the
+//! controller is told to select: the cluster may be shared). The controller is the real `whereabouts controller` process;
 //! the ADDs are real plugin processes, ten at a time per node (as ten kubelets starting pods). With node
 //! slices every node allocates in its own pool of its own slice: no write of one node ever races
 //! another node's.
@@ -27,8 +28,7 @@ use serde_json::{Value, json};
 use whereabouts_core::addr::parse_cidr_strict;
 use whereabouts_core::pool::Pool;
 use whereabouts_k8s::crd::{IPPool, NodeSlicePool};
-use whereabouts_k8s::k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
-use whereabouts_k8s::kube::api::{DeleteParams, DynamicObject, ObjectMeta, PostParams};
+use whereabouts_k8s::kube::api::{DynamicObject, PostParams};
 use whereabouts_k8s::kube::{Api, Client};
 use whereabouts_kube_testing::{FakeOptions, TestCluster};
 
@@ -69,23 +69,26 @@ fn netconf(kubeconfig: &Path, slices: bool) -> Value {
     json!({ "cniVersion": "1.0.0", "name": NETWORK, "type": "macvlan", "ipam": ipam })
 }
 
-fn node(n: usize) -> String {
+/// The node's name: unique to the run's namespace (Nodes are cluster-wide, a real cluster shared).
+fn node(cluster: &TestCluster, n: usize) -> String {
+    cluster.unique(&node_suffix(n))
+}
+
+fn node_suffix(n: usize) -> String {
     format!("scale-node-{n}")
 }
 
 async fn create_objects(cluster: &TestCluster, slices: bool) -> Vec<(String, String, usize)> {
     let client = cluster.client();
     for n in 0..NODES {
-        let object =
-            Node { metadata: ObjectMeta { name: Some(node(n)), ..ObjectMeta::default() }, ..Node::default() };
-        let _ = Api::<Node>::all(client.clone()).create(&PostParams::default(), &object).await;
+        cluster.create_node(&node_suffix(n)).await;
     }
     let nad = whereabouts_controller::nodeslice::nad_resource();
     let config = netconf(cluster.kubeconfig_path(), slices).to_string();
     let object: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "k8s.cni.cncf.io/v1",
         "kind": "NetworkAttachmentDefinition",
-        "metadata": { "name": NETWORK, "namespace": cluster.namespace() },
+        "metadata": { "name": NETWORK, "namespace": cluster.namespace(), "labels": cluster.labels() },
         "spec": { "config": config },
     }))
     .expect("a NAD");
@@ -93,24 +96,11 @@ async fn create_objects(cluster: &TestCluster, slices: bool) -> Vec<(String, Str
         .create(&PostParams::default(), &object)
         .await
         .expect("create the NAD");
-    let pods: Api<Pod> = Api::namespaced(client, cluster.namespace());
     let wanted: Vec<(String, usize)> =
         (0..NODES).flat_map(|n| (0..PODS_PER_NODE).map(move |i| (format!("pod-{n}-{i}"), n))).collect();
-    futures::stream::iter(wanted.into_iter().map(|(name, n)| {
-        let pods = pods.clone();
-        async move {
-            let pod = Pod {
-                metadata: ObjectMeta { name: Some(name.clone()), ..ObjectMeta::default() },
-                spec: Some(PodSpec {
-                    node_name: Some(node(n)),
-                    containers: vec![Container { name: "app".into(), ..Container::default() }],
-                    ..PodSpec::default()
-                }),
-                ..Pod::default()
-            };
-            let created = pods.create(&PostParams::default(), &pod).await.expect("create a pod");
-            (name, created.metadata.uid.expect("uid"), n)
-        }
+    futures::stream::iter(wanted.into_iter().map(|(name, n)| async move {
+        let uid = cluster.create_pod(&name, Some(&node(cluster, n))).await;
+        (name, uid, n)
     }))
     .buffer_unordered(32)
     .collect()
@@ -124,6 +114,9 @@ fn start_controller(cluster: &TestCluster) -> std::process::Child {
         .args(["--kubeconfig", &cluster.kubeconfig_path().display().to_string()])
         .args(["--namespace", cluster.namespace(), "--cron-file", "/nonexistent/config"])
         .args(["--log-level", "warn"])
+        // A real cluster is shared: slice only this run's Nodes and NAD.
+        .args(["--node-slice-node-selector", &cluster.selector()])
+        .args(["--node-slice-nad-selector", &cluster.selector()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
@@ -168,7 +161,7 @@ fn add(
                 cluster.namespace()
             ),
         )
-        .env("NODENAME", node(*n))
+        .env("NODENAME", node(cluster, *n))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -263,18 +256,10 @@ async fn measure(label: &'static str, slices: bool) -> Row {
 
     // The nodes die: every pod is deleted without DEL, and the controller releases what they held.
     let deleting = Instant::now();
-    let api: Api<Pod> = Api::namespaced(client.clone(), cluster.namespace());
-    futures::stream::iter(pods.iter().map(|(name, _, _)| {
-        let api = api.clone();
-        async move {
-            let _ = api
-                .delete(name, &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() })
-                .await;
-        }
-    }))
-    .buffer_unordered(64)
-    .collect::<Vec<()>>()
-    .await;
+    futures::stream::iter(pods.iter().map(|(name, _, _)| cluster.delete_pod(name)))
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
     let release = loop {
         let (_, count) = holders(&client, cluster.namespace()).await;
         if count == 0 {
@@ -288,9 +273,6 @@ async fn measure(label: &'static str, slices: bool) -> Row {
     };
     let _ = controller.kill();
     let _ = controller.wait();
-    for n in 0..NODES {
-        let _ = Api::<Node>::all(client.clone()).delete(&node(n), &DeleteParams::default()).await;
-    }
     cluster.cleanup().await;
     Row {
         label,
@@ -312,9 +294,11 @@ fn ms(d: Duration) -> String {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let pods = NODES * PODS_PER_NODE;
-    println!(
-        "{pods} pods on {NODES} nodes ({PER_NODE} ADDs at a time per node), {WRITE_LATENCY:?} per stored write"
-    );
+    let server = match std::env::var_os(whereabouts_kube_testing::cluster::KUBECONFIG_ENV) {
+        Some(path) if !path.is_empty() => format!("the cluster of {}", path.display()),
+        _ => format!("the fake API server, {WRITE_LATENCY:?} per stored write"),
+    };
+    println!("{pods} pods on {NODES} nodes ({PER_NODE} ADDs at a time per node), on {server}");
     let baseline = measure("without node slices (baseline)", false).await;
     let sliced = measure("node slices /24", true).await;
     println!(

@@ -16,7 +16,7 @@ use whereabouts_controller::leader::LeaseConfig;
 use whereabouts_controller::metrics::Metrics;
 use whereabouts_controller::nad::FlatFile;
 use whereabouts_controller::schedule::{self, Sources};
-use whereabouts_controller::{Context, controller, reconcile};
+use whereabouts_controller::{Context, controller, nodeslice, reconcile};
 
 /// Where the controller finds the API server and its objects.
 #[derive(Debug, Args)]
@@ -110,6 +110,14 @@ pub struct ControllerArgs {
     /// (default: the first that exists of upstream's locations).
     #[arg(long)]
     flat_file: Option<PathBuf>,
+    /// Only Nodes matching this label selector take node slices (default: every Node); a node that
+    /// stops matching gives its slice up once its pool of the slice is empty.
+    #[arg(long, value_name = "SELECTOR")]
+    node_slice_node_selector: Option<String>,
+    /// Only NetworkAttachmentDefinitions matching this label selector are sliced (default: every one);
+    /// the NodeSlicePools of the others are deleted.
+    #[arg(long, value_name = "SELECTOR")]
+    node_slice_nad_selector: Option<String>,
     /// Where to serve /metrics, /healthz and /readyz; empty for nowhere.
     #[arg(long, env = "WHEREABOUTS_METRICS_ADDRESS", default_value = "0.0.0.0:9445")]
     metrics_address: String,
@@ -258,8 +266,15 @@ pub fn controller(args: ControllerArgs) -> ExitCode {
         let node_slices = if args.no_node_slices {
             None
         } else {
+            let selector = |given: &Option<String>| {
+                given.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(String::from)
+            };
             match flat_file(args.flat_file.as_ref()) {
-                Ok(flat) => Some(flat),
+                Ok(flat_file) => Some(nodeslice::Settings {
+                    flat_file,
+                    node_selector: selector(&args.node_slice_node_selector),
+                    nad_selector: selector(&args.node_slice_nad_selector),
+                }),
                 Err(code) => return code,
             }
         };

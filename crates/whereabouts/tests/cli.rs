@@ -6,13 +6,12 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 use serde_json::{Value, json};
 use whereabouts_core::pool::{Allocation, PoolSpec};
 use whereabouts_k8s::crd::{
     IPPool, IPPoolSpec, OverlappingRangeIPReservation, OverlappingRangeIPReservationSpec,
 };
-use whereabouts_k8s::kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use whereabouts_k8s::kube::api::{Api, PostParams};
 use whereabouts_kube_testing::TestCluster;
 use whereabouts_kube_testing::plugin::Call;
 use whereabouts_store::file::FileStore;
@@ -296,33 +295,6 @@ fn kube_netconf(cluster: &TestCluster) -> Value {
     })
 }
 
-fn pods(cluster: &TestCluster) -> Api<Pod> {
-    Api::namespaced(cluster.client(), cluster.namespace())
-}
-
-async fn create_pod(cluster: &TestCluster, name: &str) -> String {
-    let pod = Pod {
-        metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
-        spec: Some(PodSpec {
-            containers: vec![Container {
-                name: "app".into(),
-                image: Some("pause".into()),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
-        ..Pod::default()
-    };
-    pods(cluster).create(&PostParams::default(), &pod).await.expect("create pod").metadata.uid.expect("a uid")
-}
-
-async fn delete_pod(cluster: &TestCluster, name: &str) {
-    pods(cluster)
-        .delete(name, &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() })
-        .await
-        .expect("delete pod");
-}
-
 async fn kube_add(cluster: &TestCluster, pod: &str, uid: &str) -> String {
     let cni_args = format!(
         "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={pod};K8S_POD_UID={uid}",
@@ -373,9 +345,9 @@ async fn reservation_names(cluster: &TestCluster) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_pools_ips_release_and_check() {
     let cluster = TestCluster::start().await;
-    let uid = create_pod(&cluster, "web-0").await;
+    let uid = cluster.create_pod("web-0", None).await;
     assert_eq!(kube_add(&cluster, "web-0", &uid).await, "192.0.2.1");
-    let uid1 = create_pod(&cluster, "web-1").await;
+    let uid1 = cluster.create_pod("web-1", None).await;
     assert_eq!(kube_add(&cluster, "web-1", &uid1).await, "192.0.2.2");
 
     let (code, table, _) = acli(kube_args(&cluster, &["pools"])).await;
@@ -454,13 +426,13 @@ async fn kubernetes_leaks_dry_run_then_release() {
     let cluster = TestCluster::start().await;
     let mut ips = Vec::new();
     for pod in ["alive", "gone", "recreated"] {
-        let uid = create_pod(&cluster, pod).await;
+        let uid = cluster.create_pod(pod, None).await;
         ips.push(kube_add(&cluster, pod, &uid).await);
     }
     assert_eq!(ips, ["192.0.2.1", "192.0.2.2", "192.0.2.3"]);
-    delete_pod(&cluster, "gone").await;
-    delete_pod(&cluster, "recreated").await;
-    create_pod(&cluster, "recreated").await;
+    cluster.delete_pod("gone").await;
+    cluster.delete_pod("recreated").await;
+    cluster.create_pod("recreated", None).await;
     let before = held_ips(&cluster).await;
     let reservations_before = reservation_names(&cluster).await;
 
@@ -506,13 +478,13 @@ async fn file_store_leaks_with_pods_in_kubernetes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ns = cluster.namespace().to_string();
     for pod in ["keep", "lose"] {
-        let uid = create_pod(&cluster, pod).await;
+        let uid = cluster.create_pod(pod, None).await;
         let (path, ns, pod) = (dir.path().to_path_buf(), ns.clone(), pod.to_string());
         tokio::task::spawn_blocking(move || file_add(&path, "192.0.2.0/24", &ns, &pod, &uid))
             .await
             .expect("join");
     }
-    delete_pod(&cluster, "lose").await;
+    cluster.delete_pod("lose").await;
     let d = dir_arg(dir.path());
     let kubeconfig = cluster.kubeconfig_path().display().to_string();
     let args = |extra: &[&str]| -> Vec<String> {

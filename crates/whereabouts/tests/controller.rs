@@ -15,12 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
+use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use whereabouts_core::pool::Allocation;
 use whereabouts_k8s::crd::{IPPool, OverlappingRangeIPReservation, OverlappingRangeIPReservationSpec};
-use whereabouts_k8s::kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use whereabouts_k8s::kube::api::{Api, Patch, PatchParams, PostParams};
 use whereabouts_kube_testing::TestCluster;
 use whereabouts_kube_testing::plugin::Call;
 use whereabouts_store::Reservation;
@@ -56,40 +56,6 @@ fn pods(cluster: &TestCluster) -> Api<Pod> {
     Api::namespaced(cluster.client(), cluster.namespace())
 }
 
-/// A node name unique to this test (Nodes are cluster-wide on a real cluster).
-fn node_name(cluster: &TestCluster, node: &str) -> String {
-    format!("{}-{node}", cluster.namespace())
-}
-
-async fn create_node(cluster: &TestCluster, name: &str) {
-    let node =
-        Node { metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() }, ..Node::default() };
-    Api::<Node>::all(cluster.client()).create(&PostParams::default(), &node).await.expect("create node");
-}
-
-async fn delete_node(cluster: &TestCluster, name: &str) {
-    let _ = Api::<Node>::all(cluster.client()).delete(name, &DeleteParams::default()).await;
-}
-
-/// Creates a pod bound to `node`; returns its uid.
-async fn create_pod(cluster: &TestCluster, name: &str, node: &str) -> String {
-    let pod = Pod {
-        metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
-        spec: Some(PodSpec {
-            node_name: Some(node.into()),
-            containers: vec![Container {
-                name: "app".into(),
-                image: Some("pause".into()),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
-        ..Pod::default()
-    };
-    let created = pods(cluster).create(&PostParams::default(), &pod).await.expect("create pod");
-    created.metadata.uid.expect("a uid")
-}
-
 async fn set_phase(cluster: &TestCluster, name: &str, phase: &str) {
     let patch = json!({ "status": { "phase": phase } });
     pods(cluster)
@@ -107,14 +73,6 @@ async fn annotate(cluster: &TestCluster, name: &str, ips: &[&str]) {
     let patch =
         json!({ "metadata": { "annotations": { "k8s.v1.cni.cncf.io/network-status": status.to_string() } } });
     pods(cluster).patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("annotate pod");
-}
-
-/// Deletes a pod at once, as after a force delete or once a kubelet confirmed it (no CNI DEL).
-async fn delete_pod(cluster: &TestCluster, name: &str) {
-    pods(cluster)
-        .delete(name, &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() })
-        .await
-        .expect("delete pod");
 }
 
 /// The plugin's ADD for a pod, as the runtime makes it; the address it got.
@@ -194,6 +152,9 @@ impl Controller {
             .args(["--kubeconfig", &cluster.kubeconfig_path().display().to_string()])
             .args(["--namespace", cluster.namespace(), "--metrics-address", "127.0.0.1:0"])
             .args(["--log-level", "debug"])
+            // A real cluster is shared: slice only this test's Nodes and NADs.
+            .args(["--node-slice-node-selector", &cluster.selector()])
+            .args(["--node-slice-nad-selector", &cluster.selector()])
             .args(args)
             .env_remove("WHEREABOUTS_RECONCILER_CRON")
             .env_remove("NODENAME")
@@ -300,18 +261,18 @@ async fn reconcile(cluster: &TestCluster, extra: &[&str]) -> (i32, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_pod_is_released_within_seconds_with_an_event() {
     let cluster = TestCluster::start().await;
-    let node = node_name(&cluster, "a");
+    let node = cluster.unique("a");
     let controller = single_controller(&cluster).await;
-    let uid = create_pod(&cluster, "web-0", &node).await;
+    let uid = cluster.create_pod("web-0", Some(&node)).await;
     let ip = add(&cluster, "web-0", &uid, "sandbox-1", &node).await;
     annotate(&cluster, "web-0", &[&ip]).await;
-    let kept_uid = create_pod(&cluster, "web-1", &node).await;
+    let kept_uid = cluster.create_pod("web-1", Some(&node)).await;
     let kept = add(&cluster, "web-1", &kept_uid, "sandbox-2", &node).await;
     let stored = held(&cluster).await;
     assert_eq!(stored[0].1.pod_uid.as_deref(), Some(uid.as_str()), "the plugin records the pod's uid");
 
     let deleted = Instant::now();
-    delete_pod(&cluster, "web-0").await;
+    cluster.delete_pod("web-0").await;
     assert!(
         eventually(Duration::from_secs(10), || async { held_ips(&cluster).await == [kept.clone()] }).await,
         "{ip} still held: {:?}\n{}",
@@ -342,14 +303,14 @@ async fn a_deleted_pod_is_released_within_seconds_with_an_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recreated_pod_keeps_the_address_it_took_over() {
     let cluster = TestCluster::start().await;
-    let node = node_name(&cluster, "a");
+    let node = cluster.unique("a");
     let controller = single_controller(&cluster).await;
-    let old_uid = create_pod(&cluster, "db-0", &node).await;
+    let old_uid = cluster.create_pod("db-0", Some(&node)).await;
     add(&cluster, "db-0", &old_uid, "sandbox-old", &node).await;
     // The StatefulSet controller deletes and recreates db-0, and the new pod's sandbox ADD runs while
     // the controller acts on the deletion.
-    delete_pod(&cluster, "db-0").await;
-    let new_uid = create_pod(&cluster, "db-0", &node).await;
+    cluster.delete_pod("db-0").await;
+    let new_uid = cluster.create_pod("db-0", Some(&node)).await;
     assert_ne!(old_uid, new_uid);
     let again = add(&cluster, "db-0", &new_uid, "sandbox-new", &node).await;
     // Either the new sandbox took the address over before the controller acted on the deletion (then
@@ -371,9 +332,9 @@ async fn a_recreated_pod_keeps_the_address_it_took_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_pod_is_released() {
     let cluster = TestCluster::start().await;
-    let node = node_name(&cluster, "a");
+    let node = cluster.unique("a");
     let controller = single_controller(&cluster).await;
-    let uid = create_pod(&cluster, "job-1", &node).await;
+    let uid = cluster.create_pod("job-1", Some(&node)).await;
     let ip = add(&cluster, "job-1", &uid, "sandbox-job", &node).await;
     annotate(&cluster, "job-1", &[&ip]).await;
     set_phase(&cluster, "job-1", "Running").await;
@@ -392,16 +353,15 @@ async fn a_finished_pod_is_released() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_node_mode_cleans_up_only_its_node() {
     let cluster = TestCluster::start().await;
-    let (mine, other) = (node_name(&cluster, "mine"), node_name(&cluster, "other"));
-    create_node(&cluster, &mine).await;
+    let (mine, other) = (cluster.create_node("mine").await, cluster.unique("other"));
     let controller = Controller::start(&cluster, &["--mode", "node", "--node", &mine]).await;
     assert!(eventually(Duration::from_secs(20), || controller.ready()).await, "{}", controller.log());
-    let here = create_pod(&cluster, "here", &mine).await;
-    let there = create_pod(&cluster, "there", &other).await;
+    let here = cluster.create_pod("here", Some(&mine)).await;
+    let there = cluster.create_pod("there", Some(&other)).await;
     let _ = add(&cluster, "here", &here, "sandbox-here", &mine).await;
     let left = add(&cluster, "there", &there, "sandbox-there", &other).await;
-    delete_pod(&cluster, "there").await;
-    delete_pod(&cluster, "here").await;
+    cluster.delete_pod("there").await;
+    cluster.delete_pod("here").await;
     assert!(
         eventually(Duration::from_secs(10), || async { held_ips(&cluster).await == [left.clone()] }).await,
         "{:?}\n{}",
@@ -420,7 +380,6 @@ async fn per_node_mode_cleans_up_only_its_node() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("no-such-node"));
     controller.kill().await;
-    delete_node(&cluster, &mine).await;
     cluster.cleanup().await;
 }
 
@@ -447,10 +406,10 @@ async fn write_pool(cluster: &TestCluster, allocations: Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reconciler_never_releases_a_starting_pod_and_dry_run_changes_nothing() {
     let cluster = TestCluster::start().await;
-    let node = node_name(&cluster, "a");
+    let node = cluster.unique("a");
     // Upstream-written records (no uid), so only the pods' state can decide.
     for pod in ["starting", "pending", "running-listed", "running-unlisted"] {
-        create_pod(&cluster, pod, &node).await;
+        cluster.create_pod(pod, Some(&node)).await;
     }
     write_pool(
         &cluster,
@@ -524,7 +483,7 @@ async fn the_scheduled_reconciler_follows_its_cron_file() {
     .await;
     // A running pod whose network-status no longer lists its (upstream-written) address: only the
     // reconciler releases that, the pod-deletion cleanup never looks at a live pod.
-    create_pod(&cluster, "moved-on", &node_name(&cluster, "a")).await;
+    cluster.create_pod("moved-on", Some(&cluster.unique("a"))).await;
     set_phase(&cluster, "moved-on", "Running").await;
     annotate(&cluster, "moved-on", &["192.0.2.99"]).await;
     write_pool(&cluster, json!({ "7": upstream_record(&cluster, "moved-on", "c7") })).await;
@@ -558,7 +517,7 @@ async fn lease_holder(cluster: &TestCluster) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_and_a_standby_takes_over_when_it_dies() {
     let cluster = TestCluster::start().await;
-    let node = node_name(&cluster, "a");
+    let node = cluster.unique("a");
     let timing =
         ["--lease-duration", "3s", "--renew-deadline", "2s", "--retry-period", "500ms", "--no-node-slices"];
     let first = Controller::start(&cluster, &[&timing[..], &["--identity", "first"]].concat()).await;
@@ -584,9 +543,9 @@ async fn one_leader_and_a_standby_takes_over_when_it_dies() {
         "no takeover: {}",
         second.log()
     );
-    let uid = create_pod(&cluster, "after-failover", &node).await;
+    let uid = cluster.create_pod("after-failover", Some(&node)).await;
     add(&cluster, "after-failover", &uid, "sandbox-f", &node).await;
-    delete_pod(&cluster, "after-failover").await;
+    cluster.delete_pod("after-failover").await;
     assert!(
         eventually(Duration::from_secs(15), || async { held_ips(&cluster).await.is_empty() }).await,
         "the new leader does not clean up: {}",
@@ -602,13 +561,13 @@ async fn one_leader_and_a_standby_takes_over_when_it_dies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_match_the_pools_and_health_answers() {
     let cluster = TestCluster::start().await;
-    let node = node_name(&cluster, "a");
+    let node = cluster.unique("a");
     let controller = single_controller(&cluster).await;
     assert_eq!(controller.get("/healthz").await.0, 200);
     let mut uids = Vec::new();
     for i in 0..3 {
         let name = format!("m-{i}");
-        let uid = create_pod(&cluster, &name, &node).await;
+        let uid = cluster.create_pod(&name, Some(&node)).await;
         add(&cluster, &name, &uid, &format!("sandbox-m{i}"), &node).await;
         uids.push(uid);
     }
@@ -620,7 +579,7 @@ async fn metrics_match_the_pools_and_health_answers() {
     );
     let capacity = format!("whereabouts_pool_capacity_addresses{{pool=\"{POOL}\"}}");
     assert_eq!(controller.metric(&capacity).await, Some(254.0));
-    delete_pod(&cluster, "m-1").await;
+    cluster.delete_pod("m-1").await;
     assert!(
         eventually(Duration::from_secs(10), || async { controller.metric(&series).await == Some(2.0) }).await,
         "{}",
@@ -646,9 +605,9 @@ async fn nodes_get_ipv6_slices_and_their_plugins_allocate_inside_them() {
     use whereabouts_k8s::kube::api::DynamicObject;
 
     let cluster = TestCluster::start().await;
-    let (a, b, c) = (node_name(&cluster, "a"), node_name(&cluster, "b"), node_name(&cluster, "c"));
-    for node in [&a, &b] {
-        create_node(&cluster, node).await;
+    let (a, b, c) = (cluster.unique("a"), cluster.unique("b"), cluster.unique("c"));
+    for node in ["a", "b"] {
+        cluster.create_node(node).await;
     }
     // range_start leaves the first /120 slice without a candidate: it is never offered.
     let ipam = json!({
@@ -665,7 +624,7 @@ async fn nodes_get_ipv6_slices_and_their_plugins_allocate_inside_them() {
     let nad: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "k8s.cni.cncf.io/v1",
         "kind": "NetworkAttachmentDefinition",
-        "metadata": { "name": "v6", "namespace": cluster.namespace() },
+        "metadata": { "name": "v6", "namespace": cluster.namespace(), "labels": cluster.labels() },
         "spec": { "config": config.to_string() },
     }))
     .expect("a NAD");
@@ -704,7 +663,7 @@ async fn nodes_get_ipv6_slices_and_their_plugins_allocate_inside_them() {
     let mut addresses = Vec::new();
     for (node, slice) in [(&a, slice_a), (&b, slice_b)] {
         let pod = format!("p-{}", &node[node.len() - 1..]);
-        let uid = create_pod(&cluster, &pod, node).await;
+        let uid = cluster.create_pod(&pod, Some(node)).await;
         let cni_args = format!(
             "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={pod};K8S_POD_UID={uid}",
             cluster.namespace()
@@ -718,7 +677,7 @@ async fn nodes_get_ipv6_slices_and_their_plugins_allocate_inside_them() {
     }
 
     // A node joining gets a slice of its own, and nobody moves.
-    create_node(&cluster, &c).await;
+    cluster.create_node("c").await;
     assert!(
         eventually(Duration::from_secs(15), || async { slice_of(c.clone()).await.is_some() }).await,
         "{}",
@@ -733,7 +692,7 @@ async fn nodes_get_ipv6_slices_and_their_plugins_allocate_inside_them() {
     let pools: Api<IPPool> = Api::namespaced(cluster.client(), cluster.namespace());
     let pool_b = whereabouts_core::range::pool_name("v6net", Some(&b), &ipnet::IpNet::V6(slice_b));
     assert_eq!(pools.get(&pool_b).await.expect("b's pool").spec.pool.allocations.len(), 1);
-    delete_pod(&cluster, &addresses[1].0).await;
+    cluster.delete_pod(&addresses[1].0).await;
     assert!(
         eventually(Duration::from_secs(10), || async {
             pools.get(&pool_b).await.is_ok_and(|p| p.spec.pool.allocations.is_empty())
@@ -743,9 +702,6 @@ async fn nodes_get_ipv6_slices_and_their_plugins_allocate_inside_them() {
         controller.log()
     );
     controller.kill().await;
-    for node in [&a, &b, &c] {
-        delete_node(&cluster, node).await;
-    }
     cluster.cleanup().await;
 }
 
@@ -775,12 +731,12 @@ async fn logs_can_be_json_lines() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_deleted_while_no_controller_ran_are_released_when_one_starts() {
     let cluster = TestCluster::start().await;
-    let node = node_name(&cluster, "a");
-    let uid = create_pod(&cluster, "gone-early", &node).await;
+    let node = cluster.unique("a");
+    let uid = cluster.create_pod("gone-early", Some(&node)).await;
     add(&cluster, "gone-early", &uid, "sandbox-early", &node).await;
-    let alive = create_pod(&cluster, "alive", &node).await;
+    let alive = cluster.create_pod("alive", Some(&node)).await;
     let kept = add(&cluster, "alive", &alive, "sandbox-alive", &node).await;
-    delete_pod(&cluster, "gone-early").await;
+    cluster.delete_pod("gone-early").await;
     let controller = single_controller(&cluster).await;
     assert!(
         eventually(Duration::from_secs(10), || async { held_ips(&cluster).await == [kept.clone()] }).await,

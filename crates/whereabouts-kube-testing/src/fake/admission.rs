@@ -5,10 +5,10 @@
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{Map, Value, json};
 
-use super::crd;
 use super::error::{ApiError, FieldError};
 use super::resource::{Behaviour, ResourceType};
 use super::store::{metadata_mut, metadata_str};
+use super::{crd, validation};
 
 /// Now, as Kubernetes writes timestamps (RFC 3339, UTC, whole seconds).
 pub(crate) fn timestamp_now() -> String {
@@ -93,50 +93,17 @@ pub(crate) fn shape(rt: &ResourceType, namespace: Option<&str>, body: Value) -> 
     Ok(Value::Object(object))
 }
 
-/// Whether `part` is a DNS-1123 label (without the length limit).
-fn is_label(part: &str) -> bool {
-    let bytes = part.as_bytes();
-    let alphanumeric = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    bytes.first().is_some_and(alphanumeric)
-        && bytes.last().is_some_and(alphanumeric)
-        && bytes.iter().all(|b| alphanumeric(b) || *b == b'-')
-}
-
 /// The errors of `metadata.name`: a DNS-1123 label for namespaces, a subdomain for the rest.
 fn validate_name(rt: &ResourceType, name: &str) -> Vec<FieldError> {
     if name.is_empty() {
         return vec![FieldError::required("metadata.name", "name or generateName is required")];
     }
-    let (max, well_formed, rule) = if rt.behaviour == Behaviour::Namespace {
-        (
-            63,
-            is_label(name),
-            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must \
-             start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for \
-             validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')",
-        )
+    let problems = if rt.behaviour == Behaviour::Namespace {
+        validation::label_problems(name)
     } else {
-        (
-            253,
-            name.split('.').all(is_label),
-            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', \
-             and must start and end with an alphanumeric character (e.g. 'example.com', regex used for \
-             validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')",
-        )
+        validation::subdomain_problems(name)
     };
-    let rendered = json!(name).to_string();
-    let mut errors = Vec::new();
-    if name.len() > max {
-        errors.push(FieldError::invalid(
-            "metadata.name",
-            &rendered,
-            &format!("must be no more than {max} characters"),
-        ));
-    }
-    if !well_formed {
-        errors.push(FieldError::invalid("metadata.name", &rendered, rule));
-    }
-    errors
+    validation::invalid_each("metadata.name", name, problems)
 }
 
 /// Prunes, defaults and validates a custom resource against its version's schema.
@@ -193,6 +160,7 @@ pub(crate) fn prepare_create(rt: &ResourceType, mut object: Value) -> Result<Val
         Behaviour::CustomResourceDefinition => errors.extend(crd::complete(&mut object)),
         Behaviour::Plain | Behaviour::Custom { .. } => {}
     }
+    errors.extend(validation::validate(rt, &object, true));
     errors.extend(apply_schema(rt, &mut object));
     invalid_if_any(rt, &name, errors)?;
     if let Some(metadata) = metadata_mut(&mut object) {
@@ -250,6 +218,7 @@ pub(crate) fn prepare_update(
             Behaviour::Pod | Behaviour::Plain | Behaviour::Custom { .. } => {}
         }
     }
+    errors.extend(validation::validate(rt, &object, false));
     errors.extend(apply_schema(rt, &mut object));
     invalid_if_any(rt, name, errors)?;
     let bump = rt.is_apiextensions() && generation_relevant_change(old, &object, rt.status_subresource);

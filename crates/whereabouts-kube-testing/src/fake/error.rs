@@ -108,9 +108,11 @@ impl ApiError {
         error
     }
 
-    /// An invalid object of resource type `rt`.
+    /// An invalid object of resource type `rt`. It names the group of the type the real server
+    /// validates: events.k8s.io Events are core Events inside, so their answers say `Event "x"`.
     pub(crate) fn invalid_object(rt: &ResourceType, name: &str, errors: Vec<FieldError>) -> ApiError {
-        ApiError::invalid(&rt.group, &rt.kind, name, errors)
+        let group = if rt.group == "events.k8s.io" { "" } else { rt.group.as_str() };
+        ApiError::invalid(group, &rt.kind, name, errors)
     }
 
     /// A JSON patch that could not be applied. The real server answers these through
@@ -219,6 +221,15 @@ impl FieldError {
             field: field.to_owned(),
             reason: "FieldValueInvalid",
             body: format!("Invalid value: {value}: {detail}"),
+        }
+    }
+
+    /// `Duplicate value: <value>`; `value` is already rendered.
+    pub(crate) fn duplicate(field: &str, value: &str) -> FieldError {
+        FieldError {
+            field: field.to_owned(),
+            reason: "FieldValueDuplicate",
+            body: format!("Duplicate value: {value}"),
         }
     }
 

@@ -21,6 +21,8 @@
 //! * The `status` subresource (pods, nodes, namespaces, CRDs, custom resources declaring it).
 //! * Structural schemas of custom resources: pruning, defaults, nulls, validation (see `schema`).
 //! * Failures as `Status` objects with the real reasons and messages.
+//! * The validation of built-in objects for what the real server requires of those tests write (see
+//!   `validation`): labels, pods' containers and node name, Events, Leases, ConfigMap and Secret keys.
 //! * A request log ([`FakeApiServer::requests`]): each distinct (bearer token, verb, group, resource,
 //!   namespace) asked for, in RBAC's terms, so tests can hold ClusterRoles against what components call.
 //! * What requests cost ([`FakeOptions`]): a latency per request, and per stored write a latency that
@@ -36,10 +38,10 @@
 //! Authentication and authorisation (any token is accepted), admission webhooks, the content of
 //! managedFields and server-side apply ownership (apply conflicts never happen, fields dropped from an applied
 //! configuration are not removed), strategic-merge-patch list semantics (lists are replaced), pod spec
-//! immutability and the many per-type validations of built-in objects, the garbage collector
-//! (ownerReferences), field-label restrictions of field selectors, LIST paging (`limit` and
-//! `continue` are ignored: everything comes in one page), `resourceVersionMatch`, protobuf, CRD
-//! conversion webhooks, CEL validation rules.
+//! immutability and the other per-type validations of built-in objects (a pod's service account is
+//! not looked up), the garbage collector (ownerReferences), field-label restrictions of field
+//! selectors, LIST paging (`limit` and `continue` are ignored: everything comes in one page),
+//! `resourceVersionMatch`, protobuf, CRD conversion webhooks, CEL validation rules.
 
 mod admission;
 mod audit;
@@ -53,6 +55,7 @@ mod resource;
 mod schema;
 mod select;
 mod store;
+mod validation;
 mod verbs;
 mod watch;
 
