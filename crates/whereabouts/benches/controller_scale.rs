@@ -2,8 +2,9 @@
 //! run): the time until every pod holds an address, duplicates (must be 0), and the time the controller
 //! takes to release every address once the pods are deleted without CNI DEL (the nodes "died").
 //!
-//! Each configuration runs on a fresh fake API server with 5 ms per stored write (modelling etcd's
-//! round trip; writes to one object queue behind each other), or in a fresh namespace of the cluster
+//! Each configuration runs on a fresh fake API server with its calibrated costs
+//! ([`FakeOptions::calibrated`]: per request, per stored write growing with the object's size, writes
+//! to one object queued behind each other), or in a fresh namespace of the cluster
 //! named by `WHEREABOUTS_TEST_KUBECONFIG` (whose Nodes and NAD carry the run's label, which the
 //! controller is told to select: the cluster may be shared). The controller is the real `whereabouts controller` process;
 //! the ADDs are real plugin processes, ten at a time per node (as ten kubelets starting pods). With node
@@ -39,7 +40,6 @@ const PER_NODE: usize = 10;
 const RANGE: &str = "10.80.0.0/16";
 const SLICE: &str = "/24";
 const NETWORK: &str = "scale";
-const WRITE_LATENCY: Duration = Duration::from_millis(5);
 const RELEASE_LIMIT: Duration = Duration::from_secs(300);
 
 struct Row {
@@ -202,7 +202,7 @@ fn percentile(samples: &mut [Duration], p: f64) -> Duration {
 }
 
 async fn measure(label: &'static str, slices: bool) -> Row {
-    let cluster = TestCluster::start_with_options(FakeOptions { write_latency: WRITE_LATENCY }).await;
+    let cluster = TestCluster::start_with_options(FakeOptions::calibrated()).await;
     let client = cluster.client();
     let pods = create_objects(&cluster, slices).await;
     let mut controller = start_controller(&cluster);
@@ -296,7 +296,7 @@ async fn main() {
     let pods = NODES * PODS_PER_NODE;
     let server = match std::env::var_os(whereabouts_kube_testing::cluster::KUBECONFIG_ENV) {
         Some(path) if !path.is_empty() => format!("the cluster of {}", path.display()),
-        _ => format!("the fake API server, {WRITE_LATENCY:?} per stored write"),
+        _ => "the fake API server (calibrated costs)".to_string(),
     };
     println!("{pods} pods on {NODES} nodes ({PER_NODE} ADDs at a time per node), on {server}");
     let baseline = measure("without node slices (baseline)", false).await;
