@@ -127,21 +127,36 @@ struct Attachment {
     ifname: String,
 }
 
+/// The environment variable that shortens (or lengthens) a call's budget, in whole seconds: for
+/// runtimes whose CNI timeout is not the kubelet's two minutes, and for tests of what happens when a
+/// store never answers.
+pub const BUDGET_ENV: &str = "WHEREABOUTS_CALL_BUDGET";
+
+/// The one budget of a call, in which every wait (the node's writer queue, lost races, a store
+/// restarting) ends and then gives its error: [`RetryPolicy::DEFAULT_BUDGET`], below the kubelet's
+/// two-minute runtime request timeout, unless [`BUDGET_ENV`] says otherwise.
+fn call_budget(vars: &HashMap<String, String>) -> Duration {
+    vars.get(BUDGET_ENV)
+        .and_then(|seconds| seconds.trim().parse::<u64>().ok())
+        .map_or(RetryPolicy::DEFAULT_BUDGET, Duration::from_secs)
+}
+
 /// The longest one CNI call may take, whatever the store does (a cluster store whose every member
-/// stopped answering, say): the engine's one budget for the call, in which every wait (the node's
-/// writer queue, lost races, a store restarting) ends and then gives its error, plus the time a failed
-/// ADD has to release what it took, plus a margin. Below the kubelet's two-minute runtime request
-/// timeout, so the caller gets a CNI error to act on rather than a killed plugin.
-pub const CALL_DEADLINE: Duration =
-    RetryPolicy::DEFAULT_BUDGET.saturating_add(ROLLBACK_GRACE).saturating_add(Duration::from_secs(5));
+/// stopped answering, say): the call's budget, plus the time a failed ADD has to release what it took,
+/// plus a margin; so the caller gets a CNI error to act on rather than a killed plugin.
+fn call_deadline(budget: Duration) -> Duration {
+    budget.saturating_add(ROLLBACK_GRACE).saturating_add(Duration::from_secs(5))
+}
 
 /// Runs one CNI call. Never panics on any input; every failure is a CNI error object.
 pub async fn run(vars: &HashMap<String, String>, stdin: &[u8], host: &impl Host) -> Reply {
     let mut cni_version = LATEST.to_string();
-    let outcome = tokio::time::timeout(CALL_DEADLINE, dispatch(vars, stdin, host, &mut cni_version))
+    let budget = call_budget(vars);
+    let hard_limit = call_deadline(budget);
+    let outcome = tokio::time::timeout(hard_limit, dispatch(vars, stdin, host, budget, &mut cni_version))
         .await
         .unwrap_or_else(|_| {
-            Err(CniError::new(codes::TRY_AGAIN, format!("the store did not answer within {CALL_DEADLINE:?}")))
+            Err(CniError::new(codes::TRY_AGAIN, format!("the store did not answer within {hard_limit:?}")))
         });
     match outcome {
         Ok(None) => Reply { stdout: String::new(), exit_code: 0 },
@@ -157,6 +172,7 @@ async fn dispatch(
     vars: &HashMap<String, String>,
     stdin: &[u8],
     host: &impl Host,
+    budget: Duration,
     cni_version: &mut String,
 ) -> Result<Option<Value>, CniError> {
     let env = CniEnv::from_vars(vars).unwrap_or_else(|| {
@@ -227,7 +243,7 @@ async fn dispatch(
         Command::Status => CniError::new(codes::NOT_AVAILABLE, e.msg),
         _ => e,
     };
-    let deadline = Instant::now() + RetryPolicy::DEFAULT_BUDGET;
+    let deadline = Instant::now() + budget;
     let node = node_name(&env, &config, host);
     let node_slices = slices::prepare(&config, purpose, node.as_deref()).map_err(not_available)?;
     let store = open_store(&config.datastore, node.as_deref(), deadline).await.map_err(not_available)?;

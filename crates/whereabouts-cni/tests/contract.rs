@@ -746,7 +746,9 @@ async fn kubernetes_store_errors_name_what_is_wrong() {
         .conf("1.0.0")
         .ipam("datastore", json!("kubernetes"))
         .ipam("kubernetes", json!({ "kubeconfig": kubeconfig }));
-    let msg = failure_code(&fx.run(&Env::add("c1").pod("p1"), &unreachable).await, "1.0.0", 11);
+    // The plugin keeps trying an unreachable store until its call's budget is spent: 1 s here.
+    let within_a_second = Env::add("c1").pod("p1").set(whereabouts_cni::BUDGET_ENV, "1");
+    let msg = failure_code(&fx.run(&within_a_second, &unreachable).await, "1.0.0", 11);
     assert!(msg.contains("IPPool wb/"), "{msg}");
 
     let msg = failure_code(&fx.run(&Env::add("c1"), &unreachable).await, "1.0.0", 4);
@@ -760,6 +762,8 @@ async fn an_unreachable_etcd_is_try_again_later_naming_etcd_host() {
     let fx = Fx::new();
     let conf = fx.conf("1.0.0").ipam("datastore", json!("etcd")).ipam("etcd_host", json!("127.0.0.1:1"));
     for env in [Env::add("c1"), Env::del("c1")] {
+        // The plugin keeps trying an unreachable store until its call's budget is spent: 1 s here.
+        let env = env.set(whereabouts_cni::BUDGET_ENV, "1");
         let msg = failure_code(&fx.run(&env, &conf).await, "1.0.0", 11);
         assert!(msg.contains("etcd_host") && msg.contains("127.0.0.1:1"), "{msg}");
     }

@@ -88,24 +88,25 @@ fn log_file_gets_upstream_formatted_lines_and_stdout_only_the_result() {
     assert_eq!(before, after);
 }
 
-/// A pool lock held by a hung process: the plugin answers "try again later" once its lock wait runs
-/// out (10 s), rather than hanging with the runtime's blocked thread.
+/// A pool lock held longer than a short fixed timeout would allow (by a writer ahead in a long queue
+/// on a busy node): the plugin keeps waiting within its call's one deadline, and the ADD succeeds once
+/// the holder lets go, instead of failing with "try again later".
 #[test]
-fn a_hung_lock_holder_gets_try_again_later_in_bounded_time() {
+fn a_pool_lock_held_for_seconds_is_waited_for_and_the_add_succeeds() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pools = dir.path().join("pools");
     std::fs::create_dir_all(&pools).expect("pools dir");
     let lock = std::fs::File::create(pools.join("192.0.2.0-29.lock")).expect("lock file");
     lock.lock().expect("hold the pool lock");
-    // The "hung" holder lets go after 20 s, so a plugin that waits for it fails the time bound below
-    // instead of hanging the test.
+    // Longer than the 10 s the plugin used to give up after.
+    let held = std::time::Duration::from_secs(11);
     std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_secs(20));
+        std::thread::sleep(held);
         drop(lock);
     });
     let config = json!({
         "cniVersion": "1.0.0",
-        "name": "hung",
+        "name": "busy",
         "ipam": { "type": "whereabouts", "datastore": "file", "file_store_dir": dir.path(), "range": "192.0.2.0/29" }
     })
     .to_string();
@@ -113,17 +114,15 @@ fn a_hung_lock_holder_gets_try_again_later_in_bounded_time() {
     let out = run(
         &[
             ("CNI_COMMAND", "ADD"),
-            ("CNI_CONTAINERID", "hung-1"),
+            ("CNI_CONTAINERID", "busy-1"),
             ("CNI_NETNS", "/var/run/netns/none"),
             ("CNI_IFNAME", "eth0"),
             ("CNI_PATH", "/usr/lib/cni"),
         ],
         &config,
     );
-    let elapsed = started.elapsed();
-    assert_eq!(out.status.code(), Some(1));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(started.elapsed() >= held, "answered before the holder let go");
     let reply: Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(reply["code"], 11, "{reply}");
-    assert!(reply["msg"].as_str().is_some_and(|m| m.contains("192.0.2.0-29")), "{reply}");
-    assert!(elapsed < std::time::Duration::from_secs(13), "answered after {elapsed:?}");
+    assert_eq!(reply["ips"][0]["address"], "192.0.2.1/29", "{reply}");
 }

@@ -219,14 +219,31 @@ impl Outcome {
     }
 }
 
-/// How long any plugin run may take before the test kills it and reports it as hung (the kubelet
-/// gives a CNI call a few minutes; the plugin's own bounds are far below this).
-const HUNG_AFTER: Duration = Duration::from_secs(30);
+/// The budget the tests give a plugin call (`WHEREABOUTS_CALL_BUDGET`), in seconds: far beyond what
+/// a call takes on a busy machine, short enough that an outage test ends soon.
+const PLUGIN_BUDGET_SECONDS: u64 = 20;
+
+/// How long any plugin run may take before the test kills it and reports it as hung: beyond the
+/// plugin's own bound (its budget, a failed ADD's 15 s to roll back, a margin).
+const HUNG_AFTER: Duration = Duration::from_secs(PLUGIN_BUDGET_SECONDS + 25);
 
 /// Runs the plugin once for `pod`; with `kill_after`, SIGKILLs it if it still runs after that long.
 fn run_plugin(command: &str, pod: &Pod, netconf: &str, kill_after: Option<Duration>) -> Outcome {
+    run_plugin_within(command, pod, netconf, kill_after, PLUGIN_BUDGET_SECONDS)
+}
+
+/// [`run_plugin`], with the call's budget set to `budget_seconds` instead of the tests' default (the
+/// plugin keeps trying a store that does not answer until its budget is spent).
+fn run_plugin_within(
+    command: &str,
+    pod: &Pod,
+    netconf: &str,
+    kill_after: Option<Duration>,
+    budget_seconds: u64,
+) -> Outcome {
     let mut child = Command::new(env!("CARGO_BIN_EXE_whereabouts"))
         .env_clear()
+        .env(whereabouts_cni::BUDGET_ENV, budget_seconds.to_string())
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", &pod.container)
         .env("CNI_NETNS", format!("/var/run/netns/{}", pod.container))
@@ -1150,18 +1167,22 @@ fn no_etcd_is_try_again_later_naming_etcd_host() {
     // Something accepts connections but never answers (a hung etcd).
     let silent = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
     let silent_host = format!("127.0.0.1:{}", silent.local_addr().expect("local address").port());
-    let cases = [(&refused, &["ADD", "DEL"][..], 3), (&silent_host, &["ADD"][..], 12)];
-    for (host, commands, bound) in cases {
+    // The plugin keeps trying until its call's budget (2 s here) is spent, then answers; a silent
+    // endpoint costs one 5 s connect timeout first.
+    let cases = [(&refused, &["ADD", "DEL"][..], 2, 5), (&silent_host, &["ADD"][..], 2, 12)];
+    for (host, commands, budget, bound) in cases {
         for command in commands {
             let started = Instant::now();
             let what = format!("{command} with etcd_host {host}");
-            cni(command, &Pod::new("no-etcd"), &netconf(&ipam_at(host))).error_naming(
+            let netconf = netconf(&ipam_at(host));
+            run_plugin_within(command, &Pod::new("no-etcd"), &netconf, None, budget).error_naming(
                 &what,
                 TRY_AGAIN,
                 &["etcd_host", host],
             );
             let elapsed = started.elapsed();
             eprintln!("{what}: answered after {elapsed:.1?}");
+            assert!(elapsed >= Duration::from_secs(budget) / 2, "{what}: gave up after {elapsed:?}");
             assert!(elapsed < Duration::from_secs(bound), "{what}: answered after {elapsed:?}");
         }
     }
@@ -1381,7 +1402,8 @@ fn a_hung_tls_endpoint_is_try_again_later() {
     ipam["etcd_cert_file"] = json!(tls.client_cert);
     ipam["etcd_key_file"] = json!(tls.client_key);
     let started = Instant::now();
-    let outcome = run_plugin("ADD", &Pod::new("hung-tls"), &netconf(&ipam), Some(Duration::from_secs(15)));
+    let outcome =
+        run_plugin_within("ADD", &Pod::new("hung-tls"), &netconf(&ipam), Some(Duration::from_secs(15)), 2);
     let elapsed = started.elapsed();
     assert!(!matches!(outcome, Outcome::Killed), "no answer within {elapsed:.1?}");
     outcome.error_naming("ADD with a hung TLS endpoint", TRY_AGAIN, &["etcd_host", &host]);

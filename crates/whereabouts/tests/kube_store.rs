@@ -876,8 +876,9 @@ async fn an_unreachable_api_server_is_try_again_later() {
     let elapsed = started.elapsed();
     assert_eq!(code, TRY_AGAIN, "{msg}");
     assert!(msg.starts_with("pool 192.0.2.0-24: store unavailable: IPPool wb-away/192.0.2.0-24: "), "{msg}");
-    // The engine retries an unavailable store for 8 s; far below the plugin's 60 s deadline.
-    assert!(elapsed < Duration::from_secs(20), "answered after {elapsed:?}");
+    // The plugin retries an unavailable store until its call's budget (the tests' 20 s) is spent.
+    let budget = Duration::from_secs(whereabouts_kube_testing::plugin::PLUGIN_BUDGET_SECONDS);
+    assert!(elapsed >= budget / 2 && elapsed < budget * 2, "answered after {elapsed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -941,10 +942,9 @@ async fn an_add_on_a_quiet_pool_is_two_writes() {
     cluster.cleanup().await;
 }
 
-/// ADDs racing an API server outage (every request answered 503) longer than the engine's retry
-/// window for an unavailable store: every ADD that answered success holds its addresses in the pools
-/// and their reservations, every failure is "try again later", and once the runtime has sent DEL for
-/// the failed ones nothing else is held.
+/// ADDs racing an API server outage (every request answered 503) of 9 s, shorter than the call's
+/// budget: the outage is ridden through, no ADD fails, and every ADD holds exactly the addresses it
+/// answered, in the pools and their reservations.
 #[tokio::test(flavor = "multi_thread")]
 async fn adds_during_an_outage_never_answer_an_unstored_address() {
     let Some(cluster) = fake_cluster("needs the fake API server to fail on demand").await else { return };
@@ -964,7 +964,6 @@ async fn adds_during_an_outage_never_answer_an_unstored_address() {
     fake.set_unavailable(false);
 
     let mut held: BTreeMap<String, Pod> = BTreeMap::new();
-    let mut failed = Vec::new();
     while let Some(joined) = running.join_next().await {
         let (outcome, pod) = joined.expect("join");
         match outcome {
@@ -976,16 +975,11 @@ async fn adds_during_an_outage_never_answer_an_unstored_address() {
                 }
             }
             Outcome::Failed { code, msg } => {
-                assert_eq!(code, TRY_AGAIN, "{}: {msg}", pod.name);
-                failed.push(pod);
+                panic!("{}: failed with {code} during an outage shorter than its budget: {msg}", pod.name)
             }
         }
     }
-    eprintln!("kube_store: {} ADDs succeeded, {} failed around the outage", held.len() / 2, failed.len());
-    // The runtime answers a failed ADD with a DEL.
-    for pod in &failed {
-        del(pod, &net).await;
-    }
+    assert_eq!(held.len(), 2 * 12, "every ADD succeeded with two addresses");
 
     let store = store(&cluster);
     let mut stored = BTreeMap::new();
@@ -1055,7 +1049,7 @@ async fn objects_land_in_the_kubeconfig_context_namespace() {
 }
 
 /// An API server that answers 503 (restarting, overloaded) is "try again later" naming the pool
-/// within the engine's retry window for an unavailable store (8 s), as an unreachable one is.
+/// once the call's budget is spent (the tests' 20 s), as an unreachable one is.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_api_server_is_try_again_later_within_the_retry_window() {
     let Some(cluster) = fake_cluster("needs the fake API server to fail on demand").await else { return };
@@ -1070,7 +1064,8 @@ async fn a_failing_api_server_is_try_again_later_within_the_retry_window() {
     let prefix =
         format!("pool 192.0.2.0-24: store unavailable: IPPool {}/192.0.2.0-24: ", cluster.namespace());
     assert!(msg.starts_with(&prefix), "{msg}");
-    assert!(elapsed < Duration::from_secs(20), "answered after {elapsed:?}");
+    let budget = Duration::from_secs(whereabouts_kube_testing::plugin::PLUGIN_BUDGET_SECONDS);
+    assert!(elapsed >= budget / 2 && elapsed < budget * 2, "answered after {elapsed:?}");
     assert_eq!(store(&cluster).list_pools().await, Ok(vec![]));
     cluster.cleanup().await;
 }
