@@ -923,22 +923,23 @@ async fn fake_cluster(why: &str) -> Option<TestCluster> {
     Some(cluster)
 }
 
-/// An ADD on an empty pool is two writes (the pool, created with its entry, then the reservation): no
-/// Lease, no separate create of an empty pool.
+/// An ADD on an empty pool is two writes of whereabouts objects (the pool, created with its entry,
+/// then the reservation; no separate create of an empty pool) and the pool's Lease taken and given
+/// back (created, then emptied).
 #[tokio::test(flavor = "multi_thread")]
-async fn an_add_on_a_quiet_pool_is_two_writes() {
+async fn an_add_on_a_quiet_pool_is_two_object_writes_and_a_lease_turn() {
     let Some(cluster) = fake_cluster("counts requests of the fake API server").await else { return };
     let fake = cluster.fake().expect("the fake API server");
     let net = netconf(&cluster, json!({ "range": "192.0.2.0/24" }));
     let before = fake.stats();
     assert_eq!(add(&Pod::new("quiet-a"), &net).await, ["192.0.2.1/24"]);
     let after = fake.stats();
-    assert_eq!(after.writes - before.writes, 2, "{before:?} → {after:?}");
+    assert_eq!(after.writes - before.writes, 2 + 2, "{before:?} → {after:?}");
     assert_eq!(after.conflicts - before.conflicts, 0, "{before:?} → {after:?}");
-    // The second ADD on the existing pool: one patch, one reservation.
+    // The second ADD on the existing pool: one patch, one reservation, the Lease taken and given back.
     assert_eq!(add(&Pod::new("quiet-b"), &net).await, ["192.0.2.2/24"]);
     let last = fake.stats();
-    assert_eq!(last.writes - after.writes, 2, "{after:?} → {last:?}");
+    assert_eq!(last.writes - after.writes, 2 + 2, "{after:?} → {last:?}");
     cluster.cleanup().await;
 }
 
@@ -1026,7 +1027,7 @@ async fn objects_land_in_the_kubeconfig_context_namespace() {
         raw_spec::<OverlappingRangeIPReservation>(&cluster, &reservation).await,
         Some(pod.stored_reservation())
     );
-    // No Lease either: upstream serialises through one named `whereabouts`; we take none.
+    // Not upstream's cluster-wide Lease `whereabouts`: only the pool's own, in the same namespace.
     let leases: Api<Lease> = Api::namespaced(cluster.client(), cluster.namespace());
     let names: Vec<String> = leases
         .list(&ListParams::default())
@@ -1036,7 +1037,7 @@ async fn objects_land_in_the_kubeconfig_context_namespace() {
         .iter()
         .map(|l| l.name_any())
         .collect();
-    assert_eq!(names, Vec::<String>::new());
+    assert_eq!(names, [format!("whereabouts-pool-{pool}")]);
     for elsewhere in ["kube-system", POD_NAMESPACE] {
         assert_eq!(raw_spec_in::<IPPool>(&cluster, elsewhere, &pool).await, None, "pool in {elsewhere}");
         assert_eq!(
