@@ -281,6 +281,11 @@ async fn creates_refuse_duplicates_bad_names_and_missing_namespaces() {
     assert_eq!(server.stats(), Stats::default());
 }
 
+/// The fields named by the causes of a refusal, in order.
+fn cause_fields(body: &Value) -> Vec<&str> {
+    body["details"]["causes"].as_array().into_iter().flatten().filter_map(|c| c["field"].as_str()).collect()
+}
+
 /// What the real server (v1.31) answers for built-in objects missing what it requires, recorded
 /// against it: status code, reason, message and causes.
 #[tokio::test]
@@ -364,12 +369,7 @@ async fn built_in_objects_are_validated_as_the_real_server_does() {
     let timed =
         json!({"metadata": {"name": "e"}, "eventTime": "2024-01-01T00:00:00.000000Z", "type": "Normal"});
     let (code, body) = post(events, timed.clone()).await;
-    let fields: Vec<&str> = body["details"]["causes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|cause| cause["field"].as_str())
-        .collect();
+    let fields = cause_fields(&body);
     assert_eq!(code, 422, "{body}");
     assert_eq!(
         fields,
@@ -412,12 +412,7 @@ async fn built_in_objects_are_validated_as_the_real_server_does() {
     );
     let map = json!({"metadata": {"name": "c"}, "data": {"a": "x", "a b": "y"}, "binaryData": {"a": "eA=="}});
     let (code, body) = post("/api/v1/namespaces/default/configmaps", map).await;
-    let fields: Vec<&str> = body["details"]["causes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|cause| cause["field"].as_str())
-        .collect();
+    let fields = cause_fields(&body);
     assert_eq!((code, fields), (422, vec!["data[a]", "data[a b]"]), "{body}");
 }
 

@@ -39,7 +39,6 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -54,7 +53,7 @@ use whereabouts_core::interval::IntervalSet;
 use whereabouts_core::pool::{Allocation, Owner, Pool, PoolError};
 use whereabouts_core::range::reservation_name;
 
-use crate::queue::{Announced, Announcement, Request, mark_contended, recently_contended};
+use crate::queue::{Announced, Announcement, Request, batch_key, mark_contended, recently_contended};
 use crate::{PoolLock, Reservation, ReserveOutcome, Store, StoreError, VersionedPool};
 
 /// Why an IPAM operation failed; every variant names the pool or reservation involved.
@@ -466,10 +465,8 @@ impl<'s, S: Store> Ipam<'s, S> {
     ) -> Result<bool, IpamError> {
         let PoolTarget { name, network } = target;
         let announced = self.store.queue_dir(name).and_then(|dir| {
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            (name, "release").hash(&mut hasher);
             let request = Request::Release { addr: addr.to_string(), allocation: allocation.clone() };
-            Announced::write(&dir, hasher.finish(), &request)
+            Announced::write(&dir, batch_key((name, "release")), &request)
         });
         let lock = match self.wait_turn(deadline, name, announced.as_ref()).await? {
             Turn::Locked(lock) => lock,
@@ -586,9 +583,8 @@ impl<'s, S: Store> Ipam<'s, S> {
         let PoolTarget { name, network } = &managed.pool;
         let mut announced = match managed.requested {
             None => self.store.queue_dir(name).and_then(|dir| {
-                let mut hasher = std::collections::hash_map::DefaultHasher::new();
-                (name, managed.range.describe(), config.gateway).hash(&mut hasher);
-                Announced::write(&dir, hasher.finish(), &Request::Allocate(owner.clone()))
+                let batch = batch_key((name, managed.range.describe(), config.gateway));
+                Announced::write(&dir, batch, &Request::Allocate(owner.clone()))
             }),
             Some(_) => None,
         };
@@ -634,37 +630,27 @@ impl<'s, S: Store> Ipam<'s, S> {
         // A node that lost a race on this pool moments ago starts in its lane (see `Lane`).
         let contended = self.store.queue_dir(&name).is_some_and(|queue| recently_contended(&queue));
         loop {
-            let (lock, found) = match self.wait_turn(deadline, &name, announced.as_ref()).await? {
-                Turn::Locked(lock) => (Some(lock), None),
-                // The head's write that stored our entry succeeded: its answer is our address.
-                Turn::Served(answer) => {
-                    let addr = answer.parse::<u128>().ok();
-                    let family = Family::of(managed.network.addr());
-                    (None, addr.map(|addr| (Assignment::Existing(addr), from_u128(family, addr))))
-                }
+            let turn = self.wait_turn(deadline, &name, announced.as_ref()).await?;
+            let answered = match &turn {
+                Turn::Served(answer) => answer.parse::<u128>().ok(),
+                Turn::Locked(_) => None,
             };
-            let (assignment, ip) = match (found, lock) {
-                (Some(found), _) => found,
-                (None, lock) => {
-                    // Not served after all (released since?): queue up.
-                    let lock = match lock {
-                        Some(lock) => lock,
-                        None => self.lock(deadline, &name).await?,
+            let (assignment, ip) = match (answered, turn) {
+                // The head's write that stored our entry succeeded: its answer is our address.
+                (Some(addr), _) => {
+                    (Assignment::Existing(addr), from_u128(Family::of(managed.network.addr()), addr))
+                }
+                (None, turn) => {
+                    let lock = match turn {
+                        Turn::Locked(lock) => lock,
+                        // An answer that cannot be read: queue up after all.
+                        Turn::Served(_) => self.lock(deadline, &name).await?,
                     };
-                    let allocated = self
-                        .allocate_locked(
-                            deadline,
-                            config,
-                            managed,
-                            owner,
-                            &blocked,
-                            announced.as_ref(),
-                            lock.as_ref(),
-                            contended,
-                        )
-                        .await;
-                    self.unlock(&name, lock).await;
-                    allocated?
+                    let announced = announced.as_ref();
+                    self.allocate_locked(
+                        deadline, config, managed, owner, &blocked, announced, lock, contended,
+                    )
+                    .await?
                 }
             };
             let allocated = AllocatedIp { ip, network: managed.network };
@@ -734,8 +720,9 @@ impl<'s, S: Store> Ipam<'s, S> {
         }
     }
 
-    /// The one pool write of an ADD that holds the pool's queue: the owner's address, and addresses for
-    /// the ADDs announced behind it (told once the write is stored), from the owner's node's lane.
+    /// The one pool write of an ADD that holds the pool's queue (`lock`, let go of here): the owner's
+    /// address, and addresses for the ADDs announced behind it (told once the write is stored), from
+    /// the owner's node's lane.
     #[allow(clippy::too_many_arguments, reason = "one call site, every argument a distinct input")]
     async fn allocate_locked(
         &self,
@@ -745,7 +732,7 @@ impl<'s, S: Store> Ipam<'s, S> {
         owner: &Owner,
         blocked: &IntervalSet,
         announced: Option<&Announced>,
-        lock: Option<&PoolLock>,
+        lock: Option<PoolLock>,
         contended: bool,
     ) -> Result<(Assignment, IpAddr), IpamError> {
         let PoolTarget { name, network } = &managed.pool;
@@ -756,7 +743,7 @@ impl<'s, S: Store> Ipam<'s, S> {
         let mut claimed: Vec<Announcement> = Vec::new();
         let mut served: Vec<(usize, u128)> = Vec::new();
         let taken = self
-            .update_locked(deadline, name, *network, lock, |pool, conflicts| {
+            .update_locked(deadline, name, *network, lock.as_ref(), |pool, conflicts| {
                 let lane = Lane::of(writer, conflicts + u32::from(contended));
                 let start = lane_start(&managed.range, pool, config.gateway, blocked, lane)
                     .unwrap_or(managed.range.first());
@@ -789,7 +776,9 @@ impl<'s, S: Store> Ipam<'s, S> {
                 }
                 Ok(Change { value: (assignment, ip), changed: !unchanged || !served.is_empty() })
             })
-            .await?;
+            .await;
+        self.unlock(name, lock).await;
+        let taken = taken?;
         for (index, addr) in served {
             claimed[index].done(&addr.to_string());
         }

@@ -60,6 +60,14 @@ pub(crate) struct Announcement {
     pub request: Request,
 }
 
+/// The batch key of requests that one write may serve together: a hash of what they must share.
+pub(crate) fn batch_key(shared: impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    shared.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// The marker telling the process of the announcement at `path` that its request is stored.
 fn done_marker(path: &Path) -> PathBuf {
     path.with_extension("done")

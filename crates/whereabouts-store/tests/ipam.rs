@@ -1157,23 +1157,36 @@ async fn a_briefly_unavailable_store_is_retried() {
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
-/// ADDs that wait in a pool's writer queue are served by the writer at its head, in one write: with the
-/// pool's lock held while 20 ADDs announce themselves, releasing it gives 20 distinct lowest addresses
-/// for exactly one pool write.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn adds_waiting_in_the_writer_queue_are_served_in_one_write() {
+/// A file store with a writer queue, a /24 configuration on it, and its pool's lock held by the test.
+struct QueuedPool {
+    dir: TempDir,
+    queue: std::path::PathBuf,
+    store: Arc<Flaky>,
+    config: IpamConfig,
+    name: String,
+    lock_path: std::path::PathBuf,
+    lock_file: std::fs::File,
+}
+
+fn queued_pool() -> QueuedPool {
     let (dir, inner) = file_store();
     let queue = dir.path().join("queue");
     let store = Arc::new(Flaky::new(inner, 0, None).with_queue(queue.clone()));
     let config = single("192.0.2.0/24");
     let name = pool_of(&config, 0);
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.path().join(format!("pools/{name}.lock")))
-        .unwrap();
+    let lock_path = dir.path().join(format!("pools/{name}.lock"));
+    let lock_file =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).unwrap();
     lock_file.lock().unwrap();
+    QueuedPool { dir, queue, store, config, name, lock_path, lock_file }
+}
+
+/// ADDs that wait in a pool's writer queue are served by the writer at its head, in one write: with the
+/// pool's lock held while 20 ADDs announce themselves, releasing it gives 20 distinct lowest addresses
+/// for exactly one pool write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adds_waiting_in_the_writer_queue_are_served_in_one_write() {
+    let QueuedPool { dir: _dir, queue, store, config, name, lock_file, .. } = queued_pool();
     let adds: Vec<_> = (0..20)
         .map(|i| {
             let (store, config) = (store.clone(), config.clone());
@@ -1209,16 +1222,8 @@ async fn adds_waiting_in_the_writer_queue_are_served_in_one_write() {
 /// go of the queue, then releases the entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_waiter_giving_up_after_being_claimed_leaves_nothing_stored() {
-    let (dir, inner) = file_store();
-    let queue = dir.path().join("queue");
-    let store = Arc::new(Flaky::new(inner, 0, None).with_queue(queue.clone()));
-    let config = single("192.0.2.0/24");
-    let name = pool_of(&config, 0);
     // The test is the head of the queue: it holds the pool's lock.
-    let lock_path = dir.path().join(format!("pools/{name}.lock"));
-    let lock_file =
-        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).unwrap();
-    lock_file.lock().unwrap();
+    let QueuedPool { dir: _dir, queue, store, config, name, lock_path, lock_file } = queued_pool();
     let budget = Duration::from_millis(500);
     let waiter = {
         let (store, config) = (store.clone(), config.clone());

@@ -21,8 +21,10 @@ use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use whereabouts_core::pool::{Allocation, Pool, PoolSpec, SkippedKey};
 use whereabouts_k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
-use whereabouts_k8s::k8s_openapi::api::coordination::v1::Lease;
-use whereabouts_k8s::kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
+use whereabouts_k8s::k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use whereabouts_k8s::kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, PostParams,
+};
 use whereabouts_k8s::kube::{Resource, ResourceExt};
 use whereabouts_kube_testing::TestCluster;
 use whereabouts_kube_testing::plugin::{Call, Outcome, addresses_of};
@@ -1068,5 +1070,31 @@ async fn a_failing_api_server_is_try_again_later_within_the_retry_window() {
     let budget = Duration::from_secs(whereabouts_kube_testing::plugin::PLUGIN_BUDGET_SECONDS);
     assert!(elapsed >= budget / 2 && elapsed < budget * 2, "answered after {elapsed:?}");
     assert_eq!(store(&cluster).list_pools().await, Ok(vec![]));
+    cluster.cleanup().await;
+}
+
+/// A pool's Lease left held by a plugin that died is passed over once it was seen unchanged for its
+/// duration (2 s): the ADD waits that long, then succeeds, and gives the Lease back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_lease_left_by_a_dead_writer_is_taken_over() {
+    let cluster = TestCluster::start().await;
+    let net = netconf(&cluster, json!({ "range": "192.0.2.0/24" }));
+    let leases: Api<Lease> = Api::namespaced(cluster.client(), cluster.namespace());
+    let name = "whereabouts-pool-192.0.2.0-24";
+    let stale = Lease {
+        metadata: ObjectMeta { name: Some(name.to_owned()), ..ObjectMeta::default() },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("gone-node/1-dead".to_owned()),
+            lease_duration_seconds: Some(2),
+            ..LeaseSpec::default()
+        }),
+    };
+    leases.create(&PostParams::default(), &stale).await.expect("create the Lease of a dead writer");
+    let started = Instant::now();
+    assert_eq!(add(&Pod::new("after-crash"), &net).await, ["192.0.2.1/24"]);
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(2), "took a live-looking Lease after {waited:?}");
+    let lease = leases.get(name).await.expect("the pool's Lease");
+    assert_eq!(lease.spec.and_then(|spec| spec.holder_identity), None, "the Lease was given back");
     cluster.cleanup().await;
 }

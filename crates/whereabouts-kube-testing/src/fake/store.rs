@@ -89,7 +89,7 @@ pub(crate) struct State {
     history_floor: u64,
     subscribers: Vec<Subscriber>,
     /// The size of the last object stored, and of its managed fields (what its write costs).
-    last_stored: (usize, usize),
+    last_stored: Option<(Arc<Value>, bool)>,
 }
 
 /// The `metadata` map of an object; objects always have one once admitted.
@@ -113,7 +113,7 @@ impl State {
             history_bytes: 0,
             history_floor: 0,
             subscribers: Vec::new(),
-            last_stored: (0, 0),
+            last_stored: None,
         };
         for rt in builtin_types() {
             state.register(rt);
@@ -134,12 +134,20 @@ impl State {
         self.types.values()
     }
 
-    /// The current (latest) resourceVersion.
-    /// The size of the last object stored and of its managed fields (see [`State::put`]).
+    /// The size of the last object stored and of its managed fields (see [`State::put`]), measured
+    /// when asked: only a server with costs per size asks.
     pub(crate) fn last_stored_size(&self) -> (usize, usize) {
-        self.last_stored
+        let Some((object, cleared)) = &self.last_stored else { return (0, 0) };
+        let bytes = |value: &Value| serde_json::to_vec(value).map_or(0, |bytes| bytes.len());
+        let object_bytes = bytes(object);
+        let managed_bytes = match object.get("metadata") {
+            Some(metadata) if !cleared => object_bytes.saturating_sub(bytes(metadata)),
+            _ => 0,
+        };
+        (object_bytes, managed_bytes)
     }
 
+    /// The current (latest) resourceVersion.
     pub(crate) fn resource_version(&self) -> u64 {
         self.resource_version
     }
@@ -185,14 +193,6 @@ impl State {
         }
         let namespace = metadata_str(&object, "namespace").to_owned();
         let name = metadata_str(&object, "name").to_owned();
-        let object_bytes = serde_json::to_vec(&object).map_or(0, |bytes| bytes.len());
-        let managed_bytes = if cleared {
-            0
-        } else {
-            let metadata = object.get("metadata").and_then(|m| serde_json::to_vec(m).ok());
-            object_bytes.saturating_sub(metadata.map_or(0, |bytes| bytes.len()))
-        };
-        self.last_stored = (object_bytes, managed_bytes);
         if rt.behaviour == Behaviour::CustomResourceDefinition {
             self.types.retain(|_, t| t.behaviour != (Behaviour::Custom { crd: name.clone() }));
             for served in crd::served_types(&object) {
@@ -200,6 +200,7 @@ impl State {
             }
         }
         let object = Arc::new(object);
+        self.last_stored = Some((object.clone(), cleared));
         let type_key = rt.type_key();
         let previous = self
             .objects

@@ -62,24 +62,22 @@ fn is_subdomain(name: &str) -> bool {
 
 /// The problems of a DNS-1123 label (`IsDNS1123Label`).
 pub(crate) fn label_problems(value: &str) -> Vec<String> {
-    let mut problems = Vec::new();
-    if value.len() > 63 {
-        problems.push("must be no more than 63 characters".to_owned());
-    }
-    if !is_label(value) {
-        problems.push(LABEL_RULE.to_owned());
-    }
-    problems
+    name_problems(value, 63, is_label, LABEL_RULE)
 }
 
 /// The problems of a DNS-1123 subdomain (`IsDNS1123Subdomain`).
 pub(crate) fn subdomain_problems(value: &str) -> Vec<String> {
+    name_problems(value, 253, is_subdomain, SUBDOMAIN_RULE)
+}
+
+/// The problems of a name of at most `longest` characters that `valid` accepts (as `rule` says).
+fn name_problems(value: &str, longest: usize, valid: fn(&str) -> bool, rule: &str) -> Vec<String> {
     let mut problems = Vec::new();
-    if value.len() > 253 {
-        problems.push("must be no more than 253 characters".to_owned());
+    if value.len() > longest {
+        problems.push(format!("must be no more than {longest} characters"));
     }
-    if !is_subdomain(value) {
-        problems.push(SUBDOMAIN_RULE.to_owned());
+    if !valid(value) {
+        problems.push(rule.to_owned());
     }
     problems
 }

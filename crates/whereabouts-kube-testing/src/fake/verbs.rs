@@ -758,13 +758,11 @@ impl Shared {
             let mut state = self.state();
             let before = state.resource_version();
             let result = change(&mut state);
-            (result, (state.resource_version() != before).then(|| state.last_stored_size()))
+            let stored = state.resource_version() != before;
+            (result, stored.then(|| self.options.stored_write_latency(|| state.last_stored_size())))
         };
-        if let Some((object_bytes, managed_bytes)) = stored {
-            let latency = self.options.stored_write_latency(object_bytes, managed_bytes);
-            if !latency.is_zero() {
-                tokio::time::sleep(latency).await;
-            }
+        if let Some(latency) = stored.filter(|latency| !latency.is_zero()) {
+            tokio::time::sleep(latency).await;
         }
         result
     }
