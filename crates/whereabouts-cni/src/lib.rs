@@ -234,6 +234,9 @@ async fn dispatch(
         Purpose::Release => parse_cni_args(&env.args).unwrap_or_default(),
     };
     let mut config = load_config(&netconf, &args, purpose, host)?;
+    if env.command == Command::Add {
+        config.check_assigns_an_address()?;
+    }
     host.init_logging(&config.log);
     if let Some(warning) = &config.log.warning {
         tracing::error!("{warning}");
@@ -254,10 +257,10 @@ async fn dispatch(
         Command::Add => {
             // The controller releases allocations whose pod is gone; one without a pod would be
             // released at once.
-            if matches!(config.datastore, Datastore::Kubernetes { .. }) && args.pod_ref().is_none() {
+            if matches!(config.datastore, Datastore::Kubernetes { .. }) && !args.names_kubernetes_pod() {
                 return Err(CniError::new(
                     codes::INVALID_ENV,
-                    "CNI_ARGS has no K8S_POD_NAME: the kubernetes datastore allocates for pods only",
+                    "CNI_ARGS has no K8S_POD_NAMESPACE and K8S_POD_NAME: the kubernetes datastore allocates for pods only",
                 ));
             }
             let owner = Owner {

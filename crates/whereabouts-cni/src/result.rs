@@ -32,12 +32,12 @@ pub struct IpamResult {
 }
 
 impl IpamResult {
-    /// Allocated addresses carry the range's prefix, and the configured gateway only when their range
-    /// contains it (upstream puts it on every address, a v4 gateway on v6 addresses included).
+    /// Allocated addresses carry the range's prefix, and their range's gateway (upstream puts the one
+    /// top-level gateway on every address, a v4 gateway on v6 addresses included).
     pub fn new(config: &IpamConfig, allocated: &[AllocatedIp]) -> Self {
         let allocated = allocated.iter().map(|a| IpConfig {
             address: IpNet::new(a.ip, a.network.prefix_len()).unwrap_or_else(|_| IpNet::from(a.ip)),
-            gateway: config.gateway.filter(|g| a.network.contains(g)),
+            gateway: config.ranges.iter().find(|r| r.network == a.network).and_then(|r| r.gateway),
         });
         let statics = config.addresses.iter().map(|s| IpConfig {
             address: s.address,

@@ -1028,21 +1028,20 @@ async fn add_route_attributes_per_layout() {
     }
 }
 
+/// A configuration with nothing to assign answers an error naming the keys, not an empty success
+/// that leaves the pod an interface without an address.
 #[tokio::test]
-async fn add_without_any_address() {
+async fn add_without_any_address_is_code_7() {
     for version in VERSIONS {
         let fx = Fx::new();
         let conf = fx.conf(version).ipam_unset("range");
-        let reply = fx.run(&Env::add("c1"), &conf).await;
-        match layout(version) {
-            Layout::Legacy => {
-                assert_eq!(failure(&reply), error_json(version, 999, "cannot convert: no valid IP addresses"))
-            }
-            Layout::Versioned => {
-                assert_eq!(success(&reply), json!({ "cniVersion": version, "ips": [], "dns": {} }))
-            }
-            Layout::Current => assert_eq!(success(&reply), json!({ "cniVersion": version, "ips": [] })),
-        }
+        let msg = failure_code(&fx.run(&Env::add("c1"), &conf).await, version, 7);
+        assert_eq!(
+            msg,
+            "invalid range \"\": nothing to assign: set range, ipRanges or addresses (or request an address outside any range)"
+        );
+        // Its DEL has nothing to do and succeeds.
+        silent(&fx.run(&Env::del("c1"), &conf).await);
     }
 }
 
@@ -1108,7 +1107,10 @@ async fn bad_cni_args_are_code_4() {
             "IgnoreUnknown=maybe;K8S_POD_NAME=p",
             "CNI_ARGS: error parsing value of pair \"IgnoreUnknown=maybe\": boolean unmarshal error: invalid input",
         ),
-        ("IgnoreUnknown=1;IP=192.0.2.9", "CNI_ARGS: invalid CIDR in IP \"192.0.2.9\""),
+        (
+            "IgnoreUnknown=1;IP=192.0.2.x",
+            "CNI_ARGS: invalid address in IP \"192.0.2.x\": expected an IP address or a CIDR",
+        ),
         ("GATEWAY=nope", "CNI_ARGS: invalid gateway address \"nope\""),
     ];
     for version in VERSIONS {
@@ -1364,20 +1366,81 @@ async fn check_accepts_static_addresses_inside_a_range_network() {
     silent(&fx.run(&Env::check("c1"), &conf.prev(&result)).await);
 }
 
-/// An address requested in a range's network but outside its candidates would be handed out
-/// unreserved next to an allocated one; it is refused instead.
+/// A dynamic interval carved out of a subnet leaves the rest for fixed addresses: an address asked
+/// for outside range_start..range_end or inside exclude is given and recorded, so a second claimant is
+/// refused and the dynamic pick never hands it out; the subnet's broadcast address is refused.
 #[tokio::test]
-async fn requested_addresses_in_a_range_outside_its_candidates_are_refused() {
+async fn requested_addresses_outside_the_dynamic_interval_are_reserved() {
     let fx = Fx::new();
-    for ip in ["192.0.2.10/24", "192.0.2.255/24"] {
-        let conf = fx
-            .conf("1.0.0")
-            .ipam("range_start", json!("192.0.2.100"))
-            .set("runtimeConfig", json!({ "ips": [ip] }));
-        assert_eq!(failure(&fx.run(&Env::add("c1"), &conf).await)["code"], 7, "{ip}");
-        // And DEL of that refused ADD succeeds.
-        silent(&fx.run(&Env::del("c1"), &conf).await);
+    let carved =
+        fx.conf("1.0.0").ipam("range_start", json!("192.0.2.100")).ipam("exclude", json!(["192.0.2.128/25"]));
+    for (ip, id) in [("192.0.2.10", "c1"), ("192.0.2.130/24", "c2")] {
+        let (conf, env) = request(carved.clone(), Source::CniArgs, ip, id, id);
+        assert_eq!(first_ip(&fx.add(&conf, env).await), ip.trim_end_matches("/24"));
+        let (conf, env) = request(carved.clone(), Source::RuntimeConfig, ip, "other", "other");
+        assert_eq!(failure(&fx.run(&env, &conf).await)["code"], 999, "{ip} is held");
     }
+    assert_eq!(fx.add_pod(&carved, "c3", "c3").await, "192.0.2.100");
+    let conf = carved.clone().set("runtimeConfig", json!({ "ips": ["192.0.2.255/24"] }));
+    let msg = failure_code(&fx.run(&Env::add("c4"), &conf).await, "1.0.0", 7);
+    assert_eq!(msg, "invalid runtimeConfig.ips \"192.0.2.255/24\": is the broadcast address of 192.0.2.0/24");
+    silent(&fx.run(&Env::del("c4"), &conf).await);
+}
+
+/// podman's `--ip` sends a bare address in `CNI_ARGS` `IP=`, and may send the same one through the
+/// `ips` capability as well.
+#[tokio::test]
+async fn bare_and_repeated_requested_addresses_are_one_request() {
+    let fx = Fx::new();
+    let env = Env::add("c1").set("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=web;IP=192.0.2.50");
+    let conf = fx.conf("1.0.0").set("runtimeConfig", json!({ "ips": ["192.0.2.50/24"] }));
+    assert_eq!(
+        fx.add(&conf, env).await,
+        json!({ "cniVersion": "1.0.0", "ips": [{ "address": "192.0.2.50/24" }] })
+    );
+}
+
+/// Runtimes outside Kubernetes pass a container name as K8S_POD_NAME and no namespace; two containers
+/// of one name (two podman storage roots on one network) are two attachments.
+#[tokio::test]
+async fn containers_named_alike_without_a_namespace_are_told_apart() {
+    let fx = Fx::new();
+    let conf = fx.conf("1.0.0");
+    let named = |id: &str| Env::add(id).set("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=web");
+    assert_eq!(first_ip(&fx.add(&conf, named("root1-web")).await), "192.0.2.1");
+    assert_eq!(first_ip(&fx.add(&conf, named("root2-web")).await), "192.0.2.2");
+    assert_eq!(first_ip(&fx.add(&conf, named("root1-web")).await), "192.0.2.1", "idempotent");
+    // Removing one frees its address only.
+    fx.del(&conf, "root1-web").await;
+    assert_eq!(first_ip(&fx.add(&conf, named("root2-web")).await), "192.0.2.2");
+    assert_eq!(first_ip(&fx.add(&conf, named("root3-web")).await), "192.0.2.1");
+}
+
+/// Dual stack behind a bridge with isGateway: each ipRanges entry may carry its own gateway, returned
+/// with that range's address and never handed out.
+#[tokio::test]
+async fn each_range_returns_its_own_gateway() {
+    let fx = Fx::new();
+    let conf = fx
+        .conf("1.0.0")
+        .ipam("gateway", json!("192.0.2.1"))
+        .ipam("ipRanges", json!([{ "range": "2001:db8::/64", "gateway": "2001:db8::1" }]));
+    assert_eq!(
+        fx.add(&conf, Env::add("c1")).await,
+        json!({
+            "cniVersion": "1.0.0",
+            "ips": [
+                { "address": "192.0.2.2/24", "gateway": "192.0.2.1" },
+                { "address": "2001:db8::2/64", "gateway": "2001:db8::1" },
+            ],
+        })
+    );
+    let conf = conf.ipam("ipRanges", json!([{ "range": "2001:db8::/64", "gateway": "2001:db9::1" }]));
+    let msg = failure_code(&fx.run(&Env::add("c2"), &conf).await, "1.0.0", 7);
+    assert_eq!(
+        msg,
+        "invalid ipRanges[0].gateway \"2001:db9::1\": lies outside the range's network 2001:db8::/64"
+    );
 }
 
 // === 8. GC ===

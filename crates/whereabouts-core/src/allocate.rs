@@ -49,14 +49,6 @@ pub enum AllocError {
         /// The holder's pod reference or container ID.
         holder: String,
     },
-    /// A requested address is excluded from its range.
-    #[error("requested address {ip} is excluded from range {range}")]
-    Excluded {
-        /// The address.
-        ip: IpAddr,
-        /// The range's network.
-        range: String,
-    },
     /// A requested address lies below the IP written in the pool's stored range (only in pools written
     /// by hand with host bits set), so no offset can record it.
     #[error("requested address {0} lies below the start of its pool's stored range")]
@@ -190,7 +182,8 @@ pub fn lane_start(
 ///
 /// * The owner's existing allocation is returned again (idempotent ADD), unless it asked for a
 ///   different address.
-/// * A `requested` address must be free (or already the owner's), not excluded and not the gateway.
+/// * A `requested` address must be free (or already the owner's) and not the gateway; `exclude` and
+///   `range_start`..`range_end` shape only the dynamic pick, as upstream.
 /// * Otherwise the lowest free address.
 pub fn assign(
     range: &IpRange,
@@ -241,9 +234,6 @@ pub fn assign_from(
     }
     if blocked.contains(addr) {
         return Err(AllocError::Held { ip, holder: "an overlapping range".into() });
-    }
-    if range.excluded().contains(addr) {
-        return Err(AllocError::Excluded { ip, range: range.network().to_string() });
     }
     if gateway == Some(ip) {
         return Err(AllocError::Gateway(ip));
@@ -392,10 +382,11 @@ mod tests {
             assign(&r, &pool, &owner(2), Some(ip("10.0.0.50")), None, &IntervalSet::new()),
             Err(AllocError::Held { ip: ip("10.0.0.50"), holder: "ns/p1".into() })
         );
-        assert!(matches!(
+        // An excluded address is still given when asked for: exclude shapes the dynamic pick only.
+        assert_eq!(
             assign(&r, &pool, &owner(2), Some(ip("10.0.0.200")), None, &IntervalSet::new()),
-            Err(AllocError::Excluded { .. })
-        ));
+            Ok(Assignment::New { addr: to_u128(ip("10.0.0.200")), replaces: None })
+        );
         // Asking for another address moves the owner's allocation.
         let a = assign(&r, &pool, &o, Some(ip("10.0.0.60")), None, &IntervalSet::new()).unwrap();
         assert_eq!(

@@ -16,10 +16,38 @@ pub struct CniArgs {
     pub pod_namespace: String,
     /// `K8S_POD_UID` (Multus and the container runtimes pass it): which pod of that name the call is for.
     pub pod_uid: String,
-    /// `IP=`: requested addresses (comma-separated CIDRs).
-    pub ips: Vec<IpNet>,
+    /// `IP=`: requested addresses (comma-separated CIDRs or bare addresses).
+    pub ips: Vec<RequestedIp>,
     /// `GATEWAY=`: gateways for the requested addresses (comma-separated IPs).
     pub gateways: Vec<IpAddr>,
+}
+
+/// An address asked for in `IP=`: a CIDR (host-local's form), or a bare address, which podman sends
+/// for `--ip` whenever a network gets one static address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestedIp {
+    /// The address.
+    pub ip: IpAddr,
+    /// The address with the prefix it was written with, when it was written as a CIDR.
+    pub net: Option<IpNet>,
+}
+
+impl RequestedIp {
+    fn parse(item: &str) -> Option<Self> {
+        match parse_cidr_sloppy(item) {
+            Some(net) => Some(RequestedIp { ip: net.addr(), net: Some(net) }),
+            None => parse_ip_sloppy(item).map(|ip| RequestedIp { ip, net: None }),
+        }
+    }
+}
+
+impl std::fmt::Display for RequestedIp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.net {
+            Some(net) => net.fmt(f),
+            None => self.ip.fmt(f),
+        }
+    }
 }
 
 /// Why `CNI_ARGS` was refused. Messages keep upstream's wording.
@@ -34,8 +62,8 @@ pub enum CniArgsError {
     /// `IgnoreUnknown` is not a boolean.
     #[error("CNI_ARGS: error parsing value of pair {0:?}: boolean unmarshal error: invalid input")]
     BadBool(String),
-    /// An `IP=` item is not a CIDR.
-    #[error("CNI_ARGS: invalid CIDR in IP {0:?}")]
+    /// An `IP=` item is neither a CIDR nor an address.
+    #[error("CNI_ARGS: invalid address in IP {0:?}: expected an IP address or a CIDR")]
     BadIp(String),
     /// A `GATEWAY=` item is not an IP.
     #[error("CNI_ARGS: invalid gateway address {0:?}")]
@@ -43,9 +71,16 @@ pub enum CniArgsError {
 }
 
 impl CniArgs {
-    /// `<namespace>/<name>`, or `None` without a pod name (containers outside Kubernetes).
+    /// `<namespace>/<name>`, or `None` without a pod name (containers outside Kubernetes). Runtimes
+    /// outside Kubernetes (podman) pass a container name without a namespace: `/<name>`, kept for the
+    /// operator to read but not an identity ([`crate::pool::identifying_pod_ref`]).
     pub fn pod_ref(&self) -> Option<String> {
         (!self.pod_name.is_empty()).then(|| format!("{}/{}", self.pod_namespace, self.pod_name))
+    }
+
+    /// Whether the call names a Kubernetes pod: a name and a namespace.
+    pub fn names_kubernetes_pod(&self) -> bool {
+        !self.pod_name.is_empty() && !self.pod_namespace.is_empty()
     }
 
     /// The pod's uid, when the runtime passed one.
@@ -92,7 +127,7 @@ pub fn parse_cni_args(input: &str) -> Result<CniArgs, CniArgsError> {
             "K8S_POD_UID" if ignore_unknown => args.pod_uid = value.to_string(),
             "IP" => {
                 args.ips = split_list(value)
-                    .map(|item| parse_cidr_sloppy(item).ok_or_else(|| CniArgsError::BadIp(item.to_string())))
+                    .map(|item| RequestedIp::parse(item).ok_or_else(|| CniArgsError::BadIp(item.to_string())))
                     .collect::<Result<_, _>>()?;
             }
             "GATEWAY" => {
@@ -157,7 +192,10 @@ mod tests {
         assert_eq!(args.ips.len(), 2);
         assert_eq!(args.ips[0].to_string(), "10.1.1.5/24");
         assert_eq!(args.gateways, vec!["10.1.1.1".parse::<IpAddr>().unwrap()]);
-        assert_eq!(parse_cni_args("IP=10.1.1.5"), Err(CniArgsError::BadIp("10.1.1.5".into())));
+        let bare = parse_cni_args("IP=10.1.1.5").unwrap();
+        assert_eq!(bare.ips, vec![RequestedIp { ip: "10.1.1.5".parse().unwrap(), net: None }]);
+        assert_eq!(bare.ips[0].to_string(), "10.1.1.5");
+        assert_eq!(parse_cni_args("IP=10.1.1.x"), Err(CniArgsError::BadIp("10.1.1.x".into())));
         assert_eq!(parse_cni_args("GATEWAY=x"), Err(CniArgsError::BadGateway("x".into())));
     }
 

@@ -85,6 +85,7 @@ struct RawRange {
     range_start: Option<String>,
     range_end: Option<String>,
     exclude: Option<Vec<String>>,
+    gateway: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,8 +190,12 @@ pub struct ManagedRange {
     /// The addresses allocation picks from: the configured range, or the node's slice of it.
     pub range: IpRange,
     /// An address requested through `runtimeConfig.ips`, `args.cni.ips` or `CNI_ARGS` `IP=` that lies
-    /// in this range's candidate interval: it is allocated (reserved) instead of the lowest free one.
+    /// in this range's network: it is allocated (reserved) instead of the lowest free one, also outside
+    /// `range_start`..`range_end` and inside `exclude` (those shape the dynamic pick only).
     pub requested: Option<IpAddr>,
+    /// The gateway of this range's network: its own `gateway` (an `ipRanges` entry's), else the
+    /// top-level one when it lies in this network. Returned with the range's address, never handed out.
+    pub gateway: Option<IpAddr>,
     /// Where the allocations are stored.
     pub pool: PoolTarget,
     /// The configured range's network, whose prefix the CNI result carries (also when sliced, as
@@ -200,16 +205,21 @@ pub struct ManagedRange {
 
 impl ManagedRange {
     /// A range allocated cluster-wide, in the pool named after it (`[network_name-]<range>`).
-    pub fn new(range: IpRange, requested: Option<IpAddr>, network_name: &str) -> Self {
+    pub fn new(
+        range: IpRange,
+        requested: Option<IpAddr>,
+        gateway: Option<IpAddr>,
+        network_name: &str,
+    ) -> Self {
         let network = range.network();
         let pool = PoolTarget { name: pool_name(network_name, None, &network), network };
-        ManagedRange { range, requested, pool, network }
+        ManagedRange { range, requested, gateway, pool, network }
     }
 
     /// This range narrowed to `slice`, the slice of it assigned to node `node`, where `inside` is what
     /// the slice offers ([`Slicing::check_assigned`]): allocation picks from `inside`, in the pool
     /// `[network_name-]<node>-<slice>` whose `spec.range` is the slice, and the result keeps this range's
-    /// prefix. A requested address must lie among the slice's candidates.
+    /// prefix. A requested address must lie in the slice.
     pub fn in_node_slice(
         &self,
         network_name: &str,
@@ -217,7 +227,7 @@ impl ManagedRange {
         slice: IpNet,
         inside: IpRange,
     ) -> Result<ManagedRange, ConfigError> {
-        if let Some(ip) = self.requested.filter(|ip| !inside.in_interval(*ip)) {
+        if let Some(ip) = self.requested.filter(|ip| !slice.contains(ip)) {
             return Err(ConfigError::invalid(
                 "requested address",
                 ip.to_string(),
@@ -225,7 +235,7 @@ impl ManagedRange {
             ));
         }
         let pool = PoolTarget { name: pool_name(network_name, Some(node), &slice), network: slice };
-        Ok(ManagedRange { range: inside, requested: self.requested, pool, network: self.network })
+        Ok(ManagedRange { range: inside, pool, ..self.clone() })
     }
 }
 
@@ -306,7 +316,8 @@ pub struct LogSettings {
 pub struct IpamConfig {
     /// Ranges in allocation order: top-level `range` first, then `ipRanges`.
     pub ranges: Vec<ManagedRange>,
-    /// `gateway`: returned on the addresses of the range (or static subnet) containing it.
+    /// The top-level `gateway`: returned on the static addresses whose subnet contains it (each range
+    /// carries its own in [`ManagedRange::gateway`]).
     pub gateway: Option<IpAddr>,
     /// `routes`.
     pub routes: Vec<Route>,
@@ -329,6 +340,20 @@ pub struct IpamConfig {
 }
 
 impl IpamConfig {
+    /// An ADD must give the pod an address: a configuration without `range`, `ipRanges` or `addresses`
+    /// (and no requested address outside every range) would answer success with none, and the pod
+    /// would get an interface nobody addressed.
+    pub fn check_assigns_an_address(&self) -> Result<(), ConfigError> {
+        if self.ranges.is_empty() && self.addresses.is_empty() {
+            return Err(ConfigError::invalid(
+                "range",
+                "",
+                "nothing to assign: set range, ipRanges or addresses (or request an address outside any range)",
+            ));
+        }
+        Ok(())
+    }
+
     /// `node_slice_size` as a slicing of the first range (the only one upstream's controller slices);
     /// `None` without `node_slice_size`. Errors name `node_slice_size`.
     pub fn node_slicing(&self) -> Result<Option<Slicing>, ConfigError> {
@@ -507,6 +532,21 @@ impl InlineIpam {
             None => return Err(ConfigError::Missing("config file not found".into())),
         };
         validate(raw, overlapping, call)
+    }
+}
+
+/// Which reserved address of an IPv4 subnet `ip` is, if any: a pod given the network or the broadcast
+/// address gets an interface that cannot talk, so asking for one is a mistake to name. (A range always
+/// has usable addresses, so its prefix is at most /30 and both exist.)
+fn subnet_role(network: IpNet, ip: IpAddr) -> Option<&'static str> {
+    if !ip.is_ipv4() {
+        None
+    } else if ip == network.network() {
+        Some("network address")
+    } else if ip == network.broadcast() {
+        Some("broadcast address")
+    } else {
+        None
     }
 }
 
@@ -714,7 +754,7 @@ fn release_view(raw: RawIpam, enable_overlapping_ranges: bool) -> Result<IpamCon
                 let network = parse_cidr_sloppy(cidr)?;
                 IpRange::new(network, None, None, Vec::new()).ok()
             })
-            .map(|range| ManagedRange::new(range, None, name))
+            .map(|range| ManagedRange::new(range, None, None, name))
             .collect(),
     };
     Ok(IpamConfig {
@@ -743,14 +783,17 @@ fn validate(
     let network_name = checked_network_name(&raw)?;
     let datastore = datastore_of(&raw)?;
     let log = log_settings(&raw);
-    // Ranges: the top-level one first, then ipRanges (upstream §1.5 steps 8-9).
+    // Ranges: the top-level one first, then ipRanges (upstream §1.5 steps 8-9), each with its own
+    // gateway when an ipRanges entry sets one.
     let mut ranges: Vec<IpRange> = Vec::new();
+    let mut own_gateways: Vec<Option<IpAddr>> = Vec::new();
     match non_empty(raw.range) {
         Some(range) => {
             let start = parse_bound("range_start", raw.range_start, true)?;
             let end = parse_bound("range_end", raw.range_end, true)?;
             let exclude = parse_exclude("exclude", raw.exclude)?;
             ranges.push(build_range("", range, start, end, exclude)?);
+            own_gateways.push(None);
         }
         None => {
             for (key, value) in [("range_start", &raw.range_start), ("range_end", &raw.range_end)] {
@@ -770,7 +813,17 @@ fn validate(
         let start = parse_bound(&format!("{prefix}range_start"), entry.range_start, false)?;
         let end = parse_bound(&format!("{prefix}range_end"), entry.range_end, false)?;
         let exclude = parse_exclude(&format!("{prefix}exclude"), entry.exclude)?;
-        ranges.push(build_range(&prefix, range, start, end, exclude)?);
+        let gateway = parse_bound(&format!("{prefix}gateway"), entry.gateway, false)?;
+        let range = build_range(&prefix, range, start, end, exclude)?;
+        if let Some(gateway) = gateway.as_ref().filter(|g| !range.contains(g.ip)) {
+            return Err(ConfigError::invalid(
+                format!("{prefix}gateway"),
+                &gateway.written,
+                format!("lies outside the range's network {}", range.network()),
+            ));
+        }
+        ranges.push(range);
+        own_gateways.push(gateway.map(|g| g.ip));
     }
     for (i, a) in ranges.iter().enumerate() {
         if let Some(b) = ranges[..i].iter().find(|b| b.overlaps(a)) {
@@ -826,38 +879,46 @@ fn validate(
         })
         .collect::<Result<Vec<_>, ConfigError>>()?;
 
-    // Requested addresses: one in a range's network is allocated from that range (and must lie among
-    // its candidates); one outside every range is returned as a static address.
+    // Requested addresses: one in a range's network is allocated from that range (anywhere in it: a
+    // dynamic interval carved out of a subnet leaves the rest for fixed addresses); one outside every
+    // range is returned as a static address. The same address asked for twice counts once.
     let mut requested: Vec<Option<IpAddr>> = vec![None; ranges.len()];
-    let from_args = call.args.ips.iter().map(|net| ("CNI_ARGS IP", net.to_string(), Some(*net)));
-    let from_conf = call.requested_ips.iter().map(|(key, v)| (*key, v.clone(), parse_cidr_sloppy(v)));
-    for (key, value, net) in from_conf.chain(from_args) {
-        let ip = net.map(|n| n.addr()).or_else(|| parse_ip_sloppy(&value));
+    let from_conf = call.requested_ips.iter().map(|(key, value)| {
+        let net = parse_cidr_sloppy(value);
+        (*key, value.clone(), net.map(|n| n.addr()).or_else(|| parse_ip_sloppy(value)), net)
+    });
+    let from_args = call.args.ips.iter().map(|r| ("CNI_ARGS IP", r.to_string(), Some(r.ip), r.net));
+    for (key, value, ip, net) in from_conf.chain(from_args) {
         let Some(ip) = ip else {
             return Err(ConfigError::invalid(key, value, "not an IP address or CIDR"));
         };
         match ranges.iter().position(|r| r.contains(ip)) {
-            Some(i) if !ranges[i].in_interval(ip) => {
-                return Err(ConfigError::invalid(
-                    key,
-                    value,
-                    format!("lies in range {} but outside its allocatable addresses", ranges[i].describe()),
-                ));
-            }
             Some(i) => {
-                if let Some(previous) = requested[i] {
+                if let Some(problem) = subnet_role(ranges[i].network(), ip) {
                     return Err(ConfigError::invalid(
                         key,
                         value,
-                        format!("{previous} is already requested in range {}", ranges[i].network()),
+                        format!("is the {problem} of {}", ranges[i].network()),
                     ));
                 }
-                requested[i] = Some(ip);
+                match requested[i] {
+                    Some(previous) if previous != ip => {
+                        return Err(ConfigError::invalid(
+                            key,
+                            value,
+                            format!("{previous} is already requested in range {}", ranges[i].network()),
+                        ));
+                    }
+                    _ => requested[i] = Some(ip),
+                }
             }
             None => {
                 let address = net.ok_or_else(|| {
                     ConfigError::invalid(key, &value, "outside every range, so it needs a prefix length")
                 })?;
+                if addresses.iter().any(|a| a.address == address) {
+                    continue;
+                }
                 let gateway = call.args.gateways.iter().copied().find(|g| address.contains(g));
                 addresses.push(StaticAddress { address, gateway });
             }
@@ -894,7 +955,11 @@ fn validate(
         ranges: ranges
             .into_iter()
             .zip(requested)
-            .map(|(range, requested)| ManagedRange::new(range, requested, &network_name))
+            .zip(own_gateways)
+            .map(|((range, requested), own_gateway)| {
+                let gateway = own_gateway.or(gateway.filter(|g| range.contains(*g)));
+                ManagedRange::new(range, requested, gateway, &network_name)
+            })
             .collect(),
         gateway,
         routes,

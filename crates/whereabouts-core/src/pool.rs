@@ -56,11 +56,22 @@ impl Allocation {
     /// Whether this allocation belongs to `owner` for the purpose of idempotent ADD.
     pub fn is_owned_by(&self, owner: &Owner) -> bool {
         self.ifname == owner.ifname
-            && match &owner.pod_ref {
-                Some(pod_ref) => &self.pod_ref == pod_ref,
-                None => self.pod_ref.is_empty() && self.container_id == owner.container_id,
+            && match owner.pod_ref.as_deref().and_then(identifying_pod_ref) {
+                Some(pod_ref) => self.pod_ref == pod_ref,
+                None => {
+                    identifying_pod_ref(&self.pod_ref).is_none() && self.container_id == owner.container_id
+                }
             }
     }
+}
+
+/// `pod_ref` when it identifies an attachment across sandboxes: a Kubernetes pod's
+/// `<namespace>/<name>`. Runtimes outside Kubernetes (podman) pass a container's name as
+/// `K8S_POD_NAME` without a namespace; such a name is unique only within one runtime's storage (two
+/// storage roots on one network may each run a `web`), so those attachments, like nameless ones, are
+/// identified by their container.
+pub fn identifying_pod_ref(pod_ref: &str) -> Option<&str> {
+    (!pod_ref.is_empty() && !pod_ref.starts_with('/')).then_some(pod_ref)
 }
 
 /// The owner of a cluster-wide address reservation: upstream's ORIP spec.
@@ -83,10 +94,11 @@ impl Reservation {
     /// Kubernetes).
     pub fn same_owner(&self, other: &Reservation) -> bool {
         self.ifname == other.ifname
-            && if self.pod_ref.is_empty() {
-                other.pod_ref.is_empty() && self.container_id == other.container_id
-            } else {
-                self.pod_ref == other.pod_ref
+            && match identifying_pod_ref(&self.pod_ref) {
+                Some(pod_ref) => other.pod_ref == pod_ref,
+                None => {
+                    identifying_pod_ref(&other.pod_ref).is_none() && self.container_id == other.container_id
+                }
             }
     }
 
@@ -384,8 +396,8 @@ impl Pool {
     /// Every address `owner` holds, lowest first (normally one; two while it moves to a requested
     /// address).
     pub fn owned(&self, owner: &Owner) -> Vec<u128> {
-        let (index, id) = match &owner.pod_ref {
-            Some(pod_ref) => (&self.owner_index().by_pod, pod_ref.as_str()),
+        let (index, id) = match owner.pod_ref.as_deref().and_then(identifying_pod_ref) {
+            Some(pod_ref) => (&self.owner_index().by_pod, pod_ref),
             None => (&self.owner_index().by_container, owner.container_id.as_str()),
         };
         let candidates = index.get(&owner_hash(id, &owner.ifname));
@@ -555,6 +567,17 @@ mod tests {
         bare.pod_ref.clear();
         assert!(bare.is_owned_by(&plain));
         assert!(!alloc("c1").is_owned_by(&plain), "a pod's allocation is not a bare container's");
+        // Podman's container name without a namespace is no identity: the container is.
+        let named = |container: &str| Owner {
+            container_id: container.into(),
+            pod_ref: Some("/web".into()),
+            ..k8s.clone()
+        };
+        let mut web = alloc("c1");
+        web.pod_ref = "/web".into();
+        assert!(web.is_owned_by(&named("c1")));
+        assert!(!web.is_owned_by(&named("c9")), "another storage root's `web` is another container");
+        assert!(web.is_owned_by(&plain));
     }
 
     proptest! {

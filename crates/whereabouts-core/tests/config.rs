@@ -108,7 +108,7 @@ fn ok(result: Loaded) -> IpamConfig {
 }
 
 #[track_caller]
-fn assert_invalid(case: &str, result: Loaded, key: &str, value: &str) {
+fn assert_invalid<T: std::fmt::Debug>(case: &str, result: Result<T, ConfigError>, key: &str, value: &str) {
     match result {
         Err(ConfigError::Invalid { key: k, value: v, reason }) => {
             assert_eq!((k.as_str(), v.as_str()), (key, value), "{case}: wrong key/value (reason: {reason})");
@@ -1019,24 +1019,85 @@ fn requested_addresses_outside_every_range_become_static() {
     assert_eq!(gw.gateway, Some(ip("192.168.5.1")));
 }
 
-/// A range's network is managed by whereabouts: an address there outside the range's candidates (its
-/// network or broadcast address, or outside range_start..range_end) would be handed out unreserved.
+/// A dynamic interval carved out of a subnet leaves the rest for fixed addresses (upstream returns
+/// them): an address outside range_start..range_end or inside exclude is allocated in the range's pool,
+/// so a second claimant is refused. The subnet's IPv4 network and broadcast addresses are refused.
 #[test]
-fn requested_addresses_in_a_range_but_outside_its_candidates_are_refused() {
-    let range = json!({"range": "10.0.0.0/24", "range_start": "10.0.0.100"});
-    for (value, source) in [
-        ("10.0.0.50/24", "args.cni.ips"),
-        ("10.0.0.255/24", "runtimeConfig.ips"),
-        ("10.0.0.0", "args.cni.ips"),
-    ] {
+fn requested_addresses_anywhere_in_a_range_are_allocated_there() {
+    let range = json!({"range": "10.0.0.0/24", "range_start": "10.0.0.100", "exclude": ["10.0.0.200/29"]});
+    for (value, source) in [("10.0.0.50/24", "args.cni.ips"), ("10.0.0.201", "runtimeConfig.ips")] {
+        let cfg = ok(load_requested(range.clone(), &[(source, value)], ""));
+        assert_eq!(requested(&cfg), [Some(ip(value.trim_end_matches("/24")))], "{value}");
+    }
+    for (value, source) in [("10.0.0.255/24", "runtimeConfig.ips"), ("10.0.0.0", "args.cni.ips")] {
         assert_invalid(value, load_requested(range.clone(), &[(source, value)], ""), source, value);
     }
+    assert_invalid("CNI_ARGS", load_requested(range, &[], "IP=10.0.0.255"), "CNI_ARGS IP", "10.0.0.255");
+}
+
+/// podman sends `IP=<address>` without a prefix for `--ip`, and may send the same address through
+/// `runtimeConfig.ips` too: asked twice, it counts once.
+#[test]
+fn bare_and_repeated_requests_are_one_request() {
+    let dual = json!({"range": "10.0.0.0/24", "ipRanges": [{"range": "fd00::/64"}]});
+    let cfg = ok(load_requested(
+        dual.clone(),
+        &[("runtimeConfig.ips", "10.0.0.50/24"), ("runtimeConfig.ips", "fd00::7")],
+        "IP=10.0.0.50,fd00::7,10.0.0.50/24",
+    ));
+    assert_eq!(requested(&cfg), [Some(ip("10.0.0.50")), Some(ip("fd00::7"))]);
+    // A bare address outside every range has no prefix to configure it with.
     assert_invalid(
-        "CNI_ARGS",
-        load_requested(range, &[], "IP=10.0.0.255/24"),
+        "bare outside",
+        load_requested(dual.clone(), &[], "IP=192.0.2.9"),
         "CNI_ARGS IP",
-        "10.0.0.255/24",
+        "192.0.2.9",
     );
+    // The same static address twice is returned once.
+    let cfg = ok(load_requested(dual, &[("runtimeConfig.ips", "192.0.2.9/24")], "IP=192.0.2.9/24"));
+    assert_eq!(cfg.addresses, [static_address("192.0.2.9/24", None)]);
+}
+
+/// An ADD with nothing to assign is a configuration error, not an empty success.
+#[test]
+fn a_configuration_without_addresses_cannot_add() {
+    let empty = ok(load(&ipam(json!({}))));
+    assert_invalid("empty", empty.check_assigns_an_address(), "range", "");
+    for extra in [
+        json!({"range": "10.0.0.0/24"}),
+        json!({"ipRanges": [{"range": "fd00::/64"}]}),
+        json!({"addresses": [{"address": "192.0.2.5/24"}]}),
+    ] {
+        assert_eq!(ok(load(&ipam(extra.clone()))).check_assigns_an_address(), Ok(()), "{extra}");
+    }
+    let requested_static = ok(load_requested(json!({}), &[], "IP=192.0.2.9/24"));
+    assert_eq!(requested_static.check_assigns_an_address(), Ok(()));
+}
+
+/// Each ipRanges entry may name its own gateway (dual stack behind a bridge with isGateway): it is
+/// that range's, and the top-level gateway belongs to the range containing it.
+#[test]
+fn each_range_carries_its_gateway() {
+    let cfg = ok(load(&ipam(json!({
+        "range": "10.0.0.0/24", "gateway": "10.0.0.1",
+        "ipRanges": [{"range": "fd00::/64", "gateway": "fd00::1"}, {"range": "10.1.0.0/24"}],
+    }))));
+    let gateways: Vec<Option<IpAddr>> = cfg.ranges.iter().map(|r| r.gateway).collect();
+    assert_eq!(gateways, [Some(ip("10.0.0.1")), Some(ip("fd00::1")), None]);
+    assert_refusals(&[
+        (
+            "outside its range",
+            json!({"ipRanges": [{"range": "fd00::/64", "gateway": "fd01::1"}]}),
+            "ipRanges[0].gateway",
+            "fd01::1",
+        ),
+        (
+            "not an IP",
+            json!({"ipRanges": [{"range": "fd00::/64"}, {"range": "10.0.0.0/24", "gateway": "x"}]}),
+            "ipRanges[1].gateway",
+            "x",
+        ),
+    ]);
 }
 
 /// DEL and GC only need the pools: a configuration ADD refuses still loads, by its ranges' networks.
@@ -1073,7 +1134,7 @@ fn refuses_unusable_requested_addresses() {
             "10.0.0.51/24",
         ),
         (&[("runtimeConfig.ips", "10.0.0.50")], "IP=10.0.0.51/24", "CNI_ARGS IP", "10.0.0.51/24"),
-        (&[], "IP=10.0.0.50/24,10.0.0.50/24", "CNI_ARGS IP", "10.0.0.50/24"),
+        (&[], "IP=10.0.0.50/24,10.0.0.52", "CNI_ARGS IP", "10.0.0.52"),
     ];
     for (requested_ips, cni_args, key, value) in cases {
         let case = format!("{requested_ips:?} {cni_args}");

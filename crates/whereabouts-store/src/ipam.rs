@@ -583,7 +583,7 @@ impl<'s, S: Store> Ipam<'s, S> {
         let PoolTarget { name, network } = &managed.pool;
         let mut announced = match managed.requested {
             None => self.store.queue_dir(name).and_then(|dir| {
-                let batch = batch_key((name, managed.range.describe(), config.gateway));
+                let batch = batch_key((name, managed.range.describe(), managed.gateway));
                 Announced::write(&dir, batch, &Request::Allocate(owner.clone()))
             }),
             Some(_) => None,
@@ -647,10 +647,8 @@ impl<'s, S: Store> Ipam<'s, S> {
                         Turn::Served(_) => self.lock(deadline, &name).await?,
                     };
                     let announced = announced.as_ref();
-                    self.allocate_locked(
-                        deadline, config, managed, owner, &blocked, announced, lock, contended,
-                    )
-                    .await?
+                    self.allocate_locked(deadline, managed, owner, &blocked, announced, lock, contended)
+                        .await?
                 }
             };
             let allocated = AllocatedIp { ip, network: managed.network };
@@ -727,7 +725,6 @@ impl<'s, S: Store> Ipam<'s, S> {
     async fn allocate_locked(
         &self,
         deadline: Instant,
-        config: &IpamConfig,
         managed: &ManagedRange,
         owner: &Owner,
         blocked: &IntervalSet,
@@ -745,10 +742,10 @@ impl<'s, S: Store> Ipam<'s, S> {
         let taken = self
             .update_locked(deadline, name, *network, lock.as_ref(), |pool, conflicts| {
                 let lane = Lane::of(writer, conflicts + u32::from(contended));
-                let start = lane_start(&managed.range, pool, config.gateway, blocked, lane)
+                let start = lane_start(&managed.range, pool, managed.gateway, blocked, lane)
                     .unwrap_or(managed.range.first());
                 let assignment =
-                    assign_from(&managed.range, pool, owner, managed.requested, config.gateway, blocked, start)
+                    assign_from(&managed.range, pool, owner, managed.requested, managed.gateway, blocked, start)
                         .map_err(|source| IpamError::Alloc { pool: name.clone(), source })?;
                 let unchanged = matches!(assignment, Assignment::Existing(a) if pool.get(a).is_some_and(|a| a.same_holder(&wanted)));
                 // A move to a requested address keeps the old address until the new one is
@@ -769,7 +766,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                     if !pool.owned(waiting).is_empty() {
                         continue;
                     }
-                    if let Ok(new) = assign_from(&managed.range, pool, waiting, None, config.gateway, blocked, start) {
+                    if let Ok(new) = assign_from(&managed.range, pool, waiting, None, managed.gateway, blocked, start) {
                         apply(pool, new, waiting);
                         served.push((index, new.addr()));
                     }
@@ -799,8 +796,9 @@ impl<'s, S: Store> Ipam<'s, S> {
         let PoolTarget { name, network } = &managed.pool;
         let (pool, _) = self.load_pool(deadline, name, *network).await?;
         loop {
-            let assignment = assign(&managed.range, &pool, owner, managed.requested, config.gateway, blocked)
-                .map_err(|source| IpamError::Alloc { pool: name.clone(), source })?;
+            let assignment =
+                assign(&managed.range, &pool, owner, managed.requested, managed.gateway, blocked)
+                    .map_err(|source| IpamError::Alloc { pool: name.clone(), source })?;
             let Assignment::New { addr, .. } = assignment else { return Ok(()) };
             let key = reservation_name(&config.network_name, from_u128(pool.family(), addr));
             let holder = self
@@ -968,7 +966,7 @@ impl<'s, S: Store> Ipam<'s, S> {
             let PoolTarget { name, network } = &managed.pool;
             let free = self
                 .inspect(deadline, name, *network, |pool| {
-                    lowest_free(&managed.range, pool, config.gateway, &IntervalSet::new())
+                    lowest_free(&managed.range, pool, managed.gateway, &IntervalSet::new())
                 })
                 .await?;
             if free.is_none() {
