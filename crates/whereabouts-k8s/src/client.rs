@@ -3,7 +3,8 @@
 //! (tokens, token files, client certificates, exec plugins), and the namespace of the current context,
 //! `kube-system` when it names none. That namespace holds the pools and reservations.
 
-use std::path::Path;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -79,6 +80,19 @@ pub fn context_namespace(kubeconfig: &Kubeconfig) -> Result<String, String> {
         .ok_or_else(|| format!("its current-context {current:?} is not among its contexts"))?;
     let namespace = context.context.as_ref().and_then(|c| c.namespace.clone()).unwrap_or_default();
     Ok(if namespace.is_empty() { DEFAULT_NAMESPACE.to_string() } else { namespace })
+}
+
+/// The kubeconfig a command uses, chosen as kubectl and client-go choose it: `flag` (`--kubeconfig`),
+/// else `KUBECONFIG`, else none (in-cluster).
+pub fn kubeconfig_path(flag: Option<&Path>) -> Option<PathBuf> {
+    flag.map(Path::to_path_buf).or_else(|| kubeconfig_from_env(std::env::var_os("KUBECONFIG")?.as_os_str()))
+}
+
+/// The file a `KUBECONFIG` value names: the first of its list that exists (kubectl merges the list;
+/// whereabouts reads one file), else its first entry, so that the error names it.
+fn kubeconfig_from_env(listed: &OsStr) -> Option<PathBuf> {
+    let paths: Vec<PathBuf> = std::env::split_paths(listed).filter(|p| !p.as_os_str().is_empty()).collect();
+    paths.iter().find(|p| p.is_file()).or(paths.first()).cloned()
 }
 
 /// Reads the kubeconfig at `path` and builds a client with `timeouts` on every request. No request is
@@ -192,5 +206,20 @@ mod tests {
         let connection = connect(&path, Timeouts::REQUESTS).await.unwrap();
         assert_eq!(connection.namespace, "wb");
         assert_eq!(connection.client.default_namespace(), "wb");
+    }
+
+    #[test]
+    fn kubeconfig_env_names_the_first_existing_file_else_its_first_entry() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let present = dir.path().join("present");
+        std::fs::write(&present, "").expect("write");
+        let missing = dir.path().join("missing");
+        let list = std::env::join_paths([&missing, &present]).expect("joinable");
+        assert_eq!(kubeconfig_from_env(&list), Some(present.clone()));
+        assert_eq!(kubeconfig_from_env(missing.as_os_str()), Some(missing.clone()));
+        assert_eq!(kubeconfig_from_env(OsStr::new("")), None);
+        assert_eq!(kubeconfig_from_env(OsStr::new("::")), None);
+        // The flag wins over the environment.
+        assert_eq!(kubeconfig_path(Some(&missing)), Some(missing));
     }
 }

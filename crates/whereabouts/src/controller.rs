@@ -17,11 +17,13 @@ use whereabouts_controller::metrics::Metrics;
 use whereabouts_controller::nad::FlatFile;
 use whereabouts_controller::schedule::{self, Sources};
 use whereabouts_controller::{Context, controller, nodeslice, reconcile};
+use whereabouts_k8s::client::kubeconfig_path;
 
 /// Where the controller finds the API server and its objects.
 #[derive(Debug, Args)]
 pub struct Connection {
-    /// A kubeconfig; without it, the pod's service account (in-cluster).
+    /// A kubeconfig; without it, the one `KUBECONFIG` names, else the pod's service account
+    /// (in-cluster).
     #[arg(long, env = "KUBECONFIG_PATH")]
     kubeconfig: Option<PathBuf>,
     /// The namespace of the IPPools, reservations, NodeSlicePools and the leader Lease (default: the
@@ -174,7 +176,7 @@ where
 
 async fn context(connection: &Connection) -> Result<Context, ExitCode> {
     let connected = whereabouts_k8s::client::connect_controller(
-        connection.kubeconfig.as_deref(),
+        kubeconfig_path(connection.kubeconfig.as_deref()).as_deref(),
         connection.namespace.as_deref(),
     )
     .await

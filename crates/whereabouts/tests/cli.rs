@@ -25,8 +25,15 @@ fn binary() -> &'static Path {
 
 /// Runs `whereabouts ARGS` (no CNI_COMMAND): (exit code, stdout, stderr).
 fn cli(args: &[&str]) -> (i32, String, String) {
+    cli_with_env(args, &[])
+}
+
+/// [`cli`] with `env` set (and `KUBECONFIG` only when `env` sets it).
+fn cli_with_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out: Output = Command::new(binary())
         .args(args)
+        .env_remove("KUBECONFIG")
+        .envs(env.iter().copied())
         .env_remove("CNI_COMMAND")
         .env_remove("WHEREABOUTS_NAMESPACE")
         .env_remove("KUBERNETES_SERVICE_HOST")
@@ -319,6 +326,24 @@ fn kube_args(cluster: &TestCluster, command: &[&str]) -> Vec<String> {
     args.extend(["--kubeconfig".into(), cluster.kubeconfig_path().display().to_string()]);
     args.extend(["--namespace".into(), cluster.namespace().to_string()]);
     args
+}
+
+/// Every Kubernetes client honours `KUBECONFIG` (kubectl, client-go, kube-rs): so does the CLI, after
+/// `--kubeconfig` and before in-cluster.
+#[tokio::test]
+async fn kubeconfig_env_names_the_cluster() {
+    let cluster = TestCluster::start().await;
+    kube_add(&cluster, "pod-env", "uid-env").await;
+    let kubeconfig = cluster.kubeconfig_path().display().to_string();
+    let namespace = cluster.namespace().to_string();
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        cli_with_env(&["pools", "-o", "json", "--namespace", &namespace], &[("KUBECONFIG", &kubeconfig)])
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(POOL), "{stdout}");
+    cluster.cleanup().await;
 }
 
 async fn held_ips(cluster: &TestCluster) -> Vec<String> {

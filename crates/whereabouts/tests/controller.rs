@@ -149,7 +149,9 @@ impl Controller {
         let mut child = tokio::process::Command::new(binary())
             .arg("controller")
             .args(cron)
-            .args(["--kubeconfig", &cluster.kubeconfig_path().display().to_string()])
+            // Through KUBECONFIG, as kubectl users name a cluster: the controller honours it.
+            .env("KUBECONFIG", cluster.kubeconfig_path())
+            .env_remove("KUBECONFIG_PATH")
             .args(["--namespace", cluster.namespace(), "--metrics-address", "127.0.0.1:0"])
             .args(["--log-level", "debug"])
             // A real cluster is shared: slice only this test's Nodes and NADs.

@@ -119,7 +119,7 @@ pub async fn run(args: LeaksArgs) -> Result<Outcome, CliError> {
     let Some(client) = opened.pods.clone() else {
         let store = if opened.kind == Kind::File { "file" } else { "etcd" };
         return Err(CliError::Usage(format!(
-            "leaks looks pods up in Kubernetes: with the {store} store, give --kubeconfig"
+            "leaks looks pods up in Kubernetes: with the {store} store, give --kubeconfig or set KUBECONFIG"
         )));
     };
     // The reconciler's order: reservations, pools, pods (see whereabouts_controller::reconcile).

@@ -11,7 +11,7 @@ use whereabouts_core::config::{
     CallContext, DEFAULT_ETCD_KEY_PREFIX, DEFAULT_FILE_STORE_DIR, Datastore, EtcdConfig, FlatFile,
     InlineIpam, IpamConfig, Purpose,
 };
-use whereabouts_k8s::client::{Connection, Timeouts, connect, connect_controller};
+use whereabouts_k8s::client::{Connection, Timeouts, connect, connect_controller, kubeconfig_path};
 use whereabouts_store::kubernetes::KubeStore;
 use whereabouts_store::{AnyStore, Store, StoreError};
 
@@ -41,7 +41,8 @@ pub struct StoreArgs {
     #[arg(long, value_enum)]
     pub datastore: Option<Kind>,
     /// A kubeconfig: the Kubernetes store's (overriding the configuration's), and where pods are
-    /// looked up. Without one the Kubernetes store is reached in-cluster.
+    /// looked up. Without one, the one `KUBECONFIG` names; without that, the configuration's, else
+    /// in-cluster.
     #[arg(long, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
     /// The namespace of the IPPools and reservations (default: the kubeconfig context's, else
@@ -77,19 +78,18 @@ impl std::fmt::Debug for Opened {
 
 /// Opens the store `args` name.
 pub async fn open(args: &StoreArgs) -> Result<Opened, CliError> {
+    let named_kubeconfig = kubeconfig_path(args.kubeconfig.as_deref());
     let (datastore, overlapping) = match &args.config {
         Some(path) => {
             let config = load_config(path)?;
             (config.datastore, config.enable_overlapping_ranges)
         }
-        None => (from_flags(args)?, true),
+        None => (from_flags(args, named_kubeconfig.is_some())?, true),
     };
     match datastore {
         Datastore::Kubernetes { kubeconfig } => {
-            let kubeconfig = args
-                .kubeconfig
-                .clone()
-                .or_else(|| (!kubeconfig.is_empty()).then(|| PathBuf::from(kubeconfig)));
+            let kubeconfig =
+                named_kubeconfig.or_else(|| (!kubeconfig.is_empty()).then(|| PathBuf::from(kubeconfig)));
             let connection = kube_connection(kubeconfig.as_deref(), args.namespace.as_deref()).await?;
             let store = KubeStore::new(connection.client.clone(), &connection.namespace, &connection.server);
             Ok(Opened {
@@ -117,7 +117,7 @@ pub async fn open(args: &StoreArgs) -> Result<Opened, CliError> {
             let store = open_store(&other, None, std::time::Instant::now()).await.map_err(|e| {
                 CliError::Open { store: if kind == Kind::File { "file" } else { "etcd" }, reason: e.msg }
             })?;
-            let pods = match &args.kubeconfig {
+            let pods = match &named_kubeconfig {
                 Some(path) => Some(kube_connection(Some(path), None).await?.client),
                 None => None,
             };
@@ -126,7 +126,7 @@ pub async fn open(args: &StoreArgs) -> Result<Opened, CliError> {
     }
 }
 
-fn from_flags(args: &StoreArgs) -> Result<Datastore, CliError> {
+fn from_flags(args: &StoreArgs, kubeconfig_named: bool) -> Result<Datastore, CliError> {
     let kind = args.datastore.unwrap_or(if args.file_store_dir.is_some() {
         Kind::File
     } else if args.etcd_host.is_some() {
@@ -151,9 +151,9 @@ fn from_flags(args: &StoreArgs) -> Result<Datastore, CliError> {
             ..EtcdConfig::default()
         }),
         Kind::Kubernetes => {
-            if args.kubeconfig.is_none() && std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+            if !kubeconfig_named && std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
                 return Err(CliError::Usage(
-                    "which store? give --config FILE, or --kubeconfig (the Kubernetes store), \
+                    "which store? give --config FILE, or --kubeconfig or KUBECONFIG (the Kubernetes store), \
                      --etcd-host or --file-store-dir"
                         .into(),
                 ));
