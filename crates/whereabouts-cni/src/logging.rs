@@ -7,11 +7,16 @@ use std::fs::OpenOptions;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use tracing::level_filters::LevelFilter;
 use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::writer::{BoxMakeWriter, MakeWriterExt};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 use whereabouts_core::config::{LogLevel, LogSettings};
 
 struct UpstreamFormat;
@@ -38,13 +43,15 @@ where
     }
 }
 
-/// Installs the process-wide logger; later calls in the same process are no-ops.
+/// Installs the process-wide logger; later calls in the same process are no-ops. The level applies to
+/// whereabouts' own events; the libraries under it (hyper, tower, kube, tonic) log at warn at most, so
+/// the log says what whereabouts did and why, not how connections were pooled.
 pub fn init(settings: &LogSettings) {
     let max = match settings.level {
-        LogLevel::Debug => tracing::level_filters::LevelFilter::DEBUG,
-        LogLevel::Verbose => tracing::level_filters::LevelFilter::INFO,
-        LogLevel::Error => tracing::level_filters::LevelFilter::ERROR,
-        LogLevel::Panic => tracing::level_filters::LevelFilter::OFF,
+        LogLevel::Debug => LevelFilter::DEBUG,
+        LogLevel::Verbose => LevelFilter::INFO,
+        LogLevel::Error => LevelFilter::ERROR,
+        LogLevel::Panic => LevelFilter::OFF,
     };
     let file = settings.file.as_ref().and_then(|path| {
         let opened = OpenOptions::new().create(true).append(true).open(path);
@@ -57,9 +64,13 @@ pub fn init(settings: &LogSettings) {
         Some(file) => BoxMakeWriter::new(std::io::stderr.and(Mutex::new(file))),
         None => BoxMakeWriter::new(std::io::stderr),
     };
-    let _ = tracing_subscriber::fmt()
-        .event_format(UpstreamFormat)
-        .with_writer(writer)
-        .with_max_level(max)
+    let filter = Targets::new().with_default(max.min(LevelFilter::WARN)).with_target("whereabouts", max);
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .event_format(UpstreamFormat)
+                .with_writer(writer)
+                .with_filter(filter),
+        )
         .try_init();
 }
