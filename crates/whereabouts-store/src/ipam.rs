@@ -324,8 +324,21 @@ impl<'s, S: Store> Ipam<'s, S> {
     /// the nodes writing it ([`Store::take_turn`]).
     async fn lock(&self, deadline: Instant, name: &str) -> Result<Option<PoolLock>, IpamError> {
         let lock = self.lock_queue(deadline, name).await?;
-        self.store.take_turn(name, deadline).await;
+        self.take_turn(deadline, name).await;
         Ok(lock)
+    }
+
+    /// Takes this node's turn among the nodes writing a pool, but only while they contend for it: a
+    /// write of this node lost a race recently, or the last turn had to wait for another node. A
+    /// turn costs requests of its own (the pool Lease: read, take, give back), which a pool written by
+    /// one node at a time would pay on every ADD for nothing.
+    async fn take_turn(&self, deadline: Instant, name: &str) {
+        let Some(queue) = self.store.queue_dir(name).filter(|queue| recently_contended(queue)) else {
+            return;
+        };
+        if self.store.take_turn(name, deadline).await {
+            mark_contended(&queue);
+        }
     }
 
     async fn lock_queue(&self, deadline: Instant, name: &str) -> Result<Option<PoolLock>, IpamError> {
@@ -350,7 +363,7 @@ impl<'s, S: Store> Ipam<'s, S> {
             lock = self.lock_queue(deadline, name) => lock?,
             answer = announced.served() => return Ok(Turn::Served(answer)),
         };
-        self.store.take_turn(name, deadline).await;
+        self.take_turn(deadline, name).await;
         Ok(Turn::Locked(lock))
     }
 

@@ -297,11 +297,14 @@ impl Store for KubeStore {
         node_local_lock(&self.lock_dir, "kubernetes", (&self.queue_key, name), deadline).await
     }
 
-    async fn take_turn(&self, name: &str, deadline: Instant) {
+    async fn take_turn(&self, name: &str, deadline: Instant) -> bool {
         let holder = format!("{}/{}-{:08x}", self.queue_key.2, std::process::id(), fastrand::u32(..));
-        if let Some(held) = pool_lease::acquire(&self.leases, name, &holder, deadline).await {
-            self.held_leases.lock().unwrap_or_else(PoisonError::into_inner).insert(name.to_string(), held);
-        }
+        let Some(held) = pool_lease::acquire(&self.leases, name, &holder, deadline).await else {
+            return false;
+        };
+        let waited = held.waited;
+        self.held_leases.lock().unwrap_or_else(PoisonError::into_inner).insert(name.to_string(), held);
+        waited
     }
 
     async fn end_turn(&self, name: &str) {

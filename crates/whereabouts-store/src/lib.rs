@@ -119,11 +119,12 @@ pub trait Store: Send + Sync {
     }
 
     /// Waits, after [`Store::lock_pool`], for this node's turn among the nodes writing the pool, where
-    /// the store has such turns (the Kubernetes store's pool Lease), until `deadline` at most. Turns
-    /// are an optimisation: without one the write is still a compare-and-swap.
-    fn take_turn(&self, name: &str, deadline: Instant) -> impl Future<Output = ()> + Send {
+    /// the store has such turns (the Kubernetes store's pool Lease), until `deadline` at most; says
+    /// whether another node held the turn meanwhile. Turns are an optimisation: without one the write
+    /// is still a compare-and-swap.
+    fn take_turn(&self, name: &str, deadline: Instant) -> impl Future<Output = bool> + Send {
         let _ = (name, deadline);
-        std::future::ready(())
+        std::future::ready(false)
     }
 
     /// Ends the turn [`Store::take_turn`] took, before the lock is dropped.
@@ -220,7 +221,7 @@ impl Store for AnyStore {
         delegate!(self, s => s.lock_pool(name, deadline))
     }
 
-    async fn take_turn(&self, name: &str, deadline: Instant) {
+    async fn take_turn(&self, name: &str, deadline: Instant) -> bool {
         delegate!(self, s => s.take_turn(name, deadline))
     }
 

@@ -50,6 +50,8 @@ pub(crate) fn lease_name(pool: &str) -> String {
 #[derive(Debug)]
 pub(crate) struct HeldLease {
     lease: Lease,
+    /// Whether another writer held it when first looked at: other nodes are writing the pool.
+    pub(crate) waited: bool,
 }
 
 /// Takes the Lease of pool `pool` for `holder`, waiting for its current holder until `deadline`.
@@ -64,6 +66,7 @@ pub(crate) async fn acquire(
     // The version last seen and since when, on this clock.
     let mut seen: Option<(String, Instant)> = None;
     let mut pause = FIRST_POLL;
+    let mut waited = false;
     while Instant::now() < deadline {
         let current = match leases.get_opt(&name).await {
             Ok(current) => current,
@@ -78,8 +81,11 @@ pub(crate) async fn acquire(
                 spec: Some(spec_for(holder)),
             };
             match leases.create(&PostParams::default(), &lease).await {
-                Ok(lease) => return Some(HeldLease { lease }),
-                Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                Ok(lease) => return Some(HeldLease { lease, waited }),
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    waited = true;
+                    continue;
+                }
                 Err(e) => {
                     tracing::debug!("Lease {name}: {e}; writing without it");
                     return None;
@@ -97,6 +103,7 @@ pub(crate) async fn acquire(
             }
         };
         if busy && !expired {
+            waited = true;
             let wait =
                 pause.mul_f64(0.5 + fastrand::f64()).min(deadline.saturating_duration_since(Instant::now()));
             tokio::time::sleep(wait).await;
@@ -109,8 +116,8 @@ pub(crate) async fn acquire(
         lease.spec = Some(spec_for(holder));
         // A replace carries the version read: it fails if anyone took the Lease in between.
         match leases.replace(&name, &PostParams::default(), &lease).await {
-            Ok(lease) => return Some(HeldLease { lease }),
-            Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => {}
+            Ok(lease) => return Some(HeldLease { lease, waited }),
+            Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => waited = true,
             Err(e) => {
                 tracing::debug!("Lease {name}: {e}; writing without it");
                 return None;
@@ -122,7 +129,7 @@ pub(crate) async fn acquire(
 
 /// Gives the Lease back (empties its holder), unless someone took it over since.
 pub(crate) async fn release(leases: &Api<Lease>, held: HeldLease) {
-    let HeldLease { mut lease } = held;
+    let HeldLease { mut lease, .. } = held;
     let name = lease.metadata.name.clone().unwrap_or_default();
     if let Some(spec) = lease.spec.as_mut() {
         spec.holder_identity = None;

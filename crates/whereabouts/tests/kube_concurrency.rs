@@ -37,8 +37,9 @@ use serde_json::{Value, json};
 use whereabouts_core::pool::{Allocation, Pool, PoolSpec};
 use whereabouts_core::range::{pool_name, reservation_name};
 use whereabouts_k8s::crd::{IPPool, OverlappingRangeIPReservation};
-use whereabouts_k8s::kube::Api;
+use whereabouts_k8s::k8s_openapi::api::coordination::v1::Lease;
 use whereabouts_k8s::kube::api::{DeleteParams, ListParams, PostParams};
+use whereabouts_k8s::kube::{Api, ResourceExt};
 use whereabouts_kube_testing::TestCluster;
 
 const NODES: usize = 10;
@@ -545,6 +546,13 @@ fn a_burst_of_adds_and_dels_on_one_pool_never_duplicates_or_loses() {
 
     let first: Vec<Pod> = (0..NODES).flat_map(|n| (0..20).map(move |i| Pod::new("a", n, i, 0))).collect();
     step(&runtime, &cluster, &plugin, &mut ledger, &adds(&first), "200 ADDs at once");
+    // Ten nodes contended for the pool, so their writers took turns through its Lease.
+    let leases: Api<Lease> = Api::namespaced(cluster.client(), cluster.namespace());
+    let turns = runtime.block_on(leases.list(&ListParams::default())).expect("list Leases");
+    assert!(
+        turns.items.iter().any(|lease| lease.name_any().starts_with("whereabouts-pool-")),
+        "no pool Lease after 200 ADDs from 10 nodes"
+    );
 
     // Half of them go while 100 new pods come.
     let second: Vec<Pod> = (0..NODES).flat_map(|n| (20..30).map(move |i| Pod::new("a", n, i, 0))).collect();

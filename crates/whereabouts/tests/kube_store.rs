@@ -880,7 +880,7 @@ async fn add_without_a_pod_name_is_refused() {
         run_plugin("ADD", &pod, &format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={POD_NAMESPACE}"), &net).await;
     let (code, msg) = outcome.failure("ADD without K8S_POD_NAME");
     assert_eq!(code, INVALID_ENV);
-    assert_eq!(msg, "CNI_ARGS has no K8S_POD_NAME: the kubernetes datastore allocates for pods only");
+    assert_eq!(msg, "CNI_ARGS has no K8S_POD_NAMESPACE and K8S_POD_NAME: the kubernetes datastore allocates for pods only");
     assert_eq!(store(&cluster).list_pools().await, Ok(vec![]), "nothing written");
     cluster.cleanup().await;
 }
@@ -952,22 +952,23 @@ async fn fake_cluster(why: &str) -> Option<TestCluster> {
 }
 
 /// An ADD on an empty pool is two writes of whereabouts objects (the pool, created with its entry,
-/// then the reservation; no separate create of an empty pool) and the pool's Lease taken and given
-/// back (created, then emptied).
+/// then the reservation; no separate create of an empty pool), and one on an existing pool one patch
+/// and one reservation: no Lease turn while no other node contends for the pool.
 #[tokio::test(flavor = "multi_thread")]
-async fn an_add_on_a_quiet_pool_is_two_object_writes_and_a_lease_turn() {
+async fn an_add_on_a_quiet_pool_is_two_object_writes() {
     let Some(cluster) = fake_cluster("counts requests of the fake API server").await else { return };
     let fake = cluster.fake().expect("the fake API server");
     let net = netconf(&cluster, json!({ "range": "192.0.2.0/24" }));
     let before = fake.stats();
     assert_eq!(add(&Pod::new("quiet-a"), &net).await, ["192.0.2.1/24"]);
     let after = fake.stats();
-    assert_eq!(after.writes - before.writes, 2 + 2, "{before:?} → {after:?}");
+    assert_eq!(after.writes - before.writes, 2, "{before:?} → {after:?}");
     assert_eq!(after.conflicts - before.conflicts, 0, "{before:?} → {after:?}");
-    // The second ADD on the existing pool: one patch, one reservation, the Lease taken and given back.
     assert_eq!(add(&Pod::new("quiet-b"), &net).await, ["192.0.2.2/24"]);
     let last = fake.stats();
-    assert_eq!(last.writes - after.writes, 2 + 2, "{after:?} → {last:?}");
+    assert_eq!(last.writes - after.writes, 2, "{after:?} → {last:?}");
+    let leases: Api<Lease> = Api::namespaced(cluster.client(), cluster.namespace());
+    assert_eq!(leases.get_opt("whereabouts-pool-192.0.2.0-24").await.expect("get"), None);
     cluster.cleanup().await;
 }
 
@@ -1055,7 +1056,7 @@ async fn objects_land_in_the_kubeconfig_context_namespace() {
         raw_spec::<OverlappingRangeIPReservation>(&cluster, &reservation).await,
         Some(pod.stored_reservation())
     );
-    // Not upstream's cluster-wide Lease `whereabouts`: only the pool's own, in the same namespace.
+    // Not upstream's cluster-wide Lease `whereabouts` (nor, on a quiet pool, the pool's own).
     let leases: Api<Lease> = Api::namespaced(cluster.client(), cluster.namespace());
     let names: Vec<String> = leases
         .list(&ListParams::default())
@@ -1065,7 +1066,7 @@ async fn objects_land_in_the_kubeconfig_context_namespace() {
         .iter()
         .map(|l| l.name_any())
         .collect();
-    assert_eq!(names, [format!("whereabouts-pool-{pool}")]);
+    assert_eq!(names, Vec::<String>::new());
     for elsewhere in ["kube-system", POD_NAMESPACE] {
         assert_eq!(raw_spec_in::<IPPool>(&cluster, elsewhere, &pool).await, None, "pool in {elsewhere}");
         assert_eq!(
@@ -1100,15 +1101,17 @@ async fn a_failing_api_server_is_try_again_later_within_the_retry_window() {
 }
 
 /// A pool's Lease left held by a plugin that died is passed over once it was seen unchanged for its
-/// duration (2 s): the ADD waits that long, then succeeds, and gives the Lease back.
+/// duration (2 s): a turn waits that long, then takes it (saying it waited for another writer), and
+/// gives it back. An ADD on a pool no other node contends for does not look at the Lease at all.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pool_lease_left_by_a_dead_writer_is_taken_over() {
     let cluster = TestCluster::start().await;
     let net = netconf(&cluster, json!({ "range": "192.0.2.0/24" }));
     let leases: Api<Lease> = Api::namespaced(cluster.client(), cluster.namespace());
-    let name = "whereabouts-pool-192.0.2.0-24";
+    let pool = "192.0.2.0-24";
+    let name = format!("whereabouts-pool-{pool}");
     let stale = Lease {
-        metadata: ObjectMeta { name: Some(name.to_owned()), ..ObjectMeta::default() },
+        metadata: ObjectMeta { name: Some(name.clone()), ..ObjectMeta::default() },
         spec: Some(LeaseSpec {
             holder_identity: Some("gone-node/1-dead".to_owned()),
             lease_duration_seconds: Some(2),
@@ -1117,10 +1120,17 @@ async fn a_pool_lease_left_by_a_dead_writer_is_taken_over() {
     };
     leases.create(&PostParams::default(), &stale).await.expect("create the Lease of a dead writer");
     let started = Instant::now();
-    assert_eq!(add(&Pod::new("after-crash"), &net).await, ["192.0.2.1/24"]);
+    assert_eq!(add(&Pod::new("quiet-pool"), &net).await, ["192.0.2.1/24"]);
+    assert!(started.elapsed() < Duration::from_secs(2), "a quiet pool's ADD waited for its Lease");
+
+    let store = store(&cluster);
+    let started = Instant::now();
+    assert!(store.take_turn(pool, started + Duration::from_secs(20)).await, "waited for another writer");
     let waited = started.elapsed();
     assert!(waited >= Duration::from_secs(2), "took a live-looking Lease after {waited:?}");
-    let lease = leases.get(name).await.expect("the pool's Lease");
-    assert_eq!(lease.spec.and_then(|spec| spec.holder_identity), None, "the Lease was given back");
+    let holder = |lease: Lease| lease.spec.and_then(|spec| spec.holder_identity);
+    assert_ne!(holder(leases.get(&name).await.expect("the pool's Lease")), Some("gone-node/1-dead".into()));
+    store.end_turn(pool).await;
+    assert_eq!(holder(leases.get(&name).await.expect("the pool's Lease")), None, "the Lease was given back");
     cluster.cleanup().await;
 }
