@@ -14,8 +14,8 @@
 //! subnets and cgroup parent, so the tests run in parallel; the bridge has no address, so traffic
 //! stays between the test's own containers.
 //!
-//! Needs root; installs podman, runc, busybox-static and containernetworking-plugins when missing
-//! (`scripts/ensure-packages.sh`), and fails when it cannot. Without root a test prints why and passes,
+//! Needs root; installs podman, runc, busybox-static, containernetworking-plugins and iproute2 when
+//! missing (`scripts/ensure-packages.sh`), and fails when it cannot. Without root a test prints why and passes,
 //! unless `CI` is set, where it fails. A Drop guard removes everything a test made (containers, the
 //! network and its bridge, the cgroups, podman's CNI cache entries, the temp dir), also on failure.
 
