@@ -11,50 +11,25 @@
 //! and passes, unless `CI` is set, where it fails. Only documentation ranges are used, every name
 //! carries the process id and a counter, and everything is removed by Drop guards, also on failure.
 
+mod e2e_support;
+
 mod support {
     use std::collections::BTreeSet;
     use std::net::IpAddr;
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
     use std::process::{Command, Output, Stdio};
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
     use serde_json::{Value, json};
-    use tempfile::TempDir;
 
-    /// Where Debian's containernetworking-plugins live.
-    pub const CNI_DIR: &str = "/usr/lib/cni";
+    use crate::e2e_support::{
+        CNI_DIR, HostLink, Sandbox, address_part, have_tool, is_root, output, ready_or_skip, run, unique,
+    };
 
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-    /// `<prefix><pid>x<counter>`: unique within this process and across concurrent test processes.
-    pub fn unique(prefix: &str) -> String {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        format!("{prefix}{}x{n}", std::process::id())
-    }
-
-    /// [`unique`] for an interface name, which must stay within 15 bytes.
-    fn unique_ifname(prefix: &str) -> String {
-        let name = unique(prefix);
-        assert!(name.len() <= 15, "name {name} too long for an interface");
-        name
-    }
-
-    fn effective_uid() -> Option<u32> {
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-        line.split_whitespace().nth(2)?.parse().ok()
-    }
-
-    fn have_tool(tool: &str) -> bool {
-        Command::new(tool).arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
-    }
-
-    /// Whether this machine can run the tests. When it cannot: fail under `CI`, otherwise say why and
-    /// let the caller return early.
+    /// Whether this machine can run the tests (see [`ready_or_skip`]).
     pub fn preflight(plugin: &str) -> bool {
         let plugin_path = Path::new(CNI_DIR).join(plugin);
-        let problem = if effective_uid() != Some(0) {
+        let problem = if !is_root() {
             Some("not running as root".to_string())
         } else if !plugin_path.is_file() {
             Some(format!("{} is missing", plugin_path.display()))
@@ -63,38 +38,7 @@ mod support {
         } else {
             None
         };
-        match problem {
-            None => true,
-            Some(why) if std::env::var_os("CI").is_some() => {
-                panic!("e2e_netns: {why}; these tests must run in CI")
-            }
-            Some(why) => {
-                eprintln!("e2e_netns: skipped: {why}");
-                false
-            }
-        }
-    }
-
-    /// Runs a command, returning its output whatever the exit status.
-    pub fn output(program: &str, args: &[&str]) -> Output {
-        Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
-    }
-
-    /// Runs a command that must succeed; returns its stdout.
-    pub fn run(program: &str, args: &[&str]) -> String {
-        let out = output(program, args);
-        assert!(
-            out.status.success(),
-            "{program} {args:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        ready_or_skip("e2e_netns", problem)
     }
 
     /// A network namespace, deleted on drop.
@@ -193,135 +137,21 @@ mod support {
         }
     }
 
-    /// A link in the host namespace (a bridge made by the plugin or a dummy we make), deleted on drop.
-    #[derive(Debug)]
-    pub struct HostLink {
-        pub name: String,
-    }
-
-    impl HostLink {
-        /// Reserves a name for a link the plugin will create; removed on drop if it exists.
-        pub fn named(prefix: &str) -> Self {
-            HostLink { name: unique_ifname(prefix) }
+    /// Creates a dummy link to be a macvlan master and sets it up. Kernels built without the
+    /// dummy driver get an empty bridge instead (no ports, no address): to macvlan it is the
+    /// same isolated lower device.
+    fn macvlan_master() -> HostLink {
+        let link = HostLink::named("wbd");
+        let dummy = output("ip", &["link", "add", &link.name, "type", "dummy"]);
+        if !dummy.status.success() {
+            eprintln!(
+                "e2e_netns: no dummy links here ({}); using an empty bridge as macvlan master",
+                String::from_utf8_lossy(&dummy.stderr).trim()
+            );
+            run("ip", &["link", "add", &link.name, "type", "bridge"]);
         }
-
-        /// Creates a dummy link to be a macvlan master and sets it up. Kernels built without the
-        /// dummy driver get an empty bridge instead (no ports, no address): to macvlan it is the
-        /// same isolated lower device.
-        pub fn macvlan_master() -> Self {
-            let link = Self::named("wbd");
-            let dummy = output("ip", &["link", "add", &link.name, "type", "dummy"]);
-            if !dummy.status.success() {
-                eprintln!(
-                    "e2e_netns: no dummy links here ({}); using an empty bridge as macvlan master",
-                    String::from_utf8_lossy(&dummy.stderr).trim()
-                );
-                run("ip", &["link", "add", &link.name, "type", "bridge"]);
-            }
-            run("ip", &["link", "set", &link.name, "up"]);
-            link
-        }
-
-        pub fn exists(&self) -> bool {
-            output("ip", &["link", "show", "dev", &self.name]).status.success()
-        }
-    }
-
-    impl Drop for HostLink {
-        fn drop(&mut self) {
-            if self.exists() {
-                let _ = output("ip", &["link", "del", "dev", &self.name]);
-            }
-        }
-    }
-
-    /// A temp dir with `bin/whereabouts` (a symlink to the binary under test) and the file store.
-    #[derive(Debug)]
-    pub struct Sandbox {
-        dir: TempDir,
-    }
-
-    impl Sandbox {
-        pub fn new() -> Self {
-            let dir = tempfile::Builder::new().prefix("wb-e2e-netns-").tempdir().expect("temp dir");
-            let bin = dir.path().join("bin");
-            std::fs::create_dir(&bin).expect("mkdir bin");
-            std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_whereabouts"), bin.join("whereabouts"))
-                .expect("symlink whereabouts");
-            Sandbox { dir }
-        }
-
-        pub fn cni_path(&self) -> String {
-            format!("{}:{CNI_DIR}", self.dir.path().join("bin").display())
-        }
-
-        pub fn store(&self) -> PathBuf {
-            self.dir.path().join("store")
-        }
-
-        /// Every allocation in every pool file: (address, container id, podref).
-        pub fn allocations(&self) -> BTreeSet<(IpAddr, String, String)> {
-            let mut out = BTreeSet::new();
-            for path in json_files(&self.store().join("pools")) {
-                let text = std::fs::read_to_string(&path).expect("read pool");
-                let pool: Value = serde_json::from_str(&text).expect("pool is JSON");
-                let range = pool["range"].as_str().expect("pool.range");
-                let allocations = pool["allocations"].as_object().cloned().unwrap_or_default();
-                for (offset, owner) in allocations {
-                    let offset: u128 = offset.parse().expect("offset is a number");
-                    out.insert((
-                        nth_address(range, offset),
-                        owner["id"].as_str().unwrap_or_default().to_string(),
-                        owner["podref"].as_str().unwrap_or_default().to_string(),
-                    ));
-                }
-            }
-            out
-        }
-
-        /// The reservation files in the store.
-        pub fn reservations(&self) -> Vec<PathBuf> {
-            json_files(&self.store().join("reservations"))
-        }
-
-        /// Dumps the store, for failure messages.
-        pub fn dump_store(&self) -> String {
-            let mut text = String::new();
-            for dir in ["pools", "reservations"] {
-                for path in json_files(&self.store().join(dir)) {
-                    let content = std::fs::read_to_string(&path).unwrap_or_default();
-                    text.push_str(&format!("{}: {content}\n", path.display()));
-                }
-            }
-            text
-        }
-    }
-
-    fn json_files(dir: &Path) -> Vec<PathBuf> {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return Vec::new();
-        };
-        let mut files: Vec<PathBuf> = entries
-            .map(|e| e.expect("dir entry").path())
-            .filter(|p| {
-                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                name.ends_with(".json") && !name.starts_with('.')
-            })
-            .collect();
-        files.sort();
-        files
-    }
-
-    /// The address `offset` places after the network address of `cidr`.
-    fn nth_address(cidr: &str, offset: u128) -> IpAddr {
-        let (network, _) = cidr.split_once('/').expect("pool range is a CIDR");
-        match network.parse::<IpAddr>().expect("pool range address") {
-            IpAddr::V4(a) => {
-                let offset = u32::try_from(offset).expect("v4 offset");
-                IpAddr::V4((u32::from(a) + offset).into())
-            }
-            IpAddr::V6(a) => IpAddr::V6((u128::from(a) + offset).into()),
-        }
+        run("ip", &["link", "set", &link.name, "up"]);
+        link
     }
 
     /// One attachment: a container (namespace) with its id and pod.
@@ -431,10 +261,6 @@ mod support {
             .collect()
     }
 
-    pub fn address_part(cidr: &str) -> IpAddr {
-        cidr.split_once('/').map_or(cidr, |(a, _)| a).parse().expect("address")
-    }
-
     /// Which reference plugin attaches the namespaces.
     #[derive(Debug, Clone, Copy)]
     pub enum Attach {
@@ -470,7 +296,7 @@ mod support {
             // Declared before the namespaces, so dropped after them.
             let link = match self.attach {
                 Attach::Bridge => HostLink::named("wbb"),
-                Attach::Macvlan => HostLink::macvlan_master(),
+                Attach::Macvlan => macvlan_master(),
             };
             let net_name = unique("e2e-net-");
             let mut ipam = self.ranges.clone();
