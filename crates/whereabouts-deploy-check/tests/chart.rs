@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 use whereabouts_deploy_check::{
-    chart_dir, deploy_dir, documents, find, identity, kinds, plain_manifests, rendered_chart,
+    RELEASE, chart_dir, deploy_dir, documents, find, identity, kinds, plain_manifests, rendered_chart,
 };
 
 fn by_identity(docs: &[Value]) -> BTreeMap<(String, String, String), Value> {
@@ -196,7 +196,8 @@ fn image_log_level_node_slices_metrics_and_scheduling_values() {
 
 #[test]
 fn rendered_documents_parse_as_yaml_streams() {
-    let text = whereabouts_deploy_check::helm::render(&chart_dir(), None).expect("renders");
+    let text =
+        whereabouts_deploy_check::helm::render(&chart_dir(), RELEASE, None).expect("renders").manifests;
     assert!(!text.contains("<no value>"), "{text}");
     assert_eq!(documents(&text).expect("YAML").len(), 6);
 }
