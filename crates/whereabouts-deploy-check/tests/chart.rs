@@ -8,8 +8,10 @@
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
+use whereabouts_deploy_check::helm::Release;
 use whereabouts_deploy_check::{
     RELEASE, chart_dir, deploy_dir, documents, find, identity, kinds, plain_manifests, rendered_chart,
+    rendered_chart_as,
 };
 
 fn by_identity(docs: &[Value]) -> BTreeMap<(String, String, String), Value> {
@@ -94,6 +96,31 @@ fn the_chart_yaml_names_the_workspace_version() {
     assert_eq!(chart["name"], "whereabouts");
     assert_eq!(chart["apiVersion"], "v2");
     assert_eq!(chart["appVersion"], env!("CARGO_PKG_VERSION"));
+}
+
+/// Namespaces of the namespaced objects and of the binding's subject.
+fn namespaces(docs: &[Value]) -> Vec<String> {
+    let mut namespaces: Vec<String> = docs
+        .iter()
+        .filter(|doc| !identity(doc).0.starts_with("Cluster"))
+        .map(|doc| identity(doc).1)
+        .collect();
+    let binding = find(docs, "ClusterRoleBinding", "whereabouts");
+    namespaces.push(binding["subjects"][0]["namespace"].as_str().unwrap_or_default().to_owned());
+    namespaces.sort();
+    namespaces.dedup();
+    namespaces
+}
+
+#[test]
+fn everything_goes_into_the_release_namespace_unless_namespace_is_set() {
+    let release = Release { name: "cni", namespace: "foo" };
+    assert_eq!(namespaces(&rendered_chart_as(release, None)), ["foo"]);
+    let cronjob = json!({"ip_reconciler": {"mode": "cronjob"}});
+    assert_eq!(namespaces(&rendered_chart_as(release, Some(&cronjob))), ["foo"]);
+    // `namespace` (the Tanzu package's key) wins over the release's.
+    assert_eq!(namespaces(&rendered_chart_as(release, Some(&json!({"namespace": "bar"})))), ["bar"]);
+    assert_eq!(namespaces(&rendered_chart_as(release, Some(&tanzu_values()))), ["tanzu-system-networking"]);
 }
 
 #[test]

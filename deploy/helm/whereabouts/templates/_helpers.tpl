@@ -1,9 +1,11 @@
 {{/*
 Helpers. The chart is also rendered by crates/whereabouts-deploy-check (gtmpl, not helm): keep to
-Go template actions, `define`/`template` (no `include`; and, as in Go, a `template` action's
-output cannot be piped) and the sprig functions toYaml, nindent,
-indent, quote and default; no `range` over maps.
+Go template actions, `define`, `template` and `include`, and the sprig and Helm functions toYaml,
+nindent, indent, quote, default and required; no `range` over maps.
 */}}
+{{- define "whereabouts.namespace" -}}
+{{ .Values.namespace | default .Release.Namespace }}
+{{- end -}}
 {{- define "whereabouts.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
