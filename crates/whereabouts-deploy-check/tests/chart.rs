@@ -88,11 +88,14 @@ fn the_defaults_render_deploy_whereabouts_yaml() {
     }
 }
 
+fn chart_yaml() -> Value {
+    serde_saphyr::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).expect("readable"))
+        .expect("YAML")
+}
+
 #[test]
 fn the_chart_yaml_names_the_workspace_version() {
-    let chart: Value =
-        serde_saphyr::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).expect("readable"))
-            .expect("YAML");
+    let chart = chart_yaml();
     assert_eq!(chart["name"], "whereabouts");
     assert_eq!(chart["apiVersion"], "v2");
     assert_eq!(chart["appVersion"], env!("CARGO_PKG_VERSION"));
@@ -121,6 +124,41 @@ fn everything_goes_into_the_release_namespace_unless_namespace_is_set() {
     // `namespace` (the Tanzu package's key) wins over the release's.
     assert_eq!(namespaces(&rendered_chart_as(release, Some(&json!({"namespace": "bar"})))), ["bar"]);
     assert_eq!(namespaces(&rendered_chart_as(release, Some(&tanzu_values()))), ["tanzu-system-networking"]);
+}
+
+#[test]
+fn every_object_carries_helms_labels_and_selectors_stay_upstreams() {
+    let chart = chart_yaml();
+    let version = chart["version"].as_str().expect("a version");
+    let release = Release { name: "cni", namespace: "foo" };
+    let expected = json!({
+        "app.kubernetes.io/name": "whereabouts",
+        "app.kubernetes.io/instance": "cni",
+        "app.kubernetes.io/version": env!("CARGO_PKG_VERSION"),
+        "app.kubernetes.io/managed-by": "Helm",
+        "helm.sh/chart": format!("whereabouts-{version}"),
+    });
+    let plain = plain_manifests();
+    let cronjob = json!({"ip_reconciler": {"mode": "cronjob"}});
+    for docs in [rendered_chart_as(release, None), rendered_chart_as(release, Some(&cronjob))] {
+        for doc in &docs {
+            let labels = &doc["metadata"]["labels"];
+            for (key, value) in expected.as_object().expect("a map") {
+                assert_eq!(&labels[key], value, "{key} of {:?}", identity(doc));
+            }
+            // A workload's selector cannot change on upgrade: it and its pods' labels stay those of
+            // deploy/whereabouts.yaml (upstream's).
+            let (kind, _, name) = identity(doc);
+            if matches!(kind.as_str(), "DaemonSet" | "Deployment") {
+                let upstream = find(&plain, &kind, &name);
+                assert_eq!(doc["spec"]["selector"], upstream["spec"]["selector"], "{kind} {name}");
+                assert_eq!(
+                    doc["spec"]["template"]["metadata"], upstream["spec"]["template"]["metadata"],
+                    "{kind} {name}"
+                );
+            }
+        }
+    }
 }
 
 #[test]

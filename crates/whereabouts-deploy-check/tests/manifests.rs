@@ -105,7 +105,9 @@ fn names_namespace_labels_and_selectors_are_upstreams() {
         daemonset["spec"]["template"]["metadata"]["labels"],
         json!({"tier": "node", "app": "whereabouts", "name": "whereabouts"})
     );
-    assert_eq!(daemonset["metadata"]["labels"], json!({"tier": "node", "app": "whereabouts"}));
+    // Upstream's labels, beside the chart's (Helm's recommended ones).
+    let labels = &daemonset["metadata"]["labels"];
+    assert_eq!((&labels["tier"], &labels["app"]), (&json!("node"), &json!("whereabouts")));
     let deployment = find(&docs, "Deployment", "whereabouts-controller");
     assert_eq!(deployment["spec"]["selector"], json!({"matchLabels": {"app": "whereabouts-controller"}}));
     assert_eq!(

@@ -3,6 +3,17 @@ Helpers. The chart is also rendered by crates/whereabouts-deploy-check (gtmpl, n
 Go template actions, `define`, `template` and `include`, and the sprig and Helm functions toYaml,
 nindent, indent, quote, default and required; no `range` over maps.
 */}}
+{{/*
+Helm's recommended labels, beside upstream's on every object. Not in selectors: those stay upstream's
+(a DaemonSet's or Deployment's selector cannot change on upgrade).
+*/}}
+{{- define "whereabouts.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
+{{- end -}}
 {{- define "whereabouts.namespace" -}}
 {{ .Values.namespace | default .Release.Namespace }}
 {{- end -}}
