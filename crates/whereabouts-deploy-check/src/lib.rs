@@ -12,7 +12,7 @@ pub mod kinds;
 
 use std::path::PathBuf;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The workspace's root directory.
 pub fn workspace_root() -> PathBuf {
@@ -58,6 +58,10 @@ pub fn plain_manifests() -> Vec<Value> {
 /// `helm install whereabouts deploy/helm/whereabouts --namespace kube-system`.
 pub const RELEASE: helm::Release<'static> = helm::Release { name: "whereabouts", namespace: "kube-system" };
 
+/// The image repository `deploy/whereabouts.yaml` names: the Dockerfile's build under a local name,
+/// which a user replaces with where they pushed it (README.md, "Installing"). The chart has none.
+pub const STATIC_IMAGE_REPOSITORY: &str = "whereabouts-rs";
+
 /// The chart rendered as [`RELEASE`] with `values` over its defaults, as documents.
 ///
 /// # Panics
@@ -66,12 +70,17 @@ pub fn rendered_chart(values: Option<&Value>) -> Vec<Value> {
     rendered_chart_as(RELEASE, values)
 }
 
-/// The chart rendered as `release` with `values` over its defaults, as documents.
+/// The chart rendered as `release` with `values` over its defaults, as documents. Unless `values` name
+/// an image repository, [`STATIC_IMAGE_REPOSITORY`] (the chart requires one).
 ///
 /// # Panics
 /// When it does not render or parse (test support).
 pub fn rendered_chart_as(release: helm::Release<'_>, values: Option<&Value>) -> Vec<Value> {
-    let text = helm::render(&chart_dir(), release, values)
+    let mut values = values.cloned().unwrap_or_else(|| json!({}));
+    if values["image"]["repository"].is_null() {
+        values["image"]["repository"] = json!(STATIC_IMAGE_REPOSITORY);
+    }
+    let text = helm::render(&chart_dir(), release, Some(&values))
         .unwrap_or_else(|e| panic!("rendering the chart: {e}"))
         .manifests;
     documents(&text).unwrap_or_else(|e| panic!("the rendered chart is not YAML: {e}\n{text}"))

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
-use whereabouts_deploy_check::helm::Release;
+use whereabouts_deploy_check::helm::{Release, render};
 use whereabouts_deploy_check::{
     RELEASE, chart_dir, deploy_dir, documents, find, identity, kinds, plain_manifests, rendered_chart,
     rendered_chart_as,
@@ -260,9 +260,43 @@ fn image_log_level_node_slices_metrics_and_scheduling_values() {
 }
 
 #[test]
+fn without_an_image_repository_the_render_fails_and_says_how_to_make_one() {
+    let error = render(&chart_dir(), RELEASE, None).expect_err("no image");
+    assert!(error.contains("image.repository is required"), "{error}");
+    assert!(error.contains("Dockerfile") && error.contains("push it to a registry"), "{error}");
+}
+
+#[test]
+fn the_notes_say_what_was_installed_where_and_how_to_make_the_image() {
+    let release = Release { name: "cni", namespace: "foo" };
+    let values =
+        json!({"image": {"repository": "registry.example/wa"}, "ip_reconciler": {"mode": "cronjob"}});
+    let rendered = render(&chart_dir(), release, Some(&values)).expect("renders");
+    let notes = rendered.notes;
+    for said in [
+        "installed as the release cni, in the namespace foo",
+        "CronJob whereabouts-reconciler",
+        &format!("the image registry.example/wa:{}", env!("CARGO_PKG_VERSION")),
+        "built from the Dockerfile",
+        "pushed to a\nregistry every node can pull from",
+        "image.repository (and image.tag) must name it",
+        "kubectl -n foo rollout status daemonset/whereabouts",
+    ] {
+        assert!(notes.contains(said), "{said:?} not in the notes:\n{notes}");
+    }
+    assert!(!notes.contains("<no value>"), "{notes}");
+    // The notes are printed, not applied.
+    assert!(!rendered.manifests.contains("NOTES") && !rendered.manifests.contains("ImagePullBackOff"));
+    let tanzu = render(&chart_dir(), release, Some(&json!({"namespace": "bar", "image": values["image"]})))
+        .expect("renders")
+        .notes;
+    assert!(tanzu.contains("in the namespace bar") && !tanzu.contains("CronJob"), "{tanzu}");
+}
+
+#[test]
 fn rendered_documents_parse_as_yaml_streams() {
-    let text =
-        whereabouts_deploy_check::helm::render(&chart_dir(), RELEASE, None).expect("renders").manifests;
+    let values = json!({"image": {"repository": "registry.example/wa"}});
+    let text = render(&chart_dir(), RELEASE, Some(&values)).expect("renders").manifests;
     assert!(!text.contains("<no value>"), "{text}");
     assert_eq!(documents(&text).expect("YAML").len(), 6);
 }

@@ -18,7 +18,7 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 {{ .Values.namespace | default .Release.Namespace }}
 {{- end -}}
 {{- define "whereabouts.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{ required "image.repository is required: build the image from the whereabouts-rs repository's Dockerfile, push it to a registry your nodes can pull from, and set image.repository (and image.tag)" .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 {{- define "whereabouts.metricsAddress" -}}
 {{- if .Values.metrics.enabled -}}
