@@ -1,5 +1,6 @@
 //! Rendering a Helm chart as `helm install` does, for the subset of Helm the chart keeps to: values
-//! (the chart's `values.yaml`, coalesced with the user's), `.Values`, `.Chart`, `.Release`, the
+//! (the chart's `values.yaml`, coalesced with the user's, and checked against its
+//! `values.schema.json`), `.Values`, `.Chart`, `.Release`, the
 //! templates in `templates/*.yaml` and `templates/NOTES.txt` with the definitions of `templates/_*.tpl`,
 //! and the sprig and Helm functions in [`FUNCTIONS`].
 
@@ -24,6 +25,9 @@ pub const FUNCTIONS: &[(&str, Func)] = &[
 /// The file of `templates/` Helm prints after an install rather than applying it.
 const NOTES: &str = "NOTES.txt";
 
+/// The chart's JSON Schema of its values, which Helm checks them against before rendering.
+const SCHEMA: &str = "values.schema.json";
+
 /// The release a chart is rendered as: `helm install NAME CHART --namespace NAMESPACE`.
 #[derive(Debug, Clone, Copy)]
 pub struct Release<'a> {
@@ -44,7 +48,8 @@ pub struct Rendered {
 /// Renders the chart in `dir` as `release`, with `values` over its defaults.
 ///
 /// # Errors
-/// Unreadable files, YAML errors, template errors (a failed `required` among them).
+/// Unreadable files, YAML errors, values the chart's schema refuses, template errors (a failed
+/// `required` among them).
 pub fn render(dir: &Path, release: Release<'_>, values: Option<&Value>) -> Result<Rendered, String> {
     let read = |name: &str| {
         std::fs::read_to_string(dir.join(name)).map_err(|e| format!("{}: {e}", dir.join(name).display()))
@@ -56,6 +61,7 @@ pub fn render(dir: &Path, release: Release<'_>, values: Option<&Value>) -> Resul
     if let Some(values) = values {
         coalesce(&mut merged, values);
     }
+    check_schema(dir, &merged)?;
     let context = json!({
         "Values": merged,
         "Chart": {
@@ -95,6 +101,28 @@ pub fn render(dir: &Path, release: Release<'_>, values: Option<&Value>) -> Resul
         let notes = if names.iter().any(|n| n == NOTES) { render_file(NOTES)? } else { String::new() };
         Ok(Rendered { manifests, notes })
     })
+}
+
+/// The values against the chart's `values.schema.json`, when it has one, as Helm checks them: every
+/// problem, at its place in the values.
+fn check_schema(dir: &Path, values: &Value) -> Result<(), String> {
+    let text = match std::fs::read_to_string(dir.join(SCHEMA)) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{SCHEMA}: {e}")),
+    };
+    let schema: Value = serde_json::from_str(&text).map_err(|e| format!("{SCHEMA}: {e}"))?;
+    let validator = jsonschema::validator_for(&schema).map_err(|e| format!("{SCHEMA}: {e}"))?;
+    let problems: Vec<String> =
+        validator.iter_errors(values).map(|e| format!("- at '{}': {e}", e.instance_path())).collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "values don't meet the specifications of the schema ({SCHEMA}):\n{}",
+            problems.join("\n")
+        ))
+    }
 }
 
 thread_local! {
@@ -443,6 +471,21 @@ mod tests {
         t.add_funcs(FUNCTIONS);
         t.parse("{{ include \"kv\" . }}").expect("parses");
         assert!(t.render(&Context::from(to_tmpl(&values))).is_err());
+    }
+
+    #[test]
+    fn values_are_checked_against_the_schema_the_chart_has() {
+        let dir = tempfile::tempdir().expect("a directory");
+        assert_eq!(check_schema(dir.path(), &json!({"anything": 1})), Ok(()));
+        let schema = json!({
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "additionalProperties": false,
+            "properties": {"a": {"type": "integer"}},
+        });
+        std::fs::write(dir.path().join(SCHEMA), schema.to_string()).expect("written");
+        assert_eq!(check_schema(dir.path(), &json!({"a": 1})), Ok(()));
+        let error = check_schema(dir.path(), &json!({"a": "1", "b": 2})).expect_err("refused");
+        assert!(error.contains("at '/a'") && error.contains("'b' was unexpected"), "{error}");
     }
 
     #[test]

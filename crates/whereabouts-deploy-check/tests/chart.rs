@@ -294,6 +294,46 @@ fn the_notes_say_what_was_installed_where_and_how_to_make_the_image() {
 }
 
 #[test]
+fn the_schema_refuses_misspelt_keys_and_values_the_chart_does_not_know() {
+    let image = json!({"repository": "registry.example/wa"});
+    let cases = [
+        (
+            json!({"metrics": {"enabeld": false}}),
+            "at '/metrics': Additional properties are not allowed ('enabeld'",
+        ),
+        (
+            json!({"ip_reconciler": {"mode": "CronJob"}}),
+            "at '/ip_reconciler/mode': \"CronJob\" is not one of",
+        ),
+        (json!({"imagePullSecret": [{"name": "pull"}]}), "('imagePullSecret' was unexpected)"),
+        (json!({"logLevel": "trace"}), "at '/logLevel'"),
+        (json!({"metrics": {"port": "9445"}}), "at '/metrics/port'"),
+        (json!({"whereabouts": {"config": {"resources": {"limts": {}}}}}), "('limts' was unexpected)"),
+        (
+            json!({"controller": {"tolerations": [{"operator": "exists"}]}}),
+            "at '/controller/tolerations/0/operator'",
+        ),
+    ];
+    for (mut values, problem) in cases {
+        values["image"] = image.clone();
+        let error = render(&chart_dir(), RELEASE, Some(&values)).expect_err("refused");
+        assert!(error.contains("values.schema.json") && error.contains(problem), "{values}: {error}");
+    }
+}
+
+#[test]
+fn the_schema_accepts_the_defaults_and_the_tanzu_values() {
+    let mut tanzu = tanzu_values();
+    for values in [json!({}), tanzu.clone()] {
+        // Only image.repository is required, by the templates rather than the schema.
+        let error = render(&chart_dir(), RELEASE, Some(&values)).expect_err("no image");
+        assert!(error.contains("image.repository is required") && !error.contains("schema"), "{error}");
+    }
+    tanzu["image"] = json!({"repository": "registry.example/wa"});
+    render(&chart_dir(), RELEASE, Some(&tanzu)).expect("Tanzu values pass");
+}
+
+#[test]
 fn rendered_documents_parse_as_yaml_streams() {
     let values = json!({"image": {"repository": "registry.example/wa"}});
     let text = render(&chart_dir(), RELEASE, Some(&values)).expect("renders").manifests;
