@@ -1,8 +1,8 @@
 //! Rendering a Helm chart as `helm install` does, for the subset of Helm the chart keeps to: values
 //! (the chart's `values.yaml`, coalesced with the user's, and checked against its
-//! `values.schema.json`), `.Values`, `.Chart`, `.Release`, the
-//! templates in `templates/*.yaml` and `templates/NOTES.txt` with the definitions of `templates/_*.tpl`,
-//! and the sprig and Helm functions in [`FUNCTIONS`].
+//! `values.schema.json`), `.Values`, `.Chart`, `.Release`, the templates in `templates/*.yaml` and
+//! `templates/NOTES.txt` with the definitions of `templates/_*.tpl`, and the sprig and Helm
+//! functions in [`FUNCTIONS`].
 
 use std::cell::RefCell;
 use std::collections::HashMap;

@@ -2,10 +2,11 @@
 //! Kubernetes type its `kind` names, and rendering the Helm chart without helm.
 //!
 //! The chart is rendered with [`gtmpl`] (Go's text/template for Rust). Helm adds sprig's functions to
-//! text/template; gtmpl has only Go's own, so the few sprig functions the chart uses are implemented
-//! here ([`helm`]) with sprig's semantics. The chart must keep to what this renderer supports: Go
-//! template actions, the functions in [`helm::FUNCTIONS`] (`include` among them), `define`/`template`,
-//! and no `range` over maps (gtmpl ranges over maps in hash order, Go in key order).
+//! text/template; gtmpl has only Go's own, so the few sprig and Helm functions the chart uses are
+//! implemented here ([`helm`]) with their semantics. The chart must keep to what this renderer
+//! supports: Go template actions, the functions in [`helm::FUNCTIONS`] (`include` among them),
+//! `define`/`template`, and no `range` over maps (gtmpl ranges over maps in hash order, Go in key
+//! order).
 
 pub mod helm;
 pub mod kinds;
@@ -62,7 +63,7 @@ pub const RELEASE: helm::Release<'static> = helm::Release { name: "whereabouts",
 /// which a user replaces with where they pushed it (README.md, "Installing"). The chart has none.
 pub const STATIC_IMAGE_REPOSITORY: &str = "whereabouts-rs";
 
-/// The chart rendered as [`RELEASE`] with `values` over its defaults, as documents.
+/// [`rendered_chart_as`] [`RELEASE`].
 ///
 /// # Panics
 /// When it does not render or parse (test support).
