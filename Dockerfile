@@ -4,7 +4,9 @@
 # `whereabouts install`), the installer and the controller. deploy/whereabouts.yaml and the Helm chart
 # run it as /whereabouts.
 #
-#   docker build -t ghcr.io/example/whereabouts-rs:0.1.0 .
+#   docker build -t REGISTRY/whereabouts-rs:0.1.0 . && docker push REGISTRY/whereabouts-rs:0.1.0
+#
+# with REGISTRY one every node can pull from (README.md, "Installing": no public registry has it).
 #
 # The binary is linked statically (musl): the plugin is executed by the container runtime on the
 # host, whose C library may be older than any build image's (upstream's Go binary is static too).

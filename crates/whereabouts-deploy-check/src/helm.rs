@@ -1,32 +1,56 @@
-//! Rendering a Helm chart as `helm template` does, for the subset of Helm the chart keeps to: values
-//! (the chart's `values.yaml`, coalesced with the user's), `.Values`, `.Chart`, `.Release`, the
-//! templates in `templates/*.yaml` with the definitions of `templates/_*.tpl`, and the sprig
+//! Rendering a Helm chart as `helm install` does, for the subset of Helm the chart keeps to: values
+//! (the chart's `values.yaml`, coalesced with the user's, and checked against its
+//! `values.schema.json`), `.Values`, `.Chart`, `.Release`, the templates in `templates/*.yaml` and
+//! `templates/NOTES.txt` with the definitions of `templates/_*.tpl`, and the sprig and Helm
 //! functions in [`FUNCTIONS`].
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 
 use gtmpl::{Context, Func, FuncError, Template, Value as Tmpl};
 use serde_json::{Map, Value, json};
 
-/// The sprig functions the chart may use, with sprig's semantics.
+/// The sprig and Helm functions the chart may use, with their semantics.
 pub const FUNCTIONS: &[(&str, Func)] = &[
     ("toYaml", to_yaml as Func),
     ("nindent", nindent as Func),
     ("indent", indent as Func),
     ("quote", quote as Func),
     ("default", default as Func),
+    ("required", required as Func),
+    ("include", include as Func),
 ];
 
-/// The release the chart is rendered as.
-pub const RELEASE: &str = "whereabouts";
+/// The file of `templates/` Helm prints after an install rather than applying it.
+const NOTES: &str = "NOTES.txt";
 
-/// Renders the chart in `dir` with `values` over its defaults: the templates' output, in file name
-/// order, as one YAML stream (`---` between templates, as `helm template` prints).
+/// The chart's JSON Schema of its values, which Helm checks them against before rendering.
+const SCHEMA: &str = "values.schema.json";
+
+/// The release a chart is rendered as: `helm install NAME CHART --namespace NAMESPACE`.
+#[derive(Debug, Clone, Copy)]
+pub struct Release<'a> {
+    pub name: &'a str,
+    pub namespace: &'a str,
+}
+
+/// What `helm install` makes of a chart.
+#[derive(Debug)]
+pub struct Rendered {
+    /// The templates' output, in file name order, as one YAML stream (`---` between templates, as
+    /// `helm template` prints them).
+    pub manifests: String,
+    /// `templates/NOTES.txt` rendered (empty without one): what Helm prints after an install.
+    pub notes: String,
+}
+
+/// Renders the chart in `dir` as `release`, with `values` over its defaults.
 ///
 /// # Errors
-/// Unreadable files, YAML errors, template errors.
-pub fn render(dir: &Path, values: Option<&Value>) -> Result<String, String> {
+/// Unreadable files, YAML errors, values the chart's schema refuses, template errors (a failed
+/// `required` among them).
+pub fn render(dir: &Path, release: Release<'_>, values: Option<&Value>) -> Result<Rendered, String> {
     let read = |name: &str| {
         std::fs::read_to_string(dir.join(name)).map_err(|e| format!("{}: {e}", dir.join(name).display()))
     };
@@ -37,6 +61,7 @@ pub fn render(dir: &Path, values: Option<&Value>) -> Result<String, String> {
     if let Some(values) = values {
         coalesce(&mut merged, values);
     }
+    check_schema(dir, &merged)?;
     let context = json!({
         "Values": merged,
         "Chart": {
@@ -44,7 +69,7 @@ pub fn render(dir: &Path, values: Option<&Value>) -> Result<String, String> {
             "Version": chart["version"],
             "AppVersion": chart["appVersion"],
         },
-        "Release": { "Name": RELEASE, "Namespace": "default", "Service": "Helm" },
+        "Release": { "Name": release.name, "Namespace": release.namespace, "Service": "Helm" },
     });
     let context = Context::from(to_tmpl(&context));
 
@@ -55,23 +80,76 @@ pub fn render(dir: &Path, values: Option<&Value>) -> Result<String, String> {
         .filter_map(|entry| entry.file_name().into_string().ok())
         .collect();
     names.sort();
-    let helpers: Vec<&String> = names.iter().filter(|n| n.starts_with('_') && n.ends_with(".tpl")).collect();
-    let mut out = String::new();
-    for name in names.iter().filter(|n| n.ends_with(".yaml")) {
-        let mut template = Template::with_name(name.as_str());
-        template.add_funcs(FUNCTIONS);
-        for helper in &helpers {
-            template
-                .add_template(helper.as_str(), read(&format!("templates/{helper}"))?)
-                .map_err(|e| format!("templates/{helper}: {e}"))?;
+    let helpers = names
+        .iter()
+        .filter(|n| n.starts_with('_') && n.ends_with(".tpl"))
+        .map(|helper| Ok((helper.clone(), read(&format!("templates/{helper}"))?)))
+        .collect::<Result<Vec<_>, String>>()?;
+    with_helpers(helpers, |helpers| {
+        let render_file = |name: &str| {
+            let text = read(&format!("templates/{name}"))?;
+            parse_with_helpers(name, &text, helpers)?
+                .render(&context)
+                .map_err(|e| format!("templates/{name}: {e}"))
+        };
+        let mut manifests = String::new();
+        for name in names.iter().filter(|n| n.ends_with(".yaml")) {
+            let rendered = render_file(name)?;
+            let chart_name = chart["name"].as_str().unwrap_or("");
+            manifests.push_str(&format!("---\n# Source: {chart_name}/templates/{name}\n{rendered}\n"));
         }
-        template.parse(read(&format!("templates/{name}"))?).map_err(|e| format!("templates/{name}: {e}"))?;
-        let rendered = template.render(&context).map_err(|e| format!("templates/{name}: {e}"))?;
-        out.push_str(&format!("---\n# Source: {}/templates/{name}\n", chart["name"].as_str().unwrap_or("")));
-        out.push_str(&rendered);
-        out.push('\n');
+        let notes = if names.iter().any(|n| n == NOTES) { render_file(NOTES)? } else { String::new() };
+        Ok(Rendered { manifests, notes })
+    })
+}
+
+/// The values against the chart's `values.schema.json`, when it has one, as Helm checks them: every
+/// problem, at its place in the values.
+fn check_schema(dir: &Path, values: &Value) -> Result<(), String> {
+    let text = match std::fs::read_to_string(dir.join(SCHEMA)) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{SCHEMA}: {e}")),
+    };
+    let schema: Value = serde_json::from_str(&text).map_err(|e| format!("{SCHEMA}: {e}"))?;
+    let validator = jsonschema::validator_for(&schema).map_err(|e| format!("{SCHEMA}: {e}"))?;
+    let problems: Vec<String> =
+        validator.iter_errors(values).map(|e| format!("- at '{}': {e}", e.instance_path())).collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "values don't meet the specifications of the schema ({SCHEMA}):\n{}",
+            problems.join("\n")
+        ))
     }
-    Ok(out)
+}
+
+thread_local! {
+    /// The chart's `templates/_*.tpl` (file name, text) while it renders. `include` needs the
+    /// definitions, and gtmpl's functions are plain `fn`s with nothing but their arguments.
+    static HELPERS: RefCell<Vec<(String, String)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `render` with `helpers` as the definitions `include` finds.
+fn with_helpers<T>(helpers: Vec<(String, String)>, render: impl FnOnce(&[(String, String)]) -> T) -> T {
+    let previous = HELPERS.with(|h| h.replace(helpers));
+    let result = HELPERS.with(|h| render(&h.borrow()));
+    HELPERS.with(|h| h.replace(previous));
+    result
+}
+
+/// The template `name` (`text`), with the functions and the definitions of `helpers`.
+fn parse_with_helpers(name: &str, text: &str, helpers: &[(String, String)]) -> Result<Template, String> {
+    let mut template = Template::with_name(name);
+    template.add_funcs(FUNCTIONS);
+    for (helper, helper_text) in helpers {
+        template
+            .add_template(helper.as_str(), helper_text.as_str())
+            .map_err(|e| format!("templates/{helper}: {e}"))?;
+    }
+    template.parse(text).map_err(|e| format!("templates/{name}: {e}"))?;
+    Ok(template)
 }
 
 /// Helm's coalescing of user values over the chart's: maps merge key by key, anything else replaces,
@@ -146,6 +224,33 @@ fn is_empty(value: &Tmpl) -> bool {
         Tmpl::Object(o) | Tmpl::Map(o) => o.is_empty(),
         Tmpl::Function(_) => false,
     }
+}
+
+/// Helm's `required MESSAGE VALUE`: VALUE, or the error MESSAGE when VALUE is nil or "".
+fn required(args: &[Tmpl]) -> Result<Tmpl, FuncError> {
+    match args {
+        [message, Tmpl::NoValue | Tmpl::Nil] => Err(FuncError::Generic(strval(message))),
+        [message, Tmpl::String(s)] if s.is_empty() => Err(FuncError::Generic(strval(message))),
+        [_, value] => Ok(value.clone()),
+        _ => Err(FuncError::ExactlyXArgs("required".into(), 2)),
+    }
+}
+
+/// Helm's `include NAME DOT`: the output of the definition NAME rendered with DOT, as a string (which,
+/// unlike a `template` action's, can be piped).
+fn include(args: &[Tmpl]) -> Result<Tmpl, FuncError> {
+    let [Tmpl::String(name), dot] = args else {
+        return Err(FuncError::Generic("include takes a template name and a value".into()));
+    };
+    // A JSON string is a Go string literal too.
+    let call = format!("{{{{ template {} . }}}}", Value::String(name.clone()));
+    HELPERS.with(|helpers| {
+        parse_with_helpers("include", &call, &helpers.borrow())
+            .map_err(FuncError::Generic)?
+            .render(&Context::from(dot.clone()))
+            .map(Tmpl::String)
+            .map_err(|e| FuncError::Generic(format!("include {name:?}: {e}")))
+    })
 }
 
 /// `default DEFAULT GIVEN`: GIVEN unless it is empty (or absent).
@@ -332,6 +437,55 @@ mod tests {
             Ok(Tmpl::String(s)) => s,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn required_and_include() {
+        let values = json!({"set": "x", "empty": "", "zero": 0, "no": false});
+        assert_eq!(
+            run(
+                "{{ required \"m\" .set }} {{ required \"m\" .zero }} {{ required \"m\" .no }}",
+                values.clone()
+            ),
+            "x 0 false"
+        );
+        for missing in [".empty", ".missing"] {
+            let mut t = Template::with_name("t");
+            t.add_funcs(FUNCTIONS);
+            t.parse(format!("{{{{ required \"give it\" {missing} }}}}")).expect("parses");
+            let error = t.render(&Context::from(to_tmpl(&values))).expect_err("fails").to_string();
+            assert!(error.contains("give it"), "{error}");
+        }
+
+        let helpers = vec![(
+            "_helpers.tpl".to_owned(),
+            "{{- define \"kv\" -}}\na: {{ .set }}\nb: {{ include \"inner\" . }}\n{{- end -}}{{- define \"inner\" -}}{{ .zero }}{{- end -}}".to_owned(),
+        )];
+        let out = with_helpers(helpers, |helpers| {
+            parse_with_helpers("t", "m:{{ include \"kv\" . | nindent 2 }}", helpers)
+                .and_then(|t| t.render(&Context::from(to_tmpl(&values))).map_err(|e| e.to_string()))
+        });
+        assert_eq!(out.as_deref(), Ok("m:\n  a: x\n  b: 0"));
+        // Outside a chart's rendering there is nothing to include.
+        let mut t = Template::with_name("t");
+        t.add_funcs(FUNCTIONS);
+        t.parse("{{ include \"kv\" . }}").expect("parses");
+        assert!(t.render(&Context::from(to_tmpl(&values))).is_err());
+    }
+
+    #[test]
+    fn values_are_checked_against_the_schema_the_chart_has() {
+        let dir = tempfile::tempdir().expect("a directory");
+        assert_eq!(check_schema(dir.path(), &json!({"anything": 1})), Ok(()));
+        let schema = json!({
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "additionalProperties": false,
+            "properties": {"a": {"type": "integer"}},
+        });
+        std::fs::write(dir.path().join(SCHEMA), schema.to_string()).expect("written");
+        assert_eq!(check_schema(dir.path(), &json!({"a": 1})), Ok(()));
+        let error = check_schema(dir.path(), &json!({"a": "1", "b": 2})).expect_err("refused");
+        assert!(error.contains("at '/a'") && error.contains("'b' was unexpected"), "{error}");
     }
 
     #[test]

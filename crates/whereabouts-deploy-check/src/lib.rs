@@ -2,17 +2,18 @@
 //! Kubernetes type its `kind` names, and rendering the Helm chart without helm.
 //!
 //! The chart is rendered with [`gtmpl`] (Go's text/template for Rust). Helm adds sprig's functions to
-//! text/template; gtmpl has only Go's own, so the few sprig functions the chart uses are implemented
-//! here ([`helm`]) with sprig's semantics. The chart must keep to what this renderer supports: Go
-//! template actions, the functions in [`helm::FUNCTIONS`], `define`/`template` (not `include`), and
-//! no `range` over maps (gtmpl ranges over maps in hash order, Go in key order).
+//! text/template; gtmpl has only Go's own, so the few sprig and Helm functions the chart uses are
+//! implemented here ([`helm`]) with their semantics. The chart must keep to what this renderer
+//! supports: Go template actions, the functions in [`helm::FUNCTIONS`] (`include` among them),
+//! `define`/`template`, and no `range` over maps (gtmpl ranges over maps in hash order, Go in key
+//! order).
 
 pub mod helm;
 pub mod kinds;
 
 use std::path::PathBuf;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The workspace's root directory.
 pub fn workspace_root() -> PathBuf {
@@ -54,12 +55,35 @@ pub fn plain_manifests() -> Vec<Value> {
     documents(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The chart rendered with `values` over its defaults, as documents.
+/// The release the tests install unless they say otherwise: upstream's layout,
+/// `helm install whereabouts deploy/helm/whereabouts --namespace kube-system`.
+pub const RELEASE: helm::Release<'static> = helm::Release { name: "whereabouts", namespace: "kube-system" };
+
+/// The image repository `deploy/whereabouts.yaml` names: the Dockerfile's build under a local name,
+/// which a user replaces with where they pushed it (README.md, "Installing"). The chart has none.
+pub const STATIC_IMAGE_REPOSITORY: &str = "whereabouts-rs";
+
+/// [`rendered_chart_as`] [`RELEASE`].
 ///
 /// # Panics
 /// When it does not render or parse (test support).
 pub fn rendered_chart(values: Option<&Value>) -> Vec<Value> {
-    let text = helm::render(&chart_dir(), values).unwrap_or_else(|e| panic!("rendering the chart: {e}"));
+    rendered_chart_as(RELEASE, values)
+}
+
+/// The chart rendered as `release` with `values` over its defaults, as documents. Unless `values` name
+/// an image repository, [`STATIC_IMAGE_REPOSITORY`] (the chart requires one).
+///
+/// # Panics
+/// When it does not render or parse (test support).
+pub fn rendered_chart_as(release: helm::Release<'_>, values: Option<&Value>) -> Vec<Value> {
+    let mut values = values.cloned().unwrap_or_else(|| json!({}));
+    if values["image"]["repository"].is_null() {
+        values["image"]["repository"] = json!(STATIC_IMAGE_REPOSITORY);
+    }
+    let text = helm::render(&chart_dir(), release, Some(&values))
+        .unwrap_or_else(|e| panic!("rendering the chart: {e}"))
+        .manifests;
     documents(&text).unwrap_or_else(|e| panic!("the rendered chart is not YAML: {e}\n{text}"))
 }
 

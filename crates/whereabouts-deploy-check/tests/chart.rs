@@ -8,8 +8,10 @@
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
+use whereabouts_deploy_check::helm::{Release, render};
 use whereabouts_deploy_check::{
-    chart_dir, deploy_dir, documents, find, identity, kinds, plain_manifests, rendered_chart,
+    RELEASE, chart_dir, deploy_dir, documents, find, identity, kinds, plain_manifests, rendered_chart,
+    rendered_chart_as,
 };
 
 fn by_identity(docs: &[Value]) -> BTreeMap<(String, String, String), Value> {
@@ -86,14 +88,77 @@ fn the_defaults_render_deploy_whereabouts_yaml() {
     }
 }
 
+fn chart_yaml() -> Value {
+    serde_saphyr::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).expect("readable"))
+        .expect("YAML")
+}
+
 #[test]
 fn the_chart_yaml_names_the_workspace_version() {
-    let chart: Value =
-        serde_saphyr::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).expect("readable"))
-            .expect("YAML");
+    let chart = chart_yaml();
     assert_eq!(chart["name"], "whereabouts");
     assert_eq!(chart["apiVersion"], "v2");
     assert_eq!(chart["appVersion"], env!("CARGO_PKG_VERSION"));
+}
+
+/// Namespaces of the namespaced objects and of the binding's subject.
+fn namespaces(docs: &[Value]) -> Vec<String> {
+    let mut namespaces: Vec<String> = docs
+        .iter()
+        .filter(|doc| !identity(doc).0.starts_with("Cluster"))
+        .map(|doc| identity(doc).1)
+        .collect();
+    let binding = find(docs, "ClusterRoleBinding", "whereabouts");
+    namespaces.push(binding["subjects"][0]["namespace"].as_str().unwrap_or_default().to_owned());
+    namespaces.sort();
+    namespaces.dedup();
+    namespaces
+}
+
+#[test]
+fn everything_goes_into_the_release_namespace_unless_namespace_is_set() {
+    let release = Release { name: "cni", namespace: "foo" };
+    assert_eq!(namespaces(&rendered_chart_as(release, None)), ["foo"]);
+    let cronjob = json!({"ip_reconciler": {"mode": "cronjob"}});
+    assert_eq!(namespaces(&rendered_chart_as(release, Some(&cronjob))), ["foo"]);
+    // `namespace` (the Tanzu package's key) wins over the release's.
+    assert_eq!(namespaces(&rendered_chart_as(release, Some(&json!({"namespace": "bar"})))), ["bar"]);
+    assert_eq!(namespaces(&rendered_chart_as(release, Some(&tanzu_values()))), ["tanzu-system-networking"]);
+}
+
+#[test]
+fn every_object_carries_helms_labels_and_selectors_stay_upstreams() {
+    let chart = chart_yaml();
+    let version = chart["version"].as_str().expect("a version");
+    let release = Release { name: "cni", namespace: "foo" };
+    let expected = json!({
+        "app.kubernetes.io/name": "whereabouts",
+        "app.kubernetes.io/instance": "cni",
+        "app.kubernetes.io/version": env!("CARGO_PKG_VERSION"),
+        "app.kubernetes.io/managed-by": "Helm",
+        "helm.sh/chart": format!("whereabouts-{version}"),
+    });
+    let plain = plain_manifests();
+    let cronjob = json!({"ip_reconciler": {"mode": "cronjob"}});
+    for docs in [rendered_chart_as(release, None), rendered_chart_as(release, Some(&cronjob))] {
+        for doc in &docs {
+            let labels = &doc["metadata"]["labels"];
+            for (key, value) in expected.as_object().expect("a map") {
+                assert_eq!(&labels[key], value, "{key} of {:?}", identity(doc));
+            }
+            // A workload's selector cannot change on upgrade: it and its pods' labels stay those of
+            // deploy/whereabouts.yaml (upstream's).
+            let (kind, _, name) = identity(doc);
+            if matches!(kind.as_str(), "DaemonSet" | "Deployment") {
+                let upstream = find(&plain, &kind, &name);
+                assert_eq!(doc["spec"]["selector"], upstream["spec"]["selector"], "{kind} {name}");
+                assert_eq!(
+                    doc["spec"]["template"]["metadata"], upstream["spec"]["template"]["metadata"],
+                    "{kind} {name}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -195,8 +260,83 @@ fn image_log_level_node_slices_metrics_and_scheduling_values() {
 }
 
 #[test]
+fn without_an_image_repository_the_render_fails_and_says_how_to_make_one() {
+    let error = render(&chart_dir(), RELEASE, None).expect_err("no image");
+    assert!(error.contains("image.repository is required"), "{error}");
+    assert!(error.contains("Dockerfile") && error.contains("push it to a registry"), "{error}");
+}
+
+#[test]
+fn the_notes_say_what_was_installed_where_and_how_to_make_the_image() {
+    let release = Release { name: "cni", namespace: "foo" };
+    let values =
+        json!({"image": {"repository": "registry.example/wa"}, "ip_reconciler": {"mode": "cronjob"}});
+    let rendered = render(&chart_dir(), release, Some(&values)).expect("renders");
+    let notes = rendered.notes;
+    for said in [
+        "installed as the release cni, in the namespace foo",
+        "CronJob whereabouts-reconciler",
+        &format!("the image registry.example/wa:{}", env!("CARGO_PKG_VERSION")),
+        "built from the Dockerfile",
+        "pushed to a\nregistry every node can pull from",
+        "image.repository (and image.tag) must name it",
+        "kubectl -n foo rollout status daemonset/whereabouts",
+    ] {
+        assert!(notes.contains(said), "{said:?} not in the notes:\n{notes}");
+    }
+    assert!(!notes.contains("<no value>"), "{notes}");
+    // The notes are printed, not applied.
+    assert!(!rendered.manifests.contains("NOTES") && !rendered.manifests.contains("ImagePullBackOff"));
+    let tanzu = render(&chart_dir(), release, Some(&json!({"namespace": "bar", "image": values["image"]})))
+        .expect("renders")
+        .notes;
+    assert!(tanzu.contains("in the namespace bar") && !tanzu.contains("CronJob"), "{tanzu}");
+}
+
+#[test]
+fn the_schema_refuses_misspelt_keys_and_values_the_chart_does_not_know() {
+    let image = json!({"repository": "registry.example/wa"});
+    let cases = [
+        (
+            json!({"metrics": {"enabeld": false}}),
+            "at '/metrics': Additional properties are not allowed ('enabeld'",
+        ),
+        (
+            json!({"ip_reconciler": {"mode": "CronJob"}}),
+            "at '/ip_reconciler/mode': \"CronJob\" is not one of",
+        ),
+        (json!({"imagePullSecret": [{"name": "pull"}]}), "('imagePullSecret' was unexpected)"),
+        (json!({"logLevel": "trace"}), "at '/logLevel'"),
+        (json!({"metrics": {"port": "9445"}}), "at '/metrics/port'"),
+        (json!({"whereabouts": {"config": {"resources": {"limts": {}}}}}), "('limts' was unexpected)"),
+        (
+            json!({"controller": {"tolerations": [{"operator": "exists"}]}}),
+            "at '/controller/tolerations/0/operator'",
+        ),
+    ];
+    for (mut values, problem) in cases {
+        values["image"] = image.clone();
+        let error = render(&chart_dir(), RELEASE, Some(&values)).expect_err("refused");
+        assert!(error.contains("values.schema.json") && error.contains(problem), "{values}: {error}");
+    }
+}
+
+#[test]
+fn the_schema_accepts_the_defaults_and_the_tanzu_values() {
+    let mut tanzu = tanzu_values();
+    for values in [json!({}), tanzu.clone()] {
+        // Only image.repository is required, by the templates rather than the schema.
+        let error = render(&chart_dir(), RELEASE, Some(&values)).expect_err("no image");
+        assert!(error.contains("image.repository is required") && !error.contains("schema"), "{error}");
+    }
+    tanzu["image"] = json!({"repository": "registry.example/wa"});
+    render(&chart_dir(), RELEASE, Some(&tanzu)).expect("Tanzu values pass");
+}
+
+#[test]
 fn rendered_documents_parse_as_yaml_streams() {
-    let text = whereabouts_deploy_check::helm::render(&chart_dir(), None).expect("renders");
+    let values = json!({"image": {"repository": "registry.example/wa"}});
+    let text = render(&chart_dir(), RELEASE, Some(&values)).expect("renders").manifests;
     assert!(!text.contains("<no value>"), "{text}");
     assert_eq!(documents(&text).expect("YAML").len(), 6);
 }

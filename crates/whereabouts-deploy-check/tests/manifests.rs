@@ -6,9 +6,9 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::{Value, json};
-use whereabouts_deploy_check::{deploy_dir, documents, find, identity, kinds, plain_manifests};
-
-const IMAGE_REPOSITORY: &str = "ghcr.io/example/whereabouts-rs";
+use whereabouts_deploy_check::{
+    STATIC_IMAGE_REPOSITORY, deploy_dir, documents, find, identity, kinds, plain_manifests,
+};
 const BINARY: &str = "/whereabouts";
 
 fn yaml_files(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -105,7 +105,9 @@ fn names_namespace_labels_and_selectors_are_upstreams() {
         daemonset["spec"]["template"]["metadata"]["labels"],
         json!({"tier": "node", "app": "whereabouts", "name": "whereabouts"})
     );
-    assert_eq!(daemonset["metadata"]["labels"], json!({"tier": "node", "app": "whereabouts"}));
+    // Upstream's labels, beside the chart's (Helm's recommended ones).
+    let labels = &daemonset["metadata"]["labels"];
+    assert_eq!((&labels["tier"], &labels["app"]), (&json!("node"), &json!("whereabouts")));
     let deployment = find(&docs, "Deployment", "whereabouts-controller");
     assert_eq!(deployment["spec"]["selector"], json!({"matchLabels": {"app": "whereabouts-controller"}}));
     assert_eq!(
@@ -230,7 +232,11 @@ fn workloads_run_the_released_image_and_only_installers_are_privileged() {
     let all = containers(&docs);
     assert_eq!(all.len(), 4);
     for (at, container) in &all {
-        assert_eq!(container["image"], format!("{IMAGE_REPOSITORY}:{}", env!("CARGO_PKG_VERSION")), "{at}");
+        assert_eq!(
+            container["image"],
+            format!("{STATIC_IMAGE_REPOSITORY}:{}", env!("CARGO_PKG_VERSION")),
+            "{at}"
+        );
         // Both set: nothing of upstream's command line (`/bin/sh -c ...`) survives a merge.
         assert_eq!(container["command"], json!([BINARY]), "{at}");
         let privileged = container["securityContext"]["privileged"] == true;
