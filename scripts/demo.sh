@@ -6,7 +6,8 @@
 # Needs: root and either cargo or WHEREABOUTS_BIN=<path to a binary>; installs iproute2, ping, the
 # reference CNI plugins (Debian: containernetworking-plugins in /usr/lib/cni; override with
 # CNI_PLUGIN_DIR) and protoc (to build) when they are missing.
-# Uses only documentation ranges (192.0.2.0/24, 2001:db8:1::/64) and names carrying this shell's pid;
+# Uses only documentation ranges (198.51.100.0/24, 2001:db8:1::/64; not 192.0.2.0/24, which some hosts
+# use for themselves) and names carrying this shell's pid;
 # everything it creates is removed on exit, also on failure or Ctrl-C.
 set -euo pipefail
 
@@ -77,9 +78,8 @@ export CNI_PATH=$work/bin:$plugin_dir
 info "CNI_PATH=$CNI_PATH"
 
 # --- the network -------------------------------------------------------------------------------------
-# isGateway: the bridge takes the gateway address of each subnet. For IPv4 that is the configured
-# gateway 192.0.2.1, which whereabouts never hands out. The `gateway` key is IPv4 here, so for IPv6 the
-# bridge plugin picks the subnet's first address, 2001:db8:1::1, and the range excludes it.
+# isGateway: the bridge takes the gateway address each range returns: 198.51.100.1 and, from the IPv6
+# range's own gateway key, 2001:db8:1::1. whereabouts never hands either out.
 store=$work/store
 conf=$work/demo.conflist.json
 cat >"$conf" <<EOF
@@ -93,9 +93,9 @@ cat >"$conf" <<EOF
     "type": "whereabouts",
     "datastore": "file",
     "file_store_dir": "$store",
-    "range": "192.0.2.0/24",
-    "gateway": "192.0.2.1",
-    "ipRanges": [{ "range": "2001:db8:1::/64", "exclude": ["2001:db8:1::1/128"] }]
+    "range": "198.51.100.0/24",
+    "gateway": "198.51.100.1",
+    "ipRanges": [{ "range": "2001:db8:1::/64", "gateway": "2001:db8:1::1" }]
   }
 }
 EOF

@@ -410,8 +410,8 @@ fn bridge_ipv4() {
     Scenario {
         attach: Attach::Bridge,
         cni_version: "1.0.0",
-        ranges: json!({ "range": "192.0.2.0/25", "gateway": "192.0.2.1" }),
-        expected: [&["192.0.2.2"], &["192.0.2.3"]],
+        ranges: json!({ "range": "198.51.100.0/26", "gateway": "198.51.100.1" }),
+        expected: [&["198.51.100.2"], &["198.51.100.3"]],
     }
     .run();
 }
@@ -422,8 +422,8 @@ fn bridge_ipv4_cni_0_4_0() {
     Scenario {
         attach: Attach::Bridge,
         cni_version: "0.4.0",
-        ranges: json!({ "range": "192.0.2.128/25", "gateway": "192.0.2.129" }),
-        expected: [&["192.0.2.130"], &["192.0.2.131"]],
+        ranges: json!({ "range": "198.51.100.64/26", "gateway": "198.51.100.65" }),
+        expected: [&["198.51.100.66"], &["198.51.100.67"]],
     }
     .run();
 }
@@ -440,19 +440,19 @@ fn bridge_ipv6() {
     .run();
 }
 
-/// Dual stack: v4 from `range`, v6 from `ipRanges`. The bridge claims the v6 subnet's first address as
-/// its gateway (the gateway key is v4 here), so that address is excluded from the v6 range.
+/// Dual stack: v4 from `range`, v6 from `ipRanges`, each range with its own gateway, which the bridge
+/// (isGateway) takes from the result and whereabouts never hands out.
 #[test]
 fn bridge_dual_stack() {
     Scenario {
         attach: Attach::Bridge,
         cni_version: "1.0.0",
         ranges: json!({
-            "range": "198.51.100.0/24",
-            "gateway": "198.51.100.1",
-            "ipRanges": [{ "range": "2001:db8:e2e:46::/64", "exclude": ["2001:db8:e2e:46::1/128"] }],
+            "range": "198.51.100.128/25",
+            "gateway": "198.51.100.129",
+            "ipRanges": [{ "range": "2001:db8:e2e:46::/64", "gateway": "2001:db8:e2e:46::1" }],
         }),
-        expected: [&["198.51.100.2", "2001:db8:e2e:46::2"], &["198.51.100.3", "2001:db8:e2e:46::3"]],
+        expected: [&["198.51.100.130", "2001:db8:e2e:46::2"], &["198.51.100.131", "2001:db8:e2e:46::3"]],
     }
     .run();
 }

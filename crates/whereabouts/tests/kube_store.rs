@@ -880,7 +880,10 @@ async fn add_without_a_pod_name_is_refused() {
         run_plugin("ADD", &pod, &format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={POD_NAMESPACE}"), &net).await;
     let (code, msg) = outcome.failure("ADD without K8S_POD_NAME");
     assert_eq!(code, INVALID_ENV);
-    assert_eq!(msg, "CNI_ARGS has no K8S_POD_NAMESPACE and K8S_POD_NAME: the kubernetes datastore allocates for pods only");
+    assert_eq!(
+        msg,
+        "CNI_ARGS has no K8S_POD_NAMESPACE and K8S_POD_NAME: the kubernetes datastore allocates for pods only"
+    );
     assert_eq!(store(&cluster).list_pools().await, Ok(vec![]), "nothing written");
     cluster.cleanup().await;
 }
