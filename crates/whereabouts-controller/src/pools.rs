@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use kube::api::DynamicObject;
+use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use serde::de::DeserializeOwned;
 
 use whereabouts_core::addr::parse_cidr_strict;
@@ -135,17 +135,57 @@ pub fn reservations_of<'r>(
         .collect()
 }
 
-/// Decodes one object read as raw JSON; one that does not decode is skipped with a warning (so one
-/// odd object, such as an IPPool without `spec`, which the CRD allows, cannot fail a whole listing).
-pub fn decode<K: DeserializeOwned>(kind: &str, object: DynamicObject) -> Option<(String, K)> {
+/// An object the types cannot read (an IPPool or NodeSlicePool without `spec`, which the CRDs allow),
+/// as listed or watched.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind} {name} is unreadable ({reason})")]
+pub struct Undecodable {
+    /// Its kind.
+    pub kind: String,
+    /// Its name.
+    pub name: String,
+    /// Why it does not decode.
+    pub reason: String,
+    /// The object as read (boxed: it is large, and errors travel).
+    pub object: Box<DynamicObject>,
+}
+
+/// Decodes one object read as raw JSON, so that one odd object cannot fail a whole listing or watch;
+/// the caller decides what to say about one that does not decode.
+pub fn decode<K: DeserializeOwned>(kind: &str, object: DynamicObject) -> Result<(String, K), Undecodable> {
     let name = object.metadata.name.clone().unwrap_or_default();
     match serde_json::to_value(&object).and_then(serde_json::from_value::<K>) {
-        Ok(typed) => Some((name, typed)),
+        Ok(typed) => Ok((name, typed)),
         Err(e) => {
-            tracing::warn!("{kind} {name} is unreadable ({e}); skipped");
-            None
+            Err(Undecodable { kind: kind.to_string(), name, reason: e.to_string(), object: Box::new(object) })
         }
     }
+}
+
+/// Every object of a kind in one namespace, decoded one by one.
+#[derive(Debug)]
+pub struct Listing<K> {
+    /// The objects that decode, by name.
+    pub decoded: Vec<(String, K)>,
+    /// Those that do not.
+    pub undecodable: Vec<Undecodable>,
+}
+
+/// Lists every object of a kind in `namespace` as raw JSON and decodes each on its own ([`decode`]).
+pub async fn list_decoded<K>(client: &kube::Client, namespace: &str) -> Result<Listing<K>, kube::Error>
+where
+    K: DeserializeOwned + kube::Resource<DynamicType = ()>,
+{
+    let resource = ApiResource::erase::<K>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+    let mut listing = Listing { decoded: Vec::new(), undecodable: Vec::new() };
+    for object in api.list(&ListParams::default()).await?.items {
+        match decode(&resource.kind, object) {
+            Ok(typed) => listing.decoded.push(typed),
+            Err(undecodable) => listing.undecodable.push(undecodable),
+        }
+    }
+    Ok(listing)
 }
 
 #[cfg(test)]
