@@ -100,24 +100,37 @@ pub fn names_address(name: &str, ip: IpAddr) -> bool {
     name.strip_suffix(address.as_str()).is_some_and(|prefix| prefix.is_empty() || prefix.ends_with('-'))
 }
 
-/// The names the reservation of `found`'s address has, exactly: `[network_name-]<ip>`, where the network
-/// name is what the pool's name (`[network_name-][node-]<range>`) has before its range, less the node
-/// the allocation records. Empty for a pool whose name does not end with its range.
-pub fn reservation_names(found: &Found) -> Vec<String> {
-    let range = normalize_range(&found.pool.network.trunc());
-    let Some(prefix) = found.pool.name.strip_suffix(range.as_str()) else { return Vec::new() };
+/// The network names (`network_name`) a pool may be of, going by its name
+/// (`[network_name-][node-]<range>`): what the name has before its range, and that less the node for
+/// each of `nodes` (those its allocations record) it ends with, as a node-slice pool's name does. Empty
+/// for a pool whose name does not end with its range.
+pub fn network_names<'a>(pool: &'a PoolTarget, nodes: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    let range = normalize_range(&pool.network.trunc());
+    let Some(prefix) = pool.name.strip_suffix(range.as_str()) else { return Vec::new() };
     let Some(network_name) = prefix.strip_suffix('-').or(prefix.is_empty().then_some("")) else {
         return Vec::new();
     };
     let mut networks = vec![network_name];
-    if let Some(node) = found.allocation.node.as_deref().filter(|node| !node.is_empty()) {
-        if network_name == node {
-            networks.push("");
-        } else if let Some(network) = network_name.strip_suffix(node).and_then(|n| n.strip_suffix('-')) {
+    for node in nodes.into_iter().filter(|node| !node.is_empty()) {
+        let without_node = if network_name == node {
+            Some("")
+        } else {
+            network_name.strip_suffix(node).and_then(|n| n.strip_suffix('-'))
+        };
+        if let Some(network) = without_node.filter(|network| !networks.contains(network)) {
             networks.push(network);
         }
     }
-    networks.into_iter().map(|network| reservation_name(network, found.ip)).collect()
+    networks
+}
+
+/// The names the reservation of `found`'s address has, exactly: `[network_name-]<ip>`, for the
+/// [`network_names`] of its pool given the node the allocation records.
+pub fn reservation_names(found: &Found) -> Vec<String> {
+    network_names(&found.pool, found.allocation.node.as_deref())
+        .into_iter()
+        .map(|network| reservation_name(network, found.ip))
+        .collect()
 }
 
 /// The reservations, among `reservations`, of `found`'s address held by its holder (by exact name,

@@ -4,17 +4,17 @@
 //!   address in every overlapping range);
 //! * with `enable_overlapping_ranges`, every pool entry has a reservation of the same holder (without
 //!   one, an overlapping range may hand the address out again);
-//! * no address is held in two pools of the same network (the pool name before its range) by
-//!   different holders;
+//! * no address is held in two pools of the same network by different holders: the pool name before
+//!   its range, less the node for node-slice pools, so that the pools of different nodes' slices, of
+//!   the layout before a re-slicing and after it, are compared too;
 //! * every allocation key decodes to an address inside its pool's range, and every pool decodes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use clap::Args;
 use serde::Serialize;
-use whereabouts_controller::pools::{Found, holder, names_address};
-use whereabouts_core::range::normalize_range;
+use whereabouts_controller::pools::{DecodedPool, Found, holder, names_address, network_names};
 use whereabouts_store::{Reservation, Store};
 
 use super::output::{Format, OutputArgs, Table, print, print_json};
@@ -95,15 +95,12 @@ fn describe(r: &Reservation) -> String {
     if r.ifname.is_empty() { pod } else { format!("{pod} {}", r.ifname) }
 }
 
-/// The network part of a pool's name: the name before `-<normalised range>`.
-fn scope(found: &Found) -> &str {
-    let range = normalize_range(&found.pool.network.trunc());
-    let name = found.pool.name.as_str();
-    if name == range {
-        ""
-    } else {
-        name.strip_suffix(range.as_str()).map_or(name, |p| p.trim_end_matches('-'))
-    }
+/// The networks a pool's allocations are compared within: its [`network_names`] given the nodes its
+/// allocations record, or its own name when that does not end with its range.
+fn networks_of(pool: &DecodedPool) -> Vec<String> {
+    let nodes: BTreeSet<&str> = pool.found.iter().filter_map(|f| f.allocation.node.as_deref()).collect();
+    let networks: Vec<String> = network_names(&pool.target, nodes).into_iter().map(String::from).collect();
+    if networks.is_empty() { vec![pool.target.name.clone()] } else { networks }
 }
 
 /// Checks the store; exit 1 when anything is wrong.
@@ -115,11 +112,13 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
     let pools = read_pools(&opened.store).await?;
     let mut problems = Vec::new();
     let mut found: Vec<Found> = Vec::new();
+    // Indexes into `found` by network and address: where duplicates are looked for.
+    let mut by_network: BTreeMap<(String, IpAddr), Vec<usize>> = BTreeMap::new();
     let pool_count = pools.len();
     for pool in pools {
         match pool.decoded {
             Ok(decoded) => {
-                for key in decoded.skipped {
+                for key in &decoded.skipped {
                     problems.push(Problem {
                         kind: Kind::UndecodableKey,
                         pool: Some(pool.name.clone()),
@@ -141,6 +140,11 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                                 pool.range
                             ),
                         });
+                    }
+                }
+                for network in networks_of(&decoded) {
+                    for (i, f) in decoded.found.iter().enumerate() {
+                        by_network.entry((network.clone(), f.ip)).or_default().push(found.len() + i);
                     }
                 }
                 found.extend(decoded.found);
@@ -201,23 +205,26 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
             }
         }
     }
-    for (ip, holders) in &by_ip {
-        for (i, a) in holders.iter().enumerate() {
-            for b in &holders[i + 1..] {
-                if a.pool.name != b.pool.name
-                    && scope(a) == scope(b)
-                    && !a.allocation.same_holder(&b.allocation)
+    // A pair of pools may share more than one network name: each pair is reported once.
+    let mut duplicates: BTreeSet<(usize, usize)> = BTreeSet::new();
+    for indexes in by_network.values() {
+        for (i, &a) in indexes.iter().enumerate() {
+            for &b in &indexes[i + 1..] {
+                let (fa, fb) = (&found[a], &found[b]);
+                if fa.pool.name != fb.pool.name
+                    && !fa.allocation.same_holder(&fb.allocation)
+                    && duplicates.insert((a, b))
                 {
                     problems.push(Problem {
                         kind: Kind::DuplicateAddress,
-                        pool: Some(a.pool.name.clone()),
-                        ip: Some(*ip),
+                        pool: Some(fa.pool.name.clone()),
+                        ip: Some(fa.ip),
                         reservation: None,
                         detail: format!(
                             "held by {} here and by {} in pool {}",
-                            describe(&holder(&a.allocation)),
-                            describe(&holder(&b.allocation)),
-                            b.pool.name
+                            describe(&holder(&fa.allocation)),
+                            describe(&holder(&fb.allocation)),
+                            fb.pool.name
                         ),
                     });
                 }
