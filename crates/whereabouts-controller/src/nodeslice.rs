@@ -253,8 +253,12 @@ async fn reconcile_with(
         list_decoded::<IPPool>(&ctx.client, &ctx.namespace).await.map_err(list("IPPools"))?;
     let mut summary = Summary::default();
     let unreadable = [
-        (ApiResource::erase::<NodeSlicePool>(&()), &slice_pool_listing.undecodable, UNREADABLE_SLICE_POOL),
-        (ApiResource::erase::<IPPool>(&()), &ip_pool_listing.undecodable, UNREADABLE_IP_POOL),
+        (
+            ApiResource::erase::<NodeSlicePool>(&()),
+            slice_pool_listing.undecodable.as_slice(),
+            UNREADABLE_SLICE_POOL,
+        ),
+        (ApiResource::erase::<IPPool>(&()), ip_pool_listing.undecodable.as_slice(), UNREADABLE_IP_POOL),
     ];
     report_unreadable(ctx, recorder, reported, unreadable, &mut summary).await;
     let mut existing: BTreeMap<String, NodeSlicePool> = slice_pool_listing.decoded.into_iter().collect();
@@ -374,7 +378,7 @@ async fn report_unreadable(
     ctx: &Context,
     recorder: &Recorder,
     reported: &mut Reported,
-    unreadable: [(ApiResource, &Vec<Undecodable>, &str); 2],
+    unreadable: [(ApiResource, &[Undecodable], &str); 2],
     summary: &mut Summary,
 ) {
     let mut now = BTreeMap::new();
