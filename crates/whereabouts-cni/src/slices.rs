@@ -11,12 +11,17 @@
 //! ADD, CHECK and STATUS need the slice: without a node name, or with a NodeSlicePool that does not
 //! match the configuration, they fail with code 7; with no NodeSlicePool or no slice for this node yet
 //! they fail with code 11, try again later (the controller assigns slices as nodes join; upstream's
-//! plugin panics there). DEL and GC release what they find: when this node's slice cannot be found any
-//! more, there is nothing sliced to release, and only the other ranges are released.
+//! plugin panics there). DEL and GC do not need the NodeSlicePool: they release from every pool of
+//! this node's slices of the first range that the store lists, the current slice's and those of slices
+//! the node held before a re-slicing (its pods keep their addresses there until released; upstream
+//! looks only in the current slice and leaks them). Without a node name there is nothing sliced to
+//! release, and only the other ranges are released.
 
+use ipnet::IpNet;
 use whereabouts_core::config::{Datastore, IpamConfig, Purpose};
+use whereabouts_core::range::node_pool_cidr;
 use whereabouts_core::slice::{AssignedSliceError, Slicing};
-use whereabouts_store::AnyStore;
+use whereabouts_store::{AnyStore, Store};
 
 use crate::error::{CniError, codes};
 
@@ -80,8 +85,9 @@ pub fn node_slice_pool_name<'a>(config: &'a IpamConfig, cni_network: &'a str) ->
     if config.network_name.is_empty() { cni_network } else { &config.network_name }
 }
 
-/// Narrows the first range of `config` to the slice the NodeSlicePool assigns this node, or leaves it
-/// out (see [`NodeSlices::NothingSliced`]).
+/// Narrows the first range of `config` to the slice the NodeSlicePool assigns this node (ADD, CHECK,
+/// STATUS), replaces it by this node's pools of its slices (DEL, GC), or leaves it out (see
+/// [`NodeSlices::NothingSliced`]).
 pub async fn apply(
     plan: NodeSlices,
     config: &mut IpamConfig,
@@ -89,44 +95,64 @@ pub async fn apply(
     cni_network: &str,
     purpose: Purpose,
 ) -> Result<(), CniError> {
-    let why_nothing = match plan {
-        NodeSlices::Off => return Ok(()),
-        NodeSlices::NothingSliced(why) => why,
-        NodeSlices::Find { slicing, node } => {
+    match (plan, purpose) {
+        (NodeSlices::Off, _) => Ok(()),
+        (NodeSlices::NothingSliced(why), _) => {
+            // DEL or GC without a node name (or with a configuration that cannot be sliced): this
+            // node's pools cannot be named, so nothing sliced is released, and the other ranges are.
+            tracing::warn!("{why}: releasing nothing from a node slice");
+            if !config.ranges.is_empty() {
+                config.ranges.remove(0);
+            }
+            Ok(())
+        }
+        (NodeSlices::Find { node, .. }, Purpose::Release) => {
+            let first = config.ranges.remove(0);
+            let slices = node_slices_in_store(store, &config.network_name, &node, first.network).await?;
+            let pools = slices
+                .into_iter()
+                .map(|slice| first.releasing_in_node_slice(&config.network_name, &node, slice));
+            config.ranges.splice(0..0, pools);
+            Ok(())
+        }
+        (NodeSlices::Find { slicing, node }, Purpose::Allocate) => {
             let name = node_slice_pool_name(config, cni_network).to_string();
-            // Errors reading it (an unreachable API server) fail every command: there may be something
-            // to release once it answers.
             let (location, found) = lookup(store, &name, &node).await?;
             let assigned =
                 found.as_ref().map(|(range, size, slice)| (range.as_str(), size.as_str(), slice.as_deref()));
-            let narrowed =
-                assigned_slice(&slicing, &location, &node, assigned).and_then(|(slice, inside)| {
-                    let first = &config.ranges[0];
-                    first.in_node_slice(&config.network_name, &node, slice, inside).map_err(CniError::from)
-                });
-            match (narrowed, purpose) {
-                (Ok(narrowed), _) => {
-                    tracing::debug!(
-                        "node {node}: allocating {} in pool {}",
-                        narrowed.range.describe(),
-                        narrowed.pool.name
-                    );
-                    config.ranges[0] = narrowed;
-                    return Ok(());
-                }
-                (Err(e), Purpose::Allocate) => return Err(e),
-                (Err(e), Purpose::Release) => e.msg,
-            }
+            let (slice, inside) = assigned_slice(&slicing, &location, &node, assigned)?;
+            let narrowed = config.ranges[0].in_node_slice(&config.network_name, &node, slice, inside)?;
+            tracing::debug!(
+                "node {node}: allocating {} in pool {}",
+                narrowed.range.describe(),
+                narrowed.pool.name
+            );
+            config.ranges[0] = narrowed;
+            Ok(())
         }
-    };
-    // DEL or GC: the first range's addresses are in this node's pool of its slice, which cannot be
-    // found (the sandbox's ADD failed for the same reason, or the slice is gone): there is nothing
-    // sliced to release, and the other ranges are released as usual.
-    tracing::warn!("{why_nothing}: releasing nothing from a node slice");
-    if !config.ranges.is_empty() {
-        config.ranges.remove(0);
     }
-    Ok(())
+}
+
+/// The slices overlapping `range` (the first range's network) of which the store has a pool of node
+/// `node` (`[network_name-]<node>-<slice>`): its current slice and those it held before a re-slicing
+/// (of another size, or of a range since moved or resized). An error listing the pools (an unreachable
+/// API server) fails the call: there may be something to release once it answers.
+async fn node_slices_in_store(
+    store: &AnyStore,
+    network_name: &str,
+    node: &str,
+    range: IpNet,
+) -> Result<Vec<IpNet>, CniError> {
+    let range = range.trunc();
+    let slices: Vec<IpNet> = store
+        .list_pools()
+        .await?
+        .iter()
+        .filter_map(|name| node_pool_cidr(network_name, node, name))
+        .filter(|slice| slice.trunc().contains(&range) || range.contains(slice))
+        .collect();
+    tracing::debug!("node {node}: releasing from its pools of slices {slices:?}");
+    Ok(slices)
 }
 
 /// What the NodeSlicePool says: (`spec.range`, `spec.sliceSize`, this node's `sliceRange`).

@@ -702,11 +702,12 @@ async fn node_slices_need_the_kubernetes_store_a_valid_size_and_the_node_name() 
     assert!(msg.starts_with("invalid node_slice_size \"/16\""), "{msg}");
     silent(&fx.run(&Env::del("c1").node("n1"), &too_large).await);
 
-    // With everything in place the NodeSlicePool is read; nobody answers: try again later, naming it.
+    // With everything in place ADD reads the NodeSlicePool, DEL lists the IPPools (for this node's
+    // pools of its slices); nobody answers: try again later, naming what was read.
     let msg = failure_code(&fx.run(&Env::add("c1").pod("p1").node("n1"), &on_kube).await, "1.1.0", 11);
     assert!(msg.contains("NodeSlicePool wb/net"), "{msg}");
     let msg = failure_code(&fx.run(&Env::del("c1").node("n1"), &on_kube).await, "1.1.0", 11);
-    assert!(msg.contains("NodeSlicePool wb/net"), "{msg}");
+    assert!(msg.contains("IPPools in wb"), "{msg}");
 }
 
 /// A kubeconfig for an API server nobody answers for (port 1 on loopback refuses connections), in

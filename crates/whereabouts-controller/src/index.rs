@@ -249,9 +249,13 @@ fn watch_raw<K: DeserializeOwned + Send + 'static>(
 
 fn reduce<K: DeserializeOwned>(kind: &str, event: watcher::Event<DynamicObject>) -> Option<Change<K>> {
     match event {
-        watcher::Event::Apply(object) | watcher::Event::InitApply(object) => {
-            decode(kind, object).map(|(name, typed)| Change::Put(name, typed))
-        }
+        watcher::Event::Apply(object) | watcher::Event::InitApply(object) => match decode(kind, object) {
+            Ok((name, typed)) => Some(Change::Put(name, typed)),
+            Err(e) => {
+                tracing::warn!("{e}; skipped");
+                None
+            }
+        },
         watcher::Event::Delete(object) => Some(Change::Gone(object.metadata.name.unwrap_or_default())),
         watcher::Event::Init => Some(Change::Restart),
         watcher::Event::InitDone => Some(Change::Listed),

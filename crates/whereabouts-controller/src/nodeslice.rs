@@ -18,6 +18,8 @@
 //!   deleted by this controller when no NAD wants them any more.
 //! * Label selectors ([`Settings`]) may narrow the Nodes that take slices (say, those with the secondary
 //!   interface: others would hold a slice they never use) and the NADs that are sliced.
+//! * NodeSlicePools and IPPools are decoded one by one: one the types cannot read (no `spec`, which the
+//!   CRDs allow) gets a Warning Event, once per change of it, and the rest is sliced.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -41,6 +43,7 @@ use whereabouts_k8s::crd::{
 use crate::Context;
 use crate::metrics::{SliceLabels, SliceState};
 use crate::nad::{FlatFile, NadConfig};
+use crate::pools::{Undecodable, decode, list_decoded};
 
 /// The name the controller reports Events under.
 pub const COMPONENT: &str = "whereabouts-controller";
@@ -139,7 +142,27 @@ pub struct Summary {
     /// What could not be handled (a NAD's configuration, a NodeSlicePool's write), with why; the rest
     /// was.
     pub failed: Vec<String>,
+    /// Objects that do not decode (`<kind> <name>`): IPPools are left out, NodeSlicePools taken as
+    /// having no spec (see [`readable_part`]).
+    pub unreadable: Vec<String>,
 }
+
+/// The Event reason of an object that does not decode.
+const UNREADABLE: &str = "UnreadableObject";
+
+/// What is done about an IPPool that does not decode. It has no `spec` (the CRD requires `range` in
+/// one, and `id` and `podref` in every allocation, which is all the types require), so it holds no
+/// allocations: no slice is busy because of it.
+const UNREADABLE_IP_POOL: &str = "left out of node slicing (without a spec it holds no allocations)";
+
+/// What is done about a NodeSlicePool that does not decode ([`readable_part`]).
+const UNREADABLE_SLICE_POOL: &str =
+    "taken as having no spec: rewritten if a NetworkAttachmentDefinition wants it, its readable status kept";
+
+/// The objects found unreadable, by (kind, name), with the resourceVersion each was reported at: each
+/// is reported once per change of it, not on every reconcile.
+#[derive(Debug, Default)]
+struct Reported(BTreeMap<(String, String), Option<String>>);
 
 /// One whereabouts NAD with node slices.
 struct SlicedNad {
@@ -196,14 +219,19 @@ impl Network {
 /// Reconciles every NodeSlicePool once (see the module documentation).
 pub async fn reconcile_all(ctx: &Context, settings: &Settings) -> Result<Summary, Error> {
     let recorder = Recorder::new(ctx.client.clone(), reporter());
-    reconcile_with(ctx, settings, &recorder).await
+    reconcile_with(ctx, settings, &recorder, &mut Reported::default()).await
 }
 
 fn reporter() -> Reporter {
     Reporter { controller: COMPONENT.into(), instance: std::env::var("POD_NAME").ok() }
 }
 
-async fn reconcile_with(ctx: &Context, settings: &Settings, recorder: &Recorder) -> Result<Summary, Error> {
+async fn reconcile_with(
+    ctx: &Context,
+    settings: &Settings,
+    recorder: &Recorder,
+    reported: &mut Reported,
+) -> Result<Summary, Error> {
     let list = |what| move |source| Error::List { what, source };
     let nads = Api::<DynamicObject>::all_with(ctx.client.clone(), &nad_resource())
         .list(&listing(&settings.nad_selector))
@@ -218,26 +246,33 @@ async fn reconcile_with(ctx: &Context, settings: &Settings, recorder: &Recorder)
         .map(ResourceExt::name_any)
         .collect();
     let slice_pools: Api<NodeSlicePool> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    let existing: BTreeMap<String, NodeSlicePool> = slice_pools
-        .list(&ListParams::default())
-        .await
-        .map_err(list("NodeSlicePools"))?
-        .items
-        .into_iter()
-        .map(|p| (p.name_any(), p))
-        .collect();
+    // Decoded one by one: an object the types cannot read must not stop the slicing of every network.
+    let slice_pool_listing =
+        list_decoded::<NodeSlicePool>(&ctx.client, &ctx.namespace).await.map_err(list("NodeSlicePools"))?;
+    let ip_pool_listing =
+        list_decoded::<IPPool>(&ctx.client, &ctx.namespace).await.map_err(list("IPPools"))?;
+    let mut summary = Summary::default();
+    let unreadable = [
+        (
+            ApiResource::erase::<NodeSlicePool>(&()),
+            slice_pool_listing.undecodable.as_slice(),
+            UNREADABLE_SLICE_POOL,
+        ),
+        (ApiResource::erase::<IPPool>(&()), ip_pool_listing.undecodable.as_slice(), UNREADABLE_IP_POOL),
+    ];
+    report_unreadable(ctx, recorder, reported, unreadable, &mut summary).await;
+    let mut existing: BTreeMap<String, NodeSlicePool> = slice_pool_listing.decoded.into_iter().collect();
+    existing.extend(
+        slice_pool_listing.undecodable.iter().map(|bad| (bad.name.clone(), readable_part(&bad.object))),
+    );
     // The IPPools holding allocations, by name, with their `spec.range`.
-    let busy_pools: BTreeMap<String, String> = Api::<IPPool>::namespaced(ctx.client.clone(), &ctx.namespace)
-        .list(&ListParams::default())
-        .await
-        .map_err(list("IPPools"))?
-        .items
+    let busy_pools: BTreeMap<String, String> = ip_pool_listing
+        .decoded
         .into_iter()
-        .filter(|p| !p.spec.pool.allocations.is_empty())
-        .map(|p| (p.name_any(), p.spec.pool.range.clone()))
+        .filter(|(_, p)| !p.spec.pool.allocations.is_empty())
+        .map(|(name, p)| (name, p.spec.pool.range))
         .collect();
 
-    let mut summary = Summary::default();
     let networks = group(nads.items, settings.flat_file.as_ref(), &mut summary);
     for network in networks.values() {
         for loser in network.nads.iter().filter(|n| n.slicing != network.winner().slicing) {
@@ -251,7 +286,7 @@ async fn reconcile_with(ctx: &Context, settings: &Settings, recorder: &Recorder)
                 network.winner().slicing.size(),
             );
             tracing::warn!(nad = %loser.key(), "node slices: {why}");
-            publish(ctx, recorder, loser, "ConflictingNodeSlices", why).await;
+            publish(ctx, recorder, &loser.reference(), "ConflictingNodeSlices", why).await;
             summary.overruled.push(loser.key());
         }
     }
@@ -272,7 +307,7 @@ async fn reconcile_with(ctx: &Context, settings: &Settings, recorder: &Recorder)
                         assignment.unassigned.join(", ")
                     );
                     tracing::warn!(pool = %name, "node slices: {why}");
-                    publish(ctx, recorder, network.winner(), "NoFreeNodeSlice", why).await;
+                    publish(ctx, recorder, &network.winner().reference(), "NoFreeNodeSlice", why).await;
                     summary.unassigned.insert(name.clone(), assignment.unassigned);
                 }
             }
@@ -335,6 +370,55 @@ fn group(
         networks.entry(name).or_insert_with(|| Network { nads: Vec::new() }).nads.push(nad);
     }
     networks
+}
+
+/// Reports the objects that do not decode, each with what is done about it, as a warning and a Warning
+/// Event on the object; those `reported` already at their current resourceVersion only in `summary`.
+async fn report_unreadable(
+    ctx: &Context,
+    recorder: &Recorder,
+    reported: &mut Reported,
+    unreadable: [(ApiResource, &[Undecodable], &str); 2],
+    summary: &mut Summary,
+) {
+    let mut now = BTreeMap::new();
+    for (resource, objects, consequence) in unreadable {
+        for bad in objects {
+            summary.unreadable.push(format!("{} {}", bad.kind, bad.name));
+            let key = (bad.kind.clone(), bad.name.clone());
+            let version = bad.object.resource_version();
+            if reported.0.get(&key) != Some(&version) {
+                let why = format!("{bad}: {consequence}");
+                tracing::warn!("node slices: {why}");
+                publish(ctx, recorder, &bad.object.object_ref(&resource), UNREADABLE, why).await;
+            }
+            now.insert(key, version);
+        }
+    }
+    reported.0 = now;
+}
+
+/// A NodeSlicePool that does not decode, as far as it can be read: its metadata, and its status when
+/// that decodes; its spec empty. Whatever a NAD wants then differs from it and is written over it, by
+/// compare-and-swap on its resourceVersion (repairing it), while the slices its status assigns stay
+/// with their nodes; one no NAD wants is deleted if this controller manages it, as any other.
+fn readable_part(object: &DynamicObject) -> NodeSlicePool {
+    let spec = NodeSlicePoolSpec { range: String::new(), slice_size: String::new() };
+    let mut pool = NodeSlicePool::new("", spec);
+    pool.metadata = object.metadata.clone();
+    pool.status = object.data.get("status").and_then(|status| serde_json::from_value(status.clone()).ok());
+    pool
+}
+
+/// Reads the NodeSlicePool `name` as [`reconcile_with`] lists it: one that does not decode as far as
+/// it can be read ([`readable_part`]).
+async fn read_slice_pool(ctx: &Context, name: &str) -> Result<Option<NodeSlicePool>, kube::Error> {
+    let resource = ApiResource::erase::<NodeSlicePool>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ctx.namespace, &resource);
+    Ok(api.get_opt(name).await?.map(|object| match decode::<NodeSlicePool>(&resource.kind, object) {
+        Ok((_, pool)) => pool,
+        Err(bad) => readable_part(&bad.object),
+    }))
 }
 
 /// Whether this controller manages a NodeSlicePool: labelled so, or owned by a NAD (as upstream's are).
@@ -432,7 +516,7 @@ async fn write_pool(
     let failed = |source| Error::Write { name: name.to_string(), source };
     for attempt in 0..WRITE_ATTEMPTS {
         if attempt > 0 {
-            current = api.get_opt(name).await.map_err(failed)?;
+            current = read_slice_pool(ctx, name).await.map_err(failed)?;
         }
         let (pool, assignment) = desired(ctx, name, network, nodes, current.as_ref(), busy_pools);
         if current.as_ref() == Some(&pool) {
@@ -504,9 +588,15 @@ fn record_gauges(ctx: &Context, name: &str, assignment: &SliceAssignment) {
     }
 }
 
-/// Publishes a Warning Event about a NAD (not in a dry run, which writes nothing); failing to is only
-/// logged.
-async fn publish(ctx: &Context, recorder: &Recorder, nad: &SlicedNad, reason: &str, note: String) {
+/// Publishes a Warning Event about an object (not in a dry run, which writes nothing); failing to is
+/// only logged.
+async fn publish(
+    ctx: &Context,
+    recorder: &Recorder,
+    regarding: &ObjectReference,
+    reason: &str,
+    note: String,
+) {
     if ctx.dry_run {
         return;
     }
@@ -517,8 +607,10 @@ async fn publish(ctx: &Context, recorder: &Recorder, nad: &SlicedNad, reason: &s
         action: "AssignNodeSlices".into(),
         secondary: None,
     };
-    if let Err(e) = recorder.publish(&event, &nad.reference()).await {
-        tracing::warn!(nad = %nad.key(), "could not publish a {reason} event: {e}");
+    if let Err(e) = recorder.publish(&event, regarding).await {
+        let kind = regarding.kind.as_deref().unwrap_or_default();
+        let name = regarding.name.as_deref().unwrap_or_default();
+        tracing::warn!("could not publish a {reason} event about {kind} {name}: {e}");
     }
 }
 
@@ -538,6 +630,7 @@ pub async fn run(ctx: Context, settings: Settings) -> Result<(), Error> {
     let mut resync = tokio::time::interval(RESYNC);
     let mut backoff = Duration::ZERO;
     let mut dirty = true;
+    let mut reported = Reported::default();
     loop {
         if dirty {
             // Gather the rest of a burst (and wait out the backoff) before looking.
@@ -550,7 +643,7 @@ pub async fn run(ctx: Context, settings: Settings) -> Result<(), Error> {
                 }
             }
             dirty = false;
-            match reconcile_with(&ctx, &settings, &recorder).await {
+            match reconcile_with(&ctx, &settings, &recorder, &mut reported).await {
                 Ok(summary) if summary.failed.is_empty() => {
                     backoff = Duration::ZERO;
                     tracing::debug!(?summary, "node slices reconciled");

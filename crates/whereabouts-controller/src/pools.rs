@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use kube::api::DynamicObject;
+use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use serde::de::DeserializeOwned;
 
 use whereabouts_core::addr::parse_cidr_strict;
@@ -100,24 +100,37 @@ pub fn names_address(name: &str, ip: IpAddr) -> bool {
     name.strip_suffix(address.as_str()).is_some_and(|prefix| prefix.is_empty() || prefix.ends_with('-'))
 }
 
-/// The names the reservation of `found`'s address has, exactly: `[network_name-]<ip>`, where the network
-/// name is what the pool's name (`[network_name-][node-]<range>`) has before its range, less the node
-/// the allocation records. Empty for a pool whose name does not end with its range.
-pub fn reservation_names(found: &Found) -> Vec<String> {
-    let range = normalize_range(&found.pool.network.trunc());
-    let Some(prefix) = found.pool.name.strip_suffix(range.as_str()) else { return Vec::new() };
+/// The network names (`network_name`) a pool may be of, going by its name
+/// (`[network_name-][node-]<range>`): what the name has before its range, and that less the node for
+/// each of `nodes` (those its allocations record) it ends with, as a node-slice pool's name does. Empty
+/// for a pool whose name does not end with its range.
+pub fn network_names<'a>(pool: &'a PoolTarget, nodes: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    let range = normalize_range(&pool.network.trunc());
+    let Some(prefix) = pool.name.strip_suffix(range.as_str()) else { return Vec::new() };
     let Some(network_name) = prefix.strip_suffix('-').or(prefix.is_empty().then_some("")) else {
         return Vec::new();
     };
     let mut networks = vec![network_name];
-    if let Some(node) = found.allocation.node.as_deref().filter(|node| !node.is_empty()) {
-        if network_name == node {
-            networks.push("");
-        } else if let Some(network) = network_name.strip_suffix(node).and_then(|n| n.strip_suffix('-')) {
+    for node in nodes.into_iter().filter(|node| !node.is_empty()) {
+        let without_node = if network_name == node {
+            Some("")
+        } else {
+            network_name.strip_suffix(node).and_then(|n| n.strip_suffix('-'))
+        };
+        if let Some(network) = without_node.filter(|network| !networks.contains(network)) {
             networks.push(network);
         }
     }
-    networks.into_iter().map(|network| reservation_name(network, found.ip)).collect()
+    networks
+}
+
+/// The names the reservation of `found`'s address has, exactly: `[network_name-]<ip>`, for the
+/// [`network_names`] of its pool given the node the allocation records.
+pub fn reservation_names(found: &Found) -> Vec<String> {
+    network_names(&found.pool, found.allocation.node.as_deref())
+        .into_iter()
+        .map(|network| reservation_name(network, found.ip))
+        .collect()
 }
 
 /// The reservations, among `reservations`, of `found`'s address held by its holder (by exact name,
@@ -135,17 +148,57 @@ pub fn reservations_of<'r>(
         .collect()
 }
 
-/// Decodes one object read as raw JSON; one that does not decode is skipped with a warning (so one
-/// odd object, such as an IPPool without `spec`, which the CRD allows, cannot fail a whole listing).
-pub fn decode<K: DeserializeOwned>(kind: &str, object: DynamicObject) -> Option<(String, K)> {
+/// An object the types cannot read (an IPPool or NodeSlicePool without `spec`, which the CRDs allow),
+/// as listed or watched.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind} {name} is unreadable ({reason})")]
+pub struct Undecodable {
+    /// Its kind.
+    pub kind: String,
+    /// Its name.
+    pub name: String,
+    /// Why it does not decode.
+    pub reason: String,
+    /// The object as read (boxed: it is large, and errors travel).
+    pub object: Box<DynamicObject>,
+}
+
+/// Decodes one object read as raw JSON, so that one odd object cannot fail a whole listing or watch;
+/// the caller decides what to say about one that does not decode.
+pub fn decode<K: DeserializeOwned>(kind: &str, object: DynamicObject) -> Result<(String, K), Undecodable> {
     let name = object.metadata.name.clone().unwrap_or_default();
     match serde_json::to_value(&object).and_then(serde_json::from_value::<K>) {
-        Ok(typed) => Some((name, typed)),
+        Ok(typed) => Ok((name, typed)),
         Err(e) => {
-            tracing::warn!("{kind} {name} is unreadable ({e}); skipped");
-            None
+            Err(Undecodable { kind: kind.to_string(), name, reason: e.to_string(), object: Box::new(object) })
         }
     }
+}
+
+/// Every object of a kind in one namespace, decoded one by one.
+#[derive(Debug)]
+pub struct Listing<K> {
+    /// The objects that decode, by name.
+    pub decoded: Vec<(String, K)>,
+    /// Those that do not.
+    pub undecodable: Vec<Undecodable>,
+}
+
+/// Lists every object of a kind in `namespace` as raw JSON and decodes each on its own ([`decode`]).
+pub async fn list_decoded<K>(client: &kube::Client, namespace: &str) -> Result<Listing<K>, kube::Error>
+where
+    K: DeserializeOwned + kube::Resource<DynamicType = ()>,
+{
+    let resource = ApiResource::erase::<K>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+    let mut listing = Listing { decoded: Vec::new(), undecodable: Vec::new() };
+    for object in api.list(&ListParams::default()).await?.items {
+        match decode(&resource.kind, object) {
+            Ok(typed) => listing.decoded.push(typed),
+            Err(undecodable) => listing.undecodable.push(undecodable),
+        }
+    }
+    Ok(listing)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ApiResource, DynamicObject, ListParams};
+use kube::api::{Api, ListParams};
 use serde::de::DeserializeOwned;
 use whereabouts_k8s::crd::{IPPool, OverlappingRangeIPReservation};
 use whereabouts_store::Reservation;
@@ -24,7 +24,7 @@ use crate::Context;
 use crate::cleanup::{COMPONENT, pod_view};
 use crate::judge::{PodView, Verdict, judge};
 use crate::metrics::{ReleaseReason, RunLabels, RunResult, Source};
-use crate::pools::{Found, allocations, decode, holder, names_address, reservations_of};
+use crate::pools::{Found, allocations, holder, list_decoded, names_address, reservations_of};
 use crate::release::{Plan, Release};
 
 /// Why a reconciliation failed. The next scheduled run tries again.
@@ -208,17 +208,13 @@ async fn list<K: DeserializeOwned + kube::Resource<DynamicType = ()>>(
     ctx: &Context,
     what: &'static str,
 ) -> Result<(Vec<(String, K)>, Vec<String>), ReconcileError> {
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(ctx.client.clone(), &ctx.namespace, &ApiResource::erase::<K>(&()));
-    let listed =
-        api.list(&ListParams::default()).await.map_err(|source| ReconcileError::List { what, source })?;
-    let (mut decoded, mut undecodable) = (Vec::new(), Vec::new());
-    for object in listed.items {
-        let name = object.metadata.name.clone().unwrap_or_default();
-        match decode(what, object) {
-            Some(typed) => decoded.push(typed),
-            None => undecodable.push(name),
-        }
+    let listing = list_decoded::<K>(&ctx.client, &ctx.namespace)
+        .await
+        .map_err(|source| ReconcileError::List { what, source })?;
+    let mut undecodable = Vec::new();
+    for object in listing.undecodable {
+        tracing::warn!("{object}; skipped");
+        undecodable.push(object.name);
     }
-    Ok((decoded, undecodable))
+    Ok((listing.decoded, undecodable))
 }

@@ -15,7 +15,9 @@ use whereabouts_controller::nad::FlatFile;
 use whereabouts_controller::nodeslice::{self, Settings, nad_resource};
 use whereabouts_core::range::pool_name;
 use whereabouts_k8s::crd::{IPPool, NodeSlicePool};
-use whereabouts_k8s::kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
+use whereabouts_k8s::kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
 use whereabouts_kube_testing::TestCluster;
 
 struct Fixture {
@@ -454,5 +456,125 @@ async fn a_busy_pool_of_the_old_layout_keeps_its_addresses_with_its_node() {
         let theirs = f.slice_of(&net, node).await.expect("a slice");
         assert!(!overlap(&theirs, old_slice), "{node} got {theirs}");
     }
+    f.cleanup().await;
+}
+
+/// Creates an object of the whereabouts kind `kind` from raw JSON, as the CRD allows it (without
+/// `spec`, say), which the types could not write.
+async fn create_raw(f: &Fixture, kind: &str, object: Value) {
+    let (plural, api_version) = (format!("{}s", kind.to_lowercase()), "whereabouts.cni.cncf.io/v1alpha1");
+    let resource = ApiResource {
+        group: "whereabouts.cni.cncf.io".into(),
+        version: "v1alpha1".into(),
+        api_version: api_version.into(),
+        kind: kind.into(),
+        plural,
+    };
+    let mut object = object;
+    object["apiVersion"] = json!(api_version);
+    object["kind"] = json!(kind);
+    let object: DynamicObject = serde_json::from_value(object).expect("an object");
+    Api::<DynamicObject>::namespaced_with(f.cluster.client(), f.ns(), &resource)
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap_or_else(|e| panic!("{kind} created: {e}"));
+}
+
+/// The Warning Events about `name` for an object that does not decode, with each one's series count
+/// (`None`: published once).
+async fn unreadable_events(f: &Fixture, name: &str) -> Vec<Option<i32>> {
+    let events: Api<Event> = Api::namespaced(f.cluster.client(), f.ns());
+    let list = events.list(&ListParams::default()).await.expect("events listed");
+    list.items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("UnreadableObject"))
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| e.series.map(|s| s.count))
+        .collect()
+}
+
+/// An IPPool and NodeSlicePools without `spec` (the CRDs allow it) do not stop node slicing: the IPPool
+/// is left out, the NodeSlicePool a NAD wants is written over with the slices its status assigns kept
+/// with their nodes, another is left alone; each gets a Warning Event.
+#[tokio::test]
+async fn unreadable_pools_are_reported_and_every_network_is_still_sliced() {
+    let f = Fixture::start().await;
+    let (net, other, stray) = (f.unique("net"), f.unique("other"), f.unique("stray"));
+    let (a, x) = (f.add_node("a").await, f.add_node("x").await);
+    create_raw(&f, "IPPool", json!({"metadata": {"name": "no-spec"}})).await;
+    let lost_spec = json!({"metadata": {"name": net},
+        "status": {"allocations": [{"nodeName": x, "sliceRange": "192.0.2.32/27"}]}});
+    create_raw(&f, "NodeSlicePool", lost_spec).await;
+    create_raw(&f, "NodeSlicePool", json!({"metadata": {"name": stray}})).await;
+    f.add_nad("net", macvlan(&net, json!({"range": "192.0.2.0/24", "node_slice_size": "/27"}))).await;
+    f.add_nad("other", macvlan(&other, json!({"range": "198.51.100.0/24", "node_slice_size": "/26"}))).await;
+
+    let summary = f.reconcile().await;
+    let mut written = summary.written.clone();
+    written.sort();
+    assert_eq!(written, [net.clone(), other.clone()], "{summary:?}");
+    let mut unreadable = summary.unreadable.clone();
+    unreadable.sort();
+    assert_eq!(
+        unreadable,
+        ["IPPool no-spec".to_string(), format!("NodeSlicePool {net}"), format!("NodeSlicePool {stray}")]
+    );
+    assert_eq!(f.slice_of(&net, &x).await.as_deref(), Some("192.0.2.32/27"), "the readable status is kept");
+    assert!(f.slice_of(&net, &a).await.is_some_and(|s| !overlap(&s, "192.0.2.32/27")));
+    assert!(f.slice_of(&other, &a).await.is_some() && f.slice_of(&other, &x).await.is_some());
+    let repaired: NodeSlicePool =
+        Api::namespaced(f.cluster.client(), f.ns()).get(&net).await.expect("readable");
+    assert_eq!(repaired.spec.range, "192.0.2.0/24");
+    for name in ["no-spec", net.as_str(), stray.as_str()] {
+        assert_eq!(unreadable_events(&f, name).await, [None], "{name}");
+    }
+    // Now readable: only the two left reported.
+    let summary = f.reconcile().await;
+    assert_eq!(summary.unreadable.len(), 2, "{summary:?}");
+    assert!(summary.unchanged.contains(&net), "{summary:?}");
+    f.cleanup().await;
+}
+
+/// The run loop reports an object that does not decode once per change of it, not on every
+/// reconcile.
+#[tokio::test]
+async fn the_run_loop_reports_an_unreadable_pool_once_per_change() {
+    let f = Fixture::start().await;
+    let net = f.unique("net");
+    create_raw(&f, "IPPool", json!({"metadata": {"name": "no-spec"}})).await;
+    f.add_nad("net", macvlan(&net, json!({"range": "192.0.2.0/24", "node_slice_size": "/28"}))).await;
+    let task = tokio::spawn(nodeslice::run(f.ctx.clone(), f.settings.clone()));
+    let sliced = |node: String| {
+        let f = &f;
+        let net = &net;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while f.slices(net).await.is_none() || f.slice_of(net, &node).await.is_none() {
+                assert!(tokio::time::Instant::now() < deadline, "{node} got no slice in time");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    // Each node joining is a reconcile.
+    for name in ["a", "b"] {
+        sliced(f.add_node(name).await).await;
+    }
+    assert_eq!(unreadable_events(&f, "no-spec").await, [None], "reported on every reconcile");
+
+    // Changed (still without spec): reported again, the Event's series counting it.
+    let ip_pools = ApiResource::erase::<IPPool>(&());
+    Api::<DynamicObject>::namespaced_with(f.cluster.client(), f.ns(), &ip_pools)
+        .patch("no-spec", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})))
+        .await
+        .expect("IPPool changed");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while unreadable_events(&f, "no-spec").await != [Some(2)] {
+        assert!(tokio::time::Instant::now() < deadline, "{:?}", unreadable_events(&f, "no-spec").await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sliced(f.add_node("c").await).await;
+    assert_eq!(unreadable_events(&f, "no-spec").await, [Some(2)]);
+    assert!(!task.is_finished(), "the loop ended: {:?}", task.await);
+    task.abort();
     f.cleanup().await;
 }

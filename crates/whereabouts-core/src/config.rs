@@ -234,8 +234,17 @@ impl ManagedRange {
                 format!("lies outside {}, the slice of node {node}", inside.describe()),
             ));
         }
+        let released = self.releasing_in_node_slice(network_name, node, slice);
+        Ok(ManagedRange { range: inside, requested: self.requested, ..released })
+    }
+
+    /// This range's pool `[network_name-]<node>-<slice>` of a slice node `node` holds or held, to
+    /// release from (DEL and GC look in every one: a re-slicing moves a node off a slice in which its
+    /// pods keep their addresses). Nothing is allocated from it, so `range` stays this range's and
+    /// nothing is requested.
+    pub fn releasing_in_node_slice(&self, network_name: &str, node: &str, slice: IpNet) -> ManagedRange {
         let pool = PoolTarget { name: pool_name(network_name, Some(node), &slice), network: slice };
-        Ok(ManagedRange { range: inside, pool, ..self.clone() })
+        ManagedRange { pool, requested: None, ..self.clone() }
     }
 }
 

@@ -151,15 +151,33 @@ pub fn normalize_range(cidr: &IpNet) -> String {
 
 /// The IPPool name for a range (upstream `IPPoolName`): `[network_name-][node-]normalised-range`.
 pub fn pool_name(network_name: &str, node: Option<&str>, cidr: &IpNet) -> String {
-    let mut name = String::new();
-    for part in [network_name, node.unwrap_or("")] {
-        if !part.is_empty() {
-            name.push_str(part);
-            name.push('-');
-        }
-    }
+    let mut name = pool_name_prefix(network_name, node);
     name.push_str(&normalize_range(cidr));
     name
+}
+
+/// What [`pool_name`] puts before the normalised range: `[network_name-][node-]`.
+fn pool_name_prefix(network_name: &str, node: Option<&str>) -> String {
+    let mut prefix = String::new();
+    for part in [network_name, node.unwrap_or("")] {
+        if !part.is_empty() {
+            prefix.push_str(part);
+            prefix.push('-');
+        }
+    }
+    prefix
+}
+
+/// The CIDR of the per-node IPPool `name` of node `node` in the network `network_name`: the inverse of
+/// [`pool_name`] with a node, given the network name and the node. `None` when `name` is not such a
+/// name (what follows `[network_name-]<node>-` is not a normalised CIDR, exactly as [`pool_name`]
+/// writes it).
+pub fn node_pool_cidr(network_name: &str, node: &str, name: &str) -> Option<IpNet> {
+    let normalised = name.strip_prefix(pool_name_prefix(network_name, Some(node)).as_str())?;
+    let (address, prefix_len) = normalised.rsplit_once('-')?;
+    // Only IPv6 addresses had `:`, which became `-`; IPv4 addresses have none.
+    let cidr: IpNet = format!("{}/{prefix_len}", address.replace('-', ":")).parse().ok()?;
+    (normalize_range(&cidr) == normalised).then_some(cidr)
 }
 
 /// The node of the per-node IPPool `name` of `cidr` in the network `network_name`: the inverse of
@@ -286,6 +304,29 @@ mod tests {
         // Without a network name, another network's pool reads as a node named with its prefix: the
         // names alone cannot tell them apart (the controller then errs on the side of busy).
         assert_eq!(pool_node("", "net-w-10.0.0.64-26", &slice), Some("net-w"));
+    }
+
+    #[test]
+    fn per_node_pool_names_give_back_their_cidr() {
+        for (network, node, cidr) in [
+            ("", "worker-1", "10.0.0.64/26"),
+            ("net", "worker-1", "10.0.0.64/26"),
+            ("net-a", "n", "2001:db8::/120"),
+            ("", "a-b-c", "fd00::/120"),
+            ("net", "n", "2001:db8:90:0:1::/80"),
+        ] {
+            let name = pool_name(network, Some(node), &net(cidr));
+            assert_eq!(node_pool_cidr(network, node, &name), Some(net(cidr)), "{name}");
+        }
+        // Another node, another network, the whole-range pool, or no CIDR after the node: no match.
+        let name = pool_name("net", Some("w"), &net("10.0.0.64/26"));
+        assert_eq!(node_pool_cidr("net", "v", &name), None);
+        assert_eq!(node_pool_cidr("other", "w", &name), None);
+        assert_eq!(node_pool_cidr("net", "w", &pool_name("net", None, &net("10.0.0.0/24"))), None);
+        assert_eq!(node_pool_cidr("", "w", &pool_name("", Some("w-x"), &net("10.0.0.64/26"))), None);
+        assert_eq!(node_pool_cidr("", "w", "w-10.0.0.64-26-x"), None);
+        // Not as pool_name writes it: the same CIDR spelled otherwise.
+        assert_eq!(node_pool_cidr("", "w", "w-2001-0db8---120"), None);
     }
 
     #[test]

@@ -530,3 +530,113 @@ async fn file_store_leaks_with_pods_in_kubernetes() {
     assert_eq!(ips[0]["pod"], format!("{ns}/keep"));
     cluster.cleanup().await;
 }
+
+/// Creates the IPPool `name` of `range` with allocations (key, pod, node that made it).
+async fn plant_pool(cluster: &TestCluster, name: &str, range: &str, entries: &[(&str, &str, &str)]) {
+    let allocations = entries
+        .iter()
+        .map(|(key, pod, node)| {
+            let mut held = allocation(pod);
+            held.node = Some(node.to_string());
+            (key.to_string(), held)
+        })
+        .collect();
+    let spec = PoolSpec { range: range.into(), allocations };
+    Api::<IPPool>::namespaced(cluster.client(), cluster.namespace())
+        .create(&PostParams::default(), &IPPool::new(name, IPPoolSpec { pool: spec }))
+        .await
+        .unwrap_or_else(|e| panic!("plant pool {name}: {e}"));
+}
+
+/// `check -o json` (reservations not required): the exit code and the (kind, pool, ip) of its problems
+/// and of its warnings (none when it lists none).
+async fn kube_check(
+    cluster: &TestCluster,
+) -> (i32, Vec<(String, String, String)>, Vec<(String, String, String)>) {
+    let (code, out, stderr) =
+        acli(kube_args(cluster, &["check", "--no-overlapping-ranges", "-o", "json"])).await;
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{stderr}"));
+    let findings = |list: &Value| -> Vec<(String, String, String)> {
+        let field = |f: &Value, key: &str| f[key].as_str().unwrap_or_default().to_string();
+        let mut found: Vec<_> = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|f| (field(f, "kind"), field(f, "pool"), field(f, "ip")))
+            .collect();
+        found.sort();
+        found
+    };
+    (code, findings(&report["problems"]), findings(&report["warnings"]))
+}
+
+/// Node-slice pools of one network, of different nodes and of the layouts before and after a
+/// re-slicing (/26, then /27), holding one address for different pods: a duplicate, with and without a
+/// `network_name`. Another network's pool holding it is not one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_check_compares_the_node_slice_pools_of_one_network() {
+    let cluster = TestCluster::start().await;
+    plant_pool(&cluster, "blue-node-a-10.99.0.0-26", "10.99.0.0/26", &[("5", "a", "node-a")]).await;
+    plant_pool(&cluster, "blue-node-b-10.99.0.0-27", "10.99.0.0/27", &[("5", "b", "node-b")]).await;
+    plant_pool(&cluster, "red-node-c-10.99.0.0-26", "10.99.0.0/26", &[("5", "c", "node-c")]).await;
+    plant_pool(
+        &cluster,
+        "node-a-10.99.1.0-26",
+        "10.99.1.0/26",
+        &[("7", "d", "node-a"), ("8", "e", "node-a")],
+    )
+    .await;
+    plant_pool(
+        &cluster,
+        "node-b-10.99.1.0-27",
+        "10.99.1.0/27",
+        &[("7", "f", "node-b"), ("8", "e", "node-b")],
+    )
+    .await;
+
+    let (code, problems, warnings) = kube_check(&cluster).await;
+    assert_eq!(code, 1);
+    let duplicate =
+        |pool: &str, ip: &str| ("duplicate-address".to_string(), pool.to_string(), ip.to_string());
+    assert_eq!(
+        problems,
+        [duplicate("blue-node-a-10.99.0.0-26", "10.99.0.5"), duplicate("node-a-10.99.1.0-26", "10.99.1.7")],
+        "e's two entries are one holder's"
+    );
+    assert!(warnings.is_empty(), "{warnings:?}");
+    cluster.cleanup().await;
+}
+
+/// An IPv6 allocation at an offset of 2^63 or more, which upstream whereabouts skips when reading (and
+/// its next write of the pool removes): a warning, which alone leaves the exit code 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_check_warns_of_offsets_upstream_cannot_read() {
+    let cluster = TestCluster::start().await;
+    let entries = [
+        ("1", "low", "node-a"),
+        ("9223372036854775807", "below", "node-a"),
+        ("9223372036854775808", "high", "node-a"),
+    ];
+    plant_pool(&cluster, "v6-2001-db8---64", "2001:db8::/64", &entries).await;
+
+    let (code, problems, warnings) = kube_check(&cluster).await;
+    assert_eq!(code, 0, "{problems:?}");
+    let unreadable = (
+        "upstream-unreadable-offset".to_string(),
+        "v6-2001-db8---64".to_string(),
+        "2001:db8:0:0:8000::".to_string(),
+    );
+    assert_eq!(warnings, [unreadable]);
+    let (code, table, _) = acli(kube_args(&cluster, &["check", "--no-overlapping-ranges"])).await;
+    assert_eq!(code, 0, "{table}");
+    assert!(
+        table.lines().any(|l| l.split_whitespace().take(3).eq([
+            "upstream-unreadable-offset",
+            "v6-2001-db8---64",
+            "2001:db8:0:0:8000::"
+        ])),
+        "{table}"
+    );
+    assert!(table.ends_with("0 problems in 1 pools, 3 allocations, 0 reservations; 1 warnings\n"), "{table}");
+    cluster.cleanup().await;
+}

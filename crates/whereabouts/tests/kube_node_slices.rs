@@ -382,7 +382,7 @@ async fn a_mismatching_node_slice_pool_is_a_configuration_error() {
 }
 
 /// DEL and GC free the address in the slice's pool and its reservation; a DEL after the NodeSlicePool
-/// is gone succeeds, releasing nothing sliced.
+/// is gone still finds the node's pool of its slice.
 #[tokio::test(flavor = "multi_thread")]
 async fn del_and_gc_free_addresses_in_the_slice() {
     let cluster = TestCluster::start().await;
@@ -427,7 +427,55 @@ async fn del_and_gc_free_addresses_in_the_slice() {
         .await
         .expect("delete the NodeSlicePool");
     del(&pods[1], &net).await;
-    assert_eq!(pool_entries(&cluster, pool).await.len(), 2, "nothing sliced is released without the slice");
+    assert_eq!(pool_entries(&cluster, pool).await.into_keys().collect::<Vec<_>>(), ["1"]);
+    assert_eq!(reservations(&cluster).await.into_keys().collect::<Vec<_>>(), ["freed-10.97.0.65"]);
+    cluster.cleanup().await;
+}
+
+/// A re-slicing (into /27) moved node-a off the slice in which two of its pods keep their addresses:
+/// one's DEL releases its address there, with its reservation, and GC on node-a looks there too; the
+/// pool of another node holding the same attachment is left alone, and so is the new slice's.
+#[tokio::test(flavor = "multi_thread")]
+async fn del_and_gc_release_from_a_slice_the_node_was_moved_off() {
+    let cluster = TestCluster::start().await;
+    let before = [("10.98.0.0/26", NODE_A), ("10.98.0.64/26", NODE_B)];
+    create_node_slice_pool(&cluster, "moved", "10.98.0.0/24", "/26", &before).await;
+    let net = netconf(
+        &cluster,
+        json!({ "range": "10.98.0.0/24", "node_slice_size": "/26", "network_name": "moved" }),
+    );
+    let (old, stale) = (Pod::on(NODE_A, "old"), Pod::on(NODE_A, "stale"));
+    assert_eq!(add(&old, &net).await, ["10.98.0.1/24"]);
+    assert_eq!(add(&stale, &net).await, ["10.98.0.2/24"]);
+    // The same attachment on node-b (not node-a's pool: left alone).
+    assert_eq!(add(&Pod::on(NODE_B, "old"), &net).await, ["10.98.0.65/24"]);
+
+    node_slice_pools(&cluster).delete("moved", &DeleteParams::default()).await.expect("delete");
+    let after =
+        [("10.98.0.0/27", ""), ("10.98.0.32/27", ""), ("10.98.0.64/27", NODE_B), ("10.98.0.128/27", NODE_A)];
+    create_node_slice_pool(&cluster, "moved", "10.98.0.0/24", "/27", &after).await;
+    let resliced = netconf(
+        &cluster,
+        json!({ "range": "10.98.0.0/24", "node_slice_size": "/27", "network_name": "moved" }),
+    );
+    let new = Pod::on(NODE_A, "new");
+    assert_eq!(add(&new, &resliced).await, ["10.98.0.129/24"]);
+    let (old_pool, new_pool) = ("moved-node-a-10.98.0.0-26", "moved-node-a-10.98.0.128-27");
+
+    del(&old, &resliced).await;
+    assert_eq!(pool_entries(&cluster, old_pool).await, BTreeMap::from([("2".into(), "apps/stale".into())]));
+    assert_eq!(pool_entries(&cluster, new_pool).await, BTreeMap::from([("1".into(), "apps/new".into())]));
+    assert_eq!(pool_entries(&cluster, "moved-node-b-10.98.0.64-26").await.len(), 1, "node-b's pool");
+    assert_eq!(
+        reservations(&cluster).await.into_keys().collect::<Vec<_>>(),
+        ["moved-10.98.0.129", "moved-10.98.0.2", "moved-10.98.0.65"]
+    );
+
+    let mut gc = resliced.clone();
+    gc["cni.dev/valid-attachments"] = json!([{ "containerID": new.container(), "ifname": "net1" }]);
+    cni("GC", &new, &gc).await.silent("GC");
+    assert!(pool_entries(&cluster, old_pool).await.is_empty(), "GC left the old slice's pool alone");
+    assert_eq!(pool_entries(&cluster, new_pool).await.len(), 1);
     cluster.cleanup().await;
 }
 

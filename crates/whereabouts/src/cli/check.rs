@@ -4,17 +4,21 @@
 //!   address in every overlapping range);
 //! * with `enable_overlapping_ranges`, every pool entry has a reservation of the same holder (without
 //!   one, an overlapping range may hand the address out again);
-//! * no address is held in two pools of the same network (the pool name before its range) by
-//!   different holders;
+//! * no address is held in two pools of the same network by different holders: the pool name before
+//!   its range, less the node for node-slice pools, so that the pools of different nodes' slices, of
+//!   the layout before a re-slicing and after it, are compared too;
 //! * every allocation key decodes to an address inside its pool's range, and every pool decodes.
+//!
+//! Problems make it exit 1. Warnings alone do not: they are what only matters in some future, such as
+//! entries upstream whereabouts cannot read, which a rollback to it would lose.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use clap::Args;
 use serde::Serialize;
-use whereabouts_controller::pools::{Found, holder, names_address};
-use whereabouts_core::range::normalize_range;
+use whereabouts_controller::pools::{DecodedPool, Found, holder, names_address, network_names};
+use whereabouts_core::addr::to_u128;
 use whereabouts_store::{Reservation, Store};
 
 use super::output::{Format, OutputArgs, Table, print, print_json};
@@ -34,7 +38,12 @@ pub struct CheckArgs {
     output: OutputArgs,
 }
 
-/// Kinds of problems.
+/// The first offset upstream whereabouts cannot read: it parses allocation keys as signed 64-bit
+/// numbers and skips the others, and its next write of the pool, a patch from what it read, removes
+/// them.
+const UPSTREAM_UNREADABLE_OFFSET: u128 = 1 << 63;
+
+/// Kinds of findings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum Kind {
@@ -52,6 +61,8 @@ enum Kind {
     MissingReservation,
     /// An address held in two pools of one network by different holders.
     DuplicateAddress,
+    /// An allocation whose key upstream whereabouts cannot read (a warning).
+    UpstreamUnreadableOffset,
 }
 
 impl Kind {
@@ -64,13 +75,14 @@ impl Kind {
             Kind::HolderMismatch => "holder-mismatch",
             Kind::MissingReservation => "missing-reservation",
             Kind::DuplicateAddress => "duplicate-address",
+            Kind::UpstreamUnreadableOffset => "upstream-unreadable-offset",
         }
     }
 }
 
-/// One problem found.
+/// One problem or warning found.
 #[derive(Debug, Serialize)]
-struct Problem {
+struct Finding {
     kind: Kind,
     #[serde(skip_serializing_if = "Option::is_none")]
     pool: Option<String>,
@@ -87,7 +99,10 @@ struct Report {
     pools: usize,
     allocations: usize,
     reservations: usize,
-    problems: Vec<Problem>,
+    /// What is wrong now (exit 1).
+    problems: Vec<Finding>,
+    /// What is not wrong now but may become so (exit 0 when alone).
+    warnings: Vec<Finding>,
 }
 
 fn describe(r: &Reservation) -> String {
@@ -95,15 +110,35 @@ fn describe(r: &Reservation) -> String {
     if r.ifname.is_empty() { pod } else { format!("{pod} {}", r.ifname) }
 }
 
-/// The network part of a pool's name: the name before `-<normalised range>`.
-fn scope(found: &Found) -> &str {
-    let range = normalize_range(&found.pool.network.trunc());
-    let name = found.pool.name.as_str();
-    if name == range {
-        ""
-    } else {
-        name.strip_suffix(range.as_str()).map_or(name, |p| p.trim_end_matches('-'))
-    }
+/// The networks a pool's allocations are compared within: its [`network_names`] given the nodes its
+/// allocations record, or its own name when that does not end with its range.
+fn networks_of(pool: &DecodedPool) -> Vec<String> {
+    let nodes: BTreeSet<&str> = pool.found.iter().filter_map(|f| f.allocation.node.as_deref()).collect();
+    let networks: Vec<String> = network_names(&pool.target, nodes).into_iter().map(String::from).collect();
+    if networks.is_empty() { vec![pool.target.name.clone()] } else { networks }
+}
+
+/// A warning for each allocation upstream whereabouts cannot read (its offset from the IP written in
+/// `spec.range` is 2^63 or more: IPv6 only).
+fn upstream_unreadable(found: &[Found]) -> Vec<Finding> {
+    found
+        .iter()
+        .filter_map(|f| {
+            let offset = to_u128(f.ip) - to_u128(f.pool.network.addr());
+            (offset >= UPSTREAM_UNREADABLE_OFFSET).then(|| Finding {
+                kind: Kind::UpstreamUnreadableOffset,
+                pool: Some(f.pool.name.clone()),
+                ip: Some(f.ip),
+                reservation: None,
+                detail: format!(
+                    "held by {} at offset {offset}, 2^63 or more: upstream whereabouts skips it when reading \
+                     and its next write of the pool removes it, so once upstream writes the pool (after a \
+                     rollback, or during a rolling upgrade) the address can be handed out twice",
+                    describe(&holder(&f.allocation))
+                ),
+            })
+        })
+        .collect()
 }
 
 /// Checks the store; exit 1 when anything is wrong.
@@ -114,13 +149,16 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
         opened.store.list_reservations().await?.into_iter().collect();
     let pools = read_pools(&opened.store).await?;
     let mut problems = Vec::new();
+    let mut warnings = Vec::new();
     let mut found: Vec<Found> = Vec::new();
+    // Indexes into `found` by network and address: where duplicates are looked for.
+    let mut by_network: BTreeMap<(String, IpAddr), Vec<usize>> = BTreeMap::new();
     let pool_count = pools.len();
     for pool in pools {
         match pool.decoded {
             Ok(decoded) => {
-                for key in decoded.skipped {
-                    problems.push(Problem {
+                for key in &decoded.skipped {
+                    problems.push(Finding {
                         kind: Kind::UndecodableKey,
                         pool: Some(pool.name.clone()),
                         ip: None,
@@ -130,7 +168,7 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                 }
                 for f in &decoded.found {
                     if !f.pool.network.trunc().contains(&f.ip) {
-                        problems.push(Problem {
+                        problems.push(Finding {
                             kind: Kind::OutsideRange,
                             pool: Some(pool.name.clone()),
                             ip: Some(f.ip),
@@ -143,9 +181,15 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                         });
                     }
                 }
+                warnings.extend(upstream_unreadable(&decoded.found));
+                for network in networks_of(&decoded) {
+                    for (i, f) in decoded.found.iter().enumerate() {
+                        by_network.entry((network.clone(), f.ip)).or_default().push(found.len() + i);
+                    }
+                }
                 found.extend(decoded.found);
             }
-            Err(e) => problems.push(Problem {
+            Err(e) => problems.push(Finding {
                 kind: Kind::UnreadablePool,
                 pool: Some(pool.name),
                 ip: None,
@@ -186,12 +230,12 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                 Some(f.ip),
             ),
         };
-        problems.push(Problem { kind, pool, ip, reservation: Some(name.clone()), detail });
+        problems.push(Finding { kind, pool, ip, reservation: Some(name.clone()), detail });
     }
     if overlapping {
         for f in &found {
             if !reservations.keys().any(|name| names_address(name, f.ip)) {
-                problems.push(Problem {
+                problems.push(Finding {
                     kind: Kind::MissingReservation,
                     pool: Some(f.pool.name.clone()),
                     ip: Some(f.ip),
@@ -201,23 +245,26 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
             }
         }
     }
-    for (ip, holders) in &by_ip {
-        for (i, a) in holders.iter().enumerate() {
-            for b in &holders[i + 1..] {
-                if a.pool.name != b.pool.name
-                    && scope(a) == scope(b)
-                    && !a.allocation.same_holder(&b.allocation)
+    // A pair of pools may share more than one network name: each pair is reported once.
+    let mut duplicates: BTreeSet<(usize, usize)> = BTreeSet::new();
+    for indexes in by_network.values() {
+        for (i, &a) in indexes.iter().enumerate() {
+            for &b in &indexes[i + 1..] {
+                let (fa, fb) = (&found[a], &found[b]);
+                if fa.pool.name != fb.pool.name
+                    && !fa.allocation.same_holder(&fb.allocation)
+                    && duplicates.insert((a, b))
                 {
-                    problems.push(Problem {
+                    problems.push(Finding {
                         kind: Kind::DuplicateAddress,
-                        pool: Some(a.pool.name.clone()),
-                        ip: Some(*ip),
+                        pool: Some(fa.pool.name.clone()),
+                        ip: Some(fa.ip),
                         reservation: None,
                         detail: format!(
                             "held by {} here and by {} in pool {}",
-                            describe(&holder(&a.allocation)),
-                            describe(&holder(&b.allocation)),
-                            b.pool.name
+                            describe(&holder(&fa.allocation)),
+                            describe(&holder(&fb.allocation)),
+                            fb.pool.name
                         ),
                     });
                 }
@@ -225,15 +272,23 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
         }
     }
 
-    let report =
-        Report { pools: pool_count, allocations: found.len(), reservations: reservations.len(), problems };
+    let report = Report {
+        pools: pool_count,
+        allocations: found.len(),
+        reservations: reservations.len(),
+        problems,
+        warnings,
+    };
     match args.output.output {
         Format::Json => print_json(&report)?,
         Format::Table => {
             let mut text = String::new();
-            if !report.problems.is_empty() {
-                let mut table = Table::new(&["PROBLEM", "POOL", "IP", "RESERVATION", "DETAIL"]);
-                for p in &report.problems {
+            for (heading, findings) in [("PROBLEM", &report.problems), ("WARNING", &report.warnings)] {
+                if findings.is_empty() {
+                    continue;
+                }
+                let mut table = Table::new(&[heading, "POOL", "IP", "RESERVATION", "DETAIL"]);
+                for p in findings {
                     table.row(vec![
                         p.kind.as_str().to_string(),
                         p.pool.clone().unwrap_or_else(|| "-".into()),
@@ -245,12 +300,16 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                 text.push_str(&table.render());
             }
             text.push_str(&format!(
-                "{} problems in {} pools, {} allocations, {} reservations\n",
+                "{} problems in {} pools, {} allocations, {} reservations",
                 report.problems.len(),
                 report.pools,
                 report.allocations,
                 report.reservations
             ));
+            if !report.warnings.is_empty() {
+                text.push_str(&format!("; {} warnings", report.warnings.len()));
+            }
+            text.push('\n');
             print(&text)?;
         }
     }
