@@ -53,7 +53,9 @@ use whereabouts_core::interval::IntervalSet;
 use whereabouts_core::pool::{Allocation, Owner, Pool, PoolError};
 use whereabouts_core::range::reservation_name;
 
-use crate::queue::{Announced, Announcement, Request, batch_key, mark_contended, recently_contended};
+use crate::queue::{
+    Announced, Announcement, Request, batch_key, mark_contended, recently_contended, remember_size, was_large,
+};
 use crate::{PoolLock, Reservation, ReserveOutcome, Store, StoreError, VersionedPool};
 
 /// Why an IPAM operation failed; every variant names the pool or reservation involved.
@@ -293,6 +295,9 @@ impl<'s, S: Store> Ipam<'s, S> {
         let Some(stored) = stored else { return Ok((Pool::new(network), None)) };
         let (pool, skipped) = Pool::from_spec(&stored.spec, network)
             .map_err(|source| IpamError::Pool { pool: name.to_string(), source })?;
+        if let Some(queue) = self.store.queue_dir(name) {
+            remember_size(&queue, pool.len());
+        }
         for key in skipped {
             tracing::warn!("Error decoding ip offset (pool {name}): skipping key {:?}", key.0);
         }
@@ -328,12 +333,15 @@ impl<'s, S: Store> Ipam<'s, S> {
         Ok(lock)
     }
 
-    /// Takes this node's turn among the nodes writing a pool, but only while they contend for it: a
-    /// write of this node lost a race recently, or the last turn had to wait for another node. A
-    /// turn costs requests of its own (the pool Lease: read, take, give back), which a pool written by
-    /// one node at a time would pay on every ADD for nothing.
+    /// Takes this node's turn among the nodes writing a pool when they may contend for it: a write of
+    /// this node lost a race recently, the last turn had to wait for another node, or the pool is
+    /// large (a burst of overlapping writes to a large pool overwhelms the API server before anyone
+    /// sees a lost race). A turn costs requests of its own (the pool Lease: read, take, give back),
+    /// which a small pool written by one node at a time would pay on every ADD for nothing.
     async fn take_turn(&self, deadline: Instant, name: &str) {
-        let Some(queue) = self.store.queue_dir(name).filter(|queue| recently_contended(queue)) else {
+        let Some(queue) =
+            self.store.queue_dir(name).filter(|queue| recently_contended(queue) || was_large(queue))
+        else {
             return;
         };
         if self.store.take_turn(name, deadline).await {

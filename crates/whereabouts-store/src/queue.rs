@@ -27,7 +27,8 @@
 //!
 //! The queue's directory also remembers, for a few seconds, that a write of this node lost a race to
 //! another node ([`mark_contended`]): the next head then starts in its lane
-//! ([`whereabouts_core::allocate::Lane`]) instead of first colliding on the lowest free address.
+//! ([`whereabouts_core::allocate::Lane`]) instead of first colliding on the lowest free address. And it
+//! remembers whether the pool was large when last read ([`remember_size`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -218,6 +219,37 @@ pub(crate) fn recently_contended(dir: &Path) -> bool {
         .is_ok_and(|at| at.elapsed().is_ok_and(|age| age < CONTENTION_MEMORY))
 }
 
+/// From this many allocations on, a pool counts as large: a write of it costs the API server enough
+/// (the whole object re-applied and validated) that nodes writing it at once would overwhelm it before
+/// any of them saw a lost race, so its writers always take turns.
+pub(crate) const LARGE_POOL: usize = 64;
+
+fn large_marker(dir: &Path) -> PathBuf {
+    dir.join("large")
+}
+
+/// Remembers in the queue's directory `dir` whether the pool, as just read, is large.
+pub(crate) fn remember_size(dir: &Path, allocations: usize) {
+    let marker = large_marker(dir);
+    let large = allocations >= LARGE_POOL;
+    if large == marker.exists() {
+        return;
+    }
+    let changed = if large {
+        fs::create_dir_all(dir).and_then(|()| fs::write(&marker, b""))
+    } else {
+        fs::remove_file(&marker)
+    };
+    if let Err(e) = changed {
+        tracing::debug!("{}: {e}", marker.display());
+    }
+}
+
+/// Whether the pool was large when this node last read it.
+pub(crate) fn was_large(dir: &Path) -> bool {
+    large_marker(dir).exists()
+}
+
 impl Drop for Announced {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
@@ -286,6 +318,21 @@ mod tests {
         let old = SystemTime::now() - CONTENTION_MEMORY - Duration::from_secs(1);
         fs::File::options().write(true).open(contention_marker(&queue)).unwrap().set_modified(old).unwrap();
         assert!(!recently_contended(&queue));
+    }
+
+    #[test]
+    fn a_large_pool_is_remembered_until_it_is_read_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = dir.path().join("q.queue");
+        assert!(!was_large(&queue));
+        remember_size(&queue, LARGE_POOL - 1);
+        assert!(!was_large(&queue));
+        remember_size(&queue, LARGE_POOL);
+        assert!(was_large(&queue));
+        remember_size(&queue, 1000);
+        assert!(was_large(&queue));
+        remember_size(&queue, 3);
+        assert!(!was_large(&queue));
     }
 
     #[test]
