@@ -179,7 +179,7 @@ async fn next_change(
             Some(WatchEvent::Modified(lease)) => return Ok(Some(lease)),
             Some(WatchEvent::Bookmark(_) | WatchEvent::Added(_)) => {}
             Some(WatchEvent::Deleted(_)) | None => return Ok(None),
-            Some(WatchEvent::Error(status)) => return Err(kube::Error::Api(status.into())),
+            Some(WatchEvent::Error(status)) => return Err(kube::Error::Api(status)),
         }
     }
 }
