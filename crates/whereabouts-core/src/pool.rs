@@ -56,12 +56,19 @@ impl Allocation {
     /// Whether this allocation belongs to `owner` for the purpose of idempotent ADD.
     pub fn is_owned_by(&self, owner: &Owner) -> bool {
         self.ifname == owner.ifname
-            && match owner.pod_ref.as_deref().and_then(identifying_pod_ref) {
-                Some(pod_ref) => self.pod_ref == pod_ref,
-                None => {
-                    identifying_pod_ref(&self.pod_ref).is_none() && self.container_id == owner.container_id
-                }
-            }
+            && same_attachment(
+                (owner.pod_ref.as_deref().unwrap_or_default(), &owner.container_id),
+                (&self.pod_ref, &self.container_id),
+            )
+    }
+}
+
+/// Whether two (pod reference, container ID) records name one attachment, interfaces aside: by the
+/// first one's pod when its reference identifies one, else by container when neither names a pod.
+fn same_attachment((pod, container): (&str, &str), (other_pod, other_container): (&str, &str)) -> bool {
+    match identifying_pod_ref(pod) {
+        Some(pod) => other_pod == pod,
+        None => identifying_pod_ref(other_pod).is_none() && container == other_container,
     }
 }
 
@@ -94,12 +101,7 @@ impl Reservation {
     /// Kubernetes).
     pub fn same_owner(&self, other: &Reservation) -> bool {
         self.ifname == other.ifname
-            && match identifying_pod_ref(&self.pod_ref) {
-                Some(pod_ref) => other.pod_ref == pod_ref,
-                None => {
-                    identifying_pod_ref(&other.pod_ref).is_none() && self.container_id == other.container_id
-                }
-            }
+            && same_attachment((&self.pod_ref, &self.container_id), (&other.pod_ref, &other.container_id))
     }
 
     /// Whether a delete by `other` may remove this reservation: the same attachment, and the same
