@@ -21,8 +21,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use whereabouts_core::pool::Allocation;
 use whereabouts_k8s::crd::{IPPool, OverlappingRangeIPReservation, OverlappingRangeIPReservationSpec};
 use whereabouts_k8s::kube::api::{Api, Patch, PatchParams, PostParams};
-use whereabouts_kube_testing::TestCluster;
 use whereabouts_kube_testing::plugin::Call;
+use whereabouts_kube_testing::{TestCluster, upstream};
 use whereabouts_store::Reservation;
 
 const NETWORK: &str = "ctl-net";
@@ -462,6 +462,47 @@ async fn the_reconciler_never_releases_a_starting_pod_and_dry_run_changes_nothin
     assert!(reservations.get_opt("192.0.2.3").await.unwrap().is_some());
     let (_, out) = reconcile(&cluster, &[]).await;
     assert!(out.contains("released 0 addresses and 0 orphaned reservations"), "idempotent: {out}");
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_upstream_took_over_for_a_recreated_pod_is_kept() {
+    let cluster = TestCluster::start().await;
+    let node = cluster.unique("a");
+    let old_uid = cluster.create_pod("db-0", Some(&node)).await;
+    let ip = add(&cluster, "db-0", &old_uid, "sandbox-old", &node).await;
+    // The pod is recreated and its new sandbox's ADD runs on a node still on upstream's plugin, which
+    // takes the entry of the same pod and interface over by rewriting only its `id`.
+    cluster.delete_pod("db-0").await;
+    let new_uid = cluster.create_pod("db-0", Some(&node)).await;
+    assert_ne!(old_uid, new_uid);
+    let call = upstream::CallContext {
+        container_id: "sandbox-new".into(),
+        ifname: "net1".into(),
+        pod_namespace: cluster.namespace().into(),
+        pod_name: "db-0".into(),
+    };
+    let config = upstream::UpstreamConfig::new(RANGE.parse().expect("a CIDR"));
+    let again =
+        upstream::add(&cluster.client(), cluster.namespace(), &config, &call).await.expect("upstream ADD");
+    assert_eq!(again.to_string(), ip);
+    let stored = held(&cluster).await;
+    assert_eq!(stored[0].1.container_id, "sandbox-new");
+    assert_eq!(stored[0].1.pod_uid.as_deref(), Some(old_uid.as_str()), "upstream leaves our poduid");
+
+    // Starting (no network-status yet), then running with the address listed: the new pod's.
+    let (_, out) = reconcile(&cluster, &[]).await;
+    assert!(out.contains("released 0 addresses"), "{out}");
+    annotate(&cluster, "db-0", &[&ip]).await;
+    set_phase(&cluster, "db-0", "Running").await;
+    let (_, out) = reconcile(&cluster, &[]).await;
+    assert!(out.contains("released 0 addresses"), "{out}");
+    assert_eq!(held_ips(&cluster).await, [ip.clone()]);
+    // Once the pod's network-status lists another address, the stale uid's entry is a leak.
+    annotate(&cluster, "db-0", &["192.0.2.200"]).await;
+    let (_, out) = reconcile(&cluster, &[]).await;
+    assert!(out.contains(&format!("released {ip} ")) && out.contains("pod_replaced"), "{out}");
+    assert!(held_ips(&cluster).await.is_empty());
     cluster.cleanup().await;
 }
 
