@@ -3,11 +3,13 @@
 //!
 //! Order of reads, each a consistent LIST: reservations, then pools, then pods. An ADD writes its pool
 //! entry before its reservation, so a reservation listed first has its pool entry in the later pool
-//! listing unless it was released in between (and a release deletes the reservation first); and a pool
-//! entry listed before the pods has its pod in the pod listing if the pod exists (upstream commit
-//! 47e5b17d fixed duplicate addresses by listing pools before pods). What the listings say is then
-//! judged ([`judge`](crate::judge)) and released with compare-and-swaps on the records as read, so a
-//! change since the listings is never overwritten.
+//! listing unless it was released in between (and then the reservation is one to delete: a release
+//! removes the pool entry first); and a pool entry listed before the pods has its pod in the pod
+//! listing if the pod exists (upstream commit 47e5b17d fixed duplicate addresses by listing pools
+//! before pods). What the listings say is then judged ([`judge`](crate::judge)) and released with
+//! compare-and-swaps on the records as read: pool entries still exactly as listed, and reservations
+//! deleted with the uid and resourceVersion they were listed with (a reservation taken over since, by
+//! a recreated pod, say, is left alone), so a change since the listings is never overwritten.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -16,9 +18,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use serde::de::DeserializeOwned;
 use whereabouts_k8s::crd::{IPPool, OverlappingRangeIPReservation};
-use whereabouts_store::Reservation;
-use whereabouts_store::ipam::Ipam;
-use whereabouts_store::kubernetes::KubeStore;
+use whereabouts_store::ipam::{Ipam, JudgedReservation};
+use whereabouts_store::kubernetes::{KubeStore, versioned};
+use whereabouts_store::{Deletion, VersionedReservation};
 
 use crate::Context;
 use crate::cleanup::{COMPONENT, pod_view};
@@ -61,7 +63,7 @@ pub struct Released {
 pub struct Report {
     /// Allocations released.
     pub released: Vec<Released>,
-    /// Orphaned reservations deleted.
+    /// Orphaned reservations deleted (those that changed since they were listed are left alone).
     pub orphan_reservations: Vec<String>,
     /// Pools that could not be read (their allocations were left alone, and orphaned reservations were
     /// not collected: their pool entries might be in them).
@@ -74,8 +76,41 @@ pub struct Report {
 pub struct Leaks {
     /// The allocations whose pod is gone ([`judge`]), with their holders' reservations, by pool.
     pub plan: Plan<()>,
-    /// Reservations no pool entry of the same holder stands behind.
-    pub orphans: Vec<(String, Reservation)>,
+    /// Reservations no pool entry of the same holder stands behind, as listed.
+    pub orphans: Vec<Orphan>,
+}
+
+/// A reservation no pool entry of its holder stands behind, as it was listed.
+#[derive(Debug, Clone)]
+pub struct Orphan {
+    /// Its name.
+    pub name: String,
+    /// As listed.
+    pub listed: VersionedReservation,
+}
+
+impl Orphan {
+    /// What deleting it presents: it goes only if it is still as listed (a recreated pod may have
+    /// taken it over since).
+    pub fn judged(&self) -> JudgedReservation {
+        JudgedReservation { name: self.name.clone(), version: self.listed.version.clone() }
+    }
+}
+
+/// The reservations, among `reservations`, that no allocation `found` of the same holder (pod and
+/// interface; the container outside Kubernetes) stands behind at their address. Only meaningful when
+/// every pool was read: an unreadable pool may hold their entries. The reservations must have been
+/// listed before the pools: an ADD writes its pool entry first.
+pub fn orphans(found: &[Found], reservations: &BTreeMap<String, VersionedReservation>) -> Vec<Orphan> {
+    reservations
+        .iter()
+        .filter(|(name, listed)| {
+            !found
+                .iter()
+                .any(|f| names_address(name, f.ip) && holder(&f.allocation).same_owner(&listed.holder))
+        })
+        .map(|(name, listed)| Orphan { name: name.clone(), listed: listed.clone() })
+        .collect()
 }
 
 /// Judges every allocation `found` in the pools against the pod now under its name in `pods` (by
@@ -84,7 +119,7 @@ pub struct Leaks {
 /// must have been made in this order: reservations, pools, pods (see the module).
 pub fn leaks(
     found: &[Found],
-    reservations: &BTreeMap<String, Reservation>,
+    reservations: &BTreeMap<String, VersionedReservation>,
     pods: &HashMap<String, PodView>,
     all_pools_read: bool,
 ) -> Leaks {
@@ -97,17 +132,7 @@ pub fn leaks(
             plan.add(Release { found: entry.clone(), reason, reservations, tag: () });
         }
     }
-    let orphans = if all_pools_read {
-        reservations
-            .iter()
-            .filter(|(name, reserved)| {
-                !found.iter().any(|f| names_address(name, f.ip) && holder(&f.allocation).same_owner(reserved))
-            })
-            .map(|(name, reserved)| (name.clone(), reserved.clone()))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let orphans = if all_pools_read { orphans(found, reservations) } else { Vec::new() };
     Leaks { plan, orphans }
 }
 
@@ -135,12 +160,12 @@ pub async fn reconcile_once(ctx: &Context) -> Result<Report, ReconcileError> {
 }
 
 async fn reconcile(ctx: &Context) -> Result<Report, ReconcileError> {
-    let reservations: BTreeMap<String, Reservation> =
+    let reservations: BTreeMap<String, VersionedReservation> =
         list::<OverlappingRangeIPReservation>(ctx, "reservations")
             .await?
             .0
-            .into_iter()
-            .map(|(name, orip)| (name, orip.spec.holder))
+            .iter()
+            .map(|(name, orip)| (name.clone(), versioned(orip)))
             .collect();
     let (pools, undecodable) = list::<IPPool>(ctx, "IPPools").await?;
     // Reservations whose entries an unreadable pool holds would look orphaned: see `unreadable_pools`.
@@ -186,13 +211,21 @@ async fn reconcile(ctx: &Context) -> Result<Report, ReconcileError> {
     let store = KubeStore::new(ctx.client.clone(), &ctx.namespace, COMPONENT);
     let observe = |event| ctx.metrics.observe_engine(event);
     let ipam = Ipam::new(&store).with_observer(&observe);
-    for (name, reserved) in &orphans {
+    for orphan in &orphans {
+        let (name, pod_ref) = (&orphan.name, &orphan.listed.holder.pod_ref);
         let verb = if ctx.dry_run { "dry run: would delete" } else { "deleting" };
-        tracing::info!("{verb} orphaned reservation {name} of {} (no pool entry holds it)", reserved.pod_ref);
+        tracing::info!("{verb} orphaned reservation {name} of {pod_ref} (no pool entry holds it)");
         if !ctx.dry_run {
-            if let Err(e) = ipam.release_reservation(name, reserved).await {
-                errors.push(e.to_string());
-                continue;
+            match ipam.release_reservation(&orphan.judged()).await {
+                Ok(Deletion::Deleted) => {}
+                Ok(Deletion::Changed) => {
+                    tracing::info!("reservation {name} changed since it was listed; left alone");
+                    continue;
+                }
+                Err(e) => {
+                    errors.push(e.to_string());
+                    continue;
+                }
             }
             ctx.metrics.released(Source::Reconciler, ReleaseReason::OrphanReservation);
         }

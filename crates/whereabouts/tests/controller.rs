@@ -497,7 +497,7 @@ async fn an_address_upstream_took_over_for_a_recreated_pod_is_kept() {
     set_phase(&cluster, "db-0", "Running").await;
     let (_, out) = reconcile(&cluster, &[]).await;
     assert!(out.contains("released 0 addresses"), "{out}");
-    assert_eq!(held_ips(&cluster).await, [ip.clone()]);
+    assert_eq!(held_ips(&cluster).await, std::slice::from_ref(&ip));
     // Once the pod's network-status lists another address, the stale uid's entry is a leak.
     annotate(&cluster, "db-0", &["192.0.2.200"]).await;
     let (_, out) = reconcile(&cluster, &[]).await;

@@ -7,6 +7,10 @@
 //! * no address is held in two pools of the same network (the pool name before its range) by
 //!   different holders;
 //! * every allocation key decodes to an address inside its pool's range, and every pool decodes.
+//!
+//! With `--repair`, what can be repaired safely is: reservations no pool entry of their holder stands
+//! behind (left by a release cut off between its two writes, see the IPAM engine) are deleted as the
+//! reconciler deletes them, each only if it is still as listed.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -14,8 +18,10 @@ use std::net::IpAddr;
 use clap::Args;
 use serde::Serialize;
 use whereabouts_controller::pools::{Found, holder, names_address};
+use whereabouts_controller::reconcile::orphans;
 use whereabouts_core::range::normalize_range;
-use whereabouts_store::{Reservation, Store};
+use whereabouts_store::ipam::Ipam;
+use whereabouts_store::{AnyStore, Deletion, Reservation, Store, VersionedReservation};
 
 use super::output::{Format, OutputArgs, Table, print, print_json};
 use super::store::{StoreArgs, open, read_pools};
@@ -28,6 +34,10 @@ pub struct CheckArgs {
     /// --config, its value is used).
     #[arg(long)]
     no_overlapping_ranges: bool,
+    /// Repair what can be: delete the reservations no pool entry of their holder stands behind
+    /// (orphan-reservation, holder-mismatch), each only if it is still as listed.
+    #[arg(long)]
+    repair: bool,
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
@@ -68,6 +78,28 @@ impl Kind {
     }
 }
 
+/// What `--repair` did about a problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Repair {
+    /// Repaired.
+    Repaired,
+    /// Left alone: it changed since it was listed (a recreated pod took the reservation over, say).
+    Changed,
+    /// The repair failed; the error is on stderr.
+    Failed,
+}
+
+impl Repair {
+    fn as_str(self) -> &'static str {
+        match self {
+            Repair::Repaired => "repaired",
+            Repair::Changed => "changed",
+            Repair::Failed => "failed",
+        }
+    }
+}
+
 /// One problem found.
 #[derive(Debug, Serialize)]
 struct Problem {
@@ -79,6 +111,16 @@ struct Problem {
     #[serde(skip_serializing_if = "Option::is_none")]
     reservation: Option<String>,
     detail: String,
+    /// With `--repair`, what was done about it (absent: nothing could be).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repair: Option<Repair>,
+}
+
+impl Problem {
+    /// Whether it is still a problem: not repaired, and not changed meanwhile.
+    fn remains(&self) -> bool {
+        !matches!(self.repair, Some(Repair::Repaired | Repair::Changed))
+    }
 }
 
 /// The report.
@@ -110,7 +152,7 @@ fn scope(found: &Found) -> &str {
 pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
     let opened = open(&args.store).await?;
     let overlapping = opened.overlapping && !args.no_overlapping_ranges;
-    let reservations: BTreeMap<String, Reservation> =
+    let reservations: BTreeMap<String, VersionedReservation> =
         opened.store.list_reservations().await?.into_iter().collect();
     let pools = read_pools(&opened.store).await?;
     let mut problems = Vec::new();
@@ -126,6 +168,7 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                         ip: None,
                         reservation: None,
                         detail: format!("allocation key {key:?} is not an address of range {}", pool.range),
+                        repair: None,
                     });
                 }
                 for f in &decoded.found {
@@ -140,6 +183,7 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                                 describe(&holder(&f.allocation)),
                                 pool.range
                             ),
+                            repair: None,
                         });
                     }
                 }
@@ -151,6 +195,7 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                 ip: None,
                 reservation: None,
                 detail: e.reason,
+                repair: None,
             }),
         }
     }
@@ -159,7 +204,8 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
     for f in &found {
         by_ip.entry(f.ip).or_default().push(f);
     }
-    for (name, reserved) in &reservations {
+    for (name, listed) in &reservations {
+        let reserved = &listed.holder;
         let at: Vec<&Found> = by_ip
             .iter()
             .filter(|(ip, _)| names_address(name, **ip))
@@ -186,7 +232,7 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                 Some(f.ip),
             ),
         };
-        problems.push(Problem { kind, pool, ip, reservation: Some(name.clone()), detail });
+        problems.push(Problem { kind, pool, ip, reservation: Some(name.clone()), detail, repair: None });
     }
     if overlapping {
         for f in &found {
@@ -197,6 +243,7 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                     ip: Some(f.ip),
                     reservation: None,
                     detail: format!("held by {} without a reservation", describe(&holder(&f.allocation))),
+                    repair: None,
                 });
             }
         }
@@ -219,10 +266,15 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                             describe(&holder(&b.allocation)),
                             b.pool.name
                         ),
+                        repair: None,
                     });
                 }
             }
         }
+    }
+
+    if args.repair {
+        repair_orphans(&opened.store, &found, &reservations, &mut problems).await;
     }
 
     let report =
@@ -232,20 +284,34 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
         Format::Table => {
             let mut text = String::new();
             if !report.problems.is_empty() {
-                let mut table = Table::new(&["PROBLEM", "POOL", "IP", "RESERVATION", "DETAIL"]);
+                let mut headers = vec!["PROBLEM", "POOL", "IP", "RESERVATION", "DETAIL"];
+                if args.repair {
+                    headers.push("REPAIR");
+                }
+                let mut table = Table::new(&headers);
                 for p in &report.problems {
-                    table.row(vec![
+                    let mut row = vec![
                         p.kind.as_str().to_string(),
                         p.pool.clone().unwrap_or_else(|| "-".into()),
                         p.ip.map_or_else(|| "-".into(), |ip| ip.to_string()),
                         p.reservation.clone().unwrap_or_else(|| "-".into()),
                         p.detail.clone(),
-                    ]);
+                    ];
+                    if args.repair {
+                        row.push(p.repair.map_or("-", Repair::as_str).to_string());
+                    }
+                    table.row(row);
                 }
                 text.push_str(&table.render());
             }
+            let repaired = if args.repair {
+                let remaining = report.problems.iter().filter(|p| p.remains()).count();
+                format!(" ({} repaired or changed meanwhile)", report.problems.len() - remaining)
+            } else {
+                String::new()
+            };
             text.push_str(&format!(
-                "{} problems in {} pools, {} allocations, {} reservations\n",
+                "{} problems{repaired} in {} pools, {} allocations, {} reservations\n",
                 report.problems.len(),
                 report.pools,
                 report.allocations,
@@ -254,5 +320,38 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
             print(&text)?;
         }
     }
-    Ok(if report.problems.is_empty() { Outcome::Clean } else { Outcome::Problems })
+    Ok(if report.problems.iter().any(Problem::remains) { Outcome::Problems } else { Outcome::Clean })
+}
+
+/// Deletes the reservations no pool entry of their holder stands behind, each only if it is still as
+/// listed, as the reconciler does, and notes the outcome on their problems. Nothing is deleted when a
+/// pool could not be read: it may hold their entries.
+async fn repair_orphans(
+    store: &AnyStore,
+    found: &[Found],
+    reservations: &BTreeMap<String, VersionedReservation>,
+    problems: &mut [Problem],
+) {
+    if problems.iter().any(|p| p.kind == Kind::UnreadablePool) {
+        eprintln!("not repairing reservations: a pool could not be read, and may hold their entries");
+        return;
+    }
+    let ipam = Ipam::new(store);
+    for orphan in orphans(found, reservations) {
+        let repair = match ipam.release_reservation(&orphan.judged()).await {
+            Ok(Deletion::Deleted) => Repair::Repaired,
+            Ok(Deletion::Changed) => Repair::Changed,
+            Err(e) => {
+                eprintln!("error: {e}");
+                Repair::Failed
+            }
+        };
+        let concerns = |p: &&mut Problem| {
+            matches!(p.kind, Kind::OrphanReservation | Kind::HolderMismatch)
+                && p.reservation.as_deref() == Some(orphan.name.as_str())
+        };
+        if let Some(problem) = problems.iter_mut().find(concerns) {
+            problem.repair = Some(repair);
+        }
+    }
 }

@@ -12,8 +12,8 @@ use serde::Serialize;
 use whereabouts_controller::pools::Found;
 use whereabouts_controller::reconcile::{Leaks, leaks, pod_views};
 use whereabouts_controller::release::release_batch;
-use whereabouts_store::Store;
-use whereabouts_store::ipam::Ipam;
+use whereabouts_store::ipam::{Ipam, JudgedReservation};
+use whereabouts_store::{Deletion, Reservation, Store};
 
 use super::output::{Format, OutputArgs, Progress, Table, or_dash, print, print_json};
 use super::store::{Kind, StoreArgs, open, read_pools};
@@ -96,7 +96,7 @@ struct Report {
 }
 
 impl LeakedAllocation {
-    fn new(found: &Found, reason: &'static str, reservations: Vec<String>) -> Self {
+    fn new(found: &Found, reason: &'static str, reservations: &[JudgedReservation]) -> Self {
         LeakedAllocation {
             ip: found.ip,
             pool: found.pool.name.clone(),
@@ -106,7 +106,7 @@ impl LeakedAllocation {
             interface: found.allocation.ifname.clone(),
             node: found.allocation.node.clone(),
             reason,
-            reservations,
+            reservations: reservations.iter().map(|judged| judged.name.clone()).collect(),
             status: Status::Leaked,
         }
     }
@@ -151,7 +151,7 @@ pub async fn run(args: LeaksArgs) -> Result<Outcome, CliError> {
     for (target, batch) in plan.batches() {
         let outcome = if args.release { Some(release_batch(&ipam, target, batch).await) } else { None };
         for r in batch {
-            let mut leaked = LeakedAllocation::new(&r.found, r.reason.as_str(), r.reservations.clone());
+            let mut leaked = LeakedAllocation::new(&r.found, r.reason.as_str(), &r.reservations);
             leaked.status = match &outcome {
                 None => Status::Leaked,
                 Some(Ok(released)) if released.contains(&r.found.ip) => Status::Released,
@@ -166,23 +166,25 @@ pub async fn run(args: LeaksArgs) -> Result<Outcome, CliError> {
         progress.step();
     }
     progress.finish();
-    for (name, reserved) in orphans {
+    for orphan in orphans {
         let status = if !args.release {
             Status::Leaked
         } else {
-            match ipam.release_reservation(&name, &reserved).await {
-                Ok(()) => Status::Released,
+            match ipam.release_reservation(&orphan.judged()).await {
+                Ok(Deletion::Deleted) => Status::Released,
+                Ok(Deletion::Changed) => Status::Changed,
                 Err(e) => {
                     report.errors.push(e.to_string());
                     Status::Failed
                 }
             }
         };
+        let Reservation { pod_ref, ifname, container_id } = orphan.listed.holder;
         report.orphan_reservations.push(OrphanReservation {
-            name,
-            pod: reserved.pod_ref,
-            interface: reserved.ifname,
-            container_id: reserved.container_id,
+            name: orphan.name,
+            pod: pod_ref,
+            interface: ifname,
+            container_id,
             status,
         });
     }
