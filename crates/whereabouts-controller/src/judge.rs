@@ -54,6 +54,8 @@ pub struct PodView {
     pub stopped_ago: Option<Duration>,
     /// Its `network-status` annotation, when it is written and readable.
     pub network_status: Option<NetworkStatus>,
+    /// The node it is scheduled to (`spec.nodeName`).
+    pub node: Option<String>,
 }
 
 impl PodView {
@@ -175,7 +177,14 @@ mod tests {
     }
 
     fn pod(uid: &str, phase: &str, network_status: Option<NetworkStatus>) -> PodView {
-        PodView { uid: uid.into(), kubelet_uid: None, phase: phase.into(), stopped_ago: None, network_status }
+        PodView {
+            uid: uid.into(),
+            kubelet_uid: None,
+            phase: phase.into(),
+            stopped_ago: None,
+            network_status,
+            node: None,
+        }
     }
 
     #[test]
@@ -326,6 +335,7 @@ mod tests {
                 phase: phase.into(),
                 stopped_ago: Some(Duration::from_secs(stopped_secs)),
                 network_status: status,
+                node: None,
             };
             let verdict = judge(&allocation(recorded.then_some(uid)), ip(), Some(&live));
             if recorded || !written || listed || (phase == "Pending") {

@@ -105,20 +105,38 @@ pub fn names_address(name: &str, ip: IpAddr) -> bool {
 /// name is what the pool's name (`[network_name-][node-]<range>`) has before its range, less the node
 /// the allocation records. Empty for a pool whose name does not end with its range.
 pub fn reservation_names(found: &Found) -> Vec<String> {
+    network_names(found, found.allocation.node.as_deref())
+        .into_iter()
+        .map(|network| reservation_name(network, found.ip))
+        .collect()
+}
+
+/// The name the plugin gives the reservation of `found`'s address when `node` made it: as
+/// [`reservation_names`], and when the pool is `node`'s pool of its slice, without the node (the
+/// slice's pool is named after the node, its reservations are not). `None` for a pool whose name does
+/// not end with its range.
+pub fn reservation_name_for(found: &Found, node: Option<&str>) -> Option<String> {
+    network_names(found, node).last().map(|network| reservation_name(network, found.ip))
+}
+
+/// The network names `found`'s pool can be of: what its name has before its range, and, when that
+/// ends with `node`, what it has before the node. Empty for a pool whose name does not end with its
+/// range.
+fn network_names<'f>(found: &'f Found, node: Option<&str>) -> Vec<&'f str> {
     let range = normalize_range(&found.pool.network.trunc());
     let Some(prefix) = found.pool.name.strip_suffix(range.as_str()) else { return Vec::new() };
     let Some(network_name) = prefix.strip_suffix('-').or(prefix.is_empty().then_some("")) else {
         return Vec::new();
     };
     let mut networks = vec![network_name];
-    if let Some(node) = found.allocation.node.as_deref().filter(|node| !node.is_empty()) {
+    if let Some(node) = node.filter(|node| !node.is_empty()) {
         if network_name == node {
             networks.push("");
         } else if let Some(network) = network_name.strip_suffix(node).and_then(|n| n.strip_suffix('-')) {
             networks.push(network);
         }
     }
-    networks.into_iter().map(|network| reservation_name(network, found.ip)).collect()
+    networks
 }
 
 /// The reservations, among `reservations`, of `found`'s address held by its holder (by exact name,
@@ -262,6 +280,15 @@ mod tests {
         assert_eq!(reservation_names(&sliced), ["net-node-1-10.0.0.17", "net-10.0.0.17"]);
         let bare = found("node-1-10.0.0.16-28", "10.0.0.16/28", "10.0.0.17", Some("node-1"));
         assert_eq!(reservation_names(&bare), ["node-1-10.0.0.17", "10.0.0.17"]);
+        // The name to give a missing one: the slice's pool is named after the node, the reservation
+        // not; an entry that records no node (upstream's) is placed by its pod's node.
+        assert_eq!(reservation_name_for(&sliced, Some("node-1")).as_deref(), Some("net-10.0.0.17"));
+        assert_eq!(reservation_name_for(&bare, Some("node-1")).as_deref(), Some("10.0.0.17"));
+        let upstreams = found("net-node-1-10.0.0.16-28", "10.0.0.16/28", "10.0.0.17", None);
+        assert_eq!(reservation_name_for(&upstreams, Some("node-1")).as_deref(), Some("net-10.0.0.17"));
+        assert_eq!(reservation_name_for(&upstreams, Some("node-2")).as_deref(), Some("net-node-1-10.0.0.17"));
+        assert_eq!(reservation_name_for(&v6, Some("node-1")).as_deref(), Some("net-1--5"));
+        assert_eq!(reservation_name_for(&found("odd", "10.0.0.0/24", "10.0.0.1", None), None), None);
         assert!(reservation_names(&found("odd", "10.0.0.0/24", "10.0.0.1", None)).is_empty());
     }
 }

@@ -953,6 +953,17 @@ impl<'s, S: Store> Ipam<'s, S> {
         first_error.map_or(Ok(removed), Err)
     }
 
+    /// Makes the reservation `name` for `holder` as an ADD makes it ([`Store::create_reservation`]):
+    /// the controller's repair of an allocation whose reservation is missing.
+    pub async fn reserve(&self, name: &str, holder: &Reservation) -> Result<ReserveOutcome, IpamError> {
+        self.patiently(
+            self.deadline(),
+            || format!("reservation {name}"),
+            || self.store.create_reservation(name, holder),
+        )
+        .await
+    }
+
     /// Deletes the reservation `judged` names if it is still in the state it was judged in (an orphan
     /// found by the controller: no pool entry stood behind it).
     pub async fn release_reservation(&self, judged: &JudgedReservation) -> Result<Deletion, IpamError> {

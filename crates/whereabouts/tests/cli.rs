@@ -463,6 +463,52 @@ async fn kubernetes_pools_ips_release_and_check() {
     cluster.cleanup().await;
 }
 
+/// `check --repair` makes the missing reservation of a running pod's allocation again (as the
+/// reconciler does), and leaves that of a pod still starting, whose ADD may be making it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_check_repair_restores_missing_reservations() {
+    let cluster = TestCluster::start().await;
+    let running = cluster.create_pod("running", None).await;
+    assert_eq!(kube_add(&cluster, "running", &running).await, "192.0.2.1");
+    let phase = json!({ "status": { "phase": "Running" } });
+    Api::<Pod>::namespaced(cluster.client(), cluster.namespace())
+        .patch_status("running", &PatchParams::default(), &Patch::Merge(&phase))
+        .await
+        .expect("set the phase");
+    let starting = cluster.create_pod("starting", None).await;
+    assert_eq!(kube_add(&cluster, "starting", &starting).await, "192.0.2.2");
+    let reservations: Api<OverlappingRangeIPReservation> =
+        Api::namespaced(cluster.client(), cluster.namespace());
+    for name in ["192.0.2.1", "192.0.2.2"] {
+        reservations.delete(name, &Default::default()).await.expect("delete a reservation");
+    }
+
+    let (code, out, stderr) = acli(kube_args(&cluster, &["check", "--repair", "-o", "json"])).await;
+    assert_eq!(code, 1, "the starting pod's remains: {out}{stderr}");
+    let report: Value = serde_json::from_str(&out).expect("JSON");
+    let problems: Vec<(&str, &str, &str)> = report["problems"]
+        .as_array()
+        .expect("problems")
+        .iter()
+        .map(|p| {
+            (
+                p["kind"].as_str().unwrap_or(""),
+                p["ip"].as_str().unwrap_or(""),
+                p["repair"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        problems,
+        [("missing-reservation", "192.0.2.1", "repaired"), ("missing-reservation", "192.0.2.2", "-")]
+    );
+    assert_eq!(report["problems"][0]["reservation"], "192.0.2.1");
+    let restored = reservations.get("192.0.2.1").await.expect("restored");
+    assert_eq!(restored.spec.holder.pod_ref, format!("{}/running", cluster.namespace()));
+    assert_eq!(reservation_names(&cluster).await, ["192.0.2.1"]);
+    cluster.cleanup().await;
+}
+
 /// Pods deleted, alive, and recreated under the same name (the new pod's network-status written
 /// without the old pod's address): `leaks` lists exactly the first and the last, changes nothing in a
 /// dry run, and `--release` frees exactly those.

@@ -8,23 +8,25 @@
 //!   different holders;
 //! * every allocation key decodes to an address inside its pool's range, and every pool decodes.
 //!
-//! With `--repair`, what can be repaired safely is: reservations no pool entry of their holder stands
-//! behind (left by a release cut off between its two writes, see the IPAM engine) are deleted as the
-//! reconciler deletes them, each only if it is still as listed.
+//! With `--repair`, what can be repaired safely is, as the controller's reconciler repairs it:
+//! reservations no pool entry of their holder stands behind (left by a release cut off between its two
+//! writes, see the IPAM engine) are deleted, each only if it is still as listed; and, where pods can
+//! be looked up, the missing reservations of running pods' allocations are made again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use clap::Args;
 use serde::Serialize;
+use whereabouts_controller::judge::PodView;
 use whereabouts_controller::pools::{Found, holder, names_address};
-use whereabouts_controller::reconcile::orphans;
+use whereabouts_controller::reconcile::{missing_reservations, orphans};
 use whereabouts_core::range::normalize_range;
 use whereabouts_store::ipam::Ipam;
-use whereabouts_store::{AnyStore, Deletion, Reservation, Store, VersionedReservation};
+use whereabouts_store::{AnyStore, Deletion, Reservation, ReserveOutcome, Store, VersionedReservation};
 
 use super::output::{Format, OutputArgs, Table, print, print_json};
-use super::store::{StoreArgs, open, read_pools};
+use super::store::{StoreArgs, open, pod_views_of, read_pools};
 use super::{CliError, Outcome};
 
 /// `whereabouts check`.
@@ -35,7 +37,9 @@ pub struct CheckArgs {
     #[arg(long)]
     no_overlapping_ranges: bool,
     /// Repair what can be: delete the reservations no pool entry of their holder stands behind
-    /// (orphan-reservation, holder-mismatch), each only if it is still as listed.
+    /// (orphan-reservation, holder-mismatch), each only if it is still as listed; and make the missing
+    /// reservations of running pods' allocations again (pods are looked up in Kubernetes: the
+    /// Kubernetes store's cluster, or --kubeconfig's).
     #[arg(long)]
     repair: bool,
     #[command(flatten)]
@@ -275,6 +279,17 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
 
     if args.repair {
         repair_orphans(&opened.store, &found, &reservations, &mut problems).await;
+        match opened.pods.clone() {
+            _ if !overlapping => {}
+            Some(client) => {
+                let pods = pod_views_of(client).await?;
+                restore_missing(&opened.store, &found, &reservations, &pods, &mut problems).await;
+            }
+            None => eprintln!(
+                "not making missing reservations again: whether their pods run is looked up in Kubernetes \
+                 (give --kubeconfig)"
+            ),
+        }
     }
 
     let report =
@@ -351,6 +366,38 @@ async fn repair_orphans(
                 && p.reservation.as_deref() == Some(orphan.name.as_str())
         };
         if let Some(problem) = problems.iter_mut().find(concerns) {
+            problem.repair = Some(repair);
+        }
+    }
+}
+
+/// Makes the missing reservations of running pods' allocations again, as the reconciler does, and
+/// notes the outcome on their problems (and the name made on the problem).
+async fn restore_missing(
+    store: &AnyStore,
+    found: &[Found],
+    reservations: &BTreeMap<String, VersionedReservation>,
+    pods: &HashMap<String, PodView>,
+    problems: &mut [Problem],
+) {
+    let ipam = Ipam::new(store);
+    for missing in missing_reservations(found, reservations, pods) {
+        let repair = match ipam.reserve(&missing.name, &missing.holder()).await {
+            Ok(ReserveOutcome::Reserved) => Repair::Repaired,
+            // Another attachment reserved the address since it was listed.
+            Ok(ReserveOutcome::HeldBy(_)) => Repair::Changed,
+            Err(e) => {
+                eprintln!("error: {e}");
+                Repair::Failed
+            }
+        };
+        let concerns = |p: &&mut Problem| {
+            p.kind == Kind::MissingReservation
+                && p.pool.as_deref() == Some(missing.found.pool.name.as_str())
+                && p.ip == Some(missing.found.ip)
+        };
+        if let Some(problem) = problems.iter_mut().find(concerns) {
+            problem.reservation = Some(missing.name.clone());
             problem.repair = Some(repair);
         }
     }

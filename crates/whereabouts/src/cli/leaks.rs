@@ -2,21 +2,18 @@
 //! decided exactly as the controller's reconciler decides ([`whereabouts_controller::reconcile::leaks`]);
 //! with `--release`, freed as it frees them.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use clap::Args;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
 use serde::Serialize;
 use whereabouts_controller::pools::Found;
-use whereabouts_controller::reconcile::{Leaks, leaks, pod_views};
+use whereabouts_controller::reconcile::{Leaks, Listings, leaks};
 use whereabouts_controller::release::release_batch;
 use whereabouts_store::ipam::{Ipam, JudgedReservation};
 use whereabouts_store::{Deletion, Reservation, Store};
 
 use super::output::{Format, OutputArgs, Progress, Table, or_dash, print, print_json};
-use super::store::{Kind, StoreArgs, open, read_pools};
+use super::store::{Kind, StoreArgs, open, pod_views_of, read_pools};
 use super::{CliError, Outcome};
 
 /// `whereabouts leaks`.
@@ -123,27 +120,26 @@ pub async fn run(args: LeaksArgs) -> Result<Outcome, CliError> {
         )));
     };
     // The reconciler's order: reservations, pools, pods (see whereabouts_controller::reconcile).
-    let reservations: BTreeMap<_, _> = opened.store.list_reservations().await?.into_iter().collect();
-    let mut found = Vec::new();
-    let mut unreadable_pools = Vec::new();
+    let reservations = opened.store.list_reservations().await?.into_iter().collect();
+    let mut listings = Listings { reservations, ..Listings::default() };
     for pool in read_pools(&opened.store).await? {
         match pool.decoded {
-            Ok(decoded) => found.extend(decoded.found),
+            Ok(decoded) => listings.found.extend(decoded.found),
             Err(e) => {
                 tracing::warn!("{e}; its allocations are not judged");
-                unreadable_pools.push(pool.name);
+                listings.unreadable_pools.push(pool.name);
             }
         }
     }
-    let pods = Api::<Pod>::all(client).list(&ListParams::default()).await.map_err(CliError::Pods)?;
-    let Leaks { plan, orphans } =
-        leaks(&found, &reservations, &pod_views(&pods.items), unreadable_pools.is_empty());
+    listings.pods = pod_views_of(client).await?;
+    // Missing reservations are `check --repair`'s.
+    let Leaks { plan, orphans, missing: _ } = leaks(&listings);
 
     let mut report = Report {
         dry_run: !args.release,
         allocations: Vec::new(),
         orphan_reservations: Vec::new(),
-        unreadable_pools,
+        unreadable_pools: listings.unreadable_pools,
         errors: Vec::new(),
     };
     let ipam = Ipam::new(&opened.store);
