@@ -41,9 +41,10 @@
 //!   of the old reading. The container a reservation records is not compared: upstream's plugin takes
 //!   an entry over for a new sandbox without touching the reservation, so the DEL of that sandbox
 //!   releases a reservation that records the one before; the entry it removed is what stood behind it.
-//!   A kill between the two writes leaves a reservation without its entry, which blocks the address
-//!   (it is never handed out twice) until the controller's reconciler deletes it; the other order would
-//!   leave an entry without its reservation, an address an overlapping range can hand out again.
+//!   A release cut off between the two writes (killed, the store gone) leaves a reservation without its
+//!   entry, which blocks the address (it is never handed out twice) until the controller's reconciler
+//!   or `whereabouts check --repair` deletes it; the other order would leave an entry without its
+//!   reservation, an address an overlapping range can hand out again.
 
 use std::collections::HashSet;
 use std::future::Future;

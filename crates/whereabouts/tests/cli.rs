@@ -265,6 +265,25 @@ async fn check_finds_planted_inconsistencies_in_the_file_store() {
     assert!(report.to_string().contains("missing-reservation"), "{report}");
     let report = cli_json(&["check", "--file-store-dir", &d, "--no-overlapping-ranges"], 1);
     assert!(!report.to_string().contains("missing-reservation"), "{report}");
+
+    // --repair without pods to look up: the orphan goes; whether web-2 runs cannot be told, so its
+    // reservation is not made again, and the intruder is not --repair's to resolve.
+    let (code, out, stderr) = cli(&["check", "--file-store-dir", &d, "--repair", "-o", "json"]);
+    assert_eq!(code, 1, "{out}{stderr}");
+    assert!(stderr.contains("give --kubeconfig"), "{stderr}");
+    let report: Value = serde_json::from_str(&out).expect("JSON");
+    let repairs: Vec<(&str, &str)> = report["problems"]
+        .as_array()
+        .expect("problems")
+        .iter()
+        .map(|p| (p["kind"].as_str().unwrap_or_default(), p["repair"].as_str().unwrap_or("-")))
+        .collect();
+    assert!(repairs.contains(&("orphan-reservation", "repaired")), "{repairs:?}");
+    assert!(repairs.contains(&("missing-reservation", "-")), "{repairs:?}");
+    assert!(repairs.contains(&("duplicate-address", "-")), "{repairs:?}");
+    assert_eq!(store.read_reservation("192.0.2.99").await, Ok(None), "the orphan is gone");
+    let report = cli_json(&["check", "--file-store-dir", &d], 1);
+    assert!(!report.to_string().contains("orphan-reservation"), "{report}");
 }
 
 #[test]

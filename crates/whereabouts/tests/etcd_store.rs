@@ -498,6 +498,8 @@ fn assert_ledger(snapshot: &Snapshot, ledger: &Ledger) {
 fn repair_then_assert_ledger(etcd: &EtcdCluster, ledger: &Ledger) {
     let output = Command::new(env!("CARGO_BIN_EXE_whereabouts"))
         .args(["check", "--repair", "--etcd-host", &etcd.hosts_csv(), "-o", "json"])
+        // No pods to look up: only the store is repaired.
+        .env_remove("KUBECONFIG")
         .output()
         .expect("run whereabouts check");
     let report: Value = serde_json::from_slice(&output.stdout).expect("a JSON report");
