@@ -125,6 +125,7 @@ pub fn pod_view(pod: &Pod) -> PodView {
             if ago.is_negative() { Duration::ZERO } else { ago.unsigned_abs() }
         }),
         network_status: network_status(pod),
+        node: pod.spec.as_ref().and_then(|spec| spec.node_name.clone()),
     }
 }
 

@@ -116,9 +116,11 @@ async fn cluster_parts(ctx: &Context, index: &PoolIndex, options: &Options) {
         schedule::run(sources, *reload, || async {
             match reconcile::reconcile_once(ctx).await {
                 Ok(report) => tracing::info!(
-                    "reconciler: released {} addresses and {} orphaned reservations",
+                    "reconciler: released {} addresses and {} orphaned reservations, restored {} missing \
+                     reservations",
                     report.released.len(),
-                    report.orphan_reservations.len()
+                    report.orphan_reservations.len(),
+                    report.restored_reservations.len()
                 ),
                 Err(e) => tracing::error!("reconciler: {e}; the next scheduled run tries again"),
             }

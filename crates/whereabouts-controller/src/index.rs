@@ -15,7 +15,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use whereabouts_k8s::crd::{IPPool, OverlappingRangeIPReservation};
-use whereabouts_store::Reservation;
+use whereabouts_store::VersionedReservation;
+use whereabouts_store::kubernetes::versioned;
 
 use crate::Context;
 use crate::metrics::{Metrics, PoolLabels};
@@ -28,8 +29,8 @@ pub struct Contents {
     pools: HashMap<String, Vec<Found>>,
     /// Pool names by the pod references they hold allocations of.
     by_pod: HashMap<String, BTreeSet<String>>,
-    /// Every reservation, by name.
-    pub reservations: BTreeMap<String, Reservation>,
+    /// Every reservation, by name, as last seen.
+    pub reservations: BTreeMap<String, VersionedReservation>,
 }
 
 impl Contents {
@@ -149,7 +150,7 @@ impl PoolIndex {
                         if let Some(seen) = &mut reservations_relist {
                             seen.insert(name.clone());
                         }
-                        contents.reservations.insert(name, orip.spec.holder);
+                        contents.reservations.insert(name, versioned(&orip));
                     }
                     Change::Gone(name) => {
                         contents.reservations.remove(&name);

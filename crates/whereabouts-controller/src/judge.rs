@@ -8,12 +8,19 @@
 //!
 //! * no pod of that namespace and name exists;
 //! * a pod of that name exists but it is not the pod the address was allocated to: the allocation
-//!   records the pod's uid (`poduid`, written by this plugin from `K8S_POD_UID`) and the uids differ;
+//!   records the pod's uid (`poduid`, written by this plugin from `K8S_POD_UID`), the uids differ, and
+//!   the pod does not claim the address either (below);
 //! * the pod has finished (phase `Succeeded` or `Failed`): its sandbox is torn down;
 //! * for allocations without a recorded uid (written by upstream, or by a runtime that does not pass
 //!   `K8S_POD_UID`): the pod is running (not `Pending`), its `network-status` is written, and it does
 //!   not list the address. Without a uid this is the only evidence there is; a pod whose status is not
 //!   written yet, or which is still `Pending` (a new sandbox may be taking the address over), keeps it.
+//!
+//! A recorded uid can be stale: upstream's plugin takes an entry of the same pod and interface over for
+//! a new pod's sandbox by rewriting only its `id`, and leaves our `poduid` as it was. So an allocation
+//! whose uid is not the pod's is kept, and judged as one without a uid, when the pod's `network-status`
+//! lists the address, or when the pod has none yet and has not finished (it may be that new pod,
+//! starting).
 //!
 //! A pod being deleted (with a `deletionTimestamp`) keeps its addresses until it is gone: its
 //! containers may still be running through their grace period.
@@ -47,6 +54,8 @@ pub struct PodView {
     pub stopped_ago: Option<Duration>,
     /// Its `network-status` annotation, when it is written and readable.
     pub network_status: Option<NetworkStatus>,
+    /// The node it is scheduled to (`spec.nodeName`).
+    pub node: Option<String>,
 }
 
 impl PodView {
@@ -101,7 +110,8 @@ pub fn judge(allocation: &Allocation, ip: IpAddr, pod: Option<&PodView>) -> Verd
         return Verdict::Keep(KeepReason::NotAPod);
     }
     let Some(pod) = pod else { return Verdict::Release(ReleaseReason::PodGone) };
-    if allocation.pod_uid.as_deref().is_some_and(|uid| !pod.is(uid)) {
+    let recorded_uid_is_pods = allocation.pod_uid.as_deref().map(|uid| pod.is(uid));
+    if recorded_uid_is_pods == Some(false) && !pod_claims(pod, ip) {
         return Verdict::Release(ReleaseReason::PodReplaced);
     }
     if pod.is_finished() {
@@ -110,7 +120,7 @@ pub fn judge(allocation: &Allocation, ip: IpAddr, pod: Option<&PodView>) -> Verd
     if pod.phase_is_final() {
         return Verdict::Keep(KeepReason::Finishing);
     }
-    if allocation.pod_uid.is_some() {
+    if recorded_uid_is_pods == Some(true) {
         return Verdict::Keep(KeepReason::PodLive);
     }
     let Some(status) = &pod.network_status else { return Verdict::Keep(KeepReason::StatusNotWritten) };
@@ -120,6 +130,15 @@ pub fn judge(allocation: &Allocation, ip: IpAddr, pod: Option<&PodView>) -> Verd
         Verdict::Keep(KeepReason::PodPending)
     } else {
         Verdict::Release(ReleaseReason::NotInNetworkStatus)
+    }
+}
+
+/// Whether `pod` may hold `ip` although the allocation records another pod's uid (see the module): its
+/// network-status lists the address, or it has none yet and the pod has not finished.
+fn pod_claims(pod: &PodView, ip: IpAddr) -> bool {
+    match &pod.network_status {
+        Some(status) => status.lists(ip),
+        None => !pod.is_finished(),
     }
 }
 
@@ -158,14 +177,23 @@ mod tests {
     }
 
     fn pod(uid: &str, phase: &str, network_status: Option<NetworkStatus>) -> PodView {
-        PodView { uid: uid.into(), kubelet_uid: None, phase: phase.into(), stopped_ago: None, network_status }
+        PodView {
+            uid: uid.into(),
+            kubelet_uid: None,
+            phase: phase.into(),
+            stopped_ago: None,
+            network_status,
+            node: None,
+        }
     }
 
     #[test]
     fn a_static_pod_is_known_by_its_kubelet_uid() {
         // The runtime passes the kubelet's uid (a hash of the manifest); the mirror pod has another.
-        let mirror =
-            PodView { kubelet_uid: Some("config-hash".into()), ..pod("mirror-uid", "Running", None) };
+        let mirror = PodView {
+            kubelet_uid: Some("config-hash".into()),
+            ..pod("mirror-uid", "Running", Some(status(&[])))
+        };
         assert_eq!(
             judge(&allocation(Some("config-hash")), ip(), Some(&mirror)),
             Verdict::Keep(KeepReason::PodLive)
@@ -200,14 +228,42 @@ mod tests {
 
     #[test]
     fn a_recreated_pod_of_the_same_name_is_not_the_holder() {
-        let newer = pod("u2", "Running", Some(status(&[IP])));
+        let newer = pod("u2", "Running", Some(status(&["192.0.2.11"])));
         assert_eq!(
             judge(&allocation(Some("u1")), ip(), Some(&newer)),
+            Verdict::Release(ReleaseReason::PodReplaced)
+        );
+        let newer_finished = pod("u2", "Succeeded", None);
+        assert_eq!(
+            judge(&allocation(Some("u1")), ip(), Some(&newer_finished)),
             Verdict::Release(ReleaseReason::PodReplaced)
         );
         // The new pod's own allocation is kept, whatever its status says yet.
         let starting = pod("u2", "Pending", None);
         assert_eq!(judge(&allocation(Some("u2")), ip(), Some(&starting)), Verdict::Keep(KeepReason::PodLive));
+    }
+
+    #[test]
+    fn a_stale_uid_is_not_evidence_while_the_pod_claims_the_address() {
+        // Upstream's plugin took the entry over for the new pod u2 and rewrote only its `id`: the
+        // recorded uid is still the old pod's.
+        let stale = allocation(Some("u1"));
+        assert_eq!(
+            judge(&stale, ip(), Some(&pod("u2", "Running", Some(status(&[IP]))))),
+            Verdict::Keep(KeepReason::Listed)
+        );
+        for phase in ["Pending", "Running"] {
+            assert_eq!(
+                judge(&stale, ip(), Some(&pod("u2", phase, None))),
+                Verdict::Keep(KeepReason::StatusNotWritten)
+            );
+        }
+        // Claimed, the rest is judged as for an allocation without a uid.
+        let just_finished =
+            PodView { stopped_ago: Some(Duration::from_secs(2)), ..pod("u2", "Failed", Some(status(&[IP]))) };
+        assert_eq!(judge(&stale, ip(), Some(&just_finished)), Verdict::Keep(KeepReason::Finishing));
+        let finished = pod("u2", "Failed", Some(status(&[IP])));
+        assert_eq!(judge(&stale, ip(), Some(&finished)), Verdict::Release(ReleaseReason::PodFinished));
     }
 
     #[test]
@@ -258,11 +314,13 @@ mod tests {
 
     proptest! {
         /// The safety property: an allocation whose recorded uid is the live, unfinished pod's is kept,
-        /// and so is any allocation of a live pod whose network-status is not written yet.
+        /// and so is any allocation of a live pod whose network-status is not written yet or lists it,
+        /// whatever uid it records (a stale one, after upstream's plugin took the entry over).
         #[test]
         fn a_live_holder_always_keeps_its_address(
             phase in prop::sample::select(vec!["Pending", "Running", "Unknown", "", "Succeeded", "Failed"]),
             recorded in any::<bool>(),
+            stale in any::<bool>(),
             listed in any::<bool>(),
             written in any::<bool>(),
             mirror in any::<bool>(),
@@ -277,9 +335,14 @@ mod tests {
                 phase: phase.into(),
                 stopped_ago: Some(Duration::from_secs(stopped_secs)),
                 network_status: status,
+                node: None,
             };
             let verdict = judge(&allocation(recorded.then_some(uid)), ip(), Some(&live));
             if recorded || !written || listed || (phase == "Pending") {
+                prop_assert!(matches!(verdict, Verdict::Keep(_)), "{verdict:?}");
+            }
+            let verdict = judge(&allocation(stale.then_some("old-uid")), ip(), Some(&live));
+            if !written || listed {
                 prop_assert!(matches!(verdict, Verdict::Keep(_)), "{verdict:?}");
             }
         }

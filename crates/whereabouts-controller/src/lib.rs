@@ -2,8 +2,8 @@
 //! plugin that writes it.
 //!
 //! * [`cleanup`]: releases the addresses of deleted pods within seconds (upstream's ip-control-loop).
-//! * [`reconcile`]: finds and releases leaked allocations and orphaned reservations, on a cron
-//!   schedule or once (upstream's ip-reconciler).
+//! * [`reconcile`]: finds and releases leaked allocations and orphaned reservations, and makes
+//!   missing reservations again, on a cron schedule or once (upstream's ip-reconciler).
 //! * [`schedule`]: where the reconciler's cron expression comes from, and its reloading.
 //! * [`judge`]: the single, pure decision whether an allocation still belongs to a live pod.
 //! * [`controller`]: the process: which parts run where, leadership, health, shutdown.

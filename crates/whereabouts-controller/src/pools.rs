@@ -11,7 +11,8 @@ use whereabouts_core::config::PoolTarget;
 use whereabouts_core::pool::{Allocation, Pool, PoolSpec};
 use whereabouts_core::range::{IpRange, normalize_range, reservation_name};
 use whereabouts_k8s::crd::IPPool;
-use whereabouts_store::Reservation;
+use whereabouts_store::ipam::JudgedReservation;
+use whereabouts_store::{Reservation, VersionedReservation};
 
 /// One allocation as found in a stored pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,18 +134,28 @@ pub fn reservation_names(found: &Found) -> Vec<String> {
         .collect()
 }
 
+/// The name the plugin gives the reservation of `found`'s address when `node` made it: as
+/// [`reservation_names`], and when the pool is `node`'s pool of its slice, without the node (the
+/// slice's pool is named after the node, its reservations are not). `None` for a pool whose name does
+/// not end with its range.
+pub fn reservation_name_for(found: &Found, node: Option<&str>) -> Option<String> {
+    network_names(&found.pool, node).last().map(|network| reservation_name(network, found.ip))
+}
+
 /// The reservations, among `reservations`, of `found`'s address held by its holder (by exact name,
-/// see [`reservation_names`]): what releasing it deletes.
+/// see [`reservation_names`]), with the state they were read in: what releasing it deletes, if they are
+/// still in that state once the pool entry is gone. The container a reservation records is not
+/// compared: upstream's plugin takes an entry over for a new sandbox without touching its reservation.
 pub fn reservations_of<'r>(
     found: &Found,
-    reservations: impl IntoIterator<Item = (&'r String, &'r Reservation)>,
-) -> Vec<String> {
+    reservations: impl IntoIterator<Item = (&'r String, &'r VersionedReservation)>,
+) -> Vec<JudgedReservation> {
     let holder = holder(&found.allocation);
     let names = reservation_names(found);
     reservations
         .into_iter()
-        .filter(|(name, reservation)| names.contains(name) && reservation.same_owner(&holder))
-        .map(|(name, _)| name.clone())
+        .filter(|(name, read)| names.contains(name) && read.holder.same_owner(&holder))
+        .map(|(name, read)| JudgedReservation { name: name.clone(), version: read.version.clone() })
         .collect()
 }
 
@@ -257,24 +268,35 @@ mod tests {
 
     #[test]
     fn reservations_belong_to_the_holder_only() {
+        use whereabouts_store::ReservationVersion;
         let pool = stored("p", "192.0.2.0/24", &[("5", "a")]);
         let found = &allocations(&pool).unwrap()[0];
         let ours = holder(&found.allocation);
         let theirs = Reservation { pod_ref: "ns/other".into(), ..ours.clone() };
+        // Another sandbox of the same attachment (upstream took the entry over): still the holder's.
+        let other_sandbox = Reservation { container_id: "c-older".into(), ..ours.clone() };
+        let read = |holder: &Reservation, revision: &str| VersionedReservation {
+            holder: holder.clone(),
+            version: ReservationVersion { uid: "uid".into(), revision: revision.into() },
+        };
         let reservations = [
-            ("net-192.0.2.5".to_string(), ours.clone()),
-            ("192.0.2.5".to_string(), ours.clone()),
-            ("other-192.0.2.5".to_string(), theirs),
-            ("net-192.0.2.6".to_string(), ours),
+            ("net-192.0.2.5".to_string(), read(&other_sandbox, "1")),
+            ("192.0.2.5".to_string(), read(&ours, "2")),
+            ("other-192.0.2.5".to_string(), read(&theirs, "3")),
+            ("net-192.0.2.6".to_string(), read(&ours, "4")),
         ];
+        let judged = |found: &Found| -> Vec<(String, String)> {
+            reservations_of(found, reservations.iter().map(|(n, r)| (n, r)))
+                .into_iter()
+                .map(|judged| (judged.name, judged.version.revision))
+                .collect()
+        };
         // The pool "p" has no network name before its range... and is not named after it: nothing.
-        assert!(reservations_of(found, reservations.iter().map(|(n, r)| (n, r))).is_empty());
+        assert!(judged(found).is_empty());
         let pool = stored("192.0.2.0-24", "192.0.2.0/24", &[("5", "a")]);
-        let found = &allocations(&pool).unwrap()[0];
-        assert_eq!(reservations_of(found, reservations.iter().map(|(n, r)| (n, r))), ["192.0.2.5"]);
+        assert_eq!(judged(&allocations(&pool).unwrap()[0]), [("192.0.2.5".to_string(), "2".to_string())]);
         let pool = stored("net-192.0.2.0-24", "192.0.2.0/24", &[("5", "a")]);
-        let found = &allocations(&pool).unwrap()[0];
-        assert_eq!(reservations_of(found, reservations.iter().map(|(n, r)| (n, r))), ["net-192.0.2.5"]);
+        assert_eq!(judged(&allocations(&pool).unwrap()[0]), [("net-192.0.2.5".to_string(), "1".to_string())]);
     }
 
     #[test]
@@ -301,6 +323,15 @@ mod tests {
         assert_eq!(reservation_names(&sliced), ["net-node-1-10.0.0.17", "net-10.0.0.17"]);
         let bare = found("node-1-10.0.0.16-28", "10.0.0.16/28", "10.0.0.17", Some("node-1"));
         assert_eq!(reservation_names(&bare), ["node-1-10.0.0.17", "10.0.0.17"]);
+        // The name to give a missing one: the slice's pool is named after the node, the reservation
+        // not; an entry that records no node (upstream's) is placed by its pod's node.
+        assert_eq!(reservation_name_for(&sliced, Some("node-1")).as_deref(), Some("net-10.0.0.17"));
+        assert_eq!(reservation_name_for(&bare, Some("node-1")).as_deref(), Some("10.0.0.17"));
+        let upstreams = found("net-node-1-10.0.0.16-28", "10.0.0.16/28", "10.0.0.17", None);
+        assert_eq!(reservation_name_for(&upstreams, Some("node-1")).as_deref(), Some("net-10.0.0.17"));
+        assert_eq!(reservation_name_for(&upstreams, Some("node-2")).as_deref(), Some("net-node-1-10.0.0.17"));
+        assert_eq!(reservation_name_for(&v6, Some("node-1")).as_deref(), Some("net-1--5"));
+        assert_eq!(reservation_name_for(&found("odd", "10.0.0.0/24", "10.0.0.1", None), None), None);
         assert!(reservation_names(&found("odd", "10.0.0.0/24", "10.0.0.1", None)).is_empty());
     }
 }

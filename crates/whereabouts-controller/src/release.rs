@@ -1,5 +1,6 @@
 //! Carrying out the releases the controller decided: grouped by pool, one compare-and-swap write per
-//! pool (after the reservations of each address), pools in parallel; in a dry run, only logged.
+//! pool (then the reservations of each address released), pools in parallel; in a dry run, only
+//! logged.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -7,7 +8,7 @@ use std::net::IpAddr;
 use futures::StreamExt;
 use whereabouts_core::config::PoolTarget;
 use whereabouts_store::Store;
-use whereabouts_store::ipam::{FoundAllocation, Ipam, IpamError};
+use whereabouts_store::ipam::{FoundAllocation, Ipam, IpamError, JudgedReservation};
 use whereabouts_store::kubernetes::KubeStore;
 
 use crate::Context;
@@ -25,8 +26,8 @@ pub struct Release<T> {
     pub found: Found,
     /// Why it goes.
     pub reason: ReleaseReason,
-    /// The reservations of its address its holder has.
-    pub reservations: Vec<String>,
+    /// The reservations of its address its holder had, as read.
+    pub reservations: Vec<JudgedReservation>,
     /// The caller's tag (which pod it was for, say).
     pub tag: T,
 }
@@ -100,9 +101,9 @@ async fn release<T>(
     release_batch(ipam, target, batch).await
 }
 
-/// Releases one pool's batch through any store: the reservations of each address its holder has,
-/// then one compare-and-swap write of the pool removing the allocations still exactly as read.
-/// Returns the addresses released.
+/// Releases one pool's batch through any store: one compare-and-swap write of the pool removing the
+/// allocations still exactly as read, then the reservations of the removed ones still as read (see
+/// [`Ipam::release_found`]). Returns the addresses released.
 pub async fn release_batch<S: Store, T>(
     ipam: &Ipam<'_, S>,
     target: &PoolTarget,

@@ -103,16 +103,6 @@ impl Reservation {
         self.ifname == other.ifname
             && same_attachment((&self.pod_ref, &self.container_id), (&other.pod_ref, &other.container_id))
     }
-
-    /// Whether a delete by `other` may remove this reservation: the same attachment, and the same
-    /// container when both record one. The container check keeps the DEL of a pod's old sandbox from
-    /// removing the reservation its new sandbox (same pod, same address) just took over.
-    pub fn deletable_by(&self, other: &Reservation) -> bool {
-        self.same_owner(other)
-            && (self.container_id.is_empty()
-                || other.container_id.is_empty()
-                || self.container_id == other.container_id)
-    }
 }
 
 /// The identity a CNI call allocates for.

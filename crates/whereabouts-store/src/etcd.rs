@@ -32,7 +32,10 @@ use whereabouts_core::config::EtcdConfig;
 use whereabouts_core::pool::PoolSpec;
 
 use crate::lock::{node_local_lock, queue_path};
-use crate::{PoolLock, Reservation, ReserveOutcome, Store, StoreError, Version, VersionedPool};
+use crate::{
+    Deletion, PoolLock, Reservation, ReservationVersion, ReserveOutcome, Store, StoreError, Version,
+    VersionedPool, VersionedReservation,
+};
 
 /// How long establishing the connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -366,11 +369,16 @@ impl EtcdStore {
         Ok(response.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())))
     }
 
-    async fn get_reservation(&self, key: &str) -> Result<Option<(Reservation, i64)>, StoreError> {
+    async fn get_reservation(&self, key: &str) -> Result<Option<VersionedReservation>, StoreError> {
         self.get(key)
             .await?
             .map(|(value, revision)| {
-                Ok((serde_json::from_slice(&value).map_err(|e| corrupt(key, e))?, revision))
+                Ok(VersionedReservation {
+                    holder: serde_json::from_slice(&value).map_err(|e| corrupt(key, e))?,
+                    // Revisions are the cluster's, never repeated: one names the key's state and
+                    // incarnation at once.
+                    version: ReservationVersion { uid: String::new(), revision: revision.to_string() },
+                })
             })
             .transpose()
     }
@@ -487,33 +495,40 @@ impl Store for EtcdStore {
         Err(StoreError::Unavailable(format!("reservation {name} kept changing")))
     }
 
-    async fn read_reservation(&self, name: &str) -> Result<Option<Reservation>, StoreError> {
-        Ok(self.get_reservation(&self.reservation_key(name)).await?.map(|(r, _)| r))
+    async fn read_reservation(&self, name: &str) -> Result<Option<VersionedReservation>, StoreError> {
+        self.get_reservation(&self.reservation_key(name)).await
     }
 
-    async fn delete_reservation(&self, name: &str, owner: &Reservation) -> Result<(), StoreError> {
+    async fn delete_reservation(
+        &self,
+        name: &str,
+        as_read: &ReservationVersion,
+    ) -> Result<Deletion, StoreError> {
         let key = self.reservation_key(name);
-        for _ in 0..RESERVATION_ROUNDS {
-            let Some((holder, revision)) = self.get_reservation(&key).await? else { return Ok(()) };
-            if !holder.deletable_by(owner) {
-                return Ok(());
-            }
-            let delete = Txn::new()
-                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
-                .and_then([TxnOp::delete(key.clone(), None)]);
-            let deleted = self.txn(delete).await?;
-            if deleted.succeeded() {
-                return Ok(());
-            }
+        let revision: i64 = as_read.revision.parse().map_err(|_| {
+            StoreError::Io(format!("reservation {name}: {:?} is not an etcd revision", as_read.revision))
+        })?;
+        // A key that is gone has mod_revision 0 in a compare: the else branch tells that apart.
+        let delete = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
+            .and_then([TxnOp::delete(key.clone(), None)])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let response = self.txn(delete).await?;
+        if response.succeeded() {
+            return Ok(Deletion::Deleted);
         }
-        Err(StoreError::Unavailable(format!("reservation {name} kept changing")))
+        let exists = response.op_responses().into_iter().any(|r| match r {
+            TxnOpResponse::Get(get) => !get.kvs().is_empty(),
+            _ => false,
+        });
+        Ok(if exists { Deletion::Changed } else { Deletion::Deleted })
     }
 
     async fn list_pools(&self) -> Result<Vec<String>, StoreError> {
         self.names("pools").await
     }
 
-    async fn list_reservations(&self) -> Result<Vec<(String, Reservation)>, StoreError> {
+    async fn list_reservations(&self) -> Result<Vec<(String, VersionedReservation)>, StoreError> {
         let mut out = Vec::new();
         for name in self.names("reservations").await? {
             if let Some(r) = self.read_reservation(&name).await? {

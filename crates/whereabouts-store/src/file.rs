@@ -20,7 +20,10 @@ use serde::{Deserialize, Serialize};
 use whereabouts_core::pool::{Allocation, PoolSpec};
 
 use crate::lock::{lock, one_write_deadline};
-use crate::{PoolLock, Reservation, ReserveOutcome, Store, StoreError, Version, VersionedPool};
+use crate::{
+    Deletion, PoolLock, Reservation, ReservationVersion, ReserveOutcome, Store, StoreError, Version,
+    VersionedPool, VersionedReservation,
+};
 
 /// The file store rooted at a directory.
 #[derive(Debug, Clone)]
@@ -104,10 +107,23 @@ impl FileStore {
         Ok(self.reservations.join(format!("{}.json", checked_name(name)?)))
     }
 
-    fn read_reservation_file(path: &Path) -> Result<Option<Reservation>, StoreError> {
+    /// A reservation file as read; its content is its version (see `delete_reservation`).
+    fn read_reservation_file(path: &Path) -> Result<Option<VersionedReservation>, StoreError> {
         read_optional(path)?
-            .map(|bytes| serde_json::from_slice(&bytes).map_err(|e| corrupt(path, e)))
+            .map(|bytes| {
+                let holder = serde_json::from_slice(&bytes).map_err(|e| corrupt(path, e))?;
+                let revision = String::from_utf8_lossy(&bytes).into_owned();
+                Ok(VersionedReservation {
+                    holder,
+                    version: ReservationVersion { uid: String::new(), revision },
+                })
+            })
             .transpose()
+    }
+
+    /// Who holds a reservation file.
+    fn read_holder(path: &Path) -> Result<Option<Reservation>, StoreError> {
+        Ok(Self::read_reservation_file(path)?.map(|read| read.holder))
     }
 
     /// Writes `content` to a fresh temporary file in `dir` and fsyncs it.
@@ -201,13 +217,13 @@ impl Store for FileStore {
                     sync_dir(&self.reservations)?;
                     return Ok(ReserveOutcome::Reserved);
                 }
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => match Self::read_reservation_file(&path)? {
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => match Self::read_holder(&path)? {
                     Some(holder) if holder == *owner => return Ok(ReserveOutcome::Reserved),
                     Some(holder) if holder.same_owner(owner) => {
-                        // Take it over under the lock deletes hold, so a concurrent delete by the old
-                        // container cannot interleave.
+                        // Take it over under the lock deletes hold, so a concurrent delete cannot
+                        // interleave.
                         let _guard = lock(&self.reservations.join(".lock"), one_write_deadline()).await?;
-                        match Self::read_reservation_file(&path)? {
+                        match Self::read_holder(&path)? {
                             Some(holder) if holder.same_owner(owner) => {
                                 let temp = Self::write_temp(&self.reservations, &content)?;
                                 fs::rename(&temp, &path).map_err(|e| io_error(&path, e))?;
@@ -226,19 +242,27 @@ impl Store for FileStore {
         }
     }
 
-    async fn read_reservation(&self, name: &str) -> Result<Option<Reservation>, StoreError> {
+    async fn read_reservation(&self, name: &str) -> Result<Option<VersionedReservation>, StoreError> {
         Self::read_reservation_file(&self.reservation_path(name)?)
     }
 
-    async fn delete_reservation(&self, name: &str, owner: &Reservation) -> Result<(), StoreError> {
+    /// Compares the content under the lock that take-overs hold: every writer records a container ID
+    /// and a take-over changes it, so a reservation that changed hands has other content.
+    async fn delete_reservation(
+        &self,
+        name: &str,
+        as_read: &ReservationVersion,
+    ) -> Result<Deletion, StoreError> {
         let path = self.reservation_path(name)?;
         let _guard = lock(&self.reservations.join(".lock"), one_write_deadline()).await?;
-        match Self::read_reservation_file(&path)? {
-            Some(holder) if holder.deletable_by(owner) => {
+        match read_optional(&path)? {
+            None => Ok(Deletion::Deleted),
+            Some(content) if content == as_read.revision.as_bytes() => {
                 fs::remove_file(&path).map_err(|e| io_error(&path, e))?;
-                sync_dir(&self.reservations)
+                sync_dir(&self.reservations)?;
+                Ok(Deletion::Deleted)
             }
-            _ => Ok(()),
+            Some(_) => Ok(Deletion::Changed),
         }
     }
 
@@ -246,7 +270,7 @@ impl Store for FileStore {
         json_names(&self.pools)
     }
 
-    async fn list_reservations(&self) -> Result<Vec<(String, Reservation)>, StoreError> {
+    async fn list_reservations(&self) -> Result<Vec<(String, VersionedReservation)>, StoreError> {
         let mut out = Vec::new();
         for name in json_names(&self.reservations)? {
             if let Some(r) = Self::read_reservation_file(&self.reservation_path(&name)?)? {
@@ -310,7 +334,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reservations_are_create_if_absent_and_owner_checked() {
+    async fn reservations_are_create_if_absent_and_deleted_only_as_read() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
         assert_eq!(
@@ -325,26 +349,26 @@ mod tests {
             store.create_reservation("10.0.0.1", &owner("b")).await.unwrap(),
             ReserveOutcome::HeldBy(owner("a"))
         );
-        store.delete_reservation("10.0.0.1", &owner("b")).await.unwrap();
-        assert_eq!(store.list_reservations().await.unwrap(), vec![("10.0.0.1".to_string(), owner("a"))]);
-        // The pod's new sandbox takes it over; the old sandbox's delete then leaves it alone.
+        let first = store.read_reservation("10.0.0.1").await.unwrap().unwrap();
+        assert_eq!(first.holder, owner("a"));
+        assert_eq!(store.list_reservations().await.unwrap(), vec![("10.0.0.1".to_string(), first.clone())]);
+        // The pod's new sandbox takes it over; a delete decided on the first reading leaves it alone.
         let new_sandbox = Reservation { container_id: "a-2".into(), ..owner("a") };
         assert_eq!(
             store.create_reservation("10.0.0.1", &new_sandbox).await.unwrap(),
             ReserveOutcome::Reserved
         );
-        store.delete_reservation("10.0.0.1", &owner("a")).await.unwrap();
+        assert_eq!(store.delete_reservation("10.0.0.1", &first.version).await.unwrap(), Deletion::Changed);
+        let taken_over = store.read_reservation("10.0.0.1").await.unwrap().unwrap();
+        assert_eq!(taken_over.holder, new_sandbox);
         assert_eq!(
-            store.list_reservations().await.unwrap(),
-            vec![("10.0.0.1".to_string(), new_sandbox.clone())]
+            store.delete_reservation("10.0.0.1", &taken_over.version).await.unwrap(),
+            Deletion::Deleted
         );
-        store.delete_reservation("10.0.0.1", &new_sandbox).await.unwrap();
         assert_eq!(
-            store.create_reservation("10.0.0.1", &owner("a")).await.unwrap(),
-            ReserveOutcome::Reserved
+            store.delete_reservation("10.0.0.1", &taken_over.version).await.unwrap(),
+            Deletion::Deleted
         );
-        store.delete_reservation("10.0.0.1", &owner("a")).await.unwrap();
-        store.delete_reservation("10.0.0.1", &owner("a")).await.unwrap();
         assert!(store.list_reservations().await.unwrap().is_empty());
     }
 

@@ -27,15 +27,24 @@
 //! range, or with node slices this node's pool of its slice. The engine reads and writes only that pool
 //! and hands addresses out with the configured range's prefix ([`AllocatedIp::network`]).
 //!
-//! Order of writes, chosen so that a process killed between two writes never leaves state that
-//! nothing will find again:
+//! Order of writes:
 //! * ADD writes the pool entry first, then the cluster-wide reservation. An address counts as handed out
 //!   only once both exist. If the reservation is held by another attachment (an overlapping pool got
 //!   there first), our pool entry is removed again and the address is skipped on the next try. A kill in
 //!   between leaves a pool entry without reservation, which the runtime's DEL finds through the pool.
-//! * DEL (and GC, and the rollback of a failed ADD) deletes the reservation first, then the pool entry.
-//!   A kill in between again leaves only a pool entry, which the retried DEL finishes. (The reverse
-//!   order would leave a reservation that no DEL can find, blocking the address for good.)
+//! * Every release (DEL, GC, the rollback of a failed ADD, the controller's) is a compare-and-swap on
+//!   what it decided on: the pool entry goes first, only if it is still exactly the record read, and
+//!   then the reservation, only if it is still in the state read (a compare-and-delete), and only if the
+//!   pool entry's holder (pod and interface; the container outside Kubernetes) held it. A pool entry that
+//!   changed meanwhile (a new sandbox took it over, upstream's plugin rewrote its `id`) keeps its
+//!   reservation; and a reservation taken over after the pool entry went is not deleted on the strength
+//!   of the old reading. The container a reservation records is not compared: upstream's plugin takes
+//!   an entry over for a new sandbox without touching the reservation, so the DEL of that sandbox
+//!   releases a reservation that records the one before; the entry it removed is what stood behind it.
+//!   A release cut off between the two writes (killed, the store gone) leaves a reservation without its
+//!   entry, which blocks the address (it is never handed out twice) until the controller's reconciler
+//!   or `whereabouts check --repair` deletes it; the other order would leave an entry without its
+//!   reservation, an address an overlapping range can hand out again.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -56,7 +65,9 @@ use whereabouts_core::range::reservation_name;
 use crate::queue::{
     Announced, Announcement, Request, batch_key, mark_contended, recently_contended, remember_size, was_large,
 };
-use crate::{PoolLock, Reservation, ReserveOutcome, Store, StoreError, VersionedPool};
+use crate::{
+    Deletion, PoolLock, Reservation, ReservationVersion, ReserveOutcome, Store, StoreError, VersionedPool,
+};
 
 /// Why an IPAM operation failed; every variant names the pool or reservation involved.
 #[derive(Debug, Error)]
@@ -192,8 +203,18 @@ pub struct FoundAllocation<'a> {
     pub ip: IpAddr,
     /// Its record as read.
     pub allocation: &'a Allocation,
-    /// The names of the reservations of its address it holds.
-    pub reservations: Vec<String>,
+    /// The reservations of its address it held, as read.
+    pub reservations: Vec<JudgedReservation>,
+}
+
+/// A reservation a release was decided on: its name and the state it was read in, which its delete
+/// presents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JudgedReservation {
+    /// Its name.
+    pub name: String,
+    /// The state it was read in.
+    pub version: ReservationVersion,
 }
 
 /// The engine over one store.
@@ -371,6 +392,10 @@ impl<'s, S: Store> Ipam<'s, S> {
             lock = self.lock_queue(deadline, name) => lock?,
             answer = announced.served() => return Ok(Turn::Served(answer)),
         };
+        // The head before us may have served us: it told us before it let go of the queue.
+        if let Some(answer) = announced.answer() {
+            return Ok(Turn::Served(answer));
+        }
         self.take_turn(deadline, name).await;
         Ok(Turn::Locked(lock))
     }
@@ -457,9 +482,8 @@ impl<'s, S: Store> Ipam<'s, S> {
         .await
     }
 
-    /// Releases one allocation: its reservation first, then the pool entry (if `allocation` still holds
-    /// it). A process killed in between leaves a pool entry without reservation, which the next DEL
-    /// finds through the pool and finishes; the other order would leave a reservation nothing finds.
+    /// Releases one allocation: the pool entry, if it is still exactly `allocation`, then its
+    /// reservation as read before (see the module on the order); says whether the entry was removed.
     async fn release_entry(
         &self,
         deadline: Instant,
@@ -468,10 +492,37 @@ impl<'s, S: Store> Ipam<'s, S> {
         ip: IpAddr,
         allocation: &Allocation,
     ) -> Result<bool, IpamError> {
-        if config.enable_overlapping_ranges {
-            self.delete_reservation(deadline, &config.network_name, ip, &reservation_of(allocation)).await?;
+        let removal = self.remove_entry(deadline, pool, to_u128(ip), allocation);
+        self.with_reservation(deadline, config, ip, allocation, removal).await
+    }
+
+    /// Runs `removal` of the pool entry of `ip` held by `holder`, reading the reservation of the address
+    /// before and deleting it as read once the entry is gone (see the module): the entry is the
+    /// holder's from before the read to the removal, so a reservation of the same attachment is the one
+    /// that entry stood behind. Says whether the entry was removed.
+    async fn with_reservation(
+        &self,
+        deadline: Instant,
+        config: &IpamConfig,
+        ip: IpAddr,
+        holder: &Allocation,
+        removal: impl Future<Output = Result<bool, IpamError>>,
+    ) -> Result<bool, IpamError> {
+        let reserved = if config.enable_overlapping_ranges {
+            let name = reservation_name(&config.network_name, ip);
+            let read = self
+                .patiently(deadline, || format!("reservation {name}"), || self.store.read_reservation(&name))
+                .await?;
+            read.filter(|read| read.holder.same_owner(&reservation_of(holder)))
+                .map(|read| JudgedReservation { name, version: read.version })
+        } else {
+            None
+        };
+        let removed = removal.await?;
+        if let Some(judged) = reserved.filter(|_| removed) {
+            self.delete_judged(deadline, &judged).await?;
         }
-        self.remove_entry(deadline, pool, to_u128(ip), allocation).await
+        Ok(removed)
     }
 
     /// Removes the pool entry of `addr` if it is still exactly `allocation`; says whether it was there.
@@ -515,28 +566,35 @@ impl<'s, S: Store> Ipam<'s, S> {
                 Ok(Change { value: held, changed })
             })
             .await;
-        self.unlock(name, lock).await;
-        let removed = removed?;
-        for (waiting, answer) in claimed.iter().zip(answers) {
-            waiting.done(answer);
+        // Told before the queue is let go of, so that a served DEL that gets the queue next still
+        // learns that its entry was removed (it goes on to delete the reservation only then).
+        if removed.is_ok() {
+            for (waiting, answer) in claimed.iter().zip(answers) {
+                waiting.done(answer);
+            }
         }
-        Ok(removed)
+        self.unlock(name, lock).await;
+        removed
     }
 
-    async fn delete_reservation(
+    /// Deletes a reservation if it is still in the state it was judged in.
+    async fn delete_judged(
         &self,
         deadline: Instant,
-        network_name: &str,
-        ip: IpAddr,
-        holder: &Reservation,
-    ) -> Result<(), IpamError> {
-        let name = reservation_name(network_name, ip);
-        self.patiently(
-            deadline,
-            || format!("reservation {name}"),
-            || self.store.delete_reservation(&name, holder),
-        )
-        .await
+        judged: &JudgedReservation,
+    ) -> Result<Deletion, IpamError> {
+        let JudgedReservation { name, version } = judged;
+        let deletion = self
+            .patiently(
+                deadline,
+                || format!("reservation {name}"),
+                || self.store.delete_reservation(name, version),
+            )
+            .await?;
+        if deletion == Deletion::Changed {
+            tracing::debug!("reservation {name} changed since it was read; left alone");
+        }
+        Ok(deletion)
     }
 
     /// One address from every range for `owner`, all or nothing: when a range fails, the addresses this
@@ -696,23 +754,14 @@ impl<'s, S: Store> Ipam<'s, S> {
             let outcome = match created {
                 Ok(outcome) => outcome,
                 Err(error) => {
-                    // Without its reservation the address is not ours to keep. But the failed call
-                    // may have landed: undo it first, and drop the pool entry only once that worked,
-                    // so that what is left is a pool entry the runtime's DEL finds, never a
-                    // reservation nothing finds.
+                    // Without its reservation the address is not ours to keep; the failed call may
+                    // have landed, so what it made goes too, as every release goes.
                     if is_new {
                         let rollback = rollback_deadline(deadline);
-                        let undone = match self
-                            .delete_reservation(rollback, &config.network_name, ip, &reservation)
-                            .await
+                        let removal =
+                            self.remove_if(rollback, &name, network, to_u128(ip), |a| a.same_holder(&wanted));
+                        if let Err(undo) = self.with_reservation(rollback, config, ip, &wanted, removal).await
                         {
-                            Ok(()) => self
-                                .remove_if(rollback, &name, network, to_u128(ip), |a| a.same_holder(&wanted))
-                                .await
-                                .map(drop),
-                            Err(e) => Err(e),
-                        };
-                        if let Err(undo) = undone {
                             tracing::error!("releasing {ip} after a failed reservation: {undo}");
                         }
                     }
@@ -795,12 +844,14 @@ impl<'s, S: Store> Ipam<'s, S> {
                 Ok(Change { value: (assignment, ip), changed: !unchanged || !served.is_empty() })
             })
             .await;
-        self.unlock(name, lock).await;
-        let taken = taken?;
-        for (index, addr) in served {
-            claimed[index].done(&addr.to_string());
+        // Told before the queue is let go of (see `Announced::answer`).
+        if taken.is_ok() {
+            for (index, addr) in served {
+                claimed[index].done(&addr.to_string());
+            }
         }
-        Ok(taken)
+        self.unlock(name, lock).await;
+        taken
     }
 
     /// After a lost reservation, finds the next candidates that overlapping ranges already reserved by
@@ -825,7 +876,7 @@ impl<'s, S: Store> Ipam<'s, S> {
             let holder = self
                 .patiently(deadline, || format!("reservation {key}"), || self.store.read_reservation(&key))
                 .await?;
-            match holder {
+            match holder.map(|read| read.holder) {
                 Some(holder) if !holder.same_owner(reservation) => {
                     blocked.insert(addr);
                 }
@@ -873,53 +924,59 @@ impl<'s, S: Store> Ipam<'s, S> {
         first_error.map_or(Ok(released), Err)
     }
 
-    /// Releases allocations of one pool found by looking at the stored state (the controller's way),
-    /// in one pool write: for each, the reservations it names that still belong to its holder (see
-    /// [`Reservation::deletable_by`]), then its pool entry if that is still exactly the record given.
-    /// The pool write is a compare-and-swap on those records, so an allocation that changed since it
-    /// was read (a new sandbox of the pod took it over) is left alone. Returns the addresses whose
-    /// pool entries were removed.
+    /// Releases allocations of one pool found by looking at the stored state (the controller's way):
+    /// one compare-and-swap write of the pool removing each allocation that is still exactly the record
+    /// given, then the reservations of the removed ones, each only if it is still in the state it was
+    /// read in (see the module on the order). An allocation that changed since it was read (a new
+    /// sandbox of the pod took it over) is left alone with its reservations. Returns the addresses
+    /// whose pool entries were removed; an error after the pool write means a reservation could not be
+    /// deleted (the reconciler finds it orphaned).
     pub async fn release_found(
         &self,
         target: &PoolTarget,
         found: &[FoundAllocation<'_>],
     ) -> Result<Vec<IpAddr>, IpamError> {
         let deadline = self.deadline();
-        for entry in found {
-            let holder = reservation_of(entry.allocation);
-            for name in &entry.reservations {
-                self.patiently(
-                    deadline,
-                    || format!("reservation {name}"),
-                    || self.store.delete_reservation(name, &holder),
-                )
-                .await?;
-            }
-        }
-        self.update_pool(deadline, &target.name, target.network, |pool, _| {
-            let mut removed = Vec::new();
-            for entry in found {
-                let addr = to_u128(entry.ip);
-                if pool.get(addr) == Some(entry.allocation) {
-                    pool.remove(addr);
-                    removed.push(entry.ip);
+        let removed = self
+            .update_pool(deadline, &target.name, target.network, |pool, _| {
+                let mut removed = Vec::new();
+                for entry in found {
+                    let addr = to_u128(entry.ip);
+                    if pool.get(addr) == Some(entry.allocation) {
+                        pool.remove(addr);
+                        removed.push(entry.ip);
+                    }
+                }
+                let changed = !removed.is_empty();
+                Ok(Change { value: removed, changed })
+            })
+            .await?;
+        let mut first_error = None;
+        for entry in found.iter().filter(|entry| removed.contains(&entry.ip)) {
+            for judged in &entry.reservations {
+                if let Err(e) = self.delete_judged(deadline, judged).await {
+                    first_error.get_or_insert(e);
                 }
             }
-            let changed = !removed.is_empty();
-            Ok(Change { value: removed, changed })
-        })
-        .await
+        }
+        first_error.map_or(Ok(removed), Err)
     }
 
-    /// Deletes the reservation `name` if it still belongs to `holder` (an orphan found by the
-    /// controller: no pool entry is behind it).
-    pub async fn release_reservation(&self, name: &str, holder: &Reservation) -> Result<(), IpamError> {
+    /// Makes the reservation `name` for `holder` as an ADD makes it ([`Store::create_reservation`]):
+    /// the controller's repair of an allocation whose reservation is missing.
+    pub async fn reserve(&self, name: &str, holder: &Reservation) -> Result<ReserveOutcome, IpamError> {
         self.patiently(
             self.deadline(),
             || format!("reservation {name}"),
-            || self.store.delete_reservation(name, holder),
+            || self.store.create_reservation(name, holder),
         )
         .await
+    }
+
+    /// Deletes the reservation `judged` names if it is still in the state it was judged in (an orphan
+    /// found by the controller: no pool entry stood behind it).
+    pub async fn release_reservation(&self, judged: &JudgedReservation) -> Result<Deletion, IpamError> {
+        self.delete_judged(self.deadline(), judged).await
     }
 
     /// The address (`container_id`, `ifname`) holds in each range, in range order (for CHECK).

@@ -52,8 +52,9 @@
 //! pool (see `pool_lease` for why). Queue and Lease are optimisations: correctness rests on the
 //! patches' tests alone.
 //!
-//! Reservations are created with a plain create (409 when they exist), taken over and deleted only under
-//! a resourceVersion precondition, so a reservation that changed hands since it was read is never
+//! Reservations are created with a plain create (409 when they exist), taken over only under a
+//! resourceVersion precondition and deleted only under uid and resourceVersion preconditions from the
+//! reading the delete was decided on, so a reservation that changed hands since it was read is never
 //! overwritten or removed.
 
 use std::collections::HashMap;
@@ -81,7 +82,10 @@ use whereabouts_k8s::kube;
 
 use crate::lock::{DEFAULT_LOCK_DIR, node_local_lock, queue_path};
 use crate::pool_lease::{self, HeldLease};
-use crate::{Reservation, ReserveOutcome, Store, StoreError, Version, VersionedPool};
+use crate::{
+    Deletion, Reservation, ReservationVersion, ReserveOutcome, Store, StoreError, Version, VersionedPool,
+    VersionedReservation,
+};
 
 /// Rounds of read-then-precondition on one reservation before giving up (each lost round means
 /// another writer changed it in between).
@@ -424,41 +428,34 @@ impl Store for KubeStore {
         Err(churned(&location))
     }
 
-    async fn read_reservation(&self, name: &str) -> Result<Option<Reservation>, StoreError> {
+    async fn read_reservation(&self, name: &str) -> Result<Option<VersionedReservation>, StoreError> {
         let found = self
             .reservations
             .get_opt(name)
             .await
             .map_err(|e| store_error(&self.reservation_location(name), e))?;
-        Ok(found.map(|r| r.spec.holder))
+        Ok(found.as_ref().map(versioned))
     }
 
-    async fn delete_reservation(&self, name: &str, owner: &Reservation) -> Result<(), StoreError> {
-        let location = self.reservation_location(name);
-        for _ in 0..RESERVATION_ROUNDS {
-            let Some(existing) =
-                self.reservations.get_opt(name).await.map_err(|e| store_error(&location, e))?
-            else {
-                return Ok(());
-            };
-            if !existing.spec.holder.deletable_by(owner) {
-                return Ok(());
-            }
-            let precondition = DeleteParams {
-                preconditions: Some(Preconditions {
-                    resource_version: existing.metadata.resource_version.clone(),
-                    uid: existing.metadata.uid.clone(),
-                }),
-                ..DeleteParams::default()
-            };
-            match self.reservations.delete(name, &precondition).await {
-                Ok(_) => return Ok(()),
-                Err(e) if status_code(&e) == Some(404) => return Ok(()),
-                Err(e) if status_code(&e) == Some(409) => {}
-                Err(e) => return Err(store_error(&location, e)),
-            }
+    async fn delete_reservation(
+        &self,
+        name: &str,
+        as_read: &ReservationVersion,
+    ) -> Result<Deletion, StoreError> {
+        let precondition = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: Some(as_read.uid.clone()),
+                resource_version: Some(as_read.revision.clone()),
+            }),
+            ..DeleteParams::default()
+        };
+        match self.reservations.delete(name, &precondition).await {
+            Ok(_) => Ok(Deletion::Deleted),
+            Err(e) if status_code(&e) == Some(404) => Ok(Deletion::Deleted),
+            // A failed precondition: another uid or resourceVersion than the one read.
+            Err(e) if status_code(&e) == Some(409) => Ok(Deletion::Changed),
+            Err(e) => Err(store_error(&self.reservation_location(name), e)),
         }
-        Err(churned(&location))
     }
 
     async fn list_pools(&self) -> Result<Vec<String>, StoreError> {
@@ -470,12 +467,24 @@ impl Store for KubeStore {
         Ok(list.items.into_iter().filter_map(|p| p.metadata.name).collect())
     }
 
-    async fn list_reservations(&self) -> Result<Vec<(String, Reservation)>, StoreError> {
+    async fn list_reservations(&self) -> Result<Vec<(String, VersionedReservation)>, StoreError> {
         let list =
             self.reservations.list(&ListParams::default()).await.map_err(|e| {
                 store_error(&format!("OverlappingRangeIPReservations in {}", self.namespace), e)
             })?;
-        Ok(list.items.into_iter().filter_map(|r| Some((r.metadata.name?, r.spec.holder))).collect())
+        Ok(list.items.iter().filter_map(|r| Some((r.metadata.name.clone()?, versioned(r)))).collect())
+    }
+}
+
+/// A reservation object as read: its holder, and its uid and resourceVersion, which a delete decided on
+/// this reading presents as preconditions.
+pub fn versioned(reservation: &OverlappingRangeIPReservation) -> VersionedReservation {
+    VersionedReservation {
+        holder: reservation.spec.holder.clone(),
+        version: ReservationVersion {
+            uid: reservation.metadata.uid.clone().unwrap_or_default(),
+            revision: reservation.metadata.resource_version.clone().unwrap_or_default(),
+        },
     }
 }
 

@@ -1,9 +1,10 @@
 //! Storage for whereabouts-rs.
 //!
 //! [`Store`] is the one trait every backend implements. It is shaped for distributed stores: a
-//! versioned read of one pool, a compare-and-swap write of that pool, and create-if-absent / delete of
-//! a cluster-wide reservation of one address (upstream's OverlappingRangeIPReservation). Backends hold
-//! no allocation rules: [`ipam`] drives them with the core's policy and retries conflicts.
+//! versioned read of one pool, a compare-and-swap write of that pool, and create-if-absent /
+//! compare-and-delete of a cluster-wide reservation of one address (upstream's
+//! OverlappingRangeIPReservation). Backends hold no allocation rules: [`ipam`] drives them with the
+//! core's policy and retries conflicts.
 
 use std::future::Future;
 use std::time::Instant;
@@ -59,6 +60,37 @@ impl std::fmt::Debug for PoolLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PoolLock").field("key", &self.key).finish_non_exhaustive()
     }
+}
+
+/// One stored state of a reservation, as a read saw it: [`Store::delete_reservation`] removes the
+/// reservation only while it is still in this state.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ReservationVersion {
+    /// Which object: the Kubernetes store's `metadata.uid` (a reservation deleted and created again is
+    /// another object). Empty in stores whose revisions never repeat (etcd) or that compare content
+    /// (the file store).
+    pub uid: String,
+    /// Which state of it: the Kubernetes store's `resourceVersion`, the etcd key's `mod_revision`, the
+    /// file store's content.
+    pub revision: String,
+}
+
+/// A reservation as read, with its version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionedReservation {
+    /// Who holds it.
+    pub holder: Reservation,
+    /// The stored state it was read in.
+    pub version: ReservationVersion,
+}
+
+/// What `delete_reservation` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deletion {
+    /// The reservation is gone: deleted now, or already before.
+    Deleted,
+    /// It changed since it was read (taken over, or deleted and created again): left as it is.
+    Changed,
 }
 
 /// What `create_reservation` found.
@@ -167,23 +199,24 @@ pub trait Store: Send + Sync {
     fn read_reservation(
         &self,
         name: &str,
-    ) -> impl Future<Output = Result<Option<Reservation>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<VersionedReservation>, StoreError>> + Send;
 
-    /// Deletes a reservation if [`Reservation::deletable_by`] `owner`; absent or foreign reservations
-    /// are left alone.
+    /// Deletes the reservation `name` if it is still in the state `as_read` (a compare-and-delete): one
+    /// that changed since is left alone ([`Deletion::Changed`]), so a delete decided on a reading
+    /// never removes what another writer made of the reservation meanwhile.
     fn delete_reservation(
         &self,
         name: &str,
-        owner: &Reservation,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+        as_read: &ReservationVersion,
+    ) -> impl Future<Output = Result<Deletion, StoreError>> + Send;
 
     /// Names of every pool (for operators' tools and tests).
     fn list_pools(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
 
-    /// Every reservation, by name (for operators' tools and tests).
+    /// Every reservation, by name, with its version.
     fn list_reservations(
         &self,
-    ) -> impl Future<Output = Result<Vec<(String, Reservation)>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<(String, VersionedReservation)>, StoreError>> + Send;
 }
 
 /// Any of the stores, chosen by configuration at run time.
@@ -257,19 +290,23 @@ impl Store for AnyStore {
         delegate!(self, s => s.create_reservation(name, owner))
     }
 
-    async fn read_reservation(&self, name: &str) -> Result<Option<Reservation>, StoreError> {
+    async fn read_reservation(&self, name: &str) -> Result<Option<VersionedReservation>, StoreError> {
         delegate!(self, s => s.read_reservation(name))
     }
 
-    async fn delete_reservation(&self, name: &str, owner: &Reservation) -> Result<(), StoreError> {
-        delegate!(self, s => s.delete_reservation(name, owner))
+    async fn delete_reservation(
+        &self,
+        name: &str,
+        as_read: &ReservationVersion,
+    ) -> Result<Deletion, StoreError> {
+        delegate!(self, s => s.delete_reservation(name, as_read))
     }
 
     async fn list_pools(&self) -> Result<Vec<String>, StoreError> {
         delegate!(self, s => s.list_pools())
     }
 
-    async fn list_reservations(&self) -> Result<Vec<(String, Reservation)>, StoreError> {
+    async fn list_reservations(&self) -> Result<Vec<(String, VersionedReservation)>, StoreError> {
         delegate!(self, s => s.list_reservations())
     }
 }

@@ -43,7 +43,7 @@ pub(crate) enum Request {
     /// Allocate an address for this owner (an ADD without a requested address).
     Allocate(Owner),
     /// Remove the entry of this address (a decimal offset as [`whereabouts_core::addr`] counts it) if
-    /// it is still exactly this allocation (a DEL whose reservation is already gone).
+    /// it is still exactly this allocation (a DEL, which deletes the reservation once told so).
     Release {
         /// The address.
         addr: String,
@@ -177,13 +177,19 @@ impl Announced {
     /// Resolves, with the head's answer, once a head has stored this request
     /// ([`Announcement::done`]); never otherwise.
     pub async fn served(&self) -> String {
-        let marker = done_marker(&self.path);
         loop {
-            match fs::read_to_string(&marker) {
-                Ok(answer) => return answer,
-                Err(_) => tokio::time::sleep(DONE_POLL).await,
+            match self.answer() {
+                Some(answer) => return answer,
+                None => tokio::time::sleep(DONE_POLL).await,
             }
         }
+    }
+
+    /// The head's answer, if a head has stored this request by now. A head tells the processes it
+    /// served before it lets go of the queue, so a process that gets the queue after it finds its
+    /// answer here.
+    pub fn answer(&self) -> Option<String> {
+        fs::read_to_string(done_marker(&self.path)).ok()
     }
 }
 

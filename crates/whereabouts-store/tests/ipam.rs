@@ -22,7 +22,10 @@ use whereabouts_core::pool::{Allocation, Owner, Pool, PoolSpec};
 use whereabouts_core::range::{pool_name, reservation_name};
 use whereabouts_store::file::FileStore;
 use whereabouts_store::ipam::{AllocatedIp, Ipam, IpamError, RetryPolicy};
-use whereabouts_store::{PoolLock, Reservation, ReserveOutcome, Store, StoreError, Version, VersionedPool};
+use whereabouts_store::{
+    Deletion, PoolLock, Reservation, ReservationVersion, ReserveOutcome, Store, StoreError, Version,
+    VersionedPool, VersionedReservation,
+};
 
 // === helpers ===
 
@@ -124,7 +127,7 @@ async fn allocations(store: &impl Store, name: &str) -> BTreeMap<IpAddr, Allocat
 
 /// Every reservation, by name.
 async fn reservations(store: &impl Store) -> BTreeMap<String, Reservation> {
-    store.list_reservations().await.unwrap().into_iter().collect()
+    store.list_reservations().await.unwrap().into_iter().map(|(name, read)| (name, read.holder)).collect()
 }
 
 /// The expected reservation map for (reservation name, owner) pairs.
@@ -625,6 +628,9 @@ struct Flaky {
     /// Drops the additive fields (`node`, `network`) from written pools, as an API server still serving
     /// upstream's CRDs prunes them.
     prune_additive: bool,
+    /// Written over the pool right after the next read of it: another writer acting between a
+    /// reader's read and its write.
+    written_after_next_read: std::sync::Mutex<Option<PoolSpec>>,
 }
 
 impl Flaky {
@@ -637,7 +643,13 @@ impl Flaky {
             reads_unavailable: AtomicUsize::new(0),
             queue: None,
             prune_additive: false,
+            written_after_next_read: std::sync::Mutex::new(None),
         }
+    }
+
+    fn writing_after_next_read(self, spec: PoolSpec) -> Self {
+        *self.written_after_next_read.lock().unwrap() = Some(spec);
+        self
     }
 
     fn pruning_additive_fields(mut self) -> Self {
@@ -672,7 +684,12 @@ impl Store for Flaky {
         {
             return Err(StoreError::Unavailable("injected".into()));
         }
-        self.inner.read_pool(name).await
+        let read = self.inner.read_pool(name).await?;
+        let next = self.written_after_next_read.lock().unwrap().take();
+        if let Some(spec) = next {
+            self.inner.write_pool(name, &spec, read.as_ref(), None).await?;
+        }
+        Ok(read)
     }
 
     async fn write_pool(
@@ -708,19 +725,23 @@ impl Store for Flaky {
         self.inner.create_reservation(name, owner).await
     }
 
-    async fn read_reservation(&self, name: &str) -> Result<Option<Reservation>, StoreError> {
+    async fn read_reservation(&self, name: &str) -> Result<Option<VersionedReservation>, StoreError> {
         self.inner.read_reservation(name).await
     }
 
-    async fn delete_reservation(&self, name: &str, owner: &Reservation) -> Result<(), StoreError> {
-        self.inner.delete_reservation(name, owner).await
+    async fn delete_reservation(
+        &self,
+        name: &str,
+        as_read: &ReservationVersion,
+    ) -> Result<Deletion, StoreError> {
+        self.inner.delete_reservation(name, as_read).await
     }
 
     async fn list_pools(&self) -> Result<Vec<String>, StoreError> {
         self.inner.list_pools().await
     }
 
-    async fn list_reservations(&self) -> Result<Vec<(String, Reservation)>, StoreError> {
+    async fn list_reservations(&self) -> Result<Vec<(String, VersionedReservation)>, StoreError> {
         self.inner.list_reservations().await
     }
 }
@@ -1279,7 +1300,7 @@ async fn pruned_additive_fields_do_not_keep_a_rolled_back_entry() {
 /// took the address over in between keeps it, and so does its reservation.
 #[tokio::test]
 async fn a_found_allocation_taken_over_since_it_was_read_is_not_released() {
-    use whereabouts_store::ipam::FoundAllocation;
+    use whereabouts_store::ipam::{FoundAllocation, JudgedReservation};
     let (_dir, store) = file_store();
     let ipam = Ipam::new(&store);
     let config = single("192.0.2.0/29");
@@ -1290,12 +1311,14 @@ async fn a_found_allocation_taken_over_since_it_was_read_is_not_released() {
     let read = store.read_pool(&name).await.unwrap().unwrap().spec.allocations;
     let (first, second) = (read["1"].clone(), read["2"].clone());
     let reservation = reservation_name("", ip("192.0.2.1"));
+    let version = store.read_reservation(&reservation).await.unwrap().unwrap().version;
+    let judged = JudgedReservation { name: reservation.clone(), version };
 
     // The controller read the pool; then the pod of the first address got a new sandbox.
     let resandboxed = Owner { container_id: "c1-new".into(), ..owner(1) };
     assert_eq!(alloc(&ipam, &config, &resandboxed).await, ips(&["192.0.2.1"]));
     let stale = [
-        FoundAllocation { ip: ip("192.0.2.1"), allocation: &first, reservations: vec![reservation.clone()] },
+        FoundAllocation { ip: ip("192.0.2.1"), allocation: &first, reservations: vec![judged] },
         FoundAllocation { ip: ip("192.0.2.2"), allocation: &second, reservations: Vec::new() },
     ];
     assert_eq!(ipam.release_found(&target, &stale).await.unwrap(), ips(&["192.0.2.2"]));
@@ -1306,4 +1329,79 @@ async fn a_found_allocation_taken_over_since_it_was_read_is_not_released() {
         store.read_reservation(&reservation).await.unwrap().is_some(),
         "the new sandbox's reservation stays"
     );
+}
+
+/// The reservation upstream's plugin writes records no container, and upstream takes a pod's entry
+/// over for a new sandbox by rewriting only its `id`. The controller's release of the entry as it read
+/// it before then fails its compare-and-swap, and must leave the reservation to the entry's new holder.
+#[tokio::test]
+async fn a_found_allocation_rewritten_by_upstream_keeps_its_reservation() {
+    use whereabouts_store::ipam::{FoundAllocation, JudgedReservation};
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = single("192.0.2.0/29");
+    let target = config.ranges[0].pool.clone();
+    let network = config.ranges[0].range.network();
+    let name = pool_of(&config, 0);
+    let old_sandbox = owner(1);
+    write_state(&store, &name, network, &[("192.0.2.1", &old_sandbox)]).await;
+    let upstreams = Reservation { container_id: String::new(), ..reservation(&old_sandbox) };
+    assert_eq!(store.create_reservation("192.0.2.1", &upstreams).await.unwrap(), ReserveOutcome::Reserved);
+    let judged = JudgedReservation {
+        name: "192.0.2.1".into(),
+        version: store.read_reservation("192.0.2.1").await.unwrap().unwrap().version,
+    };
+    // Read by the controller; then upstream's ADD of the pod's new sandbox rewrites the entry's `id`.
+    let as_read = old_sandbox.allocation();
+    let new_sandbox = Owner { container_id: "c1-new".into(), ..old_sandbox };
+    write_state(&store, &name, network, &[("192.0.2.1", &new_sandbox)]).await;
+
+    let found = [FoundAllocation { ip: ip("192.0.2.1"), allocation: &as_read, reservations: vec![judged] }];
+    assert!(ipam.release_found(&target, &found).await.unwrap().is_empty());
+    assert_eq!(allocations(&store, &name).await[&ip("192.0.2.1")].container_id, "c1-new");
+    assert_eq!(reservations(&store).await, BTreeMap::from([("192.0.2.1".to_string(), upstreams)]));
+}
+
+/// The same for a DEL: the old sandbox's DEL reads the pool, upstream's ADD of the new sandbox then
+/// rewrites the entry's `id`; the DEL's compare-and-swap fails, and the reservation stays.
+#[tokio::test]
+async fn a_del_whose_entry_upstream_rewrote_meanwhile_keeps_the_reservation() {
+    let (_dir, inner) = file_store();
+    let config = single("192.0.2.0/29");
+    let network = config.ranges[0].range.network();
+    let name = pool_of(&config, 0);
+    let old_sandbox = owner(1);
+    write_state(&inner, &name, network, &[("192.0.2.1", &old_sandbox)]).await;
+    let upstreams = Reservation { container_id: String::new(), ..reservation(&old_sandbox) };
+    assert_eq!(inner.create_reservation("192.0.2.1", &upstreams).await.unwrap(), ReserveOutcome::Reserved);
+    let new_sandbox = Owner { container_id: "c1-new".into(), ..old_sandbox.clone() };
+    let mut rewritten = Pool::new(network);
+    rewritten.insert(to_u128(ip("192.0.2.1")), new_sandbox.allocation());
+    let store = Flaky::new(inner, 0, None).writing_after_next_read(rewritten.to_spec());
+
+    let ipam = Ipam::new(&store);
+    assert!(ipam.release(&config, &old_sandbox.container_id, "eth0").await.unwrap().is_empty());
+    assert_eq!(allocations(&store, &name).await[&ip("192.0.2.1")].container_id, "c1-new");
+    assert_eq!(reservations(&store).await, BTreeMap::from([("192.0.2.1".to_string(), upstreams)]));
+}
+
+/// Our reservation records the container that made it; upstream's plugin then takes the entry over for
+/// the pod's new sandbox by rewriting only the entry's `id`. The new sandbox's DEL removes that entry,
+/// and with it the reservation the entry stood behind, whatever container the reservation records.
+#[tokio::test]
+async fn a_del_releases_the_reservation_behind_an_entry_upstream_took_over() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = single("192.0.2.0/29");
+    let network = config.ranges[0].range.network();
+    let name = pool_of(&config, 0);
+    let ours = owner(1);
+    assert_eq!(alloc(&ipam, &config, &ours).await, ips(&["192.0.2.1"]));
+    assert_eq!(reservations(&store).await, reserved_by(&[("192.0.2.1", &ours)]));
+    let upstreams_sandbox = Owner { container_id: "c1-upstream".into(), ..ours };
+    write_state(&store, &name, network, &[("192.0.2.1", &upstreams_sandbox)]).await;
+
+    assert_eq!(ipam.release(&config, "c1-upstream", "eth0").await.unwrap(), ips(&["192.0.2.1"]));
+    assert!(allocations(&store, &name).await.is_empty());
+    assert!(reservations(&store).await.is_empty(), "the reservation leaked");
 }

@@ -299,7 +299,8 @@ pub fn controller(args: ControllerArgs) -> ExitCode {
     })
 }
 
-/// Runs one reconciliation: prints what it released on stdout; exit 0, or 1 when anything failed.
+/// Runs one reconciliation: prints what it released and restored on stdout; exit 0, or 1 when anything
+/// failed.
 pub fn reconcile(args: ReconcileArgs) -> ExitCode {
     run_connected(&args.connection, |ctx| async move {
         match reconcile::reconcile_once(&ctx).await {
@@ -319,12 +320,17 @@ pub fn reconcile(args: ReconcileArgs) -> ExitCode {
                 for name in &report.orphan_reservations {
                     let _ = writeln!(out, "{verb} orphaned reservation {name}");
                 }
+                let restore = if ctx.dry_run { "would restore" } else { "restored" };
+                for name in &report.restored_reservations {
+                    let _ = writeln!(out, "{restore} missing reservation {name}");
+                }
                 let _ = writeln!(
                     out,
-                    "{} {} addresses and {} orphaned reservations",
+                    "{} {} addresses and {} orphaned reservations; {restore} {} missing reservations",
                     verb,
                     report.released.len(),
-                    report.orphan_reservations.len()
+                    report.orphan_reservations.len(),
+                    report.restored_reservations.len()
                 );
                 ExitCode::SUCCESS
             }

@@ -11,7 +11,8 @@ use whereabouts_core::pool::{Allocation, PoolSpec};
 use whereabouts_k8s::crd::{
     IPPool, IPPoolSpec, OverlappingRangeIPReservation, OverlappingRangeIPReservationSpec,
 };
-use whereabouts_k8s::kube::api::{Api, PostParams};
+use whereabouts_k8s::k8s_openapi::api::core::v1::Pod;
+use whereabouts_k8s::kube::api::{Api, Patch, PatchParams, PostParams};
 use whereabouts_kube_testing::TestCluster;
 use whereabouts_kube_testing::plugin::Call;
 use whereabouts_store::file::FileStore;
@@ -264,6 +265,25 @@ async fn check_finds_planted_inconsistencies_in_the_file_store() {
     assert!(report.to_string().contains("missing-reservation"), "{report}");
     let report = cli_json(&["check", "--file-store-dir", &d, "--no-overlapping-ranges"], 1);
     assert!(!report.to_string().contains("missing-reservation"), "{report}");
+
+    // --repair without pods to look up: the orphan goes; whether web-2 runs cannot be told, so its
+    // reservation is not made again, and the intruder is not --repair's to resolve.
+    let (code, out, stderr) = cli(&["check", "--file-store-dir", &d, "--repair", "-o", "json"]);
+    assert_eq!(code, 1, "{out}{stderr}");
+    assert!(stderr.contains("give --kubeconfig"), "{stderr}");
+    let report: Value = serde_json::from_str(&out).expect("JSON");
+    let repairs: Vec<(&str, &str)> = report["problems"]
+        .as_array()
+        .expect("problems")
+        .iter()
+        .map(|p| (p["kind"].as_str().unwrap_or_default(), p["repair"].as_str().unwrap_or("-")))
+        .collect();
+    assert!(repairs.contains(&("orphan-reservation", "repaired")), "{repairs:?}");
+    assert!(repairs.contains(&("missing-reservation", "-")), "{repairs:?}");
+    assert!(repairs.contains(&("duplicate-address", "-")), "{repairs:?}");
+    assert_eq!(store.read_reservation("192.0.2.99").await, Ok(None), "the orphan is gone");
+    let report = cli_json(&["check", "--file-store-dir", &d], 1);
+    assert!(!report.to_string().contains("orphan-reservation"), "{report}");
 }
 
 #[test]
@@ -441,11 +461,76 @@ async fn kubernetes_pools_ips_release_and_check() {
     let kinds: Vec<&str> =
         report["problems"].as_array().expect("problems").iter().filter_map(|p| p["kind"].as_str()).collect();
     assert!(kinds.contains(&"orphan-reservation") && kinds.contains(&"duplicate-address"), "{kinds:?}");
+
+    // --repair deletes the orphaned reservation (as listed); the duplicate is not its to resolve.
+    let (code, out, stderr) = acli(kube_args(&cluster, &["check", "--repair", "-o", "json"])).await;
+    assert_eq!(code, 1, "{out}{stderr}");
+    let report: Value = serde_json::from_str(&out).expect("JSON");
+    let repairs: Vec<(&str, &str)> = report["problems"]
+        .as_array()
+        .expect("problems")
+        .iter()
+        .map(|p| (p["kind"].as_str().unwrap_or(""), p["repair"].as_str().unwrap_or("-")))
+        .collect();
+    assert!(repairs.contains(&("orphan-reservation", "repaired")), "{repairs:?}");
+    assert!(repairs.contains(&("duplicate-address", "-")), "{repairs:?}");
+    assert!(reservations.get_opt("192.0.2.77").await.expect("GET").is_none(), "the orphan is gone");
+    assert_eq!(reservation_names(&cluster).await, ["192.0.2.1"]);
+    let (code, table, _) = acli(kube_args(&cluster, &["check"])).await;
+    assert_eq!(code, 1, "{table}");
+    assert!(!table.contains("orphan-reservation") && table.contains("duplicate-address"), "{table}");
     cluster.cleanup().await;
 }
 
-/// Pods deleted, alive, and recreated under the same name: `leaks` lists exactly the first and the
-/// last, changes nothing in a dry run, and `--release` frees exactly those.
+/// `check --repair` makes the missing reservation of a running pod's allocation again (as the
+/// reconciler does), and leaves that of a pod still starting, whose ADD may be making it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_check_repair_restores_missing_reservations() {
+    let cluster = TestCluster::start().await;
+    let running = cluster.create_pod("running", None).await;
+    assert_eq!(kube_add(&cluster, "running", &running).await, "192.0.2.1");
+    let phase = json!({ "status": { "phase": "Running" } });
+    Api::<Pod>::namespaced(cluster.client(), cluster.namespace())
+        .patch_status("running", &PatchParams::default(), &Patch::Merge(&phase))
+        .await
+        .expect("set the phase");
+    let starting = cluster.create_pod("starting", None).await;
+    assert_eq!(kube_add(&cluster, "starting", &starting).await, "192.0.2.2");
+    let reservations: Api<OverlappingRangeIPReservation> =
+        Api::namespaced(cluster.client(), cluster.namespace());
+    for name in ["192.0.2.1", "192.0.2.2"] {
+        reservations.delete(name, &Default::default()).await.expect("delete a reservation");
+    }
+
+    let (code, out, stderr) = acli(kube_args(&cluster, &["check", "--repair", "-o", "json"])).await;
+    assert_eq!(code, 1, "the starting pod's remains: {out}{stderr}");
+    let report: Value = serde_json::from_str(&out).expect("JSON");
+    let problems: Vec<(&str, &str, &str)> = report["problems"]
+        .as_array()
+        .expect("problems")
+        .iter()
+        .map(|p| {
+            (
+                p["kind"].as_str().unwrap_or(""),
+                p["ip"].as_str().unwrap_or(""),
+                p["repair"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        problems,
+        [("missing-reservation", "192.0.2.1", "repaired"), ("missing-reservation", "192.0.2.2", "-")]
+    );
+    assert_eq!(report["problems"][0]["reservation"], "192.0.2.1");
+    let restored = reservations.get("192.0.2.1").await.expect("restored");
+    assert_eq!(restored.spec.holder.pod_ref, format!("{}/running", cluster.namespace()));
+    assert_eq!(reservation_names(&cluster).await, ["192.0.2.1"]);
+    cluster.cleanup().await;
+}
+
+/// Pods deleted, alive, and recreated under the same name (the new pod's network-status written
+/// without the old pod's address): `leaks` lists exactly the first and the last, changes nothing in a
+/// dry run, and `--release` frees exactly those.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_leaks_dry_run_then_release() {
     let cluster = TestCluster::start().await;
@@ -458,6 +543,13 @@ async fn kubernetes_leaks_dry_run_then_release() {
     cluster.delete_pod("gone").await;
     cluster.delete_pod("recreated").await;
     cluster.create_pod("recreated", None).await;
+    let status = json!([{ "name": "cbr0", "interface": "eth0", "ips": ["10.244.0.9"], "default": true }]);
+    let annotation =
+        json!({ "metadata": { "annotations": { "k8s.v1.cni.cncf.io/network-status": status.to_string() } } });
+    Api::<Pod>::namespaced(cluster.client(), cluster.namespace())
+        .patch("recreated", &PatchParams::default(), &Patch::Merge(&annotation))
+        .await
+        .expect("annotate the recreated pod");
     let before = held_ips(&cluster).await;
     let reservations_before = reservation_names(&cluster).await;
 

@@ -184,7 +184,8 @@ fn store_contents(dir: &Path) -> BTreeMap<String, Vec<String>> {
         }
         let reservations = store.list_reservations().await.expect("list reservations");
         assert_eq!(reservations.len(), owners.len(), "one reservation per allocated address");
-        for (name, reservation) in reservations {
+        for (name, read) in reservations {
+            let reservation = read.holder;
             let ip = name.replace('-', ":");
             let ip = if ip.contains(':') { ip } else { name.clone() };
             assert_eq!(owners.get(&ip), Some(&reservation.container_id), "reservation {name}");

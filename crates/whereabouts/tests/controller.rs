@@ -21,8 +21,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use whereabouts_core::pool::Allocation;
 use whereabouts_k8s::crd::{IPPool, OverlappingRangeIPReservation, OverlappingRangeIPReservationSpec};
 use whereabouts_k8s::kube::api::{Api, Patch, PatchParams, PostParams};
-use whereabouts_kube_testing::TestCluster;
 use whereabouts_kube_testing::plugin::Call;
+use whereabouts_kube_testing::{TestCluster, upstream};
 use whereabouts_store::Reservation;
 
 const NETWORK: &str = "ctl-net";
@@ -462,6 +462,83 @@ async fn the_reconciler_never_releases_a_starting_pod_and_dry_run_changes_nothin
     assert!(reservations.get_opt("192.0.2.3").await.unwrap().is_some());
     let (_, out) = reconcile(&cluster, &[]).await;
     assert!(out.contains("released 0 addresses and 0 orphaned reservations"), "idempotent: {out}");
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_upstream_took_over_for_a_recreated_pod_is_kept() {
+    let cluster = TestCluster::start().await;
+    let node = cluster.unique("a");
+    let old_uid = cluster.create_pod("db-0", Some(&node)).await;
+    let ip = add(&cluster, "db-0", &old_uid, "sandbox-old", &node).await;
+    // The pod is recreated and its new sandbox's ADD runs on a node still on upstream's plugin, which
+    // takes the entry of the same pod and interface over by rewriting only its `id`.
+    cluster.delete_pod("db-0").await;
+    let new_uid = cluster.create_pod("db-0", Some(&node)).await;
+    assert_ne!(old_uid, new_uid);
+    let call = upstream::CallContext {
+        container_id: "sandbox-new".into(),
+        ifname: "net1".into(),
+        pod_namespace: cluster.namespace().into(),
+        pod_name: "db-0".into(),
+    };
+    let config = upstream::UpstreamConfig::new(RANGE.parse().expect("a CIDR"));
+    let again =
+        upstream::add(&cluster.client(), cluster.namespace(), &config, &call).await.expect("upstream ADD");
+    assert_eq!(again.to_string(), ip);
+    let stored = held(&cluster).await;
+    assert_eq!(stored[0].1.container_id, "sandbox-new");
+    assert_eq!(stored[0].1.pod_uid.as_deref(), Some(old_uid.as_str()), "upstream leaves our poduid");
+
+    // Starting (no network-status yet), then running with the address listed: the new pod's.
+    let (_, out) = reconcile(&cluster, &[]).await;
+    assert!(out.contains("released 0 addresses"), "{out}");
+    annotate(&cluster, "db-0", &[&ip]).await;
+    set_phase(&cluster, "db-0", "Running").await;
+    let (_, out) = reconcile(&cluster, &[]).await;
+    assert!(out.contains("released 0 addresses"), "{out}");
+    assert_eq!(held_ips(&cluster).await, std::slice::from_ref(&ip));
+    // Once the pod's network-status lists another address, the stale uid's entry is a leak.
+    annotate(&cluster, "db-0", &["192.0.2.200"]).await;
+    let (_, out) = reconcile(&cluster, &[]).await;
+    assert!(out.contains(&format!("released {ip} ")) && out.contains("pod_replaced"), "{out}");
+    assert!(held_ips(&cluster).await.is_empty());
+    cluster.cleanup().await;
+}
+
+/// An allocation whose reservation is missing (upstream's plugin and ours raced for the address in
+/// overlapping pools during a rolling upgrade, say) gets it again from the reconciler once its pod runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_restores_the_missing_reservation_of_a_running_pod() {
+    let cluster = TestCluster::start().await;
+    let node = cluster.unique("a");
+    let reservations: Api<OverlappingRangeIPReservation> =
+        Api::namespaced(cluster.client(), cluster.namespace());
+    let running_uid = cluster.create_pod("running", Some(&node)).await;
+    let running = add(&cluster, "running", &running_uid, "sandbox-running", &node).await;
+    set_phase(&cluster, "running", "Running").await;
+    let starting_uid = cluster.create_pod("starting", Some(&node)).await;
+    let starting = add(&cluster, "starting", &starting_uid, "sandbox-starting", &node).await;
+    for ip in [&running, &starting] {
+        reservations.delete(ip, &Default::default()).await.expect("delete the reservation");
+    }
+
+    let (_, out) = reconcile(&cluster, &["--dry-run"]).await;
+    assert!(out.contains(&format!("would restore missing reservation {running}")), "{out}");
+    assert!(reservations.get_opt(&running).await.expect("GET").is_none(), "a dry run changes nothing");
+    let (_, out) = reconcile(&cluster, &[]).await;
+    assert!(out.contains("released 0 addresses and 0 orphaned reservations; restored 1 missing"), "{out}");
+    let restored = reservations.get_opt(&running).await.expect("GET").expect("restored");
+    let holder = Reservation {
+        pod_ref: format!("{}/running", cluster.namespace()),
+        ifname: "net1".into(),
+        container_id: "sandbox-running".into(),
+    };
+    assert_eq!(restored.spec.holder, holder);
+    // A pod still starting may be in the middle of its ADD, which makes the reservation itself.
+    assert!(reservations.get_opt(&starting).await.expect("GET").is_none());
+    let (_, out) = reconcile(&cluster, &[]).await;
+    assert!(out.contains("restored 0 missing reservations"), "idempotent: {out}");
     cluster.cleanup().await;
 }
 

@@ -781,6 +781,21 @@ fn killed_calls_and_an_api_outage_never_duplicate_lose_or_orphan() {
         let outage = outage.expect("the outage happened");
         assert!(outage.in_flight > 0, "no call was running when the API server went away");
     }
+    // A release removes the pool entry first, then the reservation: one cut off in between (a DEL
+    // killed, the API server gone) leaves the reservation of an address it freed, which blocks the
+    // address until it is deleted as orphaned, as `whereabouts check --repair` (or the reconciler) does.
+    let repair = Command::new(env!("CARGO_BIN_EXE_whereabouts"))
+        .args(["check", "--repair", "-o", "json", "--namespace", cluster.namespace()])
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig_path())
+        .output()
+        .expect("run whereabouts check");
+    let report: Value = serde_json::from_slice(&repair.stdout).expect("a JSON report");
+    assert!(repair.status.success(), "{report:#}\n{}", String::from_utf8_lossy(&repair.stderr));
+    eprintln!(
+        "chaos: check --repair deleted {} reservations",
+        report["problems"].as_array().map_or(0, Vec::len)
+    );
     runtime.block_on(check_store(&cluster, &network, &ledger, "after kills and an outage"));
 
     // And everything goes away again.

@@ -446,3 +446,29 @@ fn each_implementation_extends_and_releases_the_others_allocations() {
         harness.cluster.cleanup().await;
     });
 }
+
+/// Our reservation records the container that made it; upstream's plugin takes the pod's entry over for
+/// a new sandbox by rewriting only the entry's `id` and leaves the reservation as it is. Once the node is
+/// upgraded, our DEL of that sandbox removes the entry and the reservation it stood behind.
+#[test]
+fn our_del_releases_the_reservation_of_an_entry_upstream_took_over() {
+    runtime().block_on(async {
+        let harness = Harness::start(Network { name: "taken-over", ranges: &["10.80.0.0/24"] }).await;
+        let (upstream_node, our_node) = (0, 1);
+        let first = Pod::new("a", "sandbox-a", our_node, 0);
+        let ip = harness.add(Plugin::Ours, &first).await;
+        let again = Pod::new("a", "sandbox-a2", upstream_node, 0);
+        assert_eq!(harness.add(Plugin::Upstream, &again).await, ip);
+        let api = Api::<OverlappingRangeIPReservation>::default_namespaced(harness.cluster.client());
+        let reservation =
+            api.get(&reservation_name(harness.network.name, ip)).await.expect("GET the reservation");
+        assert_eq!(
+            reservation.spec.holder.container_id, "sandbox-a",
+            "upstream leaves the reservation alone"
+        );
+
+        assert_eq!(harness.call(Plugin::Ours, "DEL", &again).await, "");
+        harness.check(&BTreeMap::new(), true).await;
+        harness.cluster.cleanup().await;
+    });
+}

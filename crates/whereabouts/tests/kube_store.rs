@@ -29,7 +29,7 @@ use whereabouts_k8s::kube::{Resource, ResourceExt};
 use whereabouts_kube_testing::TestCluster;
 use whereabouts_kube_testing::plugin::{Call, Outcome, addresses_of};
 use whereabouts_store::kubernetes::KubeStore;
-use whereabouts_store::{Reservation, ReserveOutcome, Store, StoreError};
+use whereabouts_store::{Deletion, Reservation, ReserveOutcome, Store, StoreError};
 
 /// The CNI network name (`name` of the network configuration).
 const NETWORK: &str = "kube-net";
@@ -338,9 +338,9 @@ async fn additive_fields_survive_and_unknown_fields_are_pruned() {
     let created = create_raw::<OverlappingRangeIPReservation>(&cluster, "192.0.2.1", body).await;
     let kept = json!({ "podref": "ns/a", "ifname": "net1", "containerid": "a" });
     assert_eq!(created, json!({ "spec": kept }));
-    let holder = store(&cluster).read_reservation("192.0.2.1").await.expect("read");
+    let read = store(&cluster).read_reservation("192.0.2.1").await.expect("read");
     assert_eq!(
-        holder,
+        read.map(|read| read.holder),
         Some(Reservation { pod_ref: "ns/a".into(), ifname: "net1".into(), container_id: "a".into() })
     );
     cluster.cleanup().await;
@@ -458,7 +458,9 @@ async fn a_reservation_has_one_owner() {
     let other = Reservation { pod_ref: "apps/b".into(), ifname: "net1".into(), container_id: "b-c1".into() };
     let new_sandbox = Reservation { container_id: "a-c2".into(), ..owner.clone() };
 
-    assert_eq!(store.read_reservation(name).await, Ok(None));
+    let holder =
+        async |store: &KubeStore| store.read_reservation(name).await.expect("read").map(|r| r.holder);
+    assert_eq!(holder(&store).await, None);
     assert_eq!(store.create_reservation(name, &owner).await, Ok(ReserveOutcome::Reserved));
     assert_eq!(
         raw_spec::<OverlappingRangeIPReservation>(&cluster, name).await,
@@ -471,22 +473,29 @@ async fn a_reservation_has_one_owner() {
     assert_eq!(reservations_api(&cluster).get(name).await.expect("get").resource_version(), version);
 
     assert_eq!(store.create_reservation(name, &other).await, Ok(ReserveOutcome::HeldBy(owner.clone())));
-    assert_eq!(store.read_reservation(name).await, Ok(Some(owner.clone())));
+    let first = store.read_reservation(name).await.expect("read").expect("exists");
+    assert_eq!(first.holder, owner);
 
     // The same pod and interface in a new sandbox takes it over.
     assert_eq!(store.create_reservation(name, &new_sandbox).await, Ok(ReserveOutcome::Reserved));
-    assert_eq!(store.read_reservation(name).await, Ok(Some(new_sandbox.clone())));
+    let taken_over = store.read_reservation(name).await.expect("read").expect("exists");
+    assert_eq!(taken_over.holder, new_sandbox);
 
-    // Deletes by another pod, or by the old sandbox, leave it.
-    store.delete_reservation(name, &other).await.expect("delete by another pod");
-    store.delete_reservation(name, &owner).await.expect("delete by the old sandbox");
-    assert_eq!(store.read_reservation(name).await, Ok(Some(new_sandbox.clone())));
-    assert_eq!(store.list_reservations().await, Ok(vec![(name.to_string(), new_sandbox.clone())]));
+    // A delete decided on the reading before the take-over is refused by its preconditions.
+    assert_eq!(store.delete_reservation(name, &first.version).await, Ok(Deletion::Changed));
+    assert_eq!(store.list_reservations().await, Ok(vec![(name.to_string(), taken_over.clone())]));
 
-    store.delete_reservation(name, &new_sandbox).await.expect("delete by its owner");
-    assert_eq!(store.read_reservation(name).await, Ok(None));
-    store.delete_reservation(name, &new_sandbox).await.expect("delete of an absent one");
-    assert_eq!(store.list_reservations().await, Ok(vec![]));
+    store.delete_reservation(name, &taken_over.version).await.expect("delete as read");
+    assert_eq!(holder(&store).await, None);
+    assert_eq!(
+        store.delete_reservation(name, &taken_over.version).await,
+        Ok(Deletion::Deleted),
+        "already gone"
+    );
+    // Created again, it is another object: the old reading's uid no longer matches.
+    assert_eq!(store.create_reservation(name, &new_sandbox).await, Ok(ReserveOutcome::Reserved));
+    assert_eq!(store.delete_reservation(name, &taken_over.version).await, Ok(Deletion::Changed));
+    assert_eq!(holder(&store).await, Some(new_sandbox));
     cluster.cleanup().await;
 }
 

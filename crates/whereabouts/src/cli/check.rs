@@ -11,18 +11,26 @@
 //!
 //! Problems make it exit 1. Warnings alone do not: they are what only matters in some future, such as
 //! entries upstream whereabouts cannot read, which a rollback to it would lose.
+//!
+//! With `--repair`, what can be repaired safely is, as the controller's reconciler repairs it:
+//! reservations no pool entry of their holder stands behind (left by a release cut off between its two
+//! writes, see the IPAM engine) are deleted, each only if it is still as listed; and, where pods can
+//! be looked up, the missing reservations of running pods' allocations are made again.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use clap::Args;
 use serde::Serialize;
+use whereabouts_controller::judge::PodView;
 use whereabouts_controller::pools::{DecodedPool, Found, holder, names_address, network_names};
+use whereabouts_controller::reconcile::{missing_reservations, orphans};
 use whereabouts_core::addr::to_u128;
-use whereabouts_store::{Reservation, Store};
+use whereabouts_store::ipam::Ipam;
+use whereabouts_store::{AnyStore, Deletion, Reservation, ReserveOutcome, Store, VersionedReservation};
 
 use super::output::{Format, OutputArgs, Table, print, print_json};
-use super::store::{StoreArgs, open, read_pools};
+use super::store::{StoreArgs, open, pod_views_of, read_pools};
 use super::{CliError, Outcome};
 
 /// `whereabouts check`.
@@ -32,6 +40,12 @@ pub struct CheckArgs {
     /// --config, its value is used).
     #[arg(long)]
     no_overlapping_ranges: bool,
+    /// Repair what can be: delete the reservations no pool entry of their holder stands behind
+    /// (orphan-reservation, holder-mismatch), each only if it is still as listed; and make the missing
+    /// reservations of running pods' allocations again (pods are looked up in Kubernetes: the
+    /// Kubernetes store's cluster, or --kubeconfig's).
+    #[arg(long)]
+    repair: bool,
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
@@ -80,6 +94,28 @@ impl Kind {
     }
 }
 
+/// What `--repair` did about a problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Repair {
+    /// Repaired.
+    Repaired,
+    /// Left alone: it changed since it was listed (a recreated pod took the reservation over, say).
+    Changed,
+    /// The repair failed; the error is on stderr.
+    Failed,
+}
+
+impl Repair {
+    fn as_str(self) -> &'static str {
+        match self {
+            Repair::Repaired => "repaired",
+            Repair::Changed => "changed",
+            Repair::Failed => "failed",
+        }
+    }
+}
+
 /// One problem or warning found.
 #[derive(Debug, Serialize)]
 struct Finding {
@@ -91,6 +127,16 @@ struct Finding {
     #[serde(skip_serializing_if = "Option::is_none")]
     reservation: Option<String>,
     detail: String,
+    /// With `--repair`, what was done about it (absent: nothing could be).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repair: Option<Repair>,
+}
+
+impl Finding {
+    /// Whether it is still a problem: not repaired, and not changed meanwhile.
+    fn remains(&self) -> bool {
+        !matches!(self.repair, Some(Repair::Repaired | Repair::Changed))
+    }
 }
 
 /// The report.
@@ -136,6 +182,7 @@ fn upstream_unreadable(found: &[Found]) -> Vec<Finding> {
                      rollback, or during a rolling upgrade) the address can be handed out twice",
                     describe(&holder(&f.allocation))
                 ),
+                repair: None,
             })
         })
         .collect()
@@ -145,7 +192,7 @@ fn upstream_unreadable(found: &[Found]) -> Vec<Finding> {
 pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
     let opened = open(&args.store).await?;
     let overlapping = opened.overlapping && !args.no_overlapping_ranges;
-    let reservations: BTreeMap<String, Reservation> =
+    let reservations: BTreeMap<String, VersionedReservation> =
         opened.store.list_reservations().await?.into_iter().collect();
     let pools = read_pools(&opened.store).await?;
     let mut problems = Vec::new();
@@ -164,6 +211,7 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                         ip: None,
                         reservation: None,
                         detail: format!("allocation key {key:?} is not an address of range {}", pool.range),
+                        repair: None,
                     });
                 }
                 for f in &decoded.found {
@@ -178,6 +226,7 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                                 describe(&holder(&f.allocation)),
                                 pool.range
                             ),
+                            repair: None,
                         });
                     }
                 }
@@ -195,6 +244,7 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                 ip: None,
                 reservation: None,
                 detail: e.reason,
+                repair: None,
             }),
         }
     }
@@ -203,7 +253,8 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
     for f in &found {
         by_ip.entry(f.ip).or_default().push(f);
     }
-    for (name, reserved) in &reservations {
+    for (name, listed) in &reservations {
+        let reserved = &listed.holder;
         let at: Vec<&Found> = by_ip
             .iter()
             .filter(|(ip, _)| names_address(name, **ip))
@@ -230,7 +281,7 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                 Some(f.ip),
             ),
         };
-        problems.push(Finding { kind, pool, ip, reservation: Some(name.clone()), detail });
+        problems.push(Finding { kind, pool, ip, reservation: Some(name.clone()), detail, repair: None });
     }
     if overlapping {
         for f in &found {
@@ -241,6 +292,7 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                     ip: Some(f.ip),
                     reservation: None,
                     detail: format!("held by {} without a reservation", describe(&holder(&f.allocation))),
+                    repair: None,
                 });
             }
         }
@@ -266,9 +318,25 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                             describe(&holder(&fb.allocation)),
                             fb.pool.name
                         ),
+                        repair: None,
                     });
                 }
             }
+        }
+    }
+
+    if args.repair {
+        repair_orphans(&opened.store, &found, &reservations, &mut problems).await;
+        match opened.pods.clone() {
+            _ if !overlapping => {}
+            Some(client) => {
+                let pods = pod_views_of(client).await?;
+                restore_missing(&opened.store, &found, &reservations, &pods, &mut problems).await;
+            }
+            None => eprintln!(
+                "not making missing reservations again: whether their pods run is looked up in Kubernetes \
+                 (give --kubeconfig)"
+            ),
         }
     }
 
@@ -287,20 +355,35 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                 if findings.is_empty() {
                     continue;
                 }
-                let mut table = Table::new(&[heading, "POOL", "IP", "RESERVATION", "DETAIL"]);
+                let repairs = args.repair && heading == "PROBLEM";
+                let mut headers = vec![heading, "POOL", "IP", "RESERVATION", "DETAIL"];
+                if repairs {
+                    headers.push("REPAIR");
+                }
+                let mut table = Table::new(&headers);
                 for p in findings {
-                    table.row(vec![
+                    let mut row = vec![
                         p.kind.as_str().to_string(),
                         p.pool.clone().unwrap_or_else(|| "-".into()),
                         p.ip.map_or_else(|| "-".into(), |ip| ip.to_string()),
                         p.reservation.clone().unwrap_or_else(|| "-".into()),
                         p.detail.clone(),
-                    ]);
+                    ];
+                    if repairs {
+                        row.push(p.repair.map_or("-", Repair::as_str).to_string());
+                    }
+                    table.row(row);
                 }
                 text.push_str(&table.render());
             }
+            let repaired = if args.repair {
+                let remaining = report.problems.iter().filter(|p| p.remains()).count();
+                format!(" ({} repaired or changed meanwhile)", report.problems.len() - remaining)
+            } else {
+                String::new()
+            };
             text.push_str(&format!(
-                "{} problems in {} pools, {} allocations, {} reservations",
+                "{} problems{repaired} in {} pools, {} allocations, {} reservations",
                 report.problems.len(),
                 report.pools,
                 report.allocations,
@@ -313,5 +396,70 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
             print(&text)?;
         }
     }
-    Ok(if report.problems.is_empty() { Outcome::Clean } else { Outcome::Problems })
+    Ok(if report.problems.iter().any(Finding::remains) { Outcome::Problems } else { Outcome::Clean })
+}
+
+/// Deletes the reservations no pool entry of their holder stands behind, each only if it is still as
+/// listed, as the reconciler does, and notes the outcome on their problems. Nothing is deleted when a
+/// pool could not be read: it may hold their entries.
+async fn repair_orphans(
+    store: &AnyStore,
+    found: &[Found],
+    reservations: &BTreeMap<String, VersionedReservation>,
+    problems: &mut [Finding],
+) {
+    if problems.iter().any(|p| p.kind == Kind::UnreadablePool) {
+        eprintln!("not repairing reservations: a pool could not be read, and may hold their entries");
+        return;
+    }
+    let ipam = Ipam::new(store);
+    for orphan in orphans(found, reservations) {
+        let repair = match ipam.release_reservation(&orphan.judged()).await {
+            Ok(Deletion::Deleted) => Repair::Repaired,
+            Ok(Deletion::Changed) => Repair::Changed,
+            Err(e) => {
+                eprintln!("error: {e}");
+                Repair::Failed
+            }
+        };
+        let concerns = |p: &&mut Finding| {
+            matches!(p.kind, Kind::OrphanReservation | Kind::HolderMismatch)
+                && p.reservation.as_deref() == Some(orphan.name.as_str())
+        };
+        if let Some(problem) = problems.iter_mut().find(concerns) {
+            problem.repair = Some(repair);
+        }
+    }
+}
+
+/// Makes the missing reservations of running pods' allocations again, as the reconciler does, and
+/// notes the outcome on their problems (and the name made on the problem).
+async fn restore_missing(
+    store: &AnyStore,
+    found: &[Found],
+    reservations: &BTreeMap<String, VersionedReservation>,
+    pods: &HashMap<String, PodView>,
+    problems: &mut [Finding],
+) {
+    let ipam = Ipam::new(store);
+    for missing in missing_reservations(found, reservations, pods) {
+        let repair = match ipam.reserve(&missing.name, &missing.holder()).await {
+            Ok(ReserveOutcome::Reserved) => Repair::Repaired,
+            // Another attachment reserved the address since it was listed.
+            Ok(ReserveOutcome::HeldBy(_)) => Repair::Changed,
+            Err(e) => {
+                eprintln!("error: {e}");
+                Repair::Failed
+            }
+        };
+        let concerns = |p: &&mut Finding| {
+            p.kind == Kind::MissingReservation
+                && p.pool.as_deref() == Some(missing.found.pool.name.as_str())
+                && p.ip == Some(missing.found.ip)
+        };
+        if let Some(problem) = problems.iter_mut().find(concerns) {
+            problem.reservation = Some(missing.name.clone());
+            problem.repair = Some(repair);
+        }
+    }
 }

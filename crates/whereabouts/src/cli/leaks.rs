@@ -2,21 +2,18 @@
 //! decided exactly as the controller's reconciler decides ([`whereabouts_controller::reconcile::leaks`]);
 //! with `--release`, freed as it frees them.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use clap::Args;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
 use serde::Serialize;
 use whereabouts_controller::pools::Found;
-use whereabouts_controller::reconcile::{Leaks, leaks, pod_views};
+use whereabouts_controller::reconcile::{Leaks, Listings, leaks};
 use whereabouts_controller::release::release_batch;
-use whereabouts_store::Store;
-use whereabouts_store::ipam::Ipam;
+use whereabouts_store::ipam::{Ipam, JudgedReservation};
+use whereabouts_store::{Deletion, Reservation, Store};
 
 use super::output::{Format, OutputArgs, Progress, Table, or_dash, print, print_json};
-use super::store::{Kind, StoreArgs, open, read_pools};
+use super::store::{Kind, StoreArgs, open, pod_views_of, read_pools};
 use super::{CliError, Outcome};
 
 /// `whereabouts leaks`.
@@ -96,7 +93,7 @@ struct Report {
 }
 
 impl LeakedAllocation {
-    fn new(found: &Found, reason: &'static str, reservations: Vec<String>) -> Self {
+    fn new(found: &Found, reason: &'static str, reservations: &[JudgedReservation]) -> Self {
         LeakedAllocation {
             ip: found.ip,
             pool: found.pool.name.clone(),
@@ -106,7 +103,7 @@ impl LeakedAllocation {
             interface: found.allocation.ifname.clone(),
             node: found.allocation.node.clone(),
             reason,
-            reservations,
+            reservations: reservations.iter().map(|judged| judged.name.clone()).collect(),
             status: Status::Leaked,
         }
     }
@@ -123,27 +120,26 @@ pub async fn run(args: LeaksArgs) -> Result<Outcome, CliError> {
         )));
     };
     // The reconciler's order: reservations, pools, pods (see whereabouts_controller::reconcile).
-    let reservations: BTreeMap<_, _> = opened.store.list_reservations().await?.into_iter().collect();
-    let mut found = Vec::new();
-    let mut unreadable_pools = Vec::new();
+    let reservations = opened.store.list_reservations().await?.into_iter().collect();
+    let mut listings = Listings { reservations, ..Listings::default() };
     for pool in read_pools(&opened.store).await? {
         match pool.decoded {
-            Ok(decoded) => found.extend(decoded.found),
+            Ok(decoded) => listings.found.extend(decoded.found),
             Err(e) => {
                 tracing::warn!("{e}; its allocations are not judged");
-                unreadable_pools.push(pool.name);
+                listings.unreadable_pools.push(pool.name);
             }
         }
     }
-    let pods = Api::<Pod>::all(client).list(&ListParams::default()).await.map_err(CliError::Pods)?;
-    let Leaks { plan, orphans } =
-        leaks(&found, &reservations, &pod_views(&pods.items), unreadable_pools.is_empty());
+    listings.pods = pod_views_of(client).await?;
+    // Missing reservations are `check --repair`'s.
+    let Leaks { plan, orphans, missing: _ } = leaks(&listings);
 
     let mut report = Report {
         dry_run: !args.release,
         allocations: Vec::new(),
         orphan_reservations: Vec::new(),
-        unreadable_pools,
+        unreadable_pools: listings.unreadable_pools,
         errors: Vec::new(),
     };
     let ipam = Ipam::new(&opened.store);
@@ -151,7 +147,7 @@ pub async fn run(args: LeaksArgs) -> Result<Outcome, CliError> {
     for (target, batch) in plan.batches() {
         let outcome = if args.release { Some(release_batch(&ipam, target, batch).await) } else { None };
         for r in batch {
-            let mut leaked = LeakedAllocation::new(&r.found, r.reason.as_str(), r.reservations.clone());
+            let mut leaked = LeakedAllocation::new(&r.found, r.reason.as_str(), &r.reservations);
             leaked.status = match &outcome {
                 None => Status::Leaked,
                 Some(Ok(released)) if released.contains(&r.found.ip) => Status::Released,
@@ -166,23 +162,25 @@ pub async fn run(args: LeaksArgs) -> Result<Outcome, CliError> {
         progress.step();
     }
     progress.finish();
-    for (name, reserved) in orphans {
+    for orphan in orphans {
         let status = if !args.release {
             Status::Leaked
         } else {
-            match ipam.release_reservation(&name, &reserved).await {
-                Ok(()) => Status::Released,
+            match ipam.release_reservation(&orphan.judged()).await {
+                Ok(Deletion::Deleted) => Status::Released,
+                Ok(Deletion::Changed) => Status::Changed,
                 Err(e) => {
                     report.errors.push(e.to_string());
                     Status::Failed
                 }
             }
         };
+        let Reservation { pod_ref, ifname, container_id } = orphan.listed.holder;
         report.orphan_reservations.push(OrphanReservation {
-            name,
-            pod: reserved.pod_ref,
-            interface: reserved.ifname,
-            container_id: reserved.container_id,
+            name: orphan.name,
+            pod: pod_ref,
+            interface: ifname,
+            container_id,
             status,
         });
     }

@@ -40,8 +40,9 @@ struct Released {
     reservations: Vec<String>,
 }
 
-/// Releases the address: its holder's reservations, then its pool entry, with a compare-and-swap on
-/// the entry as read (so an address handed out again meanwhile is left alone).
+/// Releases the address: its pool entry, with a compare-and-swap on the entry as read (so an address
+/// handed out again meanwhile is left alone), then its holder's reservations, each only if it is still
+/// as listed.
 pub async fn run(args: ReleaseArgs) -> Result<Outcome, CliError> {
     let opened = open(&args.store).await?;
     // Reservations before the pool, as the reconciler reads them: an ADD writes its pool entry first.
@@ -54,9 +55,10 @@ pub async fn run(args: ReleaseArgs) -> Result<Outcome, CliError> {
         .iter()
         .find(|f| f.ip == args.ip)
         .ok_or_else(|| CliError::NotHeld { pool: args.pool.clone(), ip: args.ip })?;
-    let names = reservations_of(found, reservations.iter());
+    let judged = reservations_of(found, reservations.iter());
+    let names = judged.iter().map(|judged| judged.name.clone()).collect();
     let ipam = Ipam::new(&opened.store);
-    let entry = FoundAllocation { ip: found.ip, allocation: &found.allocation, reservations: names.clone() };
+    let entry = FoundAllocation { ip: found.ip, allocation: &found.allocation, reservations: judged };
     let removed = ipam.release_found(&decoded.target, &[entry]).await?;
     if !removed.contains(&args.ip) {
         return Err(CliError::Changed { pool: args.pool, ip: args.ip });

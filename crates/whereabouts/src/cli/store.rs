@@ -1,12 +1,17 @@
 //! Finding the store the way the plugin does: from its configuration (`--config`: a flat file, a
 //! network configuration or a conflist), or from flags. And reading every pool of it.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
 use whereabouts_cni::{FsHost, find_flat_file, open_store};
+use whereabouts_controller::judge::PodView;
 use whereabouts_controller::pools::{DecodedPool, UnreadablePool, decode_spec};
+use whereabouts_controller::reconcile::pod_views;
 use whereabouts_core::config::{
     CallContext, DEFAULT_ETCD_KEY_PREFIX, DEFAULT_FILE_STORE_DIR, Datastore, EtcdConfig, FlatFile,
     InlineIpam, IpamConfig, Purpose,
@@ -256,4 +261,10 @@ pub async fn read_pools(store: &AnyStore) -> Result<Vec<ReadPool>, CliError> {
     }
     progress.finish();
     Ok(pools)
+}
+
+/// What the controller knows of every pod `client` lists, by `namespace/name`.
+pub async fn pod_views_of(client: kube::Client) -> Result<HashMap<String, PodView>, CliError> {
+    let pods = Api::<Pod>::all(client).list(&ListParams::default()).await.map_err(CliError::Pods)?;
+    Ok(pod_views(&pods.items))
 }
