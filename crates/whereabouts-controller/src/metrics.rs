@@ -151,6 +151,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Node slices by pool and state.
     pub node_slices: Family<SliceLabels, Gauge>,
+    /// Node-slice reconciles (each a look at every sliced network, and the writes it needs).
+    pub node_slice_reconciles: Counter,
 }
 
 impl Default for Metrics {
@@ -177,6 +179,7 @@ impl Metrics {
             queue_depth: Gauge::default(),
             leader: Gauge::default(),
             node_slices: Family::default(),
+            node_slice_reconciles: Counter::default(),
         };
         registry.register(
             "pool_allocated_addresses",
@@ -226,6 +229,11 @@ impl Metrics {
         );
         registry.register("leader", "1 while this process is the leader", metrics.leader.clone());
         registry.register("node_slices", "Node slices by pool and state", metrics.node_slices.clone());
+        registry.register(
+            "node_slice_reconciles",
+            "Node-slice reconciles",
+            metrics.node_slice_reconciles.clone(),
+        );
         Metrics { registry, ..metrics }
     }
 

@@ -28,6 +28,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams, Preconditions};
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
@@ -43,7 +44,7 @@ use whereabouts_k8s::crd::{
 use crate::Context;
 use crate::metrics::{SliceLabels, SliceState};
 use crate::nad::{FlatFile, NadConfig};
-use crate::pools::{Undecodable, decode, list_decoded};
+use crate::pools::{Undecodable, decode};
 
 /// The name the controller reports Events under.
 pub const COMPONENT: &str = "whereabouts-controller";
@@ -139,9 +140,12 @@ pub struct Summary {
     pub unassigned: BTreeMap<String, Vec<String>>,
     /// NADs (`<namespace>/<name>`) overruled by an older NAD of the same network that slices otherwise.
     pub overruled: Vec<String>,
-    /// What could not be handled (a NAD's configuration, a NodeSlicePool's write), with why; the rest
-    /// was.
+    /// NodeSlicePool writes that failed, with why (retried with a growing delay); the rest was done.
     pub failed: Vec<String>,
+    /// NADs whose configuration could not be loaded, with why (a missing flat file, say). Not retried
+    /// before they or the flat file change (the next change seen, or the minutely reconcile), and
+    /// nothing is deleted meanwhile: they may still want their NodeSlicePool.
+    pub unloadable: Vec<String>,
     /// Objects that do not decode (`<kind> <name>`): IPPools are left out, NodeSlicePools taken as
     /// having no spec (see [`readable_part`]).
     pub unreadable: Vec<String>,
@@ -159,10 +163,14 @@ const UNREADABLE_IP_POOL: &str = "left out of node slicing (without a spec it ho
 const UNREADABLE_SLICE_POOL: &str =
     "taken as having no spec: rewritten if a NetworkAttachmentDefinition wants it, its readable status kept";
 
-/// The objects found unreadable, by (kind, name), with the resourceVersion each was reported at: each
-/// is reported once per change of it, not on every reconcile.
+/// What was reported, so that each problem is reported once per change, not on every reconcile.
 #[derive(Debug, Default)]
-struct Reported(BTreeMap<(String, String), Option<String>>);
+struct Reported {
+    /// The objects found unreadable, by (kind, name), with the resourceVersion each was reported at.
+    unreadable: BTreeMap<(String, String), Option<String>>,
+    /// Why NADs could not be loaded.
+    unloadable: BTreeSet<String>,
+}
 
 /// One whereabouts NAD with node slices.
 struct SlicedNad {
@@ -219,11 +227,102 @@ impl Network {
 /// Reconciles every NodeSlicePool once (see the module documentation).
 pub async fn reconcile_all(ctx: &Context, settings: &Settings) -> Result<Summary, Error> {
     let recorder = Recorder::new(ctx.client.clone(), reporter());
-    reconcile_with(ctx, settings, &recorder, &mut Reported::default()).await
+    let inputs = Inputs::list(ctx, settings).await?;
+    Ok(reconcile_with(ctx, settings, &recorder, &mut Reported::default(), inputs).await)
 }
 
 fn reporter() -> Reporter {
     Reporter { controller: COMPONENT.into(), instance: std::env::var("POD_NAME").ok() }
+}
+
+/// What an IPPool means to node slicing: whether it holds allocations, and of which range.
+#[derive(Debug, Clone)]
+enum IpPoolView {
+    /// Holds no allocations.
+    Idle,
+    /// Holds allocations; its `spec.range`.
+    Busy(String),
+    /// Does not decode (see [`UNREADABLE_IP_POOL`]).
+    Unreadable(Undecodable),
+}
+
+impl IpPoolView {
+    fn of(object: DynamicObject) -> Self {
+        match decode::<IPPool>(&ApiResource::erase::<IPPool>(&()).kind, object) {
+            Ok((_, pool)) if pool.spec.pool.allocations.is_empty() => IpPoolView::Idle,
+            Ok((_, pool)) => IpPoolView::Busy(pool.spec.pool.range),
+            Err(bad) => IpPoolView::Unreadable(bad),
+        }
+    }
+}
+
+/// Equal when slicing would not tell them apart: an IPPool's allocations coming and going leave it
+/// busy, and are no reason to reconcile (under churn they change many times a second).
+impl PartialEq for IpPoolView {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (IpPoolView::Idle, IpPoolView::Idle) => true,
+            (IpPoolView::Busy(a), IpPoolView::Busy(b)) => a == b,
+            (IpPoolView::Unreadable(a), IpPoolView::Unreadable(b)) => {
+                a.object.resource_version() == b.object.resource_version()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What a reconcile decides from: the NADs and Nodes its selectors select, and the NodeSlicePools and
+/// IPPools of the whereabouts namespace, by name.
+#[derive(Debug, Clone, Default)]
+struct Inputs {
+    nads: BTreeMap<String, DynamicObject>,
+    nodes: BTreeMap<String, ()>,
+    slice_pools: BTreeMap<String, DynamicObject>,
+    ip_pools: BTreeMap<String, IpPoolView>,
+}
+
+impl Inputs {
+    /// Lists them from the API server (a one-off reconcile: [`reconcile_all`]).
+    async fn list(ctx: &Context, settings: &Settings) -> Result<Inputs, Error> {
+        let list = |what| move |source| Error::List { what, source };
+        let raw = |resource: &ApiResource| {
+            Api::<DynamicObject>::namespaced_with(ctx.client.clone(), &ctx.namespace, resource)
+        };
+        let nads = Api::<DynamicObject>::all_with(ctx.client.clone(), &nad_resource())
+            .list(&listing(&settings.nad_selector))
+            .await
+            .map_err(list("NetworkAttachmentDefinitions"))?;
+        let nodes = Api::<Node>::all(ctx.client.clone())
+            .list_metadata(&listing(&settings.node_selector))
+            .await
+            .map_err(list("Nodes"))?;
+        let slice_pools = raw(&ApiResource::erase::<NodeSlicePool>(&()))
+            .list(&ListParams::default())
+            .await
+            .map_err(list("NodeSlicePools"))?;
+        let ip_pools = raw(&ApiResource::erase::<IPPool>(&()))
+            .list(&ListParams::default())
+            .await
+            .map_err(list("IPPools"))?;
+        Ok(Inputs {
+            nads: nads.items.into_iter().map(|nad| (key_of(&nad), nad)).collect(),
+            nodes: nodes.items.iter().map(|node| (node.name_any(), ())).collect(),
+            slice_pools: slice_pools.items.into_iter().map(|pool| (pool.name_any(), pool)).collect(),
+            ip_pools: ip_pools
+                .items
+                .into_iter()
+                .map(|pool| (pool.name_any(), IpPoolView::of(pool)))
+                .collect(),
+        })
+    }
+}
+
+/// An object's key among those of its kind: `<namespace>/<name>`, or its name when cluster-scoped.
+fn key_of(object: &impl Resource) -> String {
+    match object.meta().namespace.as_deref() {
+        Some(namespace) => format!("{namespace}/{}", object.name_any()),
+        None => object.name_any(),
+    }
 }
 
 async fn reconcile_with(
@@ -231,49 +330,42 @@ async fn reconcile_with(
     settings: &Settings,
     recorder: &Recorder,
     reported: &mut Reported,
-) -> Result<Summary, Error> {
-    let list = |what| move |source| Error::List { what, source };
-    let nads = Api::<DynamicObject>::all_with(ctx.client.clone(), &nad_resource())
-        .list(&listing(&settings.nad_selector))
-        .await
-        .map_err(list("NetworkAttachmentDefinitions"))?;
-    let nodes: BTreeSet<String> = Api::<Node>::all(ctx.client.clone())
-        .list_metadata(&listing(&settings.node_selector))
-        .await
-        .map_err(list("Nodes"))?
-        .items
-        .iter()
-        .map(ResourceExt::name_any)
-        .collect();
+    inputs: Inputs,
+) -> Summary {
+    ctx.metrics.node_slice_reconciles.inc();
+    let nodes: BTreeSet<String> = inputs.nodes.into_keys().collect();
     let slice_pools: Api<NodeSlicePool> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     // Decoded one by one: an object the types cannot read must not stop the slicing of every network.
-    let slice_pool_listing =
-        list_decoded::<NodeSlicePool>(&ctx.client, &ctx.namespace).await.map_err(list("NodeSlicePools"))?;
-    let ip_pool_listing =
-        list_decoded::<IPPool>(&ctx.client, &ctx.namespace).await.map_err(list("IPPools"))?;
+    let slice_pool_kind = ApiResource::erase::<NodeSlicePool>(&()).kind;
+    let (mut existing, mut unreadable_slice_pools) = (BTreeMap::new(), Vec::new());
+    for object in inputs.slice_pools.into_values() {
+        match decode::<NodeSlicePool>(&slice_pool_kind, object) {
+            Ok((name, pool)) => {
+                existing.insert(name, pool);
+            }
+            Err(bad) => unreadable_slice_pools.push(bad),
+        }
+    }
+    let (mut busy_pools, mut unreadable_ip_pools) = (BTreeMap::new(), Vec::new());
+    for (name, view) in inputs.ip_pools {
+        match view {
+            IpPoolView::Idle => {}
+            IpPoolView::Busy(range) => {
+                busy_pools.insert(name, range);
+            }
+            IpPoolView::Unreadable(bad) => unreadable_ip_pools.push(bad),
+        }
+    }
     let mut summary = Summary::default();
     let unreadable = [
-        (
-            ApiResource::erase::<NodeSlicePool>(&()),
-            slice_pool_listing.undecodable.as_slice(),
-            UNREADABLE_SLICE_POOL,
-        ),
-        (ApiResource::erase::<IPPool>(&()), ip_pool_listing.undecodable.as_slice(), UNREADABLE_IP_POOL),
+        (ApiResource::erase::<NodeSlicePool>(&()), unreadable_slice_pools.as_slice(), UNREADABLE_SLICE_POOL),
+        (ApiResource::erase::<IPPool>(&()), unreadable_ip_pools.as_slice(), UNREADABLE_IP_POOL),
     ];
     report_unreadable(ctx, recorder, reported, unreadable, &mut summary).await;
-    let mut existing: BTreeMap<String, NodeSlicePool> = slice_pool_listing.decoded.into_iter().collect();
-    existing.extend(
-        slice_pool_listing.undecodable.iter().map(|bad| (bad.name.clone(), readable_part(&bad.object))),
-    );
-    // The IPPools holding allocations, by name, with their `spec.range`.
-    let busy_pools: BTreeMap<String, String> = ip_pool_listing
-        .decoded
-        .into_iter()
-        .filter(|(_, p)| !p.spec.pool.allocations.is_empty())
-        .map(|(name, p)| (name, p.spec.pool.range))
-        .collect();
+    existing.extend(unreadable_slice_pools.iter().map(|bad| (bad.name.clone(), readable_part(&bad.object))));
 
-    let networks = group(nads.items, settings.flat_file.as_ref(), &mut summary);
+    let networks =
+        group(inputs.nads.into_values().collect(), settings.flat_file.as_ref(), reported, &mut summary);
     for network in networks.values() {
         for loser in network.nads.iter().filter(|n| n.slicing != network.winner().slicing) {
             let why = format!(
@@ -318,7 +410,7 @@ async fn reconcile_with(
         }
     }
     // A NAD that could not be loaded may still want its NodeSlicePool: delete nothing this time.
-    if summary.failed.is_empty() {
+    if summary.failed.is_empty() && summary.unloadable.is_empty() {
         for (name, pool) in
             existing.iter().filter(|(name, pool)| !networks.contains_key(*name) && managed(pool))
         {
@@ -329,14 +421,15 @@ async fn reconcile_with(
             }
         }
     }
-    Ok(summary)
+    summary
 }
 
 /// The whereabouts NADs with node slices, by NodeSlicePool name, oldest first; NADs that cannot be
-/// loaded are logged and listed in `summary.failed`.
+/// loaded are listed in `summary.unloadable`, and logged unless `reported` already was.
 fn group(
     nads: Vec<DynamicObject>,
     flat: Option<&FlatFile>,
+    reported: &mut Reported,
     summary: &mut Summary,
 ) -> BTreeMap<String, Network> {
     let mut loaded: Vec<(Option<k8s_openapi::jiff::Timestamp>, SlicedNad)> = Vec::new();
@@ -358,11 +451,14 @@ fn group(
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!("node slices: {e}");
-                summary.failed.push(e);
+                if !reported.unloadable.contains(&e) {
+                    tracing::warn!("node slices: {e}");
+                }
+                summary.unloadable.push(e);
             }
         }
     }
+    reported.unloadable = summary.unloadable.iter().cloned().collect();
     loaded.sort_by(|(a, x), (b, y)| (a, &x.namespace, &x.name).cmp(&(b, &y.namespace, &y.name)));
     let mut networks: BTreeMap<String, Network> = BTreeMap::new();
     for (_, nad) in loaded {
@@ -387,7 +483,7 @@ async fn report_unreadable(
             summary.unreadable.push(format!("{} {}", bad.kind, bad.name));
             let key = (bad.kind.clone(), bad.name.clone());
             let version = bad.object.resource_version();
-            if reported.0.get(&key) != Some(&version) {
+            if reported.unreadable.get(&key) != Some(&version) {
                 let why = format!("{bad}: {consequence}");
                 tracing::warn!("node slices: {why}");
                 publish(ctx, recorder, &bad.object.object_ref(&resource), UNREADABLE, why).await;
@@ -395,7 +491,7 @@ async fn report_unreadable(
             now.insert(key, version);
         }
     }
-    reported.0 = now;
+    reported.unreadable = now;
 }
 
 /// A NodeSlicePool that does not decode, as far as it can be read: its metadata, and its status when
@@ -614,56 +710,65 @@ async fn publish(
     }
 }
 
-/// Reconciles on every change of a NAD, Node, NodeSlicePool or IPPool (debounced) and every minute,
-/// retrying failures with a growing delay. Returns only if every watch ends, which they do not.
+/// Reconciles on every change of a NAD, Node, NodeSlicePool or IPPool that can change an assignment
+/// (debounced) and every minute, retrying failures with a growing delay; returns only if every watch
+/// ends, which they do not. It decides from what its watches keep ([`Inputs`]), so a reconcile costs
+/// the API server nothing but the writes it makes: under churn IPPools change many times a second,
+/// and only a pool becoming busy or idle matters here. Nodes are watched as metadata only.
 pub async fn run(ctx: Context, settings: Settings) -> Result<(), Error> {
     let recorder = Recorder::new(ctx.client.clone(), reporter());
     let client = ctx.client.clone();
-    let nads = Api::<DynamicObject>::all_with(client.clone(), &nad_resource());
+    let raw = |resource: ApiResource| {
+        Api::<DynamicObject>::namespaced_with(client.clone(), &ctx.namespace, &resource)
+    };
     let every = watcher::Config::default;
+    let nads = Api::<DynamicObject>::all_with(client.clone(), &nad_resource());
+    // Metadata only: a Node object is large, and its status changes all the time.
+    let nodes = Api::<PartialObjectMeta<Node>>::all(client.clone());
     let mut changes = futures::stream::select_all([
-        changes(NAD_KIND, nads, watching(&settings.nad_selector)),
-        changes("Node", Api::<Node>::all(client.clone()), watching(&settings.node_selector)),
-        changes("NodeSlicePool", Api::<NodeSlicePool>::namespaced(client.clone(), &ctx.namespace), every()),
-        changes("IPPool", Api::<IPPool>::namespaced(client, &ctx.namespace), every()),
+        changes(NAD_KIND, watcher(nads, watching(&settings.nad_selector)), Change::Nad),
+        changes("Node", watcher(nodes, watching(&settings.node_selector)), Change::Node),
+        changes(
+            "NodeSlicePool",
+            watcher(raw(ApiResource::erase::<NodeSlicePool>(&())), every()),
+            Change::SlicePool,
+        ),
+        changes("IPPool", watcher(raw(ApiResource::erase::<IPPool>(&())), every()), Change::IpPool),
     ]);
+    let mut caches = Caches::default();
     let mut resync = tokio::time::interval(RESYNC);
     let mut backoff = Duration::ZERO;
-    let mut dirty = true;
+    let mut dirty = false;
     let mut reported = Reported::default();
     loop {
-        if dirty {
+        if dirty && caches.ready() {
             // Gather the rest of a burst (and wait out the backoff) before looking.
             let wait = tokio::time::sleep(DEBOUNCE.max(backoff));
             tokio::pin!(wait);
             loop {
                 tokio::select! {
                     _ = &mut wait => break,
-                    change = changes.next() => if change.is_none() { return Ok(()) },
+                    change = changes.next() => match change {
+                        Some(change) => { caches.apply(change); }
+                        None => return Ok(()),
+                    },
                 }
             }
             dirty = false;
-            match reconcile_with(&ctx, &settings, &recorder, &mut reported).await {
-                Ok(summary) if summary.failed.is_empty() => {
-                    backoff = Duration::ZERO;
-                    tracing::debug!(?summary, "node slices reconciled");
-                }
-                Ok(summary) => {
-                    backoff = next_backoff(backoff);
-                    dirty = true;
-                    tracing::warn!(failed = ?summary.failed, "node slices partly reconciled; retrying in {backoff:?}");
-                }
-                Err(e) => {
-                    backoff = next_backoff(backoff);
-                    dirty = true;
-                    tracing::warn!("node slices not reconciled: {e}; retrying in {backoff:?}");
-                }
+            let summary = reconcile_with(&ctx, &settings, &recorder, &mut reported, caches.inputs()).await;
+            if summary.failed.is_empty() {
+                backoff = Duration::ZERO;
+                tracing::debug!(?summary, "node slices reconciled");
+            } else {
+                backoff = next_backoff(backoff);
+                dirty = true;
+                tracing::warn!(failed = ?summary.failed, "node slices partly reconciled; retrying in {backoff:?}");
             }
             continue;
         }
         tokio::select! {
             change = changes.next() => match change {
-                Some(()) => dirty = true,
+                Some(change) => dirty |= caches.apply(change),
                 None => return Ok(()),
             },
             _ = resync.tick() => dirty = true,
@@ -671,31 +776,119 @@ pub async fn run(ctx: Context, settings: Settings) -> Result<(), Error> {
     }
 }
 
-fn next_backoff(previous: Duration) -> Duration {
-    (previous * 2).clamp(Duration::from_millis(500), MAX_BACKOFF)
+/// One watch event of one of [`run`]'s inputs.
+enum Change {
+    Nad(watcher::Event<DynamicObject>),
+    Node(watcher::Event<PartialObjectMeta<Node>>),
+    SlicePool(watcher::Event<DynamicObject>),
+    IpPool(watcher::Event<DynamicObject>),
 }
 
-/// One item per change seen by a watch of `api`, the `kind`s (errors are logged; the watcher retries
-/// with backoff).
-fn changes<K>(
+/// What [`run`]'s watches have told of its inputs.
+#[derive(Default)]
+struct Caches {
+    nads: Cache<DynamicObject>,
+    nodes: Cache<()>,
+    slice_pools: Cache<DynamicObject>,
+    ip_pools: Cache<IpPoolView>,
+}
+
+impl Caches {
+    /// Whether every watch has listed once.
+    fn ready(&self) -> bool {
+        self.nads.ready && self.nodes.ready && self.slice_pools.ready && self.ip_pools.ready
+    }
+
+    /// Applies one event; whether what slicing decides from changed.
+    fn apply(&mut self, change: Change) -> bool {
+        match change {
+            Change::Nad(event) => self.nads.apply(event, |nad| nad),
+            Change::Node(event) => self.nodes.apply(event, |_| ()),
+            Change::SlicePool(event) => self.slice_pools.apply(event, |pool| pool),
+            Change::IpPool(event) => self.ip_pools.apply(event, IpPoolView::of),
+        }
+    }
+
+    fn inputs(&self) -> Inputs {
+        Inputs {
+            nads: self.nads.current.clone(),
+            nodes: self.nodes.current.clone(),
+            slice_pools: self.slice_pools.current.clone(),
+            ip_pools: self.ip_pools.current.clone(),
+        }
+    }
+}
+
+/// The objects of one kind a watch has told of, by [`key_of`], each as the part of it that matters.
+struct Cache<V> {
+    current: BTreeMap<String, V>,
+    /// While the watch (re)lists: what it has listed so far.
+    listing: Option<BTreeMap<String, V>>,
+    /// Whether it has listed once.
+    ready: bool,
+}
+
+impl<V> Default for Cache<V> {
+    fn default() -> Self {
+        Cache { current: BTreeMap::new(), listing: None, ready: false }
+    }
+}
+
+impl<V: PartialEq> Cache<V> {
+    /// Applies one watch event, keeping `view` of each object; whether the views changed.
+    fn apply<K: Resource>(&mut self, event: watcher::Event<K>, view: impl Fn(K) -> V) -> bool {
+        match event {
+            watcher::Event::Apply(object) => {
+                let key = key_of(&object);
+                let view = view(object);
+                if self.current.get(&key) == Some(&view) {
+                    return false;
+                }
+                self.current.insert(key, view);
+                true
+            }
+            watcher::Event::Delete(object) => self.current.remove(&key_of(&object)).is_some(),
+            watcher::Event::Init => {
+                self.listing = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(object) => {
+                let key = key_of(&object);
+                self.listing.get_or_insert_default().insert(key, view(object));
+                false
+            }
+            watcher::Event::InitDone => {
+                let listed = self.listing.take().unwrap_or_default();
+                let changed = !self.ready || listed != self.current;
+                self.current = listed;
+                self.ready = true;
+                changed
+            }
+        }
+    }
+}
+
+/// The events of a watch of `kind`, as `change`s (errors are logged; the watcher retries with
+/// backoff).
+fn changes<T: Send + 'static>(
     kind: &'static str,
-    api: Api<K>,
-    config: watcher::Config,
-) -> futures::stream::BoxStream<'static, ()>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    watcher(api, config)
+    events: impl futures::Stream<Item = Result<watcher::Event<T>, watcher::Error>> + Send + 'static,
+    change: fn(watcher::Event<T>) -> Change,
+) -> futures::stream::BoxStream<'static, Change> {
+    events
         .default_backoff()
         .filter_map(move |event| {
-            let seen = match event {
-                Ok(_) => Some(()),
+            std::future::ready(match event {
+                Ok(event) => Some(change(event)),
                 Err(e) => {
                     tracing::warn!("watching {kind}: {e}");
                     None
                 }
-            };
-            std::future::ready(seen)
+            })
         })
         .boxed()
+}
+
+fn next_backoff(previous: Duration) -> Duration {
+    (previous * 2).clamp(Duration::from_millis(500), MAX_BACKOFF)
 }

@@ -336,6 +336,55 @@ async fn the_run_loop_reacts_to_a_node_joining() {
     f.cleanup().await;
 }
 
+/// Allocations coming and going in a pool that stays busy cannot change an assignment: the run loop
+/// does not reconcile for them (under churn they change many times a second, and each reconcile used
+/// to list every NAD, Node and IPPool). A pool becoming idle can (a departed node's slice is freed
+/// once its pool is empty): that is reconciled.
+#[tokio::test]
+async fn the_run_loop_reconciles_only_for_changes_that_can_change_an_assignment() {
+    let f = Fixture::start().await;
+    let net = f.unique("net");
+    f.add_nad("net", macvlan(&net, json!({"range": "192.0.2.0/24", "node_slice_size": "/28"}))).await;
+    let node = f.add_node("a").await;
+    let task = tokio::spawn(nodeslice::run(f.ctx.clone(), f.settings.clone()));
+    let reconciles = || f.ctx.metrics.node_slice_reconciles.get();
+    // Settled: the node has its slice, and the echo of the NodeSlicePool's own write is seen.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut last = (0, tokio::time::Instant::now());
+    let slice = loop {
+        let slice = if f.slices(&net).await.is_some() { f.slice_of(&net, &node).await } else { None };
+        if reconciles() != last.0 {
+            last = (reconciles(), tokio::time::Instant::now());
+        }
+        if let Some(slice) = slice.filter(|_| last.1.elapsed() > Duration::from_secs(1)) {
+            break slice;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no settled slice for {node}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let pool = pool_name(&net, Some(&node), &slice.parse().expect("a CIDR"));
+    f.set_pool(&pool, &slice, json!({"1": {"id": "c1", "podref": "apps/p1"}})).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let busy = reconciles();
+    assert!(busy > last.0, "a pool becoming busy is looked at");
+
+    for n in 2..12 {
+        f.set_pool(&pool, &slice, json!({"1": {"id": "c1", "podref": "apps/p1"}, n.to_string(): {"id": format!("c{n}"), "podref": format!("apps/p{n}")}})).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(reconciles(), busy, "allocations changing in a busy pool were reconciled for");
+
+    f.set_pool(&pool, &slice, json!({})).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while reconciles() == busy {
+        assert!(tokio::time::Instant::now() < deadline, "a pool becoming idle was not reconciled for");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!task.is_finished(), "the loop ended: {:?}", task.await);
+    task.abort();
+    f.cleanup().await;
+}
+
 /// The slice's holder in the NodeSlicePool (`""` when free); `None` when the slice is not listed.
 async fn holder_of(f: &Fixture, pool: &str, slice: &str) -> Option<String> {
     let slices = f.slices(pool).await.expect("the NodeSlicePool exists");

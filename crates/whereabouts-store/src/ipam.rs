@@ -63,7 +63,8 @@ use whereabouts_core::pool::{Allocation, Owner, Pool, PoolError};
 use whereabouts_core::range::reservation_name;
 
 use crate::queue::{
-    Announced, Announcement, Request, batch_key, mark_contended, recently_contended, remember_size, was_large,
+    Announced, Announcement, Request, batch_key, mark_contended, recently_contended, remember_shape,
+    was_large_and_shared,
 };
 use crate::{
     Deletion, PoolLock, Reservation, ReservationVersion, ReserveOutcome, Store, StoreError, VersionedPool,
@@ -316,8 +317,8 @@ impl<'s, S: Store> Ipam<'s, S> {
         let Some(stored) = stored else { return Ok((Pool::new(network), None)) };
         let (pool, skipped) = Pool::from_spec(&stored.spec, network)
             .map_err(|source| IpamError::Pool { pool: name.to_string(), source })?;
-        if let Some(queue) = self.store.queue_dir(name) {
-            remember_size(&queue, pool.len());
+        if let Some(queue) = self.store.queue_dir(name).filter(|_| self.store.takes_turns()) {
+            remember_shape(&queue, &pool);
         }
         for key in skipped {
             tracing::warn!("Error decoding ip offset (pool {name}): skipping key {:?}", key.0);
@@ -356,12 +357,15 @@ impl<'s, S: Store> Ipam<'s, S> {
 
     /// Takes this node's turn among the nodes writing a pool when they may contend for it: a write of
     /// this node lost a race recently, the last turn had to wait for another node, or the pool is
-    /// large (a burst of overlapping writes to a large pool overwhelms the API server before anyone
-    /// sees a lost race). A turn costs requests of its own (the pool Lease: read, take, give back),
-    /// which a small pool written by one node at a time would pay on every ADD for nothing.
+    /// large and shared by nodes (a burst of overlapping writes to a large pool overwhelms the API
+    /// server before anyone sees a lost race). A turn costs requests of its own (the pool Lease: read,
+    /// take, give back), which a pool written by one node (a node's slice, a single-node cluster)
+    /// would pay on every ADD for nothing.
     async fn take_turn(&self, deadline: Instant, name: &str) {
-        let Some(queue) =
-            self.store.queue_dir(name).filter(|queue| recently_contended(queue) || was_large(queue))
+        let Some(queue) = self
+            .store
+            .queue_dir(name)
+            .filter(|queue| recently_contended(queue) || was_large_and_shared(queue))
         else {
             return;
         };

@@ -301,6 +301,10 @@ impl Store for KubeStore {
         node_local_lock(&self.lock_dir, "kubernetes", (&self.queue_key, name), deadline).await
     }
 
+    fn takes_turns(&self) -> bool {
+        true
+    }
+
     async fn take_turn(&self, name: &str, deadline: Instant) -> bool {
         let holder = format!("{}/{}-{:08x}", self.queue_key.2, std::process::id(), fastrand::u32(..));
         let Some(held) = pool_lease::acquire(&self.leases, name, &holder, deadline).await else {

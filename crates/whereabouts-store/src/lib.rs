@@ -150,6 +150,12 @@ pub trait Store: Send + Sync {
         std::future::ready(Ok(None))
     }
 
+    /// Whether [`Store::take_turn`] takes turns at all (the Kubernetes store); the engine keeps what it
+    /// decides them on only for stores that do.
+    fn takes_turns(&self) -> bool {
+        false
+    }
+
     /// Waits, after [`Store::lock_pool`], for this node's turn among the nodes writing the pool, where
     /// the store has such turns (the Kubernetes store's pool Lease), until `deadline` at most; says
     /// whether another node held the turn meanwhile. Turns are an optimisation: without one the write
@@ -252,6 +258,16 @@ impl Store for AnyStore {
 
     async fn lock_pool(&self, name: &str, deadline: Instant) -> Result<Option<PoolLock>, StoreError> {
         delegate!(self, s => s.lock_pool(name, deadline))
+    }
+
+    fn takes_turns(&self) -> bool {
+        match self {
+            AnyStore::File(s) => s.takes_turns(),
+            #[cfg(feature = "etcd")]
+            AnyStore::Etcd(s) => s.takes_turns(),
+            #[cfg(feature = "kubernetes")]
+            AnyStore::Kubernetes(s) => s.takes_turns(),
+        }
     }
 
     async fn take_turn(&self, name: &str, deadline: Instant) -> bool {

@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use whereabouts_core::pool::{Allocation, Owner};
+use whereabouts_core::pool::{Allocation, Owner, Pool};
 
 /// What a waiting process asks the head of the queue to do for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,21 +227,29 @@ pub(crate) fn recently_contended(dir: &Path) -> bool {
 
 /// From this many allocations on, a pool counts as large: a write of it costs the API server enough
 /// (the whole object re-applied and validated) that nodes writing it at once would overwhelm it before
-/// any of them saw a lost race, so its writers always take turns.
+/// any of them saw a lost race, so its writers always take turns when it is shared by nodes.
 pub(crate) const LARGE_POOL: usize = 64;
 
-fn large_marker(dir: &Path) -> PathBuf {
-    dir.join("large")
+fn large_and_shared_marker(dir: &Path) -> PathBuf {
+    dir.join("large-and-shared")
 }
 
-/// Remembers in the queue's directory `dir` whether the pool, as just read, is large.
-pub(crate) fn remember_size(dir: &Path, allocations: usize) {
-    let marker = large_marker(dir);
-    let large = allocations >= LARGE_POOL;
-    if large == marker.exists() {
+/// Remembers in the queue's directory `dir` whether `pool`, as just read, is large and shared: its
+/// allocations record more than one node, or one without a node (upstream's plugin, which does not
+/// record it, may write it from anywhere). A node's slice pool is never shared.
+pub(crate) fn remember_shape(dir: &Path, pool: &Pool) {
+    let marker = large_and_shared_marker(dir);
+    let mut nodes = pool.iter().map(|(_, allocation)| allocation.node.as_deref());
+    let shared = match nodes.next() {
+        None => false,
+        Some(None) => true,
+        Some(first) => nodes.any(|node| node != first),
+    };
+    let large_and_shared = pool.len() >= LARGE_POOL && shared;
+    if large_and_shared == marker.exists() {
         return;
     }
-    let changed = if large {
+    let changed = if large_and_shared {
         fs::create_dir_all(dir).and_then(|()| fs::write(&marker, b""))
     } else {
         fs::remove_file(&marker)
@@ -251,9 +259,9 @@ pub(crate) fn remember_size(dir: &Path, allocations: usize) {
     }
 }
 
-/// Whether the pool was large when this node last read it.
-pub(crate) fn was_large(dir: &Path) -> bool {
-    large_marker(dir).exists()
+/// Whether the pool was large and shared by nodes when this node last read it.
+pub(crate) fn was_large_and_shared(dir: &Path) -> bool {
+    large_and_shared_marker(dir).exists()
 }
 
 impl Drop for Announced {
@@ -326,19 +334,39 @@ mod tests {
         assert!(!recently_contended(&queue));
     }
 
+    /// A pool of `len` allocations, made by `node(i)` for the i-th.
+    fn pool_of(len: usize, node: impl Fn(usize) -> Option<&'static str>) -> Pool {
+        let mut pool = Pool::new("10.0.0.0/16".parse().unwrap());
+        for i in 0..len {
+            let mut owner = owner(u32::try_from(i).unwrap());
+            owner.node = node(i).map(Into::into);
+            pool.insert(pool.base() + 1 + i as u128, owner.allocation());
+        }
+        pool
+    }
+
     #[test]
-    fn a_large_pool_is_remembered_until_it_is_read_small() {
+    fn a_large_shared_pool_is_remembered_until_it_is_read_small_or_one_nodes() {
         let dir = tempfile::tempdir().unwrap();
         let queue = dir.path().join("q.queue");
-        assert!(!was_large(&queue));
-        remember_size(&queue, LARGE_POOL - 1);
-        assert!(!was_large(&queue));
-        remember_size(&queue, LARGE_POOL);
-        assert!(was_large(&queue));
-        remember_size(&queue, 1000);
-        assert!(was_large(&queue));
-        remember_size(&queue, 3);
-        assert!(!was_large(&queue));
+        let two_nodes = |i: usize| Some(if i.is_multiple_of(2) { "a" } else { "b" });
+        assert!(!was_large_and_shared(&queue));
+        remember_shape(&queue, &pool_of(LARGE_POOL - 1, two_nodes));
+        assert!(!was_large_and_shared(&queue));
+        remember_shape(&queue, &pool_of(LARGE_POOL, two_nodes));
+        assert!(was_large_and_shared(&queue));
+        remember_shape(&queue, &pool_of(3, two_nodes));
+        assert!(!was_large_and_shared(&queue));
+        // A node's slice pool, or a single node's: its node never contends with another.
+        remember_shape(&queue, &pool_of(1000, |_| Some("a")));
+        assert!(!was_large_and_shared(&queue));
+        // Upstream's entries record no node: anyone may write them.
+        remember_shape(&queue, &pool_of(LARGE_POOL, |_| None));
+        assert!(was_large_and_shared(&queue));
+        remember_shape(&queue, &pool_of(LARGE_POOL, |i| (i > 0).then_some("a")));
+        assert!(was_large_and_shared(&queue));
+        remember_shape(&queue, &pool_of(LARGE_POOL, |i| (i == 0).then_some("a")));
+        assert!(was_large_and_shared(&queue));
     }
 
     #[test]
