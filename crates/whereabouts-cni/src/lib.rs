@@ -249,8 +249,17 @@ async fn dispatch(
     let deadline = Instant::now() + budget;
     let node = node_name(&env, &config, host);
     let node_slices = slices::prepare(&config, purpose, node.as_deref()).map_err(not_available)?;
-    let store = open_store(&config.datastore, node.as_deref(), deadline).await.map_err(not_available)?;
-    slices::apply(node_slices, &mut config, &store, &netconf.name, purpose).await.map_err(not_available)?;
+    let opened = async {
+        let store = open_store(&config.datastore, node.as_deref(), deadline).await?;
+        slices::apply(node_slices, &mut config, &store, &netconf.name, purpose).await?;
+        Ok(store)
+    };
+    let store = match opened.await {
+        Err(e) if env.command == Command::Del && !worth_retrying_del(&e) => {
+            return Ok(del_given_up(&env, &e));
+        }
+        opened => opened.map_err(not_available)?,
+    };
     let ipam = Ipam::new(&store).with_deadline(deadline);
 
     match env.command {
@@ -276,11 +285,16 @@ async fn dispatch(
             let result = IpamResult::new(&config, &allocated);
             result.to_json(&netconf.cni_version, version).map(Some)
         }
-        Command::Del => {
-            let released = ipam.release(&config, &env.container_id, &env.ifname).await?;
-            tracing::debug!("DEL {} {}: released {released:?}", env.container_id, env.ifname);
-            Ok(None)
-        }
+        Command::Del => match ipam.release(&config, &env.container_id, &env.ifname).await {
+            Ok(released) => {
+                tracing::debug!("DEL {} {}: released {released:?}", env.container_id, env.ifname);
+                Ok(None)
+            }
+            Err(e) => {
+                let e = CniError::from(e);
+                if worth_retrying_del(&e) { Err(e) } else { Ok(del_given_up(&env, &e)) }
+            }
+        },
         Command::Check => {
             let prev = netconf
                 .prev_result
@@ -322,6 +336,30 @@ async fn dispatch(
         }
         Command::Version => Ok(Some(version_reply())),
     }
+}
+
+/// Whether a DEL that failed with `e` once the store was reached is answered as a failure. The
+/// runtime retries a failed DEL until it succeeds, and the pod cannot finish terminating meanwhile, so
+/// only what a retry may cure is: the store busy or unreachable (code 11) and I/O errors (code 5). A
+/// pool that does not decode, credentials the store refuses, an object it rejects, fail the same way
+/// on every retry.
+fn worth_retrying_del(e: &CniError) -> bool {
+    matches!(e.code, codes::TRY_AGAIN | codes::IO)
+}
+
+/// Answers a DEL that failed for good as done, saying loudly what stays behind: the attachment's
+/// entries are still in the store, where the controller's reconciler releases them once the pod is
+/// gone (and `whereabouts check` reports a pool that does not decode).
+fn del_given_up(env: &CniEnv, e: &CniError) -> Option<Value> {
+    tracing::error!(
+        "DEL {} {} failed for good: {}; answered as done so that the pod can go. Its addresses stay \
+         allocated until the controller's reconciler (or `whereabouts leaks --release`) releases them \
+         once the pod is gone",
+        env.container_id,
+        env.ifname,
+        e.msg
+    );
+    None
 }
 
 fn version_reply() -> Value {

@@ -126,3 +126,50 @@ fn a_pool_lock_held_for_seconds_is_waited_for_and_the_add_succeeds() {
     let reply: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(reply["ips"][0]["address"], "192.0.2.1/29", "{reply}");
 }
+
+/// A DEL that fails for good (here: the pool does not decode) is answered as done, so that the pod can
+/// finish terminating, and says loudly in the log what stays behind. The pool is left as it was, and
+/// an ADD still fails on it. A DEL the store may serve later (busy, unreachable) still fails: see the
+/// store fault tests.
+#[test]
+fn a_del_that_fails_for_good_answers_done_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("whereabouts.log");
+    let store = dir.path().join("store");
+    let config = json!({
+        "cniVersion": "1.0.0",
+        "name": "broken",
+        "ipam": {
+            "type": "whereabouts", "datastore": "file", "file_store_dir": store,
+            "range": "192.0.2.0/29", "log_file": log, "log_level": "error",
+        }
+    })
+    .to_string();
+    let envs = |command, id| {
+        [
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", id),
+            ("CNI_NETNS", "/var/run/netns/none"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/usr/lib/cni"),
+        ]
+    };
+    assert!(run(&envs("ADD", "held"), &config).status.success());
+    let pool = store.join("pools/192.0.2.0-29.json");
+    std::fs::write(&pool, b"{not json").expect("pool made undecodable");
+
+    let out = run(&envs("DEL", "held"), &config);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    let logged = std::fs::read_to_string(&log).expect("log file written");
+    assert!(
+        logged.lines().any(|l| l.contains("[error] DEL held eth0 failed for good") && l.contains("corrupt")),
+        "{logged}"
+    );
+    assert_eq!(std::fs::read(&pool).expect("pool"), b"{not json");
+
+    let out = run(&envs("ADD", "next"), &config);
+    assert_eq!(out.status.code(), Some(1));
+    let reply: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(reply["code"], 999, "{reply}");
+}
