@@ -12,8 +12,11 @@
 //!
 //! Work is batched: all pods waiting when a worker pass starts are looked up together and their
 //! releases go out as one write per pool, so a thousand deletions at once cost a handful of writes per
-//! pool rather than a thousand. A pass that fails is retried with backoff, five times, then given up
-//! with a Warning event on the pod (the scheduled reconciler will find what is left).
+//! pool rather than a thousand. A pass that fails for a pod is retried with a doubling backoff capped at
+//! a minute until it succeeds (the queue holds each pod once), and after five failures the pod gets a
+//! Warning Event saying so. A pod found holding nothing is looked at again while the pool watch may
+//! still be behind (after 1, 2, 4, 8 and 16 s). A reservation is deleted whether or not the index has
+//! seen it yet: those of an address are also read by their names.
 //!
 //! Pods deleted while the watch was down (no delete event) are noticed when the watch lists again.
 
@@ -28,23 +31,32 @@ use kube::api::Api;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::Notify;
+use whereabouts_store::ipam::JudgedReservation;
+use whereabouts_store::kubernetes::KubeStore;
+use whereabouts_store::{Store, StoreError};
 
 use crate::Context;
 use crate::index::PoolIndex;
 use crate::judge::{FINISHED_GRACE, KeepReason, PodView, Verdict, judge};
 use crate::metrics::Source;
 use crate::network_status::{ANNOTATION, NetworkStatus};
-use crate::pools::{Found, reservations_of};
+use crate::pools::{Found, holder, reservation_names, reservations_of};
 use crate::release::{Plan, Release};
 
-/// How many times a pod's cleanup is tried before it is given up.
-const ATTEMPTS: u32 = 5;
+/// After how many failed attempts a pod's cleanup is reported in a Warning Event (and still retried).
+const REPORT_AFTER: u32 = 5;
+/// The first wait before a failed cleanup is tried again; it doubles per failure.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// The longest wait before a failed cleanup is tried again.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// The most pods one worker pass takes.
 const BATCH: usize = 512;
 /// Concurrent pod lookups and pool writes within a pass.
 const PARALLEL: usize = 16;
-/// How long a pod found holding nothing waits for its second look.
+/// How long a pod found holding nothing waits for its next look; it doubles per look.
 const SETTLE: Duration = Duration::from_secs(1);
+/// How many more looks a pod found holding nothing gets before it is dropped.
+const SETTLE_LOOKS: u32 = 5;
 
 /// The reporting component of the controller's Events.
 pub const COMPONENT: &str = "whereabouts-controller";
@@ -58,8 +70,8 @@ struct Gone {
     /// Its last network-status, to name networks in Events.
     network_status: Option<NetworkStatus>,
     attempts: u32,
-    /// Whether it was already found holding nothing once (see [`SETTLE`]).
-    settled: bool,
+    /// How many times it was found holding nothing (see [`SETTLE`]).
+    looks: u32,
     not_before: Instant,
 }
 
@@ -71,7 +83,7 @@ impl Gone {
             uid: pod.metadata.uid.clone().unwrap_or_default(),
             network_status: network_status(pod),
             attempts: 0,
-            settled: false,
+            looks: 0,
             not_before: Instant::now(),
         })
     }
@@ -274,7 +286,8 @@ async fn sweep(
                 uid: String::new(),
                 network_status: None,
                 attempts: 0,
-                settled: true,
+                // Named by the pools: holding nothing later means released meanwhile.
+                looks: SETTLE_LOOKS,
                 not_before: Instant::now(),
             })
         })
@@ -307,25 +320,29 @@ async fn work(ctx: &Context, index: &PoolIndex, queue: &Queue, recorder: &Record
         }
         queue.settle(&ctx.metrics);
         for failed in failures {
-            if failed.attempts + 1 >= ATTEMPTS {
+            let attempts = failed.attempts + 1;
+            if attempts == REPORT_AFTER {
                 let note = format!("failed to garbage collect addresses for pod {}", failed.pod_ref());
-                tracing::error!("{note}; giving up (the reconciler will find what is left)");
+                tracing::error!("{note} {attempts} times; still retrying");
                 publish(recorder, &failed, EventType::Warning, "IPAddressGarbageCollectionFailed", note)
                     .await;
-            } else {
-                let attempts = failed.attempts + 1;
-                let backoff = Duration::from_millis(250 << attempts);
-                queue.push(Gone { attempts, not_before: Instant::now() + backoff, ..failed }, &ctx.metrics);
             }
+            let not_before = Instant::now() + retry_backoff(attempts);
+            queue.push(Gone { attempts, not_before, ..failed }, &ctx.metrics);
         }
     }
+}
+
+/// The wait before the next attempt at a cleanup that failed `attempts` times.
+fn retry_backoff(attempts: u32) -> Duration {
+    FIRST_BACKOFF.saturating_mul(1 << attempts.saturating_sub(1).min(16)).min(MAX_BACKOFF)
 }
 
 /// Cleans up a batch of pods.
 async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Gone>) -> Outcome {
     // What each pod holds, from the index; pods holding nothing need no lookup. The pool watch may
-    // still be behind the pod watch, so a pod found holding nothing is looked at once more a second
-    // later before it is dropped.
+    // still be behind the pod watch, so a pod found holding nothing is looked at again a few times
+    // before it is dropped.
     let mut settle = Vec::new();
     let holdings: Vec<(Gone, Vec<Found>)> = {
         let contents = index.read();
@@ -333,8 +350,9 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
             .filter_map(|gone| {
                 let held = contents.held_by(&gone.pod_ref());
                 if held.is_empty() {
-                    if !gone.settled {
-                        settle.push(Gone { settled: true, not_before: Instant::now() + SETTLE, ..gone });
+                    if gone.looks < SETTLE_LOOKS {
+                        let not_before = Instant::now() + SETTLE * (1 << gone.looks);
+                        settle.push(Gone { looks: gone.looks + 1, not_before, ..gone });
                     }
                     return None;
                 }
@@ -351,7 +369,7 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
     .await;
     let mut failed = vec![false; holdings.len()];
     let mut finishing = vec![false; holdings.len()];
-    let mut plan = Plan::default();
+    let mut decided = Vec::new();
     {
         let contents = index.read();
         for (i, ((gone, held), lookup)) in holdings.iter().zip(lookups).enumerate() {
@@ -367,7 +385,7 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
                 match judge(&found.allocation, found.ip, now.as_ref()) {
                     Verdict::Release(reason) => {
                         let reservations = reservations_of(found, contents.reservations.iter());
-                        plan.add(Release { found: found.clone(), reason, reservations, tag: i });
+                        decided.push(Release { found: found.clone(), reason, reservations, tag: i });
                     }
                     // The kubelet reports the phase before it tears the sandbox down: look again
                     // once the grace is over.
@@ -378,6 +396,21 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
                     }
                     Verdict::Keep(_) => {}
                 }
+            }
+        }
+    }
+    let mut plan = Plan::default();
+    let store = KubeStore::new(ctx.client.clone(), &ctx.namespace, COMPONENT);
+    let completed = futures::stream::iter(decided.into_iter().map(|release| with_unindexed(&store, release)))
+        .buffered(PARALLEL)
+        .collect::<Vec<_>>()
+        .await;
+    for completed in completed {
+        match completed {
+            Ok(release) => plan.add(release),
+            Err((tag, e)) => {
+                tracing::warn!("reading the reservations of pod {}: {e}", holdings[tag].0.pod_ref());
+                failed[tag] = true;
             }
         }
     }
@@ -417,6 +450,29 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
     futures::stream::iter(events).buffer_unordered(PARALLEL).collect::<Vec<()>>().await;
     let failures = holdings.into_iter().zip(failed).filter(|(_, failed)| *failed).map(|((gone, _), _)| gone);
     Outcome { failures: failures.collect(), settle }
+}
+
+/// `release` with the reservations of its address its holder has that the index has not seen yet (its
+/// reservation watch may be behind the pool watch), read by their names: a reservation left behind
+/// would block the address until the scheduled reconciler found it. On failure, the release's tag.
+async fn with_unindexed(
+    store: &KubeStore,
+    mut release: Release<usize>,
+) -> Result<Release<usize>, (usize, StoreError)> {
+    let holder = holder(&release.found.allocation);
+    for name in reservation_names(&release.found) {
+        if release.reservations.iter().any(|known| known.name == name) {
+            continue;
+        }
+        match store.read_reservation(&name).await {
+            Ok(Some(read)) if read.holder.same_owner(&holder) => {
+                release.reservations.push(JudgedReservation { name, version: read.version });
+            }
+            Ok(_) => {}
+            Err(e) => return Err((release.tag, e)),
+        }
+    }
+    Ok(release)
 }
 
 /// What a pass leaves to do.
@@ -479,7 +535,7 @@ mod tests {
             uid: uid.into(),
             network_status: None,
             attempts: 0,
-            settled: false,
+            looks: 0,
             not_before: Instant::now() + Duration::from_secs(delay),
         };
         queue.push(gone("a", "u1", 0), &metrics);
@@ -490,5 +546,14 @@ mod tests {
         assert_eq!(due.iter().map(|g| g.uid.as_str()).collect::<Vec<_>>(), ["u1", "u2"]);
         assert!(next.is_some());
         assert_eq!(metrics.queue_depth.get(), 3, "taken pods count until their pass ends");
+    }
+
+    #[test]
+    fn failed_cleanups_are_retried_ever_later_up_to_a_minute_apart() {
+        let waits: Vec<Duration> = (1..=10).map(retry_backoff).collect();
+        assert_eq!(waits[0], FIRST_BACKOFF);
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "{waits:?}");
+        assert_eq!(waits[9], MAX_BACKOFF);
+        assert_eq!(retry_backoff(u32::MAX), MAX_BACKOFF);
     }
 }
