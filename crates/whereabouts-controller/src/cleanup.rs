@@ -20,13 +20,13 @@
 //!
 //! Pods deleted while the watch was down (no delete event) are noticed when the watch lists again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
 use kube::api::Api;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -367,7 +367,30 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
     .buffered(PARALLEL)
     .collect::<Vec<_>>()
     .await;
+    // The nodes of the allocations of pods not found: a static pod's mirror pod may be missing while
+    // its node runs it (see the judge).
+    let absent_pods_nodes: BTreeSet<&str> = holdings
+        .iter()
+        .zip(&lookups)
+        .filter(|(_, lookup)| matches!(lookup, Ok(None)))
+        .flat_map(|((_, held), _)| held.iter().filter_map(|found| found.allocation.node.as_deref()))
+        .collect();
+    let node_lookups = futures::stream::iter(absent_pods_nodes.into_iter().map(|node| async move {
+        (node, Api::<Node>::all(ctx.client.clone()).get_metadata_opt(node).await.map(|n| n.is_some()))
+    }))
+    .buffered(PARALLEL)
+    .collect::<Vec<_>>()
+    .await;
     let mut failed = vec![false; holdings.len()];
+    let mut nodes_found = BTreeMap::new();
+    for (node, lookup) in node_lookups {
+        match lookup {
+            Ok(exists) => {
+                nodes_found.insert(node, exists);
+            }
+            Err(e) => tracing::warn!("looking up node {node}: {e}"),
+        }
+    }
     let mut finishing = vec![false; holdings.len()];
     let mut decided = Vec::new();
     {
@@ -381,8 +404,17 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
                     continue;
                 }
             };
+            let node_unknown = now.is_none()
+                && held
+                    .iter()
+                    .any(|f| f.allocation.node.as_deref().is_some_and(|n| !nodes_found.contains_key(n)));
+            if node_unknown {
+                failed[i] = true;
+                continue;
+            }
             for found in held {
-                match judge(&found.allocation, found.ip, now.as_ref()) {
+                let node_exists = |node: &str| nodes_found.get(node).copied().unwrap_or(false);
+                match judge(&found.allocation, found.ip, now.as_ref(), node_exists) {
                     Verdict::Release(reason) => {
                         let reservations = reservations_of(found, contents.reservations.iter());
                         decided.push(Release { found: found.clone(), reason, reservations, tag: i });

@@ -6,7 +6,8 @@
 //! handed out twice (upstream issues #162, #176, #207). Here an address is released only on evidence
 //! that its pod is gone:
 //!
-//! * no pod of that namespace and name exists;
+//! * no pod of that namespace and name exists, unless it may be a static pod whose mirror pod is
+//!   missing (below);
 //! * a pod of that name exists but it is not the pod the address was allocated to: the allocation
 //!   records the pod's uid (`poduid`, written by this plugin from `K8S_POD_UID`), the uids differ, and
 //!   the pod does not claim the address either (below);
@@ -21,6 +22,14 @@
 //! whose uid is not the pod's is kept, and judged as one without a uid, when the pod's `network-status`
 //! lists the address, or when the pod has none yet and has not finished (it may be that new pod,
 //! starting).
+//!
+//! A static pod runs whatever the API server says: its mirror pod (named `<name>-<node>` by the
+//! kubelet) can be deleted by hand, or be missing for a while after a kubelet restart, and the kubelet
+//! makes it again. So an allocation that records its node, of a pod whose name ends with `-<node>`,
+//! is kept while that node exists, though no pod of that name does; it goes once the node is gone, or
+//! once the new mirror pod is judged as any pod (its uid, the kubelet's, is not the one recorded, and
+//! it does not claim the address). Allocations written by upstream record no node: for them a missing
+//! pod is gone.
 //!
 //! A pod being deleted (with a `deletionTimestamp`) keeps its addresses until it is gone: its
 //! containers may still be running through their grace period.
@@ -92,6 +101,9 @@ pub enum KeepReason {
     Finishing,
     /// The pod's network-status lists the address.
     Listed,
+    /// No pod of that name exists, but it may be a static pod whose mirror pod is missing: its node
+    /// still exists.
+    MirrorMissing,
 }
 
 /// The decision on one allocation.
@@ -104,12 +116,23 @@ pub enum Verdict {
 }
 
 /// Decides whether `allocation` of `ip` is still held by its pod, where `pod` is the pod now found
-/// under its `podref` (`None` when there is none).
-pub fn judge(allocation: &Allocation, ip: IpAddr, pod: Option<&PodView>) -> Verdict {
+/// under its `podref` (`None` when there is none) and `node_exists` says whether a Node exists.
+pub fn judge(
+    allocation: &Allocation,
+    ip: IpAddr,
+    pod: Option<&PodView>,
+    node_exists: impl Fn(&str) -> bool,
+) -> Verdict {
     if allocation.pod_ref.is_empty() {
         return Verdict::Keep(KeepReason::NotAPod);
     }
-    let Some(pod) = pod else { return Verdict::Release(ReleaseReason::PodGone) };
+    let Some(pod) = pod else {
+        return if may_be_unmirrored_static_pod(allocation, node_exists) {
+            Verdict::Keep(KeepReason::MirrorMissing)
+        } else {
+            Verdict::Release(ReleaseReason::PodGone)
+        };
+    };
     let recorded_uid_is_pods = allocation.pod_uid.as_deref().map(|uid| pod.is(uid));
     if recorded_uid_is_pods == Some(false) && !pod_claims(pod, ip) {
         return Verdict::Release(ReleaseReason::PodReplaced);
@@ -133,6 +156,15 @@ pub fn judge(allocation: &Allocation, ip: IpAddr, pod: Option<&PodView>) -> Verd
     }
 }
 
+/// Whether the missing pod of `allocation` may be a static pod whose mirror pod is missing (see the
+/// module): its name ends with `-<node>` for the node the allocation records, and that node exists.
+fn may_be_unmirrored_static_pod(allocation: &Allocation, node_exists: impl Fn(&str) -> bool) -> bool {
+    let Some(node) = allocation.node.as_deref().filter(|node| !node.is_empty()) else { return false };
+    let name = allocation.pod_ref.rsplit_once('/').map_or(allocation.pod_ref.as_str(), |(_, name)| name);
+    name.strip_suffix(node).is_some_and(|prefix| prefix.len() > 1 && prefix.ends_with('-'))
+        && node_exists(node)
+}
+
 /// Whether `pod` may hold `ip` although the allocation records another pod's uid (see the module): its
 /// network-status lists the address, or it has none yet and the pod has not finished.
 fn pod_claims(pod: &PodView, ip: IpAddr) -> bool {
@@ -150,6 +182,11 @@ mod tests {
     use crate::network_status::NetworkStatus;
 
     const IP: &str = "192.0.2.10";
+
+    /// No node exists.
+    fn gone(_: &str) -> bool {
+        false
+    }
 
     fn ip() -> IpAddr {
         IP.parse().unwrap()
@@ -195,15 +232,15 @@ mod tests {
             ..pod("mirror-uid", "Running", Some(status(&[])))
         };
         assert_eq!(
-            judge(&allocation(Some("config-hash")), ip(), Some(&mirror)),
+            judge(&allocation(Some("config-hash")), ip(), Some(&mirror), gone),
             Verdict::Keep(KeepReason::PodLive)
         );
         assert_eq!(
-            judge(&allocation(Some("mirror-uid")), ip(), Some(&mirror)),
+            judge(&allocation(Some("mirror-uid")), ip(), Some(&mirror), gone),
             Verdict::Keep(KeepReason::PodLive)
         );
         assert_eq!(
-            judge(&allocation(Some("older-hash")), ip(), Some(&mirror)),
+            judge(&allocation(Some("older-hash")), ip(), Some(&mirror), gone),
             Verdict::Release(ReleaseReason::PodReplaced)
         );
     }
@@ -211,36 +248,45 @@ mod tests {
     #[test]
     fn a_pod_that_just_finished_keeps_its_address_until_its_sandbox_is_gone() {
         let just = PodView { stopped_ago: Some(Duration::from_secs(2)), ..pod("u1", "Succeeded", None) };
-        assert_eq!(judge(&allocation(Some("u1")), ip(), Some(&just)), Verdict::Keep(KeepReason::Finishing));
-        assert_eq!(judge(&allocation(None), ip(), Some(&just)), Verdict::Keep(KeepReason::Finishing));
+        assert_eq!(
+            judge(&allocation(Some("u1")), ip(), Some(&just), gone),
+            Verdict::Keep(KeepReason::Finishing)
+        );
+        assert_eq!(judge(&allocation(None), ip(), Some(&just), gone), Verdict::Keep(KeepReason::Finishing));
         let long = PodView { stopped_ago: Some(FINISHED_GRACE), ..just };
         assert_eq!(
-            judge(&allocation(Some("u1")), ip(), Some(&long)),
+            judge(&allocation(Some("u1")), ip(), Some(&long), gone),
             Verdict::Release(ReleaseReason::PodFinished)
         );
     }
 
     #[test]
     fn a_gone_pod_releases() {
-        assert_eq!(judge(&allocation(Some("u1")), ip(), None), Verdict::Release(ReleaseReason::PodGone));
-        assert_eq!(judge(&allocation(None), ip(), None), Verdict::Release(ReleaseReason::PodGone));
+        assert_eq!(
+            judge(&allocation(Some("u1")), ip(), None, gone),
+            Verdict::Release(ReleaseReason::PodGone)
+        );
+        assert_eq!(judge(&allocation(None), ip(), None, gone), Verdict::Release(ReleaseReason::PodGone));
     }
 
     #[test]
     fn a_recreated_pod_of_the_same_name_is_not_the_holder() {
         let newer = pod("u2", "Running", Some(status(&["192.0.2.11"])));
         assert_eq!(
-            judge(&allocation(Some("u1")), ip(), Some(&newer)),
+            judge(&allocation(Some("u1")), ip(), Some(&newer), gone),
             Verdict::Release(ReleaseReason::PodReplaced)
         );
         let newer_finished = pod("u2", "Succeeded", None);
         assert_eq!(
-            judge(&allocation(Some("u1")), ip(), Some(&newer_finished)),
+            judge(&allocation(Some("u1")), ip(), Some(&newer_finished), gone),
             Verdict::Release(ReleaseReason::PodReplaced)
         );
         // The new pod's own allocation is kept, whatever its status says yet.
         let starting = pod("u2", "Pending", None);
-        assert_eq!(judge(&allocation(Some("u2")), ip(), Some(&starting)), Verdict::Keep(KeepReason::PodLive));
+        assert_eq!(
+            judge(&allocation(Some("u2")), ip(), Some(&starting), gone),
+            Verdict::Keep(KeepReason::PodLive)
+        );
     }
 
     #[test]
@@ -249,21 +295,21 @@ mod tests {
         // recorded uid is still the old pod's.
         let stale = allocation(Some("u1"));
         assert_eq!(
-            judge(&stale, ip(), Some(&pod("u2", "Running", Some(status(&[IP]))))),
+            judge(&stale, ip(), Some(&pod("u2", "Running", Some(status(&[IP])))), gone),
             Verdict::Keep(KeepReason::Listed)
         );
         for phase in ["Pending", "Running"] {
             assert_eq!(
-                judge(&stale, ip(), Some(&pod("u2", phase, None))),
+                judge(&stale, ip(), Some(&pod("u2", phase, None)), gone),
                 Verdict::Keep(KeepReason::StatusNotWritten)
             );
         }
         // Claimed, the rest is judged as for an allocation without a uid.
         let just_finished =
             PodView { stopped_ago: Some(Duration::from_secs(2)), ..pod("u2", "Failed", Some(status(&[IP]))) };
-        assert_eq!(judge(&stale, ip(), Some(&just_finished)), Verdict::Keep(KeepReason::Finishing));
+        assert_eq!(judge(&stale, ip(), Some(&just_finished), gone), Verdict::Keep(KeepReason::Finishing));
         let finished = pod("u2", "Failed", Some(status(&[IP])));
-        assert_eq!(judge(&stale, ip(), Some(&finished)), Verdict::Release(ReleaseReason::PodFinished));
+        assert_eq!(judge(&stale, ip(), Some(&finished), gone), Verdict::Release(ReleaseReason::PodFinished));
     }
 
     #[test]
@@ -271,12 +317,12 @@ mod tests {
         // The bug of upstream issues #162/#176/#207: the annotation is not written yet.
         for phase in ["Pending", "Running"] {
             assert_eq!(
-                judge(&allocation(None), ip(), Some(&pod("u1", phase, None))),
+                judge(&allocation(None), ip(), Some(&pod("u1", phase, None)), gone),
                 Verdict::Keep(KeepReason::StatusNotWritten)
             );
         }
         assert_eq!(
-            judge(&allocation(None), ip(), Some(&pod("u1", "Pending", Some(status(&[]))))),
+            judge(&allocation(None), ip(), Some(&pod("u1", "Pending", Some(status(&[])))), gone),
             Verdict::Keep(KeepReason::PodPending)
         );
     }
@@ -285,7 +331,7 @@ mod tests {
     fn a_finished_pod_releases() {
         for phase in ["Succeeded", "Failed"] {
             assert_eq!(
-                judge(&allocation(Some("u1")), ip(), Some(&pod("u1", phase, Some(status(&[IP]))))),
+                judge(&allocation(Some("u1")), ip(), Some(&pod("u1", phase, Some(status(&[IP])))), gone),
                 Verdict::Release(ReleaseReason::PodFinished)
             );
         }
@@ -294,14 +340,17 @@ mod tests {
     #[test]
     fn without_a_uid_the_network_status_decides_for_a_running_pod() {
         let running = |listed: &[&str]| pod("u1", "Running", Some(status(listed)));
-        assert_eq!(judge(&allocation(None), ip(), Some(&running(&[IP]))), Verdict::Keep(KeepReason::Listed));
         assert_eq!(
-            judge(&allocation(None), ip(), Some(&running(&["192.0.2.11"]))),
+            judge(&allocation(None), ip(), Some(&running(&[IP])), gone),
+            Verdict::Keep(KeepReason::Listed)
+        );
+        assert_eq!(
+            judge(&allocation(None), ip(), Some(&running(&["192.0.2.11"])), gone),
             Verdict::Release(ReleaseReason::NotInNetworkStatus)
         );
         // The default network's addresses are not whereabouts' and do not count.
         assert_eq!(
-            judge(&allocation(None), "10.244.0.5".parse().unwrap(), Some(&running(&[]))),
+            judge(&allocation(None), "10.244.0.5".parse().unwrap(), Some(&running(&[])), gone),
             Verdict::Release(ReleaseReason::NotInNetworkStatus)
         );
     }
@@ -309,7 +358,40 @@ mod tests {
     #[test]
     fn containers_outside_kubernetes_are_left_to_their_del() {
         let bare = Allocation { pod_ref: String::new(), ..allocation(None) };
-        assert_eq!(judge(&bare, ip(), None), Verdict::Keep(KeepReason::NotAPod));
+        assert_eq!(judge(&bare, ip(), None, gone), Verdict::Keep(KeepReason::NotAPod));
+    }
+
+    #[test]
+    fn a_missing_static_pod_keeps_its_address_while_its_node_exists() {
+        let on = |node: &str, pod_ref: &str| Allocation {
+            node: Some(node.into()),
+            pod_ref: pod_ref.into(),
+            ..allocation(Some("config-hash"))
+        };
+        let node_a = |node: &str| node == "node-a";
+        // The kubelet names a mirror pod `<name>-<node>`.
+        let mirrored = on("node-a", "kube-system/etcd-node-a");
+        assert_eq!(judge(&mirrored, ip(), None, node_a), Verdict::Keep(KeepReason::MirrorMissing));
+        // Its node is gone: so is the pod.
+        assert_eq!(judge(&mirrored, ip(), None, gone), Verdict::Release(ReleaseReason::PodGone));
+        // Not a mirror pod's name, or not of the recorded node, or no node recorded (upstream).
+        for allocation in [
+            on("node-a", "default/web-0"),
+            on("node-a", "default/node-a"),
+            on("node-a", "default/etcd-node-ab"),
+            on("node-b", "kube-system/etcd-node-a"),
+            Allocation { node: None, ..mirrored.clone() },
+        ] {
+            assert_eq!(
+                judge(&allocation, ip(), None, |_| true),
+                Verdict::Release(ReleaseReason::PodGone),
+                "{allocation:?}"
+            );
+        }
+        // A mirror pod found is judged as any pod.
+        let mirror =
+            PodView { kubelet_uid: Some("config-hash".into()), ..pod("mirror-uid", "Running", None) };
+        assert_eq!(judge(&mirrored, ip(), Some(&mirror), node_a), Verdict::Keep(KeepReason::PodLive));
     }
 
     proptest! {
@@ -337,11 +419,11 @@ mod tests {
                 network_status: status,
                 node: None,
             };
-            let verdict = judge(&allocation(recorded.then_some(uid)), ip(), Some(&live));
+            let verdict = judge(&allocation(recorded.then_some(uid)), ip(), Some(&live), gone);
             if recorded || !written || listed || (phase == "Pending") {
                 prop_assert!(matches!(verdict, Verdict::Keep(_)), "{verdict:?}");
             }
-            let verdict = judge(&allocation(stale.then_some("old-uid")), ip(), Some(&live));
+            let verdict = judge(&allocation(stale.then_some("old-uid")), ip(), Some(&live), gone);
             if !written || listed {
                 prop_assert!(matches!(verdict, Verdict::Keep(_)), "{verdict:?}");
             }

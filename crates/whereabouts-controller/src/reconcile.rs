@@ -18,10 +18,11 @@
 //! for an allocation whose pod is running and holds it (its recorded uid, or its network-status lists
 //! the address), and as an ADD makes it: one that another attachment made meanwhile is left as it is.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use serde::de::DeserializeOwned;
 use whereabouts_k8s::crd::{IPPool, OverlappingRangeIPReservation};
@@ -92,6 +93,8 @@ pub struct Listings {
     pub unreadable_pools: Vec<String>,
     /// What is known of each pod, by `namespace/name`.
     pub pods: HashMap<String, PodView>,
+    /// The Nodes that exist (a missing static pod keeps its addresses while its node does).
+    pub nodes: BTreeSet<String>,
 }
 
 impl Listings {
@@ -118,7 +121,9 @@ impl Listings {
             .list(&ListParams::default())
             .await
             .map_err(|source| ReconcileError::List { what: "pods", source })?;
-        Ok(Listings { reservations, found, unreadable_pools, pods: pod_views(&pods.items) })
+        let nodes =
+            node_names(&ctx.client).await.map_err(|source| ReconcileError::List { what: "nodes", source })?;
+        Ok(Listings { reservations, found, unreadable_pools, pods: pod_views(&pods.items), nodes })
     }
 }
 
@@ -197,7 +202,8 @@ pub fn missing_reservations(
         .filter(|entry| !reservations.keys().any(|name| names_address(name, entry.ip)))
         .filter_map(|entry| {
             let pod = pods.get(&entry.allocation.pod_ref).filter(|pod| pod.phase == "Running")?;
-            let verdict = judge(&entry.allocation, entry.ip, Some(pod));
+            // The pod is found: whether a node exists does not matter.
+            let verdict = judge(&entry.allocation, entry.ip, Some(pod), |_| false);
             if !matches!(verdict, Verdict::Keep(KeepReason::PodLive | KeepReason::Listed)) {
                 return None;
             }
@@ -213,11 +219,13 @@ pub fn missing_reservations(
 /// Orphaned reservations are only collected when every pool was read: an unreadable pool may hold
 /// their entries.
 pub fn leaks(listings: &Listings) -> Leaks {
-    let Listings { reservations, found, unreadable_pools, pods } = listings;
+    let Listings { reservations, found, unreadable_pools, pods, nodes } = listings;
     let mut plan = Plan::default();
     for entry in found {
         if let Verdict::Release(reason) =
-            judge(&entry.allocation, entry.ip, pods.get(&entry.allocation.pod_ref))
+            judge(&entry.allocation, entry.ip, pods.get(&entry.allocation.pod_ref), |node| {
+                nodes.contains(node)
+            })
         {
             let reservations = reservations_of(entry, reservations.iter());
             plan.add(Release { found: entry.clone(), reason, reservations, tag: () });
@@ -225,6 +233,12 @@ pub fn leaks(listings: &Listings) -> Leaks {
     }
     let orphans = if unreadable_pools.is_empty() { orphans(found, reservations) } else { Vec::new() };
     Leaks { plan, orphans, missing: missing_reservations(found, reservations, pods) }
+}
+
+/// The names of the Nodes that exist (listed as metadata only).
+pub async fn node_names(client: &kube::Client) -> Result<BTreeSet<String>, kube::Error> {
+    let nodes = Api::<Node>::all(client.clone()).list_metadata(&ListParams::default()).await?;
+    Ok(nodes.items.iter().map(ResourceExt::name_any).collect())
 }
 
 /// What the controller knows of each listed pod, by `namespace/name`.

@@ -331,6 +331,44 @@ async fn a_recreated_pod_keeps_the_address_it_took_over() {
     cluster.cleanup().await;
 }
 
+/// A static pod's mirror pod deleted by hand (`kubectl delete`): the kubelet keeps running the pod and
+/// makes the mirror again later, so neither the cleanup nor the reconciler may free its address while
+/// its node exists. Once the node is gone, the reconciler frees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_pods_address_outlives_its_deleted_mirror_pod_while_its_node_exists() {
+    let cluster = TestCluster::start().await;
+    let node = cluster.create_node("static").await;
+    let controller = single_controller(&cluster).await;
+    // The kubelet names the mirror pod `<name>-<node>` and passes its own uid for it.
+    let mirror = format!("etcd-{node}");
+    cluster.create_pod(&mirror, Some(&node)).await;
+    let ip = add(&cluster, &mirror, "static-config-hash", "sandbox-static", &node).await;
+    let plain_uid = cluster.create_pod("plain", Some(&node)).await;
+    let plain = add(&cluster, "plain", &plain_uid, "sandbox-plain", &node).await;
+
+    cluster.delete_pod(&mirror).await;
+    cluster.delete_pod("plain").await;
+    // The plain pod's address goes within seconds; by then the cleanup has judged the mirror's too.
+    assert!(
+        eventually(Duration::from_secs(10), || async { held_ips(&cluster).await == [ip.clone()] }).await,
+        "{plain} released and {ip} kept: {:?}\n{}",
+        held_ips(&cluster).await,
+        controller.log()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(held_ips(&cluster).await, std::slice::from_ref(&ip), "{}", controller.log());
+    let (_, out) = reconcile(&cluster, &[]).await;
+    assert!(out.contains("released 0 addresses"), "{out}");
+    assert_eq!(held_ips(&cluster).await, [ip]);
+
+    cluster.delete_node(&node).await;
+    let (_, out) = reconcile(&cluster, &[]).await;
+    assert!(out.contains("released 1 addresses"), "{out}");
+    assert!(held_ips(&cluster).await.is_empty());
+    controller.kill().await;
+    cluster.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_pod_is_released() {
     let cluster = TestCluster::start().await;
