@@ -233,7 +233,10 @@ mod tests {
                 (key.to_string(), allocation)
             })
             .collect();
-        IPPool::new(name, IPPoolSpec { pool: PoolSpec { range: range.into(), allocations } })
+        IPPool::new(
+            name,
+            IPPoolSpec { pool: PoolSpec { range: range.into(), allocations, ..Default::default() } },
+        )
     }
 
     #[test]

@@ -145,7 +145,18 @@ pub struct PoolSpec {
     /// Allocations keyed by the decimal offset from `range`'s IP.
     #[serde(default)]
     pub allocations: BTreeMap<String, Allocation>,
+    /// Addresses released within their network's `release_cooldown`, keyed like `allocations`: the Unix
+    /// time (seconds) until which each is handed out only when nothing else is free. Not part of
+    /// upstream's spec (upstream would read an entry there as an allocation): every store keeps it
+    /// beside the spec (the Kubernetes store in the annotation [`COOLDOWNS_ANNOTATION`]) and writes it
+    /// in the same compare-and-swap as the allocations.
+    #[serde(skip)]
+    #[cfg_attr(feature = "schema", schemars(skip))]
+    pub cooldowns: BTreeMap<String, u64>,
 }
+
+/// The IPPool annotation that holds [`PoolSpec::cooldowns`] as a JSON object.
+pub const COOLDOWNS_ANNOTATION: &str = "whereabouts.cni.cncf.io/release-cooldowns";
 
 /// A stored pool that cannot be used at all.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -187,6 +198,10 @@ pub struct Pool {
     /// The keys of decoded entries that were not written in canonical form ("05" for 5, as a hand edit
     /// or another writer may spell them), so that writing the pool back does not rename them.
     spelled: BTreeMap<u128, String>,
+    /// Free addresses in their release cooldown: the Unix time (seconds) it ends, and the same
+    /// addresses as intervals for the lowest-free search.
+    cooling: BTreeMap<u128, u64>,
+    cooling_set: IntervalSet,
 }
 
 impl PartialEq for Pool {
@@ -200,6 +215,7 @@ impl PartialEq for Pool {
                 &other.undecodable,
                 &other.spelled,
             )
+            && self.cooling == other.cooling
     }
 }
 
@@ -256,6 +272,8 @@ impl Pool {
             by_owner: OnceLock::new(),
             undecodable: BTreeMap::new(),
             spelled: BTreeMap::new(),
+            cooling: BTreeMap::new(),
+            cooling_set: IntervalSet::new(),
         }
     }
 
@@ -281,6 +299,8 @@ impl Pool {
             by_owner: OnceLock::new(),
             undecodable: BTreeMap::new(),
             spelled: BTreeMap::new(),
+            cooling: BTreeMap::new(),
+            cooling_set: IntervalSet::new(),
         };
         let decode = |key: &str| {
             key.parse::<u128>()
@@ -311,6 +331,12 @@ impl Pool {
             }
         }
         skipped.sort_by(|a, b| a.0.cmp(&b.0));
+        // Cooldowns are ours alone: one that is unreadable, or whose address is taken again, is dropped.
+        for (key, until) in &spec.cooldowns {
+            if let Some((_, addr)) = decode(key).filter(|(_, addr)| pool.get(*addr).is_none()) {
+                pool.cool(addr, *until);
+            }
+        }
         Ok((pool, skipped))
     }
 
@@ -329,6 +355,11 @@ impl Pool {
                     Some((key, a.clone()))
                 })
                 .chain(self.undecodable.iter().map(|(k, a)| (k.clone(), a.clone())))
+                .collect(),
+            cooldowns: self
+                .cooling
+                .iter()
+                .filter_map(|(addr, until)| Some((addr.checked_sub(self.base)?.to_string(), *until)))
                 .collect(),
         }
     }
@@ -362,6 +393,9 @@ impl Pool {
         self.allocations.insert(addr, allocation);
         self.taken.insert(addr);
         self.spelled.remove(&addr);
+        if self.cooling.remove(&addr).is_some() {
+            self.cooling_set.remove(addr);
+        }
     }
 
     /// Removes the allocation of an address.
@@ -373,6 +407,46 @@ impl Pool {
         self.taken.remove(addr);
         self.spelled.remove(&addr);
         Some(removed)
+    }
+
+    /// Removes the allocation of an address and starts its release cooldown, which ends at `until`
+    /// (Unix seconds; `None`: no cooldown).
+    pub fn release(&mut self, addr: u128, until: Option<u64>) -> Option<Allocation> {
+        let removed = self.remove(addr)?;
+        if let Some(until) = until {
+            self.cool(addr, until);
+        }
+        Some(removed)
+    }
+
+    /// Records that the free address `addr` is in its release cooldown until `until` (Unix seconds).
+    pub fn cool(&mut self, addr: u128, until: u64) {
+        debug_assert!(addr >= self.base && self.get(addr).is_none());
+        self.cooling.insert(addr, until);
+        self.cooling_set.insert(addr);
+    }
+
+    /// Forgets the cooldowns that ended at or before `now` (Unix seconds); says whether there were any.
+    pub fn expire_cooldowns(&mut self, now: u64) -> bool {
+        let ended: Vec<u128> =
+            self.cooling.iter().filter(|(_, until)| **until <= now).map(|(addr, _)| *addr).collect();
+        for addr in &ended {
+            self.cooling.remove(addr);
+            self.cooling_set.remove(*addr);
+        }
+        !ended.is_empty()
+    }
+
+    /// The free addresses in their release cooldown, as intervals.
+    pub fn cooling(&self) -> &IntervalSet {
+        &self.cooling_set
+    }
+
+    /// The free addresses in their release cooldown, the one whose cooldown ends first first.
+    pub fn cooling_by_end(&self) -> Vec<u128> {
+        let mut by_end: Vec<(u64, u128)> = self.cooling.iter().map(|(addr, until)| (*until, *addr)).collect();
+        by_end.sort_unstable();
+        by_end.into_iter().map(|(_, addr)| addr).collect()
     }
 
     fn owner_index(&self) -> &OwnerIndex {
@@ -492,6 +566,7 @@ mod tests {
                 .into_iter()
                 .map(|(k, id)| (k.to_string(), alloc(id)))
                 .collect(),
+            ..Default::default()
         };
         let (mut pool, skipped) = Pool::from_spec(&spec, net).unwrap();
         // The canonical "5" holds .5; "05" is kept aside; "007" holds the free .7 under its own spelling.
@@ -514,6 +589,7 @@ mod tests {
         let spec = PoolSpec {
             range: "255.255.255.0/24".into(),
             allocations: [("4294967295".to_string(), alloc("a"))].into_iter().collect(),
+            ..Default::default()
         };
         let (pool, skipped) = Pool::from_spec(&spec, "255.255.255.0/24".parse().unwrap()).unwrap();
         assert!(pool.is_empty());
@@ -525,6 +601,7 @@ mod tests {
         let spec = PoolSpec {
             range: "10.0.0.5/24".into(),
             allocations: [("2".to_string(), alloc("a"))].into_iter().collect(),
+            ..Default::default()
         };
         let (pool, _) = Pool::from_spec(&spec, "10.0.0.0/24".parse().unwrap()).unwrap();
         assert_eq!(pool.iter().map(|(ip, _)| ip.to_string()).collect::<Vec<_>>(), ["10.0.0.7"]);
@@ -537,9 +614,9 @@ mod tests {
 
     #[test]
     fn wrong_family_is_refused() {
-        let spec = PoolSpec { range: "10.0.0.0/24".into(), allocations: BTreeMap::new() };
+        let spec = PoolSpec { range: "10.0.0.0/24".into(), ..PoolSpec::default() };
         assert!(Pool::from_spec(&spec, "2001:db8::/64".parse().unwrap()).is_err());
-        let spec = PoolSpec { range: "garbage".into(), allocations: BTreeMap::new() };
+        let spec = PoolSpec { range: "garbage".into(), ..PoolSpec::default() };
         assert!(Pool::from_spec(&spec, "10.0.0.0/24".parse().unwrap()).is_err());
     }
 
@@ -625,6 +702,7 @@ mod tests {
             let spec = PoolSpec {
                 range: "10.0.0.0/8".into(),
                 allocations: keys.into_iter().map(|k| (k, alloc("a"))).collect(),
+                ..Default::default()
             };
             let _ = Pool::from_spec(&spec, "10.0.0.0/8".parse().unwrap());
         }

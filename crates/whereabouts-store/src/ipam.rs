@@ -49,7 +49,7 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use thiserror::Error;
@@ -234,6 +234,16 @@ impl<S> std::fmt::Debug for Ipam<'_, S> {
 }
 
 /// Until when a failed ADD that reached `deadline` may still release what it took.
+/// The time as release cooldowns record it: Unix seconds.
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs())
+}
+
+/// When the release cooldown of an address `config` releases now ends: Unix seconds, rounded up.
+fn cooldown_end(config: &IpamConfig) -> Option<u64> {
+    config.release_cooldown.map(|cooldown| unix_now() + cooldown.as_millis().div_ceil(1000) as u64)
+}
+
 fn rollback_deadline(deadline: Instant) -> Instant {
     deadline.max(Instant::now()) + ROLLBACK_GRACE
 }
@@ -314,8 +324,10 @@ impl<'s, S: Store> Ipam<'s, S> {
         let stored =
             self.patiently(deadline, || format!("pool {name}"), || self.store.read_pool(name)).await?;
         let Some(stored) = stored else { return Ok((Pool::new(network), None)) };
-        let (pool, skipped) = Pool::from_spec(&stored.spec, network)
+        let (mut pool, skipped) = Pool::from_spec(&stored.spec, network)
             .map_err(|source| IpamError::Pool { pool: name.to_string(), source })?;
+        // Ended cooldowns are dropped from what is written next (nothing is written for them alone).
+        pool.expire_cooldowns(unix_now());
         if let Some(queue) = self.store.queue_dir(name) {
             remember_size(&queue, pool.len());
         }
@@ -484,6 +496,7 @@ impl<'s, S: Store> Ipam<'s, S> {
 
     /// Releases one allocation: the pool entry, if it is still exactly `allocation`, then its
     /// reservation as read before (see the module on the order); says whether the entry was removed.
+    /// With `cool_until`, the address's release cooldown is recorded in the same pool write.
     async fn release_entry(
         &self,
         deadline: Instant,
@@ -491,8 +504,9 @@ impl<'s, S: Store> Ipam<'s, S> {
         pool: &PoolTarget,
         ip: IpAddr,
         allocation: &Allocation,
+        cool_until: Option<u64>,
     ) -> Result<bool, IpamError> {
-        let removal = self.remove_entry(deadline, pool, to_u128(ip), allocation);
+        let removal = self.remove_entry(deadline, pool, to_u128(ip), allocation, cool_until);
         self.with_reservation(deadline, config, ip, allocation, removal).await
     }
 
@@ -534,10 +548,12 @@ impl<'s, S: Store> Ipam<'s, S> {
         target: &PoolTarget,
         addr: u128,
         allocation: &Allocation,
+        cool_until: Option<u64>,
     ) -> Result<bool, IpamError> {
         let PoolTarget { name, network } = target;
         let announced = self.store.queue_dir(name).and_then(|dir| {
-            let request = Request::Release { addr: addr.to_string(), allocation: allocation.clone() };
+            let request =
+                Request::Release { addr: addr.to_string(), allocation: allocation.clone(), cool_until };
             Announced::write(&dir, batch_key((name, "release")), &request)
         });
         let lock = match self.wait_turn(deadline, name, announced.as_ref()).await? {
@@ -550,15 +566,17 @@ impl<'s, S: Store> Ipam<'s, S> {
             .update_locked(deadline, name, *network, lock.as_ref(), |pool, _| {
                 let held = pool.get(addr) == Some(allocation);
                 if held {
-                    pool.remove(addr);
+                    pool.release(addr, cool_until);
                 }
                 claimed.extend(announced.iter().flat_map(Announced::others).filter(Announcement::claim));
                 answers.clear();
                 for waiting in &claimed {
-                    let Request::Release { addr, allocation } = &waiting.request else { continue };
+                    let Request::Release { addr, allocation, cool_until } = &waiting.request else {
+                        continue;
+                    };
                     let there = addr.parse::<u128>().ok().filter(|addr| pool.get(*addr) == Some(allocation));
                     if let Some(addr) = there {
-                        pool.remove(addr);
+                        pool.release(addr, *cool_until);
                     }
                     answers.push(if there.is_some() { REMOVED } else { ABSENT });
                 }
@@ -643,7 +661,7 @@ impl<'s, S: Store> Ipam<'s, S> {
         let held =
             self.inspect(deadline, &target.name, target.network, |pool| pool.get(addr).cloned()).await?;
         if let Some(allocation) = held.filter(|a| matches(a)) {
-            self.release_entry(deadline, config, target, ip, &allocation).await?;
+            self.release_entry(deadline, config, target, ip, &allocation, None).await?;
         }
         Ok(())
     }
@@ -894,6 +912,7 @@ impl<'s, S: Store> Ipam<'s, S> {
         ifname: &str,
     ) -> Result<Vec<IpAddr>, IpamError> {
         let deadline = self.deadline();
+        let cool_until = cooldown_end(config);
         let mut released = Vec::new();
         let mut first_error = None;
         for managed in &config.ranges {
@@ -911,7 +930,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                     })
                     .await?;
                 for (ip, allocation) in held {
-                    if self.release_entry(deadline, config, target, ip, &allocation).await? {
+                    if self.release_entry(deadline, config, target, ip, &allocation, cool_until).await? {
                         released.push(ip);
                     }
                 }
@@ -1028,7 +1047,8 @@ impl<'s, S: Store> Ipam<'s, S> {
                 })
                 .await?;
             for (ip, allocation) in stale {
-                if self.release_entry(deadline, config, target, ip, &allocation).await? {
+                if self.release_entry(deadline, config, target, ip, &allocation, cooldown_end(config)).await?
+                {
                     released.push(ip);
                 }
             }

@@ -45,6 +45,10 @@
 //! A `test` compares JSON values, so it is made with each allocation exactly as it was read (with a
 //! `null` or an empty field a hand edit may have left), not as this code would write it again.
 //!
+//! Release cooldowns ([`PoolSpec::cooldowns`]) live in the IPPool's annotation
+//! [`COOLDOWNS_ANNOTATION`] (a JSON object of offset to Unix seconds), outside the spec that upstream
+//! reads, and change in the same patch as the allocations, under a `test` of the annotation as read.
+//!
 //! Writers of one pool on one node queue on a node-local lock file ([`Store::lock_pool`]) instead of
 //! racing each other, and the writer at the head of the queue allocates for every ADD waiting behind
 //! it in one patch ([`crate::queue`]), so a burst of pods on a node costs the API server one write per
@@ -72,7 +76,7 @@ use kube::api::{
 };
 use kube::{Api, Client};
 use serde_json::{Map, Value};
-use whereabouts_core::pool::{Allocation, PoolSpec};
+use whereabouts_core::pool::{Allocation, COOLDOWNS_ANNOTATION, PoolSpec};
 use whereabouts_k8s::client::{ConnectError, Timeouts, connect};
 use whereabouts_k8s::crd::{
     IPPool, IPPoolSpec, NodeSlicePool, OverlappingRangeIPReservation, OverlappingRangeIPReservationSpec,
@@ -103,16 +107,29 @@ pub struct KubeStore {
     leases: Api<Lease>,
     held_leases: Mutex<HashMap<String, HeldLease>>,
     namespace: String,
-    /// Per pool, the allocations of the last read as JSON.
-    last_read: Mutex<HashMap<String, AllocationsAsRead>>,
+    /// Per pool, the allocations and the cooldowns annotation of the last read as JSON.
+    last_read: Mutex<HashMap<String, PoolAsRead>>,
     /// The node-local writer queue: its directory, and what tells this cluster, namespace and node
     /// apart from others sharing it (simulated nodes in tests share one machine).
     lock_dir: PathBuf,
     queue_key: (String, String, String),
 }
 
-/// A pool's allocations as JSON, and the version they were read at.
-type AllocationsAsRead = (Version, Map<String, Value>);
+/// A pool as read: the version, its allocations as JSON and its annotations as JSON.
+struct PoolAsRead {
+    version: Version,
+    allocations: Map<String, Value>,
+    annotations: AnnotationsAsRead,
+}
+
+/// What a read saw of the IPPool's annotations: a patch tests the cooldowns annotation against it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AnnotationsAsRead {
+    /// Whether `metadata.annotations` exists at all (a patch adds the whole map when it does not).
+    pub exist: bool,
+    /// The cooldowns annotation's value.
+    pub cooldowns: Option<String>,
+}
 
 impl std::fmt::Debug for KubeStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -255,6 +272,44 @@ fn test_op(path: PointerBuf, value: Value) -> PatchOperation {
     PatchOperation::Test(TestOperation { path, value })
 }
 
+/// The cooldowns annotation's value for `spec`.
+fn cooldowns_value(spec: &PoolSpec) -> String {
+    serde_json::to_string(&spec.cooldowns).unwrap_or_default()
+}
+
+/// The patch operations that turn `base`'s release cooldowns into `spec`'s, guarded by a `test` of
+/// the annotation as it was read (`annotations`); empty when they are the same.
+pub fn cooldowns_patch(
+    base: &PoolSpec,
+    spec: &PoolSpec,
+    annotations: &AnnotationsAsRead,
+) -> Vec<PatchOperation> {
+    if base.cooldowns == spec.cooldowns {
+        return Vec::new();
+    }
+    let map = PointerBuf::from_tokens(["metadata", "annotations"]);
+    let path = PointerBuf::from_tokens(["metadata", "annotations", COOLDOWNS_ANNOTATION]);
+    let value = Value::String(cooldowns_value(spec));
+    if !annotations.exist {
+        let annotations = Value::Object([(COOLDOWNS_ANNOTATION.to_string(), value)].into_iter().collect());
+        return vec![
+            test_op(map.clone(), Value::Null),
+            PatchOperation::Add(AddOperation { path: map, value: annotations }),
+        ];
+    }
+    let read = annotations.cooldowns.clone().map_or(Value::Null, Value::String);
+    let change = if spec.cooldowns.is_empty() {
+        PatchOperation::Remove(RemoveOperation { path: path.clone() })
+    } else {
+        PatchOperation::Add(AddOperation { path: path.clone(), value })
+    };
+    match (&read, &change) {
+        // Nothing stored and nothing to store (an unreadable value counted as none): nothing to do.
+        (Value::Null, PatchOperation::Remove(_)) => Vec::new(),
+        _ => vec![test_op(path, read), change],
+    }
+}
+
 fn allocation_value(allocation: &Allocation) -> Value {
     serde_json::to_value(allocation).unwrap_or(Value::Null)
 }
@@ -339,10 +394,26 @@ impl Store for KubeStore {
             },
             _ => Map::new(),
         };
+        let annotations = AnnotationsAsRead {
+            exist: object.metadata.annotations.is_some(),
+            cooldowns: object
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(COOLDOWNS_ANNOTATION))
+                .cloned(),
+        };
+        // Ours alone, and only a hint: an unreadable value (a hand edit) counts as no cooldowns.
+        let cooldowns = annotations
+            .cooldowns
+            .as_deref()
+            .and_then(|value| serde_json::from_str(value).ok())
+            .unwrap_or_default();
+        let spec = PoolSpec { cooldowns, ..spec };
         self.last_read
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(name.to_string(), (version.clone(), allocations));
+            .insert(name.to_string(), PoolAsRead { version: version.clone(), allocations, annotations });
         Ok(Some(VersionedPool { spec, version }))
     }
 
@@ -355,8 +426,10 @@ impl Store for KubeStore {
     ) -> Result<Version, StoreError> {
         let location = self.pool_location(name);
         let Some(base) = base else {
+            let annotations = (!spec.cooldowns.is_empty())
+                .then(|| [(COOLDOWNS_ANNOTATION.to_string(), cooldowns_value(spec))].into());
             let pool = IPPool {
-                metadata: ObjectMeta { name: Some(name.to_string()), ..ObjectMeta::default() },
+                metadata: ObjectMeta { name: Some(name.to_string()), annotations, ..ObjectMeta::default() },
                 spec: IPPoolSpec { pool: spec.clone() },
             };
             return match self.pools.create(&PostParams::default(), &pool).await {
@@ -365,11 +438,17 @@ impl Store for KubeStore {
             };
         };
         // Taken, not copied: a write that loses its race is followed by a fresh read.
-        let as_read = match self.last_read.lock().unwrap_or_else(PoisonError::into_inner).remove(name) {
-            Some((version, allocations)) if version == base.version => allocations,
-            _ => Map::new(),
-        };
+        let (as_read, annotations) =
+            match self.last_read.lock().unwrap_or_else(PoisonError::into_inner).remove(name) {
+                Some(read) if read.version == base.version => (read.allocations, read.annotations),
+                // Not our last read: the cooldowns as `base` has them, which a test then compares.
+                _ => {
+                    let cooldowns = (!base.spec.cooldowns.is_empty()).then(|| cooldowns_value(&base.spec));
+                    (Map::new(), AnnotationsAsRead { exist: cooldowns.is_some(), cooldowns })
+                }
+            };
         let mut ops = pool_patch(&base.spec, spec, &as_read);
+        ops.extend(cooldowns_patch(&base.spec, spec, &annotations));
         if ops.is_empty() {
             return Ok(base.version.clone());
         }
@@ -512,6 +591,7 @@ mod tests {
                 .iter()
                 .map(|(k, id)| (k.to_string(), allocation(id)))
                 .collect::<BTreeMap<_, _>>(),
+            ..Default::default()
         }
     }
 
@@ -568,6 +648,7 @@ mod tests {
             PoolSpec {
                 range: "10.0.0.0/24".into(),
                 allocations: entries.into_iter().map(|(k, id)| (k, allocation(&id))).collect(),
+                ..Default::default()
             }
         })
     }

@@ -49,6 +49,9 @@ pub(crate) enum Request {
         addr: String,
         /// The entry as the DEL found it.
         allocation: Allocation,
+        /// When the address's release cooldown ends (Unix seconds), if its network has one.
+        #[serde(default)]
+        cool_until: Option<u64>,
     },
 }
 

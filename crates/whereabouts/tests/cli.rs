@@ -230,7 +230,7 @@ async fn check_finds_planted_inconsistencies_in_the_file_store() {
     let mut allocations: std::collections::BTreeMap<String, Allocation> =
         [("1".to_string(), allocation("intruder")), ("x".to_string(), allocation("odd"))].into();
     allocations.insert("2".into(), allocation("web-1"));
-    let spec = PoolSpec { range: "192.0.2.0/25".into(), allocations };
+    let spec = PoolSpec { range: "192.0.2.0/25".into(), allocations, ..Default::default() };
     store.write_pool("192.0.2.0-25", &spec, None, None).await.expect("plant a pool");
 
     let table = cli_table(&["check", "--file-store-dir", &d], 1);
@@ -444,7 +444,11 @@ async fn kubernetes_pools_ips_release_and_check() {
     reservations.create(&PostParams::default(), &orip).await.expect("plant a reservation");
     let mut intruder = allocation("intruder");
     intruder.pod_ref = format!("{ns}/intruder");
-    let spec = PoolSpec { range: "192.0.2.0/25".into(), allocations: [("1".to_string(), intruder)].into() };
+    let spec = PoolSpec {
+        range: "192.0.2.0/25".into(),
+        allocations: [("1".to_string(), intruder)].into(),
+        ..Default::default()
+    };
     let pools: Api<IPPool> = Api::namespaced(cluster.client(), ns);
     pools
         .create(&PostParams::default(), &IPPool::new("192.0.2.0-25", IPPoolSpec { pool: spec }))
@@ -633,7 +637,7 @@ async fn plant_pool(cluster: &TestCluster, name: &str, range: &str, entries: &[(
             (key.to_string(), held)
         })
         .collect();
-    let spec = PoolSpec { range: range.into(), allocations };
+    let spec = PoolSpec { range: range.into(), allocations, ..Default::default() };
     Api::<IPPool>::namespaced(cluster.client(), cluster.namespace())
         .create(&PostParams::default(), &IPPool::new(name, IPPoolSpec { pool: spec }))
         .await

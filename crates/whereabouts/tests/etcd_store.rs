@@ -1449,7 +1449,11 @@ fn pool_writes_are_compare_and_swap() {
             EtcdStore::connect(&settings).await.expect("connect"),
             EtcdStore::connect(&settings).await.expect("connect"),
         );
-        let spec = whereabouts_core::pool::PoolSpec { range: V4.into(), allocations: Default::default() };
+        let spec = whereabouts_core::pool::PoolSpec {
+            range: V4.into(),
+            allocations: Default::default(),
+            ..Default::default()
+        };
         let created = first.write_pool("p", &spec, None, None).await.expect("create");
         assert_eq!(second.write_pool("p", &spec, None, None).await, Err(StoreError::Conflict));
         let read = second.read_pool("p").await.expect("read").expect("exists");

@@ -132,6 +132,7 @@ fn spec(range: &str, entries: &[(&str, &str)]) -> PoolSpec {
     PoolSpec {
         range: range.into(),
         allocations: entries.iter().map(|(key, pod)| (key.to_string(), entry(pod))).collect(),
+        ..Default::default()
     }
 }
 
@@ -302,6 +303,7 @@ async fn a_pool_as_upstream_writes_it_reads_back_unchanged() {
                 },
             ),
         ]),
+        ..Default::default()
     };
     assert_eq!(read.spec, expected);
     cluster.cleanup().await;

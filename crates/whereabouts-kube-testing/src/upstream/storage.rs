@@ -181,7 +181,11 @@ impl Store {
                 let pool = IPPool {
                     metadata: ObjectMeta { name: Some(name.to_string()), ..ObjectMeta::default() },
                     spec: IPPoolSpec {
-                        pool: PoolSpec { range: range.to_string(), allocations: BTreeMap::new() },
+                        pool: PoolSpec {
+                            range: range.to_string(),
+                            allocations: BTreeMap::new(),
+                            ..Default::default()
+                        },
                     },
                 };
                 match self.pools.create(&PostParams::default(), &pool).await {
@@ -364,6 +368,7 @@ mod tests {
         PoolSpec {
             range: range.into(),
             allocations: entries.iter().cloned().map(|(k, a)| (k.to_string(), a)).collect(),
+            ..Default::default()
         }
     }
 
