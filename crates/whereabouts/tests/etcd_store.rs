@@ -1544,3 +1544,21 @@ fn engines_on_different_nodes_never_duplicate() {
     assert_eq!(ledger.len(), NODES * PODS_PER_NODE);
     assert_ledger(&snapshot(&etcd, DEFAULT_PREFIX), &ledger);
 }
+
+/// `release_cooldown` on etcd: the release time is stored in the pool's value beside upstream's spec
+/// fields, by the DEL's own transaction, and the next ADD passes the address over.
+#[test]
+fn a_released_address_cools_down_in_the_pool_value() {
+    if !etcd_or_skip() {
+        return;
+    }
+    let etcd = EtcdCluster::single();
+    let conf = netconf(&with(&without(&ipam(&etcd), &["ipRanges"]), "release_cooldown", json!("1h")));
+    let first = Pod::new("cool-a");
+    assert_eq!(add(&first, &conf), ["192.0.2.1/24"]);
+    del(&first, &conf);
+    let stored = raw_json(&etcd, &format!("{DEFAULT_PREFIX}pools/192.0.2.0-24"));
+    assert_eq!(stored["allocations"], json!({}), "{stored}");
+    assert!(stored["cooldowns"]["1"].as_u64().is_some(), "{stored}");
+    assert_eq!(add(&Pod::new("cool-b"), &conf), ["192.0.2.2/24"], "the released .1 cools down");
+}
