@@ -270,6 +270,7 @@ async fn dispatch(
                 node: node.clone(),
                 cni_network: Some(netconf.name.clone()),
                 pod_uid: args.pod_uid(),
+                statefulset: None,
             };
             tracing::debug!("ADD {} {} pod {:?}", env.container_id, env.ifname, owner.pod_ref);
             let allocated = ipam.allocate(&config, &owner).await?;

@@ -163,6 +163,7 @@ mod tests {
             node: None,
             cni_network: None,
             pod_uid: uid.map(Into::into),
+            statefulset: None,
         }
     }
 

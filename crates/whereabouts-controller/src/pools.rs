@@ -229,6 +229,7 @@ mod tests {
                     node: None,
                     cni_network: None,
                     pod_uid: None,
+                    statefulset: None,
                 };
                 (key.to_string(), allocation)
             })
@@ -313,6 +314,7 @@ mod tests {
                 node: node.map(Into::into),
                 cni_network: None,
                 pod_uid: None,
+                statefulset: None,
             };
             let network = parse_cidr_strict(range).unwrap();
             Found { pool: PoolTarget { name: pool.into(), network }, ip: ip.parse().unwrap(), allocation }

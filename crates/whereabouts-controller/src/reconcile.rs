@@ -365,6 +365,7 @@ mod tests {
                 node: node.map(Into::into),
                 cni_network: None,
                 pod_uid: uid.map(Into::into),
+                statefulset: None,
             },
         }
     }

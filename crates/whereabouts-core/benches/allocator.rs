@@ -22,6 +22,7 @@ fn owner(n: usize) -> Owner {
         node: Some("node-1".into()),
         cni_network: Some("bench".into()),
         pod_uid: None,
+        statefulset: None,
     }
 }
 

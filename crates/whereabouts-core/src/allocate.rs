@@ -318,6 +318,7 @@ mod tests {
             node: Some("node-a".into()),
             cni_network: Some("net".into()),
             pod_uid: None,
+            statefulset: None,
         }
     }
     fn take(r: &IpRange, pool: &mut Pool, n: usize) -> IpAddr {

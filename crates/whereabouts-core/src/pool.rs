@@ -42,9 +42,27 @@ pub struct Allocation {
     /// holds the address from a newer pod of the same name, so the controller never has to guess.
     #[serde(rename = "poduid", default, skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
+    /// The StatefulSet that owns the pod, recorded by networks with `sticky_statefulsets` (additive;
+    /// upstream ignores it): DEL then holds the address for the pod's next sandbox instead of
+    /// releasing it, until the controller sees the StatefulSet no longer wants the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statefulset: Option<String>,
 }
 
 impl Allocation {
+    /// Whether the address is held for a StatefulSet's pod between two of its sandboxes: a sticky
+    /// entry whose sandbox's DEL has run ([`Allocation::held`]).
+    pub fn is_held(&self) -> bool {
+        self.statefulset.is_some() && self.container_id.is_empty()
+    }
+
+    /// This sticky entry as DEL leaves it: no sandbox (`id` empty, which no CNI call's container ID
+    /// matches, so upstream's DEL leaves it alone too) and no node (CNI GC of the node it was on
+    /// leaves it alone), pod, interface and StatefulSet kept for the pod's next ADD on any node.
+    pub fn held(&self) -> Allocation {
+        Allocation { container_id: String::new(), node: None, ..self.clone() }
+    }
+
     /// Whether two records name the same holder: container, pod and interface. The additive fields
     /// (`node`, `network`, `poduid`) are left out: a cluster still on upstream's CRDs prunes them, so a record
     /// read back may lack them.
@@ -120,6 +138,9 @@ pub struct Owner {
     pub cni_network: Option<String>,
     /// `K8S_POD_UID` from `CNI_ARGS`.
     pub pod_uid: Option<String>,
+    /// The StatefulSet owning the pod, when the network has `sticky_statefulsets`.
+    #[serde(default)]
+    pub statefulset: Option<String>,
 }
 
 impl Owner {
@@ -132,6 +153,7 @@ impl Owner {
             node: self.node.clone(),
             cni_network: self.cni_network.clone(),
             pod_uid: self.pod_uid.clone(),
+            statefulset: self.statefulset.clone(),
         }
     }
 }
@@ -526,6 +548,7 @@ mod tests {
             node: None,
             cni_network: None,
             pod_uid: None,
+            statefulset: None,
         }
     }
 
@@ -629,6 +652,7 @@ mod tests {
             node: None,
             cni_network: None,
             pod_uid: None,
+            statefulset: None,
         };
         assert!(alloc("a").is_owned_by(&k8s), "a new container of the same pod owns it");
         let plain = Owner { container_id: "c1".into(), pod_ref: None, ..k8s.clone() };
@@ -687,7 +711,7 @@ mod tests {
                         prop_assert_eq!(pool.container_addresses(&id, &ifname).first().copied(), scan);
                         for pod_ref in [Some(format!("ns/c{who}")), None] {
                             let owner = Owner {
-                                container_id: id.clone(), pod_ref, ifname: ifname.clone(), node: None, cni_network: None, pod_uid: None,
+                                container_id: id.clone(), pod_ref, ifname: ifname.clone(), node: None, cni_network: None, pod_uid: None, statefulset: None,
                             };
                             let scan = pool.allocations.iter().find(|(_, a)| a.is_owned_by(&owner)).map(|(x, _)| *x);
                             prop_assert_eq!(pool.owned(&owner).first().copied(), scan);

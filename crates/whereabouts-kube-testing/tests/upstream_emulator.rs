@@ -61,6 +61,7 @@ fn allocation(container: &str, pod_ref: &str) -> Allocation {
         node: None,
         cni_network: None,
         pod_uid: None,
+        statefulset: None,
     }
 }
 

@@ -405,6 +405,7 @@ mod tests {
                                     node: None,
                                     cni_network: None,
                                     pod_uid: None,
+                                    statefulset: None,
                                 },
                             );
                             match store.write_pool("p", &s, current.as_ref(), None).await {

@@ -581,6 +581,7 @@ mod tests {
             node: None,
             cni_network: None,
             pod_uid: None,
+            statefulset: None,
         }
     }
 

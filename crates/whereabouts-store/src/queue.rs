@@ -278,6 +278,7 @@ mod tests {
             node: Some("node-a".into()),
             cni_network: Some("net".into()),
             pod_uid: None,
+            statefulset: None,
         }
     }
 

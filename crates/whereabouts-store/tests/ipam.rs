@@ -76,6 +76,7 @@ fn owner(n: usize) -> Owner {
         node: None,
         cni_network: None,
         pod_uid: None,
+        statefulset: None,
     }
 }
 
@@ -88,6 +89,7 @@ fn bare_owner(container_id: &str) -> Owner {
         node: None,
         cni_network: None,
         pod_uid: None,
+        statefulset: None,
     }
 }
 

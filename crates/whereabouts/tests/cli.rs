@@ -207,6 +207,7 @@ fn allocation(pod: &str) -> Allocation {
         node: None,
         cni_network: None,
         pod_uid: None,
+        statefulset: None,
     }
 }
 

@@ -1524,6 +1524,7 @@ fn engines_on_different_nodes_never_duplicate() {
                         node: Some(format!("node-{node}")),
                         cni_network: Some(NETWORK.into()),
                         pod_uid: None,
+                        statefulset: None,
                     };
                     let allocated = ipam.allocate(&config, &owner).await.expect("allocate");
                     let addresses =

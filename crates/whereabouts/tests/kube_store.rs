@@ -125,6 +125,7 @@ fn entry(pod: &str) -> Allocation {
         node: None,
         cni_network: None,
         pod_uid: None,
+        statefulset: None,
     }
 }
 
@@ -289,6 +290,7 @@ async fn a_pool_as_upstream_writes_it_reads_back_unchanged() {
                     node: None,
                     cni_network: None,
                     pod_uid: None,
+                    statefulset: None,
                 },
             ),
             (
@@ -300,6 +302,7 @@ async fn a_pool_as_upstream_writes_it_reads_back_unchanged() {
                     node: None,
                     cni_network: None,
                     pod_uid: None,
+                    statefulset: None,
                 },
             ),
         ]),

@@ -89,6 +89,7 @@ fn encode(decoded: &Decoded, list: &[Reservation]) -> Result<BTreeMap<String, Al
             node: None,
             cni_network: None,
             pod_uid: None,
+            statefulset: None,
         };
         allocations.insert(key, allocation);
     }
@@ -361,6 +362,7 @@ mod tests {
             node: None,
             cni_network: None,
             pod_uid: None,
+            statefulset: None,
         }
     }
 
