@@ -31,6 +31,7 @@ pub mod error;
 pub mod logging;
 pub mod result;
 pub mod slices;
+pub mod sticky;
 pub mod version;
 
 use env::{CniEnv, Command, is_valid_name};
@@ -248,9 +249,22 @@ async fn dispatch(
     };
     let deadline = Instant::now() + budget;
     let node = node_name(&env, &config, host);
+    if purpose == Purpose::Allocate {
+        sticky::check(&config).map_err(not_available)?;
+    }
     let node_slices = slices::prepare(&config, purpose, node.as_deref()).map_err(not_available)?;
     let store = open_store(&config.datastore, node.as_deref(), deadline).await.map_err(not_available)?;
+    // A StatefulSet's pod may hold its address in another node's slice pool (see `sticky`).
+    let sticky_slice = match config.node_slice_size {
+        Some(_) if config.sticky_statefulsets => config.ranges.first().cloned(),
+        _ => None,
+    };
     slices::apply(node_slices, &mut config, &store, &netconf.name, purpose).await.map_err(not_available)?;
+    if let Some(first) = &sticky_slice
+        && env.command == Command::Del
+    {
+        sticky::widen_release(&mut config, &store, first).await?;
+    }
     let ipam = Ipam::new(&store).with_deadline(deadline);
 
     match env.command {
@@ -270,8 +284,11 @@ async fn dispatch(
                 node: node.clone(),
                 cni_network: Some(netconf.name.clone()),
                 pod_uid: args.pod_uid(),
-                statefulset: None,
+                statefulset: sticky::statefulset_of(&config, &store, &args).await?,
             };
+            if let Some(first) = &sticky_slice {
+                sticky::follow_held_entry(&mut config, &store, &ipam, first, &owner).await?;
+            }
             tracing::debug!("ADD {} {} pod {:?}", env.container_id, env.ifname, owner.pod_ref);
             let allocated = ipam.allocate(&config, &owner).await?;
             let result = IpamResult::new(&config, &allocated);

@@ -905,6 +905,8 @@ impl<'s, S: Store> Ipam<'s, S> {
 
     /// Releases what (`container_id`, `ifname`) holds in every range (upstream stops at the first range
     /// without an allocation and leaks the others). Keeps going after an error and returns the first.
+    /// With `sticky_statefulsets`, the entries of a StatefulSet's pod are held for its next sandbox
+    /// instead ([`Allocation::held`]) and not counted as released.
     pub async fn release(
         &self,
         config: &IpamConfig,
@@ -930,6 +932,10 @@ impl<'s, S: Store> Ipam<'s, S> {
                     })
                     .await?;
                 for (ip, allocation) in held {
+                    if config.sticky_statefulsets && allocation.statefulset.is_some() {
+                        self.hold_entry(deadline, target, to_u128(ip), &allocation).await?;
+                        continue;
+                    }
                     if self.release_entry(deadline, config, target, ip, &allocation, cool_until).await? {
                         released.push(ip);
                     }
@@ -941,6 +947,26 @@ impl<'s, S: Store> Ipam<'s, S> {
             }
         }
         first_error.map_or(Ok(released), Err)
+    }
+
+    /// Keeps the entry of a StatefulSet's pod for the pod's next sandbox (a DEL with
+    /// `sticky_statefulsets`): rewritten as [`Allocation::held`] if it is still exactly `allocation`,
+    /// its reservation left as it is (the next ADD takes it over, as it takes the entry over).
+    async fn hold_entry(
+        &self,
+        deadline: Instant,
+        target: &PoolTarget,
+        addr: u128,
+        allocation: &Allocation,
+    ) -> Result<(), IpamError> {
+        self.update_pool(deadline, &target.name, target.network, |pool, _| {
+            let still = pool.get(addr) == Some(allocation);
+            if still {
+                pool.insert(addr, allocation.held());
+            }
+            Ok(Change { value: (), changed: still })
+        })
+        .await
     }
 
     /// Releases allocations of one pool found by looking at the stored state (the controller's way):
@@ -996,6 +1022,23 @@ impl<'s, S: Store> Ipam<'s, S> {
     /// found by the controller: no pool entry stood behind it).
     pub async fn release_reservation(&self, judged: &JudgedReservation) -> Result<Deletion, IpamError> {
         self.delete_judged(self.deadline(), judged).await
+    }
+
+    /// The first of `candidates` whose pool holds an address of `owner` (its pod and interface): where
+    /// a StatefulSet's pod's address is held when it may be another node's slice pool.
+    pub async fn find_owner<'r>(
+        &self,
+        candidates: &'r [ManagedRange],
+        owner: &Owner,
+    ) -> Result<Option<&'r ManagedRange>, IpamError> {
+        let deadline = self.deadline();
+        for candidate in candidates {
+            let PoolTarget { name, network } = &candidate.pool;
+            if self.inspect(deadline, name, *network, |pool| !pool.owned(owner).is_empty()).await? {
+                return Ok(Some(candidate));
+            }
+        }
+        Ok(None)
     }
 
     /// The address (`container_id`, `ifname`) holds in each range, in range order (for CHECK).

@@ -82,6 +82,7 @@ use whereabouts_k8s::crd::{
     IPPool, IPPoolSpec, NodeSlicePool, OverlappingRangeIPReservation, OverlappingRangeIPReservationSpec,
 };
 use whereabouts_k8s::k8s_openapi::api::coordination::v1::Lease;
+use whereabouts_k8s::k8s_openapi::api::core::v1::Pod;
 use whereabouts_k8s::kube;
 
 use crate::lock::{DEFAULT_LOCK_DIR, node_local_lock, queue_path};
@@ -105,6 +106,8 @@ pub struct KubeStore {
     node_slice_pools: Api<NodeSlicePool>,
     /// The pools' Leases, and those this process holds, by pool.
     leases: Api<Lease>,
+    /// For pods, in their own namespaces (`sticky_statefulsets`).
+    client: Client,
     held_leases: Mutex<HashMap<String, HeldLease>>,
     namespace: String,
     /// Per pool, the allocations and the cooldowns annotation of the last read as JSON.
@@ -150,7 +153,8 @@ impl KubeStore {
             ),
             reservations: Api::namespaced(client.clone(), namespace),
             node_slice_pools: Api::namespaced(client.clone(), namespace),
-            leases: Api::namespaced(client, namespace),
+            leases: Api::namespaced(client.clone(), namespace),
+            client,
             held_leases: Mutex::new(HashMap::new()),
             namespace: namespace.to_string(),
             last_read: Mutex::new(HashMap::new()),
@@ -208,6 +212,22 @@ impl KubeStore {
             .flat_map(|status| &status.allocations)
             .find_map(|a| (!node.is_empty() && a.node_name == node).then(|| a.slice_range.clone()));
         Ok(Some(NodeSliceAssignment { range: pool.spec.range, slice_size: pool.spec.slice_size, slice }))
+    }
+}
+
+impl KubeStore {
+    /// The StatefulSet that owns the pod `namespace/name`: the name in its owner reference of kind
+    /// `StatefulSet` (group `apps`). `None` when the pod is owned otherwise or does not exist.
+    pub async fn pod_statefulset(&self, namespace: &str, name: &str) -> Result<Option<String>, StoreError> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let location = format!("Pod {namespace}/{name}");
+        let pod = pods.get_opt(name).await.map_err(|e| store_error(&location, e))?;
+        Ok(pod.and_then(|pod| {
+            pod.metadata.owner_references.into_iter().flatten().find_map(|owner| {
+                let apps = owner.api_version.split_once('/').is_some_and(|(group, _)| group == "apps");
+                (apps && owner.kind == "StatefulSet").then_some(owner.name)
+            })
+        }))
     }
 }
 
