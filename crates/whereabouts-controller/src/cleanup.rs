@@ -17,12 +17,13 @@
 //!
 //! Pods deleted while the watch was down (no delete event) are noticed when the watch lists again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::api::Api;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -31,10 +32,11 @@ use tokio::sync::Notify;
 
 use crate::Context;
 use crate::index::PoolIndex;
-use crate::judge::{FINISHED_GRACE, KeepReason, PodView, Verdict, judge};
+use crate::judge::{FINISHED_GRACE, KeepReason, PodView, StatefulSets, Verdict, WantedOrdinals, judge};
 use crate::metrics::Source;
 use crate::network_status::{ANNOTATION, NetworkStatus};
 use crate::pools::{Found, reservations_of};
+use crate::reconcile::{wanted_ordinals, wanted_ordinals_of};
 use crate::release::{Plan, Release};
 
 /// How many times a pod's cleanup is tried before it is given up.
@@ -177,7 +179,64 @@ pub async fn run(ctx: Context, index: PoolIndex, node: Option<String>) {
         ctx.client.clone(),
         Reporter { controller: COMPONENT.into(), instance: node.clone().or_else(hostname) },
     );
-    tokio::join!(watch_pods(&ctx, &index, &queue, node.as_deref()), work(&ctx, &index, &queue, &recorder));
+    // Node mode leaves StatefulSets to the cluster's controller: every node would react to each one.
+    let statefulsets = async {
+        if node.is_none() {
+            watch_statefulsets(&ctx, &index, &queue).await;
+        }
+    };
+    tokio::join!(
+        watch_pods(&ctx, &index, &queue, node.as_deref()),
+        statefulsets,
+        work(&ctx, &index, &queue, &recorder)
+    );
+}
+
+/// Queues the pods holding sticky addresses of a StatefulSet that was deleted or now wants fewer
+/// ordinals (scaled down, or its `ordinals.start` moved): their held addresses may be released now,
+/// with no pod deletion to announce it (the pod may be gone already, between two sandboxes).
+async fn watch_statefulsets(ctx: &Context, index: &PoolIndex, queue: &Queue) {
+    let api: Api<StatefulSet> = Api::all(ctx.client.clone());
+    let mut wanted: HashMap<(String, String), WantedOrdinals> = HashMap::new();
+    let mut events = Box::pin(watcher(api, watcher::Config::default()).default_backoff());
+    while let Some(event) = events.next().await {
+        let (statefulset, deleted) = match event {
+            Ok(watcher::Event::InitApply(s) | watcher::Event::Apply(s)) => (s, false),
+            Ok(watcher::Event::Delete(s)) => (s, true),
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => continue,
+            Err(e) => {
+                tracing::warn!("watching statefulsets: {e}");
+                continue;
+            }
+        };
+        let (Some(namespace), Some(name)) = (statefulset.metadata.namespace, statefulset.metadata.name)
+        else {
+            continue;
+        };
+        let key = (namespace, name);
+        let now = wanted_ordinals_of(statefulset.spec.as_ref());
+        let before = if deleted { wanted.remove(&key) } else { wanted.insert(key.clone(), now) };
+        let fewer = deleted || before.is_some_and(|before| !now.covers(before));
+        if !fewer {
+            continue;
+        }
+        let (namespace, name) = key;
+        let pods = index.read().pods_of_statefulset(&namespace, &name);
+        for pod_ref in pods {
+            let Some((pod_namespace, pod)) = pod_ref.split_once('/') else { continue };
+            tracing::debug!("StatefulSet {namespace}/{name} wants fewer pods: judging {pod_ref}");
+            let gone = Gone {
+                namespace: pod_namespace.to_string(),
+                name: pod.to_string(),
+                uid: String::new(),
+                network_status: None,
+                attempts: 0,
+                settled: true,
+                not_before: Instant::now(),
+            };
+            queue.push(gone, &ctx.metrics);
+        }
+    }
 }
 
 fn hostname() -> Option<String> {
@@ -321,6 +380,45 @@ async fn work(ctx: &Context, index: &PoolIndex, queue: &Queue, recorder: &Record
     }
 }
 
+/// `namespace/name` of the StatefulSet a sticky allocation records.
+fn statefulset_key(found: &Found) -> Option<String> {
+    let statefulset = found.allocation.statefulset.as_deref()?;
+    let (namespace, _) = found.allocation.pod_ref.split_once('/')?;
+    Some(format!("{namespace}/{statefulset}"))
+}
+
+/// Looks up now the StatefulSets that the sticky allocations among `found` record; also returns those
+/// that could not be looked up (their pods' allocations are left for the next attempt).
+async fn look_up_statefulsets(
+    ctx: &Context,
+    found: impl Iterator<Item = &Found>,
+) -> (StatefulSets, HashSet<String>) {
+    let keys: BTreeSet<String> = found.filter_map(statefulset_key).collect();
+    let lookups = futures::stream::iter(keys.into_iter().map(|key| async move {
+        let (namespace, name) = key.split_once('/').unwrap_or_default();
+        let found = Api::<StatefulSet>::namespaced(ctx.client.clone(), namespace).get_opt(name).await;
+        (key, found)
+    }))
+    .buffered(PARALLEL)
+    .collect::<Vec<_>>()
+    .await;
+    let (mut known, mut unknown) = (StatefulSets::default(), HashSet::new());
+    for (key, found) in lookups {
+        match found {
+            Ok(Some(statefulset)) => {
+                let (namespace, name) = key.split_once('/').unwrap_or_default();
+                known.insert(namespace, name, wanted_ordinals(&statefulset));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!("looking up StatefulSet {key}: {e}");
+                unknown.insert(key);
+            }
+        }
+    }
+    (known, unknown)
+}
+
 /// Cleans up a batch of pods.
 async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Gone>) -> Outcome {
     // What each pod holds, from the index; pods holding nothing need no lookup. The pool watch may
@@ -349,12 +447,17 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
     .buffered(PARALLEL)
     .collect::<Vec<_>>()
     .await;
+    let (statefulsets, unknown) = look_up_statefulsets(ctx, holdings.iter().flat_map(|(_, held)| held)).await;
     let mut failed = vec![false; holdings.len()];
     let mut finishing = vec![false; holdings.len()];
     let mut plan = Plan::default();
     {
         let contents = index.read();
         for (i, ((gone, held), lookup)) in holdings.iter().zip(lookups).enumerate() {
+            if held.iter().any(|found| statefulset_key(found).is_some_and(|key| unknown.contains(&key))) {
+                failed[i] = true;
+                continue;
+            }
             let now = match lookup {
                 Ok(pod) => pod.as_ref().map(pod_view),
                 Err(e) => {
@@ -364,7 +467,7 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
                 }
             };
             for found in held {
-                match judge(&found.allocation, found.ip, now.as_ref()) {
+                match judge(&found.allocation, found.ip, now.as_ref(), &statefulsets) {
                     Verdict::Release(reason) => {
                         let reservations = reservations_of(found, contents.reservations.iter());
                         plan.add(Release { found: found.clone(), reason, reservations, tag: i });

@@ -61,6 +61,19 @@ impl Contents {
             .collect()
     }
 
+    /// The pod references whose allocations record StatefulSet `namespace/name` (sticky ones).
+    pub fn pods_of_statefulset(&self, namespace: &str, name: &str) -> BTreeSet<String> {
+        self.pools
+            .values()
+            .flatten()
+            .filter(|found| {
+                found.allocation.statefulset.as_deref() == Some(name)
+                    && found.allocation.pod_ref.split_once('/').is_some_and(|(ns, _)| ns == namespace)
+            })
+            .map(|found| found.allocation.pod_ref.clone())
+            .collect()
+    }
+
     fn set_pool(&mut self, name: &str, found: Vec<Found>) {
         self.remove_pool(name);
         for entry in &found {

@@ -25,9 +25,17 @@
 //! A pod being deleted (with a `deletionTimestamp`) keeps its addresses until it is gone: its
 //! containers may still be running through their grace period.
 //!
+//! An allocation of a StatefulSet's pod on a network with `sticky_statefulsets` (it records the
+//! StatefulSet) is kept, whatever the pod's state, while the StatefulSet wants the pod: it exists and
+//! the pod's ordinal (the number its name ends in) lies in `spec.ordinals.start` ..
+//! `start + spec.replicas`. The pod is then between two sandboxes (rescheduled, restarted) and its next
+//! ADD, on any node, takes the address back. Once the StatefulSet is scaled below the ordinal or
+//! deleted, the allocation is judged as any other.
+//!
 //! A release is still a compare-and-swap on the allocation as it was read, so an allocation that changed
 //! since (a new sandbox of the pod took it over) is never released on the strength of an old reading.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -76,9 +84,55 @@ impl PodView {
     }
 }
 
+/// Which ordinals a StatefulSet wants: `start .. start + replicas`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WantedOrdinals {
+    /// `spec.ordinals.start` (0 when unset).
+    pub start: u32,
+    /// `spec.replicas` (1 when unset, as the API server defaults it).
+    pub replicas: u32,
+}
+
+impl WantedOrdinals {
+    /// Whether every ordinal `other` wants is wanted here too.
+    pub fn covers(self, other: WantedOrdinals) -> bool {
+        let end = |w: WantedOrdinals| u64::from(w.start) + u64::from(w.replicas);
+        other.replicas == 0 || (self.start <= other.start && end(self) >= end(other))
+    }
+}
+
+/// What the controller knows of the StatefulSets that sticky allocations name: their wanted ordinals
+/// by `namespace/name`; a StatefulSet absent from it does not exist.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatefulSets(HashMap<String, WantedOrdinals>);
+
+impl StatefulSets {
+    /// Records that StatefulSet `namespace/name` exists and wants `ordinals`.
+    pub fn insert(&mut self, namespace: &str, name: &str, ordinals: WantedOrdinals) {
+        self.0.insert(format!("{namespace}/{name}"), ordinals);
+    }
+
+    /// Whether the StatefulSet that `allocation` records still wants its pod (see the module).
+    pub fn want(&self, allocation: &Allocation) -> bool {
+        let Some(statefulset) = &allocation.statefulset else { return false };
+        let Some((namespace, pod)) = allocation.pod_ref.split_once('/') else { return false };
+        let Some(wanted) = self.0.get(&format!("{namespace}/{statefulset}")) else { return false };
+        pod.strip_prefix(statefulset.as_str())
+            .and_then(|rest| rest.strip_prefix('-'))
+            .filter(|ordinal| ordinal.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|ordinal| ordinal.parse::<u32>().ok())
+            .is_some_and(|ordinal| {
+                ordinal >= wanted.start
+                    && u64::from(ordinal) < u64::from(wanted.start) + u64::from(wanted.replicas)
+            })
+    }
+}
+
 /// Why an allocation is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeepReason {
+    /// Its pod is a StatefulSet's that the StatefulSet still wants (sticky; see the module).
+    StatefulSetWants,
     /// It has no pod reference: a container outside Kubernetes, which only its DEL releases.
     NotAPod,
     /// The pod it was allocated to (same uid) still exists and has not finished.
@@ -104,10 +158,19 @@ pub enum Verdict {
 }
 
 /// Decides whether `allocation` of `ip` is still held by its pod, where `pod` is the pod now found
-/// under its `podref` (`None` when there is none).
-pub fn judge(allocation: &Allocation, ip: IpAddr, pod: Option<&PodView>) -> Verdict {
+/// under its `podref` (`None` when there is none) and `statefulsets` what is known of the
+/// StatefulSets sticky allocations name.
+pub fn judge(
+    allocation: &Allocation,
+    ip: IpAddr,
+    pod: Option<&PodView>,
+    statefulsets: &StatefulSets,
+) -> Verdict {
     if allocation.pod_ref.is_empty() {
         return Verdict::Keep(KeepReason::NotAPod);
+    }
+    if statefulsets.want(allocation) {
+        return Verdict::Keep(KeepReason::StatefulSetWants);
     }
     let Some(pod) = pod else { return Verdict::Release(ReleaseReason::PodGone) };
     let recorded_uid_is_pods = allocation.pod_uid.as_deref().map(|uid| pod.is(uid));
@@ -150,6 +213,62 @@ mod tests {
     use crate::network_status::NetworkStatus;
 
     const IP: &str = "192.0.2.10";
+
+    /// The judgement with no StatefulSet known (the allocations of these tests are not sticky).
+    fn judge(allocation: &Allocation, ip: IpAddr, pod: Option<&PodView>) -> Verdict {
+        super::judge(allocation, ip, pod, &StatefulSets::default())
+    }
+
+    fn sticky(pod: &str, statefulset: &str) -> Allocation {
+        Allocation {
+            container_id: String::new(),
+            pod_ref: format!("default/{pod}"),
+            statefulset: Some(statefulset.into()),
+            ..allocation(Some("u1"))
+        }
+    }
+
+    fn web(start: u32, replicas: u32) -> StatefulSets {
+        let mut known = StatefulSets::default();
+        known.insert("default", "web", WantedOrdinals { start, replicas });
+        known
+    }
+
+    #[test]
+    fn a_statefulset_keeps_the_addresses_of_the_ordinals_it_wants() {
+        let gone = None;
+        for (pod, known, kept) in [
+            ("web-0", web(0, 3), true),
+            ("web-2", web(0, 3), true),
+            ("web-3", web(0, 3), false),
+            ("web-2", web(0, 2), false),
+            ("web-4", web(3, 2), true),
+            ("web-2", web(3, 2), false),
+            ("web-5", web(3, 2), false),
+            ("web-0", StatefulSets::default(), false),
+            ("web-x", web(0, 3), false),
+            ("web-01", web(0, 3), true),
+            ("webby-0", web(0, 3), false),
+        ] {
+            let verdict = super::judge(&sticky(pod, "web"), ip(), gone, &known);
+            let expected = if kept {
+                Verdict::Keep(KeepReason::StatefulSetWants)
+            } else {
+                Verdict::Release(ReleaseReason::PodGone)
+            };
+            assert_eq!(verdict, expected, "{pod} with {known:?}");
+        }
+        // Another namespace's StatefulSet of the same name wants nothing of ours.
+        let mut elsewhere = StatefulSets::default();
+        elsewhere.insert("other", "web", WantedOrdinals { start: 0, replicas: 3 });
+        assert_eq!(
+            super::judge(&sticky("web-0", "web"), ip(), None, &elsewhere),
+            Verdict::Release(ReleaseReason::PodGone)
+        );
+        // An allocation that records no StatefulSet is judged as ever.
+        let plain = Allocation { pod_ref: "default/web-0".into(), ..allocation(Some("u1")) };
+        assert_eq!(super::judge(&plain, ip(), None, &web(0, 3)), Verdict::Release(ReleaseReason::PodGone));
+    }
 
     fn ip() -> IpAddr {
         IP.parse().unwrap()
@@ -314,6 +433,32 @@ mod tests {
     }
 
     proptest! {
+        /// A sticky allocation is kept whatever its pod's state while its StatefulSet wants the pod, and
+        /// judged exactly as a plain one otherwise.
+        #[test]
+        fn stickiness_only_ever_keeps(
+            ordinal in 0u32..8,
+            start in 0u32..4,
+            replicas in 0u32..6,
+            exists in any::<bool>(),
+            phase in prop::sample::select(vec!["Pending", "Running", "Succeeded", "Failed"]),
+            listed in any::<bool>(),
+        ) {
+            let allocation = sticky(&format!("web-{ordinal}"), "web");
+            let known = if exists { web(start, replicas) } else { StatefulSets::default() };
+            let pod = pod("u2", phase, Some(status(if listed { &[IP] } else { &[] })));
+            for pod in [None, Some(&pod)] {
+                let verdict = super::judge(&allocation, ip(), pod, &known);
+                let wanted = exists && ordinal >= start && ordinal < start + replicas;
+                if wanted {
+                    prop_assert_eq!(verdict, Verdict::Keep(KeepReason::StatefulSetWants));
+                } else {
+                    let plain = Allocation { statefulset: None, ..allocation.clone() };
+                    prop_assert_eq!(verdict, judge(&plain, ip(), pod));
+                }
+            }
+        }
+
         /// The safety property: an allocation whose recorded uid is the live, unfinished pod's is kept,
         /// and so is any allocation of a live pod whose network-status is not written yet or lists it,
         /// whatever uid it records (a stale one, after upstream's plugin took the entry over).

@@ -21,6 +21,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use serde::de::DeserializeOwned;
@@ -31,7 +32,7 @@ use whereabouts_store::{Deletion, Reservation, ReserveOutcome, VersionedReservat
 
 use crate::Context;
 use crate::cleanup::{COMPONENT, pod_view};
-use crate::judge::{KeepReason, PodView, Verdict, judge};
+use crate::judge::{KeepReason, PodView, StatefulSets, Verdict, WantedOrdinals, judge};
 use crate::metrics::{ReleaseReason, RunLabels, RunResult, Source};
 use crate::pools::{
     Found, allocations, holder, list_decoded, names_address, reservation_name_for, reservations_of,
@@ -92,6 +93,8 @@ pub struct Listings {
     pub unreadable_pools: Vec<String>,
     /// What is known of each pod, by `namespace/name`.
     pub pods: HashMap<String, PodView>,
+    /// The StatefulSets, for sticky allocations (listed with the pods).
+    pub statefulsets: StatefulSets,
 }
 
 impl Listings {
@@ -118,7 +121,10 @@ impl Listings {
             .list(&ListParams::default())
             .await
             .map_err(|source| ReconcileError::List { what: "pods", source })?;
-        Ok(Listings { reservations, found, unreadable_pools, pods: pod_views(&pods.items) })
+        let statefulsets = list_statefulsets(&ctx.client)
+            .await
+            .map_err(|source| ReconcileError::List { what: "statefulsets", source })?;
+        Ok(Listings { reservations, found, unreadable_pools, pods: pod_views(&pods.items), statefulsets })
     }
 }
 
@@ -197,7 +203,7 @@ pub fn missing_reservations(
         .filter(|entry| !reservations.keys().any(|name| names_address(name, entry.ip)))
         .filter_map(|entry| {
             let pod = pods.get(&entry.allocation.pod_ref).filter(|pod| pod.phase == "Running")?;
-            let verdict = judge(&entry.allocation, entry.ip, Some(pod));
+            let verdict = judge(&entry.allocation, entry.ip, Some(pod), &StatefulSets::default());
             if !matches!(verdict, Verdict::Keep(KeepReason::PodLive | KeepReason::Listed)) {
                 return None;
             }
@@ -208,16 +214,44 @@ pub fn missing_reservations(
         .collect()
 }
 
+/// The wanted ordinals of every StatefulSet of the cluster.
+pub async fn list_statefulsets(client: &kube::Client) -> Result<StatefulSets, kube::Error> {
+    let listed = Api::<StatefulSet>::all(client.clone()).list(&ListParams::default()).await?;
+    let mut known = StatefulSets::default();
+    for statefulset in &listed.items {
+        if let (Some(namespace), Some(name)) = (&statefulset.metadata.namespace, &statefulset.metadata.name) {
+            known.insert(namespace, name, wanted_ordinals(statefulset));
+        }
+    }
+    Ok(known)
+}
+
+/// The ordinals a StatefulSet wants: `spec.ordinals.start` .. `+ spec.replicas` (1 when unset, as the
+/// API server defaults it).
+pub fn wanted_ordinals(statefulset: &StatefulSet) -> WantedOrdinals {
+    wanted_ordinals_of(statefulset.spec.as_ref())
+}
+
+/// [`wanted_ordinals`] of a StatefulSet's spec.
+pub fn wanted_ordinals_of(spec: Option<&StatefulSetSpec>) -> WantedOrdinals {
+    let start = spec.and_then(|s| s.ordinals.as_ref()).and_then(|o| o.start).unwrap_or(0);
+    let replicas = spec.and_then(|s| s.replicas).unwrap_or(1);
+    WantedOrdinals {
+        start: u32::try_from(start).unwrap_or(0),
+        replicas: u32::try_from(replicas).unwrap_or(0),
+    }
+}
+
 /// Judges every allocation of `listings` against the pod now under its name, finds the reservations
 /// no allocation stands behind, and the allocations of running pods whose reservation is missing.
 /// Orphaned reservations are only collected when every pool was read: an unreadable pool may hold
 /// their entries.
 pub fn leaks(listings: &Listings) -> Leaks {
-    let Listings { reservations, found, unreadable_pools, pods } = listings;
+    let Listings { reservations, found, unreadable_pools, pods, statefulsets } = listings;
     let mut plan = Plan::default();
     for entry in found {
         if let Verdict::Release(reason) =
-            judge(&entry.allocation, entry.ip, pods.get(&entry.allocation.pod_ref))
+            judge(&entry.allocation, entry.ip, pods.get(&entry.allocation.pod_ref), statefulsets)
         {
             let reservations = reservations_of(entry, reservations.iter());
             plan.add(Release { found: entry.clone(), reason, reservations, tag: () });

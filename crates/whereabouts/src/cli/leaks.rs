@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use clap::Args;
 use serde::Serialize;
 use whereabouts_controller::pools::Found;
-use whereabouts_controller::reconcile::{Leaks, Listings, leaks};
+use whereabouts_controller::reconcile::{Leaks, Listings, leaks, list_statefulsets};
 use whereabouts_controller::release::release_batch;
 use whereabouts_store::ipam::{Ipam, JudgedReservation};
 use whereabouts_store::{Deletion, Reservation, Store};
@@ -131,7 +131,8 @@ pub async fn run(args: LeaksArgs) -> Result<Outcome, CliError> {
             }
         }
     }
-    listings.pods = pod_views_of(client).await?;
+    listings.pods = pod_views_of(client.clone()).await?;
+    listings.statefulsets = list_statefulsets(&client).await.map_err(CliError::StatefulSets)?;
     // Missing reservations are `check --repair`'s.
     let Leaks { plan, orphans, missing: _ } = leaks(&listings);
 
