@@ -14,9 +14,13 @@ use std::time::Duration;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec, ServiceAccount};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec, PodTemplateSpec, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, Patch, PatchParams, PostParams,
+};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::discovery::{Discovery, Scope, verbs};
 use serde_json::Value;
@@ -513,6 +517,91 @@ impl TestCluster {
         let api: Api<Pod> = Api::namespaced(self.client(), &self.namespace);
         if let Err(e) = api.delete(name, &at_once()).await {
             panic!("deleting pod {name}: {e}");
+        }
+    }
+
+    /// Creates a StatefulSet of the test namespace wanting `replicas` pods (its pods are the test's
+    /// to make, as the StatefulSet controller would: see [`TestCluster::create_statefulset_pod`]);
+    /// returns its uid.
+    ///
+    /// # Panics
+    ///
+    /// When the creation fails.
+    pub async fn create_statefulset(&self, name: &str, replicas: i32) -> String {
+        let labels = BTreeMap::from([("app".to_string(), name.to_string())]);
+        let statefulset = StatefulSet {
+            metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
+            spec: Some(StatefulSetSpec {
+                replicas: Some(replicas),
+                selector: LabelSelector { match_labels: Some(labels.clone()), ..LabelSelector::default() },
+                service_name: Some(name.into()),
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                    spec: pod_object(name, None).spec,
+                },
+                ..StatefulSetSpec::default()
+            }),
+            ..StatefulSet::default()
+        };
+        let api: Api<StatefulSet> = Api::namespaced(self.client(), &self.namespace);
+        match api.create(&PostParams::default(), &statefulset).await {
+            Ok(created) => created.metadata.uid.unwrap_or_else(|| panic!("StatefulSet {name} has no uid")),
+            Err(e) => panic!("creating StatefulSet {name}: {e}"),
+        }
+    }
+
+    /// Sets a StatefulSet's `spec.replicas`, as `kubectl scale` does.
+    ///
+    /// # Panics
+    ///
+    /// When the update fails.
+    pub async fn scale_statefulset(&self, name: &str, replicas: i32) {
+        let api: Api<StatefulSet> = Api::namespaced(self.client(), &self.namespace);
+        let patch = serde_json::json!({ "spec": { "replicas": replicas } });
+        if let Err(e) = api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            panic!("scaling StatefulSet {name}: {e}");
+        }
+    }
+
+    /// Deletes a StatefulSet (its pods stay: no garbage collector runs here; the test deletes them).
+    ///
+    /// # Panics
+    ///
+    /// When the deletion fails.
+    pub async fn delete_statefulset(&self, name: &str) {
+        let api: Api<StatefulSet> = Api::namespaced(self.client(), &self.namespace);
+        if let Err(e) = api.delete(name, &at_once()).await {
+            panic!("deleting StatefulSet {name}: {e}");
+        }
+    }
+
+    /// Creates pod `<statefulset>-<ordinal>` of a StatefulSet (owner reference to it, as the StatefulSet
+    /// controller makes them), bound to `node`; returns its uid.
+    ///
+    /// # Panics
+    ///
+    /// When the creation fails.
+    pub async fn create_statefulset_pod(
+        &self,
+        statefulset: (&str, &str),
+        ordinal: u32,
+        node: &str,
+    ) -> String {
+        let (name, uid) = statefulset;
+        let pod_name = format!("{name}-{ordinal}");
+        let mut pod = pod_object(&pod_name, Some(node));
+        pod.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "StatefulSet".into(),
+            name: name.into(),
+            uid: uid.into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        }]);
+        let api: Api<Pod> = Api::namespaced(self.client(), &self.namespace);
+        match api.create(&PostParams::default(), &pod).await {
+            Ok(created) => created.metadata.uid.unwrap_or_else(|| panic!("pod {pod_name} has no uid")),
+            Err(e) => panic!("creating pod {pod_name}: {e}"),
         }
     }
 
