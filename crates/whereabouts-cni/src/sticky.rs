@@ -118,3 +118,26 @@ pub async fn follow_held_entry(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use whereabouts_core::config::{CallContext, load};
+
+    #[test]
+    fn stickiness_needs_the_kubernetes_store() {
+        let config = |datastore: &str| {
+            let ipam = serde_json::json!({
+                "type": "whereabouts", "range": "10.0.0.0/24", "sticky_statefulsets": true,
+                "datastore": datastore, "kubernetes": { "kubeconfig": "/k" }, "etcd_host": "127.0.0.1:2379",
+            });
+            load(&ipam, None, &CallContext::default()).expect("a valid configuration")
+        };
+        assert!(check(&config("kubernetes")).is_ok());
+        for datastore in ["file", "etcd"] {
+            let refused = check(&config(datastore)).expect_err(datastore);
+            assert_eq!(refused.code, codes::UNSUPPORTED_FIELD);
+            assert!(refused.msg.contains("sticky_statefulsets"), "{}", refused.msg);
+        }
+    }
+}

@@ -1000,3 +1000,28 @@ async fn a_statefulset_pod_gets_its_address_back_on_another_node_until_the_state
     controller.kill().await;
     cluster.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_keeps_a_held_address_while_the_statefulset_wants_its_pod() {
+    let cluster = TestCluster::start().await;
+    let node = cluster.create_node("n1").await;
+    let net = network(&cluster, json!({ "sticky_statefulsets": true }));
+    let web = cluster.create_statefulset("web", 2).await;
+    let uid = cluster.create_statefulset_pod(("web", &web), 1, &node).await;
+    assert_eq!(add_to(&cluster, &net, ("web-1", &uid), "web-1-a", &node).await, "192.0.2.1");
+    del_from(&cluster, &net, ("web-1", &uid), "web-1-a", &node).await;
+    cluster.delete_pod("web-1").await;
+    let (_, report) = reconcile(&cluster, &[]).await;
+    assert_eq!(held_ips(&cluster).await, ["192.0.2.1"], "{report}");
+    // `ordinals.start` moves past web-1: no longer wanted.
+    let statefulsets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+        Api::namespaced(cluster.client(), cluster.namespace());
+    let patch = json!({ "spec": { "ordinals": { "start": 2 } } });
+    statefulsets
+        .patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("move the ordinals");
+    reconcile(&cluster, &[]).await;
+    assert_eq!(held_ips(&cluster).await, Vec::<String>::new());
+    cluster.cleanup().await;
+}
