@@ -878,6 +878,13 @@ async fn entry_at(cluster: &TestCluster, ip: &str) -> Option<Allocation> {
     held(cluster).await.into_iter().find(|(at, _)| at == ip).map(|(_, a)| a)
 }
 
+/// Waits until the controller released `ip`; `what` says whose address it is, should it not.
+async fn assert_released(cluster: &TestCluster, controller: &Controller, ip: &str, what: &str) {
+    let released =
+        eventually(Duration::from_secs(20), || async { entry_at(cluster, ip).await.is_none() }).await;
+    assert!(released, "{what}: {}", controller.log());
+}
+
 /// `whereabouts ips` of the pool as JSON.
 async fn ips_json(cluster: &TestCluster) -> Value {
     let output = tokio::process::Command::new(binary())
@@ -966,12 +973,7 @@ async fn a_statefulset_pod_gets_its_address_back_on_another_node_until_the_state
     cluster.scale_statefulset("web", 2).await;
     del_from(&cluster, &net, ("web-2", &uids[2]), "web-2-a", &n1).await;
     cluster.delete_pod("web-2").await;
-    assert!(
-        eventually(Duration::from_secs(20), || async { entry_at(&cluster, "192.0.2.3").await.is_none() })
-            .await,
-        "web-2's address after the scale-down: {}",
-        controller.log()
-    );
+    assert_released(&cluster, &controller, "192.0.2.3", "web-2's address after the scale-down").await;
 
     // web-0 is between sandboxes when the StatefulSet is deleted: its held address goes with it.
     del_from(&cluster, &net, ("web-0", &uids[0]), "web-0-a", &n1).await;
@@ -979,21 +981,17 @@ async fn a_statefulset_pod_gets_its_address_back_on_another_node_until_the_state
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(entry_at(&cluster, "192.0.2.1").await.is_some_and(|a| a.is_held()), "still wanted");
     cluster.delete_statefulset("web").await;
-    assert!(
-        eventually(Duration::from_secs(20), || async { entry_at(&cluster, "192.0.2.1").await.is_none() })
-            .await,
-        "web-0's held address after the StatefulSet's deletion: {}",
-        controller.log()
-    );
+    assert_released(
+        &cluster,
+        &controller,
+        "192.0.2.1",
+        "web-0's held address after the StatefulSet's deletion",
+    )
+    .await;
     // web-1 still runs (nothing collects the orphaned pod here): its address stays until it goes.
     assert!(entry_at(&cluster, "192.0.2.2").await.is_some());
     cluster.delete_pod("web-1").await;
-    assert!(
-        eventually(Duration::from_secs(20), || async { entry_at(&cluster, "192.0.2.2").await.is_none() })
-            .await,
-        "web-1's address once it is gone: {}",
-        controller.log()
-    );
+    assert_released(&cluster, &controller, "192.0.2.2", "web-1's address once it is gone").await;
     let mut left = held_ips(&cluster).await;
     left.sort();
     assert_eq!(left, db_ips);
