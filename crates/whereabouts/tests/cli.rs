@@ -156,14 +156,14 @@ fn ips_in_both_forms() {
     let d = dir_arg(dir.path());
     let table = cli_table(&["ips", POOL, "--file-store-dir", &d], 0);
     let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
-    assert_eq!(rows[0], ["IP", "POD", "CONTAINER", "ID", "INTERFACE", "NODE", "POD", "UID"]);
-    assert_eq!(rows[2], ["192.0.2.2", "ns/web-1", "sandbox-web-1", "net1", "node-a", "uid-1"]);
+    assert_eq!(rows[0], ["IP", "POD", "CONTAINER", "ID", "INTERFACE", "NODE", "POD", "UID", "STATEFULSET"]);
+    assert_eq!(rows[2], ["192.0.2.2", "ns/web-1", "sandbox-web-1", "net1", "node-a", "uid-1", "-"]);
     assert_eq!(rows.len(), 4);
     let json = cli_json(&["ips", POOL, "--file-store-dir", &d], 0);
     assert_eq!(
         json[0],
         json!({ "ip": "192.0.2.1", "pod": "ns/web-0", "container_id": "sandbox-web-0", "interface": "net1",
-                "node": "node-a", "pod_uid": "uid-0", "network": "cli-net" })
+                "node": "node-a", "pod_uid": "uid-0", "network": "cli-net", "statefulset": null, "held": false })
     );
     assert_eq!(json.as_array().map(Vec::len), Some(3));
     let (code, _, stderr) = cli(&["ips", "10.0.0.0-8", "--file-store-dir", &d]);
