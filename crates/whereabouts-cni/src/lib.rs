@@ -90,6 +90,9 @@ struct NetConf {
     args: Option<Value>,
     #[serde(rename = "prevresult", default)]
     prev_result: Option<Value>,
+    /// KubeVirt's switch for persistent addresses: allocate for the attachment's IPAMClaim.
+    #[serde(rename = "allowpersistentips", default)]
+    allow_persistent_ips: Option<bool>,
     /// GC's list of attachments still in use (spec 1.1).
     #[serde(rename = "cni.dev/valid-attachments", default)]
     valid_attachments: Option<Vec<Attachment>>,
@@ -277,6 +280,9 @@ async fn dispatch(
                     "CNI_ARGS has no K8S_POD_NAMESPACE and K8S_POD_NAME: the kubernetes datastore allocates for pods only",
                 ));
             }
+            let allow_persistent_ips = netconf.allow_persistent_ips.unwrap_or(false);
+            let persistence =
+                sticky::persistence_of(&config, allow_persistent_ips, &store, &args, &env.ifname).await?;
             let owner = Owner {
                 container_id: env.container_id.clone(),
                 pod_ref: args.pod_ref(),
@@ -284,7 +290,8 @@ async fn dispatch(
                 node: node.clone(),
                 cni_network: Some(netconf.name.clone()),
                 pod_uid: args.pod_uid(),
-                statefulset: sticky::statefulset_of(&config, &store, &args).await?,
+                statefulset: persistence.statefulset,
+                ipam_claim: persistence.ipam_claim,
             };
             if let Some(first) = &sticky_slice {
                 sticky::follow_held_entry(&mut config, &store, &ipam, first, &owner).await?;
@@ -292,6 +299,15 @@ async fn dispatch(
             tracing::debug!("ADD {} {} pod {:?}", env.container_id, env.ifname, owner.pod_ref);
             let allocated = ipam.allocate(&config, &owner).await?;
             let result = IpamResult::new(&config, &allocated);
+            if let Some(claim) = &owner.ipam_claim {
+                // As CIDRs with the range's prefix, as the result gives them.
+                let ips: Vec<String> = allocated
+                    .iter()
+                    .filter_map(|a| ipnet::IpNet::new(a.ip, a.network.prefix_len()).ok())
+                    .map(|net| net.to_string())
+                    .collect();
+                sticky::record_claim(&store, &args.pod_namespace, claim, &ips, &args.pod_name).await?;
+            }
             result.to_json(&netconf.cni_version, version).map(Some)
         }
         Command::Del => {

@@ -1,4 +1,10 @@
-//! `sticky_statefulsets`, the plugin side.
+//! Persistent addresses, the plugin side: `sticky_statefulsets`, and IPAMClaims.
+//!
+//! A network with `allowPersistentIPs` (KubeVirt's switch) allocates for the IPAMClaim that the pod's
+//! network selection element names (`ipam-claim-reference`), instead of for the pod: the claim's
+//! next launcher pod (a restarted or migrating virtual machine, two pods at once) gets the same
+//! addresses, which are written to the claim's status, and DEL holds them as it holds a
+//! StatefulSet's. The controller releases them once the claim is deleted.
 //!
 //! ADD asks the API server which StatefulSet owns the pod (its owner reference of kind `StatefulSet`)
 //! and records it in the allocation; DEL then holds such an entry for the pod's next sandbox instead of
@@ -31,33 +37,96 @@ pub fn check(config: &IpamConfig) -> Result<(), CniError> {
     Ok(())
 }
 
-/// The StatefulSet owning the pod of this ADD, when the network is sticky; `None` otherwise, and for
-/// a pod that is not a StatefulSet's (or already gone).
-pub async fn statefulset_of(
+/// Whom an ADD allocates for besides its pod: the StatefulSet owning the pod (a sticky network) and
+/// the IPAMClaim of the attachment (a network with `allowPersistentIPs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Persistence {
+    /// The pod's StatefulSet.
+    pub statefulset: Option<String>,
+    /// The attachment's IPAMClaim.
+    pub ipam_claim: Option<String>,
+}
+
+/// Reads the pod of this ADD when the network wants persistence (`sticky_statefulsets`, or
+/// `allowPersistentIPs` at the top of the network configuration, KubeVirt's switch for IPAMClaims);
+/// nothing otherwise, and nothing for a pod that is gone. A claim named but not (yet) there is error 11:
+/// KubeVirt creates the claim before the pod, and an address allocated for the pod alone would not
+/// survive it.
+pub async fn persistence_of(
     config: &IpamConfig,
+    allow_persistent_ips: bool,
     store: &AnyStore,
     args: &CniArgs,
-) -> Result<Option<String>, CniError> {
-    if !config.sticky_statefulsets {
-        return Ok(None);
+    ifname: &str,
+) -> Result<Persistence, CniError> {
+    if !(config.sticky_statefulsets || allow_persistent_ips)
+        || args.pod_namespace.is_empty()
+        || args.pod_name.is_empty()
+    {
+        return Ok(Persistence::default());
     }
-    if args.pod_namespace.is_empty() || args.pod_name.is_empty() {
-        return Ok(None);
+    let found = lookup(store, &args.pod_namespace, &args.pod_name, ifname).await?;
+    let persistence = Persistence {
+        statefulset: found.statefulset.filter(|_| config.sticky_statefulsets),
+        ipam_claim: found.ipam_claim.filter(|_| allow_persistent_ips),
+    };
+    if let Some(claim) = &persistence.ipam_claim
+        && !claim_exists(store, &args.pod_namespace, claim).await?
+    {
+        return Err(CniError::new(
+            codes::TRY_AGAIN,
+            format!("IPAMClaim {}/{claim} does not exist (yet); try again later", args.pod_namespace),
+        ));
     }
-    lookup(store, &args.pod_namespace, &args.pod_name).await
+    Ok(persistence)
+}
+
+/// Writes what an ADD allocated for an IPAMClaim to its status, as its holder `pod`.
+pub async fn record_claim(
+    store: &AnyStore,
+    namespace: &str,
+    claim: &str,
+    ips: &[String],
+    pod: &str,
+) -> Result<(), CniError> {
+    match store {
+        #[cfg(feature = "kubernetes")]
+        AnyStore::Kubernetes(kube) => Ok(kube.set_claim_status(namespace, claim, ips, pod).await?),
+        _ => {
+            let _ = (namespace, claim, ips, pod);
+            Ok(())
+        }
+    }
 }
 
 #[cfg(feature = "kubernetes")]
-async fn lookup(store: &AnyStore, namespace: &str, name: &str) -> Result<Option<String>, CniError> {
+async fn lookup(
+    store: &AnyStore,
+    namespace: &str,
+    name: &str,
+    ifname: &str,
+) -> Result<Persistence, CniError> {
+    let AnyStore::Kubernetes(kube) = store else { return Ok(Persistence::default()) };
+    let found = kube.pod_persistence(namespace, name, ifname).await?.unwrap_or_default();
+    Ok(Persistence { statefulset: found.statefulset, ipam_claim: found.ipam_claim })
+}
+
+#[cfg(not(feature = "kubernetes"))]
+async fn lookup(_: &AnyStore, _: &str, _: &str, _: &str) -> Result<Persistence, CniError> {
+    Ok(Persistence::default())
+}
+
+#[cfg(feature = "kubernetes")]
+async fn claim_exists(store: &AnyStore, namespace: &str, claim: &str) -> Result<bool, CniError> {
     match store {
-        AnyStore::Kubernetes(kube) => Ok(kube.pod_statefulset(namespace, name).await?),
-        _ => Ok(None),
+        AnyStore::Kubernetes(kube) => Ok(kube.claim_exists(namespace, claim).await?),
+        _ => Ok(false),
     }
 }
 
 #[cfg(not(feature = "kubernetes"))]
-async fn lookup(_: &AnyStore, _: &str, _: &str) -> Result<Option<String>, CniError> {
-    Ok(None)
+async fn claim_exists(_: &AnyStore, _: &str, _: &str) -> Result<bool, CniError> {
+    Ok(false)
 }
 
 /// Every node's pool of the first range's slices that the store lists, as ranges to release from or

@@ -25,14 +25,15 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
-use kube::api::Api;
+use kube::api::{Api, DynamicObject};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::Notify;
+use whereabouts_k8s::crd::ipam_claim_resource;
 
 use crate::Context;
 use crate::index::PoolIndex;
-use crate::judge::{FINISHED_GRACE, KeepReason, PodView, StatefulSets, Verdict, WantedOrdinals, judge};
+use crate::judge::{FINISHED_GRACE, KeepReason, Persistence, PodView, Verdict, WantedOrdinals, judge};
 use crate::metrics::Source;
 use crate::network_status::{ANNOTATION, NetworkStatus};
 use crate::pools::{Found, reservations_of};
@@ -185,11 +186,70 @@ pub async fn run(ctx: Context, index: PoolIndex, node: Option<String>) {
             watch_statefulsets(&ctx, &index, &queue).await;
         }
     };
+    let claims = async {
+        if node.is_none() {
+            watch_claims(&ctx, &index, &queue).await;
+        }
+    };
     tokio::join!(
         watch_pods(&ctx, &index, &queue, node.as_deref()),
         statefulsets,
+        claims,
         work(&ctx, &index, &queue, &recorder)
     );
+}
+
+/// How long the claim watch waits before looking again for the IPAMClaim CRD when it is not installed.
+const NO_CLAIMS_RETRY: Duration = Duration::from_secs(60);
+
+/// Queues the pods of the addresses of a deleted IPAMClaim (its last pod may be gone long since), so
+/// that they are released. Without the IPAMClaim CRD there is nothing to watch: looked for again now
+/// and then.
+async fn watch_claims(ctx: &Context, index: &PoolIndex, queue: &Queue) {
+    let api = Api::<DynamicObject>::all_with(ctx.client.clone(), &ipam_claim_resource());
+    loop {
+        let mut events = Box::pin(watcher(api.clone(), watcher::Config::default()));
+        while let Some(event) = events.next().await {
+            let claim = match event {
+                Ok(watcher::Event::Delete(claim)) => claim,
+                Ok(_) => continue,
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.code == 404 => {
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("watching ipamclaims: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let (Some(namespace), Some(name)) = (claim.metadata.namespace, claim.metadata.name) else {
+                continue;
+            };
+            let pods =
+                index.read().pods_holding(&namespace, |a| a.ipam_claim.as_deref() == Some(name.as_str()));
+            queue_pods(ctx, queue, pods, &format!("IPAMClaim {namespace}/{name} deleted"));
+        }
+        tracing::debug!("no IPAMClaim CRD; looking again in {NO_CLAIMS_RETRY:?}");
+        tokio::time::sleep(NO_CLAIMS_RETRY).await;
+    }
+}
+
+/// Queues `pods` (`namespace/name`) for their addresses to be judged, `why` says for the log.
+fn queue_pods(ctx: &Context, queue: &Queue, pods: BTreeSet<String>, why: &str) {
+    for pod_ref in pods {
+        let Some((namespace, name)) = pod_ref.split_once('/') else { continue };
+        tracing::debug!("{why}: judging {pod_ref}");
+        let gone = Gone {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            uid: String::new(),
+            network_status: None,
+            attempts: 0,
+            settled: true,
+            not_before: Instant::now(),
+        };
+        queue.push(gone, &ctx.metrics);
+    }
 }
 
 /// Queues the pods holding sticky addresses of a StatefulSet that was deleted or now wants fewer
@@ -221,21 +281,8 @@ async fn watch_statefulsets(ctx: &Context, index: &PoolIndex, queue: &Queue) {
             continue;
         }
         let (namespace, name) = key;
-        let pods = index.read().pods_of_statefulset(&namespace, &name);
-        for pod_ref in pods {
-            let Some((pod_namespace, pod)) = pod_ref.split_once('/') else { continue };
-            tracing::debug!("StatefulSet {namespace}/{name} wants fewer pods: judging {pod_ref}");
-            let gone = Gone {
-                namespace: pod_namespace.to_string(),
-                name: pod.to_string(),
-                uid: String::new(),
-                network_status: None,
-                attempts: 0,
-                settled: true,
-                not_before: Instant::now(),
-            };
-            queue.push(gone, &ctx.metrics);
-        }
+        let pods = index.read().pods_holding(&namespace, |a| a.statefulset.as_deref() == Some(name.as_str()));
+        queue_pods(ctx, queue, pods, &format!("StatefulSet {namespace}/{name} wants fewer pods"));
     }
 }
 
@@ -380,39 +427,73 @@ async fn work(ctx: &Context, index: &PoolIndex, queue: &Queue, recorder: &Record
     }
 }
 
-/// `namespace/name` of the StatefulSet a sticky allocation records.
-fn statefulset_key(found: &Found) -> Option<String> {
-    let statefulset = found.allocation.statefulset.as_deref()?;
-    let (namespace, _) = found.allocation.pod_ref.split_once('/')?;
-    Some(format!("{namespace}/{statefulset}"))
+/// What a persistent allocation's address depends on: its IPAMClaim or its StatefulSet.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Keeper {
+    Claim { namespace: String, name: String },
+    StatefulSet { namespace: String, name: String },
 }
 
-/// Looks up now the StatefulSets that the sticky allocations among `found` record; also returns those
-/// that could not be looked up (their pods' allocations are left for the next attempt).
-async fn look_up_statefulsets(
+impl Keeper {
+    /// The keeper of `found`'s allocation, if it is persistent.
+    fn of(found: &Found) -> Option<Keeper> {
+        let (namespace, _) = found.allocation.pod_ref.split_once('/')?;
+        let namespace = namespace.to_string();
+        match (&found.allocation.ipam_claim, &found.allocation.statefulset) {
+            (Some(claim), _) => Some(Keeper::Claim { namespace, name: claim.clone() }),
+            (None, Some(statefulset)) => Some(Keeper::StatefulSet { namespace, name: statefulset.clone() }),
+            (None, None) => None,
+        }
+    }
+}
+
+/// Looks up now the IPAMClaims and StatefulSets that the persistent allocations among `found` depend
+/// on; also returns those that could not be looked up (their pods' allocations are left for the next
+/// attempt).
+async fn look_up_keepers(
     ctx: &Context,
     found: impl Iterator<Item = &Found>,
-) -> (StatefulSets, HashSet<String>) {
-    let keys: BTreeSet<String> = found.filter_map(statefulset_key).collect();
-    let lookups = futures::stream::iter(keys.into_iter().map(|key| async move {
-        let (namespace, name) = key.split_once('/').unwrap_or_default();
-        let found = Api::<StatefulSet>::namespaced(ctx.client.clone(), namespace).get_opt(name).await;
-        (key, found)
+) -> (Persistence, HashSet<Keeper>) {
+    /// A keeper found: a StatefulSet's wanted ordinals, or that a claim exists.
+    enum Looked {
+        StatefulSet(WantedOrdinals),
+        Claim,
+    }
+    let keepers: BTreeSet<Keeper> = found.filter_map(Keeper::of).collect();
+    let lookups = futures::stream::iter(keepers.into_iter().map(|keeper| async move {
+        let client = ctx.client.clone();
+        let found = match &keeper {
+            Keeper::StatefulSet { namespace, name } => Api::<StatefulSet>::namespaced(client, namespace)
+                .get_opt(name)
+                .await
+                .map(|found| found.map(|statefulset| Looked::StatefulSet(wanted_ordinals(&statefulset)))),
+            Keeper::Claim { namespace, name } => {
+                let claims = Api::<DynamicObject>::namespaced_with(client, namespace, &ipam_claim_resource());
+                match claims.get_opt(name).await {
+                    // No IPAMClaim CRD: no claim.
+                    Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+                    found => found.map(|found| found.map(|_| Looked::Claim)),
+                }
+            }
+        };
+        (keeper, found)
     }))
     .buffered(PARALLEL)
     .collect::<Vec<_>>()
     .await;
-    let (mut known, mut unknown) = (StatefulSets::default(), HashSet::new());
-    for (key, found) in lookups {
-        match found {
-            Ok(Some(statefulset)) => {
-                let (namespace, name) = key.split_once('/').unwrap_or_default();
-                known.insert(namespace, name, wanted_ordinals(&statefulset));
+    let (mut known, mut unknown) = (Persistence::default(), HashSet::new());
+    for (keeper, found) in lookups {
+        match (found, &keeper) {
+            (Ok(Some(Looked::StatefulSet(ordinals))), Keeper::StatefulSet { namespace, name }) => {
+                known.insert_statefulset(namespace, name, ordinals);
             }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!("looking up StatefulSet {key}: {e}");
-                unknown.insert(key);
+            (Ok(Some(Looked::Claim)), Keeper::Claim { namespace, name }) => {
+                known.insert_claim(namespace, name)
+            }
+            (Ok(_), _) => {}
+            (Err(e), _) => {
+                tracing::warn!("looking up {keeper:?}: {e}");
+                unknown.insert(keeper);
             }
         }
     }
@@ -447,14 +528,14 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
     .buffered(PARALLEL)
     .collect::<Vec<_>>()
     .await;
-    let (statefulsets, unknown) = look_up_statefulsets(ctx, holdings.iter().flat_map(|(_, held)| held)).await;
+    let (persistence, unknown) = look_up_keepers(ctx, holdings.iter().flat_map(|(_, held)| held)).await;
     let mut failed = vec![false; holdings.len()];
     let mut finishing = vec![false; holdings.len()];
     let mut plan = Plan::default();
     {
         let contents = index.read();
         for (i, ((gone, held), lookup)) in holdings.iter().zip(lookups).enumerate() {
-            if held.iter().any(|found| statefulset_key(found).is_some_and(|key| unknown.contains(&key))) {
+            if held.iter().any(|found| Keeper::of(found).is_some_and(|keeper| unknown.contains(&keeper))) {
                 failed[i] = true;
                 continue;
             }
@@ -467,7 +548,7 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
                 }
             };
             for found in held {
-                match judge(&found.allocation, found.ip, now.as_ref(), &statefulsets) {
+                match judge(&found.allocation, found.ip, now.as_ref(), &persistence) {
                     Verdict::Release(reason) => {
                         let reservations = reservations_of(found, contents.reservations.iter());
                         plan.add(Release { found: found.clone(), reason, reservations, tag: i });

@@ -14,6 +14,7 @@ use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
+use whereabouts_core::pool::Allocation;
 use whereabouts_k8s::crd::{IPPool, OverlappingRangeIPReservation};
 use whereabouts_store::VersionedReservation;
 use whereabouts_store::kubernetes::versioned;
@@ -61,13 +62,14 @@ impl Contents {
             .collect()
     }
 
-    /// The pod references whose allocations record StatefulSet `namespace/name` (sticky ones).
-    pub fn pods_of_statefulset(&self, namespace: &str, name: &str) -> BTreeSet<String> {
+    /// The pod references of namespace `namespace` whose allocations pass `depends` (those of a
+    /// StatefulSet, or of an IPAMClaim).
+    pub fn pods_holding(&self, namespace: &str, depends: impl Fn(&Allocation) -> bool) -> BTreeSet<String> {
         self.pools
             .values()
             .flatten()
             .filter(|found| {
-                found.allocation.statefulset.as_deref() == Some(name)
+                depends(&found.allocation)
                     && found.allocation.pod_ref.split_once('/').is_some_and(|(ns, _)| ns == namespace)
             })
             .map(|found| found.allocation.pod_ref.clone())

@@ -25,6 +25,9 @@
 //! A pod being deleted (with a `deletionTimestamp`) keeps its addresses until it is gone: its
 //! containers may still be running through their grace period.
 //!
+//! An allocation for an IPAMClaim (a virtual machine's address, passed by Multus as the attachment's
+//! `ipam-claim-reference`) is kept while the claim exists, whatever its pods: the claim holds it.
+//!
 //! An allocation of a StatefulSet's pod on a network with `sticky_statefulsets` (it records the
 //! StatefulSet) is kept, whatever the pod's state, while the StatefulSet wants the pod: it exists and
 //! the pod's ordinal (the number its name ends in) lies in `spec.ordinals.start` ..
@@ -35,7 +38,7 @@
 //! A release is still a compare-and-swap on the allocation as it was read, so an allocation that changed
 //! since (a new sandbox of the pod took it over) is never released on the strength of an old reading.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -101,22 +104,40 @@ impl WantedOrdinals {
     }
 }
 
-/// What the controller knows of the StatefulSets that sticky allocations name: their wanted ordinals
-/// by `namespace/name`; a StatefulSet absent from it does not exist.
+/// What the controller knows of the owners that persistent allocations name: the wanted ordinals of
+/// StatefulSets and the IPAMClaims that exist, by `namespace/name`; one absent does not exist.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StatefulSets(HashMap<String, WantedOrdinals>);
+pub struct Persistence {
+    statefulsets: HashMap<String, WantedOrdinals>,
+    claims: HashSet<String>,
+}
 
-impl StatefulSets {
+impl Persistence {
     /// Records that StatefulSet `namespace/name` exists and wants `ordinals`.
-    pub fn insert(&mut self, namespace: &str, name: &str, ordinals: WantedOrdinals) {
-        self.0.insert(format!("{namespace}/{name}"), ordinals);
+    pub fn insert_statefulset(&mut self, namespace: &str, name: &str, ordinals: WantedOrdinals) {
+        self.statefulsets.insert(format!("{namespace}/{name}"), ordinals);
     }
 
-    /// Whether the StatefulSet that `allocation` records still wants its pod (see the module).
-    pub fn want(&self, allocation: &Allocation) -> bool {
+    /// Records that IPAMClaim `namespace/name` exists.
+    pub fn insert_claim(&mut self, namespace: &str, name: &str) {
+        self.claims.insert(format!("{namespace}/{name}"));
+    }
+
+    /// Why `allocation` is kept whatever its pod's state, if it is: its IPAMClaim exists, or the
+    /// StatefulSet it records still wants its pod (see the module).
+    pub fn keeps(&self, allocation: &Allocation) -> Option<KeepReason> {
+        let (namespace, _) = allocation.pod_ref.split_once('/')?;
+        if let Some(claim) = &allocation.ipam_claim {
+            return self.claims.contains(&format!("{namespace}/{claim}")).then_some(KeepReason::ClaimExists);
+        }
+        self.wants(allocation).then_some(KeepReason::StatefulSetWants)
+    }
+
+    /// Whether the StatefulSet that `allocation` records still wants its pod.
+    fn wants(&self, allocation: &Allocation) -> bool {
         let Some(statefulset) = &allocation.statefulset else { return false };
         let Some((namespace, pod)) = allocation.pod_ref.split_once('/') else { return false };
-        let Some(wanted) = self.0.get(&format!("{namespace}/{statefulset}")) else { return false };
+        let Some(wanted) = self.statefulsets.get(&format!("{namespace}/{statefulset}")) else { return false };
         pod.strip_prefix(statefulset.as_str())
             .and_then(|rest| rest.strip_prefix('-'))
             .filter(|ordinal| ordinal.bytes().all(|b| b.is_ascii_digit()))
@@ -133,6 +154,8 @@ impl StatefulSets {
 pub enum KeepReason {
     /// Its pod is a StatefulSet's that the StatefulSet still wants (sticky; see the module).
     StatefulSetWants,
+    /// It is allocated for an IPAMClaim, which exists.
+    ClaimExists,
     /// It has no pod reference: a container outside Kubernetes, which only its DEL releases.
     NotAPod,
     /// The pod it was allocated to (same uid) still exists and has not finished.
@@ -159,18 +182,18 @@ pub enum Verdict {
 
 /// Decides whether `allocation` of `ip` is still held by its pod, where `pod` is the pod now found
 /// under its `podref` (`None` when there is none) and `statefulsets` what is known of the
-/// StatefulSets sticky allocations name.
+/// owners persistent allocations name.
 pub fn judge(
     allocation: &Allocation,
     ip: IpAddr,
     pod: Option<&PodView>,
-    statefulsets: &StatefulSets,
+    persistence: &Persistence,
 ) -> Verdict {
     if allocation.pod_ref.is_empty() {
         return Verdict::Keep(KeepReason::NotAPod);
     }
-    if statefulsets.want(allocation) {
-        return Verdict::Keep(KeepReason::StatefulSetWants);
+    if let Some(reason) = persistence.keeps(allocation) {
+        return Verdict::Keep(reason);
     }
     let Some(pod) = pod else { return Verdict::Release(ReleaseReason::PodGone) };
     let recorded_uid_is_pods = allocation.pod_uid.as_deref().map(|uid| pod.is(uid));
@@ -216,7 +239,7 @@ mod tests {
 
     /// The judgement with no StatefulSet known (the allocations of these tests are not sticky).
     fn judge(allocation: &Allocation, ip: IpAddr, pod: Option<&PodView>) -> Verdict {
-        super::judge(allocation, ip, pod, &StatefulSets::default())
+        super::judge(allocation, ip, pod, &Persistence::default())
     }
 
     fn sticky(pod: &str, statefulset: &str) -> Allocation {
@@ -228,9 +251,9 @@ mod tests {
         }
     }
 
-    fn web(start: u32, replicas: u32) -> StatefulSets {
-        let mut known = StatefulSets::default();
-        known.insert("default", "web", WantedOrdinals { start, replicas });
+    fn web(start: u32, replicas: u32) -> Persistence {
+        let mut known = Persistence::default();
+        known.insert_statefulset("default", "web", WantedOrdinals { start, replicas });
         known
     }
 
@@ -245,7 +268,7 @@ mod tests {
             ("web-4", web(3, 2), true),
             ("web-2", web(3, 2), false),
             ("web-5", web(3, 2), false),
-            ("web-0", StatefulSets::default(), false),
+            ("web-0", Persistence::default(), false),
             ("web-x", web(0, 3), false),
             ("web-01", web(0, 3), true),
             ("webby-0", web(0, 3), false),
@@ -259,12 +282,18 @@ mod tests {
             assert_eq!(verdict, expected, "{pod} with {known:?}");
         }
         // Another namespace's StatefulSet of the same name wants nothing of ours.
-        let mut elsewhere = StatefulSets::default();
-        elsewhere.insert("other", "web", WantedOrdinals { start: 0, replicas: 3 });
+        let mut elsewhere = Persistence::default();
+        elsewhere.insert_statefulset("other", "web", WantedOrdinals { start: 0, replicas: 3 });
         assert_eq!(
             super::judge(&sticky("web-0", "web"), ip(), None, &elsewhere),
             Verdict::Release(ReleaseReason::PodGone)
         );
+        // An IPAMClaim's allocation is kept while the claim exists, whatever its pod and StatefulSet.
+        let claimed = Allocation { ipam_claim: Some("vm1.net".into()), ..sticky("web-9", "web") };
+        let mut claims = Persistence::default();
+        claims.insert_claim("default", "vm1.net");
+        assert_eq!(super::judge(&claimed, ip(), None, &claims), Verdict::Keep(KeepReason::ClaimExists));
+        assert_eq!(super::judge(&claimed, ip(), None, &web(0, 10)), Verdict::Release(ReleaseReason::PodGone));
         // An allocation that records no StatefulSet is judged as ever.
         let plain = Allocation { pod_ref: "default/web-0".into(), ..allocation(Some("u1")) };
         assert_eq!(super::judge(&plain, ip(), None, &web(0, 3)), Verdict::Release(ReleaseReason::PodGone));
@@ -283,6 +312,7 @@ mod tests {
             cni_network: None,
             pod_uid: uid.map(Into::into),
             statefulset: None,
+            ipam_claim: None,
         }
     }
 
@@ -445,7 +475,7 @@ mod tests {
             listed in any::<bool>(),
         ) {
             let allocation = sticky(&format!("web-{ordinal}"), "web");
-            let known = if exists { web(start, replicas) } else { StatefulSets::default() };
+            let known = if exists { web(start, replicas) } else { Persistence::default() };
             let pod = pod("u2", phase, Some(status(if listed { &[IP] } else { &[] })));
             for pod in [None, Some(&pod)] {
                 let verdict = super::judge(&allocation, ip(), pod, &known);

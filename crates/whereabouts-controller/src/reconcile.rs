@@ -23,8 +23,9 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, DynamicObject, ListParams};
 use serde::de::DeserializeOwned;
+use whereabouts_k8s::crd::ipam_claim_resource;
 use whereabouts_k8s::crd::{IPPool, OverlappingRangeIPReservation};
 use whereabouts_store::ipam::{Ipam, JudgedReservation};
 use whereabouts_store::kubernetes::{KubeStore, versioned};
@@ -32,11 +33,9 @@ use whereabouts_store::{Deletion, Reservation, ReserveOutcome, VersionedReservat
 
 use crate::Context;
 use crate::cleanup::{COMPONENT, pod_view};
-use crate::judge::{KeepReason, PodView, StatefulSets, Verdict, WantedOrdinals, judge};
+use crate::judge::{KeepReason, Persistence, PodView, Verdict, WantedOrdinals, judge};
 use crate::metrics::{ReleaseReason, RunLabels, RunResult, Source};
-use crate::pools::{
-    Found, allocations, holder, list_decoded, names_address, reservation_name_for, reservations_of,
-};
+use crate::pools::{Found, allocations, list_decoded, names_address, reservation_name_for, reservations_of};
 use crate::release::{Plan, Release};
 
 /// Why a reconciliation failed. The next scheduled run tries again.
@@ -93,8 +92,8 @@ pub struct Listings {
     pub unreadable_pools: Vec<String>,
     /// What is known of each pod, by `namespace/name`.
     pub pods: HashMap<String, PodView>,
-    /// The StatefulSets, for sticky allocations (listed with the pods).
-    pub statefulsets: StatefulSets,
+    /// The StatefulSets and IPAMClaims, for persistent allocations (listed after the pods).
+    pub persistence: Persistence,
 }
 
 impl Listings {
@@ -121,10 +120,10 @@ impl Listings {
             .list(&ListParams::default())
             .await
             .map_err(|source| ReconcileError::List { what: "pods", source })?;
-        let statefulsets = list_statefulsets(&ctx.client)
+        let persistence = list_persistence(&ctx.client)
             .await
-            .map_err(|source| ReconcileError::List { what: "statefulsets", source })?;
-        Ok(Listings { reservations, found, unreadable_pools, pods: pod_views(&pods.items), statefulsets })
+            .map_err(|source| ReconcileError::List { what: "statefulsets and ipamclaims", source })?;
+        Ok(Listings { reservations, found, unreadable_pools, pods: pod_views(&pods.items), persistence })
     }
 }
 
@@ -169,7 +168,7 @@ pub struct MissingReservation {
 impl MissingReservation {
     /// Who the reservation is made for: the allocation's holder.
     pub fn holder(&self) -> Reservation {
-        holder(&self.found.allocation)
+        self.found.allocation.reservation()
     }
 }
 
@@ -183,7 +182,7 @@ pub fn orphans(found: &[Found], reservations: &BTreeMap<String, VersionedReserva
         .filter(|(name, listed)| {
             !found
                 .iter()
-                .any(|f| names_address(name, f.ip) && holder(&f.allocation).same_owner(&listed.holder))
+                .any(|f| names_address(name, f.ip) && f.allocation.reservation().same_owner(&listed.holder))
         })
         .map(|(name, listed)| Orphan { name: name.clone(), listed: listed.clone() })
         .collect()
@@ -203,7 +202,7 @@ pub fn missing_reservations(
         .filter(|entry| !reservations.keys().any(|name| names_address(name, entry.ip)))
         .filter_map(|entry| {
             let pod = pods.get(&entry.allocation.pod_ref).filter(|pod| pod.phase == "Running")?;
-            let verdict = judge(&entry.allocation, entry.ip, Some(pod), &StatefulSets::default());
+            let verdict = judge(&entry.allocation, entry.ip, Some(pod), &Persistence::default());
             if !matches!(verdict, Verdict::Keep(KeepReason::PodLive | KeepReason::Listed)) {
                 return None;
             }
@@ -214,14 +213,27 @@ pub fn missing_reservations(
         .collect()
 }
 
-/// The wanted ordinals of every StatefulSet of the cluster.
-pub async fn list_statefulsets(client: &kube::Client) -> Result<StatefulSets, kube::Error> {
+/// The wanted ordinals of every StatefulSet of the cluster, and every IPAMClaim (none where their CRD
+/// is not installed).
+pub async fn list_persistence(client: &kube::Client) -> Result<Persistence, kube::Error> {
     let listed = Api::<StatefulSet>::all(client.clone()).list(&ListParams::default()).await?;
-    let mut known = StatefulSets::default();
+    let mut known = Persistence::default();
     for statefulset in &listed.items {
         if let (Some(namespace), Some(name)) = (&statefulset.metadata.namespace, &statefulset.metadata.name) {
-            known.insert(namespace, name, wanted_ordinals(statefulset));
+            known.insert_statefulset(namespace, name, wanted_ordinals(statefulset));
         }
+    }
+    let claims = Api::<DynamicObject>::all_with(client.clone(), &ipam_claim_resource());
+    match claims.list_metadata(&ListParams::default()).await {
+        Ok(listed) => {
+            for claim in &listed.items {
+                if let (Some(namespace), Some(name)) = (&claim.metadata.namespace, &claim.metadata.name) {
+                    known.insert_claim(namespace, name);
+                }
+            }
+        }
+        Err(kube::Error::Api(status)) if status.code == 404 => {}
+        Err(e) => return Err(e),
     }
     Ok(known)
 }
@@ -247,11 +259,11 @@ pub fn wanted_ordinals_of(spec: Option<&StatefulSetSpec>) -> WantedOrdinals {
 /// Orphaned reservations are only collected when every pool was read: an unreadable pool may hold
 /// their entries.
 pub fn leaks(listings: &Listings) -> Leaks {
-    let Listings { reservations, found, unreadable_pools, pods, statefulsets } = listings;
+    let Listings { reservations, found, unreadable_pools, pods, persistence } = listings;
     let mut plan = Plan::default();
     for entry in found {
         if let Verdict::Release(reason) =
-            judge(&entry.allocation, entry.ip, pods.get(&entry.allocation.pod_ref), statefulsets)
+            judge(&entry.allocation, entry.ip, pods.get(&entry.allocation.pod_ref), persistence)
         {
             let reservations = reservations_of(entry, reservations.iter());
             plan.add(Release { found: entry.clone(), reason, reservations, tag: () });
@@ -400,6 +412,7 @@ mod tests {
                 cni_network: None,
                 pod_uid: uid.map(Into::into),
                 statefulset: None,
+                ipam_claim: None,
             },
         }
     }
@@ -460,6 +473,6 @@ mod tests {
             made,
             [("net-192.0.2.1", "ns/ours"), ("net-192.0.2.2", "ns/upstreams"), ("net-10.0.0.17", "ns/sliced")]
         );
-        assert_eq!(missing[0].holder(), holder(&found[0].allocation));
+        assert_eq!(missing[0].holder(), found[0].allocation.reservation());
     }
 }

@@ -23,6 +23,7 @@ fn owner(n: usize) -> Owner {
         cni_network: Some("bench".into()),
         pod_uid: None,
         statefulset: None,
+        ipam_claim: None,
     }
 }
 

@@ -319,6 +319,7 @@ mod tests {
             cni_network: Some("net".into()),
             pod_uid: None,
             statefulset: None,
+            ipam_claim: None,
         }
     }
     fn take(r: &IpRange, pool: &mut Pool, n: usize) -> IpAddr {

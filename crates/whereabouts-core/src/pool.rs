@@ -47,13 +47,49 @@ pub struct Allocation {
     /// releasing it, until the controller sees the StatefulSet no longer wants the pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub statefulset: Option<String>,
+    /// The IPAMClaim (`k8s.cni.cncf.io`, in the pod's namespace) the address is allocated for
+    /// (additive; upstream ignores it): the claim, not the pod, holds it, across the pods that use it
+    /// (a virtual machine's launcher pods) until the claim is deleted.
+    #[serde(rename = "ipamclaim", default, skip_serializing_if = "Option::is_none")]
+    pub ipam_claim: Option<String>,
+}
+
+/// Who an allocation or an owner stands for, for idempotent ADD: its IPAMClaim when it has one
+/// (`<namespace>/ipamclaim:<claim>`, which no pod reference can be: pod names have no `:`), else its pod
+/// reference.
+fn identity<'a>(pod_ref: &'a str, ipam_claim: Option<&str>) -> std::borrow::Cow<'a, str> {
+    match (ipam_claim, pod_ref.split_once('/')) {
+        (Some(claim), Some((namespace, _))) => format!("{namespace}/ipamclaim:{claim}").into(),
+        _ => pod_ref.into(),
+    }
 }
 
 impl Allocation {
+    /// Who the allocation stands for: its IPAMClaim, else its pod (see [`Owner::identity`]).
+    pub fn identity(&self) -> std::borrow::Cow<'_, str> {
+        identity(&self.pod_ref, self.ipam_claim.as_deref())
+    }
+
+    /// The cluster-wide reservation of this allocation's address: its identity (the claim, for a
+    /// claim's address, so that the claim's next pod takes it over), interface and container.
+    pub fn reservation(&self) -> Reservation {
+        Reservation {
+            pod_ref: self.identity().into_owned(),
+            ifname: self.ifname.clone(),
+            container_id: self.container_id.clone(),
+        }
+    }
+
+    /// Whether DEL holds this allocation for its holder's next sandbox instead of releasing it: a
+    /// claim's always, a StatefulSet's pod's on a network with `sticky_statefulsets`.
+    pub fn is_persistent(&self, sticky_statefulsets: bool) -> bool {
+        self.ipam_claim.is_some() || (sticky_statefulsets && self.statefulset.is_some())
+    }
+
     /// Whether the address is held for a StatefulSet's pod between two of its sandboxes: a sticky
     /// entry whose sandbox's DEL has run ([`Allocation::held`]).
     pub fn is_held(&self) -> bool {
-        self.statefulset.is_some() && self.container_id.is_empty()
+        (self.statefulset.is_some() || self.ipam_claim.is_some()) && self.container_id.is_empty()
     }
 
     /// This sticky entry as DEL leaves it: no sandbox (`id` empty, which no CNI call's container ID
@@ -75,8 +111,8 @@ impl Allocation {
     pub fn is_owned_by(&self, owner: &Owner) -> bool {
         self.ifname == owner.ifname
             && same_attachment(
-                (owner.pod_ref.as_deref().unwrap_or_default(), &owner.container_id),
-                (&self.pod_ref, &self.container_id),
+                (&owner.identity(), &owner.container_id),
+                (&self.identity(), &self.container_id),
             )
     }
 }
@@ -141,9 +177,17 @@ pub struct Owner {
     /// The StatefulSet owning the pod, when the network has `sticky_statefulsets`.
     #[serde(default)]
     pub statefulset: Option<String>,
+    /// The IPAMClaim the attachment allocates for, when the runtime passed one.
+    #[serde(default)]
+    pub ipam_claim: Option<String>,
 }
 
 impl Owner {
+    /// Who this owner allocates for: its IPAMClaim when it has one, else its pod reference.
+    pub fn identity(&self) -> std::borrow::Cow<'_, str> {
+        identity(self.pod_ref.as_deref().unwrap_or_default(), self.ipam_claim.as_deref())
+    }
+
     /// The allocation record this owner writes.
     pub fn allocation(&self) -> Allocation {
         Allocation {
@@ -154,6 +198,7 @@ impl Owner {
             cni_network: self.cni_network.clone(),
             pod_uid: self.pod_uid.clone(),
             statefulset: self.statefulset.clone(),
+            ipam_claim: self.ipam_claim.clone(),
         }
     }
 }
@@ -259,7 +304,7 @@ fn owner_hash(id: &str, ifname: &str) -> u64 {
 
 impl OwnerIndex {
     fn keys(a: &Allocation) -> (u64, u64) {
-        (owner_hash(&a.pod_ref, &a.ifname), owner_hash(&a.container_id, &a.ifname))
+        (owner_hash(&a.identity(), &a.ifname), owner_hash(&a.container_id, &a.ifname))
     }
 
     fn insert(&mut self, addr: u128, a: &Allocation) {
@@ -484,8 +529,9 @@ impl Pool {
     /// Every address `owner` holds, lowest first (normally one; two while it moves to a requested
     /// address).
     pub fn owned(&self, owner: &Owner) -> Vec<u128> {
-        let (index, id) = match owner.pod_ref.as_deref().and_then(identifying_pod_ref) {
-            Some(pod_ref) => (&self.owner_index().by_pod, pod_ref),
+        let identity = owner.identity();
+        let (index, id) = match identifying_pod_ref(&identity) {
+            Some(identity) => (&self.owner_index().by_pod, identity),
             None => (&self.owner_index().by_container, owner.container_id.as_str()),
         };
         let candidates = index.get(&owner_hash(id, &owner.ifname));
@@ -549,6 +595,7 @@ mod tests {
             cni_network: None,
             pod_uid: None,
             statefulset: None,
+            ipam_claim: None,
         }
     }
 
@@ -653,6 +700,7 @@ mod tests {
             cni_network: None,
             pod_uid: None,
             statefulset: None,
+            ipam_claim: None,
         };
         assert!(alloc("a").is_owned_by(&k8s), "a new container of the same pod owns it");
         let plain = Owner { container_id: "c1".into(), pod_ref: None, ..k8s.clone() };
@@ -711,7 +759,7 @@ mod tests {
                         prop_assert_eq!(pool.container_addresses(&id, &ifname).first().copied(), scan);
                         for pod_ref in [Some(format!("ns/c{who}")), None] {
                             let owner = Owner {
-                                container_id: id.clone(), pod_ref, ifname: ifname.clone(), node: None, cni_network: None, pod_uid: None, statefulset: None,
+                                container_id: id.clone(), pod_ref, ifname: ifname.clone(), node: None, cni_network: None, pod_uid: None, statefulset: None, ipam_claim: None,
                             };
                             let scan = pool.allocations.iter().find(|(_, a)| a.is_owned_by(&owner)).map(|(x, _)| *x);
                             prop_assert_eq!(pool.owned(&owner).first().copied(), scan);

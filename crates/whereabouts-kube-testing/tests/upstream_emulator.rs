@@ -62,6 +62,7 @@ fn allocation(container: &str, pod_ref: &str) -> Allocation {
         cni_network: None,
         pod_uid: None,
         statefulset: None,
+        ipam_claim: None,
     }
 }
 

@@ -406,6 +406,7 @@ mod tests {
                                     cni_network: None,
                                     pod_uid: None,
                                     statefulset: None,
+                                    ipam_claim: None,
                                 },
                             );
                             match store.write_pool("p", &s, current.as_ref(), None).await {

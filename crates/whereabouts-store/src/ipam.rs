@@ -248,14 +248,6 @@ fn rollback_deadline(deadline: Instant) -> Instant {
     deadline.max(Instant::now()) + ROLLBACK_GRACE
 }
 
-fn reservation_of(allocation: &Allocation) -> Reservation {
-    Reservation {
-        pod_ref: allocation.pod_ref.clone(),
-        ifname: allocation.ifname.clone(),
-        container_id: allocation.container_id.clone(),
-    }
-}
-
 impl<'s, S: Store> Ipam<'s, S> {
     /// An engine with the default retry policy.
     pub fn new(store: &'s S) -> Self {
@@ -527,7 +519,7 @@ impl<'s, S: Store> Ipam<'s, S> {
             let read = self
                 .patiently(deadline, || format!("reservation {name}"), || self.store.read_reservation(&name))
                 .await?;
-            read.filter(|read| read.holder.same_owner(&reservation_of(holder)))
+            read.filter(|read| read.holder.same_owner(&holder.reservation()))
                 .map(|read| JudgedReservation { name, version: read.version })
         } else {
             None
@@ -760,7 +752,7 @@ impl<'s, S: Store> Ipam<'s, S> {
             if !config.enable_overlapping_ranges {
                 return Ok(taken);
             }
-            let reservation = reservation_of(&wanted);
+            let reservation = wanted.reservation();
             let reservation_key = reservation_name(&config.network_name, ip);
             let created = self
                 .patiently(
@@ -905,8 +897,8 @@ impl<'s, S: Store> Ipam<'s, S> {
 
     /// Releases what (`container_id`, `ifname`) holds in every range (upstream stops at the first range
     /// without an allocation and leaks the others). Keeps going after an error and returns the first.
-    /// With `sticky_statefulsets`, the entries of a StatefulSet's pod are held for its next sandbox
-    /// instead ([`Allocation::held`]) and not counted as released.
+    /// Persistent entries ([`Allocation::is_persistent`]) are held for the next sandbox instead
+    /// ([`Allocation::held`]) and not counted as released.
     pub async fn release(
         &self,
         config: &IpamConfig,
@@ -932,7 +924,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                     })
                     .await?;
                 for (ip, allocation) in held {
-                    if config.sticky_statefulsets && allocation.statefulset.is_some() {
+                    if allocation.is_persistent(config.sticky_statefulsets) {
                         self.hold_entry(deadline, target, to_u128(ip), &allocation).await?;
                         continue;
                     }
@@ -949,9 +941,9 @@ impl<'s, S: Store> Ipam<'s, S> {
         first_error.map_or(Ok(released), Err)
     }
 
-    /// Keeps the entry of a StatefulSet's pod for the pod's next sandbox (a DEL with
-    /// `sticky_statefulsets`): rewritten as [`Allocation::held`] if it is still exactly `allocation`,
-    /// its reservation left as it is (the next ADD takes it over, as it takes the entry over).
+    /// Keeps a persistent entry (an IPAMClaim's, or a StatefulSet's pod's with `sticky_statefulsets`)
+    /// for the next sandbox: rewritten as [`Allocation::held`] if it is still exactly `allocation`, its
+    /// reservation left as it is (the next ADD takes it over, as it takes the entry over).
     async fn hold_entry(
         &self,
         deadline: Instant,

@@ -80,6 +80,7 @@ use whereabouts_core::pool::{Allocation, COOLDOWNS_ANNOTATION, PoolSpec};
 use whereabouts_k8s::client::{ConnectError, Timeouts, connect};
 use whereabouts_k8s::crd::{
     IPPool, IPPoolSpec, NodeSlicePool, OverlappingRangeIPReservation, OverlappingRangeIPReservationSpec,
+    ipam_claim_resource,
 };
 use whereabouts_k8s::k8s_openapi::api::coordination::v1::Lease;
 use whereabouts_k8s::k8s_openapi::api::core::v1::Pod;
@@ -216,19 +217,88 @@ impl KubeStore {
 }
 
 impl KubeStore {
-    /// The StatefulSet that owns the pod `namespace/name`: the name in its owner reference of kind
-    /// `StatefulSet` (group `apps`). `None` when the pod is owned otherwise or does not exist.
-    pub async fn pod_statefulset(&self, namespace: &str, name: &str) -> Result<Option<String>, StoreError> {
+    /// What pod `namespace/name` says about the persistence of its attachment `ifname`; `None` when
+    /// the pod does not exist.
+    pub async fn pod_persistence(
+        &self,
+        namespace: &str,
+        name: &str,
+        ifname: &str,
+    ) -> Result<Option<PodPersistence>, StoreError> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let location = format!("Pod {namespace}/{name}");
-        let pod = pods.get_opt(name).await.map_err(|e| store_error(&location, e))?;
-        Ok(pod.and_then(|pod| {
-            pod.metadata.owner_references.into_iter().flatten().find_map(|owner| {
-                let apps = owner.api_version.split_once('/').is_some_and(|(group, _)| group == "apps");
-                (apps && owner.kind == "StatefulSet").then_some(owner.name)
-            })
-        }))
+        let pod = pods.get_opt(name).await.map_err(|e| store_error(&format!("Pod {namespace}/{name}"), e))?;
+        Ok(pod.map(|pod| PodPersistence::of(&pod, ifname)))
     }
+
+    fn claims(&self, namespace: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), namespace, &ipam_claim_resource())
+    }
+
+    /// Whether the IPAMClaim `namespace/name` exists.
+    pub async fn claim_exists(&self, namespace: &str, name: &str) -> Result<bool, StoreError> {
+        let found = self.claims(namespace).get_opt(name).await;
+        Ok(found.map_err(|e| store_error(&format!("IPAMClaim {namespace}/{name}"), e))?.is_some())
+    }
+
+    /// Writes the addresses allocated for the IPAMClaim `namespace/name` to its status, with the pod
+    /// that holds them (`status.ips`, `status.ownerPod`, as OVN-Kubernetes writes them).
+    pub async fn set_claim_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        ips: &[String],
+        owner_pod: &str,
+    ) -> Result<(), StoreError> {
+        let patch = serde_json::json!({ "status": { "ips": ips, "ownerPod": owner_pod } });
+        let patched =
+            self.claims(namespace).patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await;
+        patched.map(drop).map_err(|e| store_error(&format!("IPAMClaim {namespace}/{name}"), e))
+    }
+}
+
+/// The annotation in which Multus reads a pod's network selection elements.
+const NETWORKS_ANNOTATION: &str = "k8s.v1.cni.cncf.io/networks";
+
+/// What a pod says about the persistence of one of its attachments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodPersistence {
+    /// The StatefulSet owning the pod: its owner reference of kind `StatefulSet` (group `apps`).
+    pub statefulset: Option<String>,
+    /// The IPAMClaim of the attachment: the `ipam-claim-reference` of its network selection element
+    /// in the pod's `k8s.v1.cni.cncf.io/networks` annotation (KubeVirt's ipam-extensions puts it there
+    /// for a virtual machine's launcher pod).
+    pub ipam_claim: Option<String>,
+}
+
+impl PodPersistence {
+    /// What `pod` says about its attachment `ifname`.
+    pub fn of(pod: &Pod, ifname: &str) -> PodPersistence {
+        let statefulset = pod.metadata.owner_references.iter().flatten().find_map(|owner| {
+            let apps = owner.api_version.split_once('/').is_some_and(|(group, _)| group == "apps");
+            (apps && owner.kind == "StatefulSet").then(|| owner.name.clone())
+        });
+        let networks = pod.metadata.annotations.as_ref().and_then(|a| a.get(NETWORKS_ANNOTATION));
+        PodPersistence { statefulset, ipam_claim: networks.and_then(|n| claim_reference(n, ifname)) }
+    }
+}
+
+/// The `ipam-claim-reference` of the network selection element (in a `k8s.v1.cni.cncf.io/networks`
+/// value) of the attachment `ifname`: the element that requests that interface, else the one Multus
+/// names `ifname` by its position (`net1` for the first element without an interface request, as
+/// Multus numbers them). The annotation's short form (`ns/name,other`) carries no claims.
+fn claim_reference(networks: &str, ifname: &str) -> Option<String> {
+    let elements: Vec<Map<String, Value>> = serde_json::from_str(networks).ok()?;
+    fn requested(element: &Map<String, Value>) -> Option<&str> {
+        element.get("interface").and_then(Value::as_str).filter(|i| !i.is_empty())
+    }
+    let element = elements.iter().find(|e| requested(e) == Some(ifname)).or_else(|| {
+        elements
+            .iter()
+            .enumerate()
+            .find(|(index, e)| requested(e).is_none() && format!("net{}", index + 1) == ifname)
+            .map(|(_, e)| e)
+    })?;
+    element.get("ipam-claim-reference").and_then(Value::as_str).filter(|c| !c.is_empty()).map(str::to_string)
 }
 
 /// What a NodeSlicePool says about one node, as stored.
@@ -589,6 +659,20 @@ pub fn versioned(reservation: &OverlappingRangeIPReservation) -> VersionedReserv
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_claim_of_an_attachment_is_found_by_interface_or_position() {
+        let networks = r#"[
+            {"name": "blue", "namespace": "vms", "ipam-claim-reference": "vm1.blue"},
+            {"name": "red", "interface": "eth7", "ipam-claim-reference": "vm1.red"},
+            {"name": "green"}
+        ]"#;
+        assert_eq!(claim_reference(networks, "net1").as_deref(), Some("vm1.blue"));
+        assert_eq!(claim_reference(networks, "eth7").as_deref(), Some("vm1.red"));
+        assert_eq!(claim_reference(networks, "net2"), None, "the second element requests eth7");
+        assert_eq!(claim_reference(networks, "net3"), None, "no claim");
+        assert_eq!(claim_reference("vms/blue,red", "net1"), None, "the short form");
+    }
+
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
@@ -602,6 +686,7 @@ mod tests {
             cni_network: None,
             pod_uid: None,
             statefulset: None,
+            ipam_claim: None,
         }
     }
 

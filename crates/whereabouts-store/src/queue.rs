@@ -279,6 +279,7 @@ mod tests {
             cni_network: Some("net".into()),
             pod_uid: None,
             statefulset: None,
+            ipam_claim: None,
         }
     }
 

@@ -77,6 +77,7 @@ fn owner(n: usize) -> Owner {
         cni_network: None,
         pod_uid: None,
         statefulset: None,
+        ipam_claim: None,
     }
 }
 
@@ -90,6 +91,7 @@ fn bare_owner(container_id: &str) -> Owner {
         cni_network: None,
         pod_uid: None,
         statefulset: None,
+        ipam_claim: None,
     }
 }
 

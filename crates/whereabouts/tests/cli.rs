@@ -208,6 +208,7 @@ fn allocation(pod: &str) -> Allocation {
         cni_network: None,
         pod_uid: None,
         statefulset: None,
+        ipam_claim: None,
     }
 }
 

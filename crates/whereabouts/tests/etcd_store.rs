@@ -1525,6 +1525,7 @@ fn engines_on_different_nodes_never_duplicate() {
                         cni_network: Some(NETWORK.into()),
                         pod_uid: None,
                         statefulset: None,
+                        ipam_claim: None,
                     };
                     let allocated = ipam.allocate(&config, &owner).await.expect("allocate");
                     let addresses =

@@ -126,6 +126,7 @@ fn entry(pod: &str) -> Allocation {
         cni_network: None,
         pod_uid: None,
         statefulset: None,
+        ipam_claim: None,
     }
 }
 
@@ -291,6 +292,7 @@ async fn a_pool_as_upstream_writes_it_reads_back_unchanged() {
                     cni_network: None,
                     pod_uid: None,
                     statefulset: None,
+                    ipam_claim: None,
                 },
             ),
             (
@@ -303,6 +305,7 @@ async fn a_pool_as_upstream_writes_it_reads_back_unchanged() {
                     cni_network: None,
                     pod_uid: None,
                     statefulset: None,
+                    ipam_claim: None,
                 },
             ),
         ]),

@@ -90,6 +90,7 @@ fn encode(decoded: &Decoded, list: &[Reservation]) -> Result<BTreeMap<String, Al
             cni_network: None,
             pod_uid: None,
             statefulset: None,
+            ipam_claim: None,
         };
         allocations.insert(key, allocation);
     }
@@ -363,6 +364,7 @@ mod tests {
             cni_network: None,
             pod_uid: None,
             statefulset: None,
+            ipam_claim: None,
         }
     }
 

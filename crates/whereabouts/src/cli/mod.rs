@@ -49,9 +49,9 @@ pub enum CliError {
     /// Looking pods up failed.
     #[error("listing pods: {0}")]
     Pods(#[source] kube::Error),
-    /// Looking StatefulSets up (for sticky allocations) failed.
-    #[error("listing statefulsets: {0}")]
-    StatefulSets(#[source] kube::Error),
+    /// Looking StatefulSets and IPAMClaims up (for persistent allocations) failed.
+    #[error("listing statefulsets and ipamclaims: {0}")]
+    Persistence(#[source] kube::Error),
     /// No pool of that name.
     #[error("no pool named {0:?} (see `whereabouts pools`)")]
     NoPool(String),
