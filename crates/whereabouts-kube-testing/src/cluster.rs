@@ -27,6 +27,8 @@ use serde_json::Value;
 use tempfile::TempDir;
 use tokio::time::Instant;
 
+use whereabouts_k8s::crd::ipam_claim_resource;
+
 use crate::fake::{FakeApiServer, FakeOptions};
 
 /// The environment variable naming a real cluster's kubeconfig.
@@ -35,6 +37,9 @@ pub const KUBECONFIG_ENV: &str = "WHEREABOUTS_TEST_KUBECONFIG";
 /// The NetworkAttachmentDefinition CRD (Multus's), installed along with the whereabouts CRDs.
 const NETWORK_ATTACHMENT_DEFINITION_CRD: &str =
     include_str!("crds/k8s.cni.cncf.io_network-attachment-definitions.yaml");
+
+/// The IPAMClaim CRD (KubeVirt's persistent addresses), installed along with the whereabouts CRDs.
+const IPAM_CLAIM_CRD: &str = include_str!("crds/k8s.cni.cncf.io_ipamclaims.yaml");
 
 /// The label every cluster-scoped object a test makes carries, with the test's namespace as its value.
 pub const TEST_LABEL: &str = "whereabouts-kube-testing/test";
@@ -145,7 +150,10 @@ fn read_crds(directory: &Path) -> Result<Vec<CustomResourceDefinition>, String> 
         Err(_) => Vec::new(),
     };
     files.sort();
-    let mut texts = vec![("(built in)".to_owned(), NETWORK_ATTACHMENT_DEFINITION_CRD.to_owned())];
+    let mut texts = vec![
+        ("(built in)".to_owned(), NETWORK_ATTACHMENT_DEFINITION_CRD.to_owned()),
+        ("(built in)".to_owned(), IPAM_CLAIM_CRD.to_owned()),
+    ];
     for file in files {
         let text = std::fs::read_to_string(&file).map_err(|e| format!("reading {}: {e}", file.display()))?;
         texts.push((file.display().to_string(), text));
@@ -605,6 +613,67 @@ impl TestCluster {
         }
     }
 
+    /// Creates a pod of the test namespace bound to `node` with `annotations` (a virtual machine's
+    /// launcher pod with its network selection elements, say); returns its uid.
+    ///
+    /// # Panics
+    ///
+    /// When the creation fails.
+    pub async fn create_annotated_pod(
+        &self,
+        name: &str,
+        node: &str,
+        annotations: BTreeMap<String, String>,
+    ) -> String {
+        let mut pod = pod_object(name, Some(node));
+        pod.metadata.annotations = Some(annotations);
+        let api: Api<Pod> = Api::namespaced(self.client(), &self.namespace);
+        match api.create(&PostParams::default(), &pod).await {
+            Ok(created) => created.metadata.uid.unwrap_or_else(|| panic!("pod {name} has no uid")),
+            Err(e) => panic!("creating pod {name}: {e}"),
+        }
+    }
+
+    fn ipam_claims(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client(), &self.namespace, &ipam_claim_resource())
+    }
+
+    /// Creates an IPAMClaim of the test namespace, as KubeVirt does for a virtual machine's network.
+    ///
+    /// # Panics
+    ///
+    /// When the creation fails.
+    pub async fn create_ipam_claim(&self, name: &str, network: &str, interface: &str) {
+        let claim = DynamicObject::new(name, &ipam_claim_resource())
+            .data(serde_json::json!({ "spec": { "network": network, "interface": interface } }));
+        if let Err(e) = self.ipam_claims().create(&PostParams::default(), &claim).await {
+            panic!("creating IPAMClaim {name}: {e}");
+        }
+    }
+
+    /// An IPAMClaim's `status` (`null` when it has none).
+    ///
+    /// # Panics
+    ///
+    /// When the claim cannot be read.
+    pub async fn ipam_claim_status(&self, name: &str) -> Value {
+        match self.ipam_claims().get(name).await {
+            Ok(claim) => claim.data["status"].clone(),
+            Err(e) => panic!("reading IPAMClaim {name}: {e}"),
+        }
+    }
+
+    /// Deletes an IPAMClaim, as KubeVirt's garbage collection does with its virtual machine.
+    ///
+    /// # Panics
+    ///
+    /// When the deletion fails.
+    pub async fn delete_ipam_claim(&self, name: &str) {
+        if let Err(e) = self.ipam_claims().delete(name, &at_once()).await {
+            panic!("deleting IPAMClaim {name}: {e}");
+        }
+    }
+
     /// Deletes what the test made (the CRDs stay): see the module documentation. Failures are logged.
     pub async fn delete_test_objects(&self) {
         if tokio::time::timeout(CLEANUP_TIMEOUT, delete_test_objects(&self.client, &self.namespace))
@@ -676,7 +745,8 @@ mod tests {
     #[test]
     fn the_network_attachment_definition_crd_is_read_first() {
         let crds = read_crds(Path::new("/nonexistent")).expect("read");
-        assert_eq!(crds.len(), 1);
+        assert_eq!(crds.len(), 2);
         assert_eq!(crds[0].spec.names.kind, "NetworkAttachmentDefinition");
+        assert_eq!(crds[1].spec.names.kind, "IPAMClaim");
     }
 }

@@ -1023,3 +1023,68 @@ async fn the_reconciler_keeps_a_held_address_while_the_statefulset_wants_its_pod
     assert_eq!(held_ips(&cluster).await, Vec::<String>::new());
     cluster.cleanup().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// IPAMClaims: the test acts as KubeVirt (the claim, the launcher pods and their network selection
+// elements) and as Multus (the plugin's calls)
+
+/// A virtual machine's launcher pod `pod` on `node`, its network selection element naming `claim`.
+async fn launcher_pod(cluster: &TestCluster, pod: &str, node: &str, claim: &str) -> String {
+    let networks =
+        json!([{ "name": NETWORK, "namespace": cluster.namespace(), "ipam-claim-reference": claim }]);
+    let annotations = [("k8s.v1.cni.cncf.io/networks".to_string(), networks.to_string())].into();
+    cluster.create_annotated_pod(pod, node, annotations).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claims_address_survives_its_launcher_pods_until_the_claim_is_deleted() {
+    let cluster = TestCluster::start().await;
+    let (n1, n2) = (cluster.create_node("n1").await, cluster.create_node("n2").await);
+    let mut net = netconf(&cluster);
+    net["allowPersistentIPs"] = json!(true);
+    cluster.create_ipam_claim("vm1.net", NETWORK, "net1").await;
+    let controller = single_controller(&cluster).await;
+
+    let uid_a = launcher_pod(&cluster, "virt-launcher-vm1-a", &n1, "vm1.net").await;
+    assert_eq!(add_to(&cluster, &net, ("virt-launcher-vm1-a", &uid_a), "sandbox-a", &n1).await, "192.0.2.1");
+    let status = cluster.ipam_claim_status("vm1.net").await;
+    assert_eq!(status, json!({ "ips": ["192.0.2.1/24"], "ownerPod": "virt-launcher-vm1-a" }));
+    let entry = entry_at(&cluster, "192.0.2.1").await.expect("the claim's");
+    assert_eq!(entry.ipam_claim.as_deref(), Some("vm1.net"));
+    // A pod without a claim gets another address.
+    let plain = cluster.create_pod("plain", Some(&n1)).await;
+    assert_eq!(add_to(&cluster, &net, ("plain", &plain), "sandbox-plain", &n1).await, "192.0.2.2");
+
+    // Live migration: the target launcher pod runs beside the source and gets the same address.
+    let uid_b = launcher_pod(&cluster, "virt-launcher-vm1-b", &n2, "vm1.net").await;
+    assert_eq!(add_to(&cluster, &net, ("virt-launcher-vm1-b", &uid_b), "sandbox-b", &n2).await, "192.0.2.1");
+    assert_eq!(cluster.ipam_claim_status("vm1.net").await["ownerPod"], "virt-launcher-vm1-b");
+    // The source goes: its DEL finds nothing of its own, and its deletion leaves the claim's address.
+    del_from(&cluster, &net, ("virt-launcher-vm1-a", &uid_a), "sandbox-a", &n1).await;
+    cluster.delete_pod("virt-launcher-vm1-a").await;
+    // The virtual machine stops: DEL holds the address, the pod goes, the address stays.
+    del_from(&cluster, &net, ("virt-launcher-vm1-b", &uid_b), "sandbox-b", &n2).await;
+    assert!(entry_at(&cluster, "192.0.2.1").await.is_some_and(|a| a.is_held()));
+    cluster.delete_pod("virt-launcher-vm1-b").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(entry_at(&cluster, "192.0.2.1").await.is_some(), "{}", controller.log());
+    // It starts again, anywhere: the same address.
+    let uid_c = launcher_pod(&cluster, "virt-launcher-vm1-c", &n1, "vm1.net").await;
+    assert_eq!(add_to(&cluster, &net, ("virt-launcher-vm1-c", &uid_c), "sandbox-c", &n1).await, "192.0.2.1");
+
+    // A launcher pod whose claim does not exist (yet) is told to try again.
+    let uid_d = launcher_pod(&cluster, "virt-launcher-vm2-a", &n1, "vm2.net").await;
+    let (code, msg) = plugin(&cluster, &net, "ADD", ("virt-launcher-vm2-a", &uid_d), "sandbox-d", &n1)
+        .await
+        .failure("ADD for a missing claim");
+    assert!(code == 11 && msg.contains("vm2.net"), "{code}: {msg}");
+
+    // The virtual machine is deleted: its pod, then its claim; the address is released.
+    del_from(&cluster, &net, ("virt-launcher-vm1-c", &uid_c), "sandbox-c", &n1).await;
+    cluster.delete_pod("virt-launcher-vm1-c").await;
+    cluster.delete_ipam_claim("vm1.net").await;
+    assert_released(&cluster, &controller, "192.0.2.1", "the deleted claim's address").await;
+    assert_eq!(held_ips(&cluster).await, ["192.0.2.2"]);
+    controller.kill().await;
+    cluster.cleanup().await;
+}
