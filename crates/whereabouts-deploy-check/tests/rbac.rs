@@ -297,6 +297,27 @@ async fn act_out(cluster: &TestCluster, components: &Components) {
     cluster.delete_statefulset("web").await;
     eventually("the held address's release", || async { allocations(cluster).await == 0 }).await;
 
+    // IPAMClaims: the plugin allocates for a launcher pod's claim (and writes its status), DEL holds
+    // the address, the pod goes (the controller reads the claim: kept), then the claim (released).
+    let mut persistent = components.netconf(json!({ "range": "192.0.2.0/24" }));
+    persistent["allowPersistentIPs"] = json!(true);
+    cluster.create_ipam_claim("vm1.rbac-net", "rbac-net", "net1").await;
+    let networks = json!([{ "name": "rbac-net", "ipam-claim-reference": "vm1.rbac-net" }]);
+    let launcher = cluster
+        .create_annotated_pod(
+            "launcher",
+            &node,
+            [("k8s.v1.cni.cncf.io/networks".into(), networks.to_string())].into(),
+        )
+        .await;
+    components.plugin("ADD", ("launcher", "launcher"), &launcher, &node, &persistent).await;
+    components.plugin("DEL", ("launcher", "launcher"), &launcher, &node, &persistent).await;
+    cluster.delete_pod("launcher").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(allocations(cluster).await, 1, "held while the claim exists");
+    cluster.delete_ipam_claim("vm1.rbac-net").await;
+    eventually("the claim's address's release", || async { allocations(cluster).await == 0 }).await;
+
     // The NetworkAttachmentDefinition goes: so does its NodeSlicePool.
     nads.delete("slicenet", &DeleteParams::default()).await.expect("delete the NAD");
     eventually("the NodeSlicePool's deletion", || async {
