@@ -29,9 +29,9 @@ use whereabouts_store::kubernetes::KubeStore;
 pub mod env;
 pub mod error;
 pub mod logging;
+pub mod persistent;
 pub mod result;
 pub mod slices;
-pub mod sticky;
 pub mod version;
 
 use env::{CniEnv, Command, is_valid_name};
@@ -253,11 +253,11 @@ async fn dispatch(
     let deadline = Instant::now() + budget;
     let node = node_name(&env, &config, host);
     if purpose == Purpose::Allocate {
-        sticky::check(&config).map_err(not_available)?;
+        persistent::check(&config).map_err(not_available)?;
     }
     let node_slices = slices::prepare(&config, purpose, node.as_deref()).map_err(not_available)?;
     let store = open_store(&config.datastore, node.as_deref(), deadline).await.map_err(not_available)?;
-    // A StatefulSet's pod may hold its address in another node's slice pool (see `sticky`).
+    // A StatefulSet's pod may hold its address in another node's slice pool (see `persistent`).
     let sticky_slice = match config.node_slice_size {
         Some(_) if config.sticky_statefulsets => config.ranges.first().cloned(),
         _ => None,
@@ -266,7 +266,7 @@ async fn dispatch(
     if let Some(first) = &sticky_slice
         && env.command == Command::Del
     {
-        sticky::widen_release(&mut config, &store, first).await?;
+        persistent::widen_release(&mut config, &store, first).await?;
     }
     let ipam = Ipam::new(&store).with_deadline(deadline);
 
@@ -282,7 +282,7 @@ async fn dispatch(
             }
             let allow_persistent_ips = netconf.allow_persistent_ips.unwrap_or(false);
             let persistence =
-                sticky::persistence_of(&config, allow_persistent_ips, &store, &args, &env.ifname).await?;
+                persistent::persistence_of(&config, allow_persistent_ips, &store, &args, &env.ifname).await?;
             let owner = Owner {
                 container_id: env.container_id.clone(),
                 pod_ref: args.pod_ref(),
@@ -294,7 +294,7 @@ async fn dispatch(
                 ipam_claim: persistence.ipam_claim,
             };
             if let Some(first) = &sticky_slice {
-                sticky::follow_held_entry(&mut config, &store, &ipam, first, &owner).await?;
+                persistent::follow_held_entry(&mut config, &store, &ipam, first, &owner).await?;
             }
             tracing::debug!("ADD {} {} pod {:?}", env.container_id, env.ifname, owner.pod_ref);
             let allocated = ipam.allocate(&config, &owner).await?;
@@ -306,7 +306,7 @@ async fn dispatch(
                     .filter_map(|a| ipnet::IpNet::new(a.ip, a.network.prefix_len()).ok())
                     .map(|net| net.to_string())
                     .collect();
-                sticky::record_claim(&store, &args.pod_namespace, claim, &ips, &args.pod_name).await?;
+                persistent::record_claim(&store, &args.pod_namespace, claim, &ips, &args.pod_name).await?;
             }
             result.to_json(&netconf.cni_version, version).map(Some)
         }

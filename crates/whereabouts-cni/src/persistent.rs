@@ -82,6 +82,7 @@ pub async fn persistence_of(
 }
 
 /// Writes what an ADD allocated for an IPAMClaim to its status, as its holder `pod`.
+#[cfg(feature = "kubernetes")]
 pub async fn record_claim(
     store: &AnyStore,
     namespace: &str,
@@ -90,13 +91,15 @@ pub async fn record_claim(
     pod: &str,
 ) -> Result<(), CniError> {
     match store {
-        #[cfg(feature = "kubernetes")]
         AnyStore::Kubernetes(kube) => Ok(kube.set_claim_status(namespace, claim, ips, pod).await?),
-        _ => {
-            let _ = (namespace, claim, ips, pod);
-            Ok(())
-        }
+        _ => Ok(()),
     }
+}
+
+/// Without the Kubernetes store no ADD allocates for a claim.
+#[cfg(not(feature = "kubernetes"))]
+pub async fn record_claim(_: &AnyStore, _: &str, _: &str, _: &[String], _: &str) -> Result<(), CniError> {
+    Ok(())
 }
 
 #[cfg(feature = "kubernetes")]
