@@ -721,6 +721,36 @@ mod tests {
         assert!(web.is_owned_by(&plain));
     }
 
+    #[test]
+    fn a_claims_allocation_belongs_to_the_claim_not_the_pod() {
+        let claimed = Allocation { ipam_claim: Some("vm1.net".into()), ..alloc("launcher-a") };
+        let owner = |pod: &str, claim: Option<&str>| Owner {
+            container_id: format!("{pod}-sandbox"),
+            pod_ref: Some(format!("ns/{pod}")),
+            ifname: "eth0".into(),
+            node: None,
+            cni_network: None,
+            pod_uid: None,
+            statefulset: None,
+            ipam_claim: claim.map(Into::into),
+        };
+        assert!(claimed.is_owned_by(&owner("launcher-b", Some("vm1.net"))), "another pod of the claim");
+        assert!(!claimed.is_owned_by(&owner("launcher-a", None)), "its pod without the claim");
+        assert!(!claimed.is_owned_by(&owner("launcher-a", Some("vm2.net"))), "another claim");
+        assert_eq!(claimed.reservation().pod_ref, "ns/ipamclaim:vm1.net");
+        assert_eq!(alloc("a").reservation().pod_ref, "ns/a");
+        let mut pool = Pool::new("10.0.0.0/24".parse().unwrap());
+        pool.insert(to_u128("10.0.0.7".parse().unwrap()), claimed.clone());
+        assert_eq!(pool.owned(&owner("launcher-b", Some("vm1.net"))), [to_u128("10.0.0.7".parse().unwrap())]);
+        assert!(pool.owned(&owner("launcher-a", None)).is_empty());
+        // Held between pods, for a claim or a sticky StatefulSet.
+        assert!(claimed.held().is_held() && !claimed.is_held());
+        assert!(!alloc("a").held().is_held(), "a plain allocation is never held");
+        assert!(claimed.is_persistent(false));
+        let web = Allocation { statefulset: Some("web".into()), ..alloc("web-0") };
+        assert!(web.is_persistent(true) && !web.is_persistent(false));
+    }
+
     proptest! {
         #[test]
         fn ipv6_offsets_round_trip_over_the_whole_slash_64(host in any::<u64>()) {

@@ -1462,3 +1462,49 @@ async fn an_ended_cooldown_is_pruned_by_the_next_write_and_without_one_nothing_c
     let stored = store.read_pool(&name).await.unwrap().unwrap();
     assert_eq!(stored.spec.cooldowns.keys().collect::<Vec<_>>(), ["2"]);
 }
+
+// === persistent addresses ===
+
+/// DEL holds a persistent entry (a StatefulSet's pod's on a sticky network, an IPAMClaim's) for the
+/// next sandbox, which gets it back; GC of the node it was on leaves it alone; a plain entry is
+/// released as ever.
+#[tokio::test]
+async fn del_holds_persistent_entries_for_the_next_sandbox_and_gc_leaves_them() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = cfg(json!({ "range": "10.9.2.0/24", "sticky_statefulsets": true }));
+    let name = pool_of(&config, 0);
+    let web = Owner { statefulset: Some("web".into()), ..owner_on(1, Some("node-a"), Some("net")) };
+    let vm = Owner { ipam_claim: Some("vm1.net".into()), ..owner_on(2, Some("node-a"), Some("net")) };
+    let plain = owner_on(3, Some("node-a"), Some("net"));
+    for o in [&web, &vm, &plain] {
+        alloc(&ipam, &config, o).await;
+    }
+    for o in [&web, &vm, &plain] {
+        ipam.release(&config, &o.container_id, &o.ifname).await.unwrap();
+    }
+    let stored = allocations(&store, &name).await;
+    assert_eq!(stored.keys().copied().collect::<Vec<_>>(), ips(&["10.9.2.1", "10.9.2.2"]));
+    assert!(stored.values().all(|a| a.is_held() && a.node.is_none()), "{stored:?}");
+    // GC of node-a with nothing valid: the held entries are no sandbox's of node-a.
+    assert_eq!(
+        ipam.collect_garbage(&config, "node-a", "net", &HashSet::new()).await.unwrap(),
+        Vec::<IpAddr>::new()
+    );
+    // The next sandboxes, on another node: the same addresses.
+    let web_again = Owner { container_id: "c1-b".into(), node: Some("node-b".into()), ..web.clone() };
+    assert_eq!(alloc(&ipam, &config, &web_again).await, ips(&["10.9.2.1"]));
+    // Another pod of the same claim (a migration's target pod): the claim's address.
+    let vm_target =
+        Owner { pod_ref: Some("ns/launcher-b".into()), container_id: "c2-b".into(), ..vm.clone() };
+    assert_eq!(alloc(&ipam, &config, &vm_target).await, ips(&["10.9.2.2"]));
+    // Its reservation is the claim's, taken over by the new pod's sandbox.
+    let reserved = reservations(&store).await;
+    assert_eq!(reserved["10.9.2.2"].pod_ref, "ns/ipamclaim:vm1.net");
+    assert_eq!(reserved["10.9.2.2"].container_id, "c2-b");
+    // Without sticky_statefulsets, a StatefulSet's pod's entry is released; a claim's is still held.
+    let plain_config = single("10.9.2.0/24");
+    ipam.release(&plain_config, "c1-b", "eth0").await.unwrap();
+    ipam.release(&plain_config, "c2-b", "eth0").await.unwrap();
+    assert_eq!(allocations(&store, &name).await.keys().copied().collect::<Vec<_>>(), ips(&["10.9.2.2"]));
+}
