@@ -29,6 +29,7 @@ use whereabouts_store::kubernetes::KubeStore;
 pub mod env;
 pub mod error;
 pub mod logging;
+pub mod persistent;
 pub mod result;
 pub mod slices;
 pub mod version;
@@ -89,6 +90,9 @@ struct NetConf {
     args: Option<Value>,
     #[serde(rename = "prevresult", default)]
     prev_result: Option<Value>,
+    /// KubeVirt's switch for persistent addresses: allocate for the attachment's IPAMClaim.
+    #[serde(rename = "allowpersistentips", default)]
+    allow_persistent_ips: Option<bool>,
     /// GC's list of attachments still in use (spec 1.1).
     #[serde(rename = "cni.dev/valid-attachments", default)]
     valid_attachments: Option<Vec<Attachment>>,
@@ -248,10 +252,23 @@ async fn dispatch(
     };
     let deadline = Instant::now() + budget;
     let node = node_name(&env, &config, host);
+    if purpose == Purpose::Allocate {
+        persistent::check(&config).map_err(not_available)?;
+    }
     let node_slices = slices::prepare(&config, purpose, node.as_deref()).map_err(not_available)?;
+    // A StatefulSet's pod may hold its address in another node's slice pool (see `persistent`).
+    let sticky_slice = match config.node_slice_size {
+        Some(_) if config.sticky_statefulsets => config.ranges.first().cloned(),
+        _ => None,
+    };
     let opened = async {
         let store = open_store(&config.datastore, node.as_deref(), deadline).await?;
         slices::apply(node_slices, &mut config, &store, &netconf.name, purpose).await?;
+        if let Some(first) = &sticky_slice
+            && env.command == Command::Del
+        {
+            persistent::widen_release(&mut config, &store, first).await?;
+        }
         Ok(store)
     };
     let store = match opened.await {
@@ -272,6 +289,9 @@ async fn dispatch(
                     "CNI_ARGS has no K8S_POD_NAMESPACE and K8S_POD_NAME: the kubernetes datastore allocates for pods only",
                 ));
             }
+            let allow_persistent_ips = netconf.allow_persistent_ips.unwrap_or(false);
+            let persistence =
+                persistent::persistence_of(&config, allow_persistent_ips, &store, &args, &env.ifname).await?;
             let owner = Owner {
                 container_id: env.container_id.clone(),
                 pod_ref: args.pod_ref(),
@@ -279,10 +299,24 @@ async fn dispatch(
                 node: node.clone(),
                 cni_network: Some(netconf.name.clone()),
                 pod_uid: args.pod_uid(),
+                statefulset: persistence.statefulset,
+                ipam_claim: persistence.ipam_claim,
             };
+            if let Some(first) = &sticky_slice {
+                persistent::follow_held_entry(&mut config, &store, &ipam, first, &owner).await?;
+            }
             tracing::debug!("ADD {} {} pod {:?}", env.container_id, env.ifname, owner.pod_ref);
             let allocated = ipam.allocate(&config, &owner).await?;
             let result = IpamResult::new(&config, &allocated);
+            if let Some(claim) = &owner.ipam_claim {
+                // As CIDRs with the range's prefix, as the result gives them.
+                let ips: Vec<String> = allocated
+                    .iter()
+                    .filter_map(|a| ipnet::IpNet::new(a.ip, a.network.prefix_len()).ok())
+                    .map(|net| net.to_string())
+                    .collect();
+                persistent::record_claim(&store, &args.pod_namespace, claim, &ips, &args.pod_name).await?;
+            }
             result.to_json(&netconf.cni_version, version).map(Some)
         }
         Command::Del => match ipam.release(&config, &env.container_id, &env.ifname).await {

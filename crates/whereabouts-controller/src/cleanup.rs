@@ -20,27 +20,30 @@
 //!
 //! Pods deleted while the watch was down (no delete event) are noticed when the watch lists again.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
-use kube::api::Api;
+use kube::api::{Api, DynamicObject};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::Notify;
+use whereabouts_k8s::crd::ipam_claim_resource;
 use whereabouts_store::ipam::JudgedReservation;
 use whereabouts_store::kubernetes::KubeStore;
 use whereabouts_store::{Store, StoreError};
 
 use crate::Context;
 use crate::index::PoolIndex;
-use crate::judge::{FINISHED_GRACE, KeepReason, PodView, Verdict, judge};
+use crate::judge::{FINISHED_GRACE, KeepReason, Persistence, PodView, Verdict, WantedOrdinals, judge};
 use crate::metrics::Source;
 use crate::network_status::{ANNOTATION, NetworkStatus};
-use crate::pools::{Found, holder, reservation_names, reservations_of};
+use crate::pools::{Found, reservation_names, reservations_of};
+use crate::reconcile::{wanted_ordinals, wanted_ordinals_of};
 use crate::release::{Plan, Release};
 
 /// After how many failed attempts a pod's cleanup is reported in a Warning Event (and still retried).
@@ -189,7 +192,110 @@ pub async fn run(ctx: Context, index: PoolIndex, node: Option<String>) {
         ctx.client.clone(),
         Reporter { controller: COMPONENT.into(), instance: node.clone().or_else(hostname) },
     );
-    tokio::join!(watch_pods(&ctx, &index, &queue, node.as_deref()), work(&ctx, &index, &queue, &recorder));
+    // Node mode leaves StatefulSets to the cluster's controller: every node would react to each one.
+    let statefulsets = async {
+        if node.is_none() {
+            watch_statefulsets(&ctx, &index, &queue).await;
+        }
+    };
+    let claims = async {
+        if node.is_none() {
+            watch_claims(&ctx, &index, &queue).await;
+        }
+    };
+    tokio::join!(
+        watch_pods(&ctx, &index, &queue, node.as_deref()),
+        statefulsets,
+        claims,
+        work(&ctx, &index, &queue, &recorder)
+    );
+}
+
+/// How long the claim watch waits before looking again for the IPAMClaim CRD when it is not installed.
+const NO_CLAIMS_RETRY: Duration = Duration::from_secs(60);
+
+/// Queues the pods of the addresses of a deleted IPAMClaim (its last pod may be gone long since), so
+/// that they are released. Without the IPAMClaim CRD there is nothing to watch: looked for again now
+/// and then.
+async fn watch_claims(ctx: &Context, index: &PoolIndex, queue: &Queue) {
+    let api = Api::<DynamicObject>::all_with(ctx.client.clone(), &ipam_claim_resource());
+    loop {
+        let mut events = Box::pin(watcher(api.clone(), watcher::Config::default()));
+        while let Some(event) = events.next().await {
+            let claim = match event {
+                Ok(watcher::Event::Delete(claim)) => claim,
+                Ok(_) => continue,
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.code == 404 => {
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("watching ipamclaims: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let (Some(namespace), Some(name)) = (claim.metadata.namespace, claim.metadata.name) else {
+                continue;
+            };
+            let pods =
+                index.read().pods_holding(&namespace, |a| a.ipam_claim.as_deref() == Some(name.as_str()));
+            queue_pods(ctx, queue, pods, &format!("IPAMClaim {namespace}/{name} deleted"));
+        }
+        tracing::debug!("no IPAMClaim CRD; looking again in {NO_CLAIMS_RETRY:?}");
+        tokio::time::sleep(NO_CLAIMS_RETRY).await;
+    }
+}
+
+/// Queues `pods` (`namespace/name`) for their addresses to be judged, `why` says for the log.
+fn queue_pods(ctx: &Context, queue: &Queue, pods: BTreeSet<String>, why: &str) {
+    for pod_ref in pods {
+        let Some((namespace, name)) = pod_ref.split_once('/') else { continue };
+        tracing::debug!("{why}: judging {pod_ref}");
+        let gone = Gone {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            uid: String::new(),
+            network_status: None,
+            attempts: 0,
+            looks: SETTLE_LOOKS,
+            not_before: Instant::now(),
+        };
+        queue.push(gone, &ctx.metrics);
+    }
+}
+
+/// Queues the pods holding sticky addresses of a StatefulSet that was deleted or now wants fewer
+/// ordinals (scaled down, or its `ordinals.start` moved): their held addresses may be released now,
+/// with no pod deletion to announce it (the pod may be gone already, between two sandboxes).
+async fn watch_statefulsets(ctx: &Context, index: &PoolIndex, queue: &Queue) {
+    let api: Api<StatefulSet> = Api::all(ctx.client.clone());
+    let mut wanted: HashMap<(String, String), WantedOrdinals> = HashMap::new();
+    let mut events = Box::pin(watcher(api, watcher::Config::default()).default_backoff());
+    while let Some(event) = events.next().await {
+        let (statefulset, deleted) = match event {
+            Ok(watcher::Event::InitApply(s) | watcher::Event::Apply(s)) => (s, false),
+            Ok(watcher::Event::Delete(s)) => (s, true),
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => continue,
+            Err(e) => {
+                tracing::warn!("watching statefulsets: {e}");
+                continue;
+            }
+        };
+        let (Some(namespace), Some(name)) = (statefulset.metadata.namespace, statefulset.metadata.name)
+        else {
+            continue;
+        };
+        let key = (namespace, name);
+        let now = wanted_ordinals_of(statefulset.spec.as_ref());
+        let before = if deleted { wanted.remove(&key) } else { wanted.insert(key.clone(), now) };
+        let fewer = deleted || before.is_some_and(|before| !now.covers(before));
+        if !fewer {
+            continue;
+        }
+        let (namespace, name) = key;
+        let pods = index.read().pods_holding(&namespace, |a| a.statefulset.as_deref() == Some(name.as_str()));
+        queue_pods(ctx, queue, pods, &format!("StatefulSet {namespace}/{name} wants fewer pods"));
+    }
 }
 
 fn hostname() -> Option<String> {
@@ -338,6 +444,79 @@ fn retry_backoff(attempts: u32) -> Duration {
     FIRST_BACKOFF.saturating_mul(1 << attempts.saturating_sub(1).min(16)).min(MAX_BACKOFF)
 }
 
+/// What a persistent allocation's address depends on: its IPAMClaim or its StatefulSet.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Keeper {
+    Claim { namespace: String, name: String },
+    StatefulSet { namespace: String, name: String },
+}
+
+impl Keeper {
+    /// The keeper of `found`'s allocation, if it is persistent.
+    fn of(found: &Found) -> Option<Keeper> {
+        let (namespace, _) = found.allocation.pod_ref.split_once('/')?;
+        let namespace = namespace.to_string();
+        match (&found.allocation.ipam_claim, &found.allocation.statefulset) {
+            (Some(claim), _) => Some(Keeper::Claim { namespace, name: claim.clone() }),
+            (None, Some(statefulset)) => Some(Keeper::StatefulSet { namespace, name: statefulset.clone() }),
+            (None, None) => None,
+        }
+    }
+}
+
+/// Looks up now the IPAMClaims and StatefulSets that the persistent allocations among `found` depend
+/// on; also returns those that could not be looked up (their pods' allocations are left for the next
+/// attempt).
+async fn look_up_keepers(
+    ctx: &Context,
+    found: impl Iterator<Item = &Found>,
+) -> (Persistence, HashSet<Keeper>) {
+    /// A keeper found: a StatefulSet's wanted ordinals, or that a claim exists.
+    enum Looked {
+        StatefulSet(WantedOrdinals),
+        Claim,
+    }
+    let keepers: BTreeSet<Keeper> = found.filter_map(Keeper::of).collect();
+    let lookups = futures::stream::iter(keepers.into_iter().map(|keeper| async move {
+        let client = ctx.client.clone();
+        let found = match &keeper {
+            Keeper::StatefulSet { namespace, name } => Api::<StatefulSet>::namespaced(client, namespace)
+                .get_opt(name)
+                .await
+                .map(|found| found.map(|statefulset| Looked::StatefulSet(wanted_ordinals(&statefulset)))),
+            Keeper::Claim { namespace, name } => {
+                let claims = Api::<DynamicObject>::namespaced_with(client, namespace, &ipam_claim_resource());
+                match claims.get_opt(name).await {
+                    // No IPAMClaim CRD: no claim.
+                    Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+                    found => found.map(|found| found.map(|_| Looked::Claim)),
+                }
+            }
+        };
+        (keeper, found)
+    }))
+    .buffered(PARALLEL)
+    .collect::<Vec<_>>()
+    .await;
+    let (mut known, mut unknown) = (Persistence::default(), HashSet::new());
+    for (keeper, found) in lookups {
+        match (found, &keeper) {
+            (Ok(Some(Looked::StatefulSet(ordinals))), Keeper::StatefulSet { namespace, name }) => {
+                known.insert_statefulset(namespace, name, ordinals);
+            }
+            (Ok(Some(Looked::Claim)), Keeper::Claim { namespace, name }) => {
+                known.insert_claim(namespace, name)
+            }
+            (Ok(_), _) => {}
+            (Err(e), _) => {
+                tracing::warn!("looking up {keeper:?}: {e}");
+                unknown.insert(keeper);
+            }
+        }
+    }
+    (known, unknown)
+}
+
 /// Cleans up a batch of pods.
 async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Gone>) -> Outcome {
     // What each pod holds, from the index; pods holding nothing need no lookup. The pool watch may
@@ -381,6 +560,7 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
     .buffered(PARALLEL)
     .collect::<Vec<_>>()
     .await;
+    let (persistence, unknown) = look_up_keepers(ctx, holdings.iter().flat_map(|(_, held)| held)).await;
     let mut failed = vec![false; holdings.len()];
     let mut nodes_found = BTreeMap::new();
     for (node, lookup) in node_lookups {
@@ -396,6 +576,10 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
     {
         let contents = index.read();
         for (i, ((gone, held), lookup)) in holdings.iter().zip(lookups).enumerate() {
+            if held.iter().any(|found| Keeper::of(found).is_some_and(|keeper| unknown.contains(&keeper))) {
+                failed[i] = true;
+                continue;
+            }
             let now = match lookup {
                 Ok(pod) => pod.as_ref().map(pod_view),
                 Err(e) => {
@@ -414,7 +598,7 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
             }
             for found in held {
                 let node_exists = |node: &str| nodes_found.get(node).copied().unwrap_or(false);
-                match judge(&found.allocation, found.ip, now.as_ref(), node_exists) {
+                match judge(&found.allocation, found.ip, now.as_ref(), &persistence, node_exists) {
                     Verdict::Release(reason) => {
                         let reservations = reservations_of(found, contents.reservations.iter());
                         decided.push(Release { found: found.clone(), reason, reservations, tag: i });
@@ -491,7 +675,7 @@ async fn with_unindexed(
     store: &KubeStore,
     mut release: Release<usize>,
 ) -> Result<Release<usize>, (usize, StoreError)> {
-    let holder = holder(&release.found.allocation);
+    let holder = release.found.allocation.reservation();
     for name in reservation_names(&release.found) {
         if release.reservations.iter().any(|known| known.name == name) {
             continue;

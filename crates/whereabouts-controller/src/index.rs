@@ -14,6 +14,7 @@ use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
+use whereabouts_core::pool::Allocation;
 use whereabouts_k8s::crd::{IPPool, OverlappingRangeIPReservation};
 use whereabouts_store::VersionedReservation;
 use whereabouts_store::kubernetes::versioned;
@@ -58,6 +59,20 @@ impl Contents {
                 })
             })
             .cloned()
+            .collect()
+    }
+
+    /// The pod references of namespace `namespace` whose allocations pass `depends` (those of a
+    /// StatefulSet, or of an IPAMClaim).
+    pub fn pods_holding(&self, namespace: &str, depends: impl Fn(&Allocation) -> bool) -> BTreeSet<String> {
+        self.pools
+            .values()
+            .flatten()
+            .filter(|found| {
+                depends(&found.allocation)
+                    && found.allocation.pod_ref.split_once('/').is_some_and(|(ns, _)| ns == namespace)
+            })
+            .map(|found| found.allocation.pod_ref.clone())
             .collect()
     }
 

@@ -34,9 +34,20 @@
 //! A pod being deleted (with a `deletionTimestamp`) keeps its addresses until it is gone: its
 //! containers may still be running through their grace period.
 //!
+//! An allocation for an IPAMClaim (a virtual machine's address, passed by Multus as the attachment's
+//! `ipam-claim-reference`) is kept while the claim exists, whatever its pods: the claim holds it.
+//!
+//! An allocation of a StatefulSet's pod on a network with `sticky_statefulsets` (it records the
+//! StatefulSet) is kept, whatever the pod's state, while the StatefulSet wants the pod: it exists and
+//! the pod's ordinal (the number its name ends in) lies in `spec.ordinals.start` ..
+//! `start + spec.replicas`. The pod is then between two sandboxes (rescheduled, restarted) and its next
+//! ADD, on any node, takes the address back. Once the StatefulSet is scaled below the ordinal or
+//! deleted, the allocation is judged as any other.
+//!
 //! A release is still a compare-and-swap on the allocation as it was read, so an allocation that changed
 //! since (a new sandbox of the pod took it over) is never released on the strength of an old reading.
 
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -85,9 +96,75 @@ impl PodView {
     }
 }
 
+/// Which ordinals a StatefulSet wants: `start .. start + replicas`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WantedOrdinals {
+    /// `spec.ordinals.start` (0 when unset).
+    pub start: u32,
+    /// `spec.replicas` (1 when unset, as the API server defaults it).
+    pub replicas: u32,
+}
+
+impl WantedOrdinals {
+    /// Whether every ordinal `other` wants is wanted here too.
+    pub fn covers(self, other: WantedOrdinals) -> bool {
+        let end = |w: WantedOrdinals| u64::from(w.start) + u64::from(w.replicas);
+        other.replicas == 0 || (self.start <= other.start && end(self) >= end(other))
+    }
+}
+
+/// What the controller knows of the owners that persistent allocations name: the wanted ordinals of
+/// StatefulSets and the IPAMClaims that exist, by `namespace/name`; one absent does not exist.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Persistence {
+    statefulsets: HashMap<String, WantedOrdinals>,
+    claims: HashSet<String>,
+}
+
+impl Persistence {
+    /// Records that StatefulSet `namespace/name` exists and wants `ordinals`.
+    pub fn insert_statefulset(&mut self, namespace: &str, name: &str, ordinals: WantedOrdinals) {
+        self.statefulsets.insert(format!("{namespace}/{name}"), ordinals);
+    }
+
+    /// Records that IPAMClaim `namespace/name` exists.
+    pub fn insert_claim(&mut self, namespace: &str, name: &str) {
+        self.claims.insert(format!("{namespace}/{name}"));
+    }
+
+    /// Why `allocation` is kept whatever its pod's state, if it is: its IPAMClaim exists, or the
+    /// StatefulSet it records still wants its pod (see the module).
+    pub fn keeps(&self, allocation: &Allocation) -> Option<KeepReason> {
+        let (namespace, _) = allocation.pod_ref.split_once('/')?;
+        if let Some(claim) = &allocation.ipam_claim {
+            return self.claims.contains(&format!("{namespace}/{claim}")).then_some(KeepReason::ClaimExists);
+        }
+        self.wants(allocation).then_some(KeepReason::StatefulSetWants)
+    }
+
+    /// Whether the StatefulSet that `allocation` records still wants its pod.
+    fn wants(&self, allocation: &Allocation) -> bool {
+        let Some(statefulset) = &allocation.statefulset else { return false };
+        let Some((namespace, pod)) = allocation.pod_ref.split_once('/') else { return false };
+        let Some(wanted) = self.statefulsets.get(&format!("{namespace}/{statefulset}")) else { return false };
+        pod.strip_prefix(statefulset.as_str())
+            .and_then(|rest| rest.strip_prefix('-'))
+            .filter(|ordinal| ordinal.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|ordinal| ordinal.parse::<u32>().ok())
+            .is_some_and(|ordinal| {
+                ordinal >= wanted.start
+                    && u64::from(ordinal) < u64::from(wanted.start) + u64::from(wanted.replicas)
+            })
+    }
+}
+
 /// Why an allocation is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeepReason {
+    /// Its pod is a StatefulSet's that the StatefulSet still wants (sticky; see the module).
+    StatefulSetWants,
+    /// It is allocated for an IPAMClaim, which exists.
+    ClaimExists,
     /// It has no pod reference: a container outside Kubernetes, which only its DEL releases.
     NotAPod,
     /// The pod it was allocated to (same uid) still exists and has not finished.
@@ -116,15 +193,20 @@ pub enum Verdict {
 }
 
 /// Decides whether `allocation` of `ip` is still held by its pod, where `pod` is the pod now found
-/// under its `podref` (`None` when there is none) and `node_exists` says whether a Node exists.
+/// under its `podref` (`None` when there is none), `persistence` what is known of the owners
+/// persistent allocations name, and `node_exists` says whether a Node exists.
 pub fn judge(
     allocation: &Allocation,
     ip: IpAddr,
     pod: Option<&PodView>,
+    persistence: &Persistence,
     node_exists: impl Fn(&str) -> bool,
 ) -> Verdict {
     if allocation.pod_ref.is_empty() {
         return Verdict::Keep(KeepReason::NotAPod);
+    }
+    if let Some(reason) = persistence.keeps(allocation) {
+        return Verdict::Keep(reason);
     }
     let Some(pod) = pod else {
         return if may_be_unmirrored_static_pod(allocation, node_exists) {
@@ -188,6 +270,79 @@ mod tests {
         false
     }
 
+    /// The judgement with no StatefulSet known (the allocations of these tests are not sticky).
+    fn judge(
+        allocation: &Allocation,
+        ip: IpAddr,
+        pod: Option<&PodView>,
+        node_exists: impl Fn(&str) -> bool,
+    ) -> Verdict {
+        super::judge(allocation, ip, pod, &Persistence::default(), node_exists)
+    }
+
+    fn sticky(pod: &str, statefulset: &str) -> Allocation {
+        Allocation {
+            container_id: String::new(),
+            pod_ref: format!("default/{pod}"),
+            statefulset: Some(statefulset.into()),
+            ..allocation(Some("u1"))
+        }
+    }
+
+    fn web(start: u32, replicas: u32) -> Persistence {
+        let mut known = Persistence::default();
+        known.insert_statefulset("default", "web", WantedOrdinals { start, replicas });
+        known
+    }
+
+    #[test]
+    fn a_statefulset_keeps_the_addresses_of_the_ordinals_it_wants() {
+        let absent = None;
+        for (pod, known, kept) in [
+            ("web-0", web(0, 3), true),
+            ("web-2", web(0, 3), true),
+            ("web-3", web(0, 3), false),
+            ("web-2", web(0, 2), false),
+            ("web-4", web(3, 2), true),
+            ("web-2", web(3, 2), false),
+            ("web-5", web(3, 2), false),
+            ("web-0", Persistence::default(), false),
+            ("web-x", web(0, 3), false),
+            ("web-01", web(0, 3), true),
+            ("webby-0", web(0, 3), false),
+        ] {
+            let verdict = super::judge(&sticky(pod, "web"), ip(), absent, &known, gone);
+            let expected = if kept {
+                Verdict::Keep(KeepReason::StatefulSetWants)
+            } else {
+                Verdict::Release(ReleaseReason::PodGone)
+            };
+            assert_eq!(verdict, expected, "{pod} with {known:?}");
+        }
+        // Another namespace's StatefulSet of the same name wants nothing of ours.
+        let mut elsewhere = Persistence::default();
+        elsewhere.insert_statefulset("other", "web", WantedOrdinals { start: 0, replicas: 3 });
+        assert_eq!(
+            super::judge(&sticky("web-0", "web"), ip(), None, &elsewhere, gone),
+            Verdict::Release(ReleaseReason::PodGone)
+        );
+        // An IPAMClaim's allocation is kept while the claim exists, whatever its pod and StatefulSet.
+        let claimed = Allocation { ipam_claim: Some("vm1.net".into()), ..sticky("web-9", "web") };
+        let mut claims = Persistence::default();
+        claims.insert_claim("default", "vm1.net");
+        assert_eq!(super::judge(&claimed, ip(), None, &claims, gone), Verdict::Keep(KeepReason::ClaimExists));
+        assert_eq!(
+            super::judge(&claimed, ip(), None, &web(0, 10), gone),
+            Verdict::Release(ReleaseReason::PodGone)
+        );
+        // An allocation that records no StatefulSet is judged as ever.
+        let plain = Allocation { pod_ref: "default/web-0".into(), ..allocation(Some("u1")) };
+        assert_eq!(
+            super::judge(&plain, ip(), None, &web(0, 3), gone),
+            Verdict::Release(ReleaseReason::PodGone)
+        );
+    }
+
     fn ip() -> IpAddr {
         IP.parse().unwrap()
     }
@@ -200,6 +355,8 @@ mod tests {
             node: None,
             cni_network: None,
             pod_uid: uid.map(Into::into),
+            statefulset: None,
+            ipam_claim: None,
         }
     }
 
@@ -395,6 +552,32 @@ mod tests {
     }
 
     proptest! {
+        /// A sticky allocation is kept whatever its pod's state while its StatefulSet wants the pod, and
+        /// judged exactly as a plain one otherwise.
+        #[test]
+        fn stickiness_only_ever_keeps(
+            ordinal in 0u32..8,
+            start in 0u32..4,
+            replicas in 0u32..6,
+            exists in any::<bool>(),
+            phase in prop::sample::select(vec!["Pending", "Running", "Succeeded", "Failed"]),
+            listed in any::<bool>(),
+        ) {
+            let allocation = sticky(&format!("web-{ordinal}"), "web");
+            let known = if exists { web(start, replicas) } else { Persistence::default() };
+            let pod = pod("u2", phase, Some(status(if listed { &[IP] } else { &[] })));
+            for pod in [None, Some(&pod)] {
+                let verdict = super::judge(&allocation, ip(), pod, &known, gone);
+                let wanted = exists && ordinal >= start && ordinal < start + replicas;
+                if wanted {
+                    prop_assert_eq!(verdict, Verdict::Keep(KeepReason::StatefulSetWants));
+                } else {
+                    let plain = Allocation { statefulset: None, ..allocation.clone() };
+                    prop_assert_eq!(verdict, judge(&plain, ip(), pod, gone));
+                }
+            }
+        }
+
         /// The safety property: an allocation whose recorded uid is the live, unfinished pod's is kept,
         /// and so is any allocation of a live pod whose network-status is not written yet or lists it,
         /// whatever uid it records (a stale one, after upstream's plugin took the entry over).

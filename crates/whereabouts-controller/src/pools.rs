@@ -11,8 +11,8 @@ use whereabouts_core::config::PoolTarget;
 use whereabouts_core::pool::{Allocation, Pool, PoolSpec};
 use whereabouts_core::range::{IpRange, normalize_range, reservation_name};
 use whereabouts_k8s::crd::IPPool;
+use whereabouts_store::VersionedReservation;
 use whereabouts_store::ipam::JudgedReservation;
-use whereabouts_store::{Reservation, VersionedReservation};
 
 /// One allocation as found in a stored pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,15 +83,6 @@ pub fn range_capacity(range: &str) -> Option<u128> {
     Some(range.last() - range.first() + 1)
 }
 
-/// The holder a reservation of `allocation`'s address records.
-pub fn holder(allocation: &Allocation) -> Reservation {
-    Reservation {
-        pod_ref: allocation.pod_ref.clone(),
-        ifname: allocation.ifname.clone(),
-        container_id: allocation.container_id.clone(),
-    }
-}
-
 /// Whether the reservation called `name` could be one of `ip`: `[network_name-]<ip>`, for any network
 /// name. Loose on purpose: it decides which reservations a pool entry stands behind, where a false match
 /// only keeps a reservation longer (IPv6 names are ambiguous: `net-fd00-1--5` reads as `fd00:1::5` of
@@ -150,7 +141,7 @@ pub fn reservations_of<'r>(
     found: &Found,
     reservations: impl IntoIterator<Item = (&'r String, &'r VersionedReservation)>,
 ) -> Vec<JudgedReservation> {
-    let holder = holder(&found.allocation);
+    let holder = found.allocation.reservation();
     let names = reservation_names(found);
     reservations
         .into_iter()
@@ -215,6 +206,7 @@ where
 #[cfg(test)]
 mod tests {
     use whereabouts_k8s::crd::IPPoolSpec;
+    use whereabouts_store::Reservation;
 
     use super::*;
 
@@ -229,11 +221,16 @@ mod tests {
                     node: None,
                     cni_network: None,
                     pod_uid: None,
+                    statefulset: None,
+                    ipam_claim: None,
                 };
                 (key.to_string(), allocation)
             })
             .collect();
-        IPPool::new(name, IPPoolSpec { pool: PoolSpec { range: range.into(), allocations } })
+        IPPool::new(
+            name,
+            IPPoolSpec { pool: PoolSpec { range: range.into(), allocations, ..Default::default() } },
+        )
     }
 
     #[test]
@@ -271,7 +268,7 @@ mod tests {
         use whereabouts_store::ReservationVersion;
         let pool = stored("p", "192.0.2.0/24", &[("5", "a")]);
         let found = &allocations(&pool).unwrap()[0];
-        let ours = holder(&found.allocation);
+        let ours = found.allocation.reservation();
         let theirs = Reservation { pod_ref: "ns/other".into(), ..ours.clone() };
         // Another sandbox of the same attachment (upstream took the entry over): still the holder's.
         let other_sandbox = Reservation { container_id: "c-older".into(), ..ours.clone() };
@@ -310,6 +307,8 @@ mod tests {
                 node: node.map(Into::into),
                 cni_network: None,
                 pod_uid: None,
+                statefulset: None,
+                ipam_claim: None,
             };
             let network = parse_cidr_strict(range).unwrap();
             Found { pool: PoolTarget { name: pool.into(), network }, ip: ip.parse().unwrap(), allocation }

@@ -21,10 +21,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, DynamicObject, ListParams};
 use serde::de::DeserializeOwned;
+use whereabouts_k8s::crd::ipam_claim_resource;
 use whereabouts_k8s::crd::{IPPool, OverlappingRangeIPReservation};
 use whereabouts_store::ipam::{Ipam, JudgedReservation};
 use whereabouts_store::kubernetes::{KubeStore, versioned};
@@ -32,11 +34,9 @@ use whereabouts_store::{Deletion, Reservation, ReserveOutcome, VersionedReservat
 
 use crate::Context;
 use crate::cleanup::{COMPONENT, pod_view};
-use crate::judge::{KeepReason, PodView, Verdict, judge};
+use crate::judge::{KeepReason, Persistence, PodView, Verdict, WantedOrdinals, judge};
 use crate::metrics::{ReleaseReason, RunLabels, RunResult, Source};
-use crate::pools::{
-    Found, allocations, holder, list_decoded, names_address, reservation_name_for, reservations_of,
-};
+use crate::pools::{Found, allocations, list_decoded, names_address, reservation_name_for, reservations_of};
 use crate::release::{Plan, Release};
 
 /// Why a reconciliation failed. The next scheduled run tries again.
@@ -95,6 +95,8 @@ pub struct Listings {
     pub pods: HashMap<String, PodView>,
     /// The Nodes that exist (a missing static pod keeps its addresses while its node does).
     pub nodes: BTreeSet<String>,
+    /// The StatefulSets and IPAMClaims, for persistent allocations (listed after the pods).
+    pub persistence: Persistence,
 }
 
 impl Listings {
@@ -123,7 +125,11 @@ impl Listings {
             .map_err(|source| ReconcileError::List { what: "pods", source })?;
         let nodes =
             node_names(&ctx.client).await.map_err(|source| ReconcileError::List { what: "nodes", source })?;
-        Ok(Listings { reservations, found, unreadable_pools, pods: pod_views(&pods.items), nodes })
+        let persistence = list_persistence(&ctx.client)
+            .await
+            .map_err(|source| ReconcileError::List { what: "statefulsets and ipamclaims", source })?;
+        let pods = pod_views(&pods.items);
+        Ok(Listings { reservations, found, unreadable_pools, pods, nodes, persistence })
     }
 }
 
@@ -168,7 +174,7 @@ pub struct MissingReservation {
 impl MissingReservation {
     /// Who the reservation is made for: the allocation's holder.
     pub fn holder(&self) -> Reservation {
-        holder(&self.found.allocation)
+        self.found.allocation.reservation()
     }
 }
 
@@ -182,7 +188,7 @@ pub fn orphans(found: &[Found], reservations: &BTreeMap<String, VersionedReserva
         .filter(|(name, listed)| {
             !found
                 .iter()
-                .any(|f| names_address(name, f.ip) && holder(&f.allocation).same_owner(&listed.holder))
+                .any(|f| names_address(name, f.ip) && f.allocation.reservation().same_owner(&listed.holder))
         })
         .map(|(name, listed)| Orphan { name: name.clone(), listed: listed.clone() })
         .collect()
@@ -202,8 +208,8 @@ pub fn missing_reservations(
         .filter(|entry| !reservations.keys().any(|name| names_address(name, entry.ip)))
         .filter_map(|entry| {
             let pod = pods.get(&entry.allocation.pod_ref).filter(|pod| pod.phase == "Running")?;
-            // The pod is found: whether a node exists does not matter.
-            let verdict = judge(&entry.allocation, entry.ip, Some(pod), |_| false);
+            // The pod is found: whether its node exists does not matter.
+            let verdict = judge(&entry.allocation, entry.ip, Some(pod), &Persistence::default(), |_| false);
             if !matches!(verdict, Verdict::Keep(KeepReason::PodLive | KeepReason::Listed)) {
                 return None;
             }
@@ -214,18 +220,58 @@ pub fn missing_reservations(
         .collect()
 }
 
+/// The wanted ordinals of every StatefulSet of the cluster, and every IPAMClaim (none where their CRD
+/// is not installed).
+pub async fn list_persistence(client: &kube::Client) -> Result<Persistence, kube::Error> {
+    let listed = Api::<StatefulSet>::all(client.clone()).list(&ListParams::default()).await?;
+    let mut known = Persistence::default();
+    for statefulset in &listed.items {
+        if let (Some(namespace), Some(name)) = (&statefulset.metadata.namespace, &statefulset.metadata.name) {
+            known.insert_statefulset(namespace, name, wanted_ordinals(statefulset));
+        }
+    }
+    let claims = Api::<DynamicObject>::all_with(client.clone(), &ipam_claim_resource());
+    match claims.list_metadata(&ListParams::default()).await {
+        Ok(listed) => {
+            for claim in &listed.items {
+                if let (Some(namespace), Some(name)) = (&claim.metadata.namespace, &claim.metadata.name) {
+                    known.insert_claim(namespace, name);
+                }
+            }
+        }
+        Err(kube::Error::Api(status)) if status.code == 404 => {}
+        Err(e) => return Err(e),
+    }
+    Ok(known)
+}
+
+/// The ordinals a StatefulSet wants: `spec.ordinals.start` .. `+ spec.replicas` (1 when unset, as the
+/// API server defaults it).
+pub fn wanted_ordinals(statefulset: &StatefulSet) -> WantedOrdinals {
+    wanted_ordinals_of(statefulset.spec.as_ref())
+}
+
+/// [`wanted_ordinals`] of a StatefulSet's spec.
+pub fn wanted_ordinals_of(spec: Option<&StatefulSetSpec>) -> WantedOrdinals {
+    let start = spec.and_then(|s| s.ordinals.as_ref()).and_then(|o| o.start).unwrap_or(0);
+    let replicas = spec.and_then(|s| s.replicas).unwrap_or(1);
+    WantedOrdinals {
+        start: u32::try_from(start).unwrap_or(0),
+        replicas: u32::try_from(replicas).unwrap_or(0),
+    }
+}
+
 /// Judges every allocation of `listings` against the pod now under its name, finds the reservations
 /// no allocation stands behind, and the allocations of running pods whose reservation is missing.
 /// Orphaned reservations are only collected when every pool was read: an unreadable pool may hold
 /// their entries.
 pub fn leaks(listings: &Listings) -> Leaks {
-    let Listings { reservations, found, unreadable_pools, pods, nodes } = listings;
+    let Listings { reservations, found, unreadable_pools, pods, nodes, persistence } = listings;
     let mut plan = Plan::default();
     for entry in found {
+        let node_exists = |node: &str| nodes.contains(node);
         if let Verdict::Release(reason) =
-            judge(&entry.allocation, entry.ip, pods.get(&entry.allocation.pod_ref), |node| {
-                nodes.contains(node)
-            })
+            judge(&entry.allocation, entry.ip, pods.get(&entry.allocation.pod_ref), persistence, node_exists)
         {
             let reservations = reservations_of(entry, reservations.iter());
             plan.add(Release { found: entry.clone(), reason, reservations, tag: () });
@@ -379,6 +425,8 @@ mod tests {
                 node: node.map(Into::into),
                 cni_network: None,
                 pod_uid: uid.map(Into::into),
+                statefulset: None,
+                ipam_claim: None,
             },
         }
     }
@@ -439,6 +487,6 @@ mod tests {
             made,
             [("net-192.0.2.1", "ns/ours"), ("net-192.0.2.2", "ns/upstreams"), ("net-10.0.0.17", "ns/sliced")]
         );
-        assert_eq!(missing[0].holder(), holder(&found[0].allocation));
+        assert_eq!(missing[0].holder(), found[0].allocation.reservation());
     }
 }

@@ -22,6 +22,8 @@ fn owner(n: usize) -> Owner {
         node: Some("node-1".into()),
         cni_network: Some("bench".into()),
         pod_uid: None,
+        statefulset: None,
+        ipam_claim: None,
     }
 }
 

@@ -1,6 +1,10 @@
 //! The allocation policy (upstream `AssignIP` / `IterateForAssignment`), with our fixes: the gateway and
 //! IPv4 addresses ending in `.0` are never handed out, requested addresses are reserved, and the search
 //! for the lowest free address jumps over runs of taken addresses instead of stepping through them.
+//!
+//! Addresses in their release cooldown ([`Pool::cooling`]) are passed over while any other candidate is
+//! free; when none is, the one whose cooldown ends first is handed out (a full range still serves).
+//! A requested address is given whether or not it is cooling: it was asked for by name.
 
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
@@ -75,7 +79,30 @@ pub fn lowest_free(
     gateway: Option<IpAddr>,
     blocked: &IntervalSet,
 ) -> Option<u128> {
-    free_from(range, pool, gateway, blocked, range.first())
+    free_from(range, pool, gateway, blocked, range.first(), Cooldowns::PassOver)
+        .or_else(|| coolest_free(range, pool, gateway, blocked))
+}
+
+/// Whether a search passes over addresses in their release cooldown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cooldowns {
+    /// Cooling addresses count as taken.
+    PassOver,
+    /// Cooling addresses count as free.
+    Ignore,
+}
+
+/// The cooling address whose cooldown ends first among those that are otherwise free candidates: what
+/// a range with no other free address hands out.
+fn coolest_free(
+    range: &IpRange,
+    pool: &Pool,
+    gateway: Option<IpAddr>,
+    blocked: &IntervalSet,
+) -> Option<u128> {
+    pool.cooling_by_end()
+        .into_iter()
+        .find(|addr| free_from(range, pool, gateway, blocked, *addr, Cooldowns::Ignore) == Some(*addr))
 }
 
 /// The lowest free candidate at or above `from` (see [`lowest_free`]).
@@ -85,12 +112,17 @@ fn free_from(
     gateway: Option<IpAddr>,
     blocked: &IntervalSet,
     from: u128,
+    cooldowns: Cooldowns,
 ) -> Option<u128> {
     let family = range.family();
     let gateway = gateway.filter(|g| Family::of(*g) == family).map(to_u128);
+    let cooling = match cooldowns {
+        Cooldowns::PassOver => pool.cooling(),
+        Cooldowns::Ignore => &IntervalSet::EMPTY,
+    };
     let mut candidate = from.max(range.first()).max(pool.base());
     while candidate <= range.last() {
-        let run = [pool.taken(), range.excluded(), blocked]
+        let run = [pool.taken(), range.excluded(), blocked, cooling]
             .into_iter()
             .find_map(|set| set.run_containing(candidate));
         candidate = match run {
@@ -151,7 +183,8 @@ impl Lane {
 
 /// The first free address of `lane`: the `lane.skip`-th free address counted from the lowest (0: the
 /// lowest), or, when the range has only `n <= lane.skip` free addresses, the `lane.skip % n`-th. `None`
-/// when no address is free.
+/// when no address is free. Addresses in their release cooldown are not counted; when only those are
+/// free, the lane starts at the one whose cooldown ends first.
 pub fn lane_start(
     range: &IpRange,
     pool: &Pool,
@@ -159,11 +192,16 @@ pub fn lane_start(
     blocked: &IntervalSet,
     lane: Lane,
 ) -> Option<u128> {
-    let lowest = lowest_free(range, pool, gateway, blocked)?;
+    let Some(lowest) = free_from(range, pool, gateway, blocked, range.first(), Cooldowns::PassOver) else {
+        return coolest_free(range, pool, gateway, blocked);
+    };
     let mut passed = 0u64;
     let mut at = lowest;
     while passed < lane.skip {
-        match at.checked_add(1).and_then(|from| free_from(range, pool, gateway, blocked, from)) {
+        let next = at
+            .checked_add(1)
+            .and_then(|from| free_from(range, pool, gateway, blocked, from, Cooldowns::PassOver));
+        match next {
             Some(next) => {
                 at = next;
                 passed += 1;
@@ -212,7 +250,7 @@ pub fn assign_from(
         if let Some(addr) = owned.first() {
             return Ok(Assignment::Existing(*addr));
         }
-        return free_from(range, pool, gateway, blocked, start)
+        return free_from(range, pool, gateway, blocked, start, Cooldowns::PassOver)
             .or_else(|| lowest_free(range, pool, gateway, blocked))
             .map(|addr| Assignment::New { addr, replaces: None })
             .ok_or_else(|| AllocError::Exhausted(range.describe()));
@@ -280,6 +318,8 @@ mod tests {
             node: Some("node-a".into()),
             cni_network: Some("net".into()),
             pod_uid: None,
+            statefulset: None,
+            ipam_claim: None,
         }
     }
     fn take(r: &IpRange, pool: &mut Pool, n: usize) -> IpAddr {
@@ -402,7 +442,7 @@ mod tests {
     #[test]
     fn requested_addresses_below_a_hand_made_pools_base_are_refused() {
         let r = range("10.0.0.0/24", None, None, &[]);
-        let spec = crate::pool::PoolSpec { range: "10.0.0.5/24".into(), allocations: Default::default() };
+        let spec = crate::pool::PoolSpec { range: "10.0.0.5/24".into(), ..Default::default() };
         let (pool, _) = Pool::from_spec(&spec, r.network()).unwrap();
         assert_eq!(
             assign(&r, &pool, &owner(1), Some(ip("10.0.0.3")), None, &IntervalSet::new()),
@@ -510,6 +550,77 @@ mod tests {
         assert_eq!(lane_start(&full, &pool, None, &IntervalSet::new(), Lane { skip: 16 }), None);
     }
 
+    #[test]
+    fn a_cooling_address_waits_while_others_are_free() {
+        let r = range("10.0.0.0/29", None, None, &[]);
+        let mut pool = Pool::new(r.network());
+        let first = take(&r, &mut pool, 1);
+        assert_eq!(first, ip("10.0.0.1"));
+        pool.release(to_u128(first), Some(100));
+        assert_eq!(take(&r, &mut pool, 2), ip("10.0.0.2"), "the released .1 cools");
+        for n in 3..=6 {
+            take(&r, &mut pool, n);
+        }
+        // .1 is the only free address left: it is handed out, and its cooldown goes with it.
+        assert_eq!(take(&r, &mut pool, 8), ip("10.0.0.1"));
+        assert!(pool.cooling().is_empty());
+        assert!(pool.to_spec().cooldowns.is_empty());
+    }
+
+    #[test]
+    fn with_only_cooling_addresses_free_the_first_to_end_is_handed_out() {
+        let r = range("10.0.0.0/29", None, None, &[]);
+        let mut pool = Pool::new(r.network());
+        for n in 1..=6 {
+            take(&r, &mut pool, n);
+        }
+        pool.release(to_u128(ip("10.0.0.2")), Some(300));
+        pool.release(to_u128(ip("10.0.0.5")), Some(200));
+        assert_eq!(lowest_free(&r, &pool, None, &IntervalSet::new()), Some(to_u128(ip("10.0.0.5"))));
+        assert_eq!(
+            lane_start(&r, &pool, None, &IntervalSet::new(), Lane { skip: 16 }),
+            Some(to_u128(ip("10.0.0.5")))
+        );
+        // Expired, both are ordinary free addresses again: the lowest first.
+        assert!(pool.expire_cooldowns(300));
+        assert_eq!(lowest_free(&r, &pool, None, &IntervalSet::new()), Some(to_u128(ip("10.0.0.2"))));
+        assert!(!pool.expire_cooldowns(300));
+    }
+
+    #[test]
+    fn a_cooling_address_is_given_when_asked_for_by_name() {
+        let r = range("10.0.0.0/24", None, None, &[]);
+        let mut pool = Pool::new(r.network());
+        pool.cool(to_u128(ip("10.0.0.9")), 100);
+        let o = owner(1);
+        let a = assign(&r, &pool, &o, Some(ip("10.0.0.9")), None, &IntervalSet::new()).unwrap();
+        assert_eq!(apply(&mut pool, a, &o), ip("10.0.0.9"));
+        assert!(pool.cooling().is_empty());
+    }
+
+    #[test]
+    fn cooldowns_round_trip_beside_the_spec() {
+        let net: IpNet = "10.0.0.0/24".parse().unwrap();
+        let mut pool = Pool::new(net);
+        pool.insert(to_u128(ip("10.0.0.3")), owner(1).allocation());
+        pool.release(to_u128(ip("10.0.0.3")), Some(1234));
+        let spec = pool.to_spec();
+        assert!(spec.allocations.is_empty());
+        assert_eq!(spec.cooldowns, [("3".to_string(), 1234)].into());
+        // Upstream's spec is untouched: the cooldowns are not serialised with it.
+        assert_eq!(
+            serde_json::to_value(&spec).unwrap(),
+            serde_json::json!({"range": "10.0.0.0/24", "allocations": {}})
+        );
+        let (decoded, _) = Pool::from_spec(&spec, net).unwrap();
+        assert_eq!(decoded, pool);
+        // A cooldown of an address someone holds again (an upstream writer took it) is dropped.
+        let mut taken = spec.clone();
+        taken.allocations.insert("3".into(), owner(2).allocation());
+        let (decoded, _) = Pool::from_spec(&taken, net).unwrap();
+        assert!(decoded.cooling().is_empty());
+    }
+
     /// The naive model: walk every candidate in order.
     fn naive_lowest(r: &IpRange, pool: &Pool, gw: Option<IpAddr>, blocked: &IntervalSet) -> Option<u128> {
         (r.first()..=r.last()).find(|a| {
@@ -522,6 +633,43 @@ mod tests {
     }
 
     proptest! {
+        /// With cooling addresses: the lowest free non-cooling candidate, else the otherwise free
+        /// cooling candidate whose cooldown ends first; lanes count non-cooling candidates only.
+        #[test]
+        fn cooldowns_match_a_linear_scan(
+            taken in proptest::collection::vec(0u128..64, 0..64),
+            cooling in proptest::collection::vec((0u128..64, 0u64..8), 0..16),
+            excludes in proptest::collection::vec(0u128..64, 0..4),
+            skip in 0u64..80,
+        ) {
+            let base = to_u128(ip("10.30.0.0"));
+            let net: IpNet = "10.30.0.0/26".parse().unwrap();
+            let excludes = excludes.iter().map(|o| IpNet::new(from_u128(Family::V4, base + o), 32).unwrap()).collect();
+            let r = IpRange::new(net, None, None, excludes).unwrap();
+            let mut pool = Pool::new(net);
+            for t in &taken {
+                pool.insert(base + t, owner(0).allocation());
+            }
+            for (c, until) in &cooling {
+                if pool.get(base + c).is_none() {
+                    pool.cool(base + c, *until);
+                }
+            }
+            let none = IntervalSet::new();
+            let is_candidate = |a: u128| pool.get(a).is_none() && !r.excluded().contains(a) && a & 0xff != 0;
+            let plain: Vec<u128> = (r.first()..=r.last()).filter(|a| is_candidate(*a) && !pool.cooling().contains(*a)).collect();
+            let mut cooled: Vec<(u64, u128)> = cooling.iter()
+                .map(|(c, _)| base + c)
+                .filter(|a| pool.cooling().contains(*a) && *a >= r.first() && *a <= r.last() && is_candidate(*a))
+                .map(|a| (pool.to_spec().cooldowns[&(a - base).to_string()], a))
+                .collect();
+            cooled.sort_unstable();
+            let expected = plain.first().copied().or(cooled.first().map(|(_, a)| *a));
+            prop_assert_eq!(lowest_free(&r, &pool, None, &none), expected);
+            let lane = if plain.is_empty() { expected } else { Some(plain[(skip % plain.len() as u64) as usize]) };
+            prop_assert_eq!(lane_start(&r, &pool, None, &none, Lane { skip }), lane);
+        }
+
         #[test]
         fn matches_a_linear_scan(
             v6 in any::<bool>(),

@@ -10,6 +10,7 @@
 //!    validates everything, refusing bad values with an error that names the key and the value.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -17,6 +18,7 @@ use serde_json::{Map, Value};
 
 use crate::addr::{Family, parse_cidr_sloppy, parse_cidr_strict, parse_ip_sloppy};
 use crate::cni_args::CniArgs;
+use crate::duration::parse_duration;
 use crate::error::ConfigError;
 use crate::range::{IpRange, RangeProblem, pool_name};
 use crate::slice::{SliceError, Slicing, parse_slice_size};
@@ -53,6 +55,8 @@ struct RawIpam {
     enable_overlapping_ranges: Option<bool>,
     network_name: Option<String>,
     node_slice_size: Option<String>,
+    release_cooldown: Option<String>,
+    sticky_statefulsets: Option<bool>,
     kubernetes: Option<RawKubernetes>,
     configuration_path: Option<String>,
     log_file: Option<String>,
@@ -340,6 +344,12 @@ pub struct IpamConfig {
     pub enable_overlapping_ranges: bool,
     /// `node_slice_size`.
     pub node_slice_size: Option<String>,
+    /// `release_cooldown`: how long a released address is not handed out again while the range has
+    /// other free addresses (`None`: no cooldown).
+    pub release_cooldown: Option<Duration>,
+    /// `sticky_statefulsets`: a StatefulSet's pod keeps its addresses across DEL while the StatefulSet
+    /// wants its ordinal.
+    pub sticky_statefulsets: bool,
     /// `configuration_path` after the merge (where the installer's `nodename` file lives).
     pub configuration_path: Option<String>,
     /// The store.
@@ -775,10 +785,21 @@ fn release_view(raw: RawIpam, enable_overlapping_ranges: bool) -> Result<IpamCon
         network_name: network_name.unwrap_or_default(),
         enable_overlapping_ranges,
         node_slice_size: non_empty(raw.node_slice_size),
+        // A value ADD would refuse starts no cooldown: DEL must still release.
+        release_cooldown: release_cooldown(raw.release_cooldown).ok().flatten(),
+        sticky_statefulsets: raw.sticky_statefulsets.unwrap_or(false),
         configuration_path: non_empty(raw.configuration_path),
         datastore,
         log,
     })
+}
+
+/// `release_cooldown`, parsed; `None` when unset, empty or zero.
+fn release_cooldown(written: Option<String>) -> Result<Option<Duration>, ConfigError> {
+    let Some(written) = non_empty(written) else { return Ok(None) };
+    let cooldown = parse_duration(&written)
+        .map_err(|e| ConfigError::invalid("release_cooldown", &written, e.to_string()))?;
+    Ok(Some(cooldown).filter(|c| !c.is_zero()))
 }
 
 fn validate(
@@ -977,6 +998,8 @@ fn validate(
         network_name,
         enable_overlapping_ranges,
         node_slice_size: non_empty(raw.node_slice_size),
+        release_cooldown: release_cooldown(raw.release_cooldown)?,
+        sticky_statefulsets: raw.sticky_statefulsets.unwrap_or(false),
         configuration_path: non_empty(raw.configuration_path),
         datastore,
         log,

@@ -14,6 +14,9 @@ pub struct IntervalSet {
 }
 
 impl IntervalSet {
+    /// The empty set, for borrowing where a set is optional.
+    pub const EMPTY: IntervalSet = IntervalSet { runs: BTreeMap::new() };
+
     /// An empty set.
     pub fn new() -> Self {
         Self::default()

@@ -6,6 +6,7 @@ pub mod addr;
 pub mod allocate;
 pub mod cni_args;
 pub mod config;
+pub mod duration;
 pub mod error;
 pub mod interval;
 pub mod pool;

@@ -42,9 +42,63 @@ pub struct Allocation {
     /// holds the address from a newer pod of the same name, so the controller never has to guess.
     #[serde(rename = "poduid", default, skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
+    /// The StatefulSet that owns the pod, recorded by networks with `sticky_statefulsets` (additive;
+    /// upstream ignores it): DEL then holds the address for the pod's next sandbox instead of
+    /// releasing it, until the controller sees the StatefulSet no longer wants the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statefulset: Option<String>,
+    /// The IPAMClaim (`k8s.cni.cncf.io`, in the pod's namespace) the address is allocated for
+    /// (additive; upstream ignores it): the claim, not the pod, holds it, across the pods that use it
+    /// (a virtual machine's launcher pods) until the claim is deleted.
+    #[serde(rename = "ipamclaim", default, skip_serializing_if = "Option::is_none")]
+    pub ipam_claim: Option<String>,
+}
+
+/// Who an allocation or an owner stands for, for idempotent ADD: its IPAMClaim when it has one
+/// (`<namespace>/ipamclaim:<claim>`, which no pod reference can be: pod names have no `:`), else its pod
+/// reference.
+fn identity<'a>(pod_ref: &'a str, ipam_claim: Option<&str>) -> std::borrow::Cow<'a, str> {
+    match (ipam_claim, pod_ref.split_once('/')) {
+        (Some(claim), Some((namespace, _))) => format!("{namespace}/ipamclaim:{claim}").into(),
+        _ => pod_ref.into(),
+    }
 }
 
 impl Allocation {
+    /// Who the allocation stands for: its IPAMClaim, else its pod (see [`Owner::identity`]).
+    pub fn identity(&self) -> std::borrow::Cow<'_, str> {
+        identity(&self.pod_ref, self.ipam_claim.as_deref())
+    }
+
+    /// The cluster-wide reservation of this allocation's address: its identity (the claim, for a
+    /// claim's address, so that the claim's next pod takes it over), interface and container.
+    pub fn reservation(&self) -> Reservation {
+        Reservation {
+            pod_ref: self.identity().into_owned(),
+            ifname: self.ifname.clone(),
+            container_id: self.container_id.clone(),
+        }
+    }
+
+    /// Whether DEL holds this allocation for its holder's next sandbox instead of releasing it: a
+    /// claim's always, a StatefulSet's pod's on a network with `sticky_statefulsets`.
+    pub fn is_persistent(&self, sticky_statefulsets: bool) -> bool {
+        self.ipam_claim.is_some() || (sticky_statefulsets && self.statefulset.is_some())
+    }
+
+    /// Whether the address is held for a StatefulSet's pod between two of its sandboxes: a sticky
+    /// entry whose sandbox's DEL has run ([`Allocation::held`]).
+    pub fn is_held(&self) -> bool {
+        (self.statefulset.is_some() || self.ipam_claim.is_some()) && self.container_id.is_empty()
+    }
+
+    /// This sticky entry as DEL leaves it: no sandbox (`id` empty, which no CNI call's container ID
+    /// matches, so upstream's DEL leaves it alone too) and no node (CNI GC of the node it was on
+    /// leaves it alone), pod, interface and StatefulSet kept for the pod's next ADD on any node.
+    pub fn held(&self) -> Allocation {
+        Allocation { container_id: String::new(), node: None, ..self.clone() }
+    }
+
     /// Whether two records name the same holder: container, pod and interface. The additive fields
     /// (`node`, `network`, `poduid`) are left out: a cluster still on upstream's CRDs prunes them, so a record
     /// read back may lack them.
@@ -57,8 +111,8 @@ impl Allocation {
     pub fn is_owned_by(&self, owner: &Owner) -> bool {
         self.ifname == owner.ifname
             && same_attachment(
-                (owner.pod_ref.as_deref().unwrap_or_default(), &owner.container_id),
-                (&self.pod_ref, &self.container_id),
+                (&owner.identity(), &owner.container_id),
+                (&self.identity(), &self.container_id),
             )
     }
 }
@@ -120,9 +174,20 @@ pub struct Owner {
     pub cni_network: Option<String>,
     /// `K8S_POD_UID` from `CNI_ARGS`.
     pub pod_uid: Option<String>,
+    /// The StatefulSet owning the pod, when the network has `sticky_statefulsets`.
+    #[serde(default)]
+    pub statefulset: Option<String>,
+    /// The IPAMClaim the attachment allocates for, when the runtime passed one.
+    #[serde(default)]
+    pub ipam_claim: Option<String>,
 }
 
 impl Owner {
+    /// Who this owner allocates for: its IPAMClaim when it has one, else its pod reference.
+    pub fn identity(&self) -> std::borrow::Cow<'_, str> {
+        identity(self.pod_ref.as_deref().unwrap_or_default(), self.ipam_claim.as_deref())
+    }
+
     /// The allocation record this owner writes.
     pub fn allocation(&self) -> Allocation {
         Allocation {
@@ -132,6 +197,8 @@ impl Owner {
             node: self.node.clone(),
             cni_network: self.cni_network.clone(),
             pod_uid: self.pod_uid.clone(),
+            statefulset: self.statefulset.clone(),
+            ipam_claim: self.ipam_claim.clone(),
         }
     }
 }
@@ -145,7 +212,18 @@ pub struct PoolSpec {
     /// Allocations keyed by the decimal offset from `range`'s IP.
     #[serde(default)]
     pub allocations: BTreeMap<String, Allocation>,
+    /// Addresses released within their network's `release_cooldown`, keyed like `allocations`: the Unix
+    /// time (seconds) until which each is handed out only when nothing else is free. Not part of
+    /// upstream's spec (upstream would read an entry there as an allocation): every store keeps it
+    /// beside the spec (the Kubernetes store in the annotation [`COOLDOWNS_ANNOTATION`]) and writes it
+    /// in the same compare-and-swap as the allocations.
+    #[serde(skip)]
+    #[cfg_attr(feature = "schema", schemars(skip))]
+    pub cooldowns: BTreeMap<String, u64>,
 }
+
+/// The IPPool annotation that holds [`PoolSpec::cooldowns`] as a JSON object.
+pub const COOLDOWNS_ANNOTATION: &str = "whereabouts.cni.cncf.io/release-cooldowns";
 
 /// A stored pool that cannot be used at all.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -187,6 +265,10 @@ pub struct Pool {
     /// The keys of decoded entries that were not written in canonical form ("05" for 5, as a hand edit
     /// or another writer may spell them), so that writing the pool back does not rename them.
     spelled: BTreeMap<u128, String>,
+    /// Free addresses in their release cooldown: the Unix time (seconds) it ends, and the same
+    /// addresses as intervals for the lowest-free search.
+    cooling: BTreeMap<u128, u64>,
+    cooling_set: IntervalSet,
 }
 
 impl PartialEq for Pool {
@@ -200,6 +282,7 @@ impl PartialEq for Pool {
                 &other.undecodable,
                 &other.spelled,
             )
+            && self.cooling == other.cooling
     }
 }
 
@@ -221,7 +304,7 @@ fn owner_hash(id: &str, ifname: &str) -> u64 {
 
 impl OwnerIndex {
     fn keys(a: &Allocation) -> (u64, u64) {
-        (owner_hash(&a.pod_ref, &a.ifname), owner_hash(&a.container_id, &a.ifname))
+        (owner_hash(&a.identity(), &a.ifname), owner_hash(&a.container_id, &a.ifname))
     }
 
     fn insert(&mut self, addr: u128, a: &Allocation) {
@@ -256,6 +339,8 @@ impl Pool {
             by_owner: OnceLock::new(),
             undecodable: BTreeMap::new(),
             spelled: BTreeMap::new(),
+            cooling: BTreeMap::new(),
+            cooling_set: IntervalSet::new(),
         }
     }
 
@@ -281,6 +366,8 @@ impl Pool {
             by_owner: OnceLock::new(),
             undecodable: BTreeMap::new(),
             spelled: BTreeMap::new(),
+            cooling: BTreeMap::new(),
+            cooling_set: IntervalSet::new(),
         };
         let decode = |key: &str| {
             key.parse::<u128>()
@@ -311,6 +398,12 @@ impl Pool {
             }
         }
         skipped.sort_by(|a, b| a.0.cmp(&b.0));
+        // Cooldowns are ours alone: one that is unreadable, or whose address is taken again, is dropped.
+        for (key, until) in &spec.cooldowns {
+            if let Some((_, addr)) = decode(key).filter(|(_, addr)| pool.get(*addr).is_none()) {
+                pool.cool(addr, *until);
+            }
+        }
         Ok((pool, skipped))
     }
 
@@ -329,6 +422,11 @@ impl Pool {
                     Some((key, a.clone()))
                 })
                 .chain(self.undecodable.iter().map(|(k, a)| (k.clone(), a.clone())))
+                .collect(),
+            cooldowns: self
+                .cooling
+                .iter()
+                .filter_map(|(addr, until)| Some((addr.checked_sub(self.base)?.to_string(), *until)))
                 .collect(),
         }
     }
@@ -362,6 +460,9 @@ impl Pool {
         self.allocations.insert(addr, allocation);
         self.taken.insert(addr);
         self.spelled.remove(&addr);
+        if self.cooling.remove(&addr).is_some() {
+            self.cooling_set.remove(addr);
+        }
     }
 
     /// Removes the allocation of an address.
@@ -373,6 +474,46 @@ impl Pool {
         self.taken.remove(addr);
         self.spelled.remove(&addr);
         Some(removed)
+    }
+
+    /// Removes the allocation of an address and starts its release cooldown, which ends at `until`
+    /// (Unix seconds; `None`: no cooldown).
+    pub fn release(&mut self, addr: u128, until: Option<u64>) -> Option<Allocation> {
+        let removed = self.remove(addr)?;
+        if let Some(until) = until {
+            self.cool(addr, until);
+        }
+        Some(removed)
+    }
+
+    /// Records that the free address `addr` is in its release cooldown until `until` (Unix seconds).
+    pub fn cool(&mut self, addr: u128, until: u64) {
+        debug_assert!(addr >= self.base && self.get(addr).is_none());
+        self.cooling.insert(addr, until);
+        self.cooling_set.insert(addr);
+    }
+
+    /// Forgets the cooldowns that ended at or before `now` (Unix seconds); says whether there were any.
+    pub fn expire_cooldowns(&mut self, now: u64) -> bool {
+        let ended: Vec<u128> =
+            self.cooling.iter().filter(|(_, until)| **until <= now).map(|(addr, _)| *addr).collect();
+        for addr in &ended {
+            self.cooling.remove(addr);
+            self.cooling_set.remove(*addr);
+        }
+        !ended.is_empty()
+    }
+
+    /// The free addresses in their release cooldown, as intervals.
+    pub fn cooling(&self) -> &IntervalSet {
+        &self.cooling_set
+    }
+
+    /// The free addresses in their release cooldown, the one whose cooldown ends first first.
+    pub fn cooling_by_end(&self) -> Vec<u128> {
+        let mut by_end: Vec<(u64, u128)> = self.cooling.iter().map(|(addr, until)| (*until, *addr)).collect();
+        by_end.sort_unstable();
+        by_end.into_iter().map(|(_, addr)| addr).collect()
     }
 
     fn owner_index(&self) -> &OwnerIndex {
@@ -388,8 +529,9 @@ impl Pool {
     /// Every address `owner` holds, lowest first (normally one; two while it moves to a requested
     /// address).
     pub fn owned(&self, owner: &Owner) -> Vec<u128> {
-        let (index, id) = match owner.pod_ref.as_deref().and_then(identifying_pod_ref) {
-            Some(pod_ref) => (&self.owner_index().by_pod, pod_ref),
+        let identity = owner.identity();
+        let (index, id) = match identifying_pod_ref(&identity) {
+            Some(identity) => (&self.owner_index().by_pod, identity),
             None => (&self.owner_index().by_container, owner.container_id.as_str()),
         };
         let candidates = index.get(&owner_hash(id, &owner.ifname));
@@ -452,6 +594,8 @@ mod tests {
             node: None,
             cni_network: None,
             pod_uid: None,
+            statefulset: None,
+            ipam_claim: None,
         }
     }
 
@@ -492,6 +636,7 @@ mod tests {
                 .into_iter()
                 .map(|(k, id)| (k.to_string(), alloc(id)))
                 .collect(),
+            ..Default::default()
         };
         let (mut pool, skipped) = Pool::from_spec(&spec, net).unwrap();
         // The canonical "5" holds .5; "05" is kept aside; "007" holds the free .7 under its own spelling.
@@ -514,6 +659,7 @@ mod tests {
         let spec = PoolSpec {
             range: "255.255.255.0/24".into(),
             allocations: [("4294967295".to_string(), alloc("a"))].into_iter().collect(),
+            ..Default::default()
         };
         let (pool, skipped) = Pool::from_spec(&spec, "255.255.255.0/24".parse().unwrap()).unwrap();
         assert!(pool.is_empty());
@@ -525,6 +671,7 @@ mod tests {
         let spec = PoolSpec {
             range: "10.0.0.5/24".into(),
             allocations: [("2".to_string(), alloc("a"))].into_iter().collect(),
+            ..Default::default()
         };
         let (pool, _) = Pool::from_spec(&spec, "10.0.0.0/24".parse().unwrap()).unwrap();
         assert_eq!(pool.iter().map(|(ip, _)| ip.to_string()).collect::<Vec<_>>(), ["10.0.0.7"]);
@@ -537,9 +684,9 @@ mod tests {
 
     #[test]
     fn wrong_family_is_refused() {
-        let spec = PoolSpec { range: "10.0.0.0/24".into(), allocations: BTreeMap::new() };
+        let spec = PoolSpec { range: "10.0.0.0/24".into(), ..PoolSpec::default() };
         assert!(Pool::from_spec(&spec, "2001:db8::/64".parse().unwrap()).is_err());
-        let spec = PoolSpec { range: "garbage".into(), allocations: BTreeMap::new() };
+        let spec = PoolSpec { range: "garbage".into(), ..PoolSpec::default() };
         assert!(Pool::from_spec(&spec, "10.0.0.0/24".parse().unwrap()).is_err());
     }
 
@@ -552,6 +699,8 @@ mod tests {
             node: None,
             cni_network: None,
             pod_uid: None,
+            statefulset: None,
+            ipam_claim: None,
         };
         assert!(alloc("a").is_owned_by(&k8s), "a new container of the same pod owns it");
         let plain = Owner { container_id: "c1".into(), pod_ref: None, ..k8s.clone() };
@@ -570,6 +719,36 @@ mod tests {
         assert!(web.is_owned_by(&named("c1")));
         assert!(!web.is_owned_by(&named("c9")), "another storage root's `web` is another container");
         assert!(web.is_owned_by(&plain));
+    }
+
+    #[test]
+    fn a_claims_allocation_belongs_to_the_claim_not_the_pod() {
+        let claimed = Allocation { ipam_claim: Some("vm1.net".into()), ..alloc("launcher-a") };
+        let owner = |pod: &str, claim: Option<&str>| Owner {
+            container_id: format!("{pod}-sandbox"),
+            pod_ref: Some(format!("ns/{pod}")),
+            ifname: "eth0".into(),
+            node: None,
+            cni_network: None,
+            pod_uid: None,
+            statefulset: None,
+            ipam_claim: claim.map(Into::into),
+        };
+        assert!(claimed.is_owned_by(&owner("launcher-b", Some("vm1.net"))), "another pod of the claim");
+        assert!(!claimed.is_owned_by(&owner("launcher-a", None)), "its pod without the claim");
+        assert!(!claimed.is_owned_by(&owner("launcher-a", Some("vm2.net"))), "another claim");
+        assert_eq!(claimed.reservation().pod_ref, "ns/ipamclaim:vm1.net");
+        assert_eq!(alloc("a").reservation().pod_ref, "ns/a");
+        let mut pool = Pool::new("10.0.0.0/24".parse().unwrap());
+        pool.insert(to_u128("10.0.0.7".parse().unwrap()), claimed.clone());
+        assert_eq!(pool.owned(&owner("launcher-b", Some("vm1.net"))), [to_u128("10.0.0.7".parse().unwrap())]);
+        assert!(pool.owned(&owner("launcher-a", None)).is_empty());
+        // Held between pods, for a claim or a sticky StatefulSet.
+        assert!(claimed.held().is_held() && !claimed.is_held());
+        assert!(!alloc("a").held().is_held(), "a plain allocation is never held");
+        assert!(claimed.is_persistent(false));
+        let web = Allocation { statefulset: Some("web".into()), ..alloc("web-0") };
+        assert!(web.is_persistent(true) && !web.is_persistent(false));
     }
 
     proptest! {
@@ -610,7 +789,7 @@ mod tests {
                         prop_assert_eq!(pool.container_addresses(&id, &ifname).first().copied(), scan);
                         for pod_ref in [Some(format!("ns/c{who}")), None] {
                             let owner = Owner {
-                                container_id: id.clone(), pod_ref, ifname: ifname.clone(), node: None, cni_network: None, pod_uid: None,
+                                container_id: id.clone(), pod_ref, ifname: ifname.clone(), node: None, cni_network: None, pod_uid: None, statefulset: None, ipam_claim: None,
                             };
                             let scan = pool.allocations.iter().find(|(_, a)| a.is_owned_by(&owner)).map(|(x, _)| *x);
                             prop_assert_eq!(pool.owned(&owner).first().copied(), scan);
@@ -625,6 +804,7 @@ mod tests {
             let spec = PoolSpec {
                 range: "10.0.0.0/8".into(),
                 allocations: keys.into_iter().map(|k| (k, alloc("a"))).collect(),
+                ..Default::default()
             };
             let _ = Pool::from_spec(&spec, "10.0.0.0/8".parse().unwrap());
         }

@@ -180,6 +180,21 @@ pub fn node_pool_cidr(network_name: &str, node: &str, name: &str) -> Option<IpNe
     (normalize_range(&cidr) == normalised).then_some(cidr)
 }
 
+/// The node and slice of the per-node IPPool `name` of any node in the network `network_name` whose
+/// slice overlaps `range` (the first range's network). Node names may contain `-`, so every split is
+/// tried, the longest slice first; the overlap with `range` tells an IPv6 slice from a shorter suffix of
+/// it that also reads as a CIDR.
+pub fn any_node_pool(network_name: &str, name: &str, range: &IpNet) -> Option<(String, IpNet)> {
+    let rest =
+        if network_name.is_empty() { name } else { name.strip_prefix(network_name)?.strip_prefix('-')? };
+    rest.match_indices('-').find_map(|(at, _)| {
+        let node = &rest[..at];
+        let slice = node_pool_cidr(network_name, node, name)?;
+        let overlaps = slice.trunc().contains(&range.trunc()) || range.trunc().contains(&slice);
+        (!node.is_empty() && overlaps).then(|| (node.to_string(), slice))
+    })
+}
+
 /// The node of the per-node IPPool `name` of `cidr` in the network `network_name`: the inverse of
 /// [`pool_name`] with a node, given the known prefix (`network_name-`, if set) and the known suffix
 /// (`-` and the normalised CIDR). `None` when `name` is not such a name (or names no node).
@@ -203,6 +218,23 @@ pub fn reservation_name(network_name: &str, ip: IpAddr) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn any_nodes_pool_of_a_slice_is_recognised() {
+        let v4: IpNet = "10.0.0.0/24".parse().unwrap();
+        let v6: IpNet = "fd00:0:0:10::/64".parse().unwrap();
+        let slice4: IpNet = "10.0.0.64/26".parse().unwrap();
+        let slice6: IpNet = "fd00:0:0:10::/80".parse().unwrap();
+        for (network, node) in [("", "node-a"), ("blue", "node-a"), ("blue", "n"), ("", "worker-1-b")] {
+            let name = pool_name(network, Some(node), &slice4);
+            assert_eq!(any_node_pool(network, &name, &v4), Some((node.to_string(), slice4)), "{name}");
+            let name = pool_name(network, Some(node), &slice6);
+            assert_eq!(any_node_pool(network, &name, &v6), Some((node.to_string(), slice6)), "{name}");
+            assert_eq!(any_node_pool(network, &name, &v4), None, "another range's slice");
+        }
+        assert_eq!(any_node_pool("blue", "blue-10.0.0.0-24", &v4), None, "no node: the cluster-wide pool");
+        assert_eq!(any_node_pool("blue", "red-n-10.0.0.64-26", &v4), None, "another network");
+    }
+
     use super::*;
 
     fn net(s: &str) -> IpNet {

@@ -177,6 +177,8 @@ fn defaults() -> IpamConfig {
         network_name: String::new(),
         enable_overlapping_ranges: true,
         node_slice_size: None,
+        release_cooldown: None,
+        sticky_statefulsets: false,
         configuration_path: None,
         datastore: file_store(DEFAULT_FILE_STORE_DIR),
         log: LogSettings { file: None, level: LogLevel::Debug, warning: None },
@@ -1598,4 +1600,44 @@ fn a_later_null_duplicate_leaves_the_earlier_value() {
     )
     .unwrap();
     assert!(!ok(load(&ipam)).enable_overlapping_ranges);
+}
+
+// === persistent addresses: release_cooldown, sticky_statefulsets ===
+
+#[test]
+fn release_cooldown_is_a_duration_and_a_bad_one_names_the_key() {
+    let with = |value: Value| {
+        load(
+            &json!({"type": "whereabouts", "datastore": "file", "range": "10.0.0.0/24", "release_cooldown": value}),
+        )
+    };
+    assert_eq!(ok(with(json!("30s"))).release_cooldown, Some(std::time::Duration::from_secs(30)));
+    assert_eq!(ok(with(json!("1m30s"))).release_cooldown, Some(std::time::Duration::from_secs(90)));
+    for off in [json!("0"), json!("0s"), json!(""), Value::Null] {
+        assert_eq!(ok(with(off.clone())).release_cooldown, None, "{off}");
+    }
+    assert_invalid("not a duration", with(json!("30 seconds")), "release_cooldown", "30 seconds");
+    assert_invalid("a fraction", with(json!("1.5s")), "release_cooldown", "1.5s");
+    assert!(matches!(with(json!(30)), Err(ConfigError::Decode { .. })), "a number is the wrong JSON type");
+    // DEL still loads: the address is released without a cooldown.
+    let release = CallContext { purpose: Purpose::Release, ..ctx() };
+    let del = config::load(
+        &json!({"type": "whereabouts", "datastore": "file", "range": "10.0.0.0/24", "release_cooldown": "soon"}),
+        None,
+        &release,
+    );
+    assert_eq!(ok(del).release_cooldown, None);
+}
+
+#[test]
+fn sticky_statefulsets_is_opt_in_and_reaches_del() {
+    let base = json!({"type": "whereabouts", "datastore": "file", "range": "10.0.0.0/24"});
+    assert!(!ok(load(&base)).sticky_statefulsets);
+    let mut sticky = base.clone();
+    sticky["sticky_statefulsets"] = json!(true);
+    assert!(ok(load(&sticky)).sticky_statefulsets);
+    let release = CallContext { purpose: Purpose::Release, ..ctx() };
+    assert!(ok(config::load(&sticky, None, &release)).sticky_statefulsets);
+    sticky["sticky_statefulsets"] = json!("yes");
+    assert!(matches!(load(&sticky), Err(ConfigError::Decode { .. })));
 }

@@ -1,5 +1,6 @@
 //! The ClusterRole `whereabouts-cni` against what the components really ask the API server: the plugin
-//! (ADD and DEL, plain ranges and node slices, overlapping-range reservations), `whereabouts controller`
+//! (ADD and DEL, plain ranges and node slices, overlapping-range reservations, a StatefulSet's pod on a
+//! sticky network), `whereabouts controller`
 //! in cluster mode (leader election, pod-deletion cleanup, node slices) and in node mode, and
 //! `whereabouts reconcile`, run as processes against the fake API server with a token of their own. The
 //! fake's request log gives every (verb, group, resource) they used:
@@ -282,6 +283,40 @@ async fn act_out(cluster: &TestCluster, components: &Components) {
         .await
         .expect("run reconcile");
     assert!(output.status.success(), "reconcile: {}", String::from_utf8_lossy(&output.stderr));
+
+    // sticky_statefulsets: the plugin reads the pod's StatefulSet, DEL holds its address; the pod goes
+    // (the controller reads the StatefulSet: still wanted), then the StatefulSet (released).
+    let sticky = components.netconf(json!({ "range": "192.0.2.0/24", "sticky_statefulsets": true }));
+    let web = cluster.create_statefulset("web", 1).await;
+    let uid = cluster.create_statefulset_pod(("web", &web), 0, &node).await;
+    components.plugin("ADD", ("web-0", "web-0"), &uid, &node, &sticky).await;
+    components.plugin("DEL", ("web-0", "web-0"), &uid, &node, &sticky).await;
+    cluster.delete_pod("web-0").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(allocations(cluster).await, 1, "held while the StatefulSet wants web-0");
+    cluster.delete_statefulset("web").await;
+    eventually("the held address's release", || async { allocations(cluster).await == 0 }).await;
+
+    // IPAMClaims: the plugin allocates for a launcher pod's claim (and writes its status), DEL holds
+    // the address, the pod goes (the controller reads the claim: kept), then the claim (released).
+    let mut persistent = components.netconf(json!({ "range": "192.0.2.0/24" }));
+    persistent["allowPersistentIPs"] = json!(true);
+    cluster.create_ipam_claim("vm1.rbac-net", "rbac-net", "net1").await;
+    let networks = json!([{ "name": "rbac-net", "ipam-claim-reference": "vm1.rbac-net" }]);
+    let launcher = cluster
+        .create_annotated_pod(
+            "launcher",
+            &node,
+            [("k8s.v1.cni.cncf.io/networks".into(), networks.to_string())].into(),
+        )
+        .await;
+    components.plugin("ADD", ("launcher", "launcher"), &launcher, &node, &persistent).await;
+    components.plugin("DEL", ("launcher", "launcher"), &launcher, &node, &persistent).await;
+    cluster.delete_pod("launcher").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(allocations(cluster).await, 1, "held while the claim exists");
+    cluster.delete_ipam_claim("vm1.rbac-net").await;
+    eventually("the claim's address's release", || async { allocations(cluster).await == 0 }).await;
 
     // The NetworkAttachmentDefinition goes: so does its NodeSlicePool.
     nads.delete("slicenet", &DeleteParams::default()).await.expect("delete the NAD");

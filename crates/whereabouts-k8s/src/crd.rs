@@ -37,6 +37,22 @@ pub struct IPPoolSpec {
     pub pool: PoolSpec,
 }
 
+/// The group of Multus's objects (NetworkAttachmentDefinition, IPAMClaim).
+pub const NETWORK_GROUP: &str = "k8s.cni.cncf.io";
+
+/// `IPAMClaim` (`k8s.cni.cncf.io/v1alpha1`, namespaced; CRD of k8snetworkplumbingwg/ipamclaims): a
+/// persistent allocation that KubeVirt makes for a virtual machine's network and Multus hands to the
+/// IPAM plugin as the attachment's `ipam-claim-reference`. Not ours: read as JSON.
+pub fn ipam_claim_resource() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: NETWORK_GROUP.into(),
+        version: "v1alpha1".into(),
+        api_version: format!("{NETWORK_GROUP}/v1alpha1"),
+        kind: "IPAMClaim".into(),
+        plural: "ipamclaims".into(),
+    }
+}
+
 /// An OverlappingRangeIPReservation's spec: who holds one address across every range of a network.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(

@@ -14,14 +14,20 @@ use std::time::Duration;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec, ServiceAccount};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec, PodTemplateSpec, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, Patch, PatchParams, PostParams,
+};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::discovery::{Discovery, Scope, verbs};
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio::time::Instant;
+
+use whereabouts_k8s::crd::ipam_claim_resource;
 
 use crate::fake::{FakeApiServer, FakeOptions};
 
@@ -31,6 +37,9 @@ pub const KUBECONFIG_ENV: &str = "WHEREABOUTS_TEST_KUBECONFIG";
 /// The NetworkAttachmentDefinition CRD (Multus's), installed along with the whereabouts CRDs.
 const NETWORK_ATTACHMENT_DEFINITION_CRD: &str =
     include_str!("crds/k8s.cni.cncf.io_network-attachment-definitions.yaml");
+
+/// The IPAMClaim CRD (KubeVirt's persistent addresses), installed along with the whereabouts CRDs.
+const IPAM_CLAIM_CRD: &str = include_str!("crds/k8s.cni.cncf.io_ipamclaims.yaml");
 
 /// The label every cluster-scoped object a test makes carries, with the test's namespace as its value.
 pub const TEST_LABEL: &str = "whereabouts-kube-testing/test";
@@ -141,7 +150,10 @@ fn read_crds(directory: &Path) -> Result<Vec<CustomResourceDefinition>, String> 
         Err(_) => Vec::new(),
     };
     files.sort();
-    let mut texts = vec![("(built in)".to_owned(), NETWORK_ATTACHMENT_DEFINITION_CRD.to_owned())];
+    let mut texts = vec![
+        ("(built in)".to_owned(), NETWORK_ATTACHMENT_DEFINITION_CRD.to_owned()),
+        ("(built in)".to_owned(), IPAM_CLAIM_CRD.to_owned()),
+    ];
     for file in files {
         let text = std::fs::read_to_string(&file).map_err(|e| format!("reading {}: {e}", file.display()))?;
         texts.push((file.display().to_string(), text));
@@ -516,6 +528,152 @@ impl TestCluster {
         }
     }
 
+    /// Creates a StatefulSet of the test namespace wanting `replicas` pods (its pods are the test's
+    /// to make, as the StatefulSet controller would: see [`TestCluster::create_statefulset_pod`]);
+    /// returns its uid.
+    ///
+    /// # Panics
+    ///
+    /// When the creation fails.
+    pub async fn create_statefulset(&self, name: &str, replicas: i32) -> String {
+        let labels = BTreeMap::from([("app".to_string(), name.to_string())]);
+        let statefulset = StatefulSet {
+            metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
+            spec: Some(StatefulSetSpec {
+                replicas: Some(replicas),
+                selector: LabelSelector { match_labels: Some(labels.clone()), ..LabelSelector::default() },
+                service_name: Some(name.into()),
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                    spec: pod_object(name, None).spec,
+                },
+                ..StatefulSetSpec::default()
+            }),
+            ..StatefulSet::default()
+        };
+        let api: Api<StatefulSet> = Api::namespaced(self.client(), &self.namespace);
+        match api.create(&PostParams::default(), &statefulset).await {
+            Ok(created) => created.metadata.uid.unwrap_or_else(|| panic!("StatefulSet {name} has no uid")),
+            Err(e) => panic!("creating StatefulSet {name}: {e}"),
+        }
+    }
+
+    /// Sets a StatefulSet's `spec.replicas`, as `kubectl scale` does.
+    ///
+    /// # Panics
+    ///
+    /// When the update fails.
+    pub async fn scale_statefulset(&self, name: &str, replicas: i32) {
+        let api: Api<StatefulSet> = Api::namespaced(self.client(), &self.namespace);
+        let patch = serde_json::json!({ "spec": { "replicas": replicas } });
+        if let Err(e) = api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            panic!("scaling StatefulSet {name}: {e}");
+        }
+    }
+
+    /// Deletes a StatefulSet (its pods stay: no garbage collector runs here; the test deletes them).
+    ///
+    /// # Panics
+    ///
+    /// When the deletion fails.
+    pub async fn delete_statefulset(&self, name: &str) {
+        let api: Api<StatefulSet> = Api::namespaced(self.client(), &self.namespace);
+        if let Err(e) = api.delete(name, &at_once()).await {
+            panic!("deleting StatefulSet {name}: {e}");
+        }
+    }
+
+    /// Creates pod `<statefulset>-<ordinal>` of a StatefulSet (owner reference to it, as the StatefulSet
+    /// controller makes them), bound to `node`; returns its uid.
+    ///
+    /// # Panics
+    ///
+    /// When the creation fails.
+    pub async fn create_statefulset_pod(
+        &self,
+        statefulset: (&str, &str),
+        ordinal: u32,
+        node: &str,
+    ) -> String {
+        let (name, uid) = statefulset;
+        let pod_name = format!("{name}-{ordinal}");
+        let mut pod = pod_object(&pod_name, Some(node));
+        pod.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "StatefulSet".into(),
+            name: name.into(),
+            uid: uid.into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        }]);
+        let api: Api<Pod> = Api::namespaced(self.client(), &self.namespace);
+        match api.create(&PostParams::default(), &pod).await {
+            Ok(created) => created.metadata.uid.unwrap_or_else(|| panic!("pod {pod_name} has no uid")),
+            Err(e) => panic!("creating pod {pod_name}: {e}"),
+        }
+    }
+
+    /// Creates a pod of the test namespace bound to `node` with `annotations` (a virtual machine's
+    /// launcher pod with its network selection elements, say); returns its uid.
+    ///
+    /// # Panics
+    ///
+    /// When the creation fails.
+    pub async fn create_annotated_pod(
+        &self,
+        name: &str,
+        node: &str,
+        annotations: BTreeMap<String, String>,
+    ) -> String {
+        let mut pod = pod_object(name, Some(node));
+        pod.metadata.annotations = Some(annotations);
+        let api: Api<Pod> = Api::namespaced(self.client(), &self.namespace);
+        match api.create(&PostParams::default(), &pod).await {
+            Ok(created) => created.metadata.uid.unwrap_or_else(|| panic!("pod {name} has no uid")),
+            Err(e) => panic!("creating pod {name}: {e}"),
+        }
+    }
+
+    fn ipam_claims(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client(), &self.namespace, &ipam_claim_resource())
+    }
+
+    /// Creates an IPAMClaim of the test namespace, as KubeVirt does for a virtual machine's network.
+    ///
+    /// # Panics
+    ///
+    /// When the creation fails.
+    pub async fn create_ipam_claim(&self, name: &str, network: &str, interface: &str) {
+        let claim = DynamicObject::new(name, &ipam_claim_resource())
+            .data(serde_json::json!({ "spec": { "network": network, "interface": interface } }));
+        if let Err(e) = self.ipam_claims().create(&PostParams::default(), &claim).await {
+            panic!("creating IPAMClaim {name}: {e}");
+        }
+    }
+
+    /// An IPAMClaim's `status` (`null` when it has none).
+    ///
+    /// # Panics
+    ///
+    /// When the claim cannot be read.
+    pub async fn ipam_claim_status(&self, name: &str) -> Value {
+        match self.ipam_claims().get(name).await {
+            Ok(claim) => claim.data["status"].clone(),
+            Err(e) => panic!("reading IPAMClaim {name}: {e}"),
+        }
+    }
+
+    /// Deletes an IPAMClaim, as KubeVirt's garbage collection does with its virtual machine.
+    ///
+    /// # Panics
+    ///
+    /// When the deletion fails.
+    pub async fn delete_ipam_claim(&self, name: &str) {
+        if let Err(e) = self.ipam_claims().delete(name, &at_once()).await {
+            panic!("deleting IPAMClaim {name}: {e}");
+        }
+    }
+
     /// Deletes what the test made (the CRDs stay): see the module documentation. Failures are logged.
     pub async fn delete_test_objects(&self) {
         if tokio::time::timeout(CLEANUP_TIMEOUT, delete_test_objects(&self.client, &self.namespace))
@@ -587,7 +745,8 @@ mod tests {
     #[test]
     fn the_network_attachment_definition_crd_is_read_first() {
         let crds = read_crds(Path::new("/nonexistent")).expect("read");
-        assert_eq!(crds.len(), 1);
+        assert_eq!(crds.len(), 2);
         assert_eq!(crds[0].spec.names.kind, "NetworkAttachmentDefinition");
+        assert_eq!(crds[1].spec.names.kind, "IPAMClaim");
     }
 }

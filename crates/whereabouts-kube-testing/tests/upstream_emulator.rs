@@ -61,6 +61,8 @@ fn allocation(container: &str, pod_ref: &str) -> Allocation {
         node: None,
         cni_network: None,
         pod_uid: None,
+        statefulset: None,
+        ipam_claim: None,
     }
 }
 
@@ -270,6 +272,7 @@ async fn add_is_idempotent_per_pod_and_interface() {
                 ("2".to_string(), allocation("c2", &format!("{namespace}/b"))),
                 ("3".to_string(), Allocation { ifname: "net2".to_string(), ..allocation("c3", &a) }),
             ]),
+            ..PoolSpec::default()
         }
     );
     let missing_pod = upstream::add(&client, &namespace, &config, &call(&namespace, "", "c9")).await;
@@ -301,7 +304,10 @@ async fn del_releases_by_container_and_interface_and_creates_a_missing_pool() {
         None
     );
     let created = pool(&client, "10.64.0.0-24").await.spec.pool;
-    assert_eq!(created, PoolSpec { range: "10.64.0.0/24".to_string(), allocations: BTreeMap::new() });
+    assert_eq!(
+        created,
+        PoolSpec { range: "10.64.0.0/24".to_string(), allocations: BTreeMap::new(), ..Default::default() }
+    );
     cluster.cleanup().await;
 }
 

@@ -2,8 +2,9 @@
 //! API server).
 //!
 //! Layout under a key prefix (default `/whereabouts/`):
-//! * `<prefix>pools/<pool name>`: the pool in upstream's IPPool spec form (`range`, `allocations`);
-//!   its version is the key's `mod_revision`.
+//! * `<prefix>pools/<pool name>`: the pool in upstream's IPPool spec form (`range`, `allocations`),
+//!   plus `cooldowns` (the release cooldowns, [`PoolSpec::cooldowns`]) when there are any; its version
+//!   is the key's `mod_revision`.
 //! * `<prefix>reservations/<reservation name>`: one per reserved address (`podref`, `ifname`,
 //!   `containerid`), the ORIP equivalent.
 //!
@@ -17,6 +18,7 @@
 //! ([`Store::lock_pool`]) instead of racing each other; only writers on different nodes still meet
 //! in compare-and-swap. The lock is an optimisation: correctness rests on the revision compares alone.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
@@ -26,6 +28,7 @@ use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient, TlsOptions, Txn,
     TxnOp, TxnOpResponse, TxnResponse,
 };
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tonic::Code;
 use whereabouts_core::config::EtcdConfig;
@@ -36,6 +39,24 @@ use crate::{
     Deletion, PoolLock, Reservation, ReservationVersion, ReserveOutcome, Store, StoreError, Version,
     VersionedPool, VersionedReservation,
 };
+
+/// A pool key's value: the spec, with the release cooldowns beside its fields.
+#[derive(Deserialize)]
+struct EtcdPool {
+    #[serde(flatten)]
+    spec: PoolSpec,
+    #[serde(default)]
+    cooldowns: BTreeMap<String, u64>,
+}
+
+/// [`EtcdPool`] for writing.
+#[derive(Serialize)]
+struct EtcdPoolRef<'a> {
+    #[serde(flatten)]
+    spec: &'a PoolSpec,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    cooldowns: &'a BTreeMap<String, u64>,
+}
 
 /// How long establishing the connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -423,7 +444,8 @@ impl Store for EtcdStore {
     async fn read_pool(&self, name: &str) -> Result<Option<VersionedPool>, StoreError> {
         let key = self.pool_key(name);
         let Some((value, revision)) = self.get(&key).await? else { return Ok(None) };
-        let spec: PoolSpec = serde_json::from_slice(&value).map_err(|e| corrupt(&key, e))?;
+        let stored: EtcdPool = serde_json::from_slice(&value).map_err(|e| corrupt(&key, e))?;
+        let spec = PoolSpec { cooldowns: stored.cooldowns, ..stored.spec };
         Ok(Some(VersionedPool { spec, version: Version(revision.to_string()) }))
     }
 
@@ -442,7 +464,8 @@ impl Store for EtcdStore {
                 Compare::mod_revision(key.clone(), CompareOp::Equal, revision)
             }
         };
-        let value = serde_json::to_vec(spec).map_err(|e| StoreError::Io(e.to_string()))?;
+        let stored = EtcdPoolRef { spec, cooldowns: &spec.cooldowns };
+        let value = serde_json::to_vec(&stored).map_err(|e| StoreError::Io(e.to_string()))?;
         let txn = Txn::new().when([guard]).and_then([TxnOp::put(key, value, None)]);
         let response = self.txn(txn).await?;
         if !response.succeeded() {

@@ -32,13 +32,16 @@ pub struct FileStore {
     reservations: PathBuf,
 }
 
-/// A pool file: upstream's IPPool spec plus a version counter.
+/// A pool file: upstream's IPPool spec plus a version counter and the release cooldowns
+/// ([`PoolSpec::cooldowns`]), written in the same file so a release and its cooldown land together.
 #[derive(Deserialize)]
 struct PoolFile {
     version: u64,
     range: String,
     #[serde(default)]
     allocations: BTreeMap<String, Allocation>,
+    #[serde(default)]
+    cooldowns: BTreeMap<String, u64>,
 }
 
 /// The same, borrowed, for writing without copying the allocations.
@@ -47,6 +50,8 @@ struct PoolFileRef<'a> {
     version: u64,
     range: &'a str,
     allocations: &'a BTreeMap<String, Allocation>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    cooldowns: &'a BTreeMap<String, u64>,
 }
 
 #[derive(Deserialize)]
@@ -158,7 +163,7 @@ impl Store for FileStore {
         };
         let file: PoolFile = serde_json::from_slice(&bytes).map_err(|e| corrupt(&path, e))?;
         Ok(Some(VersionedPool {
-            spec: PoolSpec { range: file.range, allocations: file.allocations },
+            spec: PoolSpec { range: file.range, allocations: file.allocations, cooldowns: file.cooldowns },
             version: Version(file.version.to_string()),
         }))
     }
@@ -192,7 +197,12 @@ impl Store for FileStore {
             return Err(StoreError::Conflict);
         }
         let version = current.map_or(1, |v| v + 1);
-        let file = PoolFileRef { version, range: &spec.range, allocations: &spec.allocations };
+        let file = PoolFileRef {
+            version,
+            range: &spec.range,
+            allocations: &spec.allocations,
+            cooldowns: &spec.cooldowns,
+        };
         let content = serde_json::to_vec(&file).map_err(|e| StoreError::Io(e.to_string()))?;
         let mut out = atomic_write_file::AtomicWriteFile::open(&path).map_err(|e| io_error(&path, e))?;
         out.write_all(&content).map_err(|e| io_error(&path, e))?;
@@ -286,7 +296,7 @@ mod tests {
     use super::*;
 
     fn spec(range: &str) -> PoolSpec {
-        PoolSpec { range: range.into(), allocations: BTreeMap::new() }
+        PoolSpec { range: range.into(), allocations: BTreeMap::new(), ..Default::default() }
     }
     fn owner(pod: &str) -> Reservation {
         Reservation { pod_ref: format!("ns/{pod}"), ifname: "eth0".into(), container_id: pod.into() }
@@ -395,6 +405,8 @@ mod tests {
                                     node: None,
                                     cni_network: None,
                                     pod_uid: None,
+                                    statefulset: None,
+                                    ipam_claim: None,
                                 },
                             );
                             match store.write_pool("p", &s, current.as_ref(), None).await {

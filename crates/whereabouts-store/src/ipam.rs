@@ -49,7 +49,7 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use thiserror::Error;
@@ -235,16 +235,18 @@ impl<S> std::fmt::Debug for Ipam<'_, S> {
 }
 
 /// Until when a failed ADD that reached `deadline` may still release what it took.
-fn rollback_deadline(deadline: Instant) -> Instant {
-    deadline.max(Instant::now()) + ROLLBACK_GRACE
+/// The time as release cooldowns record it: Unix seconds.
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs())
 }
 
-fn reservation_of(allocation: &Allocation) -> Reservation {
-    Reservation {
-        pod_ref: allocation.pod_ref.clone(),
-        ifname: allocation.ifname.clone(),
-        container_id: allocation.container_id.clone(),
-    }
+/// When the release cooldown of an address `config` releases now ends: Unix seconds, rounded up.
+fn cooldown_end(config: &IpamConfig) -> Option<u64> {
+    config.release_cooldown.map(|cooldown| unix_now() + cooldown.as_millis().div_ceil(1000) as u64)
+}
+
+fn rollback_deadline(deadline: Instant) -> Instant {
+    deadline.max(Instant::now()) + ROLLBACK_GRACE
 }
 
 impl<'s, S: Store> Ipam<'s, S> {
@@ -315,8 +317,10 @@ impl<'s, S: Store> Ipam<'s, S> {
         let stored =
             self.patiently(deadline, || format!("pool {name}"), || self.store.read_pool(name)).await?;
         let Some(stored) = stored else { return Ok((Pool::new(network), None)) };
-        let (pool, skipped) = Pool::from_spec(&stored.spec, network)
+        let (mut pool, skipped) = Pool::from_spec(&stored.spec, network)
             .map_err(|source| IpamError::Pool { pool: name.to_string(), source })?;
+        // Ended cooldowns are dropped from what is written next (nothing is written for them alone).
+        pool.expire_cooldowns(unix_now());
         if let Some(queue) = self.store.queue_dir(name).filter(|_| self.store.takes_turns()) {
             remember_shape(&queue, &pool);
         }
@@ -488,6 +492,7 @@ impl<'s, S: Store> Ipam<'s, S> {
 
     /// Releases one allocation: the pool entry, if it is still exactly `allocation`, then its
     /// reservation as read before (see the module on the order); says whether the entry was removed.
+    /// With `cool_until`, the address's release cooldown is recorded in the same pool write.
     async fn release_entry(
         &self,
         deadline: Instant,
@@ -495,8 +500,9 @@ impl<'s, S: Store> Ipam<'s, S> {
         pool: &PoolTarget,
         ip: IpAddr,
         allocation: &Allocation,
+        cool_until: Option<u64>,
     ) -> Result<bool, IpamError> {
-        let removal = self.remove_entry(deadline, pool, to_u128(ip), allocation);
+        let removal = self.remove_entry(deadline, pool, to_u128(ip), allocation, cool_until);
         self.with_reservation(deadline, config, ip, allocation, removal).await
     }
 
@@ -517,7 +523,7 @@ impl<'s, S: Store> Ipam<'s, S> {
             let read = self
                 .patiently(deadline, || format!("reservation {name}"), || self.store.read_reservation(&name))
                 .await?;
-            read.filter(|read| read.holder.same_owner(&reservation_of(holder)))
+            read.filter(|read| read.holder.same_owner(&holder.reservation()))
                 .map(|read| JudgedReservation { name, version: read.version })
         } else {
             None
@@ -538,10 +544,12 @@ impl<'s, S: Store> Ipam<'s, S> {
         target: &PoolTarget,
         addr: u128,
         allocation: &Allocation,
+        cool_until: Option<u64>,
     ) -> Result<bool, IpamError> {
         let PoolTarget { name, network } = target;
         let announced = self.store.queue_dir(name).and_then(|dir| {
-            let request = Request::Release { addr: addr.to_string(), allocation: allocation.clone() };
+            let request =
+                Request::Release { addr: addr.to_string(), allocation: allocation.clone(), cool_until };
             Announced::write(&dir, batch_key((name, "release")), &request)
         });
         let lock = match self.wait_turn(deadline, name, announced.as_ref()).await? {
@@ -554,15 +562,17 @@ impl<'s, S: Store> Ipam<'s, S> {
             .update_locked(deadline, name, *network, lock.as_ref(), |pool, _| {
                 let held = pool.get(addr) == Some(allocation);
                 if held {
-                    pool.remove(addr);
+                    pool.release(addr, cool_until);
                 }
                 claimed.extend(announced.iter().flat_map(Announced::others).filter(Announcement::claim));
                 answers.clear();
                 for waiting in &claimed {
-                    let Request::Release { addr, allocation } = &waiting.request else { continue };
+                    let Request::Release { addr, allocation, cool_until } = &waiting.request else {
+                        continue;
+                    };
                     let there = addr.parse::<u128>().ok().filter(|addr| pool.get(*addr) == Some(allocation));
                     if let Some(addr) = there {
-                        pool.remove(addr);
+                        pool.release(addr, *cool_until);
                     }
                     answers.push(if there.is_some() { REMOVED } else { ABSENT });
                 }
@@ -647,7 +657,7 @@ impl<'s, S: Store> Ipam<'s, S> {
         let held =
             self.inspect(deadline, &target.name, target.network, |pool| pool.get(addr).cloned()).await?;
         if let Some(allocation) = held.filter(|a| matches(a)) {
-            self.release_entry(deadline, config, target, ip, &allocation).await?;
+            self.release_entry(deadline, config, target, ip, &allocation, None).await?;
         }
         Ok(())
     }
@@ -746,7 +756,7 @@ impl<'s, S: Store> Ipam<'s, S> {
             if !config.enable_overlapping_ranges {
                 return Ok(taken);
             }
-            let reservation = reservation_of(&wanted);
+            let reservation = wanted.reservation();
             let reservation_key = reservation_name(&config.network_name, ip);
             let created = self
                 .patiently(
@@ -891,6 +901,8 @@ impl<'s, S: Store> Ipam<'s, S> {
 
     /// Releases what (`container_id`, `ifname`) holds in every range (upstream stops at the first range
     /// without an allocation and leaks the others). Keeps going after an error and returns the first.
+    /// Persistent entries ([`Allocation::is_persistent`]) are held for the next sandbox instead
+    /// ([`Allocation::held`]) and not counted as released.
     pub async fn release(
         &self,
         config: &IpamConfig,
@@ -898,6 +910,7 @@ impl<'s, S: Store> Ipam<'s, S> {
         ifname: &str,
     ) -> Result<Vec<IpAddr>, IpamError> {
         let deadline = self.deadline();
+        let cool_until = cooldown_end(config);
         let mut released = Vec::new();
         let mut first_error = None;
         for managed in &config.ranges {
@@ -915,7 +928,11 @@ impl<'s, S: Store> Ipam<'s, S> {
                     })
                     .await?;
                 for (ip, allocation) in held {
-                    if self.release_entry(deadline, config, target, ip, &allocation).await? {
+                    if allocation.is_persistent(config.sticky_statefulsets) {
+                        self.hold_entry(deadline, target, to_u128(ip), &allocation).await?;
+                        continue;
+                    }
+                    if self.release_entry(deadline, config, target, ip, &allocation, cool_until).await? {
                         released.push(ip);
                     }
                 }
@@ -926,6 +943,26 @@ impl<'s, S: Store> Ipam<'s, S> {
             }
         }
         first_error.map_or(Ok(released), Err)
+    }
+
+    /// Keeps a persistent entry (an IPAMClaim's, or a StatefulSet's pod's with `sticky_statefulsets`)
+    /// for the next sandbox: rewritten as [`Allocation::held`] if it is still exactly `allocation`, its
+    /// reservation left as it is (the next ADD takes it over, as it takes the entry over).
+    async fn hold_entry(
+        &self,
+        deadline: Instant,
+        target: &PoolTarget,
+        addr: u128,
+        allocation: &Allocation,
+    ) -> Result<(), IpamError> {
+        self.update_pool(deadline, &target.name, target.network, |pool, _| {
+            let still = pool.get(addr) == Some(allocation);
+            if still {
+                pool.insert(addr, allocation.held());
+            }
+            Ok(Change { value: (), changed: still })
+        })
+        .await
     }
 
     /// Releases allocations of one pool found by looking at the stored state (the controller's way):
@@ -983,6 +1020,23 @@ impl<'s, S: Store> Ipam<'s, S> {
         self.delete_judged(self.deadline(), judged).await
     }
 
+    /// The first of `candidates` whose pool holds an address of `owner` (its pod and interface): where
+    /// a StatefulSet's pod's address is held when it may be another node's slice pool.
+    pub async fn find_owner<'r>(
+        &self,
+        candidates: &'r [ManagedRange],
+        owner: &Owner,
+    ) -> Result<Option<&'r ManagedRange>, IpamError> {
+        let deadline = self.deadline();
+        for candidate in candidates {
+            let PoolTarget { name, network } = &candidate.pool;
+            if self.inspect(deadline, name, *network, |pool| !pool.owned(owner).is_empty()).await? {
+                return Ok(Some(candidate));
+            }
+        }
+        Ok(None)
+    }
+
     /// The address (`container_id`, `ifname`) holds in each range, in range order (for CHECK).
     pub async fn held(
         &self,
@@ -1032,7 +1086,8 @@ impl<'s, S: Store> Ipam<'s, S> {
                 })
                 .await?;
             for (ip, allocation) in stale {
-                if self.release_entry(deadline, config, target, ip, &allocation).await? {
+                if self.release_entry(deadline, config, target, ip, &allocation, cooldown_end(config)).await?
+                {
                     released.push(ip);
                 }
             }

@@ -45,6 +45,10 @@
 //! A `test` compares JSON values, so it is made with each allocation exactly as it was read (with a
 //! `null` or an empty field a hand edit may have left), not as this code would write it again.
 //!
+//! Release cooldowns ([`PoolSpec::cooldowns`]) live in the IPPool's annotation
+//! [`COOLDOWNS_ANNOTATION`] (a JSON object of offset to Unix seconds), outside the spec that upstream
+//! reads, and change in the same patch as the allocations, under a `test` of the annotation as read.
+//!
 //! Writers of one pool on one node queue on a node-local lock file ([`Store::lock_pool`]) instead of
 //! racing each other, and the writer at the head of the queue allocates for every ADD waiting behind
 //! it in one patch ([`crate::queue`]), so a burst of pods on a node costs the API server one write per
@@ -72,12 +76,14 @@ use kube::api::{
 };
 use kube::{Api, Client};
 use serde_json::{Map, Value};
-use whereabouts_core::pool::{Allocation, PoolSpec};
+use whereabouts_core::pool::{Allocation, COOLDOWNS_ANNOTATION, PoolSpec};
 use whereabouts_k8s::client::{ConnectError, Timeouts, connect};
 use whereabouts_k8s::crd::{
     IPPool, IPPoolSpec, NodeSlicePool, OverlappingRangeIPReservation, OverlappingRangeIPReservationSpec,
+    ipam_claim_resource,
 };
 use whereabouts_k8s::k8s_openapi::api::coordination::v1::Lease;
+use whereabouts_k8s::k8s_openapi::api::core::v1::Pod;
 use whereabouts_k8s::kube;
 
 use crate::lock::{DEFAULT_LOCK_DIR, node_local_lock, queue_path};
@@ -101,18 +107,33 @@ pub struct KubeStore {
     node_slice_pools: Api<NodeSlicePool>,
     /// The pools' Leases, and those this process holds, by pool.
     leases: Api<Lease>,
+    /// For pods, in their own namespaces (`sticky_statefulsets`).
+    client: Client,
     held_leases: Mutex<HashMap<String, HeldLease>>,
     namespace: String,
-    /// Per pool, the allocations of the last read as JSON.
-    last_read: Mutex<HashMap<String, AllocationsAsRead>>,
+    /// Per pool, the allocations and the cooldowns annotation of the last read as JSON.
+    last_read: Mutex<HashMap<String, PoolAsRead>>,
     /// The node-local writer queue: its directory, and what tells this cluster, namespace and node
     /// apart from others sharing it (simulated nodes in tests share one machine).
     lock_dir: PathBuf,
     queue_key: (String, String, String),
 }
 
-/// A pool's allocations as JSON, and the version they were read at.
-type AllocationsAsRead = (Version, Map<String, Value>);
+/// A pool as read: the version, its allocations as JSON and its annotations as JSON.
+struct PoolAsRead {
+    version: Version,
+    allocations: Map<String, Value>,
+    annotations: AnnotationsAsRead,
+}
+
+/// What a read saw of the IPPool's annotations: a patch tests the cooldowns annotation against it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AnnotationsAsRead {
+    /// Whether `metadata.annotations` exists at all (a patch adds the whole map when it does not).
+    pub exist: bool,
+    /// The cooldowns annotation's value.
+    pub cooldowns: Option<String>,
+}
 
 impl std::fmt::Debug for KubeStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -133,7 +154,8 @@ impl KubeStore {
             ),
             reservations: Api::namespaced(client.clone(), namespace),
             node_slice_pools: Api::namespaced(client.clone(), namespace),
-            leases: Api::namespaced(client, namespace),
+            leases: Api::namespaced(client.clone(), namespace),
+            client,
             held_leases: Mutex::new(HashMap::new()),
             namespace: namespace.to_string(),
             last_read: Mutex::new(HashMap::new()),
@@ -192,6 +214,91 @@ impl KubeStore {
             .find_map(|a| (!node.is_empty() && a.node_name == node).then(|| a.slice_range.clone()));
         Ok(Some(NodeSliceAssignment { range: pool.spec.range, slice_size: pool.spec.slice_size, slice }))
     }
+}
+
+impl KubeStore {
+    /// What pod `namespace/name` says about the persistence of its attachment `ifname`; `None` when
+    /// the pod does not exist.
+    pub async fn pod_persistence(
+        &self,
+        namespace: &str,
+        name: &str,
+        ifname: &str,
+    ) -> Result<Option<PodPersistence>, StoreError> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let pod = pods.get_opt(name).await.map_err(|e| store_error(&format!("Pod {namespace}/{name}"), e))?;
+        Ok(pod.map(|pod| PodPersistence::of(&pod, ifname)))
+    }
+
+    fn claims(&self, namespace: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), namespace, &ipam_claim_resource())
+    }
+
+    /// Whether the IPAMClaim `namespace/name` exists.
+    pub async fn claim_exists(&self, namespace: &str, name: &str) -> Result<bool, StoreError> {
+        let found = self.claims(namespace).get_opt(name).await;
+        Ok(found.map_err(|e| store_error(&format!("IPAMClaim {namespace}/{name}"), e))?.is_some())
+    }
+
+    /// Writes the addresses allocated for the IPAMClaim `namespace/name` to its status, with the pod
+    /// that holds them (`status.ips`, `status.ownerPod`, as OVN-Kubernetes writes them).
+    pub async fn set_claim_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        ips: &[String],
+        owner_pod: &str,
+    ) -> Result<(), StoreError> {
+        let patch = serde_json::json!({ "status": { "ips": ips, "ownerPod": owner_pod } });
+        let patched =
+            self.claims(namespace).patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await;
+        patched.map(drop).map_err(|e| store_error(&format!("IPAMClaim {namespace}/{name}"), e))
+    }
+}
+
+/// The annotation in which Multus reads a pod's network selection elements.
+const NETWORKS_ANNOTATION: &str = "k8s.v1.cni.cncf.io/networks";
+
+/// What a pod says about the persistence of one of its attachments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodPersistence {
+    /// The StatefulSet owning the pod: its owner reference of kind `StatefulSet` (group `apps`).
+    pub statefulset: Option<String>,
+    /// The IPAMClaim of the attachment: the `ipam-claim-reference` of its network selection element
+    /// in the pod's `k8s.v1.cni.cncf.io/networks` annotation (KubeVirt's ipam-extensions puts it there
+    /// for a virtual machine's launcher pod).
+    pub ipam_claim: Option<String>,
+}
+
+impl PodPersistence {
+    /// What `pod` says about its attachment `ifname`.
+    pub fn of(pod: &Pod, ifname: &str) -> PodPersistence {
+        let statefulset = pod.metadata.owner_references.iter().flatten().find_map(|owner| {
+            let apps = owner.api_version.split_once('/').is_some_and(|(group, _)| group == "apps");
+            (apps && owner.kind == "StatefulSet").then(|| owner.name.clone())
+        });
+        let networks = pod.metadata.annotations.as_ref().and_then(|a| a.get(NETWORKS_ANNOTATION));
+        PodPersistence { statefulset, ipam_claim: networks.and_then(|n| claim_reference(n, ifname)) }
+    }
+}
+
+/// The `ipam-claim-reference` of the network selection element (in a `k8s.v1.cni.cncf.io/networks`
+/// value) of the attachment `ifname`: the element that requests that interface, else the one Multus
+/// names `ifname` by its position (`net1` for the first element without an interface request, as
+/// Multus numbers them). The annotation's short form (`ns/name,other`) carries no claims.
+fn claim_reference(networks: &str, ifname: &str) -> Option<String> {
+    let elements: Vec<Map<String, Value>> = serde_json::from_str(networks).ok()?;
+    fn requested(element: &Map<String, Value>) -> Option<&str> {
+        element.get("interface").and_then(Value::as_str).filter(|i| !i.is_empty())
+    }
+    let element = elements.iter().find(|e| requested(e) == Some(ifname)).or_else(|| {
+        elements
+            .iter()
+            .enumerate()
+            .find(|(index, e)| requested(e).is_none() && format!("net{}", index + 1) == ifname)
+            .map(|(_, e)| e)
+    })?;
+    element.get("ipam-claim-reference").and_then(Value::as_str).filter(|c| !c.is_empty()).map(str::to_string)
 }
 
 /// What a NodeSlicePool says about one node, as stored.
@@ -253,6 +360,44 @@ fn allocation_path(key: &str) -> PointerBuf {
 
 fn test_op(path: PointerBuf, value: Value) -> PatchOperation {
     PatchOperation::Test(TestOperation { path, value })
+}
+
+/// The cooldowns annotation's value for `spec`.
+fn cooldowns_value(spec: &PoolSpec) -> String {
+    serde_json::to_string(&spec.cooldowns).unwrap_or_default()
+}
+
+/// The patch operations that turn `base`'s release cooldowns into `spec`'s, guarded by a `test` of
+/// the annotation as it was read (`annotations`); empty when they are the same.
+pub fn cooldowns_patch(
+    base: &PoolSpec,
+    spec: &PoolSpec,
+    annotations: &AnnotationsAsRead,
+) -> Vec<PatchOperation> {
+    if base.cooldowns == spec.cooldowns {
+        return Vec::new();
+    }
+    let map = PointerBuf::from_tokens(["metadata", "annotations"]);
+    let path = PointerBuf::from_tokens(["metadata", "annotations", COOLDOWNS_ANNOTATION]);
+    let value = Value::String(cooldowns_value(spec));
+    if !annotations.exist {
+        let annotations = Value::Object([(COOLDOWNS_ANNOTATION.to_string(), value)].into_iter().collect());
+        return vec![
+            test_op(map.clone(), Value::Null),
+            PatchOperation::Add(AddOperation { path: map, value: annotations }),
+        ];
+    }
+    let read = annotations.cooldowns.clone().map_or(Value::Null, Value::String);
+    let change = if spec.cooldowns.is_empty() {
+        PatchOperation::Remove(RemoveOperation { path: path.clone() })
+    } else {
+        PatchOperation::Add(AddOperation { path: path.clone(), value })
+    };
+    match (&read, &change) {
+        // Nothing stored and nothing to store (an unreadable value counted as none): nothing to do.
+        (Value::Null, PatchOperation::Remove(_)) => Vec::new(),
+        _ => vec![test_op(path, read), change],
+    }
 }
 
 fn allocation_value(allocation: &Allocation) -> Value {
@@ -343,10 +488,26 @@ impl Store for KubeStore {
             },
             _ => Map::new(),
         };
+        let annotations = AnnotationsAsRead {
+            exist: object.metadata.annotations.is_some(),
+            cooldowns: object
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(COOLDOWNS_ANNOTATION))
+                .cloned(),
+        };
+        // Ours alone, and only a hint: an unreadable value (a hand edit) counts as no cooldowns.
+        let cooldowns = annotations
+            .cooldowns
+            .as_deref()
+            .and_then(|value| serde_json::from_str(value).ok())
+            .unwrap_or_default();
+        let spec = PoolSpec { cooldowns, ..spec };
         self.last_read
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(name.to_string(), (version.clone(), allocations));
+            .insert(name.to_string(), PoolAsRead { version: version.clone(), allocations, annotations });
         Ok(Some(VersionedPool { spec, version }))
     }
 
@@ -359,8 +520,10 @@ impl Store for KubeStore {
     ) -> Result<Version, StoreError> {
         let location = self.pool_location(name);
         let Some(base) = base else {
+            let annotations = (!spec.cooldowns.is_empty())
+                .then(|| [(COOLDOWNS_ANNOTATION.to_string(), cooldowns_value(spec))].into());
             let pool = IPPool {
-                metadata: ObjectMeta { name: Some(name.to_string()), ..ObjectMeta::default() },
+                metadata: ObjectMeta { name: Some(name.to_string()), annotations, ..ObjectMeta::default() },
                 spec: IPPoolSpec { pool: spec.clone() },
             };
             return match self.pools.create(&PostParams::default(), &pool).await {
@@ -369,11 +532,17 @@ impl Store for KubeStore {
             };
         };
         // Taken, not copied: a write that loses its race is followed by a fresh read.
-        let as_read = match self.last_read.lock().unwrap_or_else(PoisonError::into_inner).remove(name) {
-            Some((version, allocations)) if version == base.version => allocations,
-            _ => Map::new(),
-        };
+        let (as_read, annotations) =
+            match self.last_read.lock().unwrap_or_else(PoisonError::into_inner).remove(name) {
+                Some(read) if read.version == base.version => (read.allocations, read.annotations),
+                // Not our last read: the cooldowns as `base` has them, which a test then compares.
+                _ => {
+                    let cooldowns = (!base.spec.cooldowns.is_empty()).then(|| cooldowns_value(&base.spec));
+                    (Map::new(), AnnotationsAsRead { exist: cooldowns.is_some(), cooldowns })
+                }
+            };
         let mut ops = pool_patch(&base.spec, spec, &as_read);
+        ops.extend(cooldowns_patch(&base.spec, spec, &annotations));
         if ops.is_empty() {
             return Ok(base.version.clone());
         }
@@ -494,6 +663,20 @@ pub fn versioned(reservation: &OverlappingRangeIPReservation) -> VersionedReserv
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_claim_of_an_attachment_is_found_by_interface_or_position() {
+        let networks = r#"[
+            {"name": "blue", "namespace": "vms", "ipam-claim-reference": "vm1.blue"},
+            {"name": "red", "interface": "eth7", "ipam-claim-reference": "vm1.red"},
+            {"name": "green"}
+        ]"#;
+        assert_eq!(claim_reference(networks, "net1").as_deref(), Some("vm1.blue"));
+        assert_eq!(claim_reference(networks, "eth7").as_deref(), Some("vm1.red"));
+        assert_eq!(claim_reference(networks, "net2"), None, "the second element requests eth7");
+        assert_eq!(claim_reference(networks, "net3"), None, "no claim");
+        assert_eq!(claim_reference("vms/blue,red", "net1"), None, "the short form");
+    }
+
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
@@ -506,6 +689,8 @@ mod tests {
             node: None,
             cni_network: None,
             pod_uid: None,
+            statefulset: None,
+            ipam_claim: None,
         }
     }
 
@@ -516,6 +701,7 @@ mod tests {
                 .iter()
                 .map(|(k, id)| (k.to_string(), allocation(id)))
                 .collect::<BTreeMap<_, _>>(),
+            ..Default::default()
         }
     }
 
@@ -572,6 +758,7 @@ mod tests {
             PoolSpec {
                 range: "10.0.0.0/24".into(),
                 allocations: entries.into_iter().map(|(k, id)| (k, allocation(&id))).collect(),
+                ..Default::default()
             }
         })
     }

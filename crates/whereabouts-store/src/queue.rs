@@ -28,7 +28,7 @@
 //! The queue's directory also remembers, for a few seconds, that a write of this node lost a race to
 //! another node ([`mark_contended`]): the next head then starts in its lane
 //! ([`whereabouts_core::allocate::Lane`]) instead of first colliding on the lowest free address. And it
-//! remembers whether the pool was large when last read ([`remember_size`]).
+//! remembers whether the pool was large and shared by nodes when last read ([`remember_shape`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -49,6 +49,9 @@ pub(crate) enum Request {
         addr: String,
         /// The entry as the DEL found it.
         allocation: Allocation,
+        /// When the address's release cooldown ends (Unix seconds), if its network has one.
+        #[serde(default)]
+        cool_until: Option<u64>,
     },
 }
 
@@ -283,6 +286,8 @@ mod tests {
             node: Some("node-a".into()),
             cni_network: Some("net".into()),
             pod_uid: None,
+            statefulset: None,
+            ipam_claim: None,
         }
     }
 

@@ -76,6 +76,8 @@ fn owner(n: usize) -> Owner {
         node: None,
         cni_network: None,
         pod_uid: None,
+        statefulset: None,
+        ipam_claim: None,
     }
 }
 
@@ -88,6 +90,8 @@ fn bare_owner(container_id: &str) -> Owner {
         node: None,
         cni_network: None,
         pod_uid: None,
+        statefulset: None,
+        ipam_claim: None,
     }
 }
 
@@ -1404,4 +1408,103 @@ async fn a_del_releases_the_reservation_behind_an_entry_upstream_took_over() {
     assert_eq!(ipam.release(&config, "c1-upstream", "eth0").await.unwrap(), ips(&["192.0.2.1"]));
     assert!(allocations(&store, &name).await.is_empty());
     assert!(reservations(&store).await.is_empty(), "the reservation leaked");
+}
+
+// === release cooldown ===
+
+#[tokio::test]
+async fn a_released_address_cools_down_in_the_pool_file_while_others_are_free() {
+    let (dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = cfg(json!({ "range": "10.9.0.0/29", "release_cooldown": "1h" }));
+    let name = pool_of(&config, 0);
+    assert_eq!(alloc(&ipam, &config, &owner(1)).await, ips(&["10.9.0.1"]));
+    assert_eq!(ipam.release(&config, "c1", "eth0").await.unwrap(), ips(&["10.9.0.1"]));
+    // The release time is in the pool file, beside upstream's spec, not among the allocations.
+    let stored = store.read_pool(&name).await.unwrap().unwrap();
+    assert!(stored.spec.allocations.is_empty());
+    let until = stored.spec.cooldowns["1"];
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!((now + 3599..=now + 3601).contains(&until), "{until} is an hour after {now}");
+    let file: Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("pools").join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(file["cooldowns"]["1"], json!(until));
+    // Another pod (and the same pod again) gets the next address, until only the cooling one is left.
+    assert_eq!(alloc(&ipam, &config, &owner(2)).await, ips(&["10.9.0.2"]));
+    assert_eq!(alloc(&ipam, &config, &owner(1)).await, ips(&["10.9.0.3"]));
+    for n in 3..=5 {
+        alloc(&ipam, &config, &owner(n)).await;
+    }
+    assert_eq!(alloc(&ipam, &config, &owner(6)).await, ips(&["10.9.0.1"]), "the only free one");
+    assert!(store.read_pool(&name).await.unwrap().unwrap().spec.cooldowns.is_empty());
+}
+
+#[tokio::test]
+async fn an_ended_cooldown_is_pruned_by_the_next_write_and_without_one_nothing_cools() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let network: IpNet = "10.9.1.0/24".parse().unwrap();
+    let name = pool_name("", None, &network);
+    // Cooldowns that ended long ago (.1) and that end in an hour (.2), as an earlier release left them.
+    let mut pool = Pool::new(network);
+    pool.cool(to_u128(ip("10.9.1.1")), 1);
+    pool.cool(to_u128(ip("10.9.1.2")), u64::MAX);
+    store.write_pool(&name, &pool.to_spec(), None, None).await.unwrap();
+    let plain = single("10.9.1.0/24");
+    assert_eq!(alloc(&ipam, &plain, &owner(1)).await, ips(&["10.9.1.1"]), "an ended cooldown is no cooldown");
+    let stored = store.read_pool(&name).await.unwrap().unwrap();
+    assert_eq!(stored.spec.cooldowns, BTreeMap::from([("2".to_string(), u64::MAX)]));
+    assert_eq!(alloc(&ipam, &plain, &owner(2)).await, ips(&["10.9.1.3"]), "a cooldown binds every network");
+    // A network without release_cooldown releases without one.
+    ipam.release(&plain, "c1", "eth0").await.unwrap();
+    let stored = store.read_pool(&name).await.unwrap().unwrap();
+    assert_eq!(stored.spec.cooldowns.keys().collect::<Vec<_>>(), ["2"]);
+}
+
+// === persistent addresses ===
+
+/// DEL holds a persistent entry (a StatefulSet's pod's on a sticky network, an IPAMClaim's) for the
+/// next sandbox, which gets it back; GC of the node it was on leaves it alone; a plain entry is
+/// released as ever.
+#[tokio::test]
+async fn del_holds_persistent_entries_for_the_next_sandbox_and_gc_leaves_them() {
+    let (_dir, store) = file_store();
+    let ipam = Ipam::new(&store);
+    let config = cfg(json!({ "range": "10.9.2.0/24", "sticky_statefulsets": true }));
+    let name = pool_of(&config, 0);
+    let web = Owner { statefulset: Some("web".into()), ..owner_on(1, Some("node-a"), Some("net")) };
+    let vm = Owner { ipam_claim: Some("vm1.net".into()), ..owner_on(2, Some("node-a"), Some("net")) };
+    let plain = owner_on(3, Some("node-a"), Some("net"));
+    for o in [&web, &vm, &plain] {
+        alloc(&ipam, &config, o).await;
+    }
+    for o in [&web, &vm, &plain] {
+        ipam.release(&config, &o.container_id, &o.ifname).await.unwrap();
+    }
+    let stored = allocations(&store, &name).await;
+    assert_eq!(stored.keys().copied().collect::<Vec<_>>(), ips(&["10.9.2.1", "10.9.2.2"]));
+    assert!(stored.values().all(|a| a.is_held() && a.node.is_none()), "{stored:?}");
+    // GC of node-a with nothing valid: the held entries are no sandbox's of node-a.
+    assert_eq!(
+        ipam.collect_garbage(&config, "node-a", "net", &HashSet::new()).await.unwrap(),
+        Vec::<IpAddr>::new()
+    );
+    // The next sandboxes, on another node: the same addresses.
+    let web_again = Owner { container_id: "c1-b".into(), node: Some("node-b".into()), ..web.clone() };
+    assert_eq!(alloc(&ipam, &config, &web_again).await, ips(&["10.9.2.1"]));
+    // Another pod of the same claim (a migration's target pod): the claim's address.
+    let vm_target =
+        Owner { pod_ref: Some("ns/launcher-b".into()), container_id: "c2-b".into(), ..vm.clone() };
+    assert_eq!(alloc(&ipam, &config, &vm_target).await, ips(&["10.9.2.2"]));
+    // Its reservation is the claim's, taken over by the new pod's sandbox.
+    let reserved = reservations(&store).await;
+    assert_eq!(reserved["10.9.2.2"].pod_ref, "ns/ipamclaim:vm1.net");
+    assert_eq!(reserved["10.9.2.2"].container_id, "c2-b");
+    // Without sticky_statefulsets, a StatefulSet's pod's entry is released; a claim's is still held.
+    let plain_config = single("10.9.2.0/24");
+    ipam.release(&plain_config, "c1-b", "eth0").await.unwrap();
+    ipam.release(&plain_config, "c2-b", "eth0").await.unwrap();
+    assert_eq!(allocations(&store, &name).await.keys().copied().collect::<Vec<_>>(), ips(&["10.9.2.2"]));
 }

@@ -173,3 +173,56 @@ fn a_del_that_fails_for_good_answers_done_and_says_so() {
     let reply: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(reply["code"], 999, "{reply}");
 }
+
+/// `release_cooldown` through the binary on the file store: ADD, DEL, ADD of another pod gets a different
+/// address while others are free, and the released one once it is the only free address.
+#[test]
+fn a_released_address_waits_out_its_cooldown_unless_it_is_the_only_free_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let network = |cooldown: &str| {
+        json!({
+            "cniVersion": "1.0.0",
+            "name": "cooled",
+            "ipam": {
+                "type": "whereabouts", "datastore": "file", "file_store_dir": dir.path(),
+                "range": "198.51.100.0/29", "release_cooldown": cooldown,
+            }
+        })
+        .to_string()
+    };
+    let config = network("10m");
+    let call = |command: &str, container: &str, config: &str| {
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=pod-{container}");
+        run(
+            &[
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", container),
+                ("CNI_NETNS", "/var/run/netns/none"),
+                ("CNI_IFNAME", "net1"),
+                ("CNI_PATH", "/usr/lib/cni"),
+                ("CNI_ARGS", &args),
+            ],
+            config,
+        )
+    };
+    let add = |container: &str| {
+        let out = call("ADD", container, &config);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        let reply: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        reply["ips"][0]["address"].as_str().expect("an address").to_string()
+    };
+    assert_eq!(add("c1"), "198.51.100.1/29");
+    assert!(call("DEL", "c1", &config).status.success());
+    assert_eq!(add("c2"), "198.51.100.2/29", "the released .1 cools down");
+    for (container, expected) in [("c3", 3), ("c4", 4), ("c5", 5), ("c6", 6)] {
+        assert_eq!(add(container), format!("198.51.100.{expected}/29"));
+    }
+    assert_eq!(add("c7"), "198.51.100.1/29", "the only free address is handed out");
+
+    let refused = call("ADD", "c8", &network("ten minutes"));
+    assert_eq!(refused.status.code(), Some(1));
+    let error: Value = serde_json::from_slice(&refused.stdout).expect("JSON");
+    assert_eq!(error["code"], 7, "{error}");
+    let msg = error["msg"].as_str().expect("msg");
+    assert!(msg.contains("release_cooldown") && msg.contains("ten minutes"), "{msg}");
+}

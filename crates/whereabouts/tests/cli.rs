@@ -156,14 +156,14 @@ fn ips_in_both_forms() {
     let d = dir_arg(dir.path());
     let table = cli_table(&["ips", POOL, "--file-store-dir", &d], 0);
     let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
-    assert_eq!(rows[0], ["IP", "POD", "CONTAINER", "ID", "INTERFACE", "NODE", "POD", "UID"]);
-    assert_eq!(rows[2], ["192.0.2.2", "ns/web-1", "sandbox-web-1", "net1", "node-a", "uid-1"]);
+    assert_eq!(rows[0], ["IP", "POD", "CONTAINER", "ID", "INTERFACE", "NODE", "POD", "UID", "STATEFULSET"]);
+    assert_eq!(rows[2], ["192.0.2.2", "ns/web-1", "sandbox-web-1", "net1", "node-a", "uid-1", "-"]);
     assert_eq!(rows.len(), 4);
     let json = cli_json(&["ips", POOL, "--file-store-dir", &d], 0);
     assert_eq!(
         json[0],
         json!({ "ip": "192.0.2.1", "pod": "ns/web-0", "container_id": "sandbox-web-0", "interface": "net1",
-                "node": "node-a", "pod_uid": "uid-0", "network": "cli-net" })
+                "node": "node-a", "pod_uid": "uid-0", "network": "cli-net", "statefulset": null, "held": false })
     );
     assert_eq!(json.as_array().map(Vec::len), Some(3));
     let (code, _, stderr) = cli(&["ips", "10.0.0.0-8", "--file-store-dir", &d]);
@@ -207,6 +207,8 @@ fn allocation(pod: &str) -> Allocation {
         node: None,
         cni_network: None,
         pod_uid: None,
+        statefulset: None,
+        ipam_claim: None,
     }
 }
 
@@ -230,7 +232,7 @@ async fn check_finds_planted_inconsistencies_in_the_file_store() {
     let mut allocations: std::collections::BTreeMap<String, Allocation> =
         [("1".to_string(), allocation("intruder")), ("x".to_string(), allocation("odd"))].into();
     allocations.insert("2".into(), allocation("web-1"));
-    let spec = PoolSpec { range: "192.0.2.0/25".into(), allocations };
+    let spec = PoolSpec { range: "192.0.2.0/25".into(), allocations, ..Default::default() };
     store.write_pool("192.0.2.0-25", &spec, None, None).await.expect("plant a pool");
 
     let table = cli_table(&["check", "--file-store-dir", &d], 1);
@@ -444,7 +446,11 @@ async fn kubernetes_pools_ips_release_and_check() {
     reservations.create(&PostParams::default(), &orip).await.expect("plant a reservation");
     let mut intruder = allocation("intruder");
     intruder.pod_ref = format!("{ns}/intruder");
-    let spec = PoolSpec { range: "192.0.2.0/25".into(), allocations: [("1".to_string(), intruder)].into() };
+    let spec = PoolSpec {
+        range: "192.0.2.0/25".into(),
+        allocations: [("1".to_string(), intruder)].into(),
+        ..Default::default()
+    };
     let pools: Api<IPPool> = Api::namespaced(cluster.client(), ns);
     pools
         .create(&PostParams::default(), &IPPool::new("192.0.2.0-25", IPPoolSpec { pool: spec }))
@@ -633,7 +639,7 @@ async fn plant_pool(cluster: &TestCluster, name: &str, range: &str, entries: &[(
             (key.to_string(), held)
         })
         .collect();
-    let spec = PoolSpec { range: range.into(), allocations };
+    let spec = PoolSpec { range: range.into(), allocations, ..Default::default() };
     Api::<IPPool>::namespaced(cluster.client(), cluster.namespace())
         .create(&PostParams::default(), &IPPool::new(name, IPPoolSpec { pool: spec }))
         .await

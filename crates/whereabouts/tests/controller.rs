@@ -35,7 +35,12 @@ fn binary() -> &'static Path {
 }
 
 fn netconf(cluster: &TestCluster) -> Value {
-    json!({
+    network(cluster, json!({}))
+}
+
+/// The network configuration with `extra` keys in its `ipam`.
+fn network(cluster: &TestCluster, extra: Value) -> Value {
+    let mut netconf = json!({
         "cniVersion": "1.0.0",
         "name": NETWORK,
         "type": "macvlan",
@@ -46,7 +51,11 @@ fn netconf(cluster: &TestCluster) -> Value {
             "kubernetes": { "kubeconfig": cluster.kubeconfig_path() },
             "log_level": "error",
         }
-    })
+    });
+    for (key, value) in extra.as_object().expect("an object") {
+        netconf["ipam"][key] = value.clone();
+    }
+    netconf
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -77,13 +86,47 @@ async fn annotate(cluster: &TestCluster, name: &str, ips: &[&str]) {
 
 /// The plugin's ADD for a pod, as the runtime makes it; the address it got.
 async fn add(cluster: &TestCluster, pod: &str, uid: &str, container: &str, node: &str) -> String {
+    add_to(cluster, &netconf(cluster), (pod, uid), container, node).await
+}
+
+/// [`add`] on the network `netconf`.
+async fn add_to(
+    cluster: &TestCluster,
+    netconf: &Value,
+    (pod, uid): (&str, &str),
+    container: &str,
+    node: &str,
+) -> String {
+    let addresses =
+        plugin(cluster, netconf, "ADD", (pod, uid), container, node).await.addresses(&format!("ADD {pod}"));
+    addresses[0].split('/').next().expect("an address").to_string()
+}
+
+/// The runtime's DEL of a pod's sandbox on the network `netconf`.
+async fn del_from(
+    cluster: &TestCluster,
+    netconf: &Value,
+    (pod, uid): (&str, &str),
+    container: &str,
+    node: &str,
+) {
+    plugin(cluster, netconf, "DEL", (pod, uid), container, node).await.silent(&format!("DEL {pod}"));
+}
+
+/// One plugin call for a pod's sandbox.
+async fn plugin(
+    cluster: &TestCluster,
+    netconf: &Value,
+    command: &str,
+    (pod, uid): (&str, &str),
+    container: &str,
+    node: &str,
+) -> whereabouts_kube_testing::plugin::Outcome {
     let cni_args = format!(
         "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={pod};K8S_POD_UID={uid}",
         cluster.namespace()
     );
-    let call = Call { binary: binary(), command: "ADD", container, cni_args: &cni_args, node };
-    let addresses = call.run(&netconf(cluster)).await.addresses(&format!("ADD {pod}"));
-    addresses[0].split('/').next().expect("an address").to_string()
+    Call { binary: binary(), command, container, cni_args: &cni_args, node }.run(netconf).await
 }
 
 /// The pool's allocations by address.
@@ -861,6 +904,225 @@ async fn pods_deleted_while_no_controller_ran_are_released_when_one_starts() {
         held_ips(&cluster).await,
         controller.log()
     );
+    controller.kill().await;
+    cluster.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// sticky_statefulsets: the test acts as the StatefulSet controller (no controller-manager runs here)
+
+/// The allocation at `ip`, if any.
+async fn entry_at(cluster: &TestCluster, ip: &str) -> Option<Allocation> {
+    held(cluster).await.into_iter().find(|(at, _)| at == ip).map(|(_, a)| a)
+}
+
+/// Waits until the controller released `ip`; `what` says whose address it is, should it not.
+async fn assert_released(cluster: &TestCluster, controller: &Controller, ip: &str, what: &str) {
+    let released =
+        eventually(Duration::from_secs(20), || async { entry_at(cluster, ip).await.is_none() }).await;
+    assert!(released, "{what}: {}", controller.log());
+}
+
+/// `whereabouts ips` of the pool as JSON.
+async fn ips_json(cluster: &TestCluster) -> Value {
+    let output = tokio::process::Command::new(binary())
+        .args(["ips", POOL, "-o", "json"])
+        .args(["--kubeconfig", &cluster.kubeconfig_path().display().to_string()])
+        .args(["--namespace", cluster.namespace()])
+        .output()
+        .await
+        .expect("run whereabouts ips");
+    serde_json::from_slice(&output.stdout).expect("JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statefulset_pod_gets_its_address_back_on_another_node_until_the_statefulset_lets_go() {
+    let cluster = TestCluster::start().await;
+    let (n1, n2) = (cluster.create_node("n1").await, cluster.create_node("n2").await);
+    let net = network(&cluster, json!({ "sticky_statefulsets": true }));
+    let web = cluster.create_statefulset("web", 3).await;
+    let mut uids = Vec::new();
+    for ordinal in 0..3 {
+        let pod = format!("web-{ordinal}");
+        let uid = cluster.create_statefulset_pod(("web", &web), ordinal, &n1).await;
+        let ip = add_to(&cluster, &net, (&pod, &uid), &format!("{pod}-a"), &n1).await;
+        assert_eq!(ip, format!("192.0.2.{}", ordinal + 1));
+        uids.push(uid);
+    }
+    assert_eq!(entry_at(&cluster, "192.0.2.2").await.and_then(|a| a.statefulset), Some("web".into()));
+    let controller = single_controller(&cluster).await;
+
+    // web-1 moves to n2: its sandbox goes (DEL holds the address), the pod object is made again.
+    del_from(&cluster, &net, ("web-1", &uids[1]), "web-1-a", &n1).await;
+    let held_entry = entry_at(&cluster, "192.0.2.2").await.expect("held");
+    assert!(held_entry.is_held() && held_entry.node.is_none(), "{held_entry:?}");
+    let listed = ips_json(&cluster).await;
+    let row = listed.as_array().expect("rows").iter().find(|r| r["ip"] == "192.0.2.2").expect("row").clone();
+    assert_eq!((row["held"].clone(), row["statefulset"].clone()), (json!(true), json!("web")), "{row}");
+    cluster.delete_pod("web-1").await;
+    // The controller sees the pod gone, and keeps the address: the StatefulSet wants web-1.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(entry_at(&cluster, "192.0.2.2").await.is_some_and(|a| a.is_held()), "{}", controller.log());
+
+    // A second StatefulSet scales up on the same pool, on n2, while web-1 comes back there.
+    let db = cluster.create_statefulset("db", 4).await;
+    let mut adds = tokio::task::JoinSet::new();
+    for ordinal in 0..4 {
+        let uid = cluster.create_statefulset_pod(("db", &db), ordinal, &n2).await;
+        let pod = format!("db-{ordinal}");
+        let cni_args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={pod};K8S_POD_UID={uid}",
+            cluster.namespace()
+        );
+        let (net, node) = (net.clone(), n2.clone());
+        adds.spawn(async move {
+            let container = format!("{pod}-a");
+            let call = Call {
+                binary: binary(),
+                command: "ADD",
+                container: &container,
+                cni_args: &cni_args,
+                node: &node,
+            };
+            let addresses = call.run(&net).await.addresses(&format!("ADD {pod}"));
+            (pod, addresses)
+        });
+    }
+    let new_uid = cluster.create_statefulset_pod(("web", &web), 1, &n2).await;
+    let back = add_to(&cluster, &net, ("web-1", &new_uid), "web-1-b", &n2).await;
+    assert_eq!(back, "192.0.2.2", "web-1 gets its address back on another node");
+    let mut db_ips = Vec::new();
+    while let Some(done) = adds.join_next().await {
+        let (pod, addresses) = done.expect("an ADD task");
+        let ip = addresses[0].split('/').next().expect("an address").to_string();
+        assert!(!["192.0.2.1", "192.0.2.2", "192.0.2.3"].contains(&ip.as_str()), "{pod} got web's {ip}");
+        db_ips.push(ip);
+    }
+    db_ips.sort();
+    db_ips.dedup();
+    assert_eq!(db_ips.len(), 4, "{db_ips:?}");
+    let taken_back = entry_at(&cluster, "192.0.2.2").await.expect("web-1's");
+    assert_eq!(
+        (taken_back.container_id.as_str(), taken_back.node.as_deref()),
+        ("web-1-b", Some(n2.as_str()))
+    );
+
+    // Scaled down to 2: web-2's sandbox goes, then the pod; its address is released.
+    cluster.scale_statefulset("web", 2).await;
+    del_from(&cluster, &net, ("web-2", &uids[2]), "web-2-a", &n1).await;
+    cluster.delete_pod("web-2").await;
+    assert_released(&cluster, &controller, "192.0.2.3", "web-2's address after the scale-down").await;
+
+    // web-0 is between sandboxes when the StatefulSet is deleted: its held address goes with it.
+    del_from(&cluster, &net, ("web-0", &uids[0]), "web-0-a", &n1).await;
+    cluster.delete_pod("web-0").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(entry_at(&cluster, "192.0.2.1").await.is_some_and(|a| a.is_held()), "still wanted");
+    cluster.delete_statefulset("web").await;
+    assert_released(
+        &cluster,
+        &controller,
+        "192.0.2.1",
+        "web-0's held address after the StatefulSet's deletion",
+    )
+    .await;
+    // web-1 still runs (nothing collects the orphaned pod here): its address stays until it goes.
+    assert!(entry_at(&cluster, "192.0.2.2").await.is_some());
+    cluster.delete_pod("web-1").await;
+    assert_released(&cluster, &controller, "192.0.2.2", "web-1's address once it is gone").await;
+    let mut left = held_ips(&cluster).await;
+    left.sort();
+    assert_eq!(left, db_ips);
+    controller.kill().await;
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_keeps_a_held_address_while_the_statefulset_wants_its_pod() {
+    let cluster = TestCluster::start().await;
+    let node = cluster.create_node("n1").await;
+    let net = network(&cluster, json!({ "sticky_statefulsets": true }));
+    let web = cluster.create_statefulset("web", 2).await;
+    let uid = cluster.create_statefulset_pod(("web", &web), 1, &node).await;
+    assert_eq!(add_to(&cluster, &net, ("web-1", &uid), "web-1-a", &node).await, "192.0.2.1");
+    del_from(&cluster, &net, ("web-1", &uid), "web-1-a", &node).await;
+    cluster.delete_pod("web-1").await;
+    let (_, report) = reconcile(&cluster, &[]).await;
+    assert_eq!(held_ips(&cluster).await, ["192.0.2.1"], "{report}");
+    // `ordinals.start` moves past web-1: no longer wanted.
+    let statefulsets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+        Api::namespaced(cluster.client(), cluster.namespace());
+    let patch = json!({ "spec": { "ordinals": { "start": 2 } } });
+    statefulsets
+        .patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("move the ordinals");
+    reconcile(&cluster, &[]).await;
+    assert_eq!(held_ips(&cluster).await, Vec::<String>::new());
+    cluster.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// IPAMClaims: the test acts as KubeVirt (the claim, the launcher pods and their network selection
+// elements) and as Multus (the plugin's calls)
+
+/// A virtual machine's launcher pod `pod` on `node`, its network selection element naming `claim`.
+async fn launcher_pod(cluster: &TestCluster, pod: &str, node: &str, claim: &str) -> String {
+    let networks =
+        json!([{ "name": NETWORK, "namespace": cluster.namespace(), "ipam-claim-reference": claim }]);
+    let annotations = [("k8s.v1.cni.cncf.io/networks".to_string(), networks.to_string())].into();
+    cluster.create_annotated_pod(pod, node, annotations).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claims_address_survives_its_launcher_pods_until_the_claim_is_deleted() {
+    let cluster = TestCluster::start().await;
+    let (n1, n2) = (cluster.create_node("n1").await, cluster.create_node("n2").await);
+    let mut net = netconf(&cluster);
+    net["allowPersistentIPs"] = json!(true);
+    cluster.create_ipam_claim("vm1.net", NETWORK, "net1").await;
+    let controller = single_controller(&cluster).await;
+
+    let uid_a = launcher_pod(&cluster, "virt-launcher-vm1-a", &n1, "vm1.net").await;
+    assert_eq!(add_to(&cluster, &net, ("virt-launcher-vm1-a", &uid_a), "sandbox-a", &n1).await, "192.0.2.1");
+    let status = cluster.ipam_claim_status("vm1.net").await;
+    assert_eq!(status, json!({ "ips": ["192.0.2.1/24"], "ownerPod": "virt-launcher-vm1-a" }));
+    let entry = entry_at(&cluster, "192.0.2.1").await.expect("the claim's");
+    assert_eq!(entry.ipam_claim.as_deref(), Some("vm1.net"));
+    // A pod without a claim gets another address.
+    let plain = cluster.create_pod("plain", Some(&n1)).await;
+    assert_eq!(add_to(&cluster, &net, ("plain", &plain), "sandbox-plain", &n1).await, "192.0.2.2");
+
+    // Live migration: the target launcher pod runs beside the source and gets the same address.
+    let uid_b = launcher_pod(&cluster, "virt-launcher-vm1-b", &n2, "vm1.net").await;
+    assert_eq!(add_to(&cluster, &net, ("virt-launcher-vm1-b", &uid_b), "sandbox-b", &n2).await, "192.0.2.1");
+    assert_eq!(cluster.ipam_claim_status("vm1.net").await["ownerPod"], "virt-launcher-vm1-b");
+    // The source goes: its DEL finds nothing of its own, and its deletion leaves the claim's address.
+    del_from(&cluster, &net, ("virt-launcher-vm1-a", &uid_a), "sandbox-a", &n1).await;
+    cluster.delete_pod("virt-launcher-vm1-a").await;
+    // The virtual machine stops: DEL holds the address, the pod goes, the address stays.
+    del_from(&cluster, &net, ("virt-launcher-vm1-b", &uid_b), "sandbox-b", &n2).await;
+    assert!(entry_at(&cluster, "192.0.2.1").await.is_some_and(|a| a.is_held()));
+    cluster.delete_pod("virt-launcher-vm1-b").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(entry_at(&cluster, "192.0.2.1").await.is_some(), "{}", controller.log());
+    // It starts again, anywhere: the same address.
+    let uid_c = launcher_pod(&cluster, "virt-launcher-vm1-c", &n1, "vm1.net").await;
+    assert_eq!(add_to(&cluster, &net, ("virt-launcher-vm1-c", &uid_c), "sandbox-c", &n1).await, "192.0.2.1");
+
+    // A launcher pod whose claim does not exist (yet) is told to try again.
+    let uid_d = launcher_pod(&cluster, "virt-launcher-vm2-a", &n1, "vm2.net").await;
+    let (code, msg) = plugin(&cluster, &net, "ADD", ("virt-launcher-vm2-a", &uid_d), "sandbox-d", &n1)
+        .await
+        .failure("ADD for a missing claim");
+    assert!(code == 11 && msg.contains("vm2.net"), "{code}: {msg}");
+
+    // The virtual machine is deleted: its pod, then its claim; the address is released.
+    del_from(&cluster, &net, ("virt-launcher-vm1-c", &uid_c), "sandbox-c", &n1).await;
+    cluster.delete_pod("virt-launcher-vm1-c").await;
+    cluster.delete_ipam_claim("vm1.net").await;
+    assert_released(&cluster, &controller, "192.0.2.1", "the deleted claim's address").await;
+    assert_eq!(held_ips(&cluster).await, ["192.0.2.2"]);
     controller.kill().await;
     cluster.cleanup().await;
 }

@@ -1449,7 +1449,11 @@ fn pool_writes_are_compare_and_swap() {
             EtcdStore::connect(&settings).await.expect("connect"),
             EtcdStore::connect(&settings).await.expect("connect"),
         );
-        let spec = whereabouts_core::pool::PoolSpec { range: V4.into(), allocations: Default::default() };
+        let spec = whereabouts_core::pool::PoolSpec {
+            range: V4.into(),
+            allocations: Default::default(),
+            ..Default::default()
+        };
         let created = first.write_pool("p", &spec, None, None).await.expect("create");
         assert_eq!(second.write_pool("p", &spec, None, None).await, Err(StoreError::Conflict));
         let read = second.read_pool("p").await.expect("read").expect("exists");
@@ -1520,6 +1524,8 @@ fn engines_on_different_nodes_never_duplicate() {
                         node: Some(format!("node-{node}")),
                         cni_network: Some(NETWORK.into()),
                         pod_uid: None,
+                        statefulset: None,
+                        ipam_claim: None,
                     };
                     let allocated = ipam.allocate(&config, &owner).await.expect("allocate");
                     let addresses =
@@ -1539,4 +1545,22 @@ fn engines_on_different_nodes_never_duplicate() {
     let ledger: Ledger = answered.into_iter().collect();
     assert_eq!(ledger.len(), NODES * PODS_PER_NODE);
     assert_ledger(&snapshot(&etcd, DEFAULT_PREFIX), &ledger);
+}
+
+/// `release_cooldown` on etcd: the release time is stored in the pool's value beside upstream's spec
+/// fields, by the DEL's own transaction, and the next ADD passes the address over.
+#[test]
+fn a_released_address_cools_down_in_the_pool_value() {
+    if !etcd_or_skip() {
+        return;
+    }
+    let etcd = EtcdCluster::single();
+    let conf = netconf(&with(&without(&ipam(&etcd), &["ipRanges"]), "release_cooldown", json!("1h")));
+    let first = Pod::new("cool-a");
+    assert_eq!(add(&first, &conf), ["192.0.2.1/24"]);
+    del(&first, &conf);
+    let stored = raw_json(&etcd, &format!("{DEFAULT_PREFIX}pools/192.0.2.0-24"));
+    assert_eq!(stored["allocations"], json!({}), "{stored}");
+    assert!(stored["cooldowns"]["1"].as_u64().is_some(), "{stored}");
+    assert_eq!(add(&Pod::new("cool-b"), &conf), ["192.0.2.2/24"], "the released .1 cools down");
 }

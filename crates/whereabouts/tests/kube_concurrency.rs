@@ -840,6 +840,8 @@ fn the_checks_catch_every_kind_of_damage() {
         node: None,
         cni_network: None,
         pod_uid: None,
+        statefulset: None,
+        ipam_claim: None,
     };
     let caught = async |damage: &str, needle: &str| {
         let problems = store_problems(&cluster, &network, &ledger).await;

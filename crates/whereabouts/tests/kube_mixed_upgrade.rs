@@ -393,6 +393,8 @@ fn each_implementation_extends_and_releases_the_others_allocations() {
             node: None,
             cni_network: None,
             pod_uid: None,
+            statefulset: None,
+            ipam_claim: None,
         };
         assert_eq!(held.allocations["1"], upstream_entry);
         // Ours records the node and the CNI network besides (fields upstream does not know).

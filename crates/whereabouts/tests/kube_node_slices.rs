@@ -514,3 +514,60 @@ async fn dual_stack_slices_only_the_first_range() {
     assert_eq!(pool_entries(&cluster, "dual-fd00-92---64").await.into_keys().collect::<Vec<_>>(), ["1"]);
     cluster.cleanup().await;
 }
+
+/// `sticky_statefulsets` with node slices: a StatefulSet's pod keeps the address of the slice of the
+/// node it first ran on. Moved to another node, its ADD there takes the address back from the first
+/// node's pool, and its DEL there finds it and holds it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statefulset_pod_keeps_its_address_from_another_nodes_slice() {
+    let cluster = TestCluster::start().await;
+    let slices = [("10.90.0.0/26", NODE_A), ("10.90.0.64/26", NODE_B)];
+    create_node_slice_pool(&cluster, "blue", "10.90.0.0/25", "/26", &slices).await;
+    let net = netconf(
+        &cluster,
+        json!({ "range": "10.90.0.0/25", "node_slice_size": "/26", "network_name": "blue", "sticky_statefulsets": true }),
+    );
+    let web = cluster.create_statefulset("web", 1).await;
+    let call = |command: &'static str, node: &'static str, container: &'static str, uid: String| {
+        let cni_args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME=web-0;K8S_POD_UID={uid}",
+            cluster.namespace()
+        );
+        let net = net.clone();
+        async move {
+            let binary = std::path::Path::new(env!("CARGO_BIN_EXE_whereabouts"));
+            Call { binary, command, container, cni_args: &cni_args, node }.run(&net).await
+        }
+    };
+    let (pool_a, pool_b) = ("blue-node-a-10.90.0.0-26", "blue-node-b-10.90.0.64-26");
+    let web_0 = format!("{}/web-0", cluster.namespace());
+
+    let uid = cluster.create_statefulset_pod(("web", &web), 0, NODE_A).await;
+    assert_eq!(
+        call("ADD", NODE_A, "web-0-a", uid.clone()).await.addresses("ADD on node-a"),
+        ["10.90.0.1/25"]
+    );
+    call("DEL", NODE_A, "web-0-a", uid).await.silent("DEL on node-a");
+    let held = pool_spec(&cluster, pool_a).await.expect("node-a's pool")["allocations"]["1"].clone();
+    assert_eq!((held["id"].as_str(), held["statefulset"].as_str()), (Some(""), Some("web")), "{held}");
+
+    cluster.delete_pod("web-0").await;
+    let uid = cluster.create_statefulset_pod(("web", &web), 0, NODE_B).await;
+    assert_eq!(
+        call("ADD", NODE_B, "web-0-b", uid.clone()).await.addresses("ADD on node-b"),
+        ["10.90.0.1/25"],
+        "its address back, from node-a's slice"
+    );
+    assert_eq!(pool_entries(&cluster, pool_a).await, BTreeMap::from([("1".into(), web_0.clone())]));
+    let taken = pool_spec(&cluster, pool_a).await.expect("node-a's pool")["allocations"]["1"].clone();
+    assert_eq!((taken["id"].as_str(), taken["node"].as_str()), (Some("web-0-b"), Some(NODE_B)), "{taken}");
+    // Another pod on node-b allocates in node-b's slice as ever.
+    assert_eq!(add(&Pod::on(NODE_B, "plain"), &net).await, ["10.90.0.65/25"]);
+    assert_eq!(pool_entries(&cluster, pool_b).await.into_values().collect::<Vec<_>>(), ["apps/plain"]);
+
+    // DEL on node-b finds the entry in node-a's pool and holds it again.
+    call("DEL", NODE_B, "web-0-b", uid).await.silent("DEL on node-b");
+    let held = pool_spec(&cluster, pool_a).await.expect("node-a's pool")["allocations"]["1"].clone();
+    assert_eq!(held["id"].as_str(), Some(""), "{held}");
+    cluster.cleanup().await;
+}

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
-use whereabouts_core::pool::{Allocation, Pool, PoolSpec, SkippedKey};
+use whereabouts_core::pool::{Allocation, COOLDOWNS_ANNOTATION, Pool, PoolSpec, SkippedKey};
 use whereabouts_k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
 use whereabouts_k8s::k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use whereabouts_k8s::kube::api::{
@@ -125,6 +125,8 @@ fn entry(pod: &str) -> Allocation {
         node: None,
         cni_network: None,
         pod_uid: None,
+        statefulset: None,
+        ipam_claim: None,
     }
 }
 
@@ -132,6 +134,7 @@ fn spec(range: &str, entries: &[(&str, &str)]) -> PoolSpec {
     PoolSpec {
         range: range.into(),
         allocations: entries.iter().map(|(key, pod)| (key.to_string(), entry(pod))).collect(),
+        ..Default::default()
     }
 }
 
@@ -288,6 +291,8 @@ async fn a_pool_as_upstream_writes_it_reads_back_unchanged() {
                     node: None,
                     cni_network: None,
                     pod_uid: None,
+                    statefulset: None,
+                    ipam_claim: None,
                 },
             ),
             (
@@ -299,9 +304,12 @@ async fn a_pool_as_upstream_writes_it_reads_back_unchanged() {
                     node: None,
                     cni_network: None,
                     pod_uid: None,
+                    statefulset: None,
+                    ipam_claim: None,
                 },
             ),
         ]),
+        ..Default::default()
     };
     assert_eq!(read.spec, expected);
     cluster.cleanup().await;
@@ -1144,5 +1152,97 @@ async fn a_pool_lease_left_by_a_dead_writer_is_taken_over() {
     assert_ne!(holder(leases.get(&name).await.expect("the pool's Lease")), Some("gone-node/1-dead".into()));
     store.end_turn(pool).await;
     assert_eq!(holder(leases.get(&name).await.expect("the pool's Lease")), None, "the Lease was given back");
+    cluster.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Release cooldown
+
+/// The release cooldowns an IPPool's annotation holds: offset → Unix seconds.
+async fn stored_cooldowns(cluster: &TestCluster, pool: &str) -> BTreeMap<String, u64> {
+    let object = pools_api(cluster).get(pool).await.expect("pool");
+    object
+        .annotations()
+        .get(COOLDOWNS_ANNOTATION)
+        .map(|value| serde_json::from_str(value).expect("the annotation is a JSON object"))
+        .unwrap_or_default()
+}
+
+/// `release_cooldown` on the Kubernetes store: the DEL's patch records the release time in the IPPool's
+/// annotation (not in `spec.allocations`, which upstream reads), the next ADD of another pod passes the
+/// address over while others are free, and takes it when it is the only free one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_released_address_cools_down_in_the_ippool_annotation() {
+    let cluster = TestCluster::start().await;
+    let net = netconf(&cluster, json!({ "range": "198.51.100.0/29", "release_cooldown": "10m" }));
+    let pool = "198.51.100.0-29";
+    let first = Pod::new("cool-a");
+    assert_eq!(add(&first, &net).await, ["198.51.100.1/29"]);
+    del(&first, &net).await;
+    assert_eq!(stored_allocations(&cluster, pool).await, BTreeMap::new(), "no entry stands for the cooldown");
+    let cooling = stored_cooldowns(&cluster, pool).await;
+    assert_eq!(cooling.keys().collect::<Vec<_>>(), ["1"]);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    assert!((now + 590..=now + 601).contains(&cooling["1"]), "{cooling:?} at {now}");
+    // Upstream reads the pool as it always did: a range and its allocations.
+    let read = store(&cluster).read_pool(pool).await.expect("read").expect("pool");
+    let (decoded, skipped) =
+        Pool::from_spec(&read.spec, "198.51.100.0/29".parse().expect("cidr")).expect("pool");
+    assert!(skipped.is_empty() && decoded.is_empty());
+
+    assert_eq!(add(&Pod::new("cool-b"), &net).await, ["198.51.100.2/29"], "the released .1 cools down");
+    for n in 3..=6 {
+        assert_eq!(add(&Pod::new(&format!("cool-{n}")), &net).await, [format!("198.51.100.{n}/29")]);
+    }
+    assert_eq!(add(&Pod::new("cool-last"), &net).await, ["198.51.100.1/29"], "the only free address");
+    assert_eq!(stored_cooldowns(&cluster, pool).await, BTreeMap::new(), "handed out, it no longer cools");
+    cluster.cleanup().await;
+}
+
+/// The annotation changes in the same patch as the allocations, under a test of its value as read: a
+/// stale write of other cooldowns conflicts, and annotations others set on the IPPool are kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn cooldowns_are_written_with_a_compare_and_swap_beside_other_annotations() {
+    let cluster = TestCluster::start().await;
+    let store = store(&cluster);
+    let name = "198.51.100.0-28";
+    let mut created = spec("198.51.100.0/28", &[("1", "a"), ("2", "b")]);
+    created.cooldowns.insert("5".into(), 4_000_000_000);
+    store.write_pool(name, &created, None, None).await.expect("create with a cooldown");
+    assert_eq!(stored_cooldowns(&cluster, name).await, created.cooldowns);
+    // Someone else's annotation beside ours.
+    let mut object = pools_api(&cluster).get(name).await.expect("pool");
+    object.annotations_mut().insert("example.org/owner".into(), "team-a".into());
+    pools_api(&cluster).replace(name, &PostParams::default(), &object).await.expect("annotate");
+
+    let stale = store.read_pool(name).await.expect("read").expect("pool");
+    let mut release_a = stale.spec.clone();
+    release_a.allocations.remove("1");
+    release_a.cooldowns.insert("1".into(), 4_000_000_001);
+    store.write_pool(name, &release_a, Some(&stale), None).await.expect("release .1 with its cooldown");
+    // Releasing .2 from the same stale reading touches other allocation keys, but the cooldowns changed.
+    let mut release_b = stale.spec.clone();
+    release_b.allocations.remove("2");
+    release_b.cooldowns.insert("2".into(), 4_000_000_002);
+    assert_eq!(store.write_pool(name, &release_b, Some(&stale), None).await, Err(StoreError::Conflict));
+    let fresh = store.read_pool(name).await.expect("read").expect("pool");
+    let mut release_b = fresh.spec.clone();
+    release_b.allocations.remove("2");
+    release_b.cooldowns.insert("2".into(), 4_000_000_002);
+    store.write_pool(name, &release_b, Some(&fresh), None).await.expect("release .2 from a fresh reading");
+    assert_eq!(stored_cooldowns(&cluster, name).await.keys().collect::<Vec<_>>(), ["1", "2", "5"]);
+    assert_eq!(
+        pools_api(&cluster).get(name).await.expect("pool").annotations()["example.org/owner"],
+        "team-a"
+    );
+    // Every cooldown gone: the annotation goes, the others stay.
+    let read = store.read_pool(name).await.expect("read").expect("pool");
+    let cleared = PoolSpec { cooldowns: BTreeMap::new(), ..read.spec.clone() };
+    let mut cleared = cleared;
+    cleared.allocations.insert("3".into(), entry("c"));
+    store.write_pool(name, &cleared, Some(&read), None).await.expect("clear the cooldowns");
+    let annotations = pools_api(&cluster).get(name).await.expect("pool").annotations().clone();
+    assert!(!annotations.contains_key(COOLDOWNS_ANNOTATION), "{annotations:?}");
+    assert_eq!(annotations["example.org/owner"], "team-a");
     cluster.cleanup().await;
 }

@@ -146,8 +146,9 @@ type BuiltinType = (&'static str, &'static str, &'static str, bool, bool, Behavi
 /// The types served from the start.
 pub(crate) fn builtin_types() -> Vec<ResourceType> {
     use Behaviour::{CustomResourceDefinition, Namespace, Plain, Pod};
-    let table: [BuiltinType; 10] = [
+    let table: [BuiltinType; 11] = [
         ("v1", "namespaces", "Namespace", false, true, Namespace, &["ns"]),
+        ("apps/v1", "statefulsets", "StatefulSet", true, true, Plain, &["sts"]),
         ("v1", "pods", "Pod", true, true, Pod, &["po"]),
         ("v1", "nodes", "Node", false, true, Plain, &["no"]),
         ("v1", "events", "Event", true, false, Plain, &["ev"]),

@@ -89,6 +89,8 @@ fn encode(decoded: &Decoded, list: &[Reservation]) -> Result<BTreeMap<String, Al
             node: None,
             cni_network: None,
             pod_uid: None,
+            statefulset: None,
+            ipam_claim: None,
         };
         allocations.insert(key, allocation);
     }
@@ -181,7 +183,11 @@ impl Store {
                 let pool = IPPool {
                     metadata: ObjectMeta { name: Some(name.to_string()), ..ObjectMeta::default() },
                     spec: IPPoolSpec {
-                        pool: PoolSpec { range: range.to_string(), allocations: BTreeMap::new() },
+                        pool: PoolSpec {
+                            range: range.to_string(),
+                            allocations: BTreeMap::new(),
+                            ..Default::default()
+                        },
                     },
                 };
                 match self.pools.create(&PostParams::default(), &pool).await {
@@ -357,6 +363,8 @@ mod tests {
             node: None,
             cni_network: None,
             pod_uid: None,
+            statefulset: None,
+            ipam_claim: None,
         }
     }
 
@@ -364,6 +372,7 @@ mod tests {
         PoolSpec {
             range: range.into(),
             allocations: entries.iter().cloned().map(|(k, a)| (k.to_string(), a)).collect(),
+            ..Default::default()
         }
     }
 

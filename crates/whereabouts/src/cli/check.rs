@@ -23,7 +23,7 @@ use std::net::IpAddr;
 use clap::Args;
 use serde::Serialize;
 use whereabouts_controller::judge::PodView;
-use whereabouts_controller::pools::{DecodedPool, Found, holder, names_address, network_names};
+use whereabouts_controller::pools::{DecodedPool, Found, names_address, network_names};
 use whereabouts_controller::reconcile::{missing_reservations, orphans};
 use whereabouts_core::addr::to_u128;
 use whereabouts_store::ipam::Ipam;
@@ -180,7 +180,7 @@ fn upstream_unreadable(found: &[Found]) -> Vec<Finding> {
                     "held by {} at offset {offset}, 2^63 or more: upstream whereabouts skips it when reading \
                      and its next write of the pool removes it, so once upstream writes the pool (after a \
                      rollback, or during a rolling upgrade) the address can be handed out twice",
-                    describe(&holder(&f.allocation))
+                    describe(&f.allocation.reservation())
                 ),
                 repair: None,
             })
@@ -223,7 +223,7 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                             reservation: None,
                             detail: format!(
                                 "held by {} outside range {}",
-                                describe(&holder(&f.allocation)),
+                                describe(&f.allocation.reservation()),
                                 pool.range
                             ),
                             repair: None,
@@ -260,7 +260,7 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
             .filter(|(ip, _)| names_address(name, **ip))
             .flat_map(|(_, f)| f.iter().copied())
             .collect();
-        if at.iter().any(|f| holder(&f.allocation).same_owner(reserved)) {
+        if at.iter().any(|f| f.allocation.reservation().same_owner(reserved)) {
             continue;
         }
         let (kind, detail, pool, ip) = match at.first() {
@@ -275,7 +275,7 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                 format!(
                     "held by {}, but the pool entry is {}'s",
                     describe(reserved),
-                    describe(&holder(&f.allocation))
+                    describe(&f.allocation.reservation())
                 ),
                 Some(f.pool.name.clone()),
                 Some(f.ip),
@@ -291,7 +291,10 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                     pool: Some(f.pool.name.clone()),
                     ip: Some(f.ip),
                     reservation: None,
-                    detail: format!("held by {} without a reservation", describe(&holder(&f.allocation))),
+                    detail: format!(
+                        "held by {} without a reservation",
+                        describe(&f.allocation.reservation())
+                    ),
                     repair: None,
                 });
             }
@@ -314,8 +317,8 @@ pub async fn run(args: CheckArgs) -> Result<Outcome, CliError> {
                         reservation: None,
                         detail: format!(
                             "held by {} here and by {} in pool {}",
-                            describe(&holder(&fa.allocation)),
-                            describe(&holder(&fb.allocation)),
+                            describe(&fa.allocation.reservation()),
+                            describe(&fb.allocation.reservation()),
                             fb.pool.name
                         ),
                         repair: None,

@@ -28,6 +28,10 @@ struct Holder {
     interface: String,
     node: Option<String>,
     pod_uid: Option<String>,
+    /// The StatefulSet owning the pod, for a network with `sticky_statefulsets`.
+    statefulset: Option<String>,
+    /// Whether the address is held for the pod between two of its sandboxes (no container has it).
+    held: bool,
     /// The CNI network of the ADD that took it.
     network: Option<String>,
 }
@@ -45,27 +49,31 @@ pub async fn run(args: IpsArgs) -> Result<Outcome, CliError> {
         .found
         .into_iter()
         .map(|found| Holder {
+            held: found.allocation.is_held(),
             ip: found.ip,
             pod: found.allocation.pod_ref,
             container_id: found.allocation.container_id,
             interface: found.allocation.ifname,
             node: found.allocation.node,
             pod_uid: found.allocation.pod_uid,
+            statefulset: found.allocation.statefulset,
             network: found.allocation.cni_network,
         })
         .collect();
     match args.output.output {
         Format::Json => print_json(&holders)?,
         Format::Table => {
-            let mut table = Table::new(&["IP", "POD", "CONTAINER ID", "INTERFACE", "NODE", "POD UID"]);
+            let mut table =
+                Table::new(&["IP", "POD", "CONTAINER ID", "INTERFACE", "NODE", "POD UID", "STATEFULSET"]);
             for h in &holders {
                 table.row(vec![
                     h.ip.to_string(),
                     or_dash(Some(&h.pod)),
-                    h.container_id.clone(),
+                    if h.held { "(held for the pod)".to_string() } else { h.container_id.clone() },
                     or_dash(Some(&h.interface)),
                     or_dash(h.node.as_deref()),
                     or_dash(h.pod_uid.as_deref()),
+                    or_dash(h.statefulset.as_deref()),
                 ]);
             }
             print(&table.render())?;

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use clap::Args;
 use serde::Serialize;
 use whereabouts_controller::pools::Found;
-use whereabouts_controller::reconcile::{Leaks, Listings, leaks, node_names};
+use whereabouts_controller::reconcile::{Leaks, Listings, leaks, list_persistence, node_names};
 use whereabouts_controller::release::release_batch;
 use whereabouts_store::ipam::{Ipam, JudgedReservation};
 use whereabouts_store::{Deletion, Reservation, Store};
@@ -132,7 +132,8 @@ pub async fn run(args: LeaksArgs) -> Result<Outcome, CliError> {
         }
     }
     listings.nodes = node_names(&client).await.map_err(CliError::Nodes)?;
-    listings.pods = pod_views_of(client).await?;
+    listings.pods = pod_views_of(client.clone()).await?;
+    listings.persistence = list_persistence(&client).await.map_err(CliError::Persistence)?;
     // Missing reservations are `check --repair`'s.
     let Leaks { plan, orphans, missing: _ } = leaks(&listings);
 

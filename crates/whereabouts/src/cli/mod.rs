@@ -52,6 +52,9 @@ pub enum CliError {
     /// Looking nodes up failed.
     #[error("listing nodes: {0}")]
     Nodes(#[source] kube::Error),
+    /// Looking StatefulSets and IPAMClaims up (for persistent allocations) failed.
+    #[error("listing statefulsets and ipamclaims: {0}")]
+    Persistence(#[source] kube::Error),
     /// No pool of that name.
     #[error("no pool named {0:?} (see `whereabouts pools`)")]
     NoPool(String),
