@@ -158,6 +158,26 @@ impl Persistence {
     }
 }
 
+#[cfg(test)]
+impl PodView {
+    /// A pod of `uid` in `phase` (its containers not stopped), for the judgement's tests.
+    pub(crate) fn running_as(
+        uid: &str,
+        phase: &str,
+        network_status: Option<NetworkStatus>,
+        node: Option<&str>,
+    ) -> PodView {
+        PodView {
+            uid: uid.into(),
+            kubelet_uid: None,
+            phase: phase.into(),
+            stopped_ago: None,
+            network_status,
+            node: node.map(Into::into),
+        }
+    }
+}
+
 /// Why an allocation is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeepReason {
@@ -371,14 +391,7 @@ mod tests {
     }
 
     fn pod(uid: &str, phase: &str, network_status: Option<NetworkStatus>) -> PodView {
-        PodView {
-            uid: uid.into(),
-            kubelet_uid: None,
-            phase: phase.into(),
-            stopped_ago: None,
-            network_status,
-            node: None,
-        }
+        PodView::running_as(uid, phase, network_status, None)
     }
 
     #[test]

@@ -436,14 +436,7 @@ mod tests {
             NetworkStatus::parse(&format!(r#"[{{"name":"ns/net","interface":"net1","ips":["{ip}"]}}]"#))
                 .unwrap()
         });
-        PodView {
-            uid: uid.into(),
-            kubelet_uid: None,
-            phase: phase.into(),
-            stopped_ago: None,
-            network_status,
-            node: Some(node.into()),
-        }
+        PodView::running_as(uid, phase, network_status, Some(node))
     }
 
     fn reserved(names: &[&str]) -> BTreeMap<String, VersionedReservation> {
