@@ -39,7 +39,9 @@ use whereabouts_store::{Store, StoreError};
 
 use crate::Context;
 use crate::index::PoolIndex;
-use crate::judge::{FINISHED_GRACE, KeepReason, Persistence, PodView, Verdict, WantedOrdinals, judge};
+use crate::judge::{
+    FINISHED_GRACE, KeepReason, Persistence, PodView, Verdict, WantedOrdinals, judge, mirror_pod_node,
+};
 use crate::metrics::Source;
 use crate::network_status::{ANNOTATION, NetworkStatus};
 use crate::pools::{Found, reservation_names, reservations_of};
@@ -546,13 +548,13 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
     .buffered(PARALLEL)
     .collect::<Vec<_>>()
     .await;
-    // The nodes of the allocations of pods not found: a static pod's mirror pod may be missing while
-    // its node runs it (see the judge).
+    // The nodes of pods not found whose names are mirror pods' names there: a static pod's mirror pod
+    // may be missing while its node runs it (see the judge). Other pods need no node lookup.
     let absent_pods_nodes: BTreeSet<&str> = holdings
         .iter()
         .zip(&lookups)
         .filter(|(_, lookup)| matches!(lookup, Ok(None)))
-        .flat_map(|((_, held), _)| held.iter().filter_map(|found| found.allocation.node.as_deref()))
+        .flat_map(|((_, held), _)| held.iter().filter_map(|found| mirror_pod_node(&found.allocation)))
         .collect();
     let node_lookups = futures::stream::iter(absent_pods_nodes.into_iter().map(|node| async move {
         (node, Api::<Node>::all(ctx.client.clone()).get_metadata_opt(node).await.map(|n| n.is_some()))
@@ -591,7 +593,7 @@ async fn pass(ctx: &Context, index: &PoolIndex, recorder: &Recorder, due: Vec<Go
             let node_unknown = now.is_none()
                 && held
                     .iter()
-                    .any(|f| f.allocation.node.as_deref().is_some_and(|n| !nodes_found.contains_key(n)));
+                    .any(|f| mirror_pod_node(&f.allocation).is_some_and(|n| !nodes_found.contains_key(n)));
             if node_unknown {
                 failed[i] = true;
                 continue;

@@ -259,12 +259,19 @@ pub fn judge(
 }
 
 /// Whether the missing pod of `allocation` may be a static pod whose mirror pod is missing (see the
-/// module): its name ends with `-<node>` for the node the allocation records, and that node exists.
+/// module): its name is a mirror pod's on the node the allocation records ([`mirror_pod_node`]), and
+/// that node exists.
 fn may_be_unmirrored_static_pod(allocation: &Allocation, node_exists: impl Fn(&str) -> bool) -> bool {
-    let Some(node) = allocation.node.as_deref().filter(|node| !node.is_empty()) else { return false };
+    mirror_pod_node(allocation).is_some_and(node_exists)
+}
+
+/// The node the allocation records when its pod's name is a mirror pod's name there (`<name>-<node>`,
+/// as the kubelet names them): the only node whose existence the judgement of a missing pod of
+/// `allocation` asks about.
+pub fn mirror_pod_node(allocation: &Allocation) -> Option<&str> {
+    let node = allocation.node.as_deref().filter(|node| !node.is_empty())?;
     let name = allocation.pod_ref.rsplit_once('/').map_or(allocation.pod_ref.as_str(), |(_, name)| name);
-    name.strip_suffix(node).is_some_and(|prefix| prefix.len() > 1 && prefix.ends_with('-'))
-        && node_exists(node)
+    name.strip_suffix(node).is_some_and(|prefix| prefix.len() > 1 && prefix.ends_with('-')).then_some(node)
 }
 
 /// Whether `pod` may hold `ip` although the allocation records another pod's uid (see the module): its
