@@ -81,7 +81,7 @@ fn store_code(e: &StoreError) -> u32 {
     match e {
         StoreError::Conflict | StoreError::Unavailable(_) => codes::TRY_AGAIN,
         StoreError::Io(_) => codes::IO,
-        StoreError::Corrupt { .. } => codes::INTERNAL,
+        StoreError::Corrupt { .. } | StoreError::ForeignVersion(_) => codes::INTERNAL,
         StoreError::Denied(_) | StoreError::Rejected(_) => codes::INVALID_CONFIG,
     }
 }

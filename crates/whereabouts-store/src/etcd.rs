@@ -446,7 +446,7 @@ impl Store for EtcdStore {
         let Some((value, revision)) = self.get(&key).await? else { return Ok(None) };
         let stored: EtcdPool = serde_json::from_slice(&value).map_err(|e| corrupt(&key, e))?;
         let spec = PoolSpec { cooldowns: stored.cooldowns, ..stored.spec };
-        Ok(Some(VersionedPool { spec, version: Version(revision.to_string()) }))
+        Ok(Some(VersionedPool { spec, version: Version::Revision(revision) }))
     }
 
     async fn write_pool(
@@ -460,7 +460,9 @@ impl Store for EtcdStore {
         let guard = match base {
             None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
             Some(base) => {
-                let revision = base.version.0.parse::<i64>().map_err(|_| StoreError::Conflict)?;
+                let Version::Revision(revision) = base.version else {
+                    return Err(base.version.foreign("etcd"));
+                };
                 Compare::mod_revision(key.clone(), CompareOp::Equal, revision)
             }
         };
@@ -472,7 +474,7 @@ impl Store for EtcdStore {
             return Err(StoreError::Conflict);
         }
         let revision = response.header().map(|h| h.revision()).unwrap_or_default();
-        Ok(Version(revision.to_string()))
+        Ok(Version::Revision(revision))
     }
 
     async fn create_reservation(

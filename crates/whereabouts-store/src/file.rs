@@ -164,7 +164,7 @@ impl Store for FileStore {
         let file: PoolFile = serde_json::from_slice(&bytes).map_err(|e| corrupt(&path, e))?;
         Ok(Some(VersionedPool {
             spec: PoolSpec { range: file.range, allocations: file.allocations, cooldowns: file.cooldowns },
-            version: Version(file.version.to_string()),
+            version: Version::Counter(file.version),
         }))
     }
 
@@ -191,8 +191,12 @@ impl Store for FileStore {
             .map(|bytes| serde_json::from_slice::<PoolFileVersion>(&bytes).map_err(|e| corrupt(&path, e)))
             .transpose()?
             .map(|f| f.version);
-        let expected =
-            base.map(|b| b.version.0.parse::<u64>().map_err(|_| StoreError::Conflict)).transpose()?;
+        let expected = base
+            .map(|b| match b.version {
+                Version::Counter(counter) => Ok(counter),
+                ref other => Err(other.foreign("file")),
+            })
+            .transpose()?;
         if current != expected {
             return Err(StoreError::Conflict);
         }
@@ -207,7 +211,7 @@ impl Store for FileStore {
         let mut out = atomic_write_file::AtomicWriteFile::open(&path).map_err(|e| io_error(&path, e))?;
         out.write_all(&content).map_err(|e| io_error(&path, e))?;
         out.commit().map_err(|e| io_error(&path, e))?;
-        Ok(Version(version.to_string()))
+        Ok(Version::Counter(version))
     }
 
     async fn create_reservation(
@@ -320,6 +324,18 @@ mod tests {
         assert_eq!(store.list_pools().await.unwrap(), vec!["p".to_string()]);
     }
 
+    /// A version of another store's kind is the caller's bug, reported as such, never a lost race
+    /// (which the engine would retry until its deadline).
+    #[tokio::test]
+    async fn a_version_of_another_store_is_an_error_not_a_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        store.write_pool("p", &spec("10.0.0.0/24"), None, None).await.unwrap();
+        let foreign = VersionedPool { spec: spec("10.0.0.0/24"), version: Version::Revision(1) };
+        let written = store.write_pool("p", &spec("10.0.0.0/24"), Some(&foreign), None).await;
+        assert!(matches!(written, Err(StoreError::ForeignVersion(_))), "{written:?}");
+    }
+
     #[tokio::test]
     async fn corrupt_pool_is_reported_and_left_alone() {
         let dir = tempfile::tempdir().unwrap();
@@ -424,6 +440,6 @@ mod tests {
         }
         let pool = store.read_pool("p").await.unwrap().unwrap();
         assert_eq!(pool.spec.allocations.len(), 200);
-        assert_eq!(pool.version, Version("200".into()));
+        assert_eq!(pool.version, Version::Counter(200));
     }
 }

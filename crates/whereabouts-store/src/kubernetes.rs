@@ -63,7 +63,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use json_patch::jsonptr::PointerBuf;
@@ -111,17 +111,52 @@ pub struct KubeStore {
     client: Client,
     held_leases: Mutex<HashMap<String, HeldLease>>,
     namespace: String,
-    /// Per pool, the allocations and the cooldowns annotation of the last read as JSON.
-    last_read: Mutex<HashMap<String, PoolAsRead>>,
     /// The node-local writer queue: its directory, and what tells this cluster, namespace and node
     /// apart from others sharing it (simulated nodes in tests share one machine).
     lock_dir: PathBuf,
     queue_key: (String, String, String),
 }
 
-/// A pool as read: the version, its allocations as JSON and its annotations as JSON.
+/// An IPPool's resourceVersion as a read (or our own write) saw it, with what a patch from that state
+/// tests: the allocations and the cooldowns annotation exactly as the API server sent them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ObjectVersion {
+    resource_version: String,
+    as_read: Arc<PoolAsRead>,
+}
+
+impl std::fmt::Debug for ObjectVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ObjectVersion").field(&self.resource_version).finish()
+    }
+}
+
+impl ObjectVersion {
+    /// The state of `object` (an IPPool as JSON).
+    fn of(object: &DynamicObject) -> Self {
+        let allocations = match object.data.get("spec").and_then(|spec| spec.get("allocations")) {
+            Some(Value::Object(allocations)) => allocations.clone(),
+            _ => Map::new(),
+        };
+        let annotations = AnnotationsAsRead {
+            exist: object.metadata.annotations.is_some(),
+            cooldowns: object
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(COOLDOWNS_ANNOTATION))
+                .cloned(),
+        };
+        ObjectVersion {
+            resource_version: object.metadata.resource_version.clone().unwrap_or_default(),
+            as_read: Arc::new(PoolAsRead { allocations, annotations }),
+        }
+    }
+}
+
+/// What a pool patch tests: the allocations and annotations of one state of the IPPool, as JSON.
+#[derive(PartialEq, Eq)]
 struct PoolAsRead {
-    version: Version,
     allocations: Map<String, Value>,
     annotations: AnnotationsAsRead,
 }
@@ -158,7 +193,6 @@ impl KubeStore {
             client,
             held_leases: Mutex::new(HashMap::new()),
             namespace: namespace.to_string(),
-            last_read: Mutex::new(HashMap::new()),
             lock_dir: DEFAULT_LOCK_DIR.into(),
             queue_key: (server.to_string(), namespace.to_string(), String::new()),
         }
@@ -348,10 +382,6 @@ fn churned(location: &str) -> StoreError {
     StoreError::Unavailable(format!("{location}: changed {RESERVATION_ROUNDS} times while being read"))
 }
 
-fn version_of(meta: &ObjectMeta) -> Version {
-    Version(meta.resource_version.clone().unwrap_or_default())
-}
-
 /// A JSON Pointer to one allocation. Keys are decimal offsets, but keys we could not decode are written
 /// back as they were read and may hold anything, so they are escaped (RFC 6901).
 fn allocation_path(key: &str) -> PointerBuf {
@@ -477,38 +507,19 @@ impl Store for KubeStore {
         else {
             return Ok(None);
         };
-        let version = version_of(&object.metadata);
         let spec_json = object.data.get("spec").cloned().unwrap_or(Value::Null);
-        let spec: PoolSpec = serde_json::from_value(spec_json.clone())
+        let spec: PoolSpec = serde_json::from_value(spec_json)
             .map_err(|e| StoreError::Corrupt { location, reason: format!("spec: {e}") })?;
-        let allocations = match spec_json {
-            Value::Object(mut spec) => match spec.remove("allocations") {
-                Some(Value::Object(allocations)) => allocations,
-                _ => Map::new(),
-            },
-            _ => Map::new(),
-        };
-        let annotations = AnnotationsAsRead {
-            exist: object.metadata.annotations.is_some(),
-            cooldowns: object
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(COOLDOWNS_ANNOTATION))
-                .cloned(),
-        };
+        let version = ObjectVersion::of(&object);
         // Ours alone, and only a hint: an unreadable value (a hand edit) counts as no cooldowns.
-        let cooldowns = annotations
+        let cooldowns = version
+            .as_read
+            .annotations
             .cooldowns
             .as_deref()
             .and_then(|value| serde_json::from_str(value).ok())
             .unwrap_or_default();
-        let spec = PoolSpec { cooldowns, ..spec };
-        self.last_read
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(name.to_string(), PoolAsRead { version: version.clone(), allocations, annotations });
-        Ok(Some(VersionedPool { spec, version }))
+        Ok(Some(VersionedPool { spec: PoolSpec { cooldowns, ..spec }, version: Version::Object(version) }))
     }
 
     async fn write_pool(
@@ -526,23 +537,19 @@ impl Store for KubeStore {
                 metadata: ObjectMeta { name: Some(name.to_string()), annotations, ..ObjectMeta::default() },
                 spec: IPPoolSpec { pool: spec.clone() },
             };
-            return match self.pools.create(&PostParams::default(), &pool).await {
-                Ok(created) => Ok(version_of(&created.metadata)),
+            let pool = serde_json::to_value(&pool)
+                .and_then(serde_json::from_value::<DynamicObject>)
+                .map_err(|e| StoreError::Io(format!("{location}: {e}")))?;
+            return match self.pools_as_read.create(&PostParams::default(), &pool).await {
+                Ok(created) => Ok(Version::Object(ObjectVersion::of(&created))),
                 Err(e) => Err(store_error(&location, e)),
             };
         };
-        // Taken, not copied: a write that loses its race is followed by a fresh read.
-        let (as_read, annotations) =
-            match self.last_read.lock().unwrap_or_else(PoisonError::into_inner).remove(name) {
-                Some(read) if read.version == base.version => (read.allocations, read.annotations),
-                // Not our last read: the cooldowns as `base` has them, which a test then compares.
-                _ => {
-                    let cooldowns = (!base.spec.cooldowns.is_empty()).then(|| cooldowns_value(&base.spec));
-                    (Map::new(), AnnotationsAsRead { exist: cooldowns.is_some(), cooldowns })
-                }
-            };
-        let mut ops = pool_patch(&base.spec, spec, &as_read);
-        ops.extend(cooldowns_patch(&base.spec, spec, &annotations));
+        let Version::Object(read) = &base.version else {
+            return Err(base.version.foreign("Kubernetes"));
+        };
+        let mut ops = pool_patch(&base.spec, spec, &read.as_read.allocations);
+        ops.extend(cooldowns_patch(&base.spec, spec, &read.as_read.annotations));
         if ops.is_empty() {
             return Ok(base.version.clone());
         }
@@ -550,11 +557,11 @@ impl Store for KubeStore {
             path: PointerBuf::from_tokens(["metadata", "managedFields"]),
             value: serde_json::json!([{}]),
         }));
-        // Answered as JSON: only the new resourceVersion is read, so another writer's odd entry cannot
-        // turn a write that landed into an error.
+        // Answered as JSON, as read: another writer's odd entry cannot turn a write that landed into an
+        // error.
         let patch = Patch::Json::<()>(JsonPatch(ops));
         match self.pools_as_read.patch(name, &PatchParams::default(), &patch).await {
-            Ok(patched) => Ok(version_of(&patched.metadata)),
+            Ok(patched) => Ok(Version::Object(ObjectVersion::of(&patched))),
             // A failed `test` (someone changed an allocation we change), or the pool was deleted since it
             // was read: the next read sees which.
             Err(e) if matches!(status_code(&e), Some(404 | 409 | 422)) => Err(StoreError::Conflict),

@@ -24,9 +24,26 @@ mod lock;
 mod pool_lease;
 mod queue;
 
-/// An opaque version of a stored pool (a resourceVersion, a mod_revision, a counter).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Version(pub String);
+/// Which stored state of a pool a read saw, in the terms of the store that holds it. A write presents
+/// it back to the same store; each store accepts only its own kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Version {
+    /// The file store's write counter.
+    Counter(u64),
+    /// The etcd key's `mod_revision`.
+    Revision(i64),
+    /// The IPPool's resourceVersion, with the allocations and annotation as the API server sent them,
+    /// which the Kubernetes store's patch tests.
+    #[cfg(feature = "kubernetes")]
+    Object(kubernetes::ObjectVersion),
+}
+
+impl Version {
+    /// A store's answer to a version of another store's kind: a caller's bug, never a lost race.
+    fn foreign(&self, store: &str) -> StoreError {
+        StoreError::ForeignVersion(format!("the {store} store was given {self:?}"))
+    }
+}
 
 /// A pool as read, with the version a write must present.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +146,9 @@ pub enum StoreError {
     /// The store refused the credentials or their permissions: a configuration problem.
     #[error("{0} (check the store's credentials and their permissions)")]
     Denied(String),
+    /// A write presented a version this store never hands out.
+    #[error("a pool version of another store: {0}")]
+    ForeignVersion(String),
 }
 
 /// A store of pools and reservations. Every change is a compare-and-swap or a create-if-absent.

@@ -443,6 +443,35 @@ async fn a_stale_write_of_other_keys_succeeds_and_keeps_both() {
     cluster.cleanup().await;
 }
 
+/// Each read carries the allocations as the API server sent them, which its write tests: two readings
+/// of one pool in one process (the writer queue's head and a DEL, say) each write from their own, even
+/// when an entry is stored in a form this code would not write (explicit `null`s).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_readings_in_one_process_each_write_from_their_own() {
+    let cluster = TestCluster::start().await;
+    let store = store(&cluster);
+    let name = "192.0.2.0-24";
+    let range = "192.0.2.0/24";
+    let nulled = json!({ "id": "a-c1", "podref": "ns/a", "ifname": "net1", "node": null, "network": null });
+    create_raw::<IPPool>(
+        &cluster,
+        name,
+        json!({ "spec": { "range": range, "allocations": { "1": nulled } } }),
+    )
+    .await;
+    let first = store.read_pool(name).await.expect("read").expect("exists");
+    let second = store.read_pool(name).await.expect("read").expect("exists");
+
+    let mut taken = second.spec.clone();
+    taken.allocations.insert("2".into(), entry("b"));
+    store.write_pool(name, &taken, Some(&second), None).await.expect("the second reading takes .2");
+    let mut released = first.spec.clone();
+    released.allocations.remove("1");
+    store.write_pool(name, &released, Some(&first), None).await.expect("the first reading releases .1");
+    assert_eq!(stored_keys(&cluster, name).await, ["2"]);
+    cluster.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_to_a_pool_deleted_since_it_was_read_conflicts() {
     let cluster = TestCluster::start().await;
