@@ -245,16 +245,16 @@ pub fn assign_from(
     blocked: &IntervalSet,
     start: u128,
 ) -> Result<Assignment, AllocError> {
-    let owned = pool.owned(owner);
     let Some(ip) = requested else {
-        if let Some(addr) = owned.first() {
-            return Ok(Assignment::Existing(*addr));
+        if let Some(addr) = pool.reused_by(owner) {
+            return Ok(Assignment::Existing(addr));
         }
         return free_from(range, pool, gateway, blocked, start, Cooldowns::PassOver)
             .or_else(|| lowest_free(range, pool, gateway, blocked))
             .map(|addr| Assignment::New { addr, replaces: None })
             .ok_or_else(|| AllocError::Exhausted(range.describe()));
     };
+    let owned = pool.owned(owner);
     let addr = to_u128(ip);
     let elsewhere = owned.iter().copied().find(|a| *a != addr);
     if owned.contains(&addr) {

@@ -545,6 +545,23 @@ impl Pool {
         owned
     }
 
+    /// The address an ADD of `owner` without a requested address gets again, when its attachment holds
+    /// any: the entry of its own sandbox first, then one of its own pod (by uid), then the lowest, which
+    /// the ADD takes over as a new sandbox of the attachment. An attachment holds more than one entry
+    /// only for a moment: two pods of one name (a StatefulSet's pod deleted and created again on
+    /// another node) whose ADDs landed side by side under the Kubernetes store's per-key
+    /// compare-and-swap, until the old pod's DEL (or the controller) releases its own. Meanwhile each
+    /// sandbox's ADD answers with its own address, never the other pod's, and never takes it over.
+    pub fn reused_by(&self, owner: &Owner) -> Option<u128> {
+        let owned = self.owned(owner);
+        let held_by = |matches: &dyn Fn(&Allocation) -> bool| {
+            owned.iter().copied().find(|addr| self.get(*addr).is_some_and(matches))
+        };
+        held_by(&|a| a.container_id == owner.container_id)
+            .or_else(|| owner.pod_uid.as_ref().and_then(|uid| held_by(&|a| a.pod_uid.as_ref() == Some(uid))))
+            .or_else(|| owned.first().copied())
+    }
+
     /// The addresses allocated to (`container_id`, `ifname`), lowest first: what DEL releases.
     pub fn container_addresses(&self, container_id: &str, ifname: &str) -> Vec<u128> {
         let candidates = self.owner_index().by_container.get(&owner_hash(container_id, ifname));
@@ -719,6 +736,38 @@ mod tests {
         assert!(web.is_owned_by(&named("c1")));
         assert!(!web.is_owned_by(&named("c9")), "another storage root's `web` is another container");
         assert!(web.is_owned_by(&plain));
+    }
+
+    /// Two pods of one name (`ns/web-0`, deleted and created again on another node) whose ADDs landed
+    /// side by side: each sandbox gets its own entry back, a new sandbox of the new pod its pod's, and
+    /// only a sandbox that matches neither takes over the lowest.
+    #[test]
+    fn an_add_reuses_its_own_sandboxs_entry_then_its_pods_then_the_lowest() {
+        let entry = |container: &str, uid: &str| Allocation {
+            pod_ref: "ns/web-0".into(),
+            pod_uid: Some(uid.into()),
+            ..alloc(container)
+        };
+        let owner = |container: &str, uid: Option<&str>| Owner {
+            container_id: container.into(),
+            pod_ref: Some("ns/web-0".into()),
+            ifname: "eth0".into(),
+            node: None,
+            cni_network: None,
+            pod_uid: uid.map(Into::into),
+            statefulset: None,
+            ipam_claim: None,
+        };
+        let (low, high) = (to_u128("10.0.0.2".parse().unwrap()), to_u128("10.0.0.9".parse().unwrap()));
+        let mut pool = Pool::new("10.0.0.0/24".parse().unwrap());
+        pool.insert(low, entry("old-sandbox", "uid-old"));
+        pool.insert(high, entry("new-sandbox", "uid-new"));
+        assert_eq!(pool.reused_by(&owner("new-sandbox", Some("uid-new"))), Some(high), "its own sandbox's");
+        assert_eq!(pool.reused_by(&owner("old-sandbox", Some("uid-old"))), Some(low));
+        assert_eq!(pool.reused_by(&owner("newer-sandbox", Some("uid-new"))), Some(high), "its pod's");
+        assert_eq!(pool.reused_by(&owner("other", None)), Some(low), "upstream's takeover: the lowest");
+        assert_eq!(pool.reused_by(&owner("other", Some("uid-third"))), Some(low));
+        assert_eq!(pool.reused_by(&Owner { pod_ref: Some("ns/web-1".into()), ..owner("x", None) }), None);
     }
 
     #[test]

@@ -780,6 +780,42 @@ async fn a_new_sandbox_of_a_pod_takes_over_its_address() {
     cluster.cleanup().await;
 }
 
+/// Two pods of one name (a StatefulSet's pod deleted and created again on another node) whose ADDs
+/// landed side by side, as per-key compare-and-swap lets them: the new pod's sandbox, ADDed again, gets
+/// its own address back, never the old pod's, and the old sandbox's DEL then leaves the attachment one
+/// entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_pods_of_one_name_that_landed_side_by_side_each_keep_their_own() {
+    let cluster = TestCluster::start().await;
+    let net = netconf(&cluster, json!({ "range": "192.0.2.0/24", "enable_overlapping_ranges": false }));
+    let pool = "192.0.2.0-24";
+    let old = Pod::new("web-0");
+    let new = old.sandbox(2);
+    let entry = |pod: &Pod, node: &str, uid: &str| {
+        let mut entry = pod.stored_entry(NETWORK);
+        entry["node"] = json!(node);
+        entry["poduid"] = json!(uid);
+        entry
+    };
+    let (old_entry, new_entry) = (entry(&old, "node-b", "uid-old"), entry(&new, NODE, "uid-new"));
+    create_raw::<IPPool>(
+        &cluster,
+        pool,
+        json!({ "spec": { "range": "192.0.2.0/24", "allocations": { "1": old_entry, "5": new_entry } } }),
+    )
+    .await;
+    let again = run_plugin("ADD", &new, &format!("{};K8S_POD_UID=uid-new", new.cni_args()), &net).await;
+    assert_eq!(again.addresses("ADD of the new pod again"), ["192.0.2.5/24"]);
+    let both = BTreeMap::from([("1".to_string(), old_entry), ("5".to_string(), new_entry.clone())]);
+    assert_eq!(stored_allocations(&cluster, pool).await, both, "the old pod's entry is not taken over");
+
+    del(&old, &net).await;
+    assert_eq!(stored_allocations(&cluster, pool).await, BTreeMap::from([("5".to_string(), new_entry)]));
+    del(&new, &net).await;
+    assert_eq!(stored_keys(&cluster, pool).await, Vec::<String>::new());
+    cluster.cleanup().await;
+}
+
 /// Upstream's e2e "reclaim": an entry and a reservation upstream wrote (no `containerid`) for a pod
 /// go back to that pod in its new sandbox, which then owns both.
 #[tokio::test(flavor = "multi_thread")]
