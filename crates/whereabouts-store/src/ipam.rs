@@ -51,6 +51,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures::future::join_all;
 use ipnet::IpNet;
 use thiserror::Error;
 use whereabouts_core::addr::{Family, from_u128, to_u128};
@@ -180,6 +181,39 @@ enum Turn {
     Locked(Option<PoolLock>),
     /// The head of the queue stored the request it announced, and answered this.
     Served(String),
+}
+
+/// What the writer at the head of a pool's queue needs beyond the range: the network's configuration
+/// (for the reservations of the waiters it serves) and whether its node lost a race on the pool lately.
+#[derive(Clone, Copy)]
+struct Head<'c> {
+    config: &'c IpamConfig,
+    contended: bool,
+}
+
+/// How many reservations of served waiters the head makes at once: a few connections, not one per
+/// waiter (each new connection costs the API server a TLS handshake).
+const SERVED_RESERVATIONS_AT_ONCE: usize = 4;
+
+/// The head's answer to a waiting ADD: the address stored for it (a decimal offset), and ` reserved`
+/// when the head also made its reservation.
+fn answer(addr: u128, reserved: bool) -> String {
+    if reserved { format!("{addr} {RESERVED}") } else { addr.to_string() }
+}
+
+const RESERVED: &str = "reserved";
+
+/// An answer [`answer`] wrote: the address, if it can be read, and whether it is reserved. An answer
+/// that cannot be read (another version's) leaves the waiter to queue up after all.
+fn parse_answer(answer: &str) -> (Option<u128>, bool) {
+    let (addr, reserved) = match answer.split_once(' ') {
+        Some((addr, flag)) => (addr, flag == RESERVED),
+        None => (answer, false),
+    };
+    match addr.parse::<u128>() {
+        Ok(addr) => (Some(addr), reserved),
+        Err(_) => (None, false),
+    }
 }
 
 /// The result of a pool update closure: a value, and whether the pool must be written.
@@ -676,7 +710,10 @@ impl<'s, S: Store> Ipam<'s, S> {
         let PoolTarget { name, network } = &managed.pool;
         let mut announced = match managed.requested {
             None => self.store.queue_dir(name).and_then(|dir| {
-                let batch = batch_key((name, managed.range.describe(), managed.gateway));
+                // Waiters served together get their reservations made by the head too: they must
+                // agree on whether and under which network name.
+                let reserved_as = config.enable_overlapping_ranges.then_some(&config.network_name);
+                let batch = batch_key((name, managed.range.describe(), managed.gateway, reserved_as));
                 Announced::write(&dir, batch, &Request::Allocate(owner.clone()))
             }),
             Some(_) => None,
@@ -685,21 +722,35 @@ impl<'s, S: Store> Ipam<'s, S> {
         if taken.is_err() && announced.is_some_and(|a| !a.withdraw()) {
             // A head claimed us, and may have stored an entry for us or still be writing it. It
             // writes while holding the queue, which the update below waits for.
+            // The head made the reservations of what it stored too (when the network has them).
             let wanted = owner.allocation();
-            let undone = self
-                .update_pool(rollback_deadline(deadline), name, *network, |pool, _| {
-                    let mine: Vec<u128> = pool
-                        .owned(owner)
-                        .into_iter()
-                        .filter(|addr| pool.get(*addr).is_some_and(|a| a.same_holder(&wanted)))
-                        .collect();
-                    for addr in &mine {
-                        pool.remove(*addr);
+            let rollback = rollback_deadline(deadline);
+            let undone = async {
+                // It writes while holding the queue: what it stored is read once we hold it.
+                let lock = self.lock(rollback, name).await?;
+                let undone = async {
+                    let (pool, _) = self.load_pool(rollback, name, *network).await?;
+                    let mine = pool.owned(owner).into_iter();
+                    let mine = mine.filter(|addr| pool.get(*addr).is_some_and(|a| a.same_holder(&wanted)));
+                    for addr in mine {
+                        let removal =
+                            self.update_locked(rollback, name, *network, lock.as_ref(), |pool, _| {
+                                let held = pool.get(addr).is_some_and(|a| a.same_holder(&wanted));
+                                if held {
+                                    pool.remove(addr);
+                                }
+                                Ok(Change { value: held, changed: held })
+                            });
+                        let ip = from_u128(pool.family(), addr);
+                        self.with_reservation(rollback, config, ip, &wanted, removal).await?;
                     }
-                    Ok(Change { value: (), changed: !mine.is_empty() })
-                })
+                    Ok::<(), IpamError>(())
+                }
                 .await;
-            if let Err(undo) = undone {
+                self.unlock(name, lock).await;
+                undone
+            };
+            if let Err(undo) = undone.await {
                 tracing::error!("pool {name}: releasing what was allocated for a failed ADD: {undo}");
             }
         }
@@ -724,9 +775,9 @@ impl<'s, S: Store> Ipam<'s, S> {
         let contended = self.store.queue_dir(&name).is_some_and(|queue| recently_contended(&queue));
         loop {
             let turn = self.wait_turn(deadline, &name, announced.as_ref()).await?;
-            let answered = match &turn {
-                Turn::Served(answer) => answer.parse::<u128>().ok(),
-                Turn::Locked(_) => None,
+            let (answered, reserved_by_head) = match &turn {
+                Turn::Served(answer) => parse_answer(answer),
+                Turn::Locked(_) => (None, false),
             };
             let (assignment, ip) = match (answered, turn) {
                 // The head's write that stored our entry succeeded: its answer is our address.
@@ -740,8 +791,8 @@ impl<'s, S: Store> Ipam<'s, S> {
                         Turn::Served(_) => self.lock(deadline, &name).await?,
                     };
                     let announced = announced.as_ref();
-                    self.allocate_locked(deadline, managed, owner, &blocked, announced, lock, contended)
-                        .await?
+                    let head = Head { config, contended };
+                    self.allocate_locked(deadline, managed, owner, &blocked, announced, lock, head).await?
                 }
             };
             let allocated = AllocatedIp { ip, network: managed.network };
@@ -753,7 +804,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                 Assignment::Existing(_) => None,
             };
             let taken = Taken { managed, allocated, is_new, moved_from };
-            if !config.enable_overlapping_ranges {
+            if !config.enable_overlapping_ranges || reserved_by_head {
                 return Ok(taken);
             }
             let reservation = wanted.reservation();
@@ -814,8 +865,9 @@ impl<'s, S: Store> Ipam<'s, S> {
         blocked: &IntervalSet,
         announced: Option<&Announced>,
         lock: Option<PoolLock>,
-        contended: bool,
+        head: Head<'_>,
     ) -> Result<(Assignment, IpAddr), IpamError> {
+        let Head { config, contended } = head;
         let PoolTarget { name, network } = &managed.pool;
         let wanted = owner.allocation();
         // The lane is this node's: its queue's head allocates for the whole node (see `Lane`).
@@ -859,13 +911,57 @@ impl<'s, S: Store> Ipam<'s, S> {
             })
             .await;
         // Told before the queue is let go of (see `Announced::answer`).
-        if taken.is_ok() {
-            for (index, addr) in served {
-                claimed[index].done(&addr.to_string());
+        if taken.is_ok() && !served.is_empty() {
+            let reserved = self.reserve_served(managed, config, &claimed, &served).await;
+            for ((index, addr), reserved) in served.into_iter().zip(reserved) {
+                claimed[index].done(&answer(addr, reserved));
             }
         }
         self.unlock(name, lock).await;
         taken
+    }
+
+    /// Makes the reservations of the addresses just stored for waiting ADDs (`served`, indices into
+    /// `claimed`), when the network has reservations; says for each whether it is made. A served process
+    /// told so sends no request of its own at all (on a burst, each would otherwise open a connection to
+    /// the store for this one request, and the API server's share of a TLS handshake costs about as
+    /// much as the request). Anything but a reservation made (held by another attachment, the store
+    /// failing) is left to the served process, which handles it as when it allocates for itself. The
+    /// pool's turn among nodes ends first: other nodes need not wait for these.
+    async fn reserve_served(
+        &self,
+        managed: &ManagedRange,
+        config: &IpamConfig,
+        claimed: &[Announcement],
+        served: &[(usize, u128)],
+    ) -> Vec<bool> {
+        if !config.enable_overlapping_ranges {
+            return vec![false; served.len()];
+        }
+        self.store.end_turn(&managed.pool.name).await;
+        let family = Family::of(managed.network.addr());
+        let mut reservations = served.iter().map(|(index, addr)| {
+            let holder = match &claimed[*index].request {
+                Request::Allocate(waiting) => Some(waiting.allocation().reservation()),
+                Request::Release { .. } => None,
+            };
+            let key = reservation_name(&config.network_name, from_u128(family, *addr));
+            async move {
+                let holder = holder?;
+                match self.store.create_reservation(&key, &holder).await {
+                    Ok(ReserveOutcome::Reserved) => Some(()),
+                    _ => None,
+                }
+            }
+        });
+        let mut made = Vec::with_capacity(served.len());
+        loop {
+            let some: Vec<_> = reservations.by_ref().take(SERVED_RESERVATIONS_AT_ONCE).collect();
+            if some.is_empty() {
+                return made;
+            }
+            made.extend(join_all(some).await.into_iter().map(|made| made.is_some()));
+        }
     }
 
     /// After a lost reservation, finds the next candidates that overlapping ranges already reserved by
@@ -917,16 +1013,24 @@ impl<'s, S: Store> Ipam<'s, S> {
             let target = &managed.pool;
             let outcome = async {
                 // Normally one; more after a crash mid-move to a requested address.
-                let held: Vec<(IpAddr, Allocation)> = self
-                    .inspect(deadline, &target.name, target.network, |pool| {
+                let held_now = || {
+                    self.inspect(deadline, &target.name, target.network, |pool| {
                         pool.container_addresses(container_id, ifname)
                             .into_iter()
                             .filter_map(|addr| {
                                 Some((from_u128(pool.family(), addr), pool.get(addr)?.clone()))
                             })
-                            .collect()
+                            .collect::<Vec<(IpAddr, Allocation)>>()
                     })
-                    .await?;
+                };
+                let mut held = held_now().await?;
+                if held.is_empty() {
+                    // The DEL of an ADD killed while it waited in the writer queue: the head may have
+                    // claimed it and be writing its entry right now. Heads write while holding the
+                    // queue, so once we have held it too, whatever they stored for it is there to see.
+                    drop(self.lock_queue(deadline, &target.name).await?);
+                    held = held_now().await?;
+                }
                 for (ip, allocation) in held {
                     if allocation.is_persistent(config.sticky_statefulsets) {
                         self.hold_entry(deadline, target, to_u128(ip), &allocation).await?;

@@ -7,8 +7,11 @@
 //! process announces its request in the queue's directory before it waits; the process holding the
 //! lock makes the change for every compatible announcement it finds in the same write (flat
 //! combining), and once that write is stored tells each served process so ([`Announcement::done`]).
-//! A served process then stops waiting for the lock: it reads the pool once, without the lock, finds
-//! its allocation there (or its released entry gone) and writes nothing. Served processes therefore
+//! A served process then stops waiting for the lock and writes nothing: the answer carries its
+//! address (or whether its released entry was there). Where the network has cluster-wide reservations
+//! the head also makes those of the ADDs it served before it answers, so that a served ADD sends no
+//! request to the store at all; one whose reservation the head could not make (another attachment
+//! holds it, the store failed) makes it itself, as when it allocates alone. Served processes therefore
 //! leave the queue together instead of one by one.
 //!
 //! Safety rests on what it always did: the write is one compare-and-swap, and an allocation made for

@@ -623,6 +623,8 @@ struct Flaky {
     conflicts_left: AtomicUsize,
     /// Pool writes attempted.
     writes: AtomicUsize,
+    /// The tasks that asked for reservations (`create_reservation` calls), one entry per call.
+    reservation_callers: std::sync::Mutex<Vec<Option<tokio::task::Id>>>,
     /// Creating a reservation whose name contains this answers "unavailable".
     reservations_down: Option<&'static str>,
     /// Pool reads still to answer "unavailable" (an etcd election, say).
@@ -643,6 +645,7 @@ impl Flaky {
             inner,
             conflicts_left: AtomicUsize::new(conflicts),
             writes: AtomicUsize::new(0),
+            reservation_callers: std::sync::Mutex::default(),
             reservations_down,
             reads_unavailable: AtomicUsize::new(0),
             queue: None,
@@ -664,6 +667,10 @@ impl Flaky {
     fn with_queue(mut self, dir: std::path::PathBuf) -> Self {
         self.queue = Some(dir);
         self
+    }
+
+    fn reservation_callers(&self) -> Vec<Option<tokio::task::Id>> {
+        self.reservation_callers.lock().unwrap().clone()
     }
 
     fn writes(&self) -> usize {
@@ -723,6 +730,7 @@ impl Store for Flaky {
         name: &str,
         owner: &Reservation,
     ) -> Result<ReserveOutcome, StoreError> {
+        self.reservation_callers.lock().unwrap().push(tokio::task::try_id());
         if self.reservations_down.is_some_and(|down| name.contains(down)) {
             return Err(StoreError::Unavailable("injected".into()));
         }
@@ -1240,6 +1248,18 @@ async fn adds_waiting_in_the_writer_queue_are_served_in_one_write() {
     assert_eq!(store.writes(), 1, "one write served every waiting ADD");
     assert_eq!(allocations(&*store, &name).await.len(), 20);
     assert_eq!(announced(), 0, "served announcements are removed");
+    // The head made the served ADDs' reservations too: one call per address, all from the head's task.
+    let callers = store.reservation_callers();
+    assert_eq!(callers.len(), 20);
+    assert!(callers.iter().all(|caller| caller.is_some() && *caller == callers[0]), "{callers:?}");
+    let reserved: BTreeMap<String, Reservation> =
+        store.list_reservations().await.unwrap().into_iter().map(|(name, r)| (name, r.holder)).collect();
+    let held: BTreeMap<String, Reservation> = allocations(&*store, &name)
+        .await
+        .into_iter()
+        .map(|(ip, allocation)| (reservation_name(&config.network_name, ip), allocation.reservation()))
+        .collect();
+    assert_eq!(reserved, held, "each address reserved for the ADD that holds it");
 }
 
 /// An ADD waiting in the writer queue that reaches its deadline after the head claimed it, while the

@@ -22,7 +22,8 @@
 //!
 //! Run with `cargo bench -p whereabouts --bench kube_burst`; `WHEREABOUTS_BENCH_SKIP_BASELINE_1000=1`
 //! skips the slowest row (the baseline's 1000 pods), `WHEREABOUTS_BENCH_OURS_ONLY=1` every baseline
-//! row and the fake when a real cluster is named (for quick turns while tuning).
+//! row and the fake when a real cluster is named (for quick turns while tuning), and
+//! `WHEREABOUTS_BENCH_ONLY=<text>` runs only the rows whose label contains it (`"from 10 nodes"`).
 
 #![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
 
@@ -525,11 +526,12 @@ fn main() {
         backends.push("real server");
     }
     let skip_slowest = set("WHEREABOUTS_BENCH_SKIP_BASELINE_1000");
+    let only = std::env::var("WHEREABOUTS_BENCH_ONLY").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     println!("kube_burst: ADD bursts on {RANGE} then their DELs; one process per call, {cpus} CPUs.");
     let mut rows = Vec::new();
     for backend in &backends {
-        for scenario in SCENARIOS {
+        for scenario in SCENARIOS.into_iter().filter(|s| s.label().contains(&only)) {
             for implementation in [Implementation::Ours, Implementation::Upstream] {
                 let baseline = implementation == Implementation::Upstream;
                 if baseline && (ours_only || (skip_slowest && scenario.pods() == 1000)) {
