@@ -193,7 +193,7 @@ struct Head<'c> {
 
 /// How many reservations of served waiters the head makes at once: a few connections, not one per
 /// waiter (each new connection costs the API server a TLS handshake).
-const SERVED_RESERVATIONS_AT_ONCE: usize = 4;
+const SERVED_RESERVATIONS_AT_ONCE: usize = 16;
 
 /// The head's answer to a waiting ADD: the address stored for it (a decimal offset), and ` reserved`
 /// when the head also made its reservation.
