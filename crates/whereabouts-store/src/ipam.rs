@@ -724,13 +724,12 @@ impl<'s, S: Store> Ipam<'s, S> {
         };
         let taken = self.take_in_range(deadline, config, managed, owner, &mut announced).await;
         if taken.is_err() && announced.is_some_and(|a| !a.withdraw()) {
-            // A head claimed us, and may have stored an entry for us or still be writing it. It
-            // writes while holding the queue, which the update below waits for.
-            // The head made the reservations of what it stored too (when the network has them).
+            // A head claimed us, and may have stored an entry for us (and made its reservation, when
+            // the network has them) or still be doing so. It does so while holding the queue, so what
+            // it stored is read once we hold the queue ourselves.
             let wanted = owner.allocation();
             let rollback = rollback_deadline(deadline);
             let undone = async {
-                // It writes while holding the queue: what it stored is read once we hold it.
                 let lock = self.lock(rollback, name).await?;
                 let undone = async {
                     let (pool, _) = self.load_pool(rollback, name, *network).await?;
