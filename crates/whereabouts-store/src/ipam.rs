@@ -541,28 +541,48 @@ impl<'s, S: Store> Ipam<'s, S> {
         cool_until: Option<u64>,
     ) -> Result<bool, IpamError> {
         let removal = self.remove_entry(deadline, pool, to_u128(ip), allocation, cool_until);
-        self.with_reservation(deadline, config, ip, allocation, removal).await
+        self.with_reservation(deadline, config, ip, allocation, Some(&pool.name), removal).await
     }
 
     /// Runs `removal` of the pool entry of `ip` held by `holder`, reading the reservation of the address
     /// before and deleting it as read once the entry is gone (see the module): the entry is the
     /// holder's from before the read to the removal, so a reservation of the same attachment is the one
     /// that entry stood behind. Says whether the entry was removed.
+    ///
+    /// `queue` is the pool whose writer queue the caller does not hold: a head that stored the entry
+    /// for a waiting ADD makes its reservation afterwards, while it still holds the queue, so a
+    /// reservation not found yet may be in the making. The queue is then waited for once and the
+    /// reservation read again; without that, the DEL of a served ADD killed in between would remove
+    /// the entry and leave the reservation the head made next, blocking the address until the
+    /// reconciler found it orphaned. A caller that holds the queue passes `None` (waiting for it would
+    /// wait for itself); so does one for whom no head made the reservation. Stores without a writer
+    /// queue have no heads.
     async fn with_reservation(
         &self,
         deadline: Instant,
         config: &IpamConfig,
         ip: IpAddr,
         holder: &Allocation,
+        queue: Option<&str>,
         removal: impl Future<Output = Result<bool, IpamError>>,
     ) -> Result<bool, IpamError> {
         let reserved = if config.enable_overlapping_ranges {
             let name = reservation_name(&config.network_name, ip);
-            let read = self
-                .patiently(deadline, || format!("reservation {name}"), || self.store.read_reservation(&name))
-                .await?;
+            let read_reservation = || {
+                self.patiently(
+                    deadline,
+                    || format!("reservation {name}"),
+                    || self.store.read_reservation(&name),
+                )
+            };
+            let mut read = read_reservation().await?;
+            let served_by_heads = |queue: &&str| self.store.queue_dir(queue).is_some();
+            if let Some(queue) = queue.filter(served_by_heads).filter(|_| read.is_none()) {
+                drop(self.lock_queue(deadline, queue).await?);
+                read = read_reservation().await?;
+            }
             read.filter(|read| read.holder.same_owner(&holder.reservation()))
-                .map(|read| JudgedReservation { name, version: read.version })
+                .map(|read| JudgedReservation { name: name.clone(), version: read.version })
         } else {
             None
         };
@@ -745,7 +765,7 @@ impl<'s, S: Store> Ipam<'s, S> {
                                 Ok(Change { value: held, changed: held })
                             });
                         let ip = from_u128(pool.family(), addr);
-                        self.with_reservation(rollback, config, ip, &wanted, removal).await?;
+                        self.with_reservation(rollback, config, ip, &wanted, None, removal).await?;
                     }
                     Ok::<(), IpamError>(())
                 }
@@ -828,8 +848,8 @@ impl<'s, S: Store> Ipam<'s, S> {
                         let rollback = rollback_deadline(deadline);
                         let removal =
                             self.remove_if(rollback, &name, network, to_u128(ip), |a| a.same_holder(&wanted));
-                        if let Err(undo) = self.with_reservation(rollback, config, ip, &wanted, removal).await
-                        {
+                        let undo = self.with_reservation(rollback, config, ip, &wanted, None, removal);
+                        if let Err(undo) = undo.await {
                             tracing::error!("releasing {ip} after a failed reservation: {undo}");
                         }
                     }

@@ -625,6 +625,8 @@ struct Flaky {
     writes: AtomicUsize,
     /// The tasks that asked for reservations (`create_reservation` calls), one entry per call.
     reservation_callers: std::sync::Mutex<Vec<Option<tokio::task::Id>>>,
+    /// Reservation reads answered.
+    reservation_reads: AtomicUsize,
     /// Creating a reservation whose name contains this answers "unavailable".
     reservations_down: Option<&'static str>,
     /// Pool reads still to answer "unavailable" (an etcd election, say).
@@ -646,6 +648,7 @@ impl Flaky {
             conflicts_left: AtomicUsize::new(conflicts),
             writes: AtomicUsize::new(0),
             reservation_callers: std::sync::Mutex::default(),
+            reservation_reads: AtomicUsize::new(0),
             reservations_down,
             reads_unavailable: AtomicUsize::new(0),
             queue: None,
@@ -738,7 +741,9 @@ impl Store for Flaky {
     }
 
     async fn read_reservation(&self, name: &str) -> Result<Option<VersionedReservation>, StoreError> {
-        self.inner.read_reservation(name).await
+        let read = self.inner.read_reservation(name).await;
+        self.reservation_reads.fetch_add(1, Ordering::SeqCst);
+        read
     }
 
     async fn delete_reservation(
@@ -1300,6 +1305,41 @@ async fn a_waiter_giving_up_after_being_claimed_leaves_nothing_stored() {
         "{outcome:?}"
     );
     assert!(allocations(&*store, &name).await.is_empty(), "nothing stored for the failed ADD");
+}
+
+/// The DEL of a served ADD killed after the head of the queue stored its entry, that reads the
+/// reservation before the head has made it, waits for the head to let go of the queue and deletes the
+/// reservation too: nothing blocks the address afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_del_that_finds_no_reservation_yet_waits_for_the_head_making_it() {
+    // The test is the head of the queue: it holds the pool's lock and has stored the served entry.
+    let QueuedPool { dir: _dir, store, config, name, lock_path, lock_file, .. } = queued_pool();
+    let served = owner(1);
+    let held = PoolLock::new(lock_path.display().to_string(), ());
+    let mut pool = Pool::new("192.0.2.0/24".parse().unwrap());
+    pool.insert(to_u128(ip("192.0.2.1")), served.allocation());
+    store.inner.write_pool(&name, &pool.to_spec(), None, Some(&held)).await.unwrap();
+    let del = {
+        let (store, config, served) = (store.clone(), config.clone(), served.clone());
+        tokio::spawn(async move {
+            Ipam::new(&*store)
+                .with_retry(quick_retry(Duration::from_secs(30)))
+                .release(&config, &served.container_id, &served.ifname)
+                .await
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.reservation_reads.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the DEL never read the reservation");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The head makes the reservation only now, then lets go of the queue.
+    let key = reservation_name(&config.network_name, ip("192.0.2.1"));
+    store.inner.create_reservation(&key, &served.allocation().reservation()).await.unwrap();
+    lock_file.unlock().unwrap();
+    assert_eq!(del.await.unwrap().unwrap(), ips(&["192.0.2.1"]));
+    assert!(allocations(&*store, &name).await.is_empty());
+    assert!(reservations(&*store).await.is_empty(), "the reservation the head made is released too");
 }
 
 /// On a cluster still serving upstream's CRDs the additive fields are pruned from what is stored: a
