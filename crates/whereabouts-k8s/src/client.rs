@@ -7,6 +7,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_timeout::TimeoutConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -14,6 +15,7 @@ use kube::client::retry::RetryPolicy;
 use kube::client::{Body, ClientBuilder, ConfigExt};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
+use rustls::pki_types::ServerName;
 use thiserror::Error;
 use tower::retry::RetryLayer;
 use tower::{BoxError, ServiceBuilder};
@@ -153,11 +155,17 @@ pub async fn connect_controller(
 }
 
 /// The client of `config`: kube's own stack (TLS, timeouts, base URI, retries when the config asks
-/// for them, credentials, extra headers), with TCP_NODELAY set on its connections. kube leaves Nagle's
-/// algorithm on, and the first request on a fresh connection then waits for the server's delayed ACK
-/// (about 40 ms on Linux) before its body goes out: that was most of a plugin process's ADD, which
-/// opens one connection and sends a handful of small requests. A proxied config keeps kube's stack
-/// (its tunnels).
+/// for them, credentials, extra headers), with two changes to its connections. A proxied config keeps
+/// kube's stack (its tunnels).
+///
+/// - TCP_NODELAY. kube leaves Nagle's algorithm on, and the first request on a fresh connection then
+///   waits for the server's delayed ACK (about 40 ms on Linux) before its body goes out: that was most
+///   of a plugin process's ADD, which opens one connection and sends a handful of small requests.
+/// - HTTP/2 when the server offers it (ALPN; every kube-apiserver does), as client-go speaks it. kube
+///   speaks HTTP/1.1 only, where every request in flight needs a connection of its own and a watch
+///   given up closes its connection: each costs a TLS handshake, and the API server's share of one
+///   (signing with its certificate's key) costs more than a small request. Measured on a burst of
+///   200 ADDs from 10 nodes: 103 handshakes on the real server, a quarter of its CPU.
 fn client(config: &Config) -> Result<Client, kube::Error> {
     if config.proxy_url.is_some() {
         return Client::try_from(config.clone());
@@ -165,7 +173,7 @@ fn client(config: &Config) -> Result<Client, kube::Error> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    let mut connector = TimeoutConnector::new(config.rustls_https_connector_with_connector(http)?);
+    let mut connector = TimeoutConnector::new(https_connector(config, http)?);
     connector.set_connect_timeout(config.connect_timeout);
     connector.set_read_timeout(config.read_timeout);
     connector.set_write_timeout(config.write_timeout);
@@ -180,6 +188,25 @@ fn client(config: &Config) -> Result<Client, kube::Error> {
         .map_err(BoxError::from)
         .service(http_client);
     Ok(ClientBuilder::new(service, config.default_namespace.clone()).build())
+}
+
+/// kube's TLS connector of `config` (its client configuration, and the server name it checks the
+/// certificate against), offering HTTP/2 as well as HTTP/1.1.
+fn https_connector(
+    config: &Config,
+    http: HttpConnector,
+) -> Result<HttpsConnector<HttpConnector>, kube::Error> {
+    let builder =
+        HttpsConnectorBuilder::new().with_tls_config(config.rustls_client_config()?).https_or_http();
+    let builder = match &config.tls_server_name {
+        Some(name) => {
+            let name = ServerName::try_from(name.clone())
+                .map_err(|e| kube::Error::Service(format!("tls-server-name {name:?}: {e}").into()))?;
+            builder.with_server_name_resolver(FixedServerNameResolver::new(name))
+        }
+        None => builder,
+    };
+    Ok(builder.enable_all_versions().wrap_connector(http))
 }
 
 fn apply_timeouts(config: &mut Config, timeouts: Timeouts) {
@@ -243,6 +270,52 @@ mod tests {
         let connection = connect(&path, Timeouts::REQUESTS).await.unwrap();
         assert_eq!(connection.namespace, "wb");
         assert_eq!(connection.client.default_namespace(), "wb");
+    }
+
+    /// The client offers HTTP/2 and speaks it where the server takes it up, as a kube-apiserver does:
+    /// a TLS server that offers both sees the client choose `h2`.
+    #[tokio::test]
+    async fn the_client_speaks_http2_to_a_server_that_offers_it() {
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, certified.cert.pem()).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der()).unwrap();
+        let mut server = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .unwrap();
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let negotiated = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = acceptor.accept(tcp).await.unwrap();
+            tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec)
+        });
+        let path = dir.path().join("kubeconfig");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: ctx\n\
+                 clusters: [{{name: c, cluster: {{server: 'https://127.0.0.1:{port}', \
+                 certificate-authority: '{}'}}}}]\n\
+                 users: [{{name: u, user: {{token: t}}}}]\n\
+                 contexts: [{{name: ctx, context: {{cluster: c, user: u}}}}]\n",
+                ca.display()
+            ),
+        )
+        .unwrap();
+        let connection = connect(&path, Timeouts::REQUESTS).await.unwrap();
+        // The server hangs up after the handshake: the request fails, the handshake is what counts.
+        let _ = connection.client.apiserver_version().await;
+        assert_eq!(negotiated.await.unwrap().as_deref(), Some(&b"h2"[..]));
     }
 
     #[test]

@@ -80,12 +80,20 @@ fn done_marker(path: &Path) -> PathBuf {
     path.with_extension("done")
 }
 
-/// How often a waiting process looks for its done marker: often at first (a batch is written within
-/// milliseconds), then less and less, up to the longest pause. Hundreds of processes waiting on one
-/// node each looking every few milliseconds cost the node a core's worth of wake-ups (measured: about
-/// 7 ms of CPU per second of waiting at a fixed 3 ms), on the machine whose pods are starting.
+/// The socket on which the process of the announcement at `path` waits to be woken once it is served.
+fn wake_socket(path: &Path) -> PathBuf {
+    path.with_extension("sock")
+}
+
+/// How often a waiting process that has no wake-up socket looks for its done marker: often at first (a
+/// batch is written within milliseconds), then less and less, up to the longest pause.
 const DONE_POLL_FIRST: Duration = Duration::from_millis(2);
 const DONE_POLL_LONGEST: Duration = Duration::from_millis(20);
+
+/// How long a process with a wake-up socket waits on it before it looks for its done marker anyway.
+/// Only a safety net: a head sends the wake-up right after the marker, and a head that died in between
+/// let go of the queue, where the waiter finds the marker too.
+const WAKE_FALLBACK: Duration = Duration::from_millis(500);
 
 impl Announcement {
     /// Takes this announcement to serve it: true when it was still there, that is, its process has
@@ -103,16 +111,35 @@ impl Announcement {
         if let Err(e) = fs::write(&temp, answer).and_then(|()| fs::rename(&temp, &marker)) {
             // It then learns it the slow way: its own turn at the lock.
             tracing::debug!("{}: {e}", marker.display());
+            return;
+        }
+        // An empty datagram wakes it; it reads the marker. No socket (an older version's process, or one
+        // that could not bind it) or a full one: it finds the marker when it next looks.
+        let woken = std::os::unix::net::UnixDatagram::unbound()
+            .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
+            .and_then(|socket| socket.send_to(&[], wake_socket(&self.path)));
+        if let Err(e) = woken {
+            tracing::debug!("{}: {e}", wake_socket(&self.path).display());
         }
     }
 }
 
 /// This process's announcement in a queue; removed on drop.
+///
+/// The process waits for its answer on a Unix datagram socket beside the announcement, which the head
+/// that served it wakes: the kernel keeps it asleep until then. Polling for the done marker instead
+/// cost a waiting process about 6 ms of CPU per second of waiting on this kind of VM (each wake-up is a
+/// timer, a context switch and a failed open), which on a burst of hundreds of ADDs was a fifth of the
+/// node's CPU, on the node whose pods are starting.
 #[derive(Debug)]
 pub(crate) struct Announced {
     dir: PathBuf,
     path: PathBuf,
     prefix: String,
+    /// The wake-up socket, bound before the announcement is written so that no wake-up is missed;
+    /// `None` when it could not be bound (a lock directory whose path is too long for a socket
+    /// address): the process then polls.
+    wake: Option<std::os::unix::net::UnixDatagram>,
 }
 
 fn process_alive(pid: u32) -> bool {
@@ -125,13 +152,20 @@ impl Announced {
     pub fn write(dir: &Path, batch_key: u64, request: &Request) -> Option<Announced> {
         fs::create_dir_all(dir).ok()?;
         let prefix = format!("{batch_key:016x}-");
-        let path = dir.join(format!("{prefix}{}-{:016x}.json", std::process::id(), fastrand::u64(..)));
+        // Short enough that the socket's path fits a socket address (107 bytes) under the default lock
+        // directory.
+        let path = dir.join(format!("{prefix}{}-{:08x}.json", std::process::id(), fastrand::u32(..)));
         let content = serde_json::to_vec(request).ok()?;
+        let wake = std::os::unix::net::UnixDatagram::bind(wake_socket(&path))
+            .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
+            .inspect_err(|e| tracing::debug!("{}: {e}; polling instead", wake_socket(&path).display()))
+            .ok();
         // Written under a temporary name and renamed, so a reader never sees half a file.
         let temp = path.with_extension("tmp");
+        let announced = Announced { dir: dir.to_path_buf(), path, prefix, wake };
         fs::write(&temp, content).ok()?;
-        fs::rename(&temp, &path).ok()?;
-        Some(Announced { dir: dir.to_path_buf(), path, prefix })
+        fs::rename(&temp, &announced.path).ok()?;
+        Some(announced)
     }
 
     /// The other live processes' announcements with this batch key, oldest first. Announcements and
@@ -143,12 +177,14 @@ impl Announced {
             let path = entry.path();
             let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
             let Some(rest) = name.strip_prefix(&self.prefix) else { continue };
-            let (rest, marker) = match (rest.strip_suffix(".json"), rest.strip_suffix(".done")) {
-                (Some(rest), _) => (rest, false),
-                (None, Some(rest)) => (rest, true),
-                (None, None) => continue,
+            let suffixes =
+                (rest.strip_suffix(".json"), rest.strip_suffix(".done"), rest.strip_suffix(".sock"));
+            let (rest, marker) = match suffixes {
+                (Some(rest), _, _) => (rest, false),
+                (None, Some(rest), _) | (None, None, Some(rest)) => (rest, true),
+                (None, None, None) => continue,
             };
-            if path == self.path {
+            if path == self.path || path == wake_socket(&self.path) {
                 continue;
             }
             let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
@@ -188,9 +224,30 @@ impl Announced {
     /// ([`Announcement::done`]); never otherwise.
     pub async fn served(&self) -> String {
         let mut pause = DONE_POLL_FIRST;
+        // Registered with this runtime's I/O driver for as long as this wait lasts.
+        let wake = self.wake.as_ref().and_then(|socket| {
+            socket
+                .try_clone()
+                .and_then(tokio::net::UnixDatagram::from_std)
+                .inspect_err(|e| {
+                    tracing::debug!("{}: {e}; polling instead", wake_socket(&self.path).display())
+                })
+                .ok()
+        });
         loop {
-            match self.answer() {
-                Some(answer) => return answer,
+            if let Some(answer) = self.answer() {
+                return answer;
+            }
+            match &wake {
+                Some(socket) => {
+                    let mut datagram = [0u8; 1];
+                    let woken = tokio::time::timeout(WAKE_FALLBACK, socket.recv(&mut datagram)).await;
+                    if let Ok(Err(e)) = woken {
+                        // Not expected of a bound datagram socket; do not spin on it.
+                        tracing::debug!("{}: {e}", wake_socket(&self.path).display());
+                        tokio::time::sleep(DONE_POLL_LONGEST).await;
+                    }
+                }
                 None => {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(DONE_POLL_LONGEST);
@@ -282,6 +339,9 @@ impl Drop for Announced {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
         let _ = fs::remove_file(done_marker(&self.path));
+        if self.wake.is_some() {
+            let _ = fs::remove_file(wake_socket(&self.path));
+        }
     }
 }
 
@@ -336,6 +396,25 @@ mod tests {
         let [seen] = &head.others()[..] else { panic!() };
         assert!(gone.withdraw());
         assert!(!seen.claim(), "withdrawn first: the head must not serve it");
+    }
+
+    #[test]
+    fn the_head_wakes_the_process_it_served_and_its_socket_goes_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let head = Announced::write(dir.path(), 7, &allocate(1)).unwrap();
+        let served = Announced::write(dir.path(), 7, &allocate(2)).unwrap();
+        let socket = served.wake.as_ref().expect("a wake-up socket under a short path");
+        let mut datagram = [0u8; 1];
+        let before = socket.recv(&mut datagram).unwrap_err();
+        assert_eq!(before.kind(), std::io::ErrorKind::WouldBlock, "nothing to wake it before it is served");
+        let [seen] = &head.others()[..] else { panic!("the head sees the sockets as no announcement") };
+        assert!(seen.claim());
+        seen.done("42");
+        assert_eq!(socket.recv(&mut datagram).unwrap(), 0, "woken by an empty datagram");
+        assert_eq!(served.answer().as_deref(), Some("42"));
+        drop((head, served));
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

@@ -257,9 +257,10 @@ impl Runner<'_> {
     }
 
     /// Runs one call per pod, `scenario.per_node` at a time on each node, every node at once; returns
-    /// the calls in the order of `pods` and the wall time of the whole burst (from the first spawn to
-    /// the last exit).
-    fn burst(&self, command: &str, pods: &[Pod], scenario: Scenario) -> (Vec<Call>, Duration) {
+    /// the calls in the order of `pods`, the wall time of the whole burst (from the first spawn to the
+    /// last exit) and the CPU time the machine spent meanwhile (every process: the plugins, the API
+    /// server or the fake, etcd).
+    fn burst(&self, command: &str, pods: &[Pod], scenario: Scenario) -> (Vec<Call>, Duration, Duration) {
         let workers: Vec<Vec<usize>> = (0..scenario.nodes)
             .flat_map(|node| {
                 let on_node: Vec<usize> = (0..pods.len()).filter(|i| pods[*i].node == node).collect();
@@ -269,6 +270,7 @@ impl Runner<'_> {
             })
             .collect();
         let start = Barrier::new(workers.len());
+        let cpu_before = machine_cpu();
         let mut calls: Vec<(usize, Call)> = std::thread::scope(|scope| {
             let handles: Vec<_> = workers
                 .iter()
@@ -282,11 +284,12 @@ impl Runner<'_> {
                 .collect();
             handles.into_iter().flat_map(|h| h.join().expect("call thread")).collect()
         });
+        let cpu = machine_cpu().saturating_sub(cpu_before);
         calls.sort_by_key(|(i, _)| *i);
         let calls: Vec<Call> = calls.into_iter().map(|(_, call)| call).collect();
         let first = calls.iter().map(|c| c.started).min().expect("calls");
         let last = calls.iter().map(|c| c.started + c.took).max().expect("calls");
-        (calls, last - first)
+        (calls, last - first, cpu)
     }
 
     /// Lost races of ours according to the debug logs (a real cluster only); they accumulate
@@ -302,6 +305,23 @@ impl Runner<'_> {
     }
 }
 
+/// The CPU time this machine's processors spent busy since boot (user, nice, system, irq and softirq
+/// time of `/proc/stat`, counted in the fixed 100 Hz ticks of the kernel's user ABI).
+fn machine_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .and_then(|all| all.strip_prefix("cpu "))
+        .map(|fields| {
+            let fields: Vec<u64> = fields.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+            // user, nice, system, (idle, iowait), irq, softirq
+            [0, 1, 2, 5, 6].iter().filter_map(|i| fields.get(*i)).sum()
+        })
+        .expect("the machine's line of /proc/stat");
+    Duration::from_millis(ticks * 10)
+}
+
 /// The measurements of one row.
 struct Row {
     backend: String,
@@ -310,6 +330,8 @@ struct Row {
     add_wall: Duration,
     add_p50: Duration,
     add_p99: Duration,
+    /// The machine's CPU time during the ADDs.
+    add_cpu: Duration,
     retries: Option<u64>,
     failed: usize,
     duplicates: usize,
@@ -418,7 +440,7 @@ fn measure(
         fake.reset_stats();
     }
     let logged = runner.logged_retries();
-    let (adds, add_wall) = runner.burst("ADD", &pods, scenario);
+    let (adds, add_wall, add_cpu) = runner.burst("ADD", &pods, scenario);
     let retries = if implementation == Implementation::Upstream && target.fake().is_none() {
         None
     } else {
@@ -430,7 +452,7 @@ fn measure(
     if let Some(first) = add_failures.first() {
         println!("  ({label}: {} ADDs failed, e.g. {first})", add_failures.len());
     }
-    let (dels, del_wall) = runner.burst("DEL", &pods, scenario);
+    let (dels, del_wall, _) = runner.burst("DEL", &pods, scenario);
     let del_failures = failures(&dels);
     if let Some(first) = del_failures.first() {
         println!("  ({label}: {} DELs failed, e.g. {first})", del_failures.len());
@@ -444,6 +466,7 @@ fn measure(
         add_wall,
         add_p50: percentile(&took, 0.5),
         add_p99: percentile(&took, 0.99),
+        add_cpu,
         retries,
         failed: add_failures.len(),
         duplicates,
@@ -461,7 +484,7 @@ fn ms(d: Duration) -> String {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<14} {:<17} {:<28} {:>10} {:>7} {:>9} {:>9} {:>17} {:>6} {:>4} {:>4} {:>6} {:>10} {:>8} {:>8}",
+        "{:<14} {:<17} {:<28} {:>10} {:>7} {:>9} {:>9} {:>9} {:>17} {:>6} {:>4} {:>4} {:>6} {:>10} {:>8} {:>8}",
         "target",
         "implementation",
         "run",
@@ -469,6 +492,7 @@ fn print_table(rows: &[Row]) {
         "ADDs/s",
         "ADD p50",
         "ADD p99",
+        "CPU/ADD",
         "CAS retries",
         "failed",
         "dup",
@@ -478,7 +502,7 @@ fn print_table(rows: &[Row]) {
         "leftover",
         "ratio"
     );
-    println!("{:>120}", "held");
+    println!("{:>130}", "held");
     for row in rows {
         let baseline = rows.iter().find(|b| {
             b.backend == row.backend
@@ -488,7 +512,7 @@ fn print_table(rows: &[Row]) {
         let ratio = baseline
             .map_or("-".to_string(), |b| format!("{:.1}x", row.adds_per_second() / b.adds_per_second()));
         println!(
-            "{:<14} {:<17} {:<28} {:>10} {:>7.1} {:>9} {:>9} {:>17} {:>6} {:>4} {:>4} {:>6} {:>10} {:>8} {:>8}",
+            "{:<14} {:<17} {:<28} {:>10} {:>7.1} {:>9} {:>9} {:>9} {:>17} {:>6} {:>4} {:>4} {:>6} {:>10} {:>8} {:>8}",
             row.backend,
             row.implementation.label(),
             row.scenario.label(),
@@ -496,6 +520,7 @@ fn print_table(rows: &[Row]) {
             row.adds_per_second(),
             ms(row.add_p50),
             ms(row.add_p99),
+            ms(row.add_cpu / row.scenario.pods() as u32),
             row.retries.map_or("n/a".to_string(), |r| {
                 format!("{r} ({:.1}/ADD)", r as f64 / row.scenario.pods() as f64)
             }),
