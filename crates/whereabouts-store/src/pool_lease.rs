@@ -17,12 +17,13 @@
 //!
 //! Waiters watch the Lease rather than poll it: a watch from the version they saw wakes them when
 //! the holder gives it back, at once and without a stream of reads (twenty nodes polling every few
-//! milliseconds cost a busy API server more than the writes they wait for). Without permission to
-//! watch, or when a watch fails, they poll.
+//! milliseconds cost a busy API server more than the writes they wait for). A waiter keeps its watch
+//! across the hand-overs it loses. Without permission to watch, or when a watch fails, they poll.
 
 use std::time::{Duration, Instant};
 
-use futures::TryStreamExt;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::Api;
@@ -62,6 +63,11 @@ pub(crate) struct HeldLease {
 
 /// Takes the Lease of pool `pool` for `holder`, waiting for its current holder until `deadline`.
 /// `None` when it could not be had (not permitted, an error, the deadline): the caller writes anyway.
+///
+/// A waiter keeps one watch open for its whole wait: each change of the Lease arrives on it, also the
+/// one that shows another waiter took the Lease first, so losing a race to take it costs no new read
+/// and no new watch (twenty nodes each reading and watching again after every hand-over cost the API
+/// server more than the hand-overs).
 pub(crate) async fn acquire(
     leases: &Api<Lease>,
     pool: &str,
@@ -71,38 +77,41 @@ pub(crate) async fn acquire(
     let name = lease_name(pool);
     // The version last seen and since when, on this clock.
     let mut seen: Option<(String, Instant)> = None;
-    let mut pause = FIRST_POLL;
     let mut waited = false;
-    // The Lease as a watch last delivered it, which spares the next read.
-    let mut delivered: Option<Lease> = None;
+    // The Lease as last read or delivered; `None` means read it.
+    let mut known: Option<Lease> = None;
+    // The version whose replace lost a race: wait for the next change instead of trying it again.
+    let mut lost_at: Option<String> = None;
+    let mut changes: Option<BoxStream<'_, Result<WatchEvent<Lease>, kube::Error>>> = None;
     let mut watching = true;
+    let mut pause = FIRST_POLL;
     while Instant::now() < deadline {
-        let current = match delivered.take() {
-            Some(lease) => Some(lease),
+        let lease = match known.take() {
+            Some(lease) => lease,
             None => match leases.get_opt(&name).await {
-                Ok(current) => current,
+                Ok(Some(lease)) => lease,
+                Ok(None) => {
+                    let lease = Lease {
+                        metadata: ObjectMeta { name: Some(name.clone()), ..ObjectMeta::default() },
+                        spec: Some(spec_for(holder)),
+                    };
+                    match leases.create(&PostParams::default(), &lease).await {
+                        Ok(lease) => return Some(HeldLease { lease, waited }),
+                        Err(kube::Error::Api(status)) if status.code == 409 => {
+                            waited = true;
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::debug!("Lease {name}: {e}; writing without it");
+                            return None;
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::debug!("Lease {name}: {e}; writing without it");
                     return None;
                 }
             },
-        };
-        let Some(mut lease) = current else {
-            let lease = Lease {
-                metadata: ObjectMeta { name: Some(name.clone()), ..ObjectMeta::default() },
-                spec: Some(spec_for(holder)),
-            };
-            match leases.create(&PostParams::default(), &lease).await {
-                Ok(lease) => return Some(HeldLease { lease, waited }),
-                Err(kube::Error::Api(status)) if status.code == 409 => {
-                    waited = true;
-                    continue;
-                }
-                Err(e) => {
-                    tracing::debug!("Lease {name}: {e}; writing without it");
-                    return None;
-                }
-            }
         };
         let version = lease.metadata.resource_version.clone().unwrap_or_default();
         let busy =
@@ -114,37 +123,58 @@ pub(crate) async fn acquire(
                 false
             }
         };
-        if busy && !expired {
+        let lost_this_one = lost_at.as_deref() == Some(version.as_str());
+        if (busy || lost_this_one) && !expired {
             waited = true;
-            // Until the holder gives it back, or until it has looked unchanged for long enough to be
-            // taken over.
+            // Until the Lease changes (given back, or taken by the waiter that won), or until it has
+            // looked unchanged for long enough to be taken over.
             let since = seen.as_ref().map_or_else(Instant::now, |(_, since)| *since);
             let until = deadline.min(since + LEASE_DURATION);
-            if watching {
-                match next_change(leases, &name, &version, until).await {
-                    Ok(change) => delivered = change,
+            if watching && changes.is_none() {
+                match open_watch(leases, &name, &version, deadline).await {
+                    Ok(stream) => changes = Some(stream),
                     Err(e) => {
                         tracing::debug!("Lease {name}: watching: {e}; polling instead");
                         watching = false;
                     }
                 }
             }
-            if !watching {
-                let wait =
-                    pause.mul_f64(0.5 + fastrand::f64()).min(until.saturating_duration_since(Instant::now()));
-                tokio::time::sleep(wait).await;
-                pause = (pause * 2).min(LONGEST_POLL);
+            match changes.as_mut() {
+                Some(stream) => match next_change(stream, until).await {
+                    Change::Changed(lease) => known = Some(*lease),
+                    Change::Unchanged => known = Some(lease),
+                    Change::Ended => changes = None,
+                    Change::Failed(e) => {
+                        tracing::debug!("Lease {name}: watching: {e}; reading it again");
+                        changes = None;
+                    }
+                },
+                None => {
+                    let wait = pause
+                        .mul_f64(0.5 + fastrand::f64())
+                        .min(until.saturating_duration_since(Instant::now()));
+                    tokio::time::sleep(wait).await;
+                    pause = (pause * 2).min(LONGEST_POLL);
+                }
             }
             continue;
         }
         if expired {
             tracing::debug!("Lease {name}: unchanged for {LEASE_DURATION:?}, taking it over");
         }
-        lease.spec = Some(spec_for(holder));
+        let taken = Lease { spec: Some(spec_for(holder)), ..lease.clone() };
         // A replace carries the version read: it fails if anyone took the Lease in between.
-        match leases.replace(&name, &PostParams::default(), &lease).await {
+        match leases.replace(&name, &PostParams::default(), &taken).await {
             Ok(lease) => return Some(HeldLease { lease, waited }),
-            Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => waited = true,
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                waited = true;
+                // The change that beat us is on its way on the watch; without one, read again.
+                if changes.is_some() {
+                    lost_at = Some(version);
+                    known = Some(lease);
+                }
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => waited = true,
             Err(e) => {
                 tracing::debug!("Lease {name}: {e}; writing without it");
                 return None;
@@ -154,32 +184,48 @@ pub(crate) async fn acquire(
     None
 }
 
-/// The Lease `name` once it changes from `version`, or `None` when `until` comes first or it was
-/// deleted (the caller then reads it again).
-async fn next_change(
-    leases: &Api<Lease>,
+/// A watch of the Lease `name` from `version`, ended by the server at the caller's `deadline`.
+async fn open_watch<'a>(
+    leases: &'a Api<Lease>,
     name: &str,
     version: &str,
-    until: Instant,
-) -> Result<Option<Lease>, kube::Error> {
-    let left = until.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Ok(None);
-    }
-    // The server ends the watch after whole seconds; the client stops waiting at `until`.
-    let seconds = u32::try_from(left.as_secs() + 1).unwrap_or(u32::MAX);
+    deadline: Instant,
+) -> Result<BoxStream<'a, Result<WatchEvent<Lease>, kube::Error>>, kube::Error> {
+    // The server ends the watch after whole seconds.
+    let seconds = deadline.saturating_duration_since(Instant::now()).as_secs() + 1;
+    let seconds = u32::try_from(seconds).unwrap_or(u32::MAX);
     let params = WatchParams::default().fields(&format!("metadata.name={name}")).timeout(seconds);
-    let mut events = std::pin::pin!(leases.watch(&params, version).await?);
+    Ok(leases.watch(&params, version).await?.boxed())
+}
+
+/// What a watch of a Lease said by a given time.
+enum Change {
+    /// The Lease as changed.
+    Changed(Box<Lease>),
+    /// Nothing changed by then.
+    Unchanged,
+    /// The watch ended (the server's timeout, or the Lease deleted); read the Lease again.
+    Ended,
+    /// The watch failed (its version too old, the server going away); read the Lease again.
+    Failed(kube::Error),
+}
+
+/// The next change of the Lease on `changes`, waiting until `until` at most.
+async fn next_change(
+    changes: &mut BoxStream<'_, Result<WatchEvent<Lease>, kube::Error>>,
+    until: Instant,
+) -> Change {
     loop {
-        let next = match tokio::time::timeout_at(until.into(), events.try_next()).await {
-            Err(_elapsed) => return Ok(None),
-            Ok(next) => next?,
+        let next = match tokio::time::timeout_at(until.into(), changes.try_next()).await {
+            Err(_elapsed) => return Change::Unchanged,
+            Ok(Err(e)) => return Change::Failed(e),
+            Ok(Ok(next)) => next,
         };
         match next {
-            Some(WatchEvent::Modified(lease)) => return Ok(Some(lease)),
+            Some(WatchEvent::Modified(lease)) => return Change::Changed(Box::new(lease)),
             Some(WatchEvent::Bookmark(_) | WatchEvent::Added(_)) => {}
-            Some(WatchEvent::Deleted(_)) | None => return Ok(None),
-            Some(WatchEvent::Error(status)) => return Err(kube::Error::Api(status)),
+            Some(WatchEvent::Deleted(_)) | None => return Change::Ended,
+            Some(WatchEvent::Error(status)) => return Change::Failed(kube::Error::Api(status)),
         }
     }
 }
