@@ -123,13 +123,19 @@ pub(crate) async fn acquire(
                 false
             }
         };
+        // A version whose replace lost is never tried again, also not as expired: the change that beat
+        // it is waited for (or read).
         let lost_this_one = lost_at.as_deref() == Some(version.as_str());
-        if (busy || lost_this_one) && !expired {
+        if lost_this_one || (busy && !expired) {
             waited = true;
             // Until the Lease changes (given back, or taken by the waiter that won), or until it has
             // looked unchanged for long enough to be taken over.
             let since = seen.as_ref().map_or_else(Instant::now, |(_, since)| *since);
-            let until = deadline.min(since + LEASE_DURATION);
+            let until = if lost_this_one {
+                deadline.min(Instant::now() + LEASE_DURATION)
+            } else {
+                deadline.min(since + LEASE_DURATION)
+            };
             if watching && changes.is_none() {
                 match open_watch(leases, &name, &version, deadline).await {
                     Ok(stream) => changes = Some(stream),
@@ -142,6 +148,8 @@ pub(crate) async fn acquire(
             match changes.as_mut() {
                 Some(stream) => match next_change(stream, until).await {
                     Change::Changed(lease) => known = Some(*lease),
+                    // After a lost race the watch owes a change: without it, read the Lease again.
+                    Change::Unchanged if lost_this_one => {}
                     Change::Unchanged => known = Some(lease),
                     Change::Ended => changes = None,
                     Change::Failed(e) => {
