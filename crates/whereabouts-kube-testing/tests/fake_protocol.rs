@@ -1204,6 +1204,29 @@ async fn write_latency_serialises_writes_to_one_object_only() {
     assert!(four_objects < Duration::from_millis(600), "{four_objects:?}");
 }
 
+/// A request's CPU cost is spent as CPU, as a real server beside its clients spends it: four
+/// requests costing 50 ms each take at least 200 ms of the process's CPU time (a wait would take
+/// next to none).
+#[tokio::test]
+async fn request_cpu_is_spent_as_cpu_time() {
+    let server = FakeApiServer::start_with(FakeOptions {
+        request_cpu: Duration::from_millis(50),
+        ..FakeOptions::default()
+    });
+    let client = client_for(&server).await;
+    let maps: Api<ConfigMap> = Api::namespaced(client, NS);
+    let cpu = || {
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+        Duration::new(now.tv_sec.try_into().expect("seconds"), now.tv_nsec.try_into().expect("nanoseconds"))
+    };
+    let before = cpu();
+    for _ in 0..4 {
+        assert!(maps.get_opt("absent").await.expect("answered").is_none());
+    }
+    let spent = cpu() - before;
+    assert!(spent >= Duration::from_millis(200), "{spent:?}");
+}
+
 fn write_crd_file(directory: &std::path::Path) {
     let crd = serde_json::to_value(widget_crd()).expect("json");
     let yaml = format!(
