@@ -208,13 +208,14 @@ fn https_connector(
     Ok(builder.enable_all_versions().wrap_connector(http))
 }
 
-/// kube's TLS client configuration of `config`, without the machine's root certificates when the
-/// kubeconfig skips verification (`insecure-skip-tls-verify`) and names no CA. kube trusts the
-/// machine's roots whenever no CA is named, and reading them (some 150 PEM certificates, on every
-/// process start) was a seventh of a plugin process's CPU; a configuration that verifies nothing never
-/// consults them.
+/// kube's TLS client configuration of `config`, without the machine's root certificates when nothing
+/// will be verified against them: the server speaks plain HTTP, or the kubeconfig skips verification
+/// (`insecure-skip-tls-verify`), and names no CA. kube trusts the machine's roots whenever no CA is
+/// named, and reading them (some 150 PEM certificates, on every process start) was a seventh of a
+/// plugin process's CPU, and an error on a machine that has none.
 fn rustls_client_config(config: &Config) -> Result<rustls::ClientConfig, kube::Error> {
-    if config.accept_invalid_certs && config.root_cert.is_none() {
+    let verifies_nothing = config.accept_invalid_certs || config.cluster_url.scheme_str() == Some("http");
+    if verifies_nothing && config.root_cert.is_none() {
         let mut without_roots = config.clone();
         without_roots.root_cert = Some(Vec::new());
         return without_roots.rustls_client_config();

@@ -368,35 +368,45 @@ async fn kubeconfig_env_names_the_cluster() {
     cluster.cleanup().await;
 }
 
-/// A kubeconfig that skips TLS verification needs no root certificates on the machine: with none
-/// (an empty `SSL_CERT_FILE` and `SSL_CERT_DIR`) the CLI still builds its client and goes as far as
-/// connecting, which fails here because nothing listens.
+/// A kubeconfig whose server nothing verifies (one that skips TLS verification, or a plain HTTP
+/// server) needs no root certificates on the machine: with none (an empty `SSL_CERT_FILE` and
+/// `SSL_CERT_DIR`) the CLI still builds its client and goes as far as connecting, which fails here
+/// because nothing listens.
 #[test]
-fn an_insecure_kubeconfig_needs_no_root_certificates_on_the_machine() {
+fn a_kubeconfig_verifying_nothing_needs_no_root_certificates_on_the_machine() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        "apiVersion: v1\nkind: Config\ncurrent-context: ctx\n\
-         clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1', insecure-skip-tls-verify: true}}]\n\
-         users: [{name: u, user: {token: t}}]\n\
-         contexts: [{name: ctx, context: {cluster: c, user: u}}]\n",
-    )
-    .expect("write kubeconfig");
     let no_roots = dir.path().join("no-roots.pem");
     std::fs::write(&no_roots, "").expect("write empty bundle");
     let no_root_dir = dir.path().join("no-roots.d");
     std::fs::create_dir(&no_root_dir).expect("create empty dir");
-    let (code, stdout, stderr) = cli_with_env(
-        &["pools", "--kubeconfig", &kubeconfig.display().to_string()],
-        &[
-            ("SSL_CERT_FILE", &no_roots.display().to_string()),
-            ("SSL_CERT_DIR", &no_root_dir.display().to_string()),
-        ],
-    );
-    assert_ne!(code, 0, "{stdout}");
-    assert!(!stderr.contains("CA certificates"), "{stderr}");
-    assert!(stderr.contains("127.0.0.1:1") || stderr.to_lowercase().contains("connect"), "{stderr}");
+    for cluster in
+        ["{server: 'https://127.0.0.1:1', insecure-skip-tls-verify: true}", "{server: 'http://127.0.0.1:1'}"]
+    {
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: ctx\n\
+                 clusters: [{{name: c, cluster: {cluster}}}]\n\
+                 users: [{{name: u, user: {{token: t}}}}]\n\
+                 contexts: [{{name: ctx, context: {{cluster: c, user: u}}}}]\n"
+            ),
+        )
+        .expect("write kubeconfig");
+        let (code, stdout, stderr) = cli_with_env(
+            &["pools", "--kubeconfig", &kubeconfig.display().to_string()],
+            &[
+                ("SSL_CERT_FILE", &no_roots.display().to_string()),
+                ("SSL_CERT_DIR", &no_root_dir.display().to_string()),
+            ],
+        );
+        assert_ne!(code, 0, "{cluster}: {stdout}");
+        assert!(!stderr.contains("CA certificates"), "{cluster}: {stderr}");
+        assert!(
+            stderr.contains("127.0.0.1:1") || stderr.to_lowercase().contains("connect"),
+            "{cluster}: {stderr}"
+        );
+    }
 }
 
 async fn held_ips(cluster: &TestCluster) -> Vec<String> {

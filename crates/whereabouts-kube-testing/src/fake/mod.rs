@@ -258,21 +258,6 @@ fn burn_cpu(cpu: Duration) {
     }
 }
 
-/// A self-signed certificate (base64 PEM) named in the kubeconfigs of the fake. It never verifies
-/// anything (the fake speaks plain HTTP); without any CA, kube would load the system trust store in
-/// every plugin process, a cost no real kubeconfig (which carries its cluster's CA) has.
-const THROWAWAY_CA_DATA: &str = concat!(
-    "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUJrekNDQVRtZ0F3SUJBZ0lVQmJoT0pmUEo3WnUwZ0pjLzg2UEpNYUlD",
-    "MTU4d0NnWUlLb1pJemowRUF3SXcKSGpFY01Cb0dBMVVFQXd3VGQyaGxjbVZoWW05MWRITXRabUZyWlMxallUQWdGdzB5TmpF",
-    "eE1qTXhPVFUwTURCYQpHQTh5TVRJMk1UQXpNREU1TlRRd01Gb3dIakVjTUJvR0ExVUVBd3dUZDJobGNtVmhZbTkxZEhNdFpt",
-    "RnJaUzFqCllUQlpNQk1HQnlxR1NNNDlBZ0VHQ0NxR1NNNDlBd0VIQTBJQUJMRHNCMTBPTUtIc203Z2xWK0JEdHAxUHhFMWIK",
-    "bXM5dVNXQWpSY09yRXNUcVMvMExmVi9OWXAxZy91MEtaa3k5c3pXbiszNktqUHVuUmJCdmZ3T1luQTJqVXpCUgpNQjBHQTFV",
-    "ZERnUVdCQlNGZ05rYzBrKzc3SzFleit2U3owejdmQmJmWVRBZkJnTlZIU01FR0RBV2dCU0ZnTmtjCjBrKzc3SzFleit2U3ow",
-    "ejdmQmJmWVRBUEJnTlZIUk1CQWY4RUJUQURBUUgvTUFvR0NDcUdTTTQ5QkFNQ0EwZ0EKTUVVQ0lRRGEzdUsxbVRnbWs4bzhn",
-    "YnE0bTI5ZUtsTHNoMnZvWmNQajRNbko4dURCdEFJZ2N0R3RzSnloRU4vLwp1KzAwUjJvKzVjOGRXWmkxNmVHS2s4cCtlQ3M2",
-    "QjRRPQotLS0tLUVORCBDRVJUSUZJQ0FURS0tLS0tCg==",
-);
-
 /// A running fake API server. It serves on its own OS thread (with its own two-worker tokio
 /// runtime), so it works from sync code, from any test runtime and from benchmarks. Dropping it
 /// stops the server: connections and watches end.
@@ -363,7 +348,7 @@ impl FakeApiServer {
             "kind": "Config",
             "clusters": [{
                 "name": "fake",
-                "cluster": {"server": self.url, "certificate-authority-data": THROWAWAY_CA_DATA},
+                "cluster": {"server": self.url},
             }],
             "users": [{"name": "fake", "user": {"token": "fake-token"}}],
             "contexts": [{
